@@ -1,0 +1,123 @@
+"""A rate limiter shared through Redis: one bucket per Vast.ai endpoint, for every worker.
+
+Vast.ai enforces a *minimum interval* between two calls to the same endpoint by the same
+account (reference vast-api.md §1.6), whatever machine they come from. Every worker of every
+machine therefore reserves its call's time slot in one Redis key per endpoint; a Lua script
+does it atomically: ``slot = max(now, last_slot + interval)``. ``now`` is Redis server TIME,
+so the clocks of the workers' machines play no part: the script answers how long to wait and
+the caller sleeps that long.
+
+Hand-written rather than a library: the usual Redis rate-limit packages count calls in a
+window (bursts at window edges would still trip Vast's minimum-interval check), whereas this
+spaces calls evenly, which is what Vast measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# Minimum intervals (seconds) published per endpoint (vast-api.md §1.6), times a 10 % safety
+# margin. `logs` and `account` have no published threshold: one call a second is a guess that
+# stays well clear of trouble for endpoints the agent calls rarely.
+SAFETY_MARGIN = 1.10
+PUBLISHED_INTERVALS: dict[str, float] = {
+    "search": 2.0,     # POST /bundles/ (low_volume_burst, threshold 2)
+    "create": 4.5,     # PUT /asks/{id}/
+    "list": 1.0,       # GET /api/v1/instances/
+    "list_v0": 20.0,   # GET /api/v0/instances/ (legacy_deprecating)
+    "show": 2.0,       # GET /api/v0/instances/{id}/
+    "update": 1.0,     # PUT /api/v0/instances/{id}/
+    "destroy": 3.0,    # DELETE /api/v0/instances/{id}/
+    "logs": 1.0,       # PUT /api/v0/instances/request_logs/{id}/ (not published)
+    "account": 1.0,    # GET /api/v0/users/current/ (not published)
+}
+DEFAULT_INTERVALS: dict[str, float] = {
+    name: round(seconds * SAFETY_MARGIN, 3) for name, seconds in PUBLISHED_INTERVALS.items()
+}
+
+# KEYS[1]: bucket; ARGV: interval µs, longest acceptable wait µs.
+# Returns {wait µs, reserved slot µs}, or {-1, wait µs} without reserving when the wait would
+# be longer than acceptable (so a caller that gives up does not push everybody else back).
+# Microseconds since the epoch (~1.8e15) are exact in Lua's doubles (< 2^53); '%.0f' keeps
+# them exact in the stored string (tostring would round to 14 digits).
+_RESERVE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local max_wait = tonumber(ARGV[2])
+local last = tonumber(redis.call('GET', KEYS[1]))
+local slot = now
+if last and last + interval > now then
+  slot = last + interval
+end
+local wait = slot - now
+if wait > max_wait then
+  return {-1, wait}
+end
+local ttl_ms = math.floor((wait + interval) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', slot), 'PX', ttl_ms)
+return {wait, slot}
+"""
+
+
+class RateLimitTimeout(TimeoutError):
+    """The endpoint's next free slot is further away than the caller accepts to wait."""
+
+
+class RedisRateLimiter:
+    """Spaces calls per endpoint across all processes sharing one Redis.
+
+    ``scale`` multiplies every interval: a simulator running ``time_scale`` times faster than
+    real time divides its own intervals by ``time_scale``, so the agent pointed at it uses
+    ``scale=1/time_scale``. ``margin`` (seconds) is added after scaling; it absorbs network
+    and scheduling jitter when scaled intervals become a few tens of milliseconds.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        *,
+        prefix: str = "ponos:ratelimit:",
+        intervals: Mapping[str, float] = DEFAULT_INTERVALS,
+        scale: float = 1.0,
+        margin: float = 0.0,
+    ) -> None:
+        if scale <= 0:
+            raise ValueError("scale must be positive")
+        self.redis = redis_client
+        self.prefix = prefix
+        self.intervals = {name: seconds * scale + margin for name, seconds in intervals.items()}
+        self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
+
+    def interval(self, endpoint: str) -> float:
+        try:
+            return self.intervals[endpoint]
+        except KeyError:
+            known = ", ".join(sorted(self.intervals))
+            raise ValueError(f"unknown rate-limit endpoint {endpoint!r} (known: {known})") from None
+
+    def reserve(self, endpoint: str, timeout: float = 60.0) -> float:
+        """Reserve the endpoint's next slot without sleeping; return the seconds until it."""
+        interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
+        max_wait_us = math.floor(timeout * 1_000_000)
+        wait_us, other = self._reserve(keys=[self.prefix + endpoint], args=[interval_us, max_wait_us])
+        if wait_us < 0:  # `other` is then the wait that was refused
+            raise RateLimitTimeout(
+                f"rate limiter: next {endpoint!r} slot is {other / 1e6:.1f}s away (> {timeout}s)"
+            )
+        return wait_us / 1_000_000
+
+    def acquire(self, endpoint: str, timeout: float = 60.0) -> float:
+        """Wait for the endpoint's next slot; return the seconds waited."""
+        wait = self.reserve(endpoint, timeout)
+        if wait > 0:
+            log.debug("rate limiter: waiting %.3fs for %s", wait, endpoint)
+            time.sleep(wait)
+        return wait

@@ -1,0 +1,659 @@
+"""Vast.ai REST client for the agent (no Celery here).
+
+Contract: /work/shared/reference/vast-api.md. What this client adds over plain requests:
+- retries with exponential backoff and jitter (tenacity) on 429/502/503/504 and connection
+  errors/timeouts, honouring ``Retry-After`` up to 60 s like the official client; the daily
+  ``search_quota_exceeded`` 429 is never retried;
+- every attempt first takes its endpoint's slot from the shared rate limiter (ratelimit.py);
+- a create (``PUT /asks/{id}/``) is never re-sent once it may have reached the server: it
+  raises ``CreateOutcomeUnknown`` and the caller looks its label up (DESIGN.md §3);
+- typed, tolerant results (unknown fields and statuses kept in ``raw``);
+- errors parsed from every body shape Vast answers (JSON error/msg/message/detail, text, HTML).
+The API key goes only into the Authorization header: never into a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import html
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import requests
+import tenacity
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+from ponos_tasks import __version__ as _version
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"ponos-vast/{_version} (+https://gitlab.teklia.com/arkindex/ponos)"
+MAX_RETRY_AFTER = 60.0  # a longer Retry-After means "give up now" (official client's rule)
+PAGE_SIZE = 25  # v1 list maximum
+# status_msg tokens that Vast's own self-test treats as a fatal provisioning error (§4.6)
+FATAL_STATUS_TOKENS = (
+    "error", "failed", "failure", "exception", "traceback", "oci runtime", "permission denied",
+)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class VastError(Exception):
+    """An error answer (or no answer) from Vast.ai; ``status`` is None without an answer."""
+
+    retryable = False
+
+    def __init__(self, msg: str, *, status: int | None = None, error: str | None = None,
+                 context: str = "") -> None:
+        self.status = status
+        self.error = error
+        self.msg = msg
+        self.context = context
+        parts = [context] if context else []
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        if error:
+            parts.append(error)
+        super().__init__(f"{' '.join(parts)}: {msg}" if parts else msg)
+
+
+class VastAuthError(VastError):
+    """The API key was refused (401)."""
+
+
+class VastRateLimited(VastError):
+    """429. ``retry_after``: seconds the server asked to wait (None when it did not say);
+    ``reset_at``: unix time the daily search quota resets (search_quota_exceeded only)."""
+
+    def __init__(self, msg: str, *, retry_after: float | None = None,
+                 reset_at: float | None = None, **kwargs: Any) -> None:
+        super().__init__(msg, **kwargs)
+        self.retry_after = retry_after
+        self.reset_at = reset_at
+        quota = self.error == "search_quota_exceeded"
+        self.retryable = not quota and (retry_after is None or retry_after <= MAX_RETRY_AFTER)
+
+
+class VastServerError(VastError):
+    """A 5xx answer; 502/503/504 are worth retrying (idempotent calls only)."""
+
+    def __init__(self, msg: str, **kwargs: Any) -> None:
+        super().__init__(msg, **kwargs)
+        self.retryable = self.status in (502, 503, 504)
+
+
+class VastTransportError(VastError):
+    """No usable answer: connection refused/reset, timeout, truncated body."""
+
+    retryable = True
+
+
+class OfferUnavailable(VastError):
+    """``no_such_ask`` (404/410): the offer is gone; take the next one."""
+
+
+class InstanceNotFound(VastError):
+    """``no_such_instance`` (404) on an instance call."""
+
+
+class CreateOutcomeUnknown(VastError):
+    """The create may have taken effect (lost answer, read timeout, 5xx): look the label up,
+    never re-send it blindly."""
+
+
+class LogsNotReady(VastError, TimeoutError):
+    """The logs' ``result_url`` did not become readable within the allowed wait."""
+
+
+# --------------------------------------------------------------------------- error bodies
+
+_CODE_IN_MSG = re.compile(r"^error \d{3}/\d+:\s*([a-z]+(?:_[a-z]+)+)\b\s*(.*)$", re.S)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAGS = re.compile(r"<[^>]+>")
+_SCRIPTS = re.compile(r"<(script|style)[^>]*>.*?</\1>", re.I | re.S)
+_SPACES = re.compile(r"\s+")
+MAX_MSG = 300
+
+
+def _squash(text: str) -> str:
+    text = _SPACES.sub(" ", text).strip()
+    return text if len(text) <= MAX_MSG else text[: MAX_MSG - 1] + "…"
+
+
+def parse_error_body(text: str, content_type: str = "") -> tuple[str | None, str]:
+    """(error code or None, human message) from any error body shape of reference §1.5."""
+    stripped = text.strip()
+    if not stripped:
+        return None, "(empty body)"
+    if stripped[0] in "{[" or "json" in content_type:
+        try:
+            body = json.loads(stripped)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            error = body.get("error")
+            msg = body.get("msg") or body.get("message") or body.get("detail")
+            if msg is not None and not isinstance(msg, str):
+                msg = json.dumps(msg)  # e.g. a FastAPI-style list of details
+            error = error if isinstance(error, str) and error else None
+            if error is None and msg:
+                # "error 404/3603: no_such_ask Instance type by id 1234567 is not available."
+                match = _CODE_IN_MSG.match(msg)
+                if match:
+                    error = match.group(1)
+            if msg is None:
+                msg = error or json.dumps(body)
+            return error, _squash(msg)
+    if "html" in content_type or stripped[:1] == "<":
+        title = _TITLE.search(stripped)
+        if title and title.group(1).strip():
+            return None, _squash(html.unescape(title.group(1)))
+        body_text = _TAGS.sub(" ", _SCRIPTS.sub(" ", stripped))
+        return None, _squash(html.unescape(body_text)) or "(HTML error page)"
+    return None, _squash(stripped)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent/invalid."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _clean(value: Any) -> Any:
+    """Strip whitespace from strings, recursively (public_ipaddr ends with a newline)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _env_dict(extra_env: Any) -> dict[str, str]:
+    """Vast returns env as [[key, value], ...]; tolerate a dict and malformed entries."""
+    if isinstance(extra_env, dict):
+        return {str(key): "" if value is None else str(value) for key, value in extra_env.items()}
+    env: dict[str, str] = {}
+    for pair in extra_env or ():
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            env[str(pair[0])] = "" if pair[1] is None else str(pair[1])
+    return env
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Offer:
+    id: int
+    machine_id: int | None
+    host_id: int | None
+    gpu_name: str | None
+    num_gpus: int | None
+    gpu_ram: float | None  # MB per GPU
+    dph_total: float | None  # $/h including storage for the searched allocated_storage
+    reliability: float | None
+    geolocation: str | None
+    cuda_max_good: float | None
+    disk_space: float | None  # GB available
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Offer:
+        raw = _clean(dict(data))
+        reliability = raw.get("reliability")
+        if reliability is None:
+            reliability = raw.get("reliability2")
+        return cls(
+            id=int(raw["id"]),
+            machine_id=_int(raw.get("machine_id")),
+            host_id=_int(raw.get("host_id")),
+            gpu_name=_str(raw.get("gpu_name")),
+            num_gpus=_int(raw.get("num_gpus")),
+            gpu_ram=_float(raw.get("gpu_ram")),
+            dph_total=_float(raw.get("dph_total")),
+            reliability=_float(reliability),
+            geolocation=_str(raw.get("geolocation")),
+            cuda_max_good=_float(raw.get("cuda_max_good")),
+            disk_space=_float(raw.get("disk_space")),
+            raw=raw,
+        )
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance row. Status fields are plain strings: a status this code has never seen
+    must not crash anything (SkyPilot PR #9319); ``raw`` keeps every field, strings stripped
+    and ``extra_env`` turned into a dict."""
+
+    id: int
+    label: str | None
+    machine_id: int | None
+    actual_status: str | None
+    intended_status: str | None
+    cur_state: str | None
+    next_state: str | None
+    status_msg: str | None
+    gpu_name: str | None
+    dph_total: float | None
+    start_date: float | None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Instance:
+        raw = _clean(dict(data))
+        if "extra_env" in raw:
+            raw["extra_env"] = _env_dict(raw["extra_env"])
+        return cls(
+            id=int(raw["id"]),
+            label=_str(raw.get("label")),
+            machine_id=_int(raw.get("machine_id")),
+            actual_status=_str(raw.get("actual_status")),
+            intended_status=_str(raw.get("intended_status")),
+            cur_state=_str(raw.get("cur_state")),
+            next_state=_str(raw.get("next_state")),
+            status_msg=_str(raw.get("status_msg")),
+            gpu_name=_str(raw.get("gpu_name")),
+            dph_total=_float(raw.get("dph_total")),
+            start_date=_float(raw.get("start_date")),
+            raw=raw,
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.raw.get("extra_env") or {})
+
+    @property
+    def public_ipaddr(self) -> str | None:
+        return self.raw.get("public_ipaddr")
+
+    @property
+    def status_msg_is_fatal(self) -> bool:
+        """True when status_msg carries an error token (OCI runtime failure, pull error...)."""
+        msg = (self.status_msg or "").lower()
+        return any(token in msg for token in FATAL_STATUS_TOKENS)
+
+
+@dataclass(frozen=True)
+class CreatedInstance:
+    id: int
+    instance_api_key: str | None = field(repr=False)
+    # False: Vast created the instance stopped (HTTP 200, success false); destroy it.
+    started: bool
+
+
+# --------------------------------------------------------------------------- client
+
+
+class RateLimiter(Protocol):
+    def acquire(self, endpoint: str, timeout: float = 60.0) -> float: ...
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request provably never left this machine (the TCP connection failed)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    seen = set()
+    stack: list[Any] = [exc]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or item is None:
+            continue
+        seen.add(id(item))
+        if isinstance(item, NewConnectionError | ConnectTimeoutError):
+            return True
+        if isinstance(item, BaseException):
+            stack.extend(item.args)
+            stack.extend([getattr(item, "reason", None), item.__cause__, item.__context__])
+    return False
+
+
+class VastClient:
+    """The Vast.ai calls the agent needs. One instance per process (requests.Session)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        rate_limiter: RateLimiter | None = None,
+        timeout: float | tuple[float, float] = (5, 30),
+        max_attempts: int = 4,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+        limiter_timeout: float = 60.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.rate_limiter = rate_limiter
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.limiter_timeout = limiter_timeout
+        self._backoff = tenacity.wait_exponential_jitter(
+            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
+        )
+        self._api_key = api_key
+        self._session = requests.Session()
+        self._session.headers.update({
+            "Authorization": f"Bearer {api_key}",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        })
+        # logs are fetched from result_url (S3 in production): never send the key there
+        self._plain = requests.Session()
+        self._plain.headers["User-Agent"] = USER_AGENT
+
+    def __repr__(self) -> str:
+        return f"VastClient({self.base_url!r})"
+
+    def close(self) -> None:
+        self._session.close()
+        self._plain.close()
+
+    # ------------------------------------------------------------------ calls
+
+    def check_auth(self) -> dict:
+        """GET /users/current/: the account (without any api_key field); VastAuthError if refused."""
+        body = self._call("GET", "/api/v0/users/current/", "account")
+        return {key: value for key, value in body.items() if key != "api_key"}
+
+    def search_offers(self, query: Mapping[str, Any]) -> list[Offer]:
+        """POST /bundles/ with a query object (offers.build_query) -> offers as Vast orders them."""
+        body = self._call("POST", "/api/v0/bundles/", "search", body=dict(query))
+        return [Offer.from_dict(row) for row in body.get("offers") or () if isinstance(row, dict)]
+
+    def create_instance(
+        self,
+        offer_id: int,
+        *,
+        image: str,
+        label: str,
+        env: Mapping[str, str],
+        disk: float,
+        runtype: str = "args",
+        onstart: str | None = None,
+        args: list[str] | None = None,
+        image_login: str | None = None,
+    ) -> CreatedInstance:
+        """PUT /asks/{offer_id}/. Raises OfferUnavailable when the offer is gone and
+        CreateOutcomeUnknown when the instance may exist although no answer said so."""
+        payload: dict[str, Any] = {
+            "client_id": "me",
+            "image": image,
+            "label": label,
+            "env": dict(env),
+            "disk": disk,
+            "runtype": runtype,
+        }
+        if onstart is not None:
+            payload["onstart"] = onstart
+        if args is not None:
+            payload["args"] = list(args)
+        if image_login is not None:
+            payload["image_login"] = image_login
+        path = f"/api/v0/asks/{int(offer_id)}/"
+        try:
+            body = self._call("PUT", path, "create", body=payload, create=True)
+        except VastError as exc:
+            if exc.error == "no_such_ask" or (exc.status == 410 and not isinstance(exc, VastAuthError)):
+                raise OfferUnavailable(exc.msg, status=exc.status, error=exc.error or "no_such_ask",
+                                       context=exc.context) from None
+            raise
+        contract = _int(body.get("new_contract"))
+        if contract is None:
+            error, msg = body.get("error"), body.get("msg") or body.get("message") or str(body)
+            raise VastError(_squash(str(msg)), status=200, error=_str(error),
+                            context=f"PUT {path}")
+        return CreatedInstance(
+            id=contract,
+            instance_api_key=_str(body.get("instance_api_key")),
+            started=body.get("success") is not False,
+        )
+
+    def list_instances(self, *, label: str | None = None,
+                       label_prefix: str | None = None) -> list[Instance]:
+        """Every instance of the account (all v1 pages, id ascending). ``label`` filters on the
+        server (exact match); ``label_prefix`` client-side (the API has no prefix operator)."""
+        params: dict[str, str] = {
+            "limit": str(PAGE_SIZE),
+            "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+        }
+        if label is not None:
+            params["select_filters"] = json.dumps({"label": {"eq": label}})
+        instances: list[Instance] = []
+        seen_tokens: set[str] = set()
+        while True:
+            body = self._call("GET", "/api/v1/instances/", "list", params=params)
+            for row in body.get("instances") or ():
+                if isinstance(row, dict):
+                    instances.append(Instance.from_dict(row))
+            token = body.get("next_token")
+            if not token or token in seen_tokens:  # a repeated token would loop forever
+                break
+            seen_tokens.add(token)
+            params["after_token"] = token
+        if label_prefix is not None:
+            instances = [i for i in instances if (i.label or "").startswith(label_prefix)]
+        return instances
+
+    def get_instance(self, instance_id: int) -> Instance | None:
+        """GET /instances/{id}/ -> the instance, or None when Vast answers {"instances": null}."""
+        body = self._call("GET", f"/api/v0/instances/{int(instance_id)}/", "show",
+                          params={"owner": "me"})
+        row = body.get("instances")
+        if isinstance(row, list):  # tolerate a list-shaped answer
+            row = row[0] if row else None
+        return Instance.from_dict(row) if isinstance(row, dict) else None
+
+    def request_logs(self, instance_id: int, *, tail: int | None = None,
+                     wait: float = 30.0) -> str:
+        """Ask Vast to upload the instance's logs, then poll result_url until it can be read
+        (403/404 until the upload lands) for up to ``wait`` seconds; return the text."""
+        payload = {} if tail is None else {"tail": str(int(tail))}
+        path = f"/api/v0/instances/request_logs/{int(instance_id)}/"
+        body = self._call("PUT", path, "logs", body=payload)
+        result_url = body.get("result_url")
+        if not result_url:
+            error, msg = body.get("error"), body.get("msg") or "no result_url in the answer"
+            raise VastError(_squash(str(msg)), status=200, error=_str(error), context=f"PUT {path}")
+        return self._fetch_result(result_url, wait)
+
+    def stop_instance(self, instance_id: int) -> None:
+        self._update(instance_id, {"state": "stopped"})
+
+    def start_instance(self, instance_id: int) -> bool:
+        """False when Vast queued the start (resources_unavailable, "scheduling")."""
+        return self._update(instance_id, {"state": "running"}).get("success") is not False
+
+    def set_label(self, instance_id: int, label: str) -> None:
+        self._update(instance_id, {"label": label})
+
+    def destroy_instance(self, instance_id: int) -> bool:
+        """DELETE /instances/{id}/ -> True, or False when it was already gone (404)."""
+        try:
+            self._call("DELETE", f"/api/v0/instances/{int(instance_id)}/", "destroy")
+        except InstanceNotFound:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _update(self, instance_id: int, payload: dict) -> dict:
+        path = f"/api/v0/instances/{int(instance_id)}/"
+        body = self._call("PUT", path, "update", body=payload)
+        if body.get("success") is False and body.get("error") != "resources_unavailable":
+            msg = body.get("msg") or body.get("message") or "success: false"
+            raise VastError(_squash(str(msg)), status=200, error=_str(body.get("error")),
+                            context=f"PUT {path}")
+        return body
+
+    def _call(self, method: str, path: str, endpoint: str, *, body: Any = None,
+              params: Mapping[str, str] | None = None, create: bool = False) -> dict:
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_attempts),
+            wait=self._wait,
+            retry=tenacity.retry_if_exception(lambda exc: getattr(exc, "retryable", False)),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        response = retrying(self._attempt, method, path, endpoint, body, params, create)
+        return self._json(response, method, path, create)
+
+    def _attempt(self, method: str, path: str, endpoint: str, body: Any,
+                 params: Mapping[str, str] | None, create: bool) -> requests.Response:
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire(endpoint, timeout=self.limiter_timeout)
+        context = f"{method} {path}"
+        headers = {}
+        data = None
+        if body is not None or method in ("PUT", "POST", "DELETE"):
+            data = json.dumps({} if body is None else body)
+            headers["Content-Type"] = "application/json"
+        started = time.monotonic()
+        try:
+            response = self._session.request(method, self.base_url + path, params=params,
+                                             data=data, headers=headers, timeout=self.timeout)
+        except requests.RequestException as exc:
+            # str(exc) names host/path, never headers; still drop the exception chain so that
+            # nothing of the request object travels with the error.
+            reason = type(exc).__name__
+            if create and not _never_sent(exc):
+                raise CreateOutcomeUnknown(
+                    f"{reason} after the request may have reached Vast.ai", context=context
+                ) from None
+            raise VastTransportError(f"{reason}: {self._scrub(str(exc))}", context=context) from None
+        log.debug("%s -> %s in %.3fs", context, response.status_code, time.monotonic() - started)
+        if response.status_code >= 400:
+            raise self._error(response, context, create)
+        return response
+
+    def _error(self, response: requests.Response, context: str, create: bool) -> VastError:
+        status = response.status_code
+        error, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
+        msg = self._scrub(msg)
+        if status == 401 or (status == 403 and error == "auth_error"):
+            return VastAuthError(
+                f"Vast.ai refused the API key ({msg}); check the configured Vast.ai API key",
+                status=status, error=error or "auth_error", context=context)
+        if status == 429:
+            reset = _float(response.headers.get("X-RateLimit-Reset"))
+            if error == "search_quota_exceeded" and reset is not None:
+                msg += f" (quota resets at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reset))})"
+            return VastRateLimited(
+                msg, status=status, error=error or "rate_limit_exceeded", context=context,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")), reset_at=reset)
+        if status >= 500:
+            if create:
+                return CreateOutcomeUnknown(msg, status=status, error=error, context=context)
+            return VastServerError(msg, status=status, error=error, context=context)
+        if status == 404 and error in ("no_such_instance", "not_found"):
+            return InstanceNotFound(msg, status=status, error=error, context=context)
+        return VastError(msg, status=status, error=error, context=context)
+
+    def _json(self, response: requests.Response, method: str, path: str, create: bool) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            return body
+        _, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
+        cls = CreateOutcomeUnknown if create else VastError
+        raise cls(f"unexpected answer: {self._scrub(msg)}", status=response.status_code,
+                  context=f"{method} {path}")
+
+    def _fetch_result(self, url: str, wait: float) -> str:
+        # result_url is an object store: it answers 403 (or 404) until the host's upload lands.
+        deadline = time.monotonic() + wait
+        delay = 0.3
+        last = "no answer"
+        netloc = urlsplit(url).netloc
+        while True:
+            try:
+                response = self._plain.get(url, timeout=self.timeout)
+            except requests.RequestException as exc:
+                last = type(exc).__name__
+            else:
+                if response.status_code == 200:
+                    return response.text
+                if response.status_code not in (403, 404) and response.status_code < 500:
+                    _, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
+                    raise VastError(msg, status=response.status_code, context=f"GET logs {netloc}")
+                last = f"HTTP {response.status_code}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LogsNotReady(f"logs not readable after {wait:.1f}s (last: {last})",
+                                   context=f"GET logs {netloc}")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 2.0)
+
+    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            # the server's figure, plus a little jitter so that workers do not return together
+            return retry_after + random.uniform(0, min(1.0, 0.1 * retry_after))
+        return self._backoff(retry_state)
+
+    def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        wait = retry_state.next_action.sleep if retry_state.next_action else 0
+        log.warning("Vast.ai call failed (%s), attempt %d/%d, retrying in %.2fs",
+                    exc, retry_state.attempt_number, self.max_attempts, wait)
+
+    def _scrub(self, text: str) -> str:
+        # a server (or proxy) could echo the key back: never let it into a message
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def instances_by_label(instances: Iterable[Instance]) -> dict[str, list[Instance]]:
+    """Group instances by label (unlabelled ones under "")."""
+    groups: dict[str, list[Instance]] = {}
+    for instance in instances:
+        groups.setdefault(instance.label or "", []).append(instance)
+    return groups
+
+
+__all__ = [
+    "CreateOutcomeUnknown", "CreatedInstance", "Instance", "InstanceNotFound", "LogsNotReady",
+    "Offer", "OfferUnavailable", "VastAuthError", "VastClient", "VastError", "VastRateLimited",
+    "VastServerError", "VastTransportError", "parse_error_body", "parse_retry_after",
+]
