@@ -1,0 +1,146 @@
+"""The exit-code wrapper run on a Vast.ai instance (DESIGN §4).
+
+Vast.ai does not report a container's exit code, and it restarts a container whose process
+ends. So the task's command runs under a small POSIX ``sh`` script that:
+
+1. runs the command (its argv is passed as positional parameters: no re-quoting);
+2. prints one marker line ``PONOS_EXIT_CODE=<n>`` when it ends (128+n when a signal killed it,
+   which ``sh`` reports itself);
+3. asks Vast.ai to stop its own instance, ``PUT $VAST_URL/api/v0/instances/$CONTAINER_ID/``
+   with ``{"state":"stopped"}`` and the per-instance key Vast.ai injects, trying curl, wget,
+   python3 and python in turn (whichever the image has), a few rounds;
+4. then sleeps forever, whether the stop call worked or not: exiting would make Vast.ai
+   restart the container and run the task again.
+
+Restarts: the wrapper cannot see the instance's history, but a restarted Docker container
+keeps its file system. After the command ends the wrapper writes the exit code to
+``/tmp/.ponos-exit-<nonce>`` (``nonce`` is new for every ``wrap_command`` call, so several
+local-mode instances on one host never share it). When the container is restarted anyway
+(host reboot, the stop call lost), the wrapper finds that file, does NOT run the command again,
+prints the same marker again (so the last marker still holds the real code) and retries the
+stop. If the file system was lost too (or /tmp is not writable) the command does run again:
+the wrapper cannot know, and the agent should treat a second run as its own problem (it
+destroys an instance as soon as it has read a marker).
+
+While the command runs, TERM/INT/HUP are trapped with a no-op: ``sh`` defers a trap until its
+foreground command ends, so a stop request that reaches the wrapper first (base-worker images
+stop their own instance in an exit hook) still lets the command finish and the marker print.
+The command itself gets default signal dispositions (a non-empty trap is not inherited), and
+runs in a subshell so that an argv starting with a shell builtin (``exit``, ``exec``, ``cd``)
+cannot end or replace the wrapper.
+
+Vast.ai limits ``onstart`` + ``args`` to 4096 characters in total, hence the terse script.
+"""
+
+import re
+import secrets
+import shlex
+
+MARKER = "PONOS_EXIT_CODE"
+VAST_ARGS_LIMIT = 4096
+DEFAULT_VAST_URL = "https://console.vast.ai"
+
+# Works with Python 2 and 3 (old images ship only `python`); argv: url, key, body.
+_PYTHON_PUT = """import sys
+try:
+ from urllib.request import Request,urlopen
+except ImportError:
+ from urllib2 import Request,urlopen
+r=Request(sys.argv[1],sys.argv[3].encode(),{"Authorization":"Bearer "+sys.argv[2],"Content-Type":"application/json"})
+r.get_method=lambda:"PUT"
+try:
+ urlopen(r,timeout=30).read()
+except Exception as e:
+ sys.exit("ponos-wrapper: "+repr(e))"""
+
+# {f}: state file, {n}: stop rounds, {d}: seconds between rounds, {v}: default Vast URL.
+# `|| return 1` style chains keep a missing tool from being an error.
+_SCRIPT = """f=/tmp/.ponos-exit-{nonce}
+if {{ read -r c <"$f"; }} 2>/dev/null && [ -n "$c" ]; then
+echo "ponos-wrapper: container restarted after the task ended (exit code $c); not running it again" >&2
+else
+trap : TERM INT HUP
+("$@")
+c=$?
+trap - TERM INT HUP
+{{ echo "$c" >"$f"; }} 2>/dev/null
+fi
+printf '\\n{marker}=%s\\n' "$c"
+P='{python}'
+u="${{VAST_URL:-{vast_url}}}/api/v0/instances/$CONTAINER_ID/"
+k="$CONTAINER_API_KEY"
+b='{{"state":"stopped"}}'
+s(){{
+command -v curl >/dev/null && curl -fsS -m 30 -X PUT -H "Authorization: Bearer $k" -H 'Content-Type: application/json' -d "$b" "$u" >/dev/null && return 0
+command -v wget >/dev/null && wget -q -O /dev/null -T 30 --method=PUT --header="Authorization: Bearer $k" --header='Content-Type: application/json' --body-data="$b" "$u" && return 0
+for y in python3 python; do command -v $y >/dev/null && $y -c "$P" "$u" "$k" "$b" && return 0; done
+return 1
+}}
+i=0
+while [ -n "$CONTAINER_ID" ] && [ $i -lt {attempts} ]; do
+s && {{ echo "ponos-wrapper: asked Vast.ai to stop instance $CONTAINER_ID" >&2; break; }}
+i=$((i+1))
+[ $i -lt {attempts} ] && sleep {delay}
+done
+[ $i -ge {attempts} ] || [ -z "$CONTAINER_ID" ] && echo "ponos-wrapper: could not stop this instance; sleeping so that it is not restarted" >&2
+command -v sleep >/dev/null && exec sleep 2147483647
+exec tail -f /dev/null
+"""
+
+_MARKER_LINE = re.compile(rf"^{MARKER}=(\d+)[ \t\r]*$", re.MULTILINE)
+
+
+class WrapperTooLong(ValueError):
+    """The wrapped command does not fit in Vast.ai's 4096-character onstart + args limit."""
+
+
+def wrap_command(
+    argv: list[str],
+    *,
+    stop_attempts: int = 5,
+    retry_delay: int = 5,
+    nonce: str | None = None,
+) -> tuple[str, list[str]]:
+    """Return ``(onstart, args)`` for a Vast.ai ``runtype: "args"`` create call.
+
+    ``onstart`` ("sh") overrides the image's entrypoint; ``args`` are
+    ``["-c", script, "ponos-task", *argv]`` ("ponos-task" is the script's ``$0``).
+    """
+    if not argv:
+        raise ValueError("wrap_command needs a non-empty argv")
+    if stop_attempts < 1 or retry_delay < 0:
+        raise ValueError("stop_attempts must be >= 1 and retry_delay >= 0")
+    nonce = nonce or secrets.token_hex(8)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", nonce):
+        raise ValueError("nonce must be 1-64 characters among A-Z a-z 0-9 _ -")
+    script = _SCRIPT.format(
+        nonce=nonce,
+        marker=MARKER,
+        python=_PYTHON_PUT,
+        vast_url=DEFAULT_VAST_URL,
+        attempts=int(stop_attempts),
+        delay=int(retry_delay),
+    )
+    onstart = "sh"
+    args = ["-c", script, "ponos-task", *argv]
+    total = len(onstart) + sum(len(arg) for arg in args)
+    if total > VAST_ARGS_LIMIT:
+        raise WrapperTooLong(
+            f"wrapped command is {total} characters, Vast.ai accepts {VAST_ARGS_LIMIT}"
+        )
+    return onstart, args
+
+
+def parse_exit_marker(log_text: str | bytes | None) -> int | None:
+    """The exit code of the last ``PONOS_EXIT_CODE=<n>`` line alone on its line, or None."""
+    if not log_text:
+        return None
+    if isinstance(log_text, bytes):
+        log_text = log_text.decode("utf-8", errors="replace")
+    matches = _MARKER_LINE.findall(log_text)
+    return int(matches[-1]) if matches else None
+
+
+def split_command(command: str) -> list[str]:
+    """Split a task definition's command string like a POSIX shell would (no expansion)."""
+    return shlex.split(command)

@@ -1,0 +1,328 @@
+"""The exit-code wrapper, run for real by /bin/sh, dash and bash against a local HTTP server
+that plays Vast.ai's `PUT /api/v0/instances/<id>/` (only that call matters to the wrapper)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from ponos_tasks.wrapper import (
+    VAST_ARGS_LIMIT,
+    WrapperTooLong,
+    parse_exit_marker,
+    split_command,
+    wrap_command,
+)
+
+SHELLS = [path for path in ("/bin/sh", shutil.which("dash"), shutil.which("bash")) if path]
+SHELLS = list(dict.fromkeys(os.path.realpath(p) for p in SHELLS))  # /bin/sh is often dash
+SLEEP = shutil.which("sleep")
+PYTHON = os.path.realpath(sys.executable)
+
+
+class StopServer:
+    """Records every PUT; answers `status` (200 by default)."""
+
+    def __init__(self):
+        self.calls = []
+        self.status = 200
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                outer.calls.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": body}
+                )
+                payload = b'{"success": true}'
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = StopServer()
+    yield srv
+    srv.close()
+
+
+def bin_dir(tmp_path, name: str, **tools: str) -> str:
+    """A PATH directory holding only `sleep` and the given tools (name -> target)."""
+    directory = tmp_path / name
+    directory.mkdir()
+    os.symlink(SLEEP, directory / "sleep")
+    for tool, target in tools.items():
+        os.symlink(target, directory / tool)
+    return str(directory)
+
+
+FULL_PATH = "/usr/local/bin:/usr/bin:/bin"
+END_LINES = ("asked Vast.ai to stop", "could not stop this instance", "not running it again")
+
+
+def run_wrapped(shell, argv, *, path=FULL_PATH, server=None, container_id="4242",
+                nonce=None, attempts=2, delay=0, during=None, timeout=15):
+    """Run the wrapper until it reaches its final sleep; returns (stdout, stderr).
+
+    It must still be alive then (sleeping so Vast.ai does not restart it); it is killed after.
+    `during(proc)` is called once the process started.
+    """
+    onstart, args = wrap_command(argv, stop_attempts=attempts, retry_delay=delay, nonce=nonce)
+    assert onstart == "sh"
+    env = {"PATH": path, "CONTAINER_API_KEY": "inst-key-123"}
+    if server is not None:
+        env["VAST_URL"] = server.url
+    if container_id is not None:
+        env["CONTAINER_ID"] = container_id
+    proc = subprocess.Popen([shell, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    out_chunks, err_chunks = [], []
+    readers = [threading.Thread(target=lambda s=s, c=c: c.append(s.read()), daemon=True)
+               for s, c in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
+    for reader in readers:
+        reader.start()
+    try:
+        if during:
+            during(proc)
+        # The end lines are on stderr, which we only get whole at exit: poll the process
+        # tree instead: the wrapper is done when it has exec'd into `sleep 2147483647`.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                break
+            if cmdline.split(b"\0")[:2] == [b"sleep", b"2147483647"]:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the wrapper must not exit (Vast.ai would restart it)"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
+    return out_chunks[0].decode(), err_chunks[0].decode()
+
+
+@pytest.fixture(autouse=True)
+def _clean_state_files():
+    yield
+    for name in os.listdir("/tmp"):
+        if name.startswith(".ponos-exit-test"):
+            os.unlink(os.path.join("/tmp", name))
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [("exit 0", 0), ("exit 1", 1), ("kill -9 $$", 137), ("kill -TERM $$", 143)],
+)
+def test_exit_codes_marker_and_stop_call(shell, script, code, server):
+    out, err = run_wrapped(shell, ["/bin/sh", "-c", f"echo working; {script}"], server=server)
+    assert "working\n" in out
+    assert out.count("PONOS_EXIT_CODE=") == 1
+    assert parse_exit_marker(out) == code
+    assert "asked Vast.ai to stop instance 4242" in err
+    assert len(server.calls) == 1
+    call = server.calls[0]
+    assert call["path"] == "/api/v0/instances/4242/"
+    assert json.loads(call["body"]) == {"state": "stopped"}
+    assert call["headers"]["Authorization"] == "Bearer inst-key-123"
+    assert call["headers"]["User-Agent"].startswith("curl/")
+
+
+ODD_ARGS = ["a b", "it's", 'say "hi"', "$HOME `id` $(id)", "line1\nline2", "", "*", "\\", "-c"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_arguments_reach_the_command_unchanged(shell, server):
+    code = "import sys, json; print(json.dumps(sys.argv[1:]))"
+    out, _ = run_wrapped(shell, [PYTHON, "-c", code, *ODD_ARGS], server=server)
+    assert json.loads(out.splitlines()[0]) == ODD_ARGS
+    assert parse_exit_marker(out) == 0
+
+
+def test_builtin_as_command_cannot_end_the_wrapper(server):
+    out, err = run_wrapped("/bin/sh", ["exit", "7"], server=server)
+    assert parse_exit_marker(out) == 7
+    assert len(server.calls) == 1
+
+
+def test_marker_after_output_without_final_newline(server):
+    # A lookalike printed by the task without a newline must not glue to the real marker.
+    out, _ = run_wrapped("/bin/sh", ["/bin/sh", "-c", "printf PONOS_EXIT_CODE=0; exit 4"],
+                         server=server)
+    assert parse_exit_marker(out) == 4
+
+
+def test_command_not_found_is_127(server):
+    out, _ = run_wrapped("/bin/sh", ["/nonexistent/worker", "--flag"], server=server)
+    assert parse_exit_marker(out) == 127
+
+
+@pytest.mark.parametrize(
+    ("tools", "agent"),
+    [
+        ({"curl": shutil.which("curl")}, "curl/"),
+        ({"wget": shutil.which("wget")}, "Wget/"),
+        ({"python3": PYTHON}, "Python-urllib/"),
+        ({"python": PYTHON}, "Python-urllib/"),
+    ],
+    ids=["curl", "wget", "python3", "python"],
+)
+def test_each_http_tool_alone_can_stop(tools, agent, server, tmp_path):
+    if not all(tools.values()):
+        pytest.skip(f"{list(tools)} not installed here")
+    path = bin_dir(tmp_path, "bin", **tools)
+    out, err = run_wrapped("/bin/sh", ["exit", "3"], path=path, server=server)
+    assert parse_exit_marker(out) == 3
+    assert len(server.calls) == 1, err
+    call = server.calls[0]
+    assert call["headers"]["User-Agent"].startswith(agent)
+    assert call["path"] == "/api/v0/instances/4242/"
+    assert json.loads(call["body"]) == {"state": "stopped"}
+    assert call["headers"]["Authorization"] == "Bearer inst-key-123"
+
+
+def test_a_failing_tool_falls_through_to_the_next(server, tmp_path):
+    broken = tmp_path / "broken-curl"
+    broken.write_text("#!/bin/sh\necho 'curl: broken' >&2\nexit 7\n")
+    broken.chmod(0o755)
+    path = bin_dir(tmp_path, "bin", curl=str(broken), python3=PYTHON)
+    out, err = run_wrapped("/bin/sh", ["exit", "0"], path=path, server=server)
+    assert "curl: broken" in err
+    assert [c["headers"]["User-Agent"].split("/")[0] for c in server.calls] == ["Python-urllib"]
+
+
+def test_no_http_tool_sleeps_forever(server, tmp_path):
+    path = bin_dir(tmp_path, "bin")
+    out, err = run_wrapped("/bin/sh", ["exit", "2"], path=path, server=server)
+    assert parse_exit_marker(out) == 2
+    assert server.calls == []
+    assert "could not stop this instance" in err
+
+
+def test_failed_stop_is_retried_then_sleeps(server, tmp_path):
+    server.status = 500
+    path = bin_dir(tmp_path, "bin", curl=shutil.which("curl"))
+    out, err = run_wrapped("/bin/sh", ["exit", "0"], path=path, server=server, attempts=3)
+    assert parse_exit_marker(out) == 0
+    assert len(server.calls) == 3
+    assert "could not stop this instance" in err
+
+
+def test_no_container_id_makes_no_call(server):
+    out, err = run_wrapped("/bin/sh", ["exit", "0"], server=server, container_id=None)
+    assert parse_exit_marker(out) == 0
+    assert server.calls == []
+    assert "could not stop this instance" in err
+
+
+def test_unreachable_vast_url_then_sleeps(tmp_path):
+    from tests.conftest import free_port
+
+    class Nowhere:
+        url = f"http://127.0.0.1:{free_port()}"
+
+    path = bin_dir(tmp_path, "bin", curl=shutil.which("curl"))
+    out, err = run_wrapped("/bin/sh", ["exit", "0"], path=path, server=Nowhere, attempts=1)
+    assert parse_exit_marker(out) == 0
+    assert "could not stop this instance" in err
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_stop_signal_during_the_command_still_gives_its_code(shell, server):
+    # base-worker images stop their own instance in an exit hook: the stop may reach the
+    # wrapper before the command is done; the wrapper must still print the command's code.
+    def send_term(proc):
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+
+    out, _ = run_wrapped(shell, ["/bin/sh", "-c", "sleep 0.6; exit 5"], server=server,
+                         during=send_term)
+    assert parse_exit_marker(out) == 5
+
+
+def test_restarted_container_does_not_run_the_task_again(server, tmp_path):
+    runs = tmp_path / "runs"
+    argv = ["/bin/sh", "-c", f"echo run >> {runs}; exit 3"]
+    nonce = f"test{os.getpid()}"
+    first, _ = run_wrapped("/bin/sh", argv, server=server, nonce=nonce)
+    second, err = run_wrapped("/bin/sh", argv, server=server, nonce=nonce)
+    assert runs.read_text() == "run\n"
+    assert parse_exit_marker(first) == parse_exit_marker(second) == 3
+    assert "not running it again" in err
+    assert len(server.calls) == 2  # the stop is asked again
+
+
+def test_fits_vast_limit_and_rejects_too_long():
+    onstart, args = wrap_command(["worker"])
+    assert len(onstart) + sum(map(len, args)) < 2000  # room left for the task's own argv
+    with pytest.raises(WrapperTooLong):
+        wrap_command(["x" * VAST_ARGS_LIMIT])
+    with pytest.raises(ValueError):
+        wrap_command([])
+    with pytest.raises(ValueError):
+        wrap_command(["x"], nonce="../etc")
+
+
+def test_nonce_differs_per_call():
+    assert wrap_command(["w"])[1][1] != wrap_command(["w"])[1][1]
+    assert wrap_command(["w"], nonce="n1")[1][1] == wrap_command(["w"], nonce="n1")[1][1]
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("", None),
+        (None, None),
+        ("hello\nPONOS_EXIT_CODE=0\n", 0),
+        ("PONOS_EXIT_CODE=1\nmore\nPONOS_EXIT_CODE=2\n", 2),
+        ("PONOS_EXIT_CODE=137\r\n", 137),
+        (b"\xff\xfe junk\nPONOS_EXIT_CODE=9", 9),
+        ("echo PONOS_EXIT_CODE=0\n", None),
+        ("xPONOS_EXIT_CODE=0\n", None),
+        ("PONOS_EXIT_CODE=0 and more\n", None),
+        ("PONOS_EXIT_CODE=\n", None),
+        ("PONOS_EXIT_CODE=-1\n", None),
+        ("\x1b[32mPONOS_EXIT_CODE=0\x1b[0m\n", None),
+        ("PONOS_EXIT_CODE=4\nprinted by the task: PONOS_EXIT_CODE=0\n", 4),
+    ],
+)
+def test_parse_exit_marker(text, code):
+    assert parse_exit_marker(text) == code
+
+
+def test_split_command():
+    assert split_command("worker-run --config 'a b.yml' \"x y\"") == [
+        "worker-run", "--config", "a b.yml", "x y"]
+    assert split_command("") == []
+    with pytest.raises(ValueError):
+        split_command("unterminated 'quote")
