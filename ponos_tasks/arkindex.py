@@ -1,0 +1,698 @@
+"""The agent's Arkindex client: registration, actions, task definitions, states and logs.
+
+Everything goes through `arkindex-client` (operation ids from the schema the server serves),
+as every Arkindex tool does, except the log upload, which is a plain PUT to a pre-signed S3
+URL. This module knows nothing of Celery: the Celery tasks call it with ids.
+
+Retries: `ArkindexClient.request()` retries every 5xx five times on its own (waits 3, 4, 8,
+16 s) and never retries network errors. We call `single_request()` instead, the same call
+without that decorator, and apply one tenacity policy of our own to 5xx *and* network errors
+(`max_attempts` tries, exponential waits capped at `max_wait`). Retries are therefore never
+nested, and a call costs at most `max_attempts` requests and about
+`max_wait * (max_attempts - 1)` seconds of waiting (7 s with the defaults) plus timeouts.
+A 401 adds one token renewal and one more round of that policy, no more.
+
+Secrets (seed, access/refresh tokens, task tokens in definitions, pre-signed URLs) are never
+logged nor put in exception messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from arkindex import ArkindexClient
+from arkindex.exceptions import ErrorResponse, SchemaError
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_PATH = "/api/v1/openapi/?format=json"
+TERMINAL_STATES = frozenset({"completed", "failed", "error", "stopped", "cancelled"})
+# Connect/read timeouts of the calls we make ourselves (schema, log upload).
+HTTP_TIMEOUT = (5, 30)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Action:
+    """One action from RetrieveAgentActions; `kind` is e.g. "start_task" or "stop_task"."""
+
+    kind: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    id: str
+    slug: str
+    image: str
+    command: str | None
+    # The env holds the task token: keep it out of reprs (and so out of logs and tracebacks).
+    env: dict[str, str] = field(repr=False)
+    parents: dict[str, str]  # parent task id -> slug (the TASK_PARENTS mapping)
+    s3_logs_put_url: str | None = field(repr=False)
+    requires_gpu: bool = False
+
+    @classmethod
+    def from_api(cls, data: dict) -> TaskDefinition:
+        parents = data.get("parents") or []
+        if isinstance(parents, dict):
+            parent_map = {str(k): str(v) for k, v in parents.items()}
+        else:
+            parent_map = {str(p["id"]): str(p["slug"]) for p in parents}
+        return cls(
+            id=str(data["id"]),
+            slug=str(data.get("slug") or ""),
+            image=data["image"],
+            command=data.get("command") or None,
+            env={str(k): str(v) for k, v in (data.get("env") or {}).items()},
+            parents=parent_map,
+            s3_logs_put_url=data.get("s3_logs_put_url"),
+            requires_gpu=bool(data.get("requires_gpu", False)),
+        )
+
+
+class ArkindexError(Exception):
+    """Arkindex cannot be used as configured, or answered an unexpected error (one line)."""
+
+
+class RegistrationError(ArkindexError):
+    """CreateAgent refused: wrong seed, unknown farm, invalid body."""
+
+
+class TransitionRefused(ArkindexError):
+    """Arkindex answered 400 to a state update: the state table forbids it. Never retried."""
+
+    def __init__(self, task_id: str, state: str, detail: str):
+        self.task_id = task_id
+        self.state = state
+        self.detail = detail
+        super().__init__(f"Arkindex refused state {state!r} for task {task_id}: {detail}")
+
+
+# --------------------------------------------------------------------------- stores
+
+
+class CredentialStore(Protocol):
+    def load(self) -> dict | None: ...
+    def save(self, data: dict) -> None: ...
+    def clear(self) -> None: ...
+    def lock(self): ...
+
+
+class MemoryCredentialStore:
+    """Credentials kept in this process only (tests, one-shot commands)."""
+
+    def __init__(self):
+        self._data: dict | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> dict | None:
+        return dict(self._data) if self._data else None
+
+    def save(self, data: dict) -> None:
+        self._data = dict(data)
+
+    def clear(self) -> None:
+        self._data = None
+
+    @contextmanager
+    def lock(self):
+        with self._lock:
+            yield
+
+
+class RedisCredentialStore:
+    """Agent id and tokens as one JSON value in Redis, shared by every worker of the agent."""
+
+    def __init__(self, redis, key: str):
+        self.redis = redis
+        self.key = key
+
+    def load(self) -> dict | None:
+        raw = self.redis.get(self.key)
+        return json.loads(raw) if raw else None
+
+    def save(self, data: dict) -> None:
+        self.redis.set(self.key, json.dumps(data))
+
+    def clear(self) -> None:
+        self.redis.delete(self.key)
+
+    @contextmanager
+    def lock(self):
+        # One renewal (refresh or re-registration) at a time across all workers, so that a
+        # burst of 401s does not register a dozen agents. Timeout bounds a crashed holder.
+        with self.redis.lock(self.key + ":lock", timeout=60, blocking_timeout=90):
+            yield
+
+
+class ReportedStates:
+    """Which states were reported per task, in Redis: the guard that makes updates idempotent.
+
+    `claim()` is a SET NX per (task, state), plus one SET NX per task for the terminal state,
+    so that concurrent workers cannot both send a state, nor two different terminal states.
+    A claim whose request fails is released, so a later call can send it again.
+    """
+
+    _RELEASE_TERMINAL = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+        "return 0"
+    )
+
+    def __init__(self, redis, prefix: str, ttl: int = 30 * 24 * 3600):
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl = ttl  # keys outlive any task by far, then disappear
+
+    def _key(self, task_id: str, state: str) -> str:
+        return f"{self.prefix}{task_id}:{state}"
+
+    def claim(self, task_id: str, state: str) -> bool:
+        if not self.redis.set(self._key(task_id, state), "1", nx=True, ex=self.ttl):
+            return False
+        if state in TERMINAL_STATES and not self.redis.set(
+            self._key(task_id, "terminal"), state, nx=True, ex=self.ttl
+        ):
+            self.redis.delete(self._key(task_id, state))
+            return False
+        return True
+
+    def release(self, task_id: str, state: str) -> None:
+        self.redis.delete(self._key(task_id, state))
+        if state in TERMINAL_STATES:
+            self.redis.eval(self._RELEASE_TERMINAL, 1, self._key(task_id, "terminal"), state)
+
+    def terminal(self, task_id: str) -> str | None:
+        value = self.redis.get(self._key(task_id, "terminal"))
+        return value.decode() if isinstance(value, bytes) else value
+
+
+class MemoryReportedStates:
+    """Same guard in process memory (when the credential store is not in Redis)."""
+
+    def __init__(self):
+        self._claimed: set[tuple[str, str]] = set()
+        self._terminal: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, task_id: str, state: str) -> bool:
+        with self._lock:
+            if (task_id, state) in self._claimed:
+                return False
+            if state in TERMINAL_STATES:
+                if task_id in self._terminal:
+                    return False
+                self._terminal[task_id] = state
+            self._claimed.add((task_id, state))
+            return True
+
+    def release(self, task_id: str, state: str) -> None:
+        with self._lock:
+            self._claimed.discard((task_id, state))
+            if self._terminal.get(task_id) == state:
+                del self._terminal[task_id]
+
+    def terminal(self, task_id: str) -> str | None:
+        return self._terminal.get(task_id)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def derivation(seed: str, farm_id: str, public_key: str) -> str:
+    """Proof of the farm seed sent to CreateAgent: hex(HMAC-SHA256(seed, "farm:public_key"))."""
+    return hmac.new(seed.encode(), f"{farm_id}:{public_key}".encode(), hashlib.sha256).hexdigest()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return True
+    if isinstance(exc, ErrorResponse):
+        return exc.status_code >= 500 or exc.status_code == 429
+    return isinstance(exc, _TransientHTTPError)
+
+
+class _TransientHTTPError(Exception):
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(f"HTTP {status}")
+
+
+def error_detail(exc: ErrorResponse) -> str:
+    """The server's own message from an Arkindex error body, on one line."""
+    content = exc.content
+    if isinstance(content, dict):
+        errors = content.get("errors")
+        if isinstance(errors, list) and errors:
+            parts = []
+            for err in errors:
+                if not isinstance(err, dict):
+                    continue
+                attr = err.get("attr")
+                prefix = ".".join(map(str, attr)) + ": " if attr else ""
+                parts.append(prefix + str(err.get("detail", err.get("code", ""))))
+            if parts:
+                return "; ".join(parts)
+        if "detail" in content:
+            return str(content["detail"])
+        return json.dumps(content)[:300]
+    text = str(content or exc.title)
+    return " ".join(text.split())[:300]
+
+
+def _error_attrs_and_codes(exc: ErrorResponse) -> tuple[set[str], set[str]]:
+    attrs: set[str] = set()
+    codes: set[str] = set()
+    content = exc.content if isinstance(exc.content, dict) else {}
+    for err in content.get("errors") or []:
+        if isinstance(err, dict):
+            attrs.update(str(a) for a in (err.get("attr") or []))
+            codes.add(str(err.get("code", "")))
+    for key, value in content.items():
+        if key not in ("type", "errors", "detail"):
+            attrs.add(key)  # DRF-style {"farm": ["..."]} bodies
+        if key == "code":
+            codes.add(str(value))
+    return attrs, codes
+
+
+def _cpu_frequency_mhz() -> int:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("cpu mhz"):
+                    return max(1, int(float(line.split(":")[1])))
+    except (OSError, ValueError):
+        pass
+    return 1000
+
+
+def _hostname() -> str:
+    # CreateAgent accepts [-a-zA-Z0-9_]{1,64}.
+    return (re.sub(r"[^-a-zA-Z0-9_]", "-", socket.gethostname()) or "ponos-vast")[:64]
+
+
+# --------------------------------------------------------------------------- client
+
+
+class ArkindexAgentClient:
+    """One Ponos agent's view of Arkindex (Bearer auth), safe to share between threads
+    of one process; several processes share the agent through the credential store."""
+
+    def __init__(
+        self,
+        url: str,
+        farm_id: str,
+        seed: str,
+        store: CredentialStore,
+        *,
+        hostname: str | None = None,
+        gpu_count: int = 1,
+        gpu_names: str | None = None,
+        reported=None,
+        max_attempts: int = 4,
+        max_wait: float = 4.0,
+    ):
+        self.url = url.rstrip("/") + "/"
+        self.farm_id = str(farm_id)
+        self._seed = seed
+        self.store = store
+        self.hostname = hostname or _hostname()
+        self.gpu_count = gpu_count
+        self.gpu_names = gpu_names
+        if reported is None:
+            redis = getattr(store, "redis", None)
+            key = getattr(store, "key", "ponos:arkindex")
+            reported = (
+                ReportedStates(redis, key + ":reported:")
+                if redis is not None
+                else MemoryReportedStates()
+            )
+        self.reported = reported
+        self.max_attempts = max_attempts
+        self.max_wait = max_wait
+        self._api: ArkindexClient | None = None
+        self._creds: dict | None = None
+        self._definitions: dict[str, TaskDefinition] = {}
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _retrying(self) -> Retrying:
+        return Retrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_exponential(multiplier=0.5, max=self.max_wait),
+            reraise=True,
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+        )
+
+    @property
+    def api(self) -> ArkindexClient:
+        """The arkindex-client instance, built on first use from the server's schema."""
+        with self._lock:
+            if self._api is None:
+                self._api = self._build_api()
+            return self._api
+
+    def _build_api(self) -> ArkindexClient:
+        schema_url = urljoin(self.url, SCHEMA_PATH)
+        # We fetch the schema ourselves (arkindex-client's own fetch has no timeout and turns
+        # every failure into the same SchemaError): this gives a timeout, retries on network
+        # errors, and one clear line saying *what* is wrong with the URL.
+        try:
+            for attempt in self._retrying():
+                with attempt:
+                    resp = requests.get(
+                        schema_url,
+                        headers={"Accept": "application/vnd.oai.openapi+json, application/json"},
+                        timeout=HTTP_TIMEOUT,
+                    )
+                    if resp.status_code >= 500:
+                        raise _TransientHTTPError(resp.status_code)
+        except requests.ConnectionError:
+            raise ArkindexError(
+                f"Arkindex URL {self.url}: nothing answers there (connection failed)"
+            ) from None
+        except requests.Timeout:
+            raise ArkindexError(f"Arkindex URL {self.url}: no answer (timed out)") from None
+        except _TransientHTTPError as exc:
+            raise ArkindexError(
+                f"Arkindex URL {self.url}: the server fails (HTTP {exc.status} on the schema)"
+            ) from None
+        not_arkindex = f"Arkindex URL {self.url}: not an Arkindex API (no OpenAPI schema at {schema_url}"
+        if resp.status_code != 200:
+            raise ArkindexError(f"{not_arkindex}: HTTP {resp.status_code})")
+        try:
+            schema = resp.json()
+        except ValueError:
+            raise ArkindexError(f"{not_arkindex}: the answer is not JSON)") from None
+        if not isinstance(schema, dict) or "openapi" not in schema or "paths" not in schema:
+            raise ArkindexError(f"{not_arkindex}: the JSON is not an OpenAPI document)")
+
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+            json.dump(schema, tmp)
+        try:
+            api = ArkindexClient(base_url=self.url, schema_url=tmp.name, auth_scheme="Bearer")
+        except SchemaError as exc:
+            raise ArkindexError(f"{not_arkindex}: the schema is invalid: {exc.__cause__})") from None
+        finally:
+            os.unlink(tmp.name)
+        missing = {"CreateAgent", "RetrieveAgentActions", "PartialUpdateTask"} - set(
+            api.document.links
+        )
+        if missing:
+            raise ArkindexError(
+                f"Arkindex URL {self.url}: its API has no Ponos agent endpoints "
+                f"({', '.join(sorted(missing))} missing)"
+            )
+        return api
+
+    def _send(self, operation_id: str, **params) -> Any:
+        """One operation with our retry policy and no auth handling."""
+        for attempt in self._retrying():
+            with attempt:
+                return self.api.single_request(operation_id, **params)
+
+    def _set_token(self, creds: dict) -> None:
+        self._creds = creds
+        self.api.session.auth.scheme = "Bearer"
+        self.api.session.auth.token = creds["access_token"]
+
+    def _call(self, operation_id: str, **params) -> Any:
+        """An authenticated operation; on 401 renew the token once and retry once."""
+        creds = self._ensure_credentials()
+        try:
+            return self._send(operation_id, **params)
+        except ErrorResponse as exc:
+            if exc.status_code != 401:
+                raise
+            logger.info("Arkindex token refused on %s; renewing it", operation_id)
+        self._renew(creds["access_token"])
+        return self._send(operation_id, **params)
+
+    def _ensure_credentials(self) -> dict:
+        with self._lock:
+            if self._creds is None:
+                self.register()
+            return self._creds
+
+    def _matches(self, creds: dict | None) -> bool:
+        return bool(
+            creds
+            and creds.get("url") == self.url
+            and creds.get("farm") == self.farm_id
+            and creds.get("access_token")
+        )
+
+    def _renew(self, failed_token: str) -> None:
+        with self._lock, self.store.lock():
+            stored = self.store.load()
+            # Another worker may already have renewed it: adopt its tokens.
+            if self._matches(stored) and stored["access_token"] != failed_token:
+                self._set_token(stored)
+                return
+            creds = stored if self._matches(stored) else self._creds
+            if not creds or not creds.get("refresh_token"):
+                self._register_locked()
+                return
+            try:
+                resp = self._send("RefreshAgentToken", body={"refresh": creds["refresh_token"]})
+            except ErrorResponse as exc:
+                if exc.status_code >= 500:
+                    raise ArkindexError(
+                        f"Arkindex fails to refresh the agent token (HTTP {exc.status_code})"
+                    ) from None
+                logger.warning(
+                    "Arkindex refused the refresh token (HTTP %s); registering again",
+                    exc.status_code,
+                )
+                self._register_locked()
+                return
+            access = resp.get("access_token") or resp.get("access")
+            if not access:
+                raise ArkindexError("RefreshAgentToken answered without an access token")
+            creds = dict(creds)
+            creds["access_token"] = access
+            creds["refresh_token"] = resp.get("refresh_token") or resp.get("refresh") or creds[
+                "refresh_token"
+            ]
+            self.store.save(creds)
+            self._set_token(creds)
+            logger.info("Arkindex agent token refreshed")
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def agent_id(self) -> str | None:
+        creds = self._creds or self.store.load()
+        return creds.get("agent_id") if self._matches(creds) else None
+
+    def register(self, force: bool = False, *, new_identity: bool = False) -> dict:
+        """Register the agent (CreateAgent) unless the store already holds credentials for
+        this URL and farm (`force` registers anyway, as the same agent unless `new_identity`).
+        Returns the agent's public info (never the tokens)."""
+        with self._lock:
+            if new_identity:
+                self.store.clear()
+            if not force:
+                stored = self.store.load()
+                if self._matches(stored):
+                    self._set_token(stored)
+                    return dict(stored.get("agent") or {"id": stored["agent_id"]})
+            with self.store.lock():
+                return self._register_locked()
+
+    def _register_locked(self) -> dict:
+        # The nonce is kept with the credentials and sent again on a re-registration (refresh
+        # token refused), so that Arkindex recognises the same agent and keeps its tasks.
+        stored = self.store.load() or {}
+        public_key = (
+            stored.get("public_key")
+            if stored.get("url") == self.url and stored.get("farm") == self.farm_id
+            else None
+        ) or secrets.token_hex(32)
+        body = {
+            "farm": self.farm_id,
+            "hostname": self.hostname,
+            "cpu_cores": os.cpu_count() or 1,
+            "cpu_frequency": _cpu_frequency_mhz(),
+            "gpu_count": self.gpu_count,
+            "gpu_names": self.gpu_names,
+            "public_key": public_key,
+            "derivation": derivation(self._seed, self.farm_id, public_key),
+        }
+        self.api.session.auth.token = None  # CreateAgent is anonymous
+        try:
+            resp = self._send("CreateAgent", body=body)
+        except ErrorResponse as exc:
+            raise self._registration_error(exc) from None
+        except requests.RequestException as exc:
+            raise ArkindexError(
+                f"Arkindex URL {self.url}: registration failed ({type(exc).__name__})"
+            ) from None
+        agent = {
+            k: v for k, v in resp.items() if k not in ("access_token", "refresh_token", "token")
+        }
+        creds = {
+            "url": self.url,
+            "farm": self.farm_id,
+            "agent_id": str(resp["id"]),
+            "public_key": public_key,
+            "access_token": resp["access_token"],
+            "refresh_token": resp.get("refresh_token"),
+            "agent": agent,
+            "registered_at": time.time(),
+        }
+        self.store.save(creds)
+        self._set_token(creds)
+        logger.info("Registered on Arkindex as agent %s (farm %s)", creds["agent_id"], self.farm_id)
+        return dict(agent)
+
+    def _registration_error(self, exc: ErrorResponse) -> ArkindexError:
+        detail = error_detail(exc)
+        if exc.status_code >= 500:
+            return ArkindexError(
+                f"Arkindex fails to register the agent (HTTP {exc.status_code}): {detail}"
+            )
+        attrs, codes = _error_attrs_and_codes(exc)
+        text = (detail + " " + " ".join(codes)).lower()
+        unknown = any(word in text for word in ("not exist", "not found", "does_not_exist"))
+        if "farm" in attrs or exc.status_code == 404 or ("farm" in text and unknown):
+            return RegistrationError(
+                f"farm {self.farm_id} does not exist on {self.url} (Arkindex said: {detail})"
+            )
+        if "derivation" in attrs or "seed" in text or "derivation" in text or exc.status_code == 403:
+            return RegistrationError(
+                f"Arkindex refused the registration for farm {self.farm_id}: wrong seed "
+                f"(Arkindex said: {detail})"
+            )
+        return RegistrationError(
+            f"Arkindex refused the registration (HTTP {exc.status_code}): {detail}"
+        )
+
+    def actions(self, capacity: int | None = None) -> list[Action]:
+        """The actions Arkindex has for this agent. `capacity` (how many more tasks the agent
+        takes) is sent only when the server's schema declares that query parameter."""
+        params = {}
+        if capacity is not None:
+            link = self.api.lookup_operation("RetrieveAgentActions")
+            if any(f.name == "capacity" for f in link.get_query_fields()):
+                params["capacity"] = capacity
+        resp = self._call("RetrieveAgentActions", **params) or {}
+        items = resp.get("actions", []) if isinstance(resp, dict) else resp
+        return [Action(kind=str(a["action"]), task_id=str(a["task_id"])) for a in items]
+
+    def task_definition(self, task_id: str) -> TaskDefinition:
+        """What to run for a task; cached in memory (a definition does not change)."""
+        task_id = str(task_id)
+        cached = self._definitions.get(task_id)
+        if cached is not None:
+            return cached
+        definition = TaskDefinition.from_api(self._call("RetrieveTaskDefinition", id=task_id))
+        self._definitions[task_id] = definition
+        return definition
+
+    def forget(self, task_id: str) -> None:
+        """Drop a finished task's cached definition."""
+        self._definitions.pop(str(task_id), None)
+
+    def task_state(self, task_id: str) -> str | None:
+        """The task's state on Arkindex (RetrieveTask), or None when it cannot be read."""
+        try:
+            return self._call("RetrieveTask", id=str(task_id)).get("state")
+        except (ErrorResponse, requests.RequestException, ArkindexError, AttributeError):
+            return None
+
+    def update_state(self, task_id: str, state: str) -> bool:
+        """Report a task's state once. True when this call reported it; False when nothing
+        was sent because this state, or a terminal state, was reported already.
+        Raises TransitionRefused (after logging the server's message) on a 400: never retried.
+        """
+        task_id = str(task_id)
+        if not self.reported.claim(task_id, state):
+            terminal = self.reported.terminal(task_id)
+            if terminal and terminal != state:
+                logger.warning(
+                    "Not reporting %s for task %s: terminal state %s already reported",
+                    state, task_id, terminal,
+                )
+            else:
+                logger.debug("State %s of task %s already reported", state, task_id)
+            return False
+        try:
+            self._call("PartialUpdateTask", id=task_id, body={"state": state})
+        except ErrorResponse as exc:
+            if exc.status_code == 400:
+                detail = error_detail(exc)
+                # A retried request whose first try reached the server gets a 400 "already in
+                # that state": the state is reported, keep the guard.
+                if self.task_state(task_id) == state:
+                    logger.info("Task %s was already %s on Arkindex", task_id, state)
+                    return True
+                self.reported.release(task_id, state)
+                logger.warning(
+                    "Arkindex refused state %s for task %s (not retried): %s",
+                    state, task_id, detail,
+                )
+                raise TransitionRefused(task_id, state, detail) from None
+            self.reported.release(task_id, state)
+            raise ArkindexError(
+                f"state {state} for task {task_id} not reported: HTTP {exc.status_code} "
+                f"{error_detail(exc)}"
+            ) from None
+        except BaseException:
+            self.reported.release(task_id, state)
+            raise
+        logger.info("Reported state %s for task %s", state, task_id)
+        return True
+
+    def upload_logs(self, put_url: str, text: str) -> None:
+        """PUT the whole log text to the task's pre-signed S3 URL (overwrites)."""
+        data = text.encode("utf-8")
+        host = urlsplit(put_url).netloc  # the URL carries a signature: log its host only
+        try:
+            for attempt in self._retrying():
+                with attempt:
+                    resp = requests.put(
+                        put_url,
+                        data=data,
+                        headers={"Content-Type": "text/plain; charset=utf-8"},
+                        timeout=HTTP_TIMEOUT,
+                    )
+                    if resp.status_code >= 500 or resp.status_code == 429:
+                        raise _TransientHTTPError(resp.status_code)
+        except (_TransientHTTPError, requests.RequestException) as exc:
+            # Not `exc` itself: its text may hold the signed URL.
+            reason = f"HTTP {exc.status}" if isinstance(exc, _TransientHTTPError) else type(exc).__name__
+            raise ArkindexError(f"log upload to {host} failed: {reason}") from None
+        if resp.status_code >= 400:
+            raise ArkindexError(
+                f"log upload to {host} refused: HTTP {resp.status_code} "
+                f"{' '.join(resp.text.split())[:200]}"
+            )
+        logger.debug("Uploaded %d bytes of logs to %s", len(data), host)

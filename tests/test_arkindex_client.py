@@ -1,0 +1,347 @@
+"""The agent's Arkindex client against the Arkindex simulator, over real HTTP on loopback."""
+
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from ponos_tasks.arkindex import (
+    Action,
+    ArkindexAgentClient,
+    ArkindexError,
+    MemoryCredentialStore,
+    RedisCredentialStore,
+    RegistrationError,
+    ReportedStates,
+    TaskDefinition,
+    TransitionRefused,
+)
+from ponos_tasks.simulators.arkindex import ArkindexSimulator
+from ponos_tasks.simulators.s3 import S3Server, s3_client
+from tests.conftest import free_port
+
+FARM = str(uuid.uuid4())
+SEED = secrets.token_hex(32)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sim(s3):
+    simulator = ArkindexSimulator(s3_url=s3.url, farms={FARM: SEED})
+    simulator.start()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def store(redis_client, key_prefix):
+    return RedisCredentialStore(redis_client, key_prefix + "agent")
+
+
+@pytest.fixture
+def client(sim, store):
+    return ArkindexAgentClient(sim.url, FARM, SEED, store, max_wait=0.2)
+
+
+def create_process(sim, *tasks, name="test"):
+    resp = requests.post(f"{sim.url}/_sim/processes", json={"name": name, "tasks": list(tasks)},
+                         timeout=10)
+    resp.raise_for_status()
+    return {t["slug"]: t["id"] for t in resp.json()["tasks"]}
+
+
+def task_info(sim, task_id):
+    resp = requests.get(f"{sim.url}/_sim/tasks/{task_id}", timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def agent_updates(sim, task_id):
+    """The PartialUpdateTask calls the simulator received (scheduler moves have no status)."""
+    return [h for h in task_info(sim, task_id)["history"] if h["status"] is not None]
+
+
+def one_task(sim, slug="job", **extra):
+    task = {"slug": slug, "image": "registry.example/worker:1", "command": "run.sh", "env": {},
+            "parents": [], "requires_gpu": False, **extra}
+    return create_process(sim, task)[slug]
+
+
+def start_task(client, task_id, attempts=20):
+    """Poll actions until Arkindex hands the task to this agent."""
+    for _ in range(attempts):
+        if Action("start_task", task_id) in client.actions():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} never offered to the agent")
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_register_stores_credentials_in_redis_and_never_logs_tokens(
+    client, store, redis_client, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    agent = client.register()
+    assert agent["id"]
+    assert "access_token" not in agent and "refresh_token" not in agent
+
+    stored = json.loads(redis_client.get(store.key))
+    assert stored["agent_id"] == agent["id"] == client.agent_id
+    assert stored["access_token"] and stored["refresh_token"]
+    for secret in (stored["access_token"], stored["refresh_token"], SEED):
+        assert secret not in caplog.text
+
+    # A second client (another worker) reuses the stored agent: no new registration.
+    other = ArkindexAgentClient(client.url, FARM, SEED, store)
+    assert other.register()["id"] == agent["id"]
+    assert json.loads(redis_client.get(store.key))["access_token"] == stored["access_token"]
+    # force=True registers again as the same agent (same nonce): same id, new token.
+    assert other.register(force=True)["id"] == agent["id"]
+    assert store.load()["access_token"] != stored["access_token"]
+    # new_identity=True makes a new agent.
+    assert other.register(new_identity=True)["id"] != agent["id"]
+
+
+def test_wrong_url_nothing_answers():
+    url = f"http://127.0.0.1:{free_port()}/"
+    client = ArkindexAgentClient(url, FARM, SEED, MemoryCredentialStore(), max_wait=0.05)
+    with pytest.raises(ArkindexError, match="nothing answers") as info:
+        client.register()
+    assert "\n" not in str(info.value) and url in str(info.value)
+
+
+def test_wrong_url_not_an_arkindex(s3):
+    # moto's S3 answers, but with no OpenAPI schema.
+    client = ArkindexAgentClient(s3.url, FARM, SEED, MemoryCredentialStore())
+    with pytest.raises(ArkindexError, match="not an Arkindex API") as info:
+        client.register()
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_seed(sim):
+    client = ArkindexAgentClient(sim.url, FARM, "0" * 64, MemoryCredentialStore())
+    with pytest.raises(RegistrationError, match="wrong seed") as info:
+        client.register()
+    assert "\n" not in str(info.value) and "0" * 64 not in str(info.value)
+
+
+def test_farm_does_not_exist(sim):
+    farm = str(uuid.uuid4())
+    client = ArkindexAgentClient(sim.url, farm, SEED, MemoryCredentialStore())
+    with pytest.raises(RegistrationError, match=f"farm {farm} does not exist") as info:
+        client.register()
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_expired_token_is_refreshed(s3, redis_client, key_prefix, caplog):
+    caplog.set_level(logging.INFO)
+    simulator = ArkindexSimulator(s3_url=s3.url, farms={FARM: SEED}, token_ttl=1)
+    simulator.start()
+    try:
+        store = RedisCredentialStore(redis_client, key_prefix + "agent")
+        client = ArkindexAgentClient(simulator.url, FARM, SEED, store, max_wait=0.2)
+        agent_id = client.register()["id"]
+        first = store.load()
+        assert client.actions() == []
+        time.sleep(1.3)
+        assert client.actions() == []  # 401 -> RefreshAgentToken -> retried once
+        second = store.load()
+        assert second["agent_id"] == agent_id  # refreshed, not registered again
+        assert second["access_token"] != first["access_token"]
+        assert "token refreshed" in caplog.text
+
+        # Another worker holding the old token adopts the stored one instead of refreshing.
+        worker = ArkindexAgentClient(simulator.url, FARM, SEED, store, max_wait=0.2)
+        worker._set_token(first)
+        assert worker.actions() == []
+        assert store.load()["access_token"] == second["access_token"]
+    finally:
+        simulator.stop()
+
+
+def test_refused_refresh_token_registers_again(sim, client, store, caplog):
+    caplog.set_level(logging.INFO)
+    agent_id = client.register()["id"]
+    creds = store.load()
+    creds["access_token"] = "not-a-token"
+    creds["refresh_token"] = "not-a-refresh-token"
+    store.save(creds)
+    client._set_token(creds)
+
+    task = one_task(sim)
+    start_task(client, task)  # 401 -> refresh refused -> CreateAgent with the stored nonce
+    assert "registering again" in caplog.text
+    assert store.load()["agent_id"] == agent_id  # Arkindex recognised the same agent
+    assert store.load()["access_token"] != "not-a-token"
+    assert client.update_state(task, "running") is True  # its tasks are still its own
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_actions_definition_and_idempotent_states(sim, client, caplog):
+    caplog.set_level(logging.DEBUG)
+    parent = one_task(sim, slug="parent")
+    ids = create_process(
+        sim,
+        {"slug": "init", "image": "img:1", "command": None, "env": {"FOO": "bar"},
+         "parents": [], "requires_gpu": True},
+        {"slug": "work", "image": "img:2", "command": "work", "env": {}, "parents": ["init"],
+         "requires_gpu": False},
+    )
+    start_task(client, parent)
+    start_task(client, ids["init"])
+
+    definition = client.task_definition(ids["init"])
+    assert isinstance(definition, TaskDefinition)
+    assert definition.id == ids["init"] and definition.slug == "init"
+    assert definition.image == "img:1" and definition.command is None
+    assert definition.requires_gpu is True and definition.parents == {}
+    assert definition.env["FOO"] == "bar"
+    assert definition.env["PONOS_TASK"] == ids["init"]
+    assert definition.env["ARKINDEX_TASK_TOKEN"]
+    assert definition.env["ARKINDEX_TASK_TOKEN"] not in repr(definition)
+    assert definition.s3_logs_put_url.startswith(("http://", "https://"))
+    assert client.task_definition(ids["init"]) is definition  # cached per task
+
+    assert client.update_state(ids["init"], "running") is True
+    assert client.update_state(ids["init"], "running") is False  # already reported: not sent
+    assert client.update_state(ids["init"], "completed") is True
+    assert client.update_state(ids["init"], "completed") is False
+    assert client.update_state(ids["init"], "failed") is False  # second terminal: never sent
+
+    history = agent_updates(sim, ids["init"])
+    assert [(h["to"], h["accepted"]) for h in history] == [("running", True), ("completed", True)]
+    assert task_info(sim, ids["init"])["state"] == "completed"
+
+    # The child became pending and is offered with its parents' slugs.
+    start_task(client, ids["work"])
+    assert client.task_definition(ids["work"]).parents == {ids["init"]: "init"}
+    assert definition.env["ARKINDEX_TASK_TOKEN"] not in caplog.text
+
+
+def test_forbidden_transition_is_logged_and_not_retried(sim, client, caplog):
+    task = one_task(sim)
+    start_task(client, task)  # pending, assigned to us
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(TransitionRefused) as info:
+        client.update_state(task, "completed")  # pending -> completed is forbidden
+    assert info.value.task_id == task and info.value.state == "completed"
+    assert info.value.detail and info.value.detail in caplog.text
+    assert "not retried" in caplog.text
+
+    refused = [h for h in agent_updates(sim, task) if not h["accepted"]]
+    assert len(refused) == 1 and refused[0]["to"] == "completed"  # sent once, no retry
+    # The refusal released the guard: the right sequence still goes through.
+    assert client.update_state(task, "running") is True
+    assert client.update_state(task, "completed") is True
+
+
+def test_repeated_terminal_state_after_lost_answer_counts_as_reported(
+    sim, client, store, redis_client, key_prefix
+):
+    """A worker that lost its guard (or the answer) sends `completed` again: Arkindex answers
+    400, the client sees the task already completed and does not raise."""
+    task = one_task(sim)
+    start_task(client, task)
+    assert client.update_state(task, "running")
+    assert client.update_state(task, "completed")
+    amnesiac = ArkindexAgentClient(
+        client.url, FARM, SEED, store, reported=ReportedStates(redis_client, key_prefix + "r2:")
+    )
+    assert amnesiac.update_state(task, "completed") is True
+    history = agent_updates(sim, task)
+    assert [(h["to"], h["accepted"]) for h in history] == [
+        ("running", True), ("completed", True), ("completed", False)]
+    assert task_info(sim, task)["state"] == "completed"
+
+
+def test_actions_capacity_is_sent(sim, client):
+    task = one_task(sim)
+    assert Action("start_task", task) not in client.actions(capacity=0)
+    start_task(client, task)
+
+
+def test_upload_logs_read_back_byte_for_byte(sim, s3, client):
+    task = one_task(sim)
+    start_task(client, task)
+    put_url = client.task_definition(task).s3_logs_put_url
+    text = "line 1\nligne 2 : données accentuées ✓\r\n\ttabs and trailing spaces   \n" * 50
+    client.upload_logs(put_url, text)
+    client.upload_logs(put_url, text + "more\n")  # overwrites: the whole text each time
+
+    bucket, key = urlsplit(put_url).path.lstrip("/").split("/", 1)
+    body = s3_client(s3.url).get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert body == (text + "more\n").encode("utf-8")
+
+    published = requests.get(f"{sim.url}/_sim/tasks/{task}/logs", timeout=10)
+    assert published.status_code == 200
+    assert published.content == (text + "more\n").encode("utf-8")
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """A real HTTP server that fails the first PUTs with 503, then stores the body."""
+
+    failures = 0
+    bodies: list
+
+    def do_PUT(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        server = self.server
+        if server.failures_left > 0:
+            server.failures_left -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        server.bodies.append((self.headers["Content-Type"], body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    server.failures_left = 0
+    server.bodies = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_upload_logs_retries_5xx_then_gives_up_with_one_line(flaky_server):
+    client = ArkindexAgentClient("http://127.0.0.1:1/", FARM, SEED, MemoryCredentialStore(),
+                                 max_attempts=3, max_wait=0.05)
+    url = f"http://127.0.0.1:{flaky_server.server_port}/logs/task.log?X-Amz-Signature=secret"
+    flaky_server.failures_left = 2
+    client.upload_logs(url, "hello ✓")
+    assert flaky_server.bodies == [("text/plain; charset=utf-8", "hello ✓".encode())]
+
+    flaky_server.failures_left = 5
+    with pytest.raises(ArkindexError, match="HTTP 503") as info:
+        client.upload_logs(url, "again")
+    assert "secret" not in str(info.value)
+    assert flaky_server.failures_left == 2  # exactly max_attempts tries
