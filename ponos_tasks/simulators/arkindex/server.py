@@ -352,7 +352,8 @@ class ArkindexSimulator:
         self.storage = Storage(self.s3_url, [LOGS_BUCKET, ARTIFACTS_BUCKET, MODELS_BUCKET])
         self.state = ArkindexState(self.farms, self.storage, token_ttl=self.token_ttl)
         self._server = make_server(self.host, self.port, create_app(self), threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever,
+        # A short poll interval: shutdown() waits for it (0.5 s by default, per test).
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="arkindex-simulator", daemon=True)
         self._thread.start()
         logger.info("Arkindex simulator listening on %s", self.url)
