@@ -1,5 +1,7 @@
 """Offer filters: both input forms, the CLI grammar and conversions, errors, query, ranking."""
 
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -749,3 +751,14 @@ def test_offer_matches_accepts_an_object_with_raw():
 def test_offer_matches_validates_its_filters():
     with pytest.raises(OfferFilterError, match="unknown offer field 'gpu_nmae'"):
         offer_matches("gpu_nmae=A40", OFFER)
+
+
+def test_module_is_pure():
+    # The config validator and the CLI import it without the network or Celery stacks.
+    code = (
+        "import sys, ponos_tasks.offers; "
+        "print(sorted(m for m in ('requests', 'celery', 'redis') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
