@@ -1,0 +1,343 @@
+"""Pure lifecycle rules of one task: labels, phases, instance conditions and outcomes.
+
+Nothing here touches Redis, HTTP, Celery or the clock: every time is a parameter, so the
+rules are unit-tested on their own and shared by the Celery steps and `reconcile.plan()`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+# ---------------------------------------------------------------------------- labels
+
+LABEL_PREFIX = "ponos"
+_SHORT_ID = re.compile(r"^[0-9a-f]{8}$")
+# The task id may contain dashes (UUID); the attempt is the last dash-separated number.
+_LABEL = re.compile(r"^ponos-([0-9a-fA-F]{8})-([0-9A-Za-z][0-9A-Za-z_-]*?)-([0-9]{1,6})$")
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    agent_short_id: str
+    task_id: str
+    attempt: int
+
+
+def agent_short_id(agent_id: str) -> str:
+    """First 8 hex characters of the agent's UUID (dashes ignored), lower case."""
+    digits = str(agent_id).replace("-", "").lower()
+    if len(digits) < 8 or not _SHORT_ID.match(digits[:8]):
+        raise ValueError(f"agent id {agent_id!r} does not start with 8 hex characters")
+    return digits[:8]
+
+
+def make_label(agent_short_id: str, task_id: str, attempt: int) -> str:
+    """`ponos-<agent short id>-<task id>-<attempt>`, sent in the create call itself."""
+    short = str(agent_short_id).lower()
+    if not _SHORT_ID.match(short):
+        raise ValueError(f"agent short id must be 8 hex characters, got {agent_short_id!r}")
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    label = f"{LABEL_PREFIX}-{short}-{task_id}-{attempt}"
+    if parse_label(label) != LabelInfo(short, str(task_id), attempt):
+        raise ValueError(f"task id {task_id!r} cannot be carried in a label")
+    return label
+
+
+def parse_label(label: Any) -> LabelInfo | None:
+    """The label's parts, or None for anything that is not a ponos label (never raises)."""
+    if not isinstance(label, str):
+        return None
+    match = _LABEL.match(label.strip())
+    if match is None:
+        return None
+    short, task_id, attempt = match.groups()
+    if int(attempt) < 1:
+        return None
+    return LabelInfo(short.lower(), task_id, int(attempt))
+
+
+# ---------------------------------------------------------------------------- phases
+
+
+class Phase(StrEnum):
+    ACCEPTED = "accepted"  # known, waiting for a capacity slot (no chain yet)
+    WAITING_OFFER = "waiting_offer"  # chain started: looking for an offer, none matched yet
+    CREATING = "creating"  # attempt n claimed; the create call may be in flight
+    LOADING = "loading"  # instance id recorded; image pull / container start
+    RUNNING = "running"  # container runs; `running` reported to Arkindex
+    FINISHING = "finishing"  # outcome decided (final_state); publishing the final logs
+    DESTROYING = "destroying"  # logs published; destroying the instance, then reporting
+    DONE = "done"  # final state reported; the record is a tombstone with a TTL
+    RETRYING = "retrying"  # the attempt failed to start: destroy it, then a new attempt
+
+
+P = Phase
+TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
+    P.ACCEPTED: frozenset({P.WAITING_OFFER, P.CREATING, P.FINISHING}),
+    P.WAITING_OFFER: frozenset({P.CREATING, P.FINISHING}),
+    # creating -> running: the label lookup found an instance that already runs.
+    P.CREATING: frozenset({P.LOADING, P.RUNNING, P.RETRYING, P.WAITING_OFFER, P.FINISHING}),
+    # loading -> finishing: a short task can end before a snapshot ever saw it running.
+    P.LOADING: frozenset({P.RUNNING, P.RETRYING, P.FINISHING}),
+    P.RUNNING: frozenset({P.FINISHING, P.RETRYING}),
+    P.FINISHING: frozenset({P.DESTROYING}),
+    P.DESTROYING: frozenset({P.DONE}),
+    P.DONE: frozenset(),
+    P.RETRYING: frozenset({P.WAITING_OFFER, P.CREATING, P.FINISHING}),
+}
+del P
+
+#: Phases in which the task holds (or is about to hold) an instance: they use a capacity slot.
+SLOT_PHASES = frozenset(
+    {Phase.WAITING_OFFER, Phase.CREATING, Phase.LOADING, Phase.RUNNING, Phase.RETRYING}
+)
+#: Phases in which no live instance of the current attempt is expected.
+NO_INSTANCE_PHASES = frozenset({Phase.ACCEPTED, Phase.WAITING_OFFER, Phase.RETRYING})
+
+
+class TransitionError(ValueError):
+    pass
+
+
+def check_transition(from_phase: str, to_phase: str) -> None:
+    """Raise TransitionError unless `from -> to` is in TRANSITIONS (staying put is allowed:
+    a CAS that only updates fields, or creating -> creating with attempt + 1)."""
+    try:
+        src, dst = Phase(from_phase), Phase(to_phase)
+    except ValueError as exc:
+        raise TransitionError(str(exc)) from None
+    if src is not dst and dst not in TRANSITIONS[src]:
+        raise TransitionError(f"phase {src} cannot change to {dst}")
+    if src is dst is Phase.DONE:
+        raise TransitionError("a done task cannot change any more")
+
+
+def transition_allowed(from_phase: str, to_phase: str) -> bool:
+    try:
+        check_transition(from_phase, to_phase)
+    except TransitionError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- conditions
+
+
+class Condition(StrEnum):
+    PROVISIONING = "provisioning"
+    LOADING = "loading"
+    RUNNING = "running"
+    STOPPED = "stopped"  # stopped by itself, by us or outbid: all look alike
+    EXITED = "exited"  # container ended without stopping its instance (Vast may restart it)
+    START_FAILED = "start_failed"
+    OFFLINE = "offline"
+    GONE = "gone"
+    UNKNOWN = "unknown"
+
+
+# The tokens `vastai self-test machine` treats as fatal in status_msg.
+ERROR_TOKENS = ("error", "failed", "failure", "exception", "traceback", "oci runtime",
+                "permission denied")
+
+
+def _norm(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    return text or None
+
+
+def status_msg_is_error(msg: Any) -> bool:
+    text = _norm(msg) or ""
+    return any(token in text for token in ERROR_TOKENS)
+
+
+def classify_instance(fields: Mapping[str, Any] | None) -> Condition:
+    """The condition of an instance from its Vast.ai status fields (vast-api.md §4.4).
+
+    None (the instance is absent from the list) is GONE. Unknown values never raise.
+    """
+    if fields is None:
+        return Condition.GONE
+    actual = _norm(fields.get("actual_status"))
+    intended = _norm(fields.get("intended_status"))
+    cur = _norm(fields.get("cur_state"))
+    nxt = _norm(fields.get("next_state"))
+    if cur == "unloaded" or nxt == "unloaded" or actual in ("destroyed", "terminated"):
+        return Condition.GONE
+    if actual in ("offline", "unknown"):
+        return Condition.OFFLINE
+    if actual in ("running", "frozen"):
+        # running with intended "stopped" is a stop in progress: the container still runs.
+        return Condition.RUNNING
+    # A start that failed can sit in created/exited forever with an error message (dstack).
+    if actual in (None, "created", "loading", "exited") and status_msg_is_error(
+        fields.get("status_msg")
+    ):
+        return Condition.START_FAILED
+    stopped_intent = intended == "stopped" or cur == "stopped"
+    if actual in ("exited", "stopped"):
+        if intended == "running":
+            return Condition.EXITED
+        if stopped_intent:
+            return Condition.STOPPED
+        return Condition.UNKNOWN
+    if actual in (None, "created", "loading", "rebooting"):
+        if intended == "stopped":
+            # Created stopped, or the create/start race: nothing will run by itself.
+            return Condition.STOPPED
+        return Condition.PROVISIONING if actual in (None, "created") else Condition.LOADING
+    return Condition.UNKNOWN
+
+
+# ---------------------------------------------------------------------------- outcomes
+
+FINAL_STATES = ("completed", "failed", "error", "stopped")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # one of FINAL_STATES
+    reason: str
+
+
+_TRACEBACK_HEADER = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: .*|:)?$")
+
+
+def ends_with_traceback(log_tail: str) -> bool:
+    """True when the last thing in the log is a Python traceback (frames + exception line)."""
+    lines = [line.rstrip() for line in (log_tail or "").splitlines()]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].strip().endswith(_TRACEBACK_HEADER):
+            break
+    else:
+        return False
+    rest = lines[index + 1:]
+    tail = [line for line in rest if line and not line[0].isspace()]
+    # After the frames: the exception line, possibly a short multi-line message.
+    return bool(tail) and len(tail) <= 3 and bool(_EXCEPTION_LINE.match(tail[0].strip()))
+
+
+def final_state(
+    exit_code: int | None,
+    condition: Condition | str,
+    stop_requested: bool,
+    inferred: bool = False,
+    log_tail: str = "",
+) -> Outcome:
+    """The state to report to Arkindex once the task's instance has ended (DESIGN §4)."""
+    condition = Condition(condition)
+    if stop_requested:
+        return Outcome("stopped", "stopped on request (stop_task)")
+    if exit_code is not None:
+        if exit_code == 0:
+            return Outcome("completed", "exit code 0")
+        return Outcome("failed", f"exit code {exit_code}")
+    if inferred:
+        if condition is Condition.STOPPED:
+            if ends_with_traceback(log_tail):
+                return Outcome("failed", "inferred (no exit code: image run unwrapped): the "
+                                         "instance stopped itself and the log ends with a "
+                                         "Python traceback")
+            return Outcome("completed", "inferred (no exit code: image run unwrapped): the "
+                                        "instance stopped itself")
+        if condition is Condition.EXITED:
+            return Outcome("error", "inferred (no exit code: image run unwrapped): the "
+                                    "container exited without stopping its instance")
+        return Outcome("error", f"inferred (no exit code: image run unwrapped): instance "
+                                f"ended as {condition}")
+    if condition in (Condition.STOPPED, Condition.EXITED):
+        return Outcome("error", "instance ended without an exit code")
+    if condition is Condition.GONE:
+        return Outcome("error", "instance lost (no longer listed by Vast.ai) without an exit code")
+    return Outcome("error", f"instance ended as {condition} without an exit code")
+
+
+# ---------------------------------------------------------------------------- start failures
+
+
+class RecordLike(Protocol):
+    """The fields of state.TaskRecord these rules read (kept structural: no import cycle)."""
+
+    phase: str
+    attempt: int
+    phase_changed_at: float | None
+    waiting_since: float | None
+    running_since: float | None
+    offline_since: float | None
+    exit_code: int | None
+    inferred: bool
+
+
+def start_failure(
+    record: RecordLike,
+    condition: Condition | str,
+    now: float,
+    loading_deadline: float,
+    *,
+    offline_grace: float = 600.0,
+    early_exit_window: float = 120.0,
+    status_msg: str | None = None,
+) -> str | None:
+    """Why the current attempt must be abandoned (destroy + new attempt), or None.
+
+    `offline_grace`: seconds a host may stay offline (record.offline_since, kept by the watch
+    step) before the attempt is given up. `early_exit_window`: an exit without exit code
+    within this many seconds of running is a failed start; later it is the task's own end
+    (final_state() -> error).
+    """
+    condition = Condition(condition)
+    phase = Phase(record.phase)
+    if phase not in (Phase.CREATING, Phase.LOADING, Phase.RUNNING):
+        return None
+    if record.exit_code is not None:
+        return None  # the task ran to its end: final_state() decides
+    started = record.phase_changed_at if record.phase_changed_at is not None else now
+    ran_for = None if record.running_since is None else now - record.running_since
+    ran_long = ran_for is not None and ran_for >= early_exit_window
+    if condition is Condition.OFFLINE:
+        if record.offline_since is not None and now - record.offline_since >= offline_grace:
+            return f"host offline for {now - record.offline_since:.0f}s (grace {offline_grace:.0f}s)"
+        return None
+    if condition is Condition.START_FAILED and not ran_long:
+        detail = f": {status_msg.strip()}" if status_msg else ""
+        return f"instance failed to start{detail}"
+    if phase is Phase.RUNNING:
+        if condition is Condition.EXITED and not ran_long and not record.inferred:
+            return f"container exited without an exit code after {ran_for or 0:.0f}s of running"
+        return None
+    # creating / loading: the task has not been seen running.
+    if condition in (Condition.PROVISIONING, Condition.LOADING, Condition.UNKNOWN):
+        if now - started > loading_deadline:
+            return (f"stuck {condition} for {now - started:.0f}s "
+                    f"(loading deadline {loading_deadline:.0f}s)")
+        return None
+    if condition is Condition.GONE:
+        if phase is Phase.LOADING:
+            return "instance disappeared before the task ran"
+        if now - started > loading_deadline:  # creating: no instance ever appeared
+            return f"no instance appeared within {loading_deadline:.0f}s of the create"
+        return None
+    if condition is Condition.EXITED and not record.inferred:
+        return "container exited without an exit code before running"
+    if condition is Condition.STOPPED and not record.inferred:
+        return "instance stopped before the task ran (outbid, host or create refused)"
+    return None
+
+
+def next_attempt_allowed(attempt: int, max_attempts: int) -> bool:
+    """Whether attempt `attempt` (the one that just failed, 1-based) may be followed by another."""
+    return attempt < max_attempts
+
+
+def offer_wait_expired(record: RecordLike, now: float, max_wait: float) -> bool:
+    """Whether the task has waited for a matching offer longer than `max_wait` seconds."""
+    return record.waiting_since is not None and now - record.waiting_since > max_wait

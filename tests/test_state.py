@@ -1,0 +1,228 @@
+"""TaskStore against the real Redis of tests/conftest.py: CAS, touch, tombstones, locks."""
+
+import multiprocessing
+import threading
+
+import pytest
+import redis
+
+from ponos_tasks.lifecycle import TransitionError
+from ponos_tasks.state import StoreError, TaskRecord, TaskStore
+
+TASK = "8c1d2f7e-0a4b-4c3d-9e8f-123456789abc"
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def store(redis_client, key_prefix, clock):
+    return TaskStore(redis_client, prefix=key_prefix, clock=clock, tombstone_ttl=60)
+
+
+def test_create_get_round_trip(store, clock):
+    record = TaskRecord.new(TASK, clock(), failed_machines=[7], dph_total=0.25)
+    assert store.create_if_absent(record)
+    got = store.get(TASK)
+    assert got == record
+    assert got.accepted_at == 1000.0 and got.phase == "accepted" and got.attempt == 0
+    assert store.active_ids() == [TASK]
+    # a second create (a late or duplicated start_task) changes nothing
+    assert not store.create_if_absent(TaskRecord.new(TASK, 2000.0, attempt=5))
+    assert store.get(TASK).attempt == 0
+    assert store.get("unknown") is None
+
+
+def test_cas_checks_phase_and_attempt(store, clock):
+    store.create_if_absent(TaskRecord.new(TASK, clock()))
+    clock.now = 1010.0
+    updated = store.cas(TASK, expect_phase="accepted", expect_attempt=0, phase="creating",
+                        attempt=1, label="ponos-x-1", failed_machines=[1, 2])
+    assert updated is not None
+    assert (updated.phase, updated.attempt, updated.phase_changed_at) == ("creating", 1, 1010.0)
+    assert updated.failed_machines == [1, 2]
+    assert store.get(TASK) == updated
+    # the loser of the race sees None and the record is untouched
+    assert store.cas(TASK, expect_phase="accepted", expect_attempt=0, phase="creating",
+                     attempt=1, label="other") is None
+    assert store.cas(TASK, expect_phase="creating", expect_attempt=0, phase="loading") is None
+    assert store.get(TASK).label == "ponos-x-1"
+    # staying in the phase updates fields without touching phase_changed_at
+    clock.now = 1020.0
+    same = store.cas(TASK, expect_phase="creating", expect_attempt=1, instance_id=42)
+    assert same.instance_id == 42 and same.phase_changed_at == 1010.0
+    # unknown task
+    assert store.cas("nope", expect_phase="accepted", expect_attempt=0, phase="creating") is None
+
+
+def test_cas_refuses_forbidden_transitions_and_unknown_fields(store, clock):
+    store.create_if_absent(TaskRecord.new(TASK, clock()))
+    with pytest.raises(TransitionError):
+        store.cas(TASK, expect_phase="accepted", expect_attempt=0, phase="running")
+    with pytest.raises(StoreError):
+        store.cas(TASK, expect_phase="accepted", expect_attempt=0, colour="red")
+    assert store.get(TASK).phase == "accepted"
+
+
+def test_done_is_a_tombstone(store, clock, redis_client, key_prefix):
+    store.create_if_absent(TaskRecord.new(TASK, clock(), phase="destroying", attempt=2))
+    done = store.cas(TASK, expect_phase="destroying", expect_attempt=2, phase="done",
+                     final_state="completed", final_reported=True)
+    assert done.phase == "done"
+    assert store.active_ids() == []
+    assert store.all_records()[TASK].final_state == "completed"
+    assert store.all_records(include_done=False) == {}
+    ttl = redis_client.ttl(f"{key_prefix}task:{TASK}")
+    assert 0 < ttl <= 60
+    # a late start_task cannot restart it, a late heartbeat cannot change it back
+    assert not store.create_if_absent(TaskRecord.new(TASK, clock()))
+    with pytest.raises(TransitionError):
+        store.cas(TASK, expect_phase="done", expect_attempt=2, phase="accepted")
+    # after the TTL (clock moved past it) the tombstone leaves the index
+    clock.now += 61
+    redis_client.delete(f"{key_prefix}task:{TASK}")  # what Redis' expiry does
+    assert store.all_records() == {}
+
+
+def test_forget_from_any_phase(store, clock):
+    store.create_if_absent(TaskRecord.new(TASK, clock(), phase="running", attempt=1))
+    assert store.forget(TASK, ttl=30)
+    assert store.get(TASK).phase == "done"
+    assert store.active_ids() == []
+    assert not store.forget("unknown")
+    assert store.get("unknown") is None
+
+
+def test_touch_never_resurrects_and_honours_attempt(store, clock):
+    assert not store.touch(TASK, heartbeat_at=1.0)
+    assert store.get(TASK) is None
+    store.create_if_absent(TaskRecord.new(TASK, clock(), attempt=2))
+    assert store.touch(TASK, heartbeat_at=5.0, log_size=123)
+    assert store.touch(TASK, expect_attempt=2, reported_running=True)
+    assert not store.touch(TASK, expect_attempt=1, log_size=999)  # stale worker
+    got = store.get(TASK)
+    assert (got.heartbeat_at, got.log_size, got.reported_running) == (5.0, 123, True)
+    clock.now = 1234.0
+    assert store.heartbeat(TASK)
+    assert store.get(TASK).heartbeat_at == 1234.0
+    with pytest.raises(StoreError):
+        store.touch(TASK, phase="running")
+    with pytest.raises(StoreError):
+        store.touch(TASK, attempt=3)
+
+
+def test_records_from_a_newer_version_are_read(store, redis_client, key_prefix, clock):
+    store.create_if_absent(TaskRecord.new(TASK, clock()))
+    redis_client.hset(f"{key_prefix}task:{TASK}", "future_field", '"x"')
+    assert store.get(TASK).phase == "accepted"
+
+
+def test_all_records_lists_active_and_done(store, clock):
+    for index in range(5):
+        store.create_if_absent(TaskRecord.new(f"task-{index}", clock()))
+    store.forget("task-3")
+    records = store.all_records()
+    assert sorted(records) == [f"task-{i}" for i in range(5)]
+    assert records["task-3"].phase == "done"
+    assert store.active_ids() == ["task-0", "task-1", "task-2", "task-4"]
+
+
+def test_snapshot_and_identity(store):
+    assert store.load_snapshot() is None
+    instances = [{"id": 1, "label": "ponos-a", "actual_status": None}, {"id": 2, "label": None}]
+    store.save_snapshot(instances, 123.5)
+    assert store.load_snapshot() == (instances, 123.5)
+    assert store.load_agent_identity() is None
+    store.save_agent_identity({"agent_id": "abc", "short_id": "1f2e3d4c"})
+    assert store.load_agent_identity()["short_id"] == "1f2e3d4c"
+
+
+def test_locks_are_non_blocking_and_expire(store, redis_client, key_prefix):
+    first = store.create_lock(TASK, timeout=5)
+    second = store.create_lock(TASK, timeout=5)
+    assert first.name == f"{key_prefix}lock:create:{TASK}"
+    assert first.acquire()
+    assert not second.acquire()  # returns at once
+    assert 0 < redis_client.pttl(first.name) <= 5000
+    first.release()
+    assert second.acquire()
+    second.release()
+    sync_a, sync_b = store.sync_lock(timeout=10), store.sync_lock(timeout=10)
+    assert sync_a.acquire() and not sync_b.acquire()
+    sync_a.release()
+
+
+def test_once(store):
+    assert store.once("resume:x:watch", ttl=5)
+    assert not store.once("resume:x:watch", ttl=5)
+    assert store.once("resume:y:watch", ttl=5)
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+def test_concurrent_cas_threads_exactly_one_wins(redis_url, key_prefix, clock):
+    setup = TaskStore(redis.Redis.from_url(redis_url), prefix=key_prefix, clock=clock)
+    for round_ in range(20):
+        task_id = f"race-{round_}"
+        setup.create_if_absent(TaskRecord.new(task_id, clock()))
+        barrier = threading.Barrier(8)
+        winners = []
+
+        def claim(worker, task_id=task_id, barrier=barrier, winners=winners):
+            store = TaskStore(redis.Redis.from_url(redis_url), prefix=key_prefix, clock=clock)
+            barrier.wait()
+            if store.cas(task_id, expect_phase="accepted", expect_attempt=0, phase="creating",
+                         attempt=1, label=f"worker-{worker}"):
+                winners.append(worker)
+
+        threads = [threading.Thread(target=claim, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(winners) == 1
+        assert setup.get(task_id).label == f"worker-{winners[0]}"
+
+
+def _process_claim(redis_url, prefix, rounds, worker, start, results):
+    store = TaskStore(redis.Redis.from_url(redis_url), prefix=prefix)
+    start.wait()
+    won = 0
+    for round_ in range(rounds):
+        # each process pushes every task's attempt forward; a CAS on an attempt is won once
+        for attempt in range(3):
+            if store.cas(f"proc-{round_}", expect_phase="creating", expect_attempt=attempt,
+                         attempt=attempt + 1, label=f"w{worker}-a{attempt + 1}"):
+                won += 1
+    results.put(won)
+
+
+def test_concurrent_cas_processes_exactly_one_wins_each_attempt(redis_url, key_prefix):
+    rounds, workers = 30, 4
+    setup = TaskStore(redis.Redis.from_url(redis_url), prefix=key_prefix)
+    for round_ in range(rounds):
+        setup.create_if_absent(TaskRecord.new(f"proc-{round_}", 0.0, phase="creating"))
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_process_claim,
+                         args=(redis_url, key_prefix, rounds, w, start, results))
+             for w in range(workers)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    wins = [results.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert sum(wins) == rounds * 3  # every (task, attempt) claimed exactly once
+    for round_ in range(rounds):
+        assert setup.get(f"proc-{round_}").attempt == 3
