@@ -99,6 +99,10 @@ class ArkindexError(Exception):
     """Arkindex cannot be used as configured, or answered an unexpected error (one line)."""
 
 
+class ArkindexUnavailable(ArkindexError):
+    """Arkindex did not answer, or answered 5xx/429, on every try of a call."""
+
+
 class RegistrationError(ArkindexError):
     """CreateAgent refused: wrong seed, unknown farm, invalid body."""
 
@@ -433,10 +437,24 @@ class ArkindexAgentClient:
         return api
 
     def _send(self, operation_id: str, **params) -> Any:
-        """One operation with our retry policy and no auth handling."""
-        for attempt in self._retrying():
-            with attempt:
-                return self.api.single_request(operation_id, **params)
+        """One operation with our retry policy and no auth handling. 4xx answers are raised
+        as arkindex-client's ErrorResponse for the caller to interpret."""
+        try:
+            for attempt in self._retrying():
+                with attempt:
+                    return self.api.single_request(operation_id, **params)
+        except requests.RequestException as exc:
+            raise ArkindexUnavailable(
+                f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
+                f"({type(exc).__name__})"
+            ) from None
+        except ErrorResponse as exc:
+            if _is_transient(exc):
+                raise ArkindexUnavailable(
+                    f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
+                    f"(HTTP {exc.status_code})"
+                ) from None
+            raise
 
     def _set_token(self, creds: dict) -> None:
         self._creds = creds
@@ -483,10 +501,6 @@ class ArkindexAgentClient:
             try:
                 resp = self._send("RefreshAgentToken", body={"refresh": creds["refresh_token"]})
             except ErrorResponse as exc:
-                if exc.status_code >= 500:
-                    raise ArkindexError(
-                        f"Arkindex fails to refresh the agent token (HTTP {exc.status_code})"
-                    ) from None
                 logger.warning(
                     "Arkindex refused the refresh token (HTTP %s); registering again",
                     exc.status_code,
@@ -551,10 +565,6 @@ class ArkindexAgentClient:
             resp = self._send("CreateAgent", body=body)
         except ErrorResponse as exc:
             raise self._registration_error(exc) from None
-        except requests.RequestException as exc:
-            raise ArkindexError(
-                f"Arkindex URL {self.url}: registration failed ({type(exc).__name__})"
-            ) from None
         agent = {
             k: v for k, v in resp.items() if k not in ("access_token", "refresh_token", "token")
         }
@@ -575,10 +585,6 @@ class ArkindexAgentClient:
 
     def _registration_error(self, exc: ErrorResponse) -> ArkindexError:
         detail = error_detail(exc)
-        if exc.status_code >= 500:
-            return ArkindexError(
-                f"Arkindex fails to register the agent (HTTP {exc.status_code}): {detail}"
-            )
         attrs, codes = _error_attrs_and_codes(exc)
         text = (detail + " " + " ".join(codes)).lower()
         unknown = any(word in text for word in ("not exist", "not found", "does_not_exist"))
@@ -625,7 +631,7 @@ class ArkindexAgentClient:
         """The task's state on Arkindex (RetrieveTask), or None when it cannot be read."""
         try:
             return self._call("RetrieveTask", id=str(task_id)).get("state")
-        except (ErrorResponse, requests.RequestException, ArkindexError, AttributeError):
+        except (ErrorResponse, ArkindexError, AttributeError):
             return None
 
     def update_state(self, task_id: str, state: str) -> bool:

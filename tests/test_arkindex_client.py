@@ -16,6 +16,7 @@ from ponos_tasks.arkindex import (
     Action,
     ArkindexAgentClient,
     ArkindexError,
+    ArkindexUnavailable,
     MemoryCredentialStore,
     RedisCredentialStore,
     RegistrationError,
@@ -345,3 +346,79 @@ def test_upload_logs_retries_5xx_then_gives_up_with_one_line(flaky_server):
         client.upload_logs(url, "again")
     assert "secret" not in str(info.value)
     assert flaky_server.failures_left == 2  # exactly max_attempts tries
+
+
+# --------------------------------------------------------------------------- transient faults
+
+
+class _FaultyProxy(BaseHTTPRequestHandler):
+    """A real HTTP proxy in front of the simulator that fails the first requests whose path
+    contains `server.match`: `server.mode` "502" answers 502, "drop" closes the connection."""
+
+    def _handle(self):
+        server = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if server.match and server.match in self.path:
+            server.hits += 1
+            if server.failures_left > 0:
+                server.failures_left -= 1
+                if server.mode == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(b"<html>Bad Gateway</html>")
+                return
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() in ("authorization", "content-type", "accept")}
+        resp = requests.request(self.command, server.target + self.path, headers=headers,
+                                data=body, timeout=10, allow_redirects=False)
+        self.send_response(resp.status_code)
+        self.send_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(resp.content)))
+        self.end_headers()
+        self.wfile.write(resp.content)
+
+    do_GET = do_POST = do_PATCH = do_PUT = _handle
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def proxy(sim):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FaultyProxy)
+    server.target, server.match, server.mode = sim.url, None, "502"
+    server.failures_left = server.hits = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["502", "drop"])
+def test_5xx_and_network_errors_are_retried_a_bounded_number_of_times(sim, proxy, store, mode):
+    client = ArkindexAgentClient(f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store,
+                                 max_attempts=3, max_wait=0.05)
+    task = one_task(sim)
+    start_task(client, task)
+
+    proxy.match, proxy.mode, proxy.failures_left = f"/api/v1/task/{task}/", mode, 2
+    assert client.update_state(task, "running") is True  # third try goes through
+    assert proxy.hits == 3
+    assert [h["to"] for h in agent_updates(sim, task)] == ["running"]
+
+    proxy.hits, proxy.failures_left = 0, 10
+    with pytest.raises(ArkindexUnavailable, match="failed 3 times") as info:
+        client.update_state(task, "completed")
+    assert "\n" not in str(info.value)
+    assert proxy.hits == 3  # max_attempts, not multiplied by arkindex-client's own retries
+    assert [h["to"] for h in agent_updates(sim, task)] == ["running"]
+    # The guard was released: once Arkindex answers again, the state is sent.
+    proxy.failures_left = 0
+    assert client.update_state(task, "completed") is True
