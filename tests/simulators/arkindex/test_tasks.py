@@ -215,3 +215,11 @@ def test_admin_listing(sim):
     stopped = requests.post(f"{sim.url}/_sim/processes/{created['id']}/stop", timeout=10).json()
     assert stopped["tasks"][0]["state"] == "stopped"
     assert requests.get(f"{sim.url}/_sim/tasks/nope", timeout=10).status_code == 404
+
+
+def test_invalid_capacity_is_400(sim):
+    _, client = agent_client(sim)
+    for capacity in (-1, "many"):
+        with pytest.raises(ArkindexValidationError) as caught:
+            client.request("RetrieveAgentActions", capacity=capacity)
+        assert caught.value.content["errors"][0]["attr"] == ["capacity"]
