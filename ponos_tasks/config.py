@@ -1,0 +1,342 @@
+"""The agent's configuration: a YAML file in the Ponos agent's shape, plus environment overrides.
+
+Precedence (highest first):
+1. the named variables of ENV_VARS below (e.g. PONOS_SEED, VAST_API_KEY, REDIS_URL), Heroku
+   style: secrets need not be in the file at all;
+2. the general scheme ``PONOS__<SECTION>__<KEY>=<YAML value>``, one ``__`` per level, names
+   case-insensitive (``PONOS__VAST_API__DISK_GB=50``,
+   ``PONOS__VAST_API__OFFER_FILTERS='{gpu_ram: {gte: 24000}}'``);
+3. the file;
+4. the defaults of the models below.
+An empty variable counts as unset. A registry password can also name its variable in the file
+(``password_env``).
+
+Every problem is reported at once, one line each, starting with the key it is about
+(``vast_api.api_key: missing (set it in the file or PONOS_VAST_API_KEY / VAST_API_KEY)``).
+"""
+
+import difflib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import click
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TASK_FORMAT = "[agent %(levelname)s %(asctime)s] %(message)s"
+GENERIC_ENV_PREFIX = "PONOS__"
+
+# Config key -> environment variables, first set one wins.
+ENV_VARS: dict[str, tuple[str, ...]] = {
+    "url": ("PONOS_ARKINDEX_URL", "ARKINDEX_URL"),
+    "farm_id": ("PONOS_FARM_ID",),
+    "seed": ("PONOS_SEED",),
+    "logging.level": ("PONOS_LOG_LEVEL",),
+    "sentry.dsn": ("PONOS_SENTRY_DSN", "SENTRY_DSN"),
+    "vast_api.url": ("PONOS_VAST_URL",),
+    "vast_api.api_key": ("PONOS_VAST_API_KEY", "VAST_API_KEY"),
+    "vast_api.offer_filters": ("PONOS_OFFER_FILTERS",),
+    "redis_url": ("PONOS_REDIS_URL", "REDIS_URL"),
+}
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one line per problem, naming the key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not a valid http(s) URL")
+    return value.rstrip("/")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class LoggingConfig(_Section):
+    level: Literal["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    task_format: str = DEFAULT_TASK_FORMAT
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("task_format")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        record = logging.LogRecord("ponos.task", logging.INFO, __file__, 0, "message", None, None)
+        try:
+            logging.Formatter(value).format(record)
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"not a usable logging format ({error!s})") from None
+        return value
+
+
+class SentryConfig(_Section):
+    dsn: str | None = None
+    environment: str = "production"
+
+
+class RegistryCredential(_Section):
+    """Login for one image registry (image config lookups and Vast.ai's image_login)."""
+
+    url: str | None = None
+    host: str | None = None
+    username: str
+    password: str | None = None
+    password_env: str | None = Field(default=None, description="variable holding the password")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if not (self.url or self.host):
+            raise ValueError("give url or host")
+        if not self.password:
+            raise ValueError(
+                "password missing"
+                + (f" (variable {self.password_env} is not set)" if self.password_env else "")
+            )
+        return self
+
+    @property
+    def registry_host(self) -> str:
+        """`host[:port]` as it appears in image references."""
+        value = self.host or self.url or ""
+        if "//" in value:
+            value = urlsplit(value).netloc
+        return value.split("/")[0].lower()
+
+
+class VastConfig(_Section):
+    url: str = "https://console.vast.ai"
+    api_key: str
+    offer_filters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    disk_gb: float = Field(default=32, ge=8, description="disk of each instance, GB")
+    max_dph: float | None = Field(default=None, gt=0, description="max $/h per instance")
+    max_instances: int = Field(default=4, ge=1, description="max concurrent instances")
+    loading_deadline: float = Field(default=1200, gt=0, description="s from create to running")
+    start_attempts: int = Field(default=3, ge=1, description="instances tried per task")
+    offer_wait: float = Field(default=3600, ge=0, description="s to wait for a matching offer")
+    rate_limit_scale: float = Field(default=1.0, gt=0, description="x Vast.ai's min intervals")
+    extra_environment: dict[str, str] = Field(default_factory=dict)
+    registries: list[RegistryCredential] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("offer_filters", mode="before")
+    @classmethod
+    def _filters(cls, value):
+        # Imported here: offers.py is pure and light, but the config must load even for
+        # `check-config` runs that never rank offers.
+        from ponos_tasks.offers import OfferFilterError, parse_filters
+
+        if value is None:
+            return {}
+        try:
+            return parse_filters(value)
+        except OfferFilterError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("extra_environment", mode="before")
+    @classmethod
+    def _env_strings(cls, value):
+        if isinstance(value, Mapping):
+            return {str(k): "" if v is None else str(v) for k, v in value.items()}
+        return value
+
+
+class AgentConfig(_Section):
+    url: str
+    farm_id: uuid.UUID
+    seed: str = Field(min_length=1)
+    data_dir: str | None = Field(default=None, description="Ponos key, unused in Vast.ai mode")
+    pid_file: str | None = Field(default=None, description="Ponos key, unused in Vast.ai mode")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    sentry: SentryConfig = Field(default_factory=SentryConfig)
+    vast_api: VastConfig
+    sync_interval: float = Field(default=10, gt=0, description="s between two syncs")
+    logs_interval: float = Field(default=60, gt=0, description="s between log uploads")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("not a redis://, rediss:// or unix:// URL")
+        return value
+
+    def secrets(self) -> list[str]:
+        """Every secret value held (for redaction), longest first, no empty ones."""
+        values = [self.seed, self.vast_api.api_key, self.sentry.dsn]
+        values += [registry.password for registry in self.vast_api.registries]
+        dsn_key = urlsplit(self.sentry.dsn).username if self.sentry.dsn else None
+        redis_password = urlsplit(self.redis_url).password
+        values += [dsn_key, redis_password]
+        return sorted({v for v in values if v}, key=len, reverse=True)
+
+    def summary(self) -> list[str]:
+        """Human lines describing the config, without any secret."""
+        vast = self.vast_api
+        redis_parts = urlsplit(self.redis_url)
+        redis_where = f"{redis_parts.scheme}://{redis_parts.hostname or ''}" + (
+            f":{redis_parts.port}" if redis_parts.port else "") + (redis_parts.path or "")
+        filters = " ".join(
+            f"{field}.{op}={value!r}" for field, ops in vast.offer_filters.items()
+            for op, value in ops.items()
+        ) or "(none: any offer)"
+        return [
+            f"Arkindex: {self.url} (farm {self.farm_id})",
+            f"Vast.ai: {vast.url}",
+            f"Offer filters: {filters}",
+            f"Instances: at most {vast.max_instances}, disk {vast.disk_gb:g} GB, "
+            + (f"max ${vast.max_dph:g}/h" if vast.max_dph else "no price cap"),
+            f"Loading deadline {vast.loading_deadline:g} s, {vast.start_attempts} start "
+            f"attempts per task, wait up to {vast.offer_wait:g} s for an offer",
+            f"Sync every {self.sync_interval:g} s, logs every {self.logs_interval:g} s, "
+            f"Redis {redis_where}",
+            "Registries: " + (", ".join(r.registry_host for r in vast.registries) or "(none)"),
+        ]
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def _apply_environment(data: dict, environ: Mapping[str, str]) -> None:
+    for name in sorted(environ):
+        if name.upper().startswith(GENERIC_ENV_PREFIX) and environ[name] != "":
+            path = [part.lower() for part in name[len(GENERIC_ENV_PREFIX):].split("__") if part]
+            if path:
+                try:
+                    value = yaml.safe_load(environ[name])
+                except yaml.YAMLError:
+                    value = environ[name]
+                _set_path(data, path, value)
+    for key, names in ENV_VARS.items():
+        for name in names:
+            if environ.get(name):
+                _set_path(data, key.split("."), environ[name])
+                break
+    # Registry passwords named by `password_env`.
+    registries = (data.get("vast_api") or {}).get("registries") if isinstance(
+        data.get("vast_api"), dict) else None
+    if isinstance(registries, list):
+        for entry in registries:
+            variable = str(entry.get("password_env") or "") if isinstance(entry, dict) else ""
+            if variable and environ.get(variable):
+                entry["password"] = environ[variable]
+
+
+def _key_name(location: tuple) -> str:
+    name = ""
+    for part in location:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+def _known_keys(location: tuple) -> list[str]:
+    model: Any = AgentConfig
+    for part in location[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _problem(error: dict) -> str:
+    location = tuple(part for part in error["loc"] if not (
+        isinstance(part, str) and "[" in part))  # drop pydantic's union branch names
+    key = _key_name(location) or "(top level)"
+    kind = error["type"]
+    if kind == "missing":
+        names = ENV_VARS.get(key)
+        where = f" (set it in the file or {' / '.join(names)})" if names else ""
+        return f"{key}: missing{where}"
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(location[-1]), _known_keys(location), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{key}: unknown key{hint}"
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    return f"{key}: {message}"
+
+
+def load_config(path: str | None, environ: Mapping[str, str] = os.environ) -> AgentConfig:
+    """Read `path` (optional: everything may come from the environment) and validate."""
+    data: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle)
+        except OSError as error:
+            raise ConfigError([f"{path}: cannot read ({error.strerror or error})"]) from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of keys"])
+    _apply_environment(data, environ)
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as error:
+        problems = list(dict.fromkeys(_problem(e) for e in error.errors()))
+        raise ConfigError(problems) from None
+
+
+@click.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False))
+def check_config_command(file: str):
+    """Validate an agent configuration FILE (and the environment overrides).
+
+    Prints OK and a summary without secrets, or one line per problem and exits with 2.
+    """
+    try:
+        config = load_config(file)
+    except ConfigError as error:
+        for problem in error.problems:
+            click.echo(problem, err=True)
+        sys.exit(2)
+    click.echo("OK")
+    for line in config.summary():
+        click.echo(f"  {line}")
