@@ -1,0 +1,92 @@
+"""Fault rules: knobs that make the simulator misbehave like Vast.ai sometimes does.
+
+A rule is a dict {"fault": NAME, "label": REGEX?, "endpoint": NAME?, "times": N?, ...params}.
+Create-time and lifecycle faults match the label of the create request; HTTP faults match
+the endpoint name. `times` (default unlimited) is how often the rule fires before it expires.
+"""
+
+import re
+import threading
+
+CREATE_FAULTS = {"offer_vanished", "double_rent", "create_lost", "create_stopped"}
+LIFECYCLE_FAULTS = {"stuck_loading", "oci_failure", "unexpected_exit", "offline", "outbid"}
+HTTP_FAULTS = {"rate_limit", "http_5xx", "html_error", "slow"}
+ALL_FAULTS = CREATE_FAULTS | LIFECYCLE_FAULTS | HTTP_FAULTS
+RATE_LIMIT_SHAPES = ("text", "detail", "json")
+
+
+class FaultError(ValueError):
+    pass
+
+
+def validate(rule: dict) -> dict:
+    if not isinstance(rule, dict) or rule.get("fault") not in ALL_FAULTS:
+        raise FaultError(f"unknown fault {rule!r}; known: {', '.join(sorted(ALL_FAULTS))}")
+    rule = dict(rule)
+    if rule.get("label") is not None:
+        try:
+            re.compile(rule["label"])
+        except re.error as exc:
+            raise FaultError(f"bad label regex {rule['label']!r}: {exc}") from None
+    if rule["fault"] == "rate_limit" and rule.get("shape", "text") not in RATE_LIMIT_SHAPES:
+        raise FaultError(f"rate_limit shape must be one of {RATE_LIMIT_SHAPES}")
+    if rule.get("times") is not None:
+        rule["times"] = int(rule["times"])
+    return rule
+
+
+def parse_flag(text: str) -> dict:
+    """CLI form `NAME[,key=value...]`, e.g. `rate_limit,endpoint=create,shape=json,times=2`."""
+    name, *pairs = [part.strip() for part in text.split(",") if part.strip()]
+    rule = {"fault": name}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if value.lower() in ("null", "none"):
+            rule[key] = None
+        else:
+            try:
+                rule[key] = int(value)
+            except ValueError:
+                try:
+                    rule[key] = float(value)
+                except ValueError:
+                    rule[key] = value
+    return validate(rule)
+
+
+class FaultBook:
+    """The active rules; thread-safe on its own (HTTP faults are checked outside the state lock)."""
+
+    def __init__(self, rules=()):
+        self._lock = threading.Lock()
+        self.rules: list[dict] = [validate(rule) for rule in rules]
+
+    def set(self, rules: list[dict]) -> None:
+        checked = [validate(rule) for rule in rules]
+        with self._lock:
+            self.rules.extend(checked)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [dict(rule) for rule in self.rules]
+
+    def take(self, names, *, label=None, endpoint=None) -> dict | None:
+        """The first rule among `names` matching label/endpoint; consumes one of its `times`."""
+        with self._lock:
+            for rule in self.rules:
+                if rule["fault"] not in names:
+                    continue
+                if rule.get("label") is not None and not re.search(rule["label"], label or ""):
+                    continue
+                if rule.get("endpoint") is not None and rule["endpoint"] != endpoint:
+                    continue
+                if rule.get("times") is not None:
+                    rule["times"] -= 1
+                    if rule["times"] <= 0:
+                        self.rules.remove(rule)
+                return dict(rule)
+        return None

@@ -1,0 +1,376 @@
+"""Instances: the status fields of reference/vast-api.md §4.4 moving on simulated time.
+
+State advances lazily: each instance keeps timers (sim time, run number, action) that are
+applied in order whenever the simulator looks at it (every request, and a background ticker).
+A run number invalidates the timers of a run that was stopped or replaced.
+Billing accrues between transitions: GPU while `running` (and the host online), storage
+from create to destroy except while offline (reference §6.4).
+"""
+
+import heapq
+import itertools
+import os
+import secrets
+from dataclasses import dataclass, field
+
+from ponos_tasks.simulators.vast.localrun import LocalProcess
+
+PROVISION_SECONDS = 2.0  # null -> created
+CREATED_SECONDS = 2.0  # created -> loading
+RESTART_DELAY = 10.0  # exited (intent running) -> loading again, as Vast restarts containers
+RESTART_PULL = 5.0  # loading after a restart: the image is cached
+OCI_MESSAGE = ("Error response from daemon: failed to create task for container: failed to "
+               "create shim task: OCI runtime create failed: runc create failed: unable to "
+               "start container process: error during container init: nvidia-container-cli: "
+               "initialization error: nvml error: driver/library version mismatch: unknown")
+PORT_CONFLICT_MESSAGE = ("Error response from daemon: driver failed programming external "
+                         "connectivity on endpoint: Bind for 0.0.0.0:22 failed: port is "
+                         "already allocated")
+
+
+def _env_float(env: dict, name: str, default: float) -> float:
+    try:
+        return float(env.get(name, default))
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass
+class Instance:
+    id: int
+    label: str | None
+    machine_id: int
+    offer_id: int
+    num_gpus: int
+    offer_row: dict  # the offer as rented (hardware and pricing fields)
+    image: str
+    env: dict
+    onstart: str | None
+    args: list | None
+    runtype: str
+    disk: float
+    gpu_dph: float  # $/h for the GPUs (dph_base, or the bid price)
+    storage_dph: float  # $/h for the disk
+    is_bid: bool
+    api_key: str
+    run_mode: str
+    created_at: float
+    faults: dict = field(default_factory=dict)  # lifecycle fault name -> rule
+    doomed_msg: str | None = None  # never starts (double rent)
+    actual_status: str | None = None
+    intended_status: str = "running"
+    cur_state: str = "running"
+    next_state: str = "running"
+    status_msg: str | None = None
+    offline: bool = False
+    destroyed_at: float | None = None
+    timers: list = field(default_factory=list)
+    run_seq: int = 0
+    runs: int = 0
+    log: list = field(default_factory=list)  # (sim t, line)
+    proc: LocalProcess | None = None
+    exit_code: int | None = None
+    running_since: float | None = None
+    gpu_seconds: float = 0.0
+    storage_seconds: float = 0.0
+    last_accrual: float = 0.0
+
+    @property
+    def live(self) -> bool:
+        return self.destroyed_at is None
+
+    @property
+    def dph_total(self) -> float:
+        return self.gpu_dph + self.storage_dph
+
+    def knobs(self) -> dict:
+        env = self.env
+        return {
+            "duration": _env_float(env, "SIM_DURATION", 60.0),
+            "log_lines": int(_env_float(env, "SIM_LOG_LINES", 5)),
+            "exit_code": int(_env_float(env, "SIM_EXIT_CODE", 0)),
+            "final_lines": str(env.get("SIM_FINAL_LINES", "")),
+            "self_stop": str(env.get("SIM_SELF_STOP", "true")).lower() not in ("false", "0", "no"),
+            "pull_seconds": _env_float(env, "SIM_PULL_SECONDS", 30.0),
+        }
+
+    def log_lines(self, now: float) -> list[str]:
+        lines = [entry for entry in self.log if entry[0] <= now]
+        if self.proc is not None:
+            lines += self.proc.lines()
+        return [text for _, text in sorted(lines, key=lambda entry: entry[0])]
+
+
+class Fleet:
+    """All instances ever created, their transitions, billing and event timeline."""
+
+    def __init__(self, clock, market, *, url_getter, run_mode="scripted", on_event=None):
+        self.clock = clock
+        self.market = market
+        self.url_getter = url_getter
+        self.run_mode = run_mode
+        self.on_event = on_event or (lambda event: None)
+        self.instances: dict[int, Instance] = {}
+        self._ids = itertools.count(30_000_000 + market.rng.randrange(1_000_000))
+        self._timer_order = itertools.count()
+
+    # -- timers and events ---------------------------------------------------------------
+    def _schedule(self, inst: Instance, t: float, action: str, run: bool = True) -> None:
+        seq = inst.run_seq if run else None
+        heapq.heappush(inst.timers, (t, next(self._timer_order), seq, action))
+
+    def _set(self, inst: Instance, t: float, **fields) -> None:
+        before = (inst.actual_status, inst.intended_status, inst.cur_state, inst.next_state)
+        self._accrue(inst, t)
+        for key, value in fields.items():
+            setattr(inst, key, value)
+        after = (inst.actual_status, inst.intended_status, inst.cur_state, inst.next_state)
+        if after != before:
+            self.on_event({"t": round(t, 3), "event": "status", **self._identity(inst),
+                           "actual_status": self.actual(inst), "intended_status":
+                           inst.intended_status, "cur_state": inst.cur_state,
+                           "next_state": inst.next_state, "status_msg": inst.status_msg})
+
+    @staticmethod
+    def _identity(inst: Instance) -> dict:
+        return {"instance_id": inst.id, "label": inst.label, "machine_id": inst.machine_id}
+
+    def _accrue(self, inst: Instance, t: float) -> None:
+        dt = max(0.0, t - inst.last_accrual)
+        if inst.live and not inst.offline:
+            inst.storage_seconds += dt
+            if inst.actual_status == "running":
+                inst.gpu_seconds += dt
+        inst.last_accrual = max(inst.last_accrual, t)
+
+    @staticmethod
+    def actual(inst: Instance) -> str | None:
+        """Offline is computed at query time over the stored status (reference §4.4)."""
+        return "offline" if inst.offline else inst.actual_status
+
+    # -- creation ------------------------------------------------------------------------
+    def create(self, *, offer_row: dict, machine_id: int, offer_id: int, body: dict,
+               env: dict, now: float, faults: dict, doomed: bool, start_stopped: bool,
+               price: float | None) -> Instance:
+        run_mode = str(env.get("SIM_RUN_MODE", self.run_mode))
+        disk = float(body.get("disk") or 10)
+        gpu_dph = float(price) if price is not None else float(offer_row["dph_base"])
+        inst = Instance(
+            id=next(self._ids), label=body.get("label"), machine_id=machine_id,
+            offer_id=offer_id, num_gpus=offer_row["num_gpus"], offer_row=offer_row,
+            image=body.get("image") or "vastai/base-image:@vastai-automatic-tag", env=env,
+            onstart=body.get("onstart"), args=body.get("args"),
+            runtype=body.get("runtype") or ("args" if body.get("args") is not None else "ssh"),
+            disk=disk, gpu_dph=gpu_dph,
+            storage_dph=float(offer_row["storage_cost"]) * disk / 720.0,
+            is_bid=price is not None, api_key=secrets.token_hex(32),
+            run_mode=run_mode if run_mode in ("scripted", "local") else "scripted",
+            created_at=now, faults=faults, last_accrual=now,
+            doomed_msg=PORT_CONFLICT_MESSAGE if doomed else None,
+        )
+        self.instances[inst.id] = inst
+        self.on_event({"t": round(now, 3), "event": "created", **self._identity(inst),
+                       "actual_status": None, "offer_id": offer_id})
+        if start_stopped:
+            self._set(inst, now, intended_status="stopped", cur_state="stopped",
+                      next_state="stopped", actual_status="stopped",
+                      status_msg="Instance created stopped: required resources unavailable")
+        else:
+            self._schedule(inst, now + PROVISION_SECONDS, "created")
+        offline = faults.get("offline")
+        if offline is not None:
+            start = now + float(offline.get("after", 10.0))
+            self._schedule(inst, start, "offline_on", run=False)
+            if offline.get("duration") is not None:
+                self._schedule(inst, start + float(offline["duration"]), "offline_off", run=False)
+        return inst
+
+    # -- advancing -----------------------------------------------------------------------
+    def advance(self, inst: Instance, now: float) -> None:
+        while inst.live and inst.timers and inst.timers[0][0] <= now:
+            t, _, seq, action = heapq.heappop(inst.timers)
+            if seq is not None and seq != inst.run_seq:
+                continue
+            getattr(self, f"_on_{action}")(inst, t)
+        if inst.live and inst.proc is not None and inst.proc.finished():
+            self._process_ended(inst, now)
+        self._accrue(inst, now)
+
+    def _on_created(self, inst: Instance, t: float) -> None:
+        if "oci_failure" in inst.faults:
+            # Abandoned start as observed on Vast: created + OCI error, everything stopped.
+            self._set(inst, t, actual_status="created", status_msg=OCI_MESSAGE,
+                      intended_status="stopped", cur_state="stopped", next_state="stopped")
+            return
+        if inst.doomed_msg:
+            self._set(inst, t, actual_status="created", status_msg=inst.doomed_msg)
+            return
+        self._set(inst, t, actual_status="created", status_msg=None)
+        self._schedule(inst, t + CREATED_SECONDS, "loading")
+
+    def _on_loading(self, inst: Instance, t: float, pull: float | None = None) -> None:
+        self._set(inst, t, actual_status="loading", status_msg=f"Pulling image {inst.image}")
+        if "stuck_loading" in inst.faults:
+            return
+        pull = inst.knobs()["pull_seconds"] if pull is None else pull
+        self._schedule(inst, t + pull, "running")
+
+    def _on_running(self, inst: Instance, t: float) -> None:
+        inst.runs += 1
+        inst.exit_code = None
+        inst.running_since = t
+        self._set(inst, t, actual_status="running",
+                  status_msg=f"success, running {inst.image}/{inst.runtype.split()[0]}")
+        knobs = inst.knobs()
+        if inst.run_mode == "local":
+            self._start_process(inst)
+        else:
+            count, duration = knobs["log_lines"], knobs["duration"]
+            for index in range(count):
+                inst.log.append((t + duration * (index + 1) / (count + 1),
+                                 f"sim log line {index + 1}/{count}"))
+            for line in knobs["final_lines"].splitlines():
+                inst.log.append((t + duration, line))
+            self._schedule(inst, t + duration, "run_end")
+        crash = inst.faults.get("unexpected_exit")
+        if crash is not None:
+            self._schedule(inst, t + float(crash.get("after", 10.0)), "crash")
+        outbid = inst.faults.get("outbid")
+        if outbid is not None:
+            self._schedule(inst, t + float(outbid.get("after", 10.0)), "outbid")
+
+    def _on_run_end(self, inst: Instance, t: float) -> None:
+        knobs = inst.knobs()
+        inst.exit_code = knobs["exit_code"]
+        if knobs["self_stop"]:
+            # What base-worker does at the end of a task: stop its own instance.
+            self.stop(inst, t)
+        else:
+            self._container_exited(inst, t, f"exited with code {inst.exit_code}")
+
+    def _container_exited(self, inst: Instance, t: float, message: str,
+                          restart: bool = True) -> None:
+        inst.run_seq += 1
+        inst.running_since = None
+        self._set(inst, t, actual_status="exited", status_msg=message)
+        if restart and inst.intended_status == "running":
+            self._schedule(inst, t + RESTART_DELAY, "restart")
+
+    def _on_restart(self, inst: Instance, t: float) -> None:
+        if inst.intended_status == "running" and inst.actual_status == "exited":
+            self._on_loading(inst, t, pull=RESTART_PULL)
+
+    def _on_crash(self, inst: Instance, t: float) -> None:
+        rule = inst.faults["unexpected_exit"]
+        self._kill(inst, t)
+        inst.exit_code = int(rule.get("exit_code", 137))
+        self._container_exited(inst, t, f"exited with code {inst.exit_code}",
+                               restart=bool(rule.get("restart", False)))
+
+    def _on_outbid(self, inst: Instance, t: float) -> None:
+        self._kill(inst, t)
+        inst.run_seq += 1
+        inst.running_since = None
+        self._set(inst, t, actual_status="stopped", intended_status="stopped",
+                  cur_state="stopped", next_state="stopped",
+                  status_msg="Instance stopped: outbid by a higher priority rental")
+
+    def _on_offline_on(self, inst: Instance, t: float) -> None:
+        self._accrue(inst, t)
+        inst.offline = True
+        self.on_event({"t": round(t, 3), "event": "status", **self._identity(inst),
+                       "actual_status": "offline"})
+
+    def _on_offline_off(self, inst: Instance, t: float) -> None:
+        self._accrue(inst, t)
+        inst.offline = False
+        self.on_event({"t": round(t, 3), "event": "status", **self._identity(inst),
+                       "actual_status": inst.actual_status})
+
+    # -- local processes -----------------------------------------------------------------
+    def command(self, inst: Instance) -> list[str]:
+        if inst.runtype.split()[0] == "args":
+            return ([inst.onstart] if inst.onstart else []) + [str(a) for a in inst.args or []]
+        return ["sh", "-c", inst.onstart] if inst.onstart else []
+
+    def _start_process(self, inst: Instance) -> None:
+        cmd = self.command(inst)
+        if not cmd:
+            return  # nothing to run: the container idles until stopped
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in inst.env.items() if not str(k).startswith("-")})
+        env.update({"CONTAINER_ID": str(inst.id), "CONTAINER_API_KEY": inst.api_key,
+                    "VAST_URL": self.url_getter()})
+        try:
+            inst.proc = LocalProcess(cmd, env, self.clock.now)
+        except OSError as exc:
+            now = self.clock.now()
+            inst.log.append((now, f"exec failed: {exc}"))
+            self._container_exited(inst, now, f"exec failed: {exc}")
+
+    def _collect(self, inst: Instance) -> None:
+        if inst.proc is not None:
+            inst.log.extend(inst.proc.lines())
+            inst.proc = None
+
+    def _kill(self, inst: Instance, t: float) -> None:
+        if inst.proc is not None:
+            inst.proc.kill()
+            self._collect(inst)
+        # A stopped run prints nothing more: drop scripted lines not yet printed.
+        inst.log = [entry for entry in inst.log if entry[0] <= t]
+
+    def _process_ended(self, inst: Instance, now: float) -> None:
+        inst.exit_code = inst.proc.returncode
+        self._collect(inst)
+        if inst.actual_status == "running":
+            self._container_exited(inst, now, f"exited with code {inst.exit_code}")
+
+    # -- API actions ---------------------------------------------------------------------
+    def stop(self, inst: Instance, now: float) -> None:
+        self._kill(inst, now)
+        inst.run_seq += 1
+        inst.running_since = None
+        actual = inst.actual_status if inst.actual_status in (None, "created") else "exited"
+        self._set(inst, now, intended_status="stopped", cur_state="stopped",
+                  next_state="stopped", actual_status=actual)
+
+    def start(self, inst: Instance, now: float) -> None:
+        if inst.intended_status == "running" and inst.actual_status not in ("exited", "stopped"):
+            return
+        inst.run_seq += 1
+        self._set(inst, now, intended_status="running", cur_state="running",
+                  next_state="running")
+        if "oci_failure" in inst.faults or inst.doomed_msg or inst.actual_status is None:
+            if inst.actual_status is None:
+                self._schedule(inst, now + PROVISION_SECONDS, "created")
+            return
+        self._on_loading(inst, now, pull=RESTART_PULL)
+
+    def destroy(self, inst: Instance, now: float) -> None:
+        self._kill(inst, now)
+        self._accrue(inst, now)
+        inst.run_seq += 1
+        inst.timers.clear()
+        inst.destroyed_at = now
+        inst.cur_state = inst.next_state = "unloaded"
+        self.market.release(inst.machine_id, inst.num_gpus)
+        self.on_event({"t": round(now, 3), "event": "destroyed", **self._identity(inst),
+                       "actual_status": inst.actual_status})
+
+    def shutdown(self) -> None:
+        for inst in self.instances.values():
+            if inst.proc is not None:
+                inst.proc.kill(grace=0.5)
+                inst.proc.wait(timeout=2)
+
+    # -- views ---------------------------------------------------------------------------
+    def ledger_row(self, inst: Instance) -> dict:
+        gpu_cost = inst.gpu_seconds / 3600.0 * inst.gpu_dph
+        storage_cost = inst.storage_seconds / 3600.0 * inst.storage_dph
+        return {"id": inst.id, "label": inst.label, "machine_id": inst.machine_id,
+                "offer_id": inst.offer_id, "gpu_name": inst.offer_row["gpu_name"],
+                "dph_total": inst.dph_total, "gpu_seconds": inst.gpu_seconds,
+                "storage_seconds": inst.storage_seconds, "gpu_cost": gpu_cost,
+                "storage_cost": storage_cost, "cost": gpu_cost + storage_cost,
+                "created_at": inst.created_at, "destroyed_at": inst.destroyed_at}
