@@ -49,6 +49,20 @@ def test_fixture_stack_urls_answer(local_stack):  # noqa: F811
         assert url.startswith("http://127.0.0.1:")
 
 
+def test_printed_config_and_env_are_accepted_by_the_agent_config(local_stack, tmp_path):  # noqa: F811
+    from ponos_tasks.config import load_config
+
+    path = tmp_path / "agent.yml"
+    path.write_text(local_stack.config_yaml())
+    for config in (load_config(str(path), environ={}),
+                   load_config(None, environ=local_stack.env())):
+        assert config.url == local_stack.arkindex_url
+        assert str(config.farm_id) == local_stack.farm_id and config.seed == local_stack.seed
+        assert config.vast_api.url == local_stack.vast_url
+        assert config.vast_api.api_key == local_stack.vast_api_key
+        assert config.redis_url == local_stack.redis_url
+
+
 def test_stack_starts_its_own_redis_and_stops_everything(redis_url):
     threads_before = set(threading.enumerate())
     missing_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers there
