@@ -7,9 +7,9 @@ URL. This module knows nothing of Celery: the Celery tasks call it with ids.
 Retries: `ArkindexClient.request()` retries every 5xx five times on its own (waits 3, 4, 8,
 16 s) and never retries network errors. We call `single_request()` instead, the same call
 without that decorator, and apply one tenacity policy of our own to 5xx *and* network errors
-(`max_attempts` tries, exponential waits capped at `max_wait`). Retries are therefore never
-nested, and a call costs at most `max_attempts` requests and about
-`max_wait * (max_attempts - 1)` seconds of waiting (7 s with the defaults) plus timeouts.
+(`max_attempts` tries, exponential waits 0.5, 1, 2... s capped at `max_wait`). Retries are
+therefore never nested: a call costs at most `max_attempts` requests (4 by default) and at
+most `max_wait * (max_attempts - 1)` seconds of waiting (3.5 s with the defaults) plus timeouts.
 A 401 adds one token renewal and one more round of that policy, no more.
 
 Secrets (seed, access/refresh tokens, task tokens in definitions, pre-signed URLs) are never
