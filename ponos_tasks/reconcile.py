@@ -11,7 +11,7 @@ a record is then never older than the instances it is compared with.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ponos_tasks.lifecycle import (
@@ -19,9 +19,13 @@ from ponos_tasks.lifecycle import (
     SLOT_PHASES,
     Condition,
     LabelInfo,
+    Outcome,
     Phase,
     classify_instance,
+    final_state,
+    next_attempt_allowed,
     parse_label,
+    start_failure,
 )
 from ponos_tasks.state import TaskRecord
 
@@ -385,3 +389,77 @@ def plan(
                                           f"{occupied + min(index, free)} in use, "
                                           f"position {index - free + 1} in the queue"))
     return [step for steps in out.values() for step in steps]
+
+
+# ---------------------------------------------------------------------------- the watch step
+
+WAIT = "wait"  # nothing to do yet; re-schedule the watch
+MARK_RUNNING = "mark_running"  # CAS loading -> running (running_since=now), report `running`
+READ_LOGS = "read_logs"  # the instance ended: fetch its logs, parse the marker, decide again
+FINISH = "finish"  # CAS -> finishing with outcome (final_state, reason, exit_code)
+RETRY = "retry"  # CAS -> retrying: destroy this attempt, never this machine again
+GIVE_UP = "give_up"  # start failed and no attempt left: CAS -> finishing with outcome `error`
+
+_ENDED = (Condition.STOPPED, Condition.EXITED, Condition.START_FAILED, Condition.GONE)
+
+
+@dataclass(frozen=True)
+class WatchDecision:
+    action: str  # one of WAIT, MARK_RUNNING, READ_LOGS, FINISH, RETRY, GIVE_UP
+    reason: str
+    condition: Condition
+    offline_since: float | None  # what record.offline_since must be (touch it if different)
+    outcome: Outcome | None = None  # FINISH, GIVE_UP
+
+
+def watch_decision(
+    record: TaskRecord,
+    instance: Mapping[str, Any] | None,
+    now: float,
+    settings: PlanSettings,
+    *,
+    exit_code: int | None = None,
+    logs_read: bool = False,
+    log_tail: str = "",
+    snapshot_taken_at: float | None = None,
+) -> WatchDecision:
+    """What the watch step does for a loading/running record, given its instance's fields
+    from the snapshot (None when absent). Call again with logs_read=True, the marker's
+    exit_code (None when there is none) and the log tail after a READ_LOGS."""
+    condition = classify_instance(instance)
+    if (instance is None and snapshot_taken_at is not None
+            and record.instance_created_at is not None
+            and snapshot_taken_at < record.instance_created_at):
+        # The snapshot predates the create: absent does not mean gone.
+        return WatchDecision(WAIT, "snapshot older than the instance", Condition.PROVISIONING,
+                             record.offline_since)
+    offline_since = (record.offline_since or now) if condition is Condition.OFFLINE else None
+
+    def decide(action: str, reason: str, outcome: Outcome | None = None) -> WatchDecision:
+        return WatchDecision(action, reason, condition, offline_since, outcome)
+
+    if record.stop_requested:
+        return decide(FINISH, "stop requested", final_state(None, condition, True))
+    code = record.exit_code if exit_code is None else exit_code
+    if code is not None:
+        return decide(FINISH, f"exit code {code} in the log",
+                      final_state(code, condition, False, record.inferred, log_tail))
+    ended = condition in _ENDED
+    if ended and not logs_read and condition is not Condition.GONE:
+        return decide(READ_LOGS, f"instance {condition}: look for the exit code")
+    failure = start_failure(
+        replace(record, offline_since=offline_since), condition, now,
+        settings.loading_deadline, offline_grace=settings.offline_grace,
+        status_msg=None if instance is None else instance.get("status_msg"))
+    if failure is not None:
+        if next_attempt_allowed(record.attempt, settings.max_attempts):
+            return decide(RETRY, failure)
+        reason = (f"no instance could run the task in {record.attempt} attempt(s); "
+                  f"last: {failure}")
+        return decide(GIVE_UP, reason, Outcome("error", reason))
+    if ended:
+        outcome = final_state(None, condition, False, record.inferred, log_tail)
+        return decide(FINISH, outcome.reason, outcome)
+    if condition is Condition.RUNNING and record.phase == Phase.LOADING:
+        return decide(MARK_RUNNING, "instance running")
+    return decide(WAIT, f"instance {condition}")

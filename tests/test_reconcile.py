@@ -1,6 +1,7 @@
 """plan(): table-driven cases of desired state (records, actions) vs actual state (instances)."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -8,9 +9,15 @@ from ponos_tasks.lifecycle import make_label
 from ponos_tasks.reconcile import (
     ABANDONED_ATTEMPT,
     DUPLICATE,
+    FINISH,
+    GIVE_UP,
+    MARK_RUNNING,
     ORPHAN,
+    READ_LOGS,
+    RETRY,
     STALE_ATTEMPT,
     STOPPED,
+    WAIT,
     AcceptTask,
     AdoptInstance,
     DestroyInstance,
@@ -21,6 +28,7 @@ from ponos_tasks.reconcile import (
     WaitForCapacity,
     plan,
     step_for,
+    watch_decision,
 )
 from ponos_tasks.state import TaskRecord
 
@@ -362,3 +370,88 @@ def test_plan_is_idempotent_deterministic_and_safe(seed):
     per_task = [(type(s).__name__, s.task_id) for s in first
                 if not isinstance(s, DestroyInstance)]
     assert len(per_task) == len(set(per_task))
+
+
+# ---------------------------------------------------------------------------- watch_decision
+
+WATCH_SETTINGS = PlanSettings(loading_deadline=900.0, max_attempts=3, offline_grace=300.0)
+STOPPED_FIELDS = {"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped"}
+EXITED_FIELDS = {"actual_status": "exited", "intended_status": "running", "cur_state": "running"}
+
+
+def watch(record, fields, **kwargs):
+    return watch_decision(record, fields, NOW, WATCH_SETTINGS, **kwargs)
+
+
+def test_watch_loading_then_running():
+    loading = rec(T1, "loading", age=100.0, instance_id=7)
+    assert watch(loading, {"actual_status": "loading", "intended_status": "running"}).action \
+        == WAIT
+    assert watch(loading, RUNNING).action == MARK_RUNNING
+    running = rec(T1, "running", instance_id=7, running_since=NOW - 50)
+    assert watch(running, RUNNING).action == WAIT
+
+
+def test_watch_end_reads_logs_then_finishes_from_the_marker():
+    running = rec(T1, "running", instance_id=7, running_since=NOW - 500)
+    first = watch(running, STOPPED_FIELDS)
+    assert first.action == READ_LOGS
+    done = watch(running, STOPPED_FIELDS, logs_read=True, exit_code=0)
+    assert (done.action, done.outcome.state) == (FINISH, "completed")
+    failed = watch(running, STOPPED_FIELDS, logs_read=True, exit_code=3)
+    assert failed.outcome.state == "failed"
+    unknown = watch(running, STOPPED_FIELDS, logs_read=True)
+    assert (unknown.action, unknown.outcome.state) == (FINISH, "error")
+    lost = watch(running, None)
+    assert (lost.action, lost.outcome.state) == (FINISH, "error")
+
+
+def test_watch_inferred_outcome_for_unwrapped_images():
+    running = rec(T1, "running", instance_id=7, running_since=NOW - 500, inferred=True)
+    ok = watch(running, STOPPED_FIELDS, logs_read=True, log_tail="done\n")
+    assert ok.outcome.state == "completed" and "inferred" in ok.outcome.reason
+    crash = watch(running, STOPPED_FIELDS, logs_read=True,
+                  log_tail="Traceback (most recent call last):\n  File \"x\"\nOSError: disk\n")
+    assert crash.outcome.state == "failed"
+
+
+@pytest.mark.parametrize("record,fields,expected", [
+    (rec(T1, "loading", age=901.0, instance_id=7), {"actual_status": "loading"}, "stuck"),
+    (rec(T1, "loading", instance_id=7),
+     {"actual_status": "created", "status_msg": "OCI runtime create failed: x"}, "OCI"),
+    (rec(T1, "loading", instance_id=7), None, "disappeared"),
+    (rec(T1, "running", instance_id=7, running_since=NOW - 10), EXITED_FIELDS, "exited"),
+    (rec(T1, "running", instance_id=7, offline_since=NOW - 301), {"actual_status": "offline"},
+     "offline"),
+])
+def test_watch_start_failures_retry_then_give_up(record, fields, expected):
+    logs_read = fields is not None and fields.get("actual_status") in ("exited", "created")
+    decision = watch(record, fields, logs_read=logs_read)
+    assert decision.action == RETRY and expected in decision.reason
+    last = replace(record, attempt=3)
+    decision = watch(last, fields, logs_read=logs_read)
+    assert decision.action == GIVE_UP
+    assert decision.outcome.state == "error" and "3 attempt(s)" in decision.outcome.reason
+
+
+def test_watch_tracks_offline_since():
+    running = rec(T1, "running", instance_id=7, running_since=NOW - 1000)
+    first = watch(running, {"actual_status": "offline"})
+    assert (first.action, first.offline_since) == (WAIT, NOW)
+    still = watch(replace(running, offline_since=NOW - 100), {"actual_status": "offline"})
+    assert (still.action, still.offline_since) == (WAIT, NOW - 100)
+    back = watch(replace(running, offline_since=NOW - 100), RUNNING)
+    assert (back.action, back.offline_since) == (WAIT, None)
+
+
+def test_watch_snapshot_older_than_the_instance_waits():
+    loading = rec(T1, "loading", instance_id=7, instance_created_at=NOW - 5)
+    assert watch(loading, None, snapshot_taken_at=NOW - 10).action == WAIT
+    assert watch(loading, None, snapshot_taken_at=NOW - 1).action == RETRY
+
+
+def test_watch_marker_or_stop_finishes_at_once():
+    running = rec(T1, "running", instance_id=7, running_since=NOW - 100, exit_code=0)
+    assert watch(running, RUNNING).outcome.state == "completed"
+    stopping = rec(T1, "running", instance_id=7, stop_requested=True)
+    assert watch(stopping, RUNNING).outcome.state == "stopped"
