@@ -45,7 +45,7 @@ class VastSimulator:
         self._server = make_server(self.host, self.port, self.app, threaded=True,
                                    request_handler=self._handler)
         self.port = self._server.server_port
-        serve = threading.Thread(target=self._server.serve_forever, daemon=True,
+        serve = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
                                  name="vast-sim-http")
         ticker = threading.Thread(target=self._tick, daemon=True, name="vast-sim-ticker")
         self._threads = [serve, ticker]
