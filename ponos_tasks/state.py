@@ -21,12 +21,13 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
-
-import redis
-from redis.lock import Lock
+from typing import TYPE_CHECKING, Any
 
 from ponos_tasks.lifecycle import Phase, check_transition
+
+if TYPE_CHECKING:  # the client is passed in: importing this module (reconcile does) needs no redis
+    import redis
+    from redis.lock import Lock
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """plan(): table-driven cases of desired state (records, actions) vs actual state (instances)."""
 
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -455,3 +457,12 @@ def test_watch_marker_or_stop_finishes_at_once():
     assert watch(running, RUNNING).outcome.state == "completed"
     stopping = rec(T1, "running", instance_id=7, stop_requested=True)
     assert watch(stopping, RUNNING).outcome.state == "stopped"
+
+
+def test_pure_modules_import_no_redis_celery_or_requests():
+    code = ("import sys, ponos_tasks.reconcile, ponos_tasks.lifecycle; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'celery', "
+            "'requests'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
