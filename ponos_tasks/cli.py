@@ -32,6 +32,8 @@ class LazyGroup(click.Group):
     cls=LazyGroup,
     lazy_subcommands={
         "sim": "ponos_tasks.cli:sim",
+        "stack": "ponos_tasks.simulators.stack:command",
+        "check-config": "ponos_tasks.config:check_config_command",
     },
 )
 @click.version_option(__version__, prog_name="ponos-vast")

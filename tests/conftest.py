@@ -15,6 +15,8 @@ import uuid
 import pytest
 import redis
 
+from tests.fixtures_stack import local_stack, make_local_stack  # noqa: F401
+
 
 def free_port() -> int:
     with socket.socket() as sock:

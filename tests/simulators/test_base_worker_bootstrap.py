@@ -18,7 +18,6 @@ import pytest
 import requests
 
 from ponos_tasks.arkindex import Action, ArkindexAgentClient, MemoryCredentialStore
-from tests.fixtures_stack import make_local_stack  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.base_worker
 

@@ -15,7 +15,6 @@ import requests
 from ponos_tasks.simulators.s3 import s3_client
 from ponos_tasks.simulators.stack import LocalStack, redis_answers
 from tests.conftest import free_port
-from tests.fixtures_stack import local_stack, make_local_stack  # noqa: F401 (fixtures)
 
 
 def answers(url: str) -> bool:
