@@ -1,0 +1,47 @@
+"""Per-endpoint minimum intervals (reference §1.6), on simulated time, on by default."""
+
+import time
+
+from tests.simulators.vast.conftest import Api
+
+
+def test_minimum_intervals_per_endpoint_and_identity(make_sim):
+    sim = make_sim(time_scale=10.0, rate_limits=True)  # 1 s threshold = 0.1 real s
+    api = Api(sim.url)
+    assert api("GET", "/api/v1/instances/").status_code == 200
+    limited = api("GET", "/api/v1/instances/")
+    assert limited.status_code == 429
+    assert limited.text == "API requests too frequent endpoint threshold=1.0"
+    assert "Retry-After" not in limited.headers
+    assert api("GET", "/api/v0/users/current/").status_code == 200  # other endpoint
+    time.sleep(0.11)
+    assert api("GET", "/api/v1/instances/").status_code == 200
+    assert api("DELETE", "/api/v0/instances/1/").status_code == 404
+    destroy = api("DELETE", "/api/v0/instances/1/")
+    assert destroy.status_code == 429 and destroy.json() == {
+        "success": False, "error": "rate_limit_exceeded",
+        "msg": "API requests too frequent endpoint threshold=3.0"}
+    assert api("GET", "/api/v0/instances/1/").status_code == 200
+    show = api("GET", "/api/v0/instances/1/")
+    assert show.status_code == 429
+    assert show.json() == {"detail": "API requests too frequent endpoint threshold=2.0"}
+    # Another identity has its own budget.
+    anonymous = Api(sim.url, key=None)
+    assert anonymous("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 200
+    assert api("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 200
+    assert api("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 429
+    stats = api.admin("GET", "stats")
+    assert stats["rate_limited"] == {"list": 1, "destroy": 1, "show": 1, "search": 1}
+    assert stats["calls"]["list"] == 3
+
+
+def test_create_interval_scales_with_time(make_sim):
+    sim = make_sim(time_scale=45.0, rate_limits=True)  # 4.5 s threshold = 0.1 real s
+    api = Api(sim.url)
+    offers = api.search({"num_gpus": {"eq": 1}, "limit": 3})
+    assert api.create(offers[0]["id"]).status_code == 200
+    second = api.create(offers[1]["id"])
+    assert second.status_code == 429
+    assert second.json() == {"detail": "API requests too frequent endpoint threshold=4.5"}
+    time.sleep(0.11)
+    assert api.create(offers[1]["id"]).status_code == 200
