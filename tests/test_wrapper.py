@@ -326,3 +326,33 @@ def test_split_command():
     assert split_command("") == []
     with pytest.raises(ValueError):
         split_command("unterminated 'quote")
+
+
+def test_wrapped_task_under_the_vast_simulator_local_mode():
+    """The wrapper in a simulated Vast.ai instance (a real local process): the marker reaches
+    the instance log and the instance stops itself with its own CONTAINER_API_KEY."""
+    from ponos_tasks.simulators.vast import VastSimulator
+    from ponos_tasks.vast import VastClient
+
+    with VastSimulator(time_scale=50.0, run_mode="local", log_delay=0.5,
+                       rate_limits=False) as sim:
+        client = VastClient(sim.url, "sim-key")
+        offer = client.search_offers({"num_gpus": {"eq": 1}, "limit": 1})[0]
+        onstart, args = wrap_command(
+            [PYTHON, "-c", "import sys; print('task output', sys.argv[1:]); sys.exit(3)",
+             "it's", "$X"], retry_delay=1)
+        created = client.create_instance(offer.id, image="example/worker:1", label="wrap-e2e",
+                                         env={"SIM_PULL_SECONDS": "1"}, disk=10,
+                                         onstart=onstart, args=args)
+        deadline = time.monotonic() + 20
+        instance = None
+        while time.monotonic() < deadline:
+            instance = client.get_instance(created.id)
+            if instance and instance.intended_status == "stopped":
+                break
+            time.sleep(0.1)
+        assert instance is not None and instance.intended_status == "stopped", instance
+        log = client.request_logs(created.id, wait=10)
+        assert "task output [\"it's\", '$X']" in log
+        assert parse_exit_marker(log) == 3
+        client.destroy_instance(created.id)
