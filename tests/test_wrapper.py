@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def run_wrapped(shell, argv, *, path=FULL_PATH, server=None, container_id="4242"
     It must still be alive then (sleeping so Vast.ai does not restart it); it is killed after.
     `during(proc)` is called once the process started.
     """
+    # "test..." nonces: the state files they leave in /tmp are removed after each test.
+    nonce = nonce or f"test{uuid.uuid4().hex}"
     onstart, args = wrap_command(argv, stop_attempts=attempts, retry_delay=delay, nonce=nonce)
     assert onstart == "sh"
     env = {"PATH": path, "CONTAINER_API_KEY": "inst-key-123"}
@@ -340,7 +343,7 @@ def test_wrapped_task_under_the_vast_simulator_local_mode():
         offer = client.search_offers({"num_gpus": {"eq": 1}, "limit": 1})[0]
         onstart, args = wrap_command(
             [PYTHON, "-c", "import sys; print('task output', sys.argv[1:]); sys.exit(3)",
-             "it's", "$X"], retry_delay=1)
+             "it's", "$X"], retry_delay=1, nonce=f"test{uuid.uuid4().hex}")
         created = client.create_instance(offer.id, image="example/worker:1", label="wrap-e2e",
                                          env={"SIM_PULL_SECONDS": "1"}, disk=10,
                                          onstart=onstart, args=args)
