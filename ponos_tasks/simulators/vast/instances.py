@@ -19,6 +19,7 @@ PROVISION_SECONDS = 2.0  # null -> created
 CREATED_SECONDS = 2.0  # created -> loading
 RESTART_DELAY = 10.0  # exited (intent running) -> loading again, as Vast restarts containers
 RESTART_PULL = 5.0  # loading after a restart: the image is cached
+STOP_SIGNAL_DELAY = 0.2  # real seconds between a stop/destroy and SIGTERM to a local process
 OCI_MESSAGE = ("Error response from daemon: failed to create task for container: failed to "
                "create shim task: OCI runtime create failed: runc create failed: unable to "
                "start container process: error during container init: nvidia-container-cli: "
@@ -69,6 +70,7 @@ class Instance:
     runs: int = 0
     log: list = field(default_factory=list)  # (sim t, line)
     proc: LocalProcess | None = None
+    dying: list = field(default_factory=list)  # killed processes whose output still counts
     exit_code: int | None = None
     running_since: float | None = None
     gpu_seconds: float = 0.0
@@ -96,8 +98,8 @@ class Instance:
 
     def log_lines(self, now: float) -> list[str]:
         lines = [entry for entry in self.log if entry[0] <= now]
-        if self.proc is not None:
-            lines += self.proc.lines()
+        for proc in ([self.proc] if self.proc is not None else []) + self.dying:
+            lines += proc.lines()
         return [text for _, text in sorted(lines, key=lambda entry: entry[0])]
 
 
@@ -194,6 +196,9 @@ class Fleet:
             getattr(self, f"_on_{action}")(inst, t)
         if inst.live and inst.proc is not None and inst.proc.finished():
             self._process_ended(inst, now)
+        for proc in [p for p in inst.dying if p.finished()]:
+            inst.dying.remove(proc)
+            inst.log.extend(proc.lines())
         self._accrue(inst, now)
 
     def _on_created(self, inst: Instance, t: float) -> None:
@@ -315,8 +320,9 @@ class Fleet:
 
     def _kill(self, inst: Instance, t: float) -> None:
         if inst.proc is not None:
-            inst.proc.kill()
-            self._collect(inst)
+            inst.proc.kill(delay=STOP_SIGNAL_DELAY)
+            inst.dying.append(inst.proc)
+            inst.proc = None
         # A stopped run prints nothing more: drop scripted lines not yet printed.
         inst.log = [entry for entry in inst.log if entry[0] <= t]
 
@@ -360,9 +366,9 @@ class Fleet:
 
     def shutdown(self) -> None:
         for inst in self.instances.values():
-            if inst.proc is not None:
-                inst.proc.kill(grace=0.5)
-                inst.proc.wait(timeout=2)
+            for proc in ([inst.proc] if inst.proc is not None else []) + inst.dying:
+                proc.kill(grace=0)
+                proc.wait(timeout=2)
 
     # -- views ---------------------------------------------------------------------------
     def ledger_row(self, inst: Instance) -> dict:

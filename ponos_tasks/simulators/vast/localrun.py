@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 
 class LocalProcess:
@@ -44,16 +45,22 @@ class LocalProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    def kill(self, grace: float = 2.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace` real seconds if still alive."""
+    def kill(self, delay: float = 0.0, grace: float = 2.0) -> None:
+        """SIGTERM the process group after `delay`, SIGKILL it `grace` seconds later (real).
+
+        The delay stands for the host daemon receiving the stop a moment after the API
+        answered: a process that stops its own instance still sees the answer.
+        """
         if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
             return
 
         def _finish():
+            if delay > 0:
+                time.sleep(delay)
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
             try:
                 self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -61,7 +68,10 @@ class LocalProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-        threading.Thread(target=_finish, daemon=True).start()
+        if delay > 0 or grace > 0:
+            threading.Thread(target=_finish, daemon=True).start()
+        else:
+            _finish()
 
     def wait(self, timeout: float) -> None:
         try:
