@@ -340,12 +340,16 @@ class ArkindexAgentClient:
         reported=None,
         max_attempts: int = 4,
         max_wait: float = 4.0,
+        public_key: str | None = None,
     ):
         self.url = url.rstrip("/") + "/"
         self.farm_id = str(farm_id)
         self._seed = seed
         self.store = store
         self.hostname = hostname or _hostname()
+        # A fixed nonce (derived by the caller from the seed) makes re-registration after a
+        # total loss of memory yield the same agent; None draws one and keeps it in the store.
+        self.public_key = public_key
         self.gpu_count = gpu_count
         self.gpu_names = gpu_names
         if reported is None:
@@ -545,7 +549,7 @@ class ArkindexAgentClient:
         # The nonce is kept with the credentials and sent again on a re-registration (refresh
         # token refused), so that Arkindex recognises the same agent and keeps its tasks.
         stored = self.store.load() or {}
-        public_key = (
+        public_key = self.public_key or (
             stored.get("public_key")
             if stored.get("url") == self.url and stored.get("farm") == self.farm_id
             else None

@@ -36,6 +36,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "url": ("PONOS_ARKINDEX_URL", "ARKINDEX_URL"),
     "farm_id": ("PONOS_FARM_ID",),
     "seed": ("PONOS_SEED",),
+    "agent_name": ("PONOS_AGENT_NAME",),
     "logging.level": ("PONOS_LOG_LEVEL",),
     "sentry.dsn": ("PONOS_SENTRY_DSN", "SENTRY_DSN"),
     "vast_api.url": ("PONOS_VAST_URL",),
@@ -163,6 +164,9 @@ class AgentConfig(_Section):
     url: str
     farm_id: uuid.UUID
     seed: str = Field(min_length=1)
+    # With farm_id and seed, the agent's stable identity on Arkindex: re-registering after a
+    # total loss of memory (Redis gone) yields the same agent, so it keeps its tasks.
+    agent_name: str = Field(default="ponos-vast", pattern=r"^[-a-zA-Z0-9_]{1,64}$")
     data_dir: str | None = Field(default=None, description="Ponos key, unused in Vast.ai mode")
     pid_file: str | None = Field(default=None, description="Ponos key, unused in Vast.ai mode")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
