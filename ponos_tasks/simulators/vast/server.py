@@ -12,6 +12,7 @@ from functools import wraps
 from flask import Flask, Response, request
 
 from ponos_tasks.simulators.vast.faults import FaultError
+from ponos_tasks.simulators.vast.market import GPU_CATALOG
 from ponos_tasks.simulators.vast.ratelimit import SHAPES, body_for
 
 S3_PENDING = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code>"
@@ -209,6 +210,11 @@ def create_app(state) -> Flask:
     @vast_endpoint("account")
     def current_user(who, key):
         return json_response(*state.account())
+
+    @app.route("/api/v0/gpu_names/unique/", methods=["GET"])
+    def gpu_names():
+        # The official CLI fetches this at import time to offer GPU-name choices.
+        return json_response(200, {"gpu_names": [entry[0] for entry in GPU_CATALOG]})
 
     # -- fake S3 bucket for logs -------------------------------------------------------
     @app.route("/s3/instance_logs/<name>", methods=["GET"])
