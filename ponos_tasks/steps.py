@@ -1,0 +1,598 @@
+"""The per-task chain and the sync loop, as plain functions of (context, ids).
+
+No Celery here: each step does its work through the clients of the AgentContext, moves the
+task's record by compare-and-set on (phase, attempt), and returns what should run next
+(`Next`), which ponos_tasks/tasks.py turns into a Celery message. A step that finds the
+record in another phase than it expects does nothing: a duplicate or late message is
+harmless, and the sync loop re-issues whatever step a lost message should have run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from ponos_tasks import reconcile
+from ponos_tasks.agent import AgentContext
+from ponos_tasks.arkindex import ArkindexError, TransitionRefused
+from ponos_tasks.lifecycle import Phase, make_label, offer_wait_expired
+from ponos_tasks.logs import build_task_log
+from ponos_tasks.offers import build_query, rank_offers
+from ponos_tasks.reconcile import (
+    AcceptTask,
+    AdoptInstance,
+    DestroyInstance,
+    ResumeStep,
+    StartChain,
+    StopTask,
+    WaitForCapacity,
+)
+from ponos_tasks.registry_client import ImageConfigUnavailable
+from ponos_tasks.state import TaskRecord
+from ponos_tasks.vast import CreateOutcomeUnknown, OfferUnavailable, VastError
+from ponos_tasks.wrapper import parse_exit_marker, split_command, wrap_command
+
+logger = logging.getLogger(__name__)
+
+# Step names (the Celery task of each is in tasks.py).
+CHOOSE_OFFER = reconcile.CHOOSE_OFFER
+CREATE = reconcile.CREATE
+WATCH = reconcile.WATCH
+PUBLISH_LOGS = reconcile.PUBLISH_LOGS
+DESTROY = reconcile.DESTROY
+REPORT = reconcile.REPORT
+RETRY = reconcile.RETRY
+START = "start"
+STOP = "stop"
+ADOPT = "adopt"
+DESTROY_INSTANCE = "destroy_instance"
+
+OFFERS_TRIED_PER_CREATE = 5  # offers that vanished under us before giving the step back
+SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+ACTIVE_ARKINDEX_STATES = {"pending", "running", "stopping"}
+
+
+@dataclass(frozen=True)
+class Next:
+    """Run `step` for the task after `countdown` seconds, with `kwargs`."""
+
+    step: str
+    countdown: float = 0.0
+    kwargs: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _note(ctx: AgentContext, task_id: str, message: str, level: str = "INFO") -> None:
+    """An agent line about the task: in the published task log and in the agent's own log."""
+    ctx.logbook.add(task_id, level, message)
+    logger.log(logging.getLevelName(level), "task %s: %s", task_id, message)
+
+
+def task_secrets(ctx: AgentContext, env: dict | None) -> list[str]:
+    """Every secret the agent knows for this task: its config's and the task env's tokens."""
+    values = list(ctx.secrets())
+    for name, value in (env or {}).items():
+        if value and any(word in name.upper() for word in SECRET_ENV_WORDS):
+            values.append(value)
+    return values
+
+
+def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
+    vast = ctx.config.vast_api
+    query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
+    offers = ctx.vast.search_offers(query)
+    failed = set(record.failed_machines)
+    return [offer for offer in rank_offers(offers) if offer.machine_id not in failed]
+
+
+def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
+    """The docker-mode environment plus the bootstrap variables (DESIGN §4)."""
+    env = {str(k): str(v) for k, v in (definition.env or {}).items()}
+    env.update(ctx.config.vast_api.extra_environment)
+    env.setdefault("PONOS_TASK", str(definition.id))
+    env.setdefault("PONOS_DATA", "/data")
+    env.setdefault("ARKINDEX_API_URL", ctx.config.url + "/")
+    env["TASK_BOOTSTRAP"] = "true"
+    # base-worker refuses an empty value: "{}" when the task has no parents.
+    env["TASK_PARENTS"] = json.dumps(dict(definition.parents or {}))
+    return env
+
+
+def instance_command(ctx: AgentContext, task_id: str, definition) -> tuple[str | None,
+                                                                            list | None, bool]:
+    """(onstart, args, inferred): the wrapped command, or the image run as it is."""
+    if definition.command:
+        argv = split_command(definition.command)
+    else:
+        try:
+            argv = ctx.registry.image_command(definition.image)
+        except ImageConfigUnavailable as error:
+            _note(ctx, task_id, f"cannot read the entrypoint of {definition.image} "
+                  f"({error.reason}): running the image unwrapped; the exit status will be "
+                  "inferred from how the instance ends", "WARNING")
+            return None, None, True
+        _note(ctx, task_id, f"image command from the registry: {argv}")
+    onstart, args = wrap_command(argv)
+    return onstart, args, False
+
+
+def _image_login(ctx: AgentContext, image: str) -> str | None:
+    host = image.split("/", 1)[0].lower() if "/" in image else ""
+    for registry in ctx.config.vast_api.registries:
+        if registry.registry_host == host:
+            return f"-u {registry.username} -p {registry.password} {host}"
+    return None
+
+
+def fresh_snapshot(ctx: AgentContext, max_age: float) -> tuple[list[dict], float]:
+    """The shared instance snapshot; listed again (by one process) when older than max_age.
+
+    Watchers read this instead of one GET per instance per cycle; only one process lists
+    at a time (a short lock), the others keep the snapshot they have.
+    """
+    now = ctx.now()
+    snapshot = ctx.store.load_snapshot()
+    if snapshot is not None and now - snapshot[1] <= max_age:
+        return snapshot
+    lock = ctx.redis.lock(ctx.prefix + "lock:snapshot", timeout=60, blocking=False)
+    if not lock.acquire():
+        return snapshot or ([], 0.0)
+    try:
+        instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
+        taken_at = ctx.now()
+        ctx.store.save_snapshot([i.raw for i in instances], taken_at)
+        return [i.raw for i in instances], taken_at
+    finally:
+        _release(lock)
+
+
+def _release(lock) -> None:
+    try:
+        lock.release()
+    except Exception:  # expired meanwhile: another holder may have it now, nothing to undo
+        logger.debug("lock %s had expired", lock.name)
+
+
+def _find(instances: list[dict], instance_id: int | None) -> dict | None:
+    return next((i for i in instances if i.get("id") == instance_id), None)
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def accept(ctx: AgentContext, task_id: str) -> bool:
+    created = ctx.store.create_if_absent(TaskRecord.new(task_id, ctx.now()))
+    if created:
+        _note(ctx, task_id, "task accepted by agent "
+              f"{ctx.config.agent_name}; looking for a Vast.ai offer")
+    return created
+
+
+def start(ctx: AgentContext, task_id: str) -> Next | None:
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.ACCEPTED:
+        return None
+    if ctx.store.cas(task_id, expect_phase=Phase.ACCEPTED, expect_attempt=record.attempt,
+                     phase=Phase.WAITING_OFFER, heartbeat_at=ctx.now()) is None:
+        return None
+    return Next(CHOOSE_OFFER)
+
+
+def choose_offer(ctx: AgentContext, task_id: str) -> Next | None:
+    """Wait until an offer matches; error once `offer_wait` has passed without one."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.WAITING_OFFER:
+        return None
+    now = ctx.now()
+    if _ranked_offers(ctx, record):
+        ctx.store.touch(task_id, heartbeat_at=now)
+        return Next(CREATE)
+    if record.waiting_since is None:
+        _note(ctx, task_id, "no Vast.ai offer matches the filters yet; waiting", "WARNING")
+        ctx.store.touch(task_id, waiting_since=now, heartbeat_at=now)
+        return Next(CHOOSE_OFFER, countdown=ctx.watch_interval)
+    if offer_wait_expired(record, now, ctx.config.vast_api.offer_wait):
+        reason = (f"no Vast.ai offer matched the filters within "
+                  f"{ctx.config.vast_api.offer_wait:g} s")
+        _note(ctx, task_id, reason, "ERROR")
+        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
+                         phase=Phase.FINISHING, final_state="error", reason=reason):
+            return Next(PUBLISH_LOGS)
+        return None
+    ctx.store.touch(task_id, heartbeat_at=now)
+    return Next(CHOOSE_OFFER, countdown=ctx.watch_interval)
+
+
+def create(ctx: AgentContext, task_id: str) -> Next | None:
+    """At most one instance per attempt (DESIGN §3): lock, CAS, label lookup, create."""
+    lock = ctx.store.create_lock(task_id, timeout=180)
+    if not lock.acquire():
+        return None  # another worker is creating this task's instance right now
+    try:
+        return _create_locked(ctx, task_id)
+    finally:
+        _release(lock)
+
+
+def _create_locked(ctx: AgentContext, task_id: str) -> Next | None:
+    record = ctx.store.get(task_id)
+    if record is None:
+        return None
+    if record.phase in (Phase.WAITING_OFFER, Phase.RETRYING, Phase.ACCEPTED):
+        attempt = record.attempt + 1
+        label = make_label(ctx.agent_short_id(), task_id, attempt)
+        record = ctx.store.cas(task_id, expect_phase=record.phase,
+                               expect_attempt=record.attempt, phase=Phase.CREATING,
+                               attempt=attempt, label=label, heartbeat_at=ctx.now())
+        if record is None:
+            return None
+    elif record.phase != Phase.CREATING:
+        return None
+    # Resumed or fresh: the label of this attempt may already name an instance (a create
+    # whose answer was lost, a worker killed after Vast accepted): adopt it, never re-create.
+    existing = ctx.vast.list_instances(label=record.label)
+    if existing:
+        return _record_instance(ctx, record, min(existing, key=lambda i: i.id), adopted=True)
+
+    definition = ctx.arkindex.task_definition(task_id)
+    if record.stop_requested:
+        return None
+    onstart, args, inferred = instance_command(ctx, task_id, definition)
+    env = instance_environment(ctx, definition)
+    offers = _ranked_offers(ctx, record)
+    for offer in offers[:OFFERS_TRIED_PER_CREATE]:
+        try:
+            created = ctx.vast.create_instance(
+                offer.id, image=definition.image, label=record.label, env=env,
+                disk=ctx.config.vast_api.disk_gb, runtype="args", onstart=onstart, args=args,
+                image_login=_image_login(ctx, definition.image))
+        except OfferUnavailable:
+            _note(ctx, task_id, f"offer {offer.id} was taken before we could rent it; "
+                  "trying the next one")
+            continue
+        except CreateOutcomeUnknown as error:
+            # Never re-send: the instance may exist. The next run of this step looks the
+            # label up first (above) and adopts it, or creates if it really does not exist.
+            _note(ctx, task_id, f"no answer to the create call ({error.msg}); looking the "
+                  "label up before anything else", "WARNING")
+            ctx.store.touch(task_id, heartbeat_at=ctx.now())
+            return Next(CREATE, countdown=max(2.0, ctx.watch_interval))
+        if not created.started:
+            _note(ctx, task_id, f"Vast.ai created instance {created.id} stopped on machine "
+                  f"{offer.machine_id}; destroying it and trying another offer", "WARNING")
+            ctx.vast.destroy_instance(created.id)
+            ctx.store.touch(task_id, failed_machines=[*record.failed_machines,
+                                                      offer.machine_id])
+            record = ctx.store.get(task_id)
+            continue
+        return _record_instance(ctx, record, None, created=created, offer=offer,
+                                inferred=inferred)
+    # Nothing could be rented: give the attempt number back and wait for an offer.
+    if ctx.store.cas(task_id, expect_phase=Phase.CREATING, expect_attempt=record.attempt,
+                     phase=Phase.WAITING_OFFER, attempt=record.attempt - 1,
+                     waiting_since=record.waiting_since or ctx.now(), heartbeat_at=ctx.now()):
+        return Next(CHOOSE_OFFER, countdown=ctx.watch_interval)
+    return None
+
+
+def _record_instance(ctx: AgentContext, record: TaskRecord, instance, *, created=None,
+                     offer=None, adopted=False, inferred=False) -> Next | None:
+    now = ctx.now()
+    if instance is not None:
+        values = dict(instance_id=instance.id, machine_id=instance.machine_id,
+                      gpu_name=instance.gpu_name, dph_total=instance.dph_total)
+    else:
+        values = dict(instance_id=created.id, machine_id=offer.machine_id,
+                      offer_id=offer.id, gpu_name=offer.gpu_name, dph_total=offer.dph_total)
+    updated = ctx.store.cas(record.task_id, expect_phase=Phase.CREATING,
+                            expect_attempt=record.attempt, phase=Phase.LOADING,
+                            instance_created_at=now, heartbeat_at=now, inferred=inferred,
+                            **values)
+    if updated is None:
+        # Someone else moved the record on: what we created is nobody's; destroy it.
+        ctx.vast.destroy_instance(values["instance_id"])
+        return None
+    verb = "adopted existing" if adopted else "created"
+    _note(ctx, record.task_id,
+          f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']} on "
+          f"machine {values['machine_id']} ({values['gpu_name']}, "
+          f"${(values['dph_total'] or 0):.3f}/h)")
+    return Next(WATCH, countdown=ctx.watch_interval)
+
+
+def watch(ctx: AgentContext, task_id: str) -> list[Next]:
+    """Look at the task's instance in the shared snapshot and move the task on."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase not in (Phase.LOADING, Phase.RUNNING):
+        return []
+    instances, taken_at = fresh_snapshot(ctx, ctx.watch_interval)
+    instance = _find(instances, record.instance_id)
+    now = ctx.now()
+    settings = ctx.plan_settings
+    decision = reconcile.watch_decision(record, instance, now, settings,
+                                        snapshot_taken_at=taken_at)
+    if decision.action == reconcile.READ_LOGS:
+        text = _instance_log(ctx, record)
+        decision = reconcile.watch_decision(
+            record, instance, now, settings, exit_code=parse_exit_marker(text),
+            logs_read=True, log_tail=text[-4000:], snapshot_taken_at=taken_at)
+    if decision.offline_since != record.offline_since:
+        ctx.store.touch(task_id, offline_since=decision.offline_since)
+    action = decision.action
+    if action == reconcile.MARK_RUNNING:
+        if ctx.store.cas(task_id, expect_phase=Phase.LOADING, expect_attempt=record.attempt,
+                         phase=Phase.RUNNING, running_since=now, heartbeat_at=now):
+            _note(ctx, task_id, f"instance {record.instance_id} is running")
+            _report_running(ctx, task_id)
+        return [Next(WATCH, countdown=ctx.watch_interval)]
+    if action in (reconcile.FINISH, reconcile.GIVE_UP):
+        outcome = decision.outcome
+        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
+                         phase=Phase.FINISHING, final_state=outcome.state,
+                         reason=outcome.reason, heartbeat_at=now):
+            _note(ctx, task_id, f"task ended: {outcome.state} ({outcome.reason})",
+                  "INFO" if outcome.state == "completed" else "WARNING")
+            return [Next(PUBLISH_LOGS)]
+        return []
+    if action == reconcile.RETRY:
+        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
+                         phase=Phase.RETRYING, heartbeat_at=now,
+                         failed_machines=[*record.failed_machines, record.machine_id],
+                         attempt_reasons=[*record.attempt_reasons, decision.reason]):
+            _note(ctx, task_id, f"attempt {record.attempt} failed on machine "
+                  f"{record.machine_id}: {decision.reason}; trying another machine", "WARNING")
+            return [Next(RETRY)]
+        return []
+    # WAIT
+    ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
+    follow = [Next(WATCH, countdown=ctx.watch_interval)]
+    if record.phase == Phase.RUNNING and (
+            record.logs_published_at is None
+            or now - record.logs_published_at >= ctx.config.logs_interval):
+        follow.append(Next(PUBLISH_LOGS, kwargs={"final": False}))
+    return follow
+
+
+def retry(ctx: AgentContext, task_id: str) -> Next | None:
+    """Destroy the failed attempt's instance, then look for an offer again."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.RETRYING:
+        return None
+    if record.instance_id is not None:
+        ctx.vast.destroy_instance(record.instance_id)
+    if ctx.store.cas(task_id, expect_phase=Phase.RETRYING, expect_attempt=record.attempt,
+                     phase=Phase.WAITING_OFFER, instance_id=None, offline_since=None,
+                     waiting_since=None, heartbeat_at=ctx.now()):
+        return Next(CHOOSE_OFFER)
+    return None
+
+
+def _instance_log(ctx: AgentContext, record: TaskRecord) -> str:
+    if record.instance_id is None or record.instance_destroyed:
+        return ""
+    try:
+        return ctx.vast.request_logs(record.instance_id, wait=20.0)
+    except VastError as error:
+        logger.warning("task %s: could not read the logs of instance %s: %s",
+                       record.task_id, record.instance_id, error.msg)
+        return ""
+
+
+def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | None:
+    """Upload the task's whole log (agent lines + instance log, redacted) to Arkindex's S3.
+
+    While running (final=False) it also spots the exit marker of a task whose instance could
+    not stop itself; the final upload moves the task on to destroying.
+    """
+    record = ctx.store.get(task_id)
+    if record is None:
+        return None
+    if final and record.phase != Phase.FINISHING:
+        return None
+    if not final and record.phase != Phase.RUNNING:
+        return None
+    definition = ctx.arkindex.task_definition(task_id)
+    instance_log = _instance_log(ctx, record)
+    if final and record.inferred:
+        _note(ctx, task_id, "the image ran unwrapped: this final state was inferred from how "
+              "its instance ended", "WARNING")
+    text = build_task_log(ctx.logbook.lines(task_id), instance_log,
+                          task_secrets(ctx, definition.env))
+    ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    now = ctx.now()
+    ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()),
+                    heartbeat_at=now)
+    if not final:
+        code = parse_exit_marker(instance_log)
+        if code is not None and record.exit_code is None:
+            ctx.store.touch(task_id, exit_code=code)  # the next watch finishes the task
+        return None
+    if ctx.store.cas(task_id, expect_phase=Phase.FINISHING, expect_attempt=record.attempt,
+                     phase=Phase.DESTROYING, heartbeat_at=now):
+        return Next(DESTROY)
+    return None
+
+
+def destroy(ctx: AgentContext, task_id: str) -> Next | None:
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.DESTROYING:
+        return None
+    if record.instance_id is not None and not record.instance_destroyed:
+        gone_before = not ctx.vast.destroy_instance(record.instance_id)
+        _note(ctx, task_id, f"instance {record.instance_id} "
+              + ("was already gone" if gone_before else "destroyed"))
+    ctx.store.touch(task_id, instance_destroyed=True, heartbeat_at=ctx.now())
+    return Next(REPORT)
+
+
+def _report_running(ctx: AgentContext, task_id: str) -> None:
+    record = ctx.store.get(task_id)
+    if record is None or record.stop_requested or record.reported_running:
+        return
+    try:
+        ctx.arkindex.update_state(task_id, "running")
+    except TransitionRefused as error:
+        logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
+    ctx.store.touch(task_id, reported_running=True)
+
+
+def report(ctx: AgentContext, task_id: str) -> Next | None:
+    """Send the final state to Arkindex, exactly once, then close the record."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.DESTROYING or not record.instance_destroyed:
+        return None
+    state = record.final_state or "error"
+    if state != "stopped" and not record.reported_running:
+        # Arkindex's table: a task reaches completed/failed only from running.
+        _report_running(ctx, task_id)
+    try:
+        ctx.arkindex.update_state(task_id, state)
+    except TransitionRefused as error:
+        # Not retried: the server's table says no (e.g. the task was stopped meanwhile).
+        logger.error("task %s: Arkindex refused `%s`: %s", task_id, state, error.detail)
+    ctx.store.cas(task_id, expect_phase=Phase.DESTROYING, expect_attempt=record.attempt,
+                  phase=Phase.DONE, final_reported=True)
+    ctx.arkindex.forget(task_id)
+    return None
+
+
+def stop(ctx: AgentContext, task_id: str, has_record: bool) -> Next | None:
+    """stop_task: publish the logs, destroy the instance, report `stopped`."""
+    now = ctx.now()
+    if not has_record:
+        ctx.store.create_if_absent(TaskRecord.new(
+            task_id, now, phase=Phase.FINISHING, final_state="stopped", stop_requested=True,
+            reason="stopped by a user before it started"))
+        _note(ctx, task_id, "stop requested by Arkindex")
+        return Next(PUBLISH_LOGS)
+    record = ctx.store.get(task_id)
+    if record is None or record.phase in (Phase.DONE,):
+        return None
+    if record.phase in (Phase.FINISHING, Phase.DESTROYING):
+        ctx.store.touch(task_id, stop_requested=True)
+        return None
+    # Serialise with a create in flight, so its instance is known (or none was made).
+    lock = ctx.store.create_lock(task_id, timeout=180)
+    if not lock.acquire():
+        return None  # the next sync re-sends the stop once the create is done
+    try:
+        record = ctx.store.get(task_id)
+        if record is None or record.phase in (Phase.FINISHING, Phase.DESTROYING, Phase.DONE):
+            return None
+        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
+                         phase=Phase.FINISHING, stop_requested=True, final_state="stopped",
+                         reason="stopped by a user", heartbeat_at=now):
+            _note(ctx, task_id, "stop requested by Arkindex: stopping the task")
+            return Next(PUBLISH_LOGS)
+    finally:
+        _release(lock)
+    return None
+
+
+def adopt(ctx: AgentContext, step: AdoptInstance) -> Next | None:
+    """Take back an instance of ours that no record knows, if its task is still ours."""
+    try:
+        state = ctx.arkindex.task_state(step.task_id)
+    except ArkindexError as error:
+        logger.warning("cannot check task %s before adopting: %s", step.task_id, error)
+        return None
+    if state not in ACTIVE_ARKINDEX_STATES:
+        ctx.vast.destroy_instance(step.instance_id)
+        logger.warning("destroyed instance %s: task %s is %s on Arkindex", step.instance_id,
+                       step.task_id, state)
+        return None
+    now = ctx.now()
+    values = dict(phase=Phase.LOADING, attempt=step.attempt, label=step.label,
+                  instance_id=step.instance_id, instance_created_at=now, heartbeat_at=now,
+                  adopted=True, reported_running=state == "running")
+    if step.from_phase is None:
+        done = ctx.store.create_if_absent(TaskRecord.new(step.task_id, now, **values))
+    else:
+        done = ctx.store.cas(step.task_id, expect_phase=step.from_phase,
+                             expect_attempt=step.from_attempt, **values) is not None
+    if not done:
+        return None
+    _note(ctx, step.task_id, f"re-adopted instance {step.instance_id} ({step.label})")
+    if state == "stopping":
+        return Next(STOP, kwargs={"has_record": True})
+    return Next(WATCH)
+
+
+def destroy_unwanted(ctx: AgentContext, step: DestroyInstance) -> None:
+    gone = not ctx.vast.destroy_instance(step.instance_id)
+    ctx.redis.hincrby(ctx.prefix + "metrics:destroyed", step.cause, 0 if gone else 1)
+    logger.warning("instance %s (%s) %s: %s", step.instance_id, step.label,
+                   "was already gone" if gone else "destroyed", step.reason)
+
+
+# --------------------------------------------------------------------------- the sync loop
+
+
+@dataclass
+class SyncResult:
+    ran: bool
+    steps: list = field(default_factory=list)
+    enqueue: list[tuple[str, str, Next]] = field(default_factory=list)  # (kind, id, next)
+
+
+def sync(ctx: AgentContext) -> SyncResult:
+    """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue."""
+    lock = ctx.store.sync_lock(timeout=max(60.0, 3 * ctx.config.sync_interval))
+    if not lock.acquire():
+        return SyncResult(ran=False)
+    try:
+        return _sync_locked(ctx)
+    finally:
+        _release(lock)
+
+
+def _capacity(ctx: AgentContext) -> int:
+    """How many new tasks Arkindex may assign us now: one per free instance slot."""
+    active = ctx.store.active_ids()
+    return max(0, ctx.config.vast_api.max_instances - len(active))
+
+
+def _sync_locked(ctx: AgentContext) -> SyncResult:
+    short_id = ctx.agent_short_id()
+    actions = ctx.arkindex.actions(capacity=_capacity(ctx))
+    instances = ctx.vast.list_instances(label_prefix=f"ponos-{short_id}-")
+    now = ctx.now()
+    ctx.store.save_snapshot([i.raw for i in instances], now)
+    ctx.redis.set(ctx.prefix + "last_sync", now)
+    # Snapshot first, records second (reconcile's docstring): no record older than it.
+    records = ctx.store.all_records()
+    steps = reconcile.plan(now=now, agent_short_id=short_id, records=records,
+                           instances=[i.raw for i in instances],
+                           actions=[(a.kind, a.task_id) for a in actions],
+                           settings=ctx.plan_settings)
+    result = SyncResult(ran=True, steps=steps)
+    dedupe_ttl = ctx.stale_after
+    for step in steps:
+        if isinstance(step, WaitForCapacity):
+            continue
+        if isinstance(step, AcceptTask):
+            accept(ctx, step.task_id)  # cheap and must precede the StartChain of this plan
+            continue
+        if not ctx.store.once(step.key, dedupe_ttl):
+            continue
+        if isinstance(step, StartChain):
+            result.enqueue.append(("task", step.task_id, Next(START)))
+        elif isinstance(step, ResumeStep):
+            kwargs = {"final": True} if step.step == PUBLISH_LOGS else {}
+            result.enqueue.append(("task", step.task_id, Next(step.step, kwargs=kwargs)))
+        elif isinstance(step, StopTask):
+            result.enqueue.append(("task", step.task_id,
+                                   Next(STOP, kwargs={"has_record": step.has_record})))
+        elif isinstance(step, DestroyInstance):
+            result.enqueue.append(("destroy", step.task_id, Next(DESTROY_INSTANCE, kwargs={
+                "instance_id": step.instance_id, "label": step.label, "cause": step.cause,
+                "reason": step.reason})))
+        elif isinstance(step, AdoptInstance):
+            result.enqueue.append(("adopt", step.task_id, Next(ADOPT, kwargs={
+                "instance_id": step.instance_id, "attempt": step.attempt, "label": step.label,
+                "from_phase": step.from_phase, "from_attempt": step.from_attempt,
+                "reason": step.reason})))
+    return result
