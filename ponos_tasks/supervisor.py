@@ -1,0 +1,122 @@
+"""Start and stop the agent's processes (Celery worker(s), beat, Flower) like the Procfile.
+
+Used by `ponos-vast run` / `demo` and by the end-to-end tests, so that what is tested is
+what users run: the same commands as the Procfile, as real processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QUEUES = "sync,vast,arkindex"
+
+
+def celery_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "ponos_tasks.app", *args]
+
+
+def worker_command(concurrency: int = 4, name: str = "worker1") -> list[str]:
+    return celery_command("worker", "--queues", QUEUES, "--concurrency", str(concurrency),
+                          "--prefetch-multiplier", "1", "--loglevel", "INFO",
+                          "--hostname", f"{name}@%h")
+
+
+def beat_command(schedule_file: Path) -> list[str]:
+    return celery_command("beat", "--loglevel", "INFO", "--schedule", str(schedule_file))
+
+
+def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
+    return celery_command("flower", f"--address={address}", f"--port={port}")
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+@dataclass
+class AgentProcesses:
+    """The agent's processes for one configuration file; logs go to `log_dir`."""
+
+    config_path: Path
+    log_dir: Path
+    redis_url: str
+    workers: int = 1
+    concurrency: int = 4
+    beats: int = 1
+    flower_port: int | None = None
+    extra_env: dict = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["PONOS_CONFIG"] = str(self.config_path)
+        env["REDIS_URL"] = self.redis_url
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
+        process = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def start_worker(self, index: int) -> subprocess.Popen:
+        return self._spawn(f"worker{index}", worker_command(self.concurrency, f"worker{index}"))
+
+    def start_beat(self, index: int) -> subprocess.Popen:
+        return self._spawn(f"beat{index}", beat_command(self.log_dir / f"beat{index}-schedule"))
+
+    def start(self) -> AgentProcesses:
+        for index in range(1, self.workers + 1):
+            self.start_worker(index)
+        for index in range(1, self.beats + 1):
+            self.start_beat(index)
+        if self.flower_port:
+            self._spawn("flower", flower_command(self.flower_port))
+        return self
+
+    def check_alive(self) -> list[str]:
+        """Names of the processes that exited (with their status)."""
+        return [f"{name} (exit {p.returncode})" for name, p in self.processes.items()
+                if p.poll() is not None]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and its children (its whole session: Celery's pool too)."""
+        process = self.processes[name]
+        _signal_group(process, sig)
+        process.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM everything (warm shutdown), SIGKILL what is still there after timeout."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait(timeout=10)
+        # Children of a killed main process (pool workers) share its session: sweep it.
+        for process in self.processes.values():
+            _signal_group(process, signal.SIGKILL)
+
+    def __enter__(self) -> AgentProcesses:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
