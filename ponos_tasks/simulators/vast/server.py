@@ -166,7 +166,7 @@ def create_app(state) -> Flask:
         return json_response(*state.list_v0())
 
     @app.route("/api/v0/instances/filters/", methods=["GET"])
-    @vast_endpoint("list")
+    @vast_endpoint("filters")  # no published threshold; the CLI calls it right before a list
     def instance_filters(who, key):
         return json_response(*state.filters())
 

@@ -268,3 +268,14 @@ def test_admin_offers_replace_the_market(api):
     assert rows[0]["dph_base"] == pytest.approx(0.3) and rows[0]["geolocation"] == "Texas, US"
     assert rows[1]["id"] == 777 and rows[1]["dph_base"] == pytest.approx(4.0)
     assert [o["id"] for o in api.admin("GET", "offers")["offers"]] == added["ids"]
+
+
+def test_concurrent_creates_of_one_offer_rent_it_once(api):
+    from concurrent.futures import ThreadPoolExecutor
+
+    offer = api.search({"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]]})[0]["id"]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda i: api.create(offer, label=f"race-{i}").status_code,
+                                 range(16)))
+    assert sorted(statuses) == [200] + [404] * 15
+    assert api.admin("GET", "stats")["live_instances"] == 1
