@@ -34,6 +34,11 @@ class LazyGroup(click.Group):
         "sim": "ponos_tasks.cli:sim",
         "stack": "ponos_tasks.simulators.stack:command",
         "check-config": "ponos_tasks.config:check_config_command",
+        "run": "ponos_tasks.demo:run_command",
+        "demo": "ponos_tasks.demo:demo_command",
+        "offers": "ponos_tasks.commands:offers_command",
+        "status": "ponos_tasks.commands:status_command",
+        "metrics": "ponos_tasks.commands:metrics_command",
     },
 )
 @click.version_option(__version__, prog_name="ponos-vast")
