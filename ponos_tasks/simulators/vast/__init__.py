@@ -1,8 +1,17 @@
-"""Vast.ai simulator: a real HTTP server faithful to reference/vast-api.md (see §11).
+"""Vast.ai simulator: a real HTTP server faithful to reference/vast-api.md (checklist §11).
 
     from ponos_tasks.simulators.vast import VastSimulator
     with VastSimulator(seed=0, time_scale=20.0) as sim:
         sim.url  # "http://127.0.0.1:PORT"
+
+Modules: clock (simulated time), market (seeded offers), query (search evaluation),
+instances (status fields on simulated time, billing), localrun (local subprocesses),
+render (instance JSON), faults (knobs), ratelimit (minimum intervals), state (the operations
+under one lock), server (Flask routes and /_sim/ admin API), simulator (VastSimulator),
+cli (`ponos-vast sim vast`).
+
+Scripted instances read SIM_DURATION, SIM_LOG_LINES, SIM_EXIT_CODE, SIM_FINAL_LINES,
+SIM_SELF_STOP, SIM_PULL_SECONDS and SIM_RUN_MODE from their env (see INTERFACES.md).
 """
 
 from ponos_tasks.simulators.vast.simulator import VastSimulator

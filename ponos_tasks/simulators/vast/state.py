@@ -388,6 +388,9 @@ class VastState:
             if tail is not None:
                 lines = lines[-tail:] if tail > 0 else []
             key = uuid.uuid4().hex
+            # Forget uploads nobody fetched for a simulated day (a long-running sim stays small).
+            for old in [k for k, v in self.logs.items() if v["ready_at"] < now - 86400]:
+                del self.logs[old]
             text = "\n".join(lines) + ("\n" if lines else "")
             self.logs[key] = {"ready_at": now + self.log_delay, "text": text}
         return 200, {"success": True, "result_url": f"{base_url}/s3/instance_logs/{key}.log",
