@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL
 
-.PHONY: install test lint run redis stack clean
+.PHONY: install test lint run redis stack tools clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a new dependency is installed.
 $(VENV)/.installed: pyproject.toml
@@ -16,6 +16,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Side virtual environments for the compatibility tests (their pins clash with ours): the
+# official vastai CLI and arkindex-base-worker. Installed here, not by the tests, so that
+# tests only ever talk to 127.0.0.1; a failed install is a warning and those tests skip.
+TOOL_VENVS := .venvs/vastai/.ponos-installed .venvs/base-worker/.ponos-installed
+.venvs/vastai/.ponos-installed:
+	@$(PYTHON) -m venv --clear .venvs/vastai && .venvs/vastai/bin/pip install --quiet 'vastai>=1.9,<1.10' \
+		&& touch $@ || echo "warning: could not install vastai in .venvs/vastai; its tests will skip"
+.venvs/base-worker/.ponos-installed:
+	@$(PYTHON) -m venv --clear .venvs/base-worker && .venvs/base-worker/bin/pip install --quiet 'arkindex-base-worker>=0.6,<0.7' \
+		&& touch $@ || echo "warning: could not install arkindex-base-worker in .venvs/base-worker; its test will skip"
+tools: $(TOOL_VENVS)
+
 # Makes sure a Redis answers at REDIS_URL, starting one on loopback if needed.
 redis: install
 	$(BIN)/python scripts/ensure_redis.py "$(REDIS_URL)"
@@ -23,7 +35,7 @@ redis: install
 lint: install
 	$(BIN)/ruff check ponos_tasks tests scripts benchmarks celeryconfig.py
 
-test: install redis lint
+test: install redis lint tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Runs the agent against the embedded local stack (or PONOS_CONFIG for a real deployment).

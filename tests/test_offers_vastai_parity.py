@@ -8,18 +8,16 @@ Queries the CLI refuses, parse_filters refuses too.
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ponos_tasks.offers import OfferFilterError, parse_filters
+from tests.tool_venvs import tool_bin
 
 pytestmark = pytest.mark.vastai_cli
 
 REPO = Path(__file__).resolve().parents[1]
-VENV = REPO / ".venvs" / "vastai"
-REQUIREMENT = "vastai>=1.9,<1.10"
 
 ACCEPTED_BY_BOTH = [
     "gpu_name=RTX_4090 num_gpus=1 reliability>0.98 dph<0.5",
@@ -60,19 +58,7 @@ print(json.dumps(answers))
 @pytest.fixture(scope="module")
 def official():
     """{query text: the official parser's answer}, from one subprocess."""
-    python = VENV / "bin" / "python"
-    probe = [str(python), "-c", "import vastai.api.query"]
-    if not python.exists() or subprocess.run(probe, capture_output=True).returncode != 0:
-        steps = [
-            [sys.executable, "-m", "venv", str(VENV)],
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             REQUIREMENT],
-        ]  # fmt: skip
-        for step in steps:
-            result = subprocess.run(step, capture_output=True, text=True, timeout=600)
-            if result.returncode != 0:
-                last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
-                pytest.skip(f"cannot install {REQUIREMENT} in {VENV}: {last[0]}")
+    python = tool_bin("vastai", "python")
     texts = ACCEPTED_BY_BOTH + REFUSED_BY_BOTH
     result = subprocess.run(
         [str(python), "-c", PARSER],

@@ -1,7 +1,7 @@
 """The real bootstrap of arkindex-base-worker 0.6.x against the simulators.
 
 base-worker pins arkindex-client==1.3.0, so it lives in its own virtual environment
-(.venvs/base-worker, created once and reused). The worker runs as a subprocess, exactly as in
+(.venvs/base-worker, installed by `make tools`). The worker runs as a subprocess, exactly as in
 a Vast.ai container: `BaseWorker().configure()` with TASK_BOOTSTRAP=true, TASK_PARENTS,
 PONOS_TASK, PONOS_DATA and the ARKINDEX_* variables of the task definition; at exit its
 cleanup hook stops "its" Vast.ai instance through CONTAINER_ID / CONTAINER_API_KEY / VAST_URL.
@@ -10,7 +10,6 @@ cleanup hook stops "its" Vast.ai instance through CONTAINER_ID / CONTAINER_API_K
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,13 +17,11 @@ import pytest
 import requests
 
 from ponos_tasks.arkindex import Action, ArkindexAgentClient, MemoryCredentialStore
+from tests.tool_venvs import tool_bin
 
 pytestmark = pytest.mark.base_worker
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = REPO / ".venvs" / "base-worker"
-REQUIREMENT = "arkindex-base-worker>=0.6,<0.7"
-READY_MARKER = VENV / ".ponos-installed"
 
 # What a worker image runs: the real BaseWorker, configured from the environment.
 WORKER_SCRIPT = """
@@ -45,19 +42,7 @@ print("WORKER-CONFIGURED " + json.dumps({
 
 @pytest.fixture(scope="session")
 def base_worker_python():
-    python = VENV / "bin" / "python"
-    if not READY_MARKER.exists():
-        steps = [
-            [sys.executable, "-m", "venv", "--clear", str(VENV)],
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             REQUIREMENT],
-        ]
-        for step in steps:
-            result = subprocess.run(step, capture_output=True, text=True, timeout=600)
-            if result.returncode != 0:
-                last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
-                pytest.skip(f"cannot install {REQUIREMENT} in {VENV}: {last[0]}")
-        READY_MARKER.write_text(REQUIREMENT + "\n")
+    python = tool_bin("base-worker", "python")
     version = subprocess.run(
         [str(python), "-c",
          "import importlib.metadata as m; print(m.version('arkindex-base-worker'))"],

@@ -1,6 +1,6 @@
 """The official `vastai` CLI 1.9.x, in its own venv, pointed at the simulator with --url.
 
-The venv lives in .venvs/vastai (gitignored) and is reused; the module is skipped only when
+The venv lives in .venvs/vastai (installed by `make tools`); the module is skipped only when
 the package cannot be installed.
 """
 
@@ -8,34 +8,21 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.simulators.vast.conftest import API_KEY, Api
+from tests.tool_venvs import tool_bin
 
 pytestmark = pytest.mark.vastai_cli
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-VENV = Path(__file__).resolve().parents[3] / ".venvs" / "vastai"
-VASTAI = VENV / "bin" / "vastai"
 
 
 @pytest.fixture(scope="session")
 def vastai_bin():
-    if not VASTAI.exists():
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True,
-                           capture_output=True, timeout=120)
-            subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "vastai>=1.9,<1.10"],
-                           check=True, capture_output=True, timeout=600)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            output = getattr(exc, "stderr", b"") or b""
-            pytest.skip(f"cannot install vastai>=1.9,<1.10 into {VENV}: "
-                        f"{output.decode(errors='replace')[-300:]}")
-    return str(VASTAI)
+    return str(tool_bin("vastai", "vastai"))
 
 
 @pytest.fixture
