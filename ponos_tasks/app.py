@@ -43,7 +43,7 @@ app.conf.beat_schedule = {
 }
 
 
-def _fatal_config() -> None:
+def _fatal_config():
     try:
         config = load_config(os.environ.get("PONOS_CONFIG"))
     except ConfigError as error:
@@ -52,6 +52,13 @@ def _fatal_config() -> None:
         sys.stderr.flush()
         os._exit(2)
     logging.getLogger("ponos_tasks").setLevel(config.logging.level)
+    if config.sentry.dsn:
+        import sentry_sdk
+        from sentry_sdk.integrations.celery import CeleryIntegration
+
+        sentry_sdk.init(dsn=config.sentry.dsn, environment=config.sentry.environment,
+                        integrations=[CeleryIntegration()], send_default_pii=False)
+    return config
 
 
 @signals.beat_init.connect
