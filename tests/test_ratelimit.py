@@ -5,6 +5,7 @@ import time
 
 import pytest
 import redis
+import requests
 
 from ponos_tasks.ratelimit import (
     DEFAULT_INTERVALS,
@@ -97,3 +98,67 @@ def test_four_processes_share_one_bucket(redis_url, key_prefix):
     # slots are exactly `interval` apart on the Redis clock; wake-ups jitter a little
     assert min(gaps) > interval * 0.5
     assert times[-1] - times[0] >= interval * 31 * 0.95
+
+
+# --------------------------------------------------------------- against the simulator
+
+SIM_KEY = "sim-key-ratelimit"
+SIM_TIME_SCALE = 20.0
+CALLS_PER_PROCESS = 10
+# Absolute slack added to the scaled intervals (list: 1.1 s / 20 = 55 ms, +30 ms): the time
+# between a slot in Redis and the simulator reading its clock jitters by a few tens of ms on a
+# loaded 2-core machine; 10 ms was measured to give an occasional 429 (1 run in ~11).
+SIM_MARGIN = 0.03
+
+
+def _hammer(sim_url, redis_url, prefix, use_limiter, queue):
+    from ponos_tasks.vast import VastClient, VastRateLimited
+
+    limiter = None
+    if use_limiter:
+        limiter = RedisRateLimiter(redis.Redis.from_url(redis_url), prefix=prefix,
+                                   scale=1 / SIM_TIME_SCALE, margin=SIM_MARGIN)
+    # one attempt per call: a 429 must show, not be hidden by the client's retries
+    client = VastClient(sim_url, SIM_KEY, rate_limiter=limiter, max_attempts=1)
+    refused = 0
+    for _ in range(CALLS_PER_PROCESS):
+        try:
+            client.list_instances()
+        except VastRateLimited:
+            refused += 1
+    queue.put(refused)
+
+
+def _run_four(sim, redis_url, prefix, use_limiter):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(sim.url, redis_url, prefix, use_limiter, queue))
+             for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    refused = sum(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=10)
+    stats = requests.get(f"{sim.url}/_sim/stats", timeout=5).json()
+    return refused, stats
+
+
+@pytest.fixture
+def limited_sim():
+    from ponos_tasks.simulators.vast import VastSimulator
+
+    with VastSimulator(seed=0, time_scale=SIM_TIME_SCALE, api_key=SIM_KEY, host="127.0.0.1",
+                       port=0, rate_limits=True) as sim:
+        yield sim
+
+
+def test_four_processes_through_the_limiter_get_no_429(limited_sim, redis_url, key_prefix):
+    refused, stats = _run_four(limited_sim, redis_url, key_prefix, use_limiter=True)
+    assert stats["calls"]["list"] == 4 * CALLS_PER_PROCESS
+    assert (refused, stats["rate_limited"].get("list", 0)) == (0, 0), stats
+
+
+def test_control_four_processes_without_the_limiter_get_429(limited_sim, redis_url, key_prefix):
+    refused, stats = _run_four(limited_sim, redis_url, key_prefix, use_limiter=False)
+    assert stats["rate_limited"].get("list", 0) > 0, stats
+    assert refused == stats["rate_limited"]["list"]

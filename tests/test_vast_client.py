@@ -1,0 +1,438 @@
+"""The Vast.ai client over real HTTP against the Vast.ai simulator: every call, every fault knob.
+
+The simulator runs in-process on 127.0.0.1:0 at time_scale 20 (a 30 s image pull takes 1.5 s).
+Its rate limits are off here (so that faults are deterministic) except in the last tests,
+where the client runs through the Redis rate limiter scaled to the simulator's clock.
+"""
+
+import time
+import uuid
+
+import pytest
+import redis
+import requests
+
+from ponos_tasks.ratelimit import RedisRateLimiter
+from ponos_tasks.simulators.vast import VastSimulator
+from ponos_tasks.vast import (
+    CreatedInstance,
+    CreateOutcomeUnknown,
+    Instance,
+    LogsNotReady,
+    Offer,
+    OfferUnavailable,
+    VastAuthError,
+    VastClient,
+    VastError,
+    VastRateLimited,
+    VastServerError,
+    VastTransportError,
+)
+
+API_KEY = "sim-key-0123456789abcdef"
+TIME_SCALE = 20.0
+IMAGE = "registry.example/worker:1"
+
+
+@pytest.fixture
+def sim():
+    with VastSimulator(seed=0, time_scale=TIME_SCALE, api_key=API_KEY, host="127.0.0.1", port=0,
+                       rate_limits=False, log_delay=3.0) as simulator:
+        yield simulator
+
+
+def make_client(url, **kwargs):
+    options = {"timeout": (2, 5), "max_attempts": 4, "backoff_initial": 0.05, "backoff_max": 0.2}
+    options.update(kwargs)
+    return VastClient(url, API_KEY, **options)
+
+
+@pytest.fixture
+def client(sim):
+    vast = make_client(sim.url)
+    yield vast
+    vast.close()
+
+
+def admin(sim, method, path, json=None):
+    response = requests.request(method, f"{sim.url}/_sim/{path}", json=json, timeout=5)
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
+def fault(sim, **rule):
+    admin(sim, "POST", "faults", {"rules": [rule]})
+
+
+def stats(sim):
+    return admin(sim, "GET", "stats")
+
+
+def new_label():
+    return f"ponos-test-{uuid.uuid4().hex[:10]}"
+
+
+def cheapest_offer(client, exclude=()):
+    offers = client.search_offers({"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]],
+                                   "limit": 64})
+    return next(offer for offer in offers if offer.id not in exclude)
+
+
+def create(client, label=None, env=None, offer=None):
+    offer = offer or cheapest_offer(client)
+    created = client.create_instance(offer.id, image=IMAGE, label=label or new_label(),
+                                     env=env or {}, disk=10)
+    return created
+
+
+def wait_for(predicate, timeout=10.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
+
+
+def status_is(client, instance_id, **fields):
+    def check():
+        instance = client.get_instance(instance_id)
+        if instance and all(getattr(instance, k) == v for k, v in fields.items()):
+            return instance
+        return None
+    return check
+
+
+# ------------------------------------------------------------------ every call
+
+
+def test_check_auth(client):
+    account = client.check_auth()
+    assert "id" in account and "api_key" not in account
+
+
+def test_bad_key_is_a_clear_auth_error_without_the_key(sim):
+    bad = VastClient(sim.url, "wrong-key-zzz", max_attempts=3)
+    with pytest.raises(VastAuthError) as info:
+        bad.check_auth()
+    assert info.value.status == 401
+    assert "wrong-key-zzz" not in str(info.value) and "API key" in str(info.value)
+    with pytest.raises(VastAuthError):
+        bad.list_instances()
+    assert stats(sim)["calls"].get("account") == 1  # a 401 is not retried
+
+
+def test_search_offers_typed_and_ordered(client):
+    offers = client.search_offers({"num_gpus": {"eq": 1}, "gpu_ram": {"gte": 16000},
+                                   "order": [["dph_total", "asc"]], "limit": 10,
+                                   "allocated_storage": 10})
+    assert 0 < len(offers) <= 10
+    assert all(isinstance(o, Offer) and o.num_gpus == 1 and o.gpu_ram >= 16000 for o in offers)
+    prices = [o.dph_total for o in offers]
+    assert prices == sorted(prices)
+    first = offers[0]
+    assert first.machine_id is not None and first.gpu_name and first.reliability is not None
+    assert first.raw["id"] == first.id
+
+
+def test_create_show_list_label_stop_start_destroy(client):
+    label = new_label()
+    created = create(client, label, env={"PONOS_TASK": "t1", "SIM_DURATION": "600"})
+    assert isinstance(created, CreatedInstance) and created.started and created.instance_api_key
+
+    instance = client.get_instance(created.id)
+    assert isinstance(instance, Instance) and instance.label == label
+    assert instance.env["PONOS_TASK"] == "t1"
+    assert instance.public_ipaddr is None or instance.public_ipaddr == instance.public_ipaddr.strip()
+    running = wait_for(status_is(client, created.id, actual_status="running"), timeout=15)
+    assert running.intended_status == "running" and running.start_date
+
+    assert [i.id for i in client.list_instances(label=label)] == [created.id]
+    assert [i.id for i in client.list_instances(label_prefix=label[:-2])] == [created.id]
+    assert client.list_instances(label="no-such-label") == []
+
+    client.set_label(created.id, label + "-renamed")
+    assert client.get_instance(created.id).label == label + "-renamed"
+
+    client.stop_instance(created.id)
+    stopped = wait_for(status_is(client, created.id, intended_status="stopped"))
+    assert stopped.cur_state == "stopped"
+    assert client.start_instance(created.id) in (True, False)  # False = queued (scheduling)
+    assert client.get_instance(created.id).intended_status == "running"
+
+    assert client.destroy_instance(created.id) is True
+    assert client.get_instance(created.id) is None
+    assert client.destroy_instance(created.id) is False  # already gone
+    assert client.list_instances(label=label + "-renamed") == []
+
+
+def test_get_unknown_instance_is_none(client):
+    assert client.get_instance(987654321) is None
+
+
+def test_update_of_unknown_instance_raises(client):
+    with pytest.raises(VastError) as info:
+        client.set_label(987654321, "x")
+    assert info.value.status == 404 and info.value.error == "no_such_instance"
+
+
+def test_list_pages_through_everything(client, sim):
+    offers = client.search_offers({"num_gpus": {"eq": 1}, "limit": 64})
+    prefix = new_label()
+    ids = [create(client, f"{prefix}-{n}", offer=offer).id for n, offer in enumerate(offers[:30])]
+    assert len(ids) == 30
+    calls_before = stats(sim)["calls"].get("list", 0)
+    listed = client.list_instances()
+    assert [i.id for i in listed] == sorted(i.id for i in listed)
+    assert set(ids) <= {i.id for i in listed}
+    assert stats(sim)["calls"]["list"] - calls_before >= 2  # 25 per page
+    mine = client.list_instances(label_prefix=prefix + "-")
+    assert sorted(i.id for i in mine) == sorted(ids)
+
+
+def test_request_logs(client):
+    # scripted run: 4 lines spread over 50 simulated seconds (at 10, 20, 30 and 40 s)
+    created = create(client, env={"SIM_LOG_LINES": "4", "SIM_DURATION": "50"})
+    wait_for(status_is(client, created.id, actual_status="running"), timeout=15)
+    time.sleep(32 / TIME_SCALE)
+    text = client.request_logs(created.id, wait=15)
+    assert len(text.strip().splitlines()) >= 2
+    tail = client.request_logs(created.id, tail=1, wait=15)
+    assert len(tail.strip().splitlines()) == 1
+
+
+def test_request_logs_not_ready_in_time(client):
+    created = create(client, env={"SIM_DURATION": "600"})
+    with pytest.raises(LogsNotReady):
+        client.request_logs(created.id, wait=0.05)
+
+
+def test_request_logs_of_unknown_instance(client):
+    with pytest.raises(VastError) as info:
+        client.request_logs(987654321, wait=1)
+    assert info.value.status in (403, 404)
+
+
+# ------------------------------------------------------------------ create-time faults
+
+
+def test_offer_vanished(client, sim):
+    label = new_label()
+    fault(sim, fault="offer_vanished", label=label)
+    with pytest.raises(OfferUnavailable) as info:
+        create(client, label)
+    assert info.value.status in (404, 410) and info.value.error == "no_such_ask"
+    assert client.list_instances(label=label) == []
+    assert stats(sim)["calls"]["create"] == 1  # not retried
+
+
+def test_create_lost_is_unknown_then_found_by_label(client, sim):
+    label = new_label()
+    fault(sim, fault="create_lost", label=label)
+    with pytest.raises(CreateOutcomeUnknown):
+        create(client, label)
+    assert stats(sim)["calls"]["create"] == 1  # never re-sent
+    found = wait_for(lambda: client.list_instances(label=label))
+    assert len(found) == 1
+
+
+def test_create_stopped_returns_started_false(client, sim):
+    label = new_label()
+    fault(sim, fault="create_stopped", label=label)
+    created = create(client, label)
+    assert created.started is False and created.id
+    assert client.get_instance(created.id).label == label
+    assert client.destroy_instance(created.id)
+
+
+def test_double_rent_is_accepted_twice(client, sim):
+    label = new_label()
+    fault(sim, fault="double_rent", label=label)
+    offer = cheapest_offer(client)
+    first = create(client, label, offer=offer)
+    second = create(client, label, offer=offer)
+    assert first.id != second.id
+    assert len(client.list_instances(label=label)) == 2
+
+
+# ------------------------------------------------------------------ lifecycle faults
+
+
+def test_stuck_loading(client, sim):
+    label = new_label()
+    fault(sim, fault="stuck_loading", label=label)
+    created = create(client, label)
+    wait_for(status_is(client, created.id, actual_status="loading"), timeout=5)
+    time.sleep(120 / TIME_SCALE)  # far longer than the default 30 s pull
+    assert client.get_instance(created.id).actual_status == "loading"
+
+
+def test_oci_failure(client, sim):
+    label = new_label()
+    fault(sim, fault="oci_failure", label=label)
+    created = create(client, label)
+    instance = wait_for(status_is(client, created.id, actual_status="created"), timeout=10)
+    instance = wait_for(lambda: (i := client.get_instance(created.id)).status_msg_is_fatal and i,
+                        timeout=10)
+    assert "oci runtime create failed" in instance.status_msg.lower()
+
+
+def test_unexpected_exit(client, sim):
+    label = new_label()
+    fault(sim, fault="unexpected_exit", label=label)
+    created = create(client, label, env={"SIM_DURATION": "600"})
+    instance = wait_for(status_is(client, created.id, actual_status="exited"), timeout=15)
+    assert instance.intended_status == "running"
+
+
+def test_offline(client, sim):
+    label = new_label()
+    fault(sim, fault="offline", label=label)
+    created = create(client, label, env={"SIM_DURATION": "600"})
+    wait_for(status_is(client, created.id, actual_status="offline"), timeout=15)
+
+
+def test_outbid(client, sim):
+    label = new_label()
+    fault(sim, fault="outbid", label=label)
+    created = create(client, label, env={"SIM_DURATION": "600"})
+    wait_for(status_is(client, created.id, cur_state="stopped", intended_status="stopped",
+                       next_state="stopped"), timeout=15)
+
+
+# ------------------------------------------------------------------ HTTP faults
+
+
+@pytest.mark.parametrize("shape", ["text", "detail", "json"])
+def test_rate_limit_without_retry_after_is_retried(client, sim, shape):
+    fault(sim, fault="rate_limit", endpoint="list", times=2, shape=shape, retry_after=None)
+    assert client.list_instances() == []
+    assert stats(sim)["calls"]["list"] == 3
+
+
+@pytest.mark.parametrize("shape", ["text", "detail", "json"])
+def test_rate_limit_with_retry_after_is_honoured(client, sim, shape):
+    fault(sim, fault="rate_limit", endpoint="show", times=1, shape=shape, retry_after=1)
+    started = time.monotonic()
+    assert client.get_instance(1) is None
+    assert time.monotonic() - started >= 1.0
+    assert stats(sim)["calls"]["show"] == 2
+
+
+@pytest.mark.parametrize("shape", ["text", "detail", "json"])
+def test_rate_limit_gives_up_after_max_attempts(client, sim, shape):
+    fault(sim, fault="rate_limit", endpoint="list", times=10, shape=shape, retry_after=None)
+    with pytest.raises(VastRateLimited) as info:
+        client.list_instances()
+    assert info.value.status == 429 and "too frequent" in info.value.msg
+    assert stats(sim)["calls"]["list"] == 4
+
+
+def test_rate_limit_with_long_retry_after_gives_up_at_once(client, sim):
+    fault(sim, fault="rate_limit", endpoint="list", times=10, shape="json", retry_after=120)
+    started = time.monotonic()
+    with pytest.raises(VastRateLimited) as info:
+        client.list_instances()
+    assert info.value.retry_after == 120 and time.monotonic() - started < 1
+    assert stats(sim)["calls"]["list"] == 1
+
+
+def test_rate_limited_create_is_retried(client, sim):
+    label = new_label()
+    fault(sim, fault="rate_limit", endpoint="create", times=1, shape="detail", retry_after=None)
+    created = create(client, label)
+    assert created.started and stats(sim)["calls"]["create"] == 2
+    assert len(client.list_instances(label=label)) == 1
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_5xx_is_retried_for_reads(client, sim, status):
+    fault(sim, fault="http_5xx", endpoint="show", times=2, status=status)
+    assert client.get_instance(1) is None
+    assert stats(sim)["calls"]["show"] == 3
+
+
+def test_5xx_gives_up_after_max_attempts(client, sim):
+    fault(sim, fault="http_5xx", endpoint="list", times=10, status=503)
+    with pytest.raises(VastServerError) as info:
+        client.list_instances()
+    assert info.value.status == 503
+    assert stats(sim)["calls"]["list"] == 4
+
+
+def test_500_is_not_retried(client, sim):
+    fault(sim, fault="http_5xx", endpoint="list", times=1, status=500)
+    with pytest.raises(VastServerError):
+        client.list_instances()
+    assert stats(sim)["calls"]["list"] == 1
+
+
+def test_html_error_is_retried_for_reads(client, sim):
+    fault(sim, fault="html_error", endpoint="list", times=1)
+    assert client.list_instances() == []
+    assert stats(sim)["calls"]["list"] == 2
+
+
+@pytest.mark.parametrize("rule", [{"fault": "http_5xx", "status": 503}, {"fault": "html_error"},
+                                  {"fault": "http_5xx", "status": 500}])
+def test_5xx_on_create_is_outcome_unknown(client, sim, rule):
+    fault(sim, endpoint="create", times=1, **rule)
+    with pytest.raises(CreateOutcomeUnknown) as info:
+        create(client)
+    assert info.value.status >= 500
+    assert stats(sim)["calls"]["create"] == 1  # never re-sent
+
+
+def test_slow_read_times_out_and_is_retried(sim):
+    vast = make_client(sim.url, timeout=(2, 0.5))
+    fault(sim, fault="slow", endpoint="list", times=1, delay=1.5)
+    assert vast.list_instances() == []
+    assert stats(sim)["calls"]["list"] == 2
+
+
+def test_slow_create_is_outcome_unknown(sim):
+    vast = make_client(sim.url, timeout=(2, 0.5))
+    label = new_label()
+    fault(sim, fault="slow", endpoint="create", times=1, delay=1.5)
+    with pytest.raises(CreateOutcomeUnknown, match="ReadTimeout"):
+        create(vast, label)
+    assert stats(sim)["calls"]["create"] == 1
+    # the create went through on the server: the caller finds it by its label
+    found = wait_for(lambda: vast.list_instances(label=label), timeout=5)
+    assert len(found) == 1
+
+
+def test_unreachable_server_is_a_transport_error():
+    vast = make_client("http://127.0.0.1:9", max_attempts=2)
+    with pytest.raises(VastTransportError):
+        vast.list_instances()
+
+
+# ------------------------------------------------------------------ with rate limits on
+
+
+@pytest.fixture
+def limited_sim():
+    with VastSimulator(seed=1, time_scale=TIME_SCALE, api_key=API_KEY, host="127.0.0.1", port=0,
+                       rate_limits=True, log_delay=3.0) as simulator:
+        yield simulator
+
+
+def test_every_call_through_the_rate_limiter_gets_no_429(limited_sim, redis_url, key_prefix):
+    limiter = RedisRateLimiter(redis.Redis.from_url(redis_url), prefix=key_prefix,
+                               scale=1 / TIME_SCALE, margin=0.03)
+    vast = make_client(limited_sim.url, rate_limiter=limiter, max_attempts=1)
+    vast.check_auth()
+    offers = vast.search_offers({"num_gpus": {"eq": 1}, "limit": 5})
+    labels = [new_label() for _ in range(3)]
+    ids = [vast.create_instance(offer.id, image=IMAGE, label=label, env={}, disk=10).id
+           for offer, label in zip(offers, labels, strict=False)]
+    for instance_id in ids:
+        vast.get_instance(instance_id)
+        vast.set_label(instance_id, "renamed")
+        vast.list_instances()
+    for instance_id in ids:
+        assert vast.destroy_instance(instance_id)
+    assert not any(stats(limited_sim)["rate_limited"].values())
