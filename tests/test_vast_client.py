@@ -5,6 +5,8 @@ Its rate limits are off here (so that faults are deterministic) except in the la
 where the client runs through the Redis rate limiter scaled to the simulator's clock.
 """
 
+import http.server
+import threading
 import time
 import uuid
 
@@ -145,7 +147,9 @@ def test_create_show_list_label_stop_start_destroy(client):
     instance = client.get_instance(created.id)
     assert isinstance(instance, Instance) and instance.label == label
     assert instance.env["PONOS_TASK"] == "t1"
-    assert instance.public_ipaddr is None or instance.public_ipaddr == instance.public_ipaddr.strip()
+    # the simulator sends public_ipaddr/local_ipaddrs with a trailing newline, as Vast does
+    assert instance.public_ipaddr and not instance.public_ipaddr.endswith("\n")
+    assert not instance.raw["local_ipaddrs"].endswith("\n")
     running = wait_for(status_is(client, created.id, actual_status="running"), timeout=15)
     assert running.intended_status == "running" and running.start_date
 
@@ -263,9 +267,9 @@ def test_double_rent_is_accepted_twice(client, sim):
 def test_stuck_loading(client, sim):
     label = new_label()
     fault(sim, fault="stuck_loading", label=label)
-    created = create(client, label)
+    created = create(client, label, env={"SIM_PULL_SECONDS": "5"})
     wait_for(status_is(client, created.id, actual_status="loading"), timeout=5)
-    time.sleep(120 / TIME_SCALE)  # far longer than the default 30 s pull
+    time.sleep(30 / TIME_SCALE)  # six times the pull this instance should take
     assert client.get_instance(created.id).actual_status == "loading"
 
 
@@ -402,6 +406,42 @@ def test_slow_create_is_outcome_unknown(sim):
     # the create went through on the server: the caller finds it by its label
     found = wait_for(lambda: vast.list_instances(label=label), timeout=5)
     assert len(found) == 1
+
+
+class _QuotaExceeded(http.server.BaseHTTPRequestHandler):
+    """The simulator has no daily-search-quota knob (reference §11.10 lists it as optional):
+    this one-route server answers the 429 the official client special-cases."""
+
+    calls = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        type(self).calls += 1
+        body = b'{"error": "search_quota_exceeded", "msg": "Daily search quota exceeded"}'
+        self.send_response(429)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-RateLimit-Reset", "1893456000")  # 2030-01-01 00:00 UTC
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_search_quota_exceeded_is_never_retried():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuotaExceeded)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        vast = make_client(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(VastRateLimited) as info:
+            vast.search_offers({"limit": 1})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert info.value.error == "search_quota_exceeded" and not info.value.retryable
+    assert info.value.reset_at == 1893456000 and "2030-01-01 00:00:00 UTC" in str(info.value)
+    assert _QuotaExceeded.calls == 1
 
 
 def test_unreachable_server_is_a_transport_error():
