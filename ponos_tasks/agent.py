@@ -69,7 +69,7 @@ class AgentContext:
         vast = self.config.vast_api
         limiter = RedisRateLimiter(self.redis, prefix=self.prefix + "ratelimit:",
                                    scale=vast.rate_limit_scale,
-                                   margin=0.02 if vast.rate_limit_scale < 1 else 0.0)
+                                   margin=0.03 if vast.rate_limit_scale < 1 else 0.0)
         return VastClient(vast.url, vast.api_key, rate_limiter=limiter)
 
     @cached_property
