@@ -445,8 +445,9 @@ def report(ctx: AgentContext, task_id: str) -> Next | None:
     if record is None or record.phase != Phase.DESTROYING or not record.instance_destroyed:
         return None
     state = record.final_state or "error"
-    if state != "stopped" and not record.reported_running:
-        # Arkindex's table: a task reaches completed/failed only from running.
+    if state in ("completed", "failed") and not record.reported_running:
+        # Arkindex's table: a task reaches completed/failed only from running. `error` is
+        # allowed from pending: a task that never ran is not reported running (DESIGN §2).
         _report_running(ctx, task_id)
     try:
         ctx.arkindex.update_state(task_id, state)
