@@ -1,0 +1,285 @@
+"""Run the agent's steps in-process, without Celery, against a LocalStack and a real Redis.
+
+    ctx = make_context(stack, redis_url)           # unique Redis prefix and agent name
+    harness = Harness(ctx)
+    harness.sync()                                  # steps.sync + queue what it enqueues
+    harness.run(until=lambda: harness.done(task_id))
+
+`Harness.run` executes queued `Next` steps in due order, like Celery would with countdowns,
+but sleeps at most `max_sleep` real seconds per wait: every step is idempotent and re-reads
+its record, so running a watch early only re-checks (the simulators run on scaled time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import requests
+
+from ponos_tasks import steps
+from ponos_tasks.agent import AgentContext
+from ponos_tasks.config import AgentConfig
+from ponos_tasks.lifecycle import Phase
+from ponos_tasks.reconcile import AdoptInstance, DestroyInstance
+from ponos_tasks.steps import Next
+
+
+def make_config(stack, redis_url: str, *, agent_name: str | None = None,
+                **overrides) -> AgentConfig:
+    """An agent config for `stack`; `vast_api` overrides merge into the Vast section."""
+    vast = {
+        "url": stack.vast_url,
+        "api_key": stack.vast_api_key,
+        "offer_filters": {},
+        "disk_gb": 16,
+        "loading_deadline": 30,
+        "start_attempts": 3,
+        "offer_wait": 30,
+        "max_instances": 4,
+        # The simulator's rate limits shrink with its time scale; so do ours.
+        "rate_limit_scale": 1.0 / stack.time_scale,
+    }
+    vast.update(overrides.pop("vast_api", {}))
+    data = {
+        "url": stack.arkindex_url,
+        "farm_id": stack.farm_id,
+        "seed": stack.seed,
+        "agent_name": agent_name or f"test-{uuid.uuid4().hex[:10]}",
+        "redis_url": redis_url,
+        "sync_interval": 0.5,
+        "logs_interval": 60,
+        "vast_api": vast,
+    }
+    data.update(overrides)
+    return AgentConfig.model_validate(data)
+
+
+def make_context(stack, redis_url: str, *, prefix: str | None = None,
+                 agent_name: str | None = None, **overrides) -> AgentContext:
+    """A context with its own Redis key prefix and (by default) its own agent identity, so
+    that several tests can share one stack without seeing each other's tasks."""
+    config = make_config(stack, redis_url, agent_name=agent_name, **overrides)
+    return AgentContext(config, prefix=prefix or f"test-steps-{uuid.uuid4().hex[:10]}:")
+
+
+def wipe(ctx: AgentContext) -> int:
+    """Delete every Redis key of this context (a total loss of the agent's memory)."""
+    keys = list(ctx.redis.scan_iter(match=ctx.prefix + "*"))
+    if keys:
+        ctx.redis.delete(*keys)
+    return len(keys)
+
+
+@dataclass(order=True)
+class _Queued:
+    due: float
+    seq: int
+    task_id: str = field(compare=False)
+    next: Next = field(compare=False)
+
+
+class Harness:
+    """A tiny in-process stand-in for Celery: a due-time queue of (task id, Next)."""
+
+    def __init__(self, ctx: AgentContext, *, max_sleep: float = 0.05):
+        self.ctx = ctx
+        self.max_sleep = max_sleep
+        self.queue: list[_Queued] = []
+        self.trace: list[tuple[str, str]] = []  # (step, task id) in the order they ran
+        self.syncs: list[steps.SyncResult] = []
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------ queueing
+
+    def push(self, task_id: str, follow) -> None:
+        if follow is None:
+            return
+        for item in follow if isinstance(follow, list) else [follow]:
+            # Compressed countdown: due soon, but after what is due now.
+            due = time.monotonic() + min(item.countdown, self.max_sleep)
+            heapq.heappush(self.queue, _Queued(due, next(self._seq), task_id, item))
+
+    def sync(self) -> steps.SyncResult:
+        result = steps.sync(self.ctx)
+        self.syncs.append(result)
+        for _kind, task_id, follow in result.enqueue:
+            self.push(task_id, follow)
+        return result
+
+    # ------------------------------------------------------------------ running
+
+    def execute(self, task_id: str, item: Next):
+        """Run one step as tasks.py would, and return what it says comes next."""
+        ctx, kwargs = self.ctx, dict(item.kwargs)
+        self.trace.append((item.step, task_id))
+        if item.step == steps.ADOPT:
+            return steps.adopt(ctx, AdoptInstance(task_id=task_id, **kwargs))
+        if item.step == steps.DESTROY_INSTANCE:
+            return steps.destroy_unwanted(ctx, DestroyInstance(task_id=task_id, **kwargs))
+        function = {
+            steps.START: steps.start,
+            steps.CHOOSE_OFFER: steps.choose_offer,
+            steps.CREATE: steps.create,
+            steps.WATCH: steps.watch,
+            steps.RETRY: steps.retry,
+            steps.PUBLISH_LOGS: steps.publish_logs,
+            steps.DESTROY: steps.destroy,
+            steps.REPORT: steps.report,
+            steps.STOP: steps.stop,
+        }[item.step]
+        return function(ctx, task_id, **kwargs)
+
+    def step_once(self) -> bool:
+        """Run the next due step (sleeping until it is due); False when the queue is empty."""
+        if not self.queue:
+            return False
+        queued = heapq.heappop(self.queue)
+        delay = queued.due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self.push(queued.task_id, self.execute(queued.task_id, queued.next))
+        return True
+
+    def run(self, until: Callable[[], bool] | None = None, *, timeout: float = 30.0,
+            sync_every: float | None = None,
+            on_step: Callable[[Harness], None] | None = None) -> None:
+        """Run queued steps until `until()` holds (or the queue is empty without `until`).
+
+        `sync_every`: also run the sync loop every so many real seconds (stalled chains,
+        stops, orphans are the sync loop's business). Raises TimeoutError after `timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        last_sync = time.monotonic()
+        while True:
+            if until is not None and until():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not done after {timeout}s; last steps: {self.trace[-8:]}; "
+                                   f"records: {self.ctx.store.all_records()}")
+            if sync_every is not None and time.monotonic() - last_sync >= sync_every:
+                self.sync()
+                last_sync = time.monotonic()
+            if not self.step_once():
+                if until is None:
+                    return
+                if sync_every is None:
+                    raise AssertionError(f"queue empty before the goal; trace {self.trace}; "
+                                         f"records: {self.ctx.store.all_records()}")
+                time.sleep(min(self.max_sleep, sync_every))
+            if on_step is not None:
+                on_step(self)
+
+    # ------------------------------------------------------------------ checks
+
+    def done(self, task_id: str) -> bool:
+        record = self.ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.DONE
+
+    def steps_of(self, task_id: str) -> list[str]:
+        return [step for step, tid in self.trace if tid == task_id]
+
+
+def drive(ctx: AgentContext, task_id: str, *, first: Next | None = None,
+          timeout: float = 30.0, max_sleep: float = 0.05) -> Harness:
+    """Run the task's chain from `first` (default: start) until its record is done."""
+    harness = Harness(ctx, max_sleep=max_sleep)
+    harness.push(task_id, first or Next(steps.START))
+    harness.run(until=lambda: harness.done(task_id), timeout=timeout)
+    return harness
+
+
+def run_sync(ctx: AgentContext, *, until: Callable[[], bool] | None = None,
+             timeout: float = 30.0, sync_every: float | None = None,
+             max_sleep: float = 0.05) -> Harness:
+    """steps.sync once, then run what it enqueued (and what those steps enqueue)."""
+    harness = Harness(ctx, max_sleep=max_sleep)
+    harness.sync()
+    harness.run(until=until, timeout=timeout, sync_every=sync_every)
+    return harness
+
+
+# ---------------------------------------------------------------------- simulator admin
+
+
+class Admin:
+    """The simulators' admin APIs (no auth) of one LocalStack."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.http = requests.Session()
+
+    def _vast(self, method: str, path: str, **kwargs):
+        resp = self.http.request(method, self.stack.vast_url + path, timeout=10, **kwargs)
+        resp.raise_for_status()
+        return resp.json() if resp.content else None
+
+    def _ark(self, method: str, path: str, **kwargs):
+        resp = self.http.request(method, self.stack.arkindex_url + path, timeout=10, **kwargs)
+        resp.raise_for_status()
+        return resp
+
+    # Arkindex
+    def process(self, tasks: list[dict], name: str = "test") -> dict:
+        return self._ark("POST", "/_sim/processes", json={"name": name, "tasks": tasks}).json()
+
+    def one_task(self, **spec) -> str:
+        spec.setdefault("slug", "task")
+        spec.setdefault("image", "registry.example/worker:1")
+        return self.process([spec])["tasks"][0]["id"]
+
+    def task(self, task_id: str) -> dict:
+        return self._ark("GET", f"/_sim/tasks/{task_id}").json()
+
+    def task_log(self, task_id: str) -> str | None:
+        resp = self.http.get(f"{self.stack.arkindex_url}/_sim/tasks/{task_id}/logs", timeout=10)
+        if resp.status_code == 404:
+            return None
+        resp.raise_for_status()
+        return resp.text
+
+    def stop_task(self, task_id: str) -> dict:
+        return self._ark("POST", f"/_sim/tasks/{task_id}/stop").json()
+
+    def accepted_agent_states(self, task_id: str) -> list[str]:
+        """The states the agent reported and Arkindex accepted, in order."""
+        return [h["to"] for h in self.task(task_id)["history"]
+                if h.get("source") == "agent" and h.get("accepted")]
+
+    # Vast
+    def faults(self, *rules: dict) -> None:
+        self._vast("POST", "/_sim/faults", json={"rules": list(rules)})
+
+    def clear_faults(self) -> None:
+        self._vast("DELETE", "/_sim/faults")
+
+    def ledger(self) -> list[dict]:
+        return self._vast("GET", "/_sim/ledger")["instances"]
+
+    def stats(self) -> dict:
+        return self._vast("GET", "/_sim/stats")
+
+    def events(self) -> list[dict]:
+        return self._vast("GET", "/_sim/events")["events"]
+
+    def instances(self) -> list[dict]:
+        data = self._vast("GET", "/_sim/instances")
+        return data["instances"] if isinstance(data, dict) else data
+
+    def offers(self) -> list[dict]:
+        data = self._vast("GET", "/_sim/offers")
+        return data["offers"] if isinstance(data, dict) else data
+
+    def clear_offers(self) -> None:
+        self._vast("DELETE", "/_sim/offers")
+
+    def add_offers(self, offers: list[dict]) -> None:
+        self._vast("POST", "/_sim/offers", json={"offers": offers})
+
+    def rows_for(self, task_id: str) -> list[dict]:
+        """Ledger rows of every instance whose label names this task."""
+        return [row for row in self.ledger() if task_id in (row.get("label") or "")]

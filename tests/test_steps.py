@@ -1,0 +1,476 @@
+"""The agent's per-task steps and sync loop, called directly (no Celery), against the real
+simulators and a real Redis (tests/agent_harness.py runs the steps in-process).
+
+One stack (time_scale 100: one simulated minute is 0.6 s) serves the tests that leave the
+market alone; each context has its own Redis prefix and agent identity, and faults are scoped
+to one task by a label regex. Tests that empty the market use a private stack.
+"""
+
+import json
+import re
+
+import pytest
+
+from ponos_tasks import steps
+from ponos_tasks.lifecycle import Phase, parse_label
+from ponos_tasks.offers import build_query, offer_matches, rank_offers
+from ponos_tasks.simulators.stack import LocalStack
+from tests.agent_harness import Admin, Harness, make_context, wipe
+
+TIME_SCALE = 100.0
+FAST = {"SIM_DURATION": "20", "SIM_PULL_SECONDS": "5", "SIM_LOG_LINES": "3"}
+
+
+def scripted(code: int = 0, **extra) -> dict:
+    """Env knobs of a scripted instance that ends with the wrapper's marker line."""
+    return {**FAST, "SIM_FINAL_LINES": f"PONOS_EXIT_CODE={code}", **extra}
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url):
+    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def admin(stack):
+    admin = Admin(stack)
+    yield admin
+    admin.clear_faults()
+
+
+@pytest.fixture
+def contexts(stack, redis_url):
+    """make(**overrides) -> AgentContext; every context's keys are wiped afterwards."""
+    made = []
+
+    def make(**overrides):
+        ctx = make_context(stack, redis_url, **overrides)
+        made.append(ctx)
+        return ctx
+
+    yield make
+    admin = Admin(stack)
+    prefixes = {ctx.label_prefix() for ctx in made if ctx._registered}
+    try:
+        # Whatever the test did: nothing of ours left running, and never two live instances
+        # for one task at any moment (from the simulator's event timeline).
+        assert [r["label"] for r in admin.ledger() if r["destroyed_at"] is None
+                and (r["label"] or "").startswith(tuple(prefixes))] == []
+        live: dict[str, int] = {}
+        for event in admin.events():
+            info = parse_label(event.get("label"))
+            if info is None or f"ponos-{info.agent_short_id}-" not in prefixes:
+                continue
+            if event["event"] in ("created", "destroyed"):
+                live[info.task_id] = live.get(info.task_id, 0) + (
+                    1 if event["event"] == "created" else -1)
+                assert live[info.task_id] <= 1, f"two live instances for {info.task_id}"
+    finally:
+        for ctx in made:
+            wipe(ctx)
+            ctx.redis.close()
+
+
+def start_and_finish(ctx, task_id: str, timeout: float = 30.0) -> Harness:
+    """Sync until Arkindex hands us the task, then run its chain to the end."""
+    harness = Harness(ctx)
+    harness.sync()
+    assert any(s for s in harness.syncs[-1].steps
+               if type(s).__name__ == "AcceptTask" and s.task_id == task_id), \
+        harness.syncs[-1].steps
+    harness.run(until=lambda: harness.done(task_id), timeout=timeout)
+    return harness
+
+
+def agent_lines(ctx, log: str) -> list[str]:
+    """The published lines formatted with logging.task_format (agent lines)."""
+    head = ctx.config.logging.task_format.split("%(", 1)[0]  # e.g. "[agent "
+    return [line for line in log.splitlines() if line.startswith(head)]
+
+
+def live_labels(admin: Admin, task_id: str) -> list[str]:
+    return [row["label"] for row in admin.rows_for(task_id) if row["destroyed_at"] is None]
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+@pytest.mark.parametrize("code,state", [(0, "completed"), (3, "failed")])
+def test_marker_decides_final_state(contexts, admin, code, state):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(code))
+    start_and_finish(ctx, task_id)
+
+    record = ctx.store.get(task_id)
+    assert record.final_state == state and record.attempt == 1
+    assert admin.task(task_id)["state"] == state
+    # running, then the final state, each reported once and accepted
+    assert admin.accepted_agent_states(task_id) == ["running", state]
+    refused = [h for h in admin.task(task_id)["history"] if not h["accepted"]]
+    assert refused == []
+    rows = admin.rows_for(task_id)
+    assert len(rows) == 1 and rows[0]["destroyed_at"] is not None
+    assert admin.stats()["max_live_per_label"][rows[0]["label"]] == 1
+
+
+def test_published_log_agent_lines_first_no_secrets(stack, contexts, admin):
+    """Local run mode: the real wrapper runs `sh -c` and the task prints secrets it knows."""
+    ctx = contexts()
+    vast_key, seed = stack.vast_api_key, stack.seed
+    command = ("sh -c 'echo hello-from-task; echo token=$ARKINDEX_TASK_TOKEN; "
+               f"echo seed={seed}; echo key={vast_key}; exit 0'")
+    task_id = admin.one_task(command=command, env={**FAST, "SIM_RUN_MODE": "local"})
+    start_and_finish(ctx, task_id)
+
+    log = admin.task_log(task_id)
+    assert log is not None
+    [instance] = [i for i in admin.instances() if task_id in (i["label"] or "")]
+    token = instance["env"]["ARKINDEX_TASK_TOKEN"]
+    lines = log.splitlines()
+    mine = agent_lines(ctx, log)
+    assert mine, log
+    assert any("accepted" in line for line in mine)
+    # The agent's lines come first, then the instance's output and the marker.
+    first_instance = lines.index("hello-from-task")
+    assert lines.index(mine[-1]) < first_instance
+    assert "PONOS_EXIT_CODE=0" in lines[first_instance:]
+    assert admin.task(task_id)["state"] == "completed"
+    for secret in (seed, vast_key):
+        assert secret not in log
+    assert token and token not in log and "token=" in log
+    # A line formatted by task_format: "[agent LEVEL time] message"
+    assert re.match(r"^\[agent (INFO|WARNING|ERROR) ", mine[0]), mine[0]
+
+
+# --------------------------------------------------------------------------- instance env
+
+
+def test_instance_env_parents_gpu_runtype_label(contexts, admin):
+    ctx = contexts()
+    created = admin.process([
+        {"slug": "parent", "image": "registry.example/worker:1", "state": "completed"},
+        {"slug": "child", "image": "registry.example/worker:1", "parents": ["parent"],
+         "command": "worker --flag 'two words'", "env": {**scripted(0), "MY_SETTING": "42"}},
+        {"slug": "orphan", "image": "registry.example/worker:1", "env": scripted(0),
+         "command": "worker"},
+    ])
+    ids = {t["slug"]: t["id"] for t in created["tasks"]}
+    harness = Harness(ctx)
+    harness.sync()
+    harness.run(until=lambda: harness.done(ids["child"]) and harness.done(ids["orphan"]))
+
+    by_task = {tid: [i for i in admin.instances() if tid in (i["label"] or "")]
+               for tid in (ids["child"], ids["orphan"])}
+    assert all(len(found) == 1 for found in by_task.values()), by_task
+    child, orphan = by_task[ids["child"]][0], by_task[ids["orphan"]][0]
+    assert json.loads(child["env"]["TASK_PARENTS"]) == {ids["parent"]: "parent"}
+    assert orphan["env"]["TASK_PARENTS"] == "{}"
+    for inst, tid in ((child, ids["child"]), (orphan, ids["orphan"])):
+        env = inst["env"]
+        assert env["TASK_BOOTSTRAP"] == "true"
+        assert env["PONOS_TASK"] == tid
+        assert env["ARKINDEX_TASK_TOKEN"]  # the definition's env is passed on
+        assert inst["num_gpus"] == 1
+        assert inst["image_runtype"] == "args"
+        info = parse_label(inst["label"])
+        assert info is not None and inst["label"] == f"ponos-{ctx.agent_short_id()}-{tid}-1"
+        assert (info.task_id, info.attempt) == (tid, 1)
+    assert child["env"]["MY_SETTING"] == "42"
+    # the task's command, wrapped: sh -c <wrapper> ponos-task <argv...>
+    assert child["command"][0] == "sh" and child["command"][-3:] == ["worker", "--flag",
+                                                                     "two words"]
+    query = build_query(ctx.config.vast_api.offer_filters, disk_gb=ctx.config.vast_api.disk_gb)
+    assert query["num_gpus"] == {"eq": 1}
+
+
+# --------------------------------------------------------------------------- offer choice
+
+
+def _expected_ranking(ctx, admin) -> list[dict]:
+    """The market's offers that match the agent's query, ranked with the price at our disk."""
+    vast = ctx.config.vast_api
+    query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
+    filters = {k: v for k, v in query.items()
+               if k not in ("order", "type", "allocated_storage", "limit")}
+    rows = []
+    for offer in admin.offers():
+        if offer_matches(filters, offer):
+            price = offer["dph_base"] + offer["storage_cost"] * vast.disk_gb / 720.0
+            rows.append({**offer, "dph_total": price})
+    return rank_offers(rows)
+
+
+def test_cheapest_matching_offer_is_rented(contexts, admin):
+    ctx = contexts(vast_api={"offer_filters": {"gpu_ram": {"gte": 20000}}})
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    ranking = _expected_ranking(ctx, admin)
+    assert len(ranking) >= 2
+    start_and_finish(ctx, task_id)
+    [row] = admin.rows_for(task_id)
+    assert row["offer_id"] == ranking[0]["id"]
+    assert ctx.store.get(task_id).offer_id == ranking[0]["id"]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def first_attempt(ctx, task_id: str) -> str:
+    return f"^ponos-{ctx.agent_short_id()}-{re.escape(task_id)}-1$"
+
+
+def test_offer_vanished_takes_next_offer(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "offer_vanished", "label": task_id, "times": 1})
+    ranking = _expected_ranking(ctx, admin)
+    harness = start_and_finish(ctx, task_id)
+    [row] = admin.rows_for(task_id)
+    assert row["offer_id"] == ranking[1]["id"]
+    assert ctx.store.get(task_id).final_state == "completed"
+    assert "was taken before we could rent it" in admin.task_log(task_id)
+    assert harness.steps_of(task_id).count(steps.CREATE) == 1
+
+
+def test_create_lost_adopts_by_label_no_duplicate(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "create_lost", "label": task_id, "times": 1})
+    harness = start_and_finish(ctx, task_id)
+    rows = admin.rows_for(task_id)
+    assert len(rows) == 1, rows
+    label = rows[0]["label"]
+    assert admin.stats()["max_live_per_label"][label] == 1
+    created = [e for e in admin.events() if e["event"] == "created" and e["label"] == label]
+    assert len(created) == 1
+    record = ctx.store.get(task_id)
+    assert record.final_state == "completed" and record.attempt == 1
+    assert record.instance_id == rows[0]["id"]
+    assert harness.steps_of(task_id).count(steps.CREATE) >= 2  # the second one adopted
+    assert "adopted existing" in admin.task_log(task_id)
+
+
+def test_create_stopped_destroyed_and_other_offer(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "create_stopped", "label": task_id, "times": 1})
+    start_and_finish(ctx, task_id)
+    rows = sorted(admin.rows_for(task_id), key=lambda r: r["id"])
+    assert len(rows) == 2, rows
+    assert all(r["destroyed_at"] is not None for r in rows)
+    assert rows[0]["machine_id"] != rows[1]["machine_id"]
+    assert rows[0]["offer_id"] != rows[1]["offer_id"]
+    assert rows[0]["destroyed_at"] <= rows[1]["created_at"]
+    assert max(admin.stats()["max_live_per_label"][r["label"]] for r in rows) == 1
+    assert ctx.store.get(task_id).final_state == "completed"
+    assert admin.task(task_id)["state"] == "completed"
+
+
+@pytest.mark.parametrize("fault", ["stuck_loading", "oci_failure", "unexpected_exit"])
+def test_failed_start_retries_on_another_machine(contexts, admin, fault):
+    ctx = contexts(vast_api={"loading_deadline": 1.0})
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    rule = {"fault": fault, "label": first_attempt(ctx, task_id), "times": 1}
+    if fault == "unexpected_exit":
+        rule["after"] = 5  # sim s after running, before the scripted end (20 s)
+    admin.faults(rule)
+    start_and_finish(ctx, task_id)
+
+    record = ctx.store.get(task_id)
+    rows = sorted(admin.rows_for(task_id), key=lambda r: r["id"])
+    assert [parse_label(r["label"]).attempt for r in rows] == [1, 2]
+    assert all(r["destroyed_at"] is not None for r in rows)
+    assert rows[0]["machine_id"] != rows[1]["machine_id"]
+    assert record.failed_machines == [rows[0]["machine_id"]]
+    assert record.attempt == 2 and record.final_state == "completed"
+    assert admin.accepted_agent_states(task_id) == ["running", "completed"]
+    log = admin.task_log(task_id)
+    assert "attempt 1 failed on machine" in log
+
+
+def test_attempts_exhausted_error_with_reason(contexts, admin):
+    ctx = contexts(vast_api={"loading_deadline": 0.8, "start_attempts": 2})
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "stuck_loading", "label": task_id})
+    start_and_finish(ctx, task_id)
+    record = ctx.store.get(task_id)
+    assert record.final_state == "error" and record.attempt == 2
+    rows = admin.rows_for(task_id)
+    assert len(rows) == 2 and all(r["destroyed_at"] is not None for r in rows)
+    assert admin.task(task_id)["state"] == "error"
+    log = admin.task_log(task_id)
+    assert "no instance could run the task in 2 attempt(s)" in log
+    assert "loading deadline" in log
+    # It never ran: Arkindex is told `error`, never `running`.
+    assert admin.accepted_agent_states(task_id) == ["error"]
+
+
+def test_no_matching_offer_waits_then_error(contexts, admin):
+    ctx = contexts(vast_api={"offer_filters": {"gpu_ram": {"gte": 10_000_000}},
+                             "offer_wait": 1.0})
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    harness = start_and_finish(ctx, task_id)
+    assert harness.steps_of(task_id).count(steps.CHOOSE_OFFER) >= 3  # it waited
+    record = ctx.store.get(task_id)
+    assert record.final_state == "error" and record.attempt == 0
+    assert admin.rows_for(task_id) == []
+    log = admin.task_log(task_id)
+    assert "no Vast.ai offer matched the filters within 1 s" in log
+    assert admin.task(task_id)["state"] == "error"
+    assert admin.accepted_agent_states(task_id) == ["error"]
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_stop_while_running(contexts, admin):
+    ctx = contexts()
+    # A long task (2000 sim s = 20 real s, a log line every 100 sim s) stopped once it ran
+    # long enough to print something.
+    task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "2000",
+                                  "SIM_LOG_LINES": "19"}, command="worker")
+    harness = Harness(ctx)
+    harness.sync()
+
+    def printed() -> bool:
+        found = [i for i in admin.instances() if task_id in (i["label"] or "")]
+        return bool(found) and any("sim log line" in line for line in found[0]["log"])
+
+    harness.run(until=lambda: ctx.store.get(task_id).phase == Phase.RUNNING and printed(),
+                timeout=10)
+    assert admin.task(task_id)["state"] == "running"
+    admin.stop_task(task_id)
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=15)
+
+    stops = [s for r in harness.syncs for s in r.steps
+             if type(s).__name__ == "StopTask" and s.task_id == task_id]
+    assert stops and stops[0].has_record
+    record = ctx.store.get(task_id)
+    assert record.final_state == "stopped" and record.stop_requested
+    assert admin.task(task_id)["state"] == "stopped"
+    assert admin.accepted_agent_states(task_id) == ["running", "stopped"]
+    [row] = admin.rows_for(task_id)
+    assert row["destroyed_at"] is not None
+    log = admin.task_log(task_id)
+    assert "stop requested by Arkindex" in log
+    assert "sim log line" in log  # the instance's output so far was published
+    assert harness.steps_of(task_id).count(steps.REPORT) == 1
+
+
+def test_stop_before_any_instance(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    harness = Harness(ctx)
+    harness.sync()  # accepted; its chain is queued but has not run
+    assert ctx.store.get(task_id).phase == Phase.ACCEPTED
+    harness.queue.clear()  # the chain's message is late: the stop wins the race
+    admin.stop_task(task_id)
+    assert admin.task(task_id)["state"] == "stopping"
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=10)
+    assert ctx.store.get(task_id).final_state == "stopped"
+    assert admin.task(task_id)["state"] == "stopped"
+    assert admin.accepted_agent_states(task_id) == ["stopped"]
+    assert admin.rows_for(task_id) == []
+    assert "stop requested by Arkindex" in (admin.task_log(task_id) or "")
+    # The late start message finds the task done and does nothing.
+    assert steps.start(ctx, task_id) is None
+    assert admin.rows_for(task_id) == []
+
+
+def test_stop_without_record(contexts, admin):
+    """Memory lost after the task was assigned: the stop is honoured all the same."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    Harness(ctx).sync()  # assigned to us, accepted, chain never ran
+    wipe(ctx)
+    admin.stop_task(task_id)
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    harness = Harness(reborn)
+    result = harness.sync()
+    assert [(type(s).__name__, s.has_record) for s in result.steps
+            if s.task_id == task_id] == [("StopTask", False)]
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=10)
+    assert admin.task(task_id)["state"] == "stopped"
+    assert admin.accepted_agent_states(task_id) == ["stopped"]
+    assert admin.rows_for(task_id) == []
+    assert "stop requested by Arkindex" in (admin.task_log(task_id) or "")
+
+
+# --------------------------------------------------------------------------- restart
+
+
+def test_total_memory_loss_readopts_instance(stack, redis_url, contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "150"}, command="worker")
+    harness = Harness(ctx)
+    harness.sync()
+    harness.run(until=lambda: (ctx.store.get(task_id).instance_id is not None))
+    instance_id = ctx.store.get(task_id).instance_id
+    assert wipe(ctx) > 0  # Redis lost: records, credentials, snapshot, logs, locks
+    assert list(ctx.redis.scan_iter(match=ctx.prefix + "*")) == []
+
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    assert reborn.agent_short_id() == ctx.agent_short_id()  # the same agent again
+    again = Harness(reborn)
+    again.sync()
+    adopts = [s for s in again.syncs[0].steps if type(s).__name__ == "AdoptInstance"]
+    assert [(s.task_id, s.instance_id) for s in adopts] == [(task_id, instance_id)]
+    again.run(until=lambda: again.done(task_id), sync_every=0.3, timeout=20)
+
+    record = reborn.store.get(task_id)
+    assert record.adopted and record.instance_id == instance_id
+    assert record.final_state == "completed"
+    assert admin.task(task_id)["state"] == "completed"
+    assert admin.accepted_agent_states(task_id).count("completed") == 1
+    assert admin.accepted_agent_states(task_id).count("running") == 1
+    rows = admin.rows_for(task_id)
+    assert [r["id"] for r in rows] == [instance_id]  # no second instance
+    assert rows[0]["destroyed_at"] is not None
+    assert "re-adopted instance" in admin.task_log(task_id)
+
+
+# --------------------------------------------------------------------------- sync loop
+
+
+def test_sync_accepts_then_starts_within_capacity(contexts, admin):
+    ctx = contexts(vast_api={"max_instances": 1})
+    first = admin.one_task(env=scripted(0), command="worker")
+    harness = Harness(ctx)
+    result = harness.sync()
+    kinds = [(type(s).__name__, s.task_id) for s in result.steps]
+    assert ("AcceptTask", first) in kinds and ("StartChain", first) in kinds
+    assert kinds.index(("AcceptTask", first)) < kinds.index(("StartChain", first))
+    assert ("task", first, steps.Next(steps.START)) in result.enqueue
+    assert ctx.store.get(first).phase == Phase.ACCEPTED
+    # A second sync does not start the chain twice (enqueue de-duplication).
+    assert harness.sync().enqueue == []
+    harness.run(until=lambda: ctx.store.get(first).phase == Phase.LOADING
+                or ctx.store.get(first).phase == Phase.RUNNING)
+    # One slot, taken: the next task is accepted... by capacity 0 it is not even assigned.
+    second = admin.one_task(env=scripted(0), command="worker")
+    assert not any(s.task_id == second for s in harness.sync().steps)
+    harness.run(until=lambda: harness.done(first) and harness.done(second), sync_every=0.2)
+    assert admin.task(second)["state"] == "completed"
+
+
+def test_sync_destroys_orphan_of_done_task(stack, contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    start_and_finish(ctx, task_id)
+    # An instance carrying our label for the finished task (a create whose answer we lost
+    # after the task ended, say).
+    offer = _expected_ranking(ctx, admin)[0]
+    label = f"ponos-{ctx.agent_short_id()}-{task_id}-1"
+    created = ctx.vast.create_instance(offer["id"], image="registry.example/worker:1",
+                                       label=label, env={}, disk=16, runtype="args",
+                                       onstart="sh", args=["-c", "sleep 1"])
+    harness = Harness(ctx)
+    result = harness.sync()
+    destroys = [s for s in result.steps if type(s).__name__ == "DestroyInstance"]
+    assert [(s.instance_id, s.cause) for s in destroys] == [(created.id, "orphan")]
+    harness.run()
+    row = next(r for r in admin.ledger() if r["id"] == created.id)
+    assert row["destroyed_at"] is not None
+    assert admin.accepted_agent_states(task_id) == ["running", "completed"]  # untouched
