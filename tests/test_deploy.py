@@ -1,0 +1,438 @@
+"""Deployment files: Procfile, docker-compose.yml, Dockerfile, .dockerignore (no Docker engine).
+
+The compose file is validated against the vendored Compose Specification schema; the Procfile
+and compose must run the same commands, on exactly celeryconfig.QUEUES (the queues
+`ponos-vast run` uses too), with one beat, an authenticated Flower and a persistent, private
+Redis. The local profile's stack entry point is started for real on loopback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import requests
+import yaml
+
+import celeryconfig
+from ponos_tasks import supervisor
+from ponos_tasks.config import load_config
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT / "tests" / "data" / "compose_spec.json"
+AUTH_GUARD = "${FLOWER_BASIC_AUTH:?"
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_procfile(text: str) -> dict[str, str]:
+    processes = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, command = line.partition(":")
+        assert sep and name.strip().isidentifier(), f"not a Procfile line: {line!r}"
+        assert name.strip() not in processes, f"process type {name} defined twice"
+        processes[name.strip()] = command.strip()
+    return processes
+
+
+def compose_shell_text(command) -> str:
+    """A compose `command` as the shell line it amounts to (`$$` is compose's escaped `$`)."""
+    if isinstance(command, list):
+        if len(command) == 3 and command[0] in ("sh", "/bin/sh", "bash", "/bin/bash") \
+                and command[1] == "-c":
+            return command[2].replace("$$", "$")
+        return shlex.join(command)
+    return str(command).replace("$$", "$")
+
+
+def tokens(shell_text: str) -> list[str]:
+    """Whitespace- and quoting-insensitive form of a command line."""
+    return shlex.split(shell_text)
+
+
+def celery_invocation(argv: list[str]) -> list[str] | None:
+    """The arguments after `celery` (or `python -m celery`), or None if it runs no celery."""
+    for index, word in enumerate(argv):
+        if Path(word).name == "celery":
+            return argv[index + 1:]
+        if word == "-m" and index + 1 < len(argv) and argv[index + 1] == "celery":
+            return argv[index + 2:]
+    return None
+
+
+def subcommand(argv: list[str]) -> str | None:
+    args = celery_invocation(argv)
+    if args is None:
+        return None
+    rest = list(args)
+    while rest and rest[0].startswith("-"):
+        option = rest.pop(0)
+        if option in ("-A", "--app", "-b", "--broker", "--workdir", "--config") and rest:
+            rest.pop(0)
+    return rest[0] if rest else None
+
+
+def option_values(argv: list[str], *names: str) -> list[str]:
+    values = []
+    for index, word in enumerate(argv):
+        for name in names:
+            if word == name and index + 1 < len(argv):
+                values.append(argv[index + 1])
+            elif name.startswith("--") and word.startswith(name + "="):
+                values.append(word.split("=", 1)[1])
+            elif not name.startswith("--") and word.startswith(name) and word != name:
+                values.append(word[len(name):])  # -Qsync,vast
+    return values
+
+
+def queues_of(argv: list[str]) -> list[str]:
+    found = option_values(argv, "-Q", "--queues")
+    assert len(found) == 1, f"expected one -Q/--queues in {argv}"
+    return found[0].split(",")
+
+
+def mount_target(volume: str) -> str:
+    """`source:target[:mode]` -> target (the source may hold `${VAR:-default}`)."""
+    parts = str(volume).rsplit(":", 2)
+    return parts[-2] if parts[-1] in ("ro", "rw", "z", "Z") else parts[-1]
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    logical, current = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, rest = current.partition(" ")
+        logical.append((keyword.upper(), rest.strip()))
+        current = ""
+    return logical
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    parts = Path(path).parts
+    prefixes = [str(Path(*parts[:i])) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        bare = pattern[3:] if pattern.startswith("**/") else None
+        hit = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes) or (
+            bare is not None and any(fnmatch.fnmatch(part, bare) for part in parts))
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def procfile() -> dict[str, list[str]]:
+    text = (ROOT / "Procfile").read_text(encoding="utf-8")
+    return {name: command for name, command in parse_procfile(text).items()}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def compose_commands(compose) -> dict[str, str]:
+    return {name: compose_shell_text(service["command"])
+            for name, service in compose["services"].items() if "command" in service}
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return dockerfile_instructions((ROOT / "Dockerfile").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------- compose schema
+
+
+def test_compose_file_is_valid_against_the_compose_specification(compose):
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    # The schema declares draft 2019-09 with an http:// id jsonschema does not map: be explicit.
+    assert "draft/2019-09" in schema["$schema"]
+    validator_class = jsonschema.Draft201909Validator
+    validator_class.check_schema(schema)
+    errors = sorted(validator_class(schema).iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_the_schema_check_rejects_what_compose_rejects(compose):
+    """The validation above can fail: a top-level `name:` and a bad key are refused."""
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft201909Validator(schema)
+    assert not validator.is_valid({**compose, "name": "ponos-vast"})
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["worker"]["comand"] = "typo"
+    assert not validator.is_valid(broken)
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+def test_procfile_has_worker_beat_and_flower(procfile):
+    assert set(procfile) == {"worker", "beat", "flower"}
+
+
+def test_every_procfile_process_has_a_compose_service_with_the_same_command(
+        procfile, compose_commands):
+    for name, command in procfile.items():
+        assert name in compose_commands, f"no compose service {name!r} for Procfile {name!r}"
+        assert tokens(compose_commands[name]) == tokens(command), (
+            f"{name}: Procfile runs\n  {command}\ncompose runs\n  {compose_commands[name]}")
+
+
+def test_dockerfile_default_command_is_the_procfile_worker(procfile, dockerfile):
+    cmds = [rest for keyword, rest in dockerfile if keyword == "CMD"]
+    assert len(cmds) == 1
+    argv = json.loads(cmds[0])  # exec form: PID 1 is celery and gets the signals
+    assert tokens(procfile["worker"]) == argv
+
+
+def test_worker_queues_are_exactly_the_configured_queues_everywhere(
+        procfile, compose_commands, dockerfile):
+    configured = sorted(celeryconfig.QUEUES)
+    assert sorted(q.name for q in celeryconfig.task_queues) == configured
+    argvs = {
+        "Procfile worker": tokens(procfile["worker"]),
+        "compose worker": tokens(compose_commands["worker"]),
+        "Dockerfile CMD": json.loads(next(r for k, r in dockerfile if k == "CMD")),
+        "supervisor.worker_command": supervisor.worker_command(),
+    }
+    for where, argv in argvs.items():
+        assert subcommand(argv) == "worker", where
+        queues = queues_of(argv)
+        assert len(queues) == len(set(queues)), f"{where}: a queue listed twice"
+        assert sorted(queues) == configured, f"{where}: queues {queues} != {configured}"
+        assert option_values(argv, "--prefetch-multiplier") == ["1"], where
+
+
+def test_beat_runs_exactly_once(procfile, compose):
+    beats = [name for name, command in procfile.items() if subcommand(tokens(command)) == "beat"]
+    assert beats == ["beat"]
+    compose_beats = []
+    for name, service in compose["services"].items():
+        argv = tokens(compose_shell_text(service.get("command", "")))
+        if subcommand(argv) == "beat":
+            compose_beats.append(name)
+            assert service.get("scale", 1) == 1
+            assert service.get("deploy", {}).get("replicas", 1) == 1
+    assert compose_beats == ["beat"]
+    # No embedded beat in any worker (`worker -B`): every scaled worker would schedule too.
+    for argv in [tokens(c) for c in procfile.values()] + [
+            tokens(compose_shell_text(s.get("command", ""))) for s in
+            compose["services"].values()]:
+        if subcommand(argv) == "worker":
+            assert "-B" not in argv and "--beat" not in argv
+
+
+# ---------------------------------------------------------------------------- Flower
+
+
+def flower_lines(procfile, compose_commands) -> dict[str, str]:
+    lines = {f"Procfile {name}": c for name, c in procfile.items()}
+    lines.update({f"compose {name}": c for name, c in compose_commands.items()})
+    return {where: line for where, line in lines.items()
+            if subcommand(tokens(line)) == "flower"}
+
+
+def test_flower_is_never_started_without_auth(procfile, compose, compose_commands):
+    found = flower_lines(procfile, compose_commands)
+    assert set(found) == {"Procfile flower", "compose flower"}
+    for where, line in found.items():
+        guarded = line.split("celery", 1)[0]
+        argv = tokens(line)
+        assert AUTH_GUARD in guarded or option_values(argv, "--basic-auth", "--basic_auth") \
+            or option_values(argv, "--auth"), f"{where}: Flower without auth"
+        assert "FLOWER_UNAUTHENTICATED_API" not in line
+    for name, service in compose["services"].items():
+        assert "FLOWER_UNAUTHENTICATED_API" not in (service.get("environment") or {}), name
+    flower = compose["services"]["flower"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    for port in flower.get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), f"Flower published beyond loopback: {port}"
+
+
+@pytest.mark.parametrize("source", ["Procfile", "compose"])
+def test_the_flower_line_refuses_to_start_without_credentials(
+        source, procfile, compose_commands, tmp_path):
+    """Run the real shell line with a stand-in `celery` (so nothing listens anywhere)."""
+    line = procfile["flower"] if source == "Procfile" else compose_commands["flower"]
+    stub = tmp_path / "celery"
+    stub.write_text('#!/bin/sh\necho "STARTED $*"\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    base = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PORT": "5999"}
+    for missing in ({}, {"FLOWER_BASIC_AUTH": ""}):
+        run = subprocess.run(["sh", "-c", line], env={**base, **missing}, capture_output=True,
+                             text=True, timeout=10)
+        assert run.returncode != 0 and "STARTED" not in run.stdout
+        assert "FLOWER_BASIC_AUTH" in run.stderr
+    run = subprocess.run(["sh", "-c", line], env={**base, "FLOWER_BASIC_AUTH": "u:p"},
+                         capture_output=True, text=True, timeout=10)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[:4] == ["STARTED", "-A", "ponos_tasks.app", "flower"]
+    assert "--port=5999" in run.stdout and "u:p" not in run.stdout  # not in argv (ps)
+
+
+def test_flower_takes_basic_auth_from_its_environment_variable(monkeypatch):
+    """The guard only checks FLOWER_BASIC_AUTH; Flower itself must read it (flower 2.x)."""
+    from flower.command import apply_env_options
+    from flower.options import options
+
+    before = options.basic_auth
+    for name in [n for n in os.environ if n.startswith("FLOWER_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "alice:secret,bob:other")
+    try:
+        apply_env_options()
+        assert options.basic_auth == ["alice:secret", "bob:other"]
+    finally:
+        options.basic_auth = before
+
+
+# ---------------------------------------------------------------------------- Redis, env
+
+
+def test_compose_redis_is_persistent_and_private(compose):
+    redis = compose["services"]["redis"]
+    argv = tokens(compose_shell_text(redis["command"]))
+    assert option_values(argv, "--appendonly") == ["yes"]
+    assert option_values(argv, "--maxmemory-policy") == ["noeviction"]
+    assert "ports" not in redis
+    assert any(str(v).endswith(":/data") for v in redis.get("volumes", []))
+
+
+def test_agent_services_read_a_mounted_config_and_shut_down_softly(compose):
+    services = compose["services"]
+    for name in ("worker", "beat", "flower"):
+        env = services[name]["environment"]
+        assert env["PONOS_CONFIG"].startswith("${PONOS_COMPOSE_CONFIG:-/run/ponos-local/")
+        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        mounts = [mount_target(v) for v in services[name]["volumes"]]
+        assert "/run/ponos-local" in mounts and "/etc/ponos" in mounts
+    assert services["worker"]["environment"]["REMAP_SIGTERM"] == "SIGQUIT"
+    stack = services["stack"]
+    assert stack["profiles"] == ["local"]
+    assert "--config-file" in stack["command"]
+    written = stack["command"][stack["command"].index("--config-file") + 1]
+    assert written == "/run/ponos-local/agent.yml"
+    assert [name for name, s in services.items() if "local" in s.get("profiles", [])] == ["stack"]
+
+
+# ---------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_base_image_user_and_copied_paths(dockerfile):
+    froms = [rest for keyword, rest in dockerfile if keyword == "FROM"]
+    assert froms == ["python:3.11-slim"]
+    users = [rest for keyword, rest in dockerfile if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must not run as root"
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    copies = [rest for keyword, rest in dockerfile if keyword in ("COPY", "ADD")]
+    assert copies
+    for rest in copies:
+        words = [w for w in shlex.split(rest) if not w.startswith("--")]
+        for source in words[:-1]:
+            assert (ROOT / source).exists(), f"COPY {source}: no such path"
+            assert not dockerignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
+    copied = {w for rest in copies for w in shlex.split(rest)[:-1]}
+    # What `pip install .` and Celery's `-A ponos_tasks.app` need at run time.
+    assert {"pyproject.toml", "README.md", "celeryconfig.py", "ponos_tasks"} <= copied
+
+
+def test_dockerignore_keeps_local_configs_and_secrets_out():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".env", "config/agent.yml", ".venv/bin/python", ".git/HEAD",
+                 "ponos_tasks/__pycache__/x.pyc"):
+        assert dockerignored(path, patterns), path
+    assert not dockerignored("ponos_tasks/app.py", patterns)
+
+
+# ---------------------------------------------------------------------------- local stack
+
+
+def test_compose_stack_entry_point_serves_and_writes_a_valid_agent_config(tmp_path):
+    """`stack` service's entry point, on loopback: the config it writes works as written."""
+    ports = [free_port() for _ in range(3)]
+    config_file = tmp_path / "run" / "agent.yml"
+    argv = [sys.executable, "-m", "ponos_tasks.simulators.compose_entry",
+            "--host", "127.0.0.1", "--public-host", "127.0.0.1",
+            "--arkindex-port", str(ports[0]), "--vast-port", str(ports[1]),
+            "--s3-port", str(ports[2]), "--redis-url", "redis://redis:6379/0",
+            "--config-file", str(config_file)]
+
+    def written() -> tuple | None:
+        try:
+            info = config_file.stat()
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
+    def start() -> subprocess.Popen:
+        before = written()
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while written() in (None, before):  # a fresh file (os.replace: a new inode)
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "no config written in 30 s"
+            time.sleep(0.1)
+        return process
+
+    def stop(process: subprocess.Popen) -> str:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+        assert process.returncode == 0, output
+        return output
+
+    process = start()
+    try:
+        config = load_config(str(config_file), environ={})
+        assert config.url == f"http://127.0.0.1:{ports[0]}"
+        assert config.vast_api.url == f"http://127.0.0.1:{ports[1]}"
+        assert config.redis_url == "redis://redis:6379/0"
+        openapi = requests.get(f"{config.url}/api/v1/openapi/?format=json", timeout=10).json()
+        assert openapi["servers"][0]["url"] == config.url  # the advertised, public URL
+        me = requests.get(f"{config.vast_api.url}/api/v0/users/current/", timeout=10,
+                          headers={"Authorization": f"Bearer {config.vast_api.api_key}"})
+        assert me.status_code == 200
+        wrong = requests.get(f"{config.vast_api.url}/api/v0/users/current/", timeout=10,
+                             headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code in (401, 403)
+        assert requests.get(f"http://127.0.0.1:{ports[2]}/", timeout=10).status_code == 200
+    finally:
+        output = stop(process)
+    assert config.seed not in output and config.vast_api.api_key not in output
+    # A restarted stack keeps its identity, so running agents keep a valid config.
+    process = start()
+    try:
+        again = load_config(str(config_file), environ={})
+    finally:
+        stop(process)
+    assert (again.farm_id, again.seed, again.vast_api.api_key) == (
+        config.farm_id, config.seed, config.vast_api.api_key)
