@@ -70,12 +70,26 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _shielded():
+    """Ignore Ctrl-C and SIGTERM while stopping, so a second signal cannot cut the cleanup
+    short and leave processes behind."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ------------------------------------------------------------------------------ summary (pure)
 
 
 def summarize(ark_tasks: list[dict], expected: dict[str, str], ledger: dict, events: list[dict],
-              stats: dict) -> dict:
-    """The --json document from the simulators' admin answers (pure, unit-tested)."""
+              stats: dict, names: dict[str, str] | None = None) -> dict:
+    """The --json document from the simulators' admin answers (pure, unit-tested).
+
+    `names`: task id -> "process/slug", shown in the table instead of the bare slug."""
     instances_of = defaultdict(list)
     for row in ledger.get("instances", []):
         info = parse_label(row.get("label"))
@@ -98,6 +112,7 @@ def summarize(ark_tasks: list[dict], expected: dict[str, str], ledger: dict, eve
         rows.append({
             "id": task["id"],
             "slug": task.get("slug"),
+            "name": (names or {}).get(task["id"], task.get("slug")),
             "state": task["state"],
             "expected": expected.get(task["id"]),
             "attempts": len({attempt for attempt, _ in attempts}),
@@ -132,13 +147,13 @@ def _runtime(history: list[dict]) -> float | None:
 
 
 def format_table(document: dict) -> str:
-    header = ("task", "slug", "state", "attempts", "GPU", "$/h", "cost $", "run time")
+    header = ("task", "process/slug", "state", "attempts", "GPU", "$/h", "cost $", "run time")
     lines = []
     for row in document["tasks"]:
         state = row["state"] + ("" if row["expected"] in (None, row["state"])
                                 else f" (expected {row['expected']})")
         lines.append((
-            row["id"][:8], row["slug"] or "", state, str(row["attempts"]),
+            row["id"][:8], row["name"] or "", state, str(row["attempts"]),
             row["gpu_name"] or "-",
             f"{row['dph_total']:.3f}" if row["dph_total"] is not None else "-",
             f"{row['cost']:.5f}",
@@ -370,7 +385,7 @@ class Demo:
             self._check_agent()
             time.sleep(POLL_SECONDS)
         return summarize(self.ark_tasks(), self.expected, self.vast("ledger"),
-                         self.vast("events")["events"], self.vast("stats"))
+                         self.vast("events")["events"], self.vast("stats"), self.names)
 
 
 @click.command("demo")
@@ -398,7 +413,8 @@ def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
                 document = demo.run()
             finally:
                 say("Stopping the agent and the local stack...")
-                demo.stop()
+                with _shielded():
+                    demo.stop()
     except KeyboardInterrupt:
         click.echo("Interrupted: everything the demo started was stopped.", err=True)
         sys.exit(130)
@@ -456,7 +472,8 @@ def run_command(ctx, log_dir, flower_port):
                 click.echo("agent process exited: " + ", ".join(dead), err=True)
             finally:
                 click.echo("Stopping the agent...")
-                agent.stop()
+                with _shielded():
+                    agent.stop()
     except KeyboardInterrupt:
         click.echo("Agent stopped.")
         return
