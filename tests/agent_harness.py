@@ -250,6 +250,11 @@ class Admin:
         return [h["to"] for h in self.task(task_id)["history"]
                 if h.get("source") == "agent" and h.get("accepted")]
 
+    def refused_agent_states(self, task_id: str) -> list[str]:
+        """States the agent tried to report and Arkindex refused (forbidden transitions)."""
+        return [h["to"] for h in self.task(task_id)["history"]
+                if h.get("source") == "agent" and not h.get("accepted")]
+
     # Vast
     def faults(self, *rules: dict) -> None:
         self._vast("POST", "/_sim/faults", json={"rules": list(rules)})

@@ -351,6 +351,7 @@ def test_stop_while_running(contexts, admin):
     assert record.final_state == "stopped" and record.stop_requested
     assert admin.task(task_id)["state"] == "stopped"
     assert admin.accepted_agent_states(task_id) == ["running", "stopped"]
+    assert admin.refused_agent_states(task_id) == []
     [row] = admin.rows_for(task_id)
     assert row["destroyed_at"] is not None
     log = admin.task_log(task_id)
@@ -401,12 +402,13 @@ def test_stop_without_record(contexts, admin):
 # --------------------------------------------------------------------------- restart
 
 
-def test_total_memory_loss_readopts_instance(stack, redis_url, contexts, admin):
+@pytest.mark.parametrize("lost_in", [Phase.LOADING, Phase.RUNNING])
+def test_total_memory_loss_readopts_instance(contexts, admin, lost_in):
     ctx = contexts()
     task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "150"}, command="worker")
     harness = Harness(ctx)
     harness.sync()
-    harness.run(until=lambda: (ctx.store.get(task_id).instance_id is not None))
+    harness.run(until=lambda: ctx.store.get(task_id).phase == lost_in)
     instance_id = ctx.store.get(task_id).instance_id
     assert wipe(ctx) > 0  # Redis lost: records, credentials, snapshot, logs, locks
     assert list(ctx.redis.scan_iter(match=ctx.prefix + "*")) == []
@@ -429,6 +431,27 @@ def test_total_memory_loss_readopts_instance(stack, redis_url, contexts, admin):
     assert [r["id"] for r in rows] == [instance_id]  # no second instance
     assert rows[0]["destroyed_at"] is not None
     assert "re-adopted instance" in admin.task_log(task_id)
+    assert admin.refused_agent_states(task_id) == []  # no `running` sent twice
+
+
+def test_logs_published_while_running(contexts, admin):
+    ctx = contexts(logs_interval=0.3)
+    task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "300", "SIM_LOG_LINES": "5"},
+                             command="worker")
+    harness = Harness(ctx)
+    harness.sync()
+    seen: list[str] = []
+
+    def look(_harness) -> None:
+        if ctx.store.get(task_id).phase == Phase.RUNNING:
+            seen.append(admin.task_log(task_id) or "")
+
+    harness.run(until=lambda: harness.done(task_id), on_step=look, timeout=15)
+    interim = [text for text in seen if "sim log line 1/5" in text
+               and "PONOS_EXIT_CODE" not in text]
+    assert interim, "no log published while the task ran"
+    final = admin.task_log(task_id)
+    assert "sim log line 5/5" in final and "PONOS_EXIT_CODE=0" in final
 
 
 # --------------------------------------------------------------------------- sync loop
