@@ -497,3 +497,51 @@ def test_sync_destroys_orphan_of_done_task(stack, contexts, admin):
     row = next(r for r in admin.ledger() if r["id"] == created.id)
     assert row["destroyed_at"] is not None
     assert admin.accepted_agent_states(task_id) == ["running", "completed"]  # untouched
+
+
+# --------------------------------------------------------------------------- no command
+
+
+def test_no_command_wraps_the_image_entrypoint_from_its_registry(contexts, admin):
+    """A task without a command runs the image's Entrypoint + Cmd, read from its registry
+    (Docker Registry v2 on loopback), inside the exit-code wrapper."""
+    from ponos_tasks.simulators.registry import RegistrySimulator
+
+    with RegistrySimulator() as registry:
+        registry.add_image("teklia/worker", "1.0", entrypoint=["python3", "-m", "worker"],
+                           cmd=["--run", "all"])
+        ctx = contexts()
+        task_id = admin.one_task(image=f"{registry.host}/teklia/worker:1.0", command=None,
+                                 env=scripted(0))
+        start_and_finish(ctx, task_id)
+        assert any("/v2/teklia/worker/manifests/1.0" in str(r) for r in registry.requests)
+
+    [instance] = [i for i in admin.instances() if task_id in (i["label"] or "")]
+    assert instance["command"][0] == "sh"
+    assert instance["command"][-5:] == ["python3", "-m", "worker", "--run", "all"]
+    record = ctx.store.get(task_id)
+    assert record.inferred is False and record.final_state == "completed"
+    assert "image command from the registry" in admin.task_log(task_id)
+
+
+@pytest.mark.parametrize("final_lines,state", [
+    ("all good", "completed"),
+    ("Traceback (most recent call last):\n  File \"w.py\", line 1\nValueError: boom", "failed"),
+])
+def test_no_command_unreachable_registry_runs_unwrapped_and_infers(contexts, admin,
+                                                                   final_lines, state):
+    """Registry unreachable: the image runs as it is (no wrapper, no marker); the instance
+    stopped itself, so completed unless its log ends in a traceback; the log says inferred."""
+    ctx = contexts()
+    task_id = admin.one_task(image="127.0.0.1:9/teklia/worker:1.0", command=None,
+                             env={**FAST, "SIM_FINAL_LINES": final_lines,
+                                  "SIM_SELF_STOP": "true"})
+    start_and_finish(ctx, task_id)
+
+    [instance] = [i for i in admin.instances() if task_id in (i["label"] or "")]
+    assert "sh" not in (instance["command"] or [])[:1]  # not wrapped
+    record = ctx.store.get(task_id)
+    assert record.inferred is True and record.final_state == state
+    assert admin.task(task_id)["state"] == state
+    log = admin.task_log(task_id)
+    assert "running the image unwrapped" in log and "inferred" in log
