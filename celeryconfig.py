@@ -30,6 +30,10 @@ task_acks_late = True
 # instead of being dropped (acks_late default) or redelivered forever (reject_on_worker_lost).
 task_retry_on_worker_lost = True
 worker_prefetch_multiplier = 1
+# With REMAP_SIGTERM=SIGQUIT (Procfile/compose env), SIGTERM gives running tasks this long,
+# a few seconds under Heroku's 30 s, then requeues them instead of stranding them for a
+# visibility timeout.
+worker_soft_shutdown_timeout = 25.0
 task_soft_time_limit = 240
 task_time_limit = 300
 
