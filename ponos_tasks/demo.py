@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -177,41 +176,6 @@ def format_table(document: dict) -> str:
 # ------------------------------------------------------------------------------ the demo
 
 
-class _PrivateRedis:
-    """A throw-away `redis-server` on a free loopback port, in its own session so that a
-    terminal's Ctrl-C does not kill it before the agent's processes are stopped."""
-
-    def __init__(self, workdir: Path):
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def wait_ready(self) -> None:
-        from ponos_tasks.simulators.stack import redis_answers
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if redis_answers(self.url):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise DemoFailed(f"redis-server did not start on 127.0.0.1:{self.port}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
 def demo_config(stack, time_scale: float) -> dict:
     """The agent's config for the local stack, with intervals suited to a short run."""
     config = yaml.safe_load(stack.config_yaml())
@@ -239,7 +203,7 @@ class Demo:
         self.http = requests.Session()
         self.workdir = Path(tempfile.mkdtemp(prefix="ponos-demo-"))
         self.logs_dir = logs_dir or self.workdir / "logs"
-        self.redis: _PrivateRedis | None = None
+        self.redis = None  # a stack.RedisProcess when redis-server is installed
         self.stack = None
         self.agent = None
         self.expected: dict[str, str] = {}
@@ -249,14 +213,16 @@ class Demo:
     # -- setup / teardown
 
     def start(self) -> None:
-        from ponos_tasks.simulators.stack import LocalStack
+        from ponos_tasks.simulators.stack import LocalStack, RedisProcess
         from ponos_tasks.supervisor import AgentProcesses
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         redis_url = None
         if shutil.which("redis-server"):
-            self.redis = _PrivateRedis(self.workdir)
-            self.redis.wait_ready()
+            try:
+                self.redis = RedisProcess(self.workdir, new_session=True).start()
+            except RuntimeError as error:
+                raise DemoFailed(str(error)) from None
             redis_url = self.redis.url
         else:
             redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"

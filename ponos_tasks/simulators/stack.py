@@ -53,10 +53,14 @@ def redis_answers(url: str) -> bool:
 
 
 class RedisProcess:
-    """A private `redis-server` on a free loopback port, no persistence, for one stack."""
+    """A private `redis-server` on a free loopback port, no persistence, for one stack.
 
-    def __init__(self, workdir: Path):
+    `new_session`: start it in its own session, so that a terminal's Ctrl-C does not kill it
+    before the agent's processes using it are stopped."""
+
+    def __init__(self, workdir: Path, *, new_session: bool = False):
         self.workdir = workdir
+        self.new_session = new_session
         self.port = _free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -67,6 +71,7 @@ class RedisProcess:
              "--appendonly", "no", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=self.new_session,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
