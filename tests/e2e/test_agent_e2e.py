@@ -20,9 +20,17 @@ from tests.e2e.helpers import (
     cheapest_violations,
     instances_by_task,
     max_live_per_task,
+    wait_all_terminal,
     wait_until,
 )
-from tests.e2e.workloads import admin_tasks, diamond, long_command, scripted_env
+from tests.e2e.workloads import (
+    Spec,
+    admin_tasks,
+    command,
+    diamond,
+    long_command,
+    scripted_env,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -140,4 +148,26 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     problems = cheapest_violations(events, ledger, MARKET, vanished=vanished,
                                    slack=1.0 * TIME_SCALE)
     assert not problems, "\n".join(problems)
+    assert not agent.check_alive(), "an agent process died during the run"
+
+
+def test_two_beats_two_workers_no_duplicate(sim, agent_config, agent_processes):
+    """Two beat processes (two sync ticks per interval) and two workers racing on the same
+    ten independent tasks: the sync is single-flight and each create is locked and
+    CAS-guarded, so every task gets exactly one instance, never two at once."""
+    sim.set_market(MARKET)
+    specs = [Spec(f"t{i}", command(f"t{i}", 1.0)) for i in range(10)]
+    ids = sim.process("race", admin_tasks("race", specs))
+    started = time.monotonic()
+    agent = agent_processes(agent_config(max_instances=10), workers=2, beats=2)
+    tasks = wait_all_terminal(sim, ids.values(), timeout=120, agent=agent)
+    print(f"10 tasks with 2 beats + 2 workers terminal after {time.monotonic() - started:.1f} s")
+    for task_id in ids.values():
+        assert_terminal_once(tasks[task_id], "completed")
+    ledger = assert_no_instance_left(sim, agent=agent)
+    assert_one_instance_per_attempt(ledger)
+    by_task = instances_by_task(ledger)
+    assert {tid: len(rows) for tid, rows in by_task.items()} == {tid: 1 for tid in ids.values()}
+    assert max(max_live_per_task(sim.events()).values()) == 1
+    assert max(sim.stats()["max_live_per_label"].values()) == 1
     assert not agent.check_alive(), "an agent process died during the run"
