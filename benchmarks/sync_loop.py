@@ -1,0 +1,162 @@
+"""Cost of one `ponos.sync` (steps.sync) at 0, 50, 200 active tasks.
+
+    .venv/bin/python -m benchmarks.sync_loop --active 0 --active 50 --active 200
+
+For each level: a fresh private Redis and local stack (scripted instances that run for a
+very long time), N tasks brought to `running` by the agent's own steps run in-process
+(tests/agent_harness.Harness, no Celery), then steps.sync timed directly against the
+context, and its parts separately: Arkindex actions, the instance listing (all pages of 25),
+reading the records, plan(). Twice: with the agent's rate limiter scaled like the
+simulator's clock (what the code itself costs), and with Vast.ai's published intervals
+(rate_limit_scale 1, what a real deployment waits: one `list` page per second).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from benchmarks.common import fmt, machine, spread, table, write_section
+from ponos_tasks import reconcile, steps
+from ponos_tasks.lifecycle import Phase
+from ponos_tasks.simulators.stack import LocalStack, RedisProcess
+from tests.agent_harness import Harness, make_context
+
+TIME_SCALE = 50.0
+LONG = {"SIM_DURATION": "10000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
+
+
+def timed(function, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return time.perf_counter() - start, value
+
+
+def bring_up(ctx, stack, n: int, timeout: float) -> float:
+    """Submit n tasks and run the agent's steps until every record is `running`."""
+    if n == 0:
+        return 0.0
+    import requests
+
+    spec = [{"slug": f"t{i:04d}", "image": "registry.example.com/bench/worker:1",
+             "command": "python -m worker", "env": LONG, "requires_gpu": True}
+            for i in range(n)]
+    requests.post(stack.arkindex_url + "/_sim/processes", json={"name": "sync-bench",
+                                                                "tasks": spec},
+                  timeout=30).raise_for_status()
+    harness = Harness(ctx, max_sleep=0.02)
+    start = time.monotonic()
+
+    def all_running() -> bool:
+        records = ctx.store.all_records(include_done=False)
+        return len(records) == n and all(r.phase == Phase.RUNNING for r in records.values())
+
+    harness.sync()
+    harness.run(until=all_running, timeout=timeout, sync_every=1.0)
+    return time.monotonic() - start
+
+
+def measure(ctx, reps: int, gap: float) -> dict:
+    totals, actions_s, list_s, records_s, plan_s, enqueued = [], [], [], [], [], []
+    short_id = ctx.agent_short_id()
+    for _ in range(reps):
+        elapsed, result = timed(steps.sync, ctx)
+        if not result.ran:
+            continue
+        totals.append(elapsed)
+        enqueued.append(len(result.enqueue))
+        time.sleep(gap)
+    for _ in range(reps):
+        a, actions = timed(ctx.arkindex.actions, capacity=0)
+        li, instances = timed(ctx.vast.list_instances, label_prefix=f"ponos-{short_id}-")
+        r, records = timed(ctx.store.all_records)
+        p, _ = timed(reconcile.plan, now=ctx.now(), agent_short_id=short_id, records=records,
+                     instances=[i.raw for i in instances],
+                     actions=[(x.kind, x.task_id) for x in actions],
+                     settings=ctx.plan_settings)
+        actions_s.append(a)
+        list_s.append(li)
+        records_s.append(r)
+        plan_s.append(p)
+        time.sleep(gap)
+    return {"sync": spread(totals), "actions": spread(actions_s), "list": spread(list_s),
+            "records": spread(records_s), "plan": spread(plan_s),
+            "instances_listed": len(instances), "enqueued_max": max(enqueued, default=0)}
+
+
+def run_level(n: int, redis_url: str, reps: int, timeout: float, say) -> dict:
+    with LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False) as stack:
+        base = make_context(stack, redis_url, sync_interval=10,
+                            vast_api={"max_instances": max(1, n + 5)})
+        up = bring_up(base, stack, n, timeout)
+        say(f"{n} active tasks running after {up:.1f} s")
+        out = {"active": n, "bring_up_s": round(up, 1)}
+        # Same agent (prefix and name), two rate-limiter settings.
+        for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
+            ctx = make_context(stack, redis_url, prefix=base.prefix,
+                               agent_name=base.config.agent_name, sync_interval=10,
+                               vast_api={"max_instances": max(1, n + 5),
+                                         "rate_limit_scale": scale})
+            time.sleep(gap)  # start with the list bucket free, as after a sync interval
+            out[mode] = measure(ctx, reps if mode == "scaled" else max(2, reps // 3), gap)
+            say(f"  {mode}: sync p50 {out[mode]['sync']['p50']:.3f} s")
+        return out  # stopping the stack ends its instances
+
+
+def report(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        for mode in ("scaled", "real"):
+            m = r[mode]
+            rows.append([r["active"], mode, m["instances_listed"],
+                         *(f"{fmt(m['sync'][k], 3)}" for k in ("n", "p50", "p95", "max")),
+                         *(fmt(m[part]["p50"] * 1000, 1)
+                           for part in ("actions", "list", "records", "plan"))])
+    return "\n".join([
+        table(["active tasks", "rate limiter", "instances listed", "syncs timed", "sync p50 (s)",
+               "sync p95 (s)", "sync max (s)", "actions p50 (ms)", "list p50 (ms)",
+               "records p50 (ms)", "plan() p50 (ms)"], rows),
+        "",
+        "`scaled`: the agent's limiter scaled by 1/time_scale like the simulator (HTTP, Redis "
+        "and plan() cost only); `real`: Vast.ai's published intervals ×1.1 (a list page every "
+        "1.1 s, 25 instances a page), i.e. what one sync costs in a real deployment. Parts "
+        "are timed separately (actions with capacity 0). steps.sync called in-process "
+        f"against a real Redis and the simulators (time_scale {TIME_SCALE:g}).",
+    ])
+
+
+@click.command()
+@click.option("--active", "levels", type=int, multiple=True, default=(0, 50, 200),
+              show_default=True, help="Active task counts (repeatable).")
+@click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--timeout", type=float, default=240.0, show_default=True)
+@click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
+def main(levels, reps, timeout, no_write):
+    """Duration of one sync (and its parts) at several numbers of active tasks."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    machine_info = machine()
+    workdir = Path(tempfile.mkdtemp(prefix="ponos-bench-sync-"))
+    redis_process = RedisProcess(workdir).start()
+    results = []
+    try:
+        for n in levels:
+            results.append(run_level(n, redis_process.url, reps, timeout,
+                                     lambda s: click.echo(s, err=True)))
+            click.echo(json.dumps(results[-1]))
+    finally:
+        redis_process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = report(results)
+    click.echo(text)
+    if not no_write:
+        write_section("sync", "## Sync loop cost\n\n" + text, machine_info)
+
+
+if __name__ == "__main__":
+    main()
