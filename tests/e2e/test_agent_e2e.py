@@ -50,8 +50,9 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     Cheapest offer: we own the market (12 single-GPU machines with distinct prices, no
     churn), so which machines were free at any instant follows from the Vast.ai events; every
     instance must have been created on a machine such that no strictly cheaper machine was
-    free during the whole second before the create (the search precedes the create by a
-    moment), leaving out machines where that task already failed and the vanished offer.
+    free during the two real seconds before the create (the search precedes the create by a
+    moment, longer on a loaded machine), leaving out machines where that task already failed
+    and the vanished offer.
     """
     sim.set_market(MARKET)
     specs = {}
@@ -142,11 +143,14 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
         assert machines[0] != machines[1], f"{slug} retried on the machine that failed"
 
     # Cheapest offer at creation time.
+    # The fault makes the first create of that label fail with no_such_ask (the offer is
+    # removed for good, unless a concurrent create had just rented it: then nothing vanishes).
+    assert "was taken before we could rent it" in sim.task_log(ids[vanished_slug])
     listed = {offer["machine_id"] for offer in sim.offers()}
     vanished = set(MARKET) - listed
-    assert len(vanished) == 1, f"the offer_vanished fault took {vanished}"
+    assert len(vanished) <= 1, f"machines gone from the market: {vanished}"
     problems = cheapest_violations(events, ledger, MARKET, vanished=vanished,
-                                   slack=1.0 * TIME_SCALE)
+                                   slack=2.0 * TIME_SCALE)
     assert not problems, "\n".join(problems)
     assert not agent.check_alive(), "an agent process died during the run"
 
