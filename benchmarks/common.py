@@ -258,15 +258,22 @@ class AgentRun:
         return self
 
     def stop(self) -> None:
-        if self.sampler is not None and self.sampler.is_alive():
-            self.sampler.stop()
-        if self.agent is not None:
-            self.agent.stop()
-        if self.stack is not None:
-            self.stack.stop()
-        if self.redis_process is not None:
-            self.redis_process.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        # Each part stops even when an earlier one failed: nothing may be left running.
+        try:
+            if self.sampler is not None and self.sampler.is_alive():
+                self.sampler.stop()
+        finally:
+            try:
+                if self.agent is not None:
+                    self.agent.stop()
+            finally:
+                try:
+                    if self.stack is not None:
+                        self.stack.stop()
+                finally:
+                    if self.redis_process is not None:
+                        self.redis_process.stop()
+                    shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> AgentRun:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import click
 
@@ -42,8 +43,10 @@ def task_specs(n: int, duration: float, pull: float) -> list[dict]:
 
 
 def run_case(n: int, m: int, *, time_scale: float, duration: float, pull: float,
-             concurrency: int, timeout: float, say) -> dict:
-    with AgentRun(time_scale=time_scale, max_instances=m, concurrency=concurrency) as run:
+             concurrency: int, timeout: float, say, keep_logs: Path | None = None) -> dict:
+    logs = keep_logs / f"{n}-{m}" if keep_logs else None
+    with AgentRun(time_scale=time_scale, max_instances=m, concurrency=concurrency,
+                  keep_logs=logs) as run:
         time.sleep(3)  # let the worker register and beat tick once before the clock starts
         say(f"case {n} tasks / {m} instances: agent up, submitting")
         run.submit(f"bench-{n}", task_specs(n, duration, pull))
@@ -171,8 +174,10 @@ def parse_case(text: str) -> tuple[int, int]:
 @click.option("--concurrency", type=int, default=4, show_default=True)
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Give up on a case after this many real seconds.")
+@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the worker and beat logs under this folder (one per case).")
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
-def main(cases, time_scale, duration, pull, concurrency, timeout, no_write):
+def main(cases, time_scale, duration, pull, concurrency, timeout, keep_logs, no_write):
     """Throughput, latency, API calls, peak instances and memory at N tasks / M instances."""
     machine_info = machine()
     results = []
@@ -181,7 +186,8 @@ def main(cases, time_scale, duration, pull, concurrency, timeout, no_write):
         try:
             results.append(run_case(n, m, time_scale=time_scale, duration=duration, pull=pull,
                                     concurrency=concurrency, timeout=timeout,
-                                    say=lambda s: click.echo(s, err=True)))
+                                    say=lambda s: click.echo(s, err=True),
+                                    keep_logs=keep_logs))
         except BenchFailed as error:
             raise click.ClickException(f"case {case}: {error}") from error
         click.echo(json.dumps(results[-1]))
