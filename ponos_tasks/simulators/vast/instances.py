@@ -267,7 +267,7 @@ class Fleet:
 
     def _on_crash(self, inst: Instance, t: float) -> None:
         rule = inst.faults["unexpected_exit"]
-        self._kill(inst, t)
+        self._kill(inst, t, crash=True)
         inst.exit_code = int(rule.get("exit_code", 137))
         self._container_exited(inst, t, f"exited with code {inst.exit_code}",
                                restart=bool(rule.get("restart", False)))
@@ -318,9 +318,12 @@ class Fleet:
             inst.log.extend(inst.proc.lines())
             inst.proc = None
 
-    def _kill(self, inst: Instance, t: float) -> None:
+    def _kill(self, inst: Instance, t: float, *, crash: bool = False) -> None:
         if inst.proc is not None:
-            inst.proc.kill(delay=STOP_SIGNAL_DELAY)
+            if crash:
+                inst.proc.crash()
+            else:
+                inst.proc.kill(delay=STOP_SIGNAL_DELAY)
             inst.dying.append(inst.proc)
             inst.proc = None
         # A stopped run prints nothing more: drop scripted lines not yet printed.

@@ -73,6 +73,12 @@ class LocalProcess:
         else:
             _finish()
 
+    def crash(self) -> None:
+        """SIGKILL the whole process group at once: the container died (host crash, OOM kill
+        of the container), so nothing inside gets to print anything more."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
     def wait(self, timeout: float) -> None:
         try:
             self.proc.wait(timeout=timeout)

@@ -95,3 +95,22 @@ def test_destroy_and_simulator_stop_kill_processes(make_sim):
     assert _alive(pids[second])
     sim.stop()
     assert not _alive(pids[second])
+
+
+def test_local_unexpected_exit_kills_the_container_at_once(make_sim):
+    """unexpected_exit in local mode is a container crash: the process group is SIGKILLed,
+    so a command that traps SIGTERM (like the agent's wrapper) gets no chance to print."""
+    sim = make_sim(run_mode="local", time_scale=100.0, log_delay=1.0)
+    api = Api(sim.url)
+    api.admin("POST", "faults", json={"rules": [
+        {"fault": "unexpected_exit", "label": "crashing", "after": 100}]})
+    script = "trap 'echo got-term; exit 143' TERM; echo started; while :; do sleep 0.05; done"
+    iid = api.create(label="crashing", runtype="args", onstart="sh", args=["-c", script],
+                     env={"SIM_PULL_SECONDS": "5"}).json()["new_contract"]
+    row = api.wait_for(iid, lambda r: r["actual_status"] == "exited", timeout=20)
+    assert row is not None and row["intended_status"] == "running"
+    time.sleep(0.5)  # a SIGTERM trap would have printed by now
+    url = api("PUT", f"/api/v0/instances/request_logs/{iid}/", json={}).json()["result_url"]
+    time.sleep(0.05)
+    text = Api(sim.url, key=None)("GET", url.removeprefix(sim.url)).text
+    assert "started" in text and "got-term" not in text
