@@ -49,6 +49,10 @@ ADOPT = "adopt"
 DESTROY_INSTANCE = "destroy_instance"
 
 OFFERS_TRIED_PER_CREATE = 5  # offers that vanished under us before giving the step back
+# The create lock outlives one create call (client timeouts and retries) but not by much: a
+# worker killed while holding it delays the task's next try by at most this. Correctness
+# does not rest on it (the CAS on (phase, attempt) and the label lookup do).
+CREATE_LOCK_TIMEOUT = 60.0
 SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 ACTIVE_ARKINDEX_STATES = {"pending", "running", "stopping"}
 
@@ -208,16 +212,16 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Next | None:
 
 def create(ctx: AgentContext, task_id: str) -> Next | None:
     """At most one instance per attempt (DESIGN §3): lock, CAS, label lookup, create."""
-    lock = ctx.store.create_lock(task_id, timeout=180)
+    lock = ctx.store.create_lock(task_id, timeout=CREATE_LOCK_TIMEOUT)
     if not lock.acquire():
         return None  # another worker is creating this task's instance right now
     try:
-        return _create_locked(ctx, task_id)
+        return _create_locked(ctx, task_id, lock)
     finally:
         _release(lock)
 
 
-def _create_locked(ctx: AgentContext, task_id: str) -> Next | None:
+def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     record = ctx.store.get(task_id)
     if record is None:
         return None
@@ -244,6 +248,7 @@ def _create_locked(ctx: AgentContext, task_id: str) -> Next | None:
     env = instance_environment(ctx, definition)
     offers = _ranked_offers(ctx, record)
     for offer in offers[:OFFERS_TRIED_PER_CREATE]:
+        lock.reacquire()  # a full timeout for this call, however long the previous ones took
         try:
             created = ctx.vast.create_instance(
                 offer.id, image=definition.image, label=record.label, env=env,
@@ -476,7 +481,7 @@ def stop(ctx: AgentContext, task_id: str, has_record: bool) -> Next | None:
         ctx.store.touch(task_id, stop_requested=True)
         return None
     # Serialise with a create in flight, so its instance is known (or none was made).
-    lock = ctx.store.create_lock(task_id, timeout=180)
+    lock = ctx.store.create_lock(task_id, timeout=CREATE_LOCK_TIMEOUT)
     if not lock.acquire():
         return None  # the next sync re-sends the stop once the create is done
     try:
