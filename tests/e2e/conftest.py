@@ -10,44 +10,21 @@ other's messages; and the restart test kills and restarts it empty.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ponos_tasks.simulators.stack import LocalStack, redis_answers
+from ponos_tasks.simulators.stack import LocalStack, RedisProcess
 from ponos_tasks.supervisor import AgentProcesses
-from tests.conftest import free_port
 from tests.e2e.helpers import Sim
 
 TIME_SCALE = 40.0  # simulated Vast.ai seconds per real second
 
 
-class PrivateRedis:
+class PrivateRedis(RedisProcess):
     """A `redis-server` on a fixed free loopback port that a test may SIGKILL and restart
     (empty: no RDB, no AOF), like a Redis host lost with its memory."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> PrivateRedis:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if redis_answers(self.url):
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
