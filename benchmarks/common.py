@@ -92,10 +92,10 @@ def command_line() -> str:
     return ".venv/bin/python -m " + " ".join([name, *map(shlex.quote, sys.argv[1:])])
 
 
-def write_section(name: str, body: str, machine_info: dict) -> None:
+def write_section(name: str, title: str, body: str, machine_info: dict) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    block = (f"<!-- bench:{name} -->\n"
+    block = (f"<!-- bench:{name} -->\n## {title}\n\n"
              f"Command: `{command_line()}`  \n"
              f"Date: {now}; machine: {machine_info['nproc']} CPUs, {machine_info['mem_gib']} GiB, "
              f"load average at start {machine_info['load']}; Python {machine_info['python']}; "

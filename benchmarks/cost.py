@@ -155,7 +155,7 @@ def main(n_tasks, time_scale, timeout, no_write):
     text = report(result, summary)
     click.echo(text)
     if not no_write:
-        write_section("cost", "## Cost overhead\n\n" + text, machine_info)
+        write_section("cost", "Cost overhead", text, machine_info)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def main(cases, time_scale, duration, pull, concurrency, timeout, keep_logs, no_
     text = report(results)
     click.echo(text)
     if not no_write:
-        write_section("scale", "## Scale and throughput\n\n" + text, machine_info)
+        write_section("scale", "Scale and throughput", text, machine_info)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
     spec = [{"slug": f"t{i:04d}", "image": "registry.example.com/bench/worker:1",
              "command": "python -m worker", "env": LONG, "requires_gpu": True}
             for i in range(n)]
+    # The seeded market has ~100 matching single-GPU offers: add one machine per task so that
+    # every task gets an instance.
+    machine = {"num_gpus": 1, "machine_gpus": 1, "gpu_name": "RTX 3090", "dph_base": 0.25,
+               "verified": True, "verification": "verified", "external": False,
+               "disk_space": 1000.0, "reliability": 0.99, "reliability2": 0.99}
+    requests.post(stack.vast_url + "/_sim/offers", json={"offers": [machine] * (n + 10)},
+                  timeout=30).raise_for_status()
     requests.post(stack.arkindex_url + "/_sim/processes", json={"name": "sync-bench",
                                                                 "tasks": spec},
                   timeout=30).raise_for_status()
@@ -155,7 +162,7 @@ def main(levels, reps, timeout, no_write):
     text = report(results)
     click.echo(text)
     if not no_write:
-        write_section("sync", "## Sync loop cost\n\n" + text, machine_info)
+        write_section("sync", "Sync loop cost", text, machine_info)
 
 
 if __name__ == "__main__":
