@@ -53,6 +53,7 @@ OFFERS_TRIED_PER_CREATE = 5  # offers that vanished under us before giving the s
 # worker killed while holding it delays the task's next try by at most this. Correctness
 # does not rest on it (the CAS on (phase, attempt) and the label lookup do).
 CREATE_LOCK_TIMEOUT = 60.0
+OFFER_CLAIM_SECONDS = 30.0  # an offer another worker is renting is skipped this long
 SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 ACTIVE_ARKINDEX_STATES = {"pending", "running", "stopping"}
 
@@ -247,7 +248,16 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     onstart, args, inferred = instance_command(ctx, task_id, definition)
     env = instance_environment(ctx, definition)
     offers = _ranked_offers(ctx, record)
-    for offer in offers[:OFFERS_TRIED_PER_CREATE]:
+    tried = 0
+    for offer in offers:
+        if tried == OFFERS_TRIED_PER_CREATE:
+            break
+        # Claim the offer for a short while: workers creating at the same moment would all
+        # pick the same cheapest offer and all but one get no_such_ask, wasting the create
+        # rate limit (measured in BENCHMARKS.md); the others take the next offers instead.
+        if not ctx.store.once(f"offer:{offer.id}", OFFER_CLAIM_SECONDS):
+            continue
+        tried += 1
         lock.reacquire()  # a full timeout for this call, however long the previous ones took
         try:
             created = ctx.vast.create_instance(
@@ -313,7 +323,9 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
     record = ctx.store.get(task_id)
     if record is None or record.phase not in (Phase.LOADING, Phase.RUNNING):
         return []
-    instances, taken_at = fresh_snapshot(ctx, ctx.watch_interval)
+    # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
+    # is late (sync stalled), so that the `list` rate limit is not spent many times over.
+    instances, taken_at = fresh_snapshot(ctx, 1.5 * ctx.config.sync_interval)
     instance = _find(instances, record.instance_id)
     now = ctx.now()
     settings = ctx.plan_settings
