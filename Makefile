@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REDIS_URL ?= redis://127.0.0.1:6379/0
 export REDIS_URL
 
-.PHONY: install test lint run redis stack tools clean
+.PHONY: install test lint run redis stack tools bench clean
 
 # The stamp is rebuilt when pyproject.toml changes, so a new dependency is installed.
 $(VENV)/.installed: pyproject.toml
@@ -44,6 +44,12 @@ run: install redis
 
 stack: install redis
 	$(BIN)/ponos-vast stack
+
+# Benchmarks (about 9 minutes; not part of `make test`): results go to BENCHMARKS.md.
+bench: install
+	$(BIN)/python -m benchmarks.sync_loop
+	$(BIN)/python -m benchmarks.cost
+	$(BIN)/python -m benchmarks.scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
