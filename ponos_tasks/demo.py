@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -47,12 +46,6 @@ OVERRIDING_ENV = ("PONOS_ARKINDEX_URL", "ARKINDEX_URL", "PONOS_FARM_ID", "PONOS_
 
 class DemoFailed(Exception):
     """The demo could not finish (timeout, an agent process died): the message says why."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _raise_interrupt(signum, _frame):
@@ -213,7 +206,7 @@ class Demo:
     # -- setup / teardown
 
     def start(self) -> None:
-        from ponos_tasks.simulators.stack import LocalStack, RedisProcess
+        from ponos_tasks.simulators.stack import LocalStack, RedisProcess, free_port
         from ponos_tasks.supervisor import AgentProcesses
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -234,7 +227,7 @@ class Demo:
             raise DemoFailed(f"no Redis answers at {redis_url}")
         config_path = self.workdir / "agent.yml"
         config_path.write_text(yaml.safe_dump(demo_config(self.stack, self.time_scale)))
-        flower_port = _free_port()
+        flower_port = free_port()
         self.agent = AgentProcesses(config_path, self.logs_dir, self.stack.redis_url,
                                     flower_port=flower_port,
                                     extra_env={name: "" for name in OVERRIDING_ENV})

@@ -33,7 +33,7 @@ HOST = "127.0.0.1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
@@ -61,7 +61,7 @@ class RedisProcess:
     def __init__(self, workdir: Path, *, new_session: bool = False):
         self.workdir = workdir
         self.new_session = new_session
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
