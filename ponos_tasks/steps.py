@@ -336,6 +336,10 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
         decision = reconcile.watch_decision(
             record, instance, now, settings, exit_code=parse_exit_marker(text),
             logs_read=True, log_tail=text[-4000:], snapshot_taken_at=taken_at)
+        if decision.action in (reconcile.FINISH, reconcile.GIVE_UP):
+            # The instance has ended: its log will not change. Keep what decided the outcome
+            # for the final upload instead of asking Vast.ai (rate-limited) for it again.
+            ctx.redis.set(_ended_log_key(ctx, record), text, ex=3600)
     if decision.offline_since != record.offline_since:
         ctx.store.touch(task_id, offline_since=decision.offline_since)
     action = decision.action
@@ -387,6 +391,10 @@ def retry(ctx: AgentContext, task_id: str) -> Next | None:
     return None
 
 
+def _ended_log_key(ctx: AgentContext, record: TaskRecord) -> str:
+    return f"{ctx.prefix}endlog:{record.task_id}:{record.attempt}"
+
+
 def _instance_log(ctx: AgentContext, record: TaskRecord) -> str:
     if record.instance_id is None or record.instance_destroyed:
         return ""
@@ -412,7 +420,9 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     if not final and record.phase != Phase.RUNNING:
         return None
     definition = ctx.arkindex.task_definition(task_id)
-    instance_log = _instance_log(ctx, record)
+    ended_log = ctx.redis.get(_ended_log_key(ctx, record)) if final else None
+    instance_log = (ended_log.decode("utf-8", errors="replace") if ended_log is not None
+                    else _instance_log(ctx, record))
     if final and record.inferred:
         _note(ctx, task_id, "the image ran unwrapped: this final state was inferred from how "
               "its instance ended", "WARNING")
@@ -429,6 +439,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if ctx.store.cas(task_id, expect_phase=Phase.FINISHING, expect_attempt=record.attempt,
                      phase=Phase.DESTROYING, heartbeat_at=now):
+        ctx.redis.delete(_ended_log_key(ctx, record))
         return Next(DESTROY)
     return None
 

@@ -230,6 +230,9 @@ class Admin:
     def one_task(self, **spec) -> str:
         spec.setdefault("slug", "task")
         spec.setdefault("image", "registry.example/worker:1")
+        # With a command the agent never looks the image up in its registry: tests talk to
+        # 127.0.0.1 only (the no-command tests pass command=None and a loopback registry).
+        spec.setdefault("command", "python -m worker")
         return self.process([spec])["tasks"][0]["id"]
 
     def task(self, task_id: str) -> dict:

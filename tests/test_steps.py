@@ -116,6 +116,18 @@ def test_marker_decides_final_state(contexts, admin, code, state):
     assert admin.stats()["max_live_per_label"][rows[0]["label"]] == 1
 
 
+def test_ended_instance_log_is_read_once(contexts, admin):
+    """The log that decided the outcome is reused for the final upload: one request_logs
+    call per task when no periodic upload happens (the logs endpoint is rate limited)."""
+    ctx = contexts(logs_interval=3600)
+    before = admin.stats()["calls"].get("logs", 0)
+    task_id = admin.one_task(env=scripted(0))
+    start_and_finish(ctx, task_id)
+    assert admin.stats()["calls"].get("logs", 0) - before == 1
+    assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
+    assert list(ctx.redis.scan_iter(match=ctx.prefix + "endlog:*")) == []
+
+
 def test_published_log_agent_lines_first_no_secrets(stack, contexts, admin):
     """Local run mode: the real wrapper runs `sh -c` and the task prints secrets it knows."""
     ctx = contexts()
