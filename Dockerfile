@@ -24,4 +24,4 @@ RUN pip install . && rm -rf build ./*.egg-info
 USER ponos
 
 # Same command as the Procfile's `worker` (tests/test_deploy.py checks it).
-CMD ["celery", "-A", "ponos_tasks.app", "worker", "--queues", "sync,vast,arkindex", "--concurrency", "4", "--prefetch-multiplier", "1", "--loglevel", "INFO"]
+CMD ["celery", "-A", "ponos_tasks.app", "worker", "--queues", "sync,steps", "--concurrency", "4", "--prefetch-multiplier", "1", "--loglevel", "INFO"]

@@ -17,20 +17,24 @@ from functools import cached_property
 
 import redis
 
-from ponos_tasks.arkindex import ArkindexAgentClient, RedisCredentialStore
-from ponos_tasks.config import AgentConfig, load_config
+from ponos_tasks.arkindex import ArkindexAgentClient
+from ponos_tasks.config import AgentConfig, current_config
 from ponos_tasks.lifecycle import agent_short_id
-from ponos_tasks.logs import TaskLogBook
 from ponos_tasks.ratelimit import RedisRateLimiter
-from ponos_tasks.reconcile import PlanSettings
 from ponos_tasks.registry_client import RegistryClient
-from ponos_tasks.state import TaskStore
+from ponos_tasks.settings import Settings
+from ponos_tasks.state import (
+    DEFAULT_PREFIX,
+    ImageConfigCache,
+    Keyspace,
+    RedisCredentialStore,
+    ReportedStates,
+    TaskLogBook,
+    TaskStore,
+)
 from ponos_tasks.vast import VastClient
 
 logger = logging.getLogger(__name__)
-
-KEY_PREFIX = "ponos:"
-CONFIG_ENV = "PONOS_CONFIG"
 
 
 def stable_public_key(seed: str, farm_id: str, name: str) -> str:
@@ -47,22 +51,34 @@ def stable_public_key(seed: str, farm_id: str, name: str) -> str:
 @dataclass
 class AgentContext:
     config: AgentConfig
-    prefix: str = KEY_PREFIX
+    prefix: str = DEFAULT_PREFIX
     _registered: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @cached_property
+    def settings(self) -> Settings:
+        return Settings.from_config(self.config)
+
+    @cached_property
+    def keys(self) -> Keyspace:
+        return Keyspace(self.prefix)
+
+    @cached_property
     def redis(self) -> redis.Redis:
+        """The connection the stores below share (steps never use it directly)."""
         return redis.Redis.from_url(self.config.redis_url)
 
     @cached_property
     def store(self) -> TaskStore:
-        return TaskStore(self.redis, self.prefix)
+        return TaskStore(self.redis, self.keys, tombstone_ttl=self.settings.tombstone_ttl)
+
+    @cached_property
+    def reported(self) -> ReportedStates:
+        return ReportedStates(self.redis, self.keys)
 
     @cached_property
     def logbook(self) -> TaskLogBook:
-        return TaskLogBook(self.redis, self.prefix + "tasklog:",
-                           task_format=self.config.logging.task_format)
+        return TaskLogBook(self.redis, self.keys, task_format=self.config.logging.task_format)
 
     @cached_property
     def vast(self) -> VastClient:
@@ -70,45 +86,24 @@ class AgentContext:
         # Scaled down (a simulator's accelerated clock), intervals of tens of ms drown in
         # scheduling jitter: 50 ms more keeps calls from arriving early (BENCHMARKS.md).
         # Unscaled, DEFAULT_INTERVALS already carry a 10 % margin.
-        limiter = RedisRateLimiter(self.redis, prefix=self.prefix + "ratelimit:",
+        limiter = RedisRateLimiter(self.redis, prefix=self.keys.ratelimit_prefix,
                                    scale=vast.rate_limit_scale,
                                    margin=0.05 if vast.rate_limit_scale < 1 else 0.0)
         return VastClient(vast.url, vast.api_key, rate_limiter=limiter)
 
     @cached_property
     def arkindex(self) -> ArkindexAgentClient:
-        store = RedisCredentialStore(self.redis, self.prefix + "arkindex:agent")
+        store = RedisCredentialStore(self.redis, self.keys)
         public_key = stable_public_key(self.config.seed, str(self.config.farm_id),
                                        self.config.agent_name)
         return ArkindexAgentClient(self.config.url, str(self.config.farm_id), self.config.seed,
                                    store, hostname=self.config.agent_name,
-                                   public_key=public_key)
+                                   public_key=public_key, reported=self.reported)
 
     @cached_property
     def registry(self) -> RegistryClient:
-        return RegistryClient(self.config.vast_api.registries, redis=self.redis,
-                              cache_prefix=self.prefix + "imgcfg:")
-
-    @cached_property
-    def plan_settings(self) -> PlanSettings:
-        vast = self.config.vast_api
-        return PlanSettings(
-            max_instances=vast.max_instances,
-            heartbeat_stale=self.stale_after,
-            loading_deadline=vast.loading_deadline,
-            offer_wait=vast.offer_wait,
-            max_attempts=vast.start_attempts,
-        )
-
-    @property
-    def watch_interval(self) -> float:
-        """Seconds between two looks at a task's instance (from the shared snapshot)."""
-        return min(max(self.config.sync_interval / 2, 0.5), 30.0)
-
-    @property
-    def stale_after(self) -> float:
-        """A chain that made no progress for this long is resumed by the sync loop."""
-        return max(6 * self.watch_interval, 3 * self.config.sync_interval, 5.0)
+        return RegistryClient(self.config.vast_api.registries,
+                              shared_cache=ImageConfigCache(self.redis, self.keys))
 
     def secrets(self) -> list[str]:
         return self.config.secrets()
@@ -136,9 +131,10 @@ _contexts: dict[int, AgentContext] = {}
 
 
 def get_context() -> AgentContext:
-    """The context of this process, built from $PONOS_CONFIG (and the environment)."""
+    """The context of this process (one per pid: a forked pool process builds its own
+    connections), from config.current_config(); raises ConfigError when it is unusable."""
     pid = os.getpid()
     context = _contexts.get(pid)
     if context is None:
-        context = _contexts[pid] = AgentContext(load_config(os.environ.get(CONFIG_ENV)))
+        context = _contexts[pid] = AgentContext(current_config())
     return context

@@ -1,8 +1,10 @@
-"""The Celery application of ponos-vast (settings in celeryconfig.py, tasks in tasks.py).
+"""The Celery application of ponos-vast (settings in celery_settings.py, tasks in tasks.py).
 
-The beat entry comes from the agent's configuration (`sync_interval`); worker and beat
-refuse to start on a bad configuration (exit status 2, one line per problem), and a worker
-registers with Arkindex and checks its Vast.ai key before taking any task.
+The configuration is read once per process, when this module is imported: it gives the
+broker (the agent's Redis) and the beat entry (`sync_interval`). An unusable configuration
+does not stop the import (Flower, `celery inspect` and tests import the app), but worker and
+beat refuse to start on it: exit status 2, one line per problem. A worker then registers with
+Arkindex and checks its Vast.ai key before taking any task.
 """
 
 import logging
@@ -11,65 +13,61 @@ import sys
 
 from celery import Celery, signals
 
-from ponos_tasks.config import ConfigError, load_config
+from ponos_tasks.config import ConfigError, current_config, redis_url_from_environment
+from ponos_tasks.models import SYNC_QUEUE
 
 app = Celery("ponos_tasks")
-app.config_from_object("celeryconfig")
+app.config_from_object("ponos_tasks.celery_settings")
 app.conf.include = ["ponos_tasks.tasks"]
 
 logger = logging.getLogger(__name__)
 
+try:
+    _config, _config_error = current_config(), None
+except ConfigError as error:
+    _config, _config_error = None, error
 
-def _config_or_none():
-    try:
-        return load_config(os.environ.get("PONOS_CONFIG"))
-    except ConfigError:
-        return None  # reported (and fatal) in the worker/beat init signals below
-
-
-_config = _config_or_none()
 if _config is not None:
     app.conf.broker_url = _config.redis_url
-    SYNC_INTERVAL = _config.sync_interval
+    app.conf.beat_schedule = {
+        "ponos-sync": {
+            "task": "ponos.sync",
+            "schedule": _config.sync_interval,
+            # A tick nobody ran in time is worthless: the next one does the same work.
+            "options": {"queue": SYNC_QUEUE, "expires": _config.sync_interval},
+        },
+    }
 else:
-    SYNC_INTERVAL = 10.0
-app.conf.beat_schedule = {
-    "ponos-sync": {
-        "task": "ponos.sync",
-        "schedule": SYNC_INTERVAL,
-        # A tick nobody ran in time is worthless: the next one does the same work.
-        "options": {"queue": "sync", "expires": SYNC_INTERVAL},
-    },
-}
+    # Only for the processes that merely inspect the app; worker and beat exit below.
+    app.conf.broker_url = redis_url_from_environment()
 
 
-def _fatal_config():
-    try:
-        config = load_config(os.environ.get("PONOS_CONFIG"))
-    except ConfigError as error:
-        for problem in error.problems:
+def _require_config():
+    """The configuration, or exit 2 with its problems (worker and beat only)."""
+    if _config_error is not None:
+        for problem in _config_error.problems:
             print(problem, file=sys.stderr)
         sys.stderr.flush()
         os._exit(2)
-    logging.getLogger("ponos_tasks").setLevel(config.logging.level)
-    if config.sentry.dsn:
+    logging.getLogger("ponos_tasks").setLevel(_config.logging.level)
+    if _config.sentry.dsn:
         import sentry_sdk
         from sentry_sdk.integrations.celery import CeleryIntegration
 
-        sentry_sdk.init(dsn=config.sentry.dsn, environment=config.sentry.environment,
+        sentry_sdk.init(dsn=_config.sentry.dsn, environment=_config.sentry.environment,
                         integrations=[CeleryIntegration()], send_default_pii=False)
-    return config
+    return _config
 
 
 @signals.beat_init.connect
 def _check_beat(**_):
-    _fatal_config()
+    _require_config()
 
 
 @signals.worker_init.connect
 def _set_up_worker(**_):
-    """Set-up (DESIGN §1): config, Arkindex registration, one authenticated Vast.ai call."""
-    _fatal_config()
+    """Set-up: configuration, Arkindex registration, one authenticated Vast.ai call."""
+    _require_config()
     from ponos_tasks.agent import get_context
     from ponos_tasks.arkindex import ArkindexError
     from ponos_tasks.vast import VastError

@@ -45,10 +45,11 @@ from tenacity import (
     wait_exponential,
 )
 
+from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_PATH = "/api/v1/openapi/?format=json"
-TERMINAL_STATES = frozenset({"completed", "failed", "error", "stopped", "cancelled"})
 # Connect/read timeouts of the calls we make ourselves (schema, log upload).
 HTTP_TIMEOUT = (5, 30)
 
@@ -149,74 +150,15 @@ class MemoryCredentialStore:
             yield
 
 
-class RedisCredentialStore:
-    """Agent id and tokens as one JSON value in Redis, shared by every worker of the agent."""
-
-    def __init__(self, redis, key: str):
-        self.redis = redis
-        self.key = key
-
-    def load(self) -> dict | None:
-        raw = self.redis.get(self.key)
-        return json.loads(raw) if raw else None
-
-    def save(self, data: dict) -> None:
-        self.redis.set(self.key, json.dumps(data))
-
-    def clear(self) -> None:
-        self.redis.delete(self.key)
-
-    @contextmanager
-    def lock(self):
-        # One renewal (refresh or re-registration) at a time across all workers, so that a
-        # burst of 401s does not register a dozen agents. Timeout bounds a crashed holder.
-        with self.redis.lock(self.key + ":lock", timeout=60, blocking_timeout=90):
-            yield
-
-
-class ReportedStates:
-    """Which states were reported per task, in Redis: the guard that makes updates idempotent.
-
-    `claim()` is a SET NX per (task, state), plus one SET NX per task for the terminal state,
-    so that concurrent workers cannot both send a state, nor two different terminal states.
-    A claim whose request fails is released, so a later call can send it again.
-    """
-
-    _RELEASE_TERMINAL = (
-        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
-        "return 0"
-    )
-
-    def __init__(self, redis, prefix: str, ttl: int = 30 * 24 * 3600):
-        self.redis = redis
-        self.prefix = prefix
-        self.ttl = ttl  # keys outlive any task by far, then disappear
-
-    def _key(self, task_id: str, state: str) -> str:
-        return f"{self.prefix}{task_id}:{state}"
-
-    def claim(self, task_id: str, state: str) -> bool:
-        if not self.redis.set(self._key(task_id, state), "1", nx=True, ex=self.ttl):
-            return False
-        if state in TERMINAL_STATES and not self.redis.set(
-            self._key(task_id, "terminal"), state, nx=True, ex=self.ttl
-        ):
-            self.redis.delete(self._key(task_id, state))
-            return False
-        return True
-
-    def release(self, task_id: str, state: str) -> None:
-        self.redis.delete(self._key(task_id, state))
-        if state in TERMINAL_STATES:
-            self.redis.eval(self._RELEASE_TERMINAL, 1, self._key(task_id, "terminal"), state)
-
-    def terminal(self, task_id: str) -> str | None:
-        value = self.redis.get(self._key(task_id, "terminal"))
-        return value.decode() if isinstance(value, bytes) else value
+class ReportedStatesLike(Protocol):
+    def claim(self, task_id: str, state: str) -> bool: ...
+    def mark(self, task_id: str, state: str) -> None: ...
+    def release(self, task_id: str, state: str) -> None: ...
+    def terminal(self, task_id: str) -> str | None: ...
 
 
 class MemoryReportedStates:
-    """Same guard in process memory (when the credential store is not in Redis)."""
+    """The reported-states guard in process memory (state.ReportedStates is the shared one)."""
 
     def __init__(self):
         self._claimed: set[tuple[str, str]] = set()
@@ -227,12 +169,16 @@ class MemoryReportedStates:
         with self._lock:
             if (task_id, state) in self._claimed:
                 return False
-            if state in TERMINAL_STATES:
+            if state in ARKINDEX_TERMINAL_STATES:
                 if task_id in self._terminal:
                     return False
                 self._terminal[task_id] = state
             self._claimed.add((task_id, state))
             return True
+
+    def mark(self, task_id: str, state: str) -> None:
+        with self._lock:
+            self._claimed.add((task_id, state))
 
     def release(self, task_id: str, state: str) -> None:
         with self._lock:
@@ -337,7 +283,7 @@ class ArkindexAgentClient:
         hostname: str | None = None,
         gpu_count: int = 1,
         gpu_names: str | None = None,
-        reported=None,
+        reported: ReportedStatesLike | None = None,
         max_attempts: int = 4,
         max_wait: float = 4.0,
         public_key: str | None = None,
@@ -352,15 +298,9 @@ class ArkindexAgentClient:
         self.public_key = public_key
         self.gpu_count = gpu_count
         self.gpu_names = gpu_names
-        if reported is None:
-            redis = getattr(store, "redis", None)
-            key = getattr(store, "key", "ponos:arkindex")
-            reported = (
-                ReportedStates(redis, key + ":reported:")
-                if redis is not None
-                else MemoryReportedStates()
-            )
-        self.reported = reported
+        # Which states were sent already: state.ReportedStates shares it between the agent's
+        # processes; without one (tests, one-shot commands) it is this process's memory.
+        self.reported = reported if reported is not None else MemoryReportedStates()
         self.max_attempts = max_attempts
         self.max_wait = max_wait
         self._api: ArkindexClient | None = None

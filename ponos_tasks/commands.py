@@ -15,8 +15,9 @@ import click
 import redis
 
 from ponos_tasks.config import AgentConfig, ConfigError, load_config
-from ponos_tasks.metrics import DEFAULT_PREFIX, AgentState, read_agent_state, serve_metrics
+from ponos_tasks.metrics import AgentState, is_live, read_agent_state, serve_metrics
 from ponos_tasks.offers import build_query, describe_filters, rank_offers
+from ponos_tasks.state import DEFAULT_PREFIX
 from ponos_tasks.vast import VastClient, VastError
 
 #: The agent searches with this limit (build_query's default) and ranks what comes back.
@@ -172,7 +173,7 @@ def status_document(state: AgentState) -> dict:
     return {
         "tasks": tasks,
         "instances": [{"id": i.id, "label": i.label, "actual_status": i.actual_status,
-                       "gpu_name": i.gpu_name, "dph_total": i.dph_total, "live": i.live}
+                       "gpu_name": i.gpu_name, "dph_total": i.dph_total, "live": is_live(i)}
                       for i in state.instances],
         "snapshot_age_s": state.snapshot_age,
         "totals": {

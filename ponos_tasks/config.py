@@ -28,8 +28,10 @@ import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_TASK_FORMAT = "[agent %(levelname)s %(asctime)s] %(message)s"
+from ponos_tasks.logs import DEFAULT_TASK_FORMAT
+
 GENERIC_ENV_PREFIX = "PONOS__"
+CONFIG_ENV = "PONOS_CONFIG"  # the path of the configuration file
 
 # Config key -> environment variables, first set one wins.
 ENV_VARS: dict[str, tuple[str, ...]] = {
@@ -128,6 +130,9 @@ class VastConfig(_Section):
     max_instances: int = Field(default=4, ge=1, description="max concurrent instances")
     loading_deadline: float = Field(default=1200, gt=0, description="s from create to running")
     start_attempts: int = Field(default=3, ge=1, description="instances tried per task")
+    offline_grace: float = Field(default=600, gt=0, description="s a host may stay offline")
+    early_exit_window: float = Field(
+        default=120, ge=0, description="s after running in which an exit is a failed start")
     offer_wait: float = Field(default=3600, ge=0, description="s to wait for a matching offer")
     rate_limit_scale: float = Field(default=1.0, gt=0, description="x Vast.ai's min intervals")
     extra_environment: dict[str, str] = Field(default_factory=dict)
@@ -326,6 +331,25 @@ def load_config(path: str | None, environ: Mapping[str, str] = os.environ) -> Ag
     except ValidationError as error:
         problems = list(dict.fromkeys(_problem(e) for e in error.errors()))
         raise ConfigError(problems) from None
+
+
+_current: AgentConfig | None = None
+
+
+def current_config() -> AgentConfig:
+    """This process's configuration ($PONOS_CONFIG and the environment), read once."""
+    global _current
+    if _current is None:
+        _current = load_config(os.environ.get(CONFIG_ENV))
+    return _current
+
+
+def redis_url_from_environment(environ: Mapping[str, str] = os.environ) -> str:
+    """The Redis URL as the configuration would take it from the environment alone."""
+    for name in ENV_VARS["redis_url"]:
+        if environ.get(name):
+            return environ[name]
+    return AgentConfig.model_fields["redis_url"].default
 
 
 @click.command("check-config")

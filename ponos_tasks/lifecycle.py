@@ -10,7 +10,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
+
+from ponos_tasks.models import Instance, TaskRecord
 
 # ---------------------------------------------------------------------------- labels
 
@@ -117,14 +119,6 @@ def check_transition(from_phase: str, to_phase: str) -> None:
         raise TransitionError("a done task cannot change any more")
 
 
-def transition_allowed(from_phase: str, to_phase: str) -> bool:
-    try:
-        check_transition(from_phase, to_phase)
-    except TransitionError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------- conditions
 
 
@@ -140,11 +134,6 @@ class Condition(StrEnum):
     UNKNOWN = "unknown"
 
 
-# The tokens `vastai self-test machine` treats as fatal in status_msg.
-ERROR_TOKENS = ("error", "failed", "failure", "exception", "traceback", "oci runtime",
-                "permission denied")
-
-
 def _norm(value: Any) -> str | None:
     if value is None:
         return None
@@ -152,22 +141,17 @@ def _norm(value: Any) -> str | None:
     return text or None
 
 
-def status_msg_is_error(msg: Any) -> bool:
-    text = _norm(msg) or ""
-    return any(token in text for token in ERROR_TOKENS)
-
-
-def classify_instance(fields: Mapping[str, Any] | None) -> Condition:
+def classify_instance(instance: Instance | None) -> Condition:
     """The condition of an instance from its Vast.ai status fields (vast-api.md §4.4).
 
     None (the instance is absent from the list) is GONE. Unknown values never raise.
     """
-    if fields is None:
+    if instance is None:
         return Condition.GONE
-    actual = _norm(fields.get("actual_status"))
-    intended = _norm(fields.get("intended_status"))
-    cur = _norm(fields.get("cur_state"))
-    nxt = _norm(fields.get("next_state"))
+    actual = _norm(instance.actual_status)
+    intended = _norm(instance.intended_status)
+    cur = _norm(instance.cur_state)
+    nxt = _norm(instance.next_state)
     if cur == "unloaded" or nxt == "unloaded" or actual in ("destroyed", "terminated"):
         return Condition.GONE
     if actual in ("offline", "unknown"):
@@ -176,9 +160,7 @@ def classify_instance(fields: Mapping[str, Any] | None) -> Condition:
         # running with intended "stopped" is a stop in progress: the container still runs.
         return Condition.RUNNING
     # A start that failed can sit in created/exited forever with an error message (dstack).
-    if actual in (None, "created", "loading", "exited") and status_msg_is_error(
-        fields.get("status_msg")
-    ):
+    if actual in (None, "created", "loading", "exited") and instance.status_msg_is_fatal:
         return Condition.START_FAILED
     stopped_intent = intended == "stopped" or cur == "stopped"
     if actual in ("exited", "stopped"):
@@ -198,6 +180,10 @@ def classify_instance(fields: Mapping[str, Any] | None) -> Condition:
 # ---------------------------------------------------------------------------- outcomes
 
 FINAL_STATES = ("completed", "failed", "error", "stopped")
+#: Arkindex task states after which it accepts no other (its state table).
+ARKINDEX_TERMINAL_STATES = frozenset({"completed", "failed", "error", "stopped", "cancelled"})
+#: Arkindex task states in which the task is still this agent's to run.
+ARKINDEX_ACTIVE_STATES = frozenset({"pending", "running", "stopping"})
 
 
 @dataclass(frozen=True)
@@ -264,27 +250,14 @@ def final_state(
 # ---------------------------------------------------------------------------- start failures
 
 
-class RecordLike(Protocol):
-    """The fields of state.TaskRecord these rules read (kept structural: no import cycle)."""
-
-    phase: str
-    attempt: int
-    phase_changed_at: float | None
-    waiting_since: float | None
-    running_since: float | None
-    offline_since: float | None
-    exit_code: int | None
-    inferred: bool
-
-
 def start_failure(
-    record: RecordLike,
+    record: TaskRecord,
     condition: Condition | str,
     now: float,
     loading_deadline: float,
     *,
-    offline_grace: float = 600.0,
-    early_exit_window: float = 120.0,
+    offline_grace: float,
+    early_exit_window: float,
     status_msg: str | None = None,
 ) -> str | None:
     """Why the current attempt must be abandoned (destroy + new attempt), or None.
@@ -338,6 +311,6 @@ def next_attempt_allowed(attempt: int, max_attempts: int) -> bool:
     return attempt < max_attempts
 
 
-def offer_wait_expired(record: RecordLike, now: float, max_wait: float) -> bool:
+def offer_wait_expired(record: TaskRecord, now: float, max_wait: float) -> bool:
     """Whether the task has waited for a matching offer longer than `max_wait` seconds."""
     return record.waiting_since is not None and now - record.waiting_since > max_wait

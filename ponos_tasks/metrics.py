@@ -1,10 +1,10 @@
 """What the agent is doing, read from Redis only: for `ponos-vast status` and Prometheus.
 
-Both read the same keys the agent writes (state.py's layout, prefix "ponos:"):
-task records (active ones and done tombstones), the instance snapshot of the last listing,
-`last_sync` (time of the last sync that ran) and the hash `metrics:destroyed` (cause -> count
-of instances the sync loop destroyed). Nothing here calls Arkindex or Vast.ai, so both work
-while those are unreachable, and a scrape costs a handful of Redis reads.
+Both read what the agent writes, through state.TaskStore: task records (active ones and done
+tombstones), the instance snapshot of the last listing, the time of the last sync that ran
+and the count of instances the sync loop destroyed, per cause. Nothing here calls Arkindex or
+Vast.ai, so both work while those are unreachable, and a scrape costs a handful of Redis
+reads.
 
 The Prometheus side is a custom collector (prometheus-client's pattern for values that live
 elsewhere): it reads Redis on each scrape instead of keeping gauges up to date in the workers,
@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
@@ -30,44 +29,16 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from ponos_tasks.lifecycle import Condition, Phase, classify_instance
-from ponos_tasks.state import TaskRecord, TaskStore
+from ponos_tasks.models import Instance, TaskRecord
+from ponos_tasks.state import DEFAULT_PREFIX, Keyspace, TaskStore
 
-DEFAULT_PREFIX = "ponos:"
 #: Upper bounds of the attempts histogram (attempt 0 = no instance created yet).
 ATTEMPT_BUCKETS = (0, 1, 2, 3, 4, 5, 10)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-@dataclass
-class InstanceView:
-    id: int | None
-    label: str | None
-    actual_status: str | None
-    gpu_name: str | None
-    dph_total: float | None
-    live: bool  # not destroyed: it bills (a stopped one bills its storage)
-
-    @classmethod
-    def from_raw(cls, raw: dict) -> InstanceView:
-        instance_id = raw.get("id")
-        return cls(
-            id=int(instance_id) if isinstance(instance_id, int | str) else None,
-            label=raw.get("label"),
-            actual_status=raw.get("actual_status"),
-            gpu_name=raw.get("gpu_name"),
-            dph_total=_float(raw.get("dph_total")),
-            live=classify_instance(raw) is not Condition.GONE,
-        )
+def is_live(instance: Instance) -> bool:
+    """Not destroyed: it bills (a stopped one bills its storage)."""
+    return classify_instance(instance) is not Condition.GONE
 
 
 @dataclass
@@ -76,14 +47,14 @@ class AgentState:
 
     now: float
     records: dict[str, TaskRecord]
-    instances: list[InstanceView]
+    instances: list[Instance]
     snapshot_taken_at: float | None
     last_sync_at: float | None
     destroyed: dict[str, int] = field(default_factory=dict)
 
     @property
-    def live_instances(self) -> list[InstanceView]:
-        return [i for i in self.instances if i.live]
+    def live_instances(self) -> list[Instance]:
+        return [i for i in self.instances if is_live(i)]
 
     @property
     def spend_per_hour(self) -> float:
@@ -115,18 +86,15 @@ class AgentState:
 def read_agent_state(client: redis.Redis, prefix: str = DEFAULT_PREFIX, *,
                      now: Callable[[], float] = time.time) -> AgentState:
     """Read records, snapshot, last sync time and destroy counters (raises redis errors)."""
-    store = TaskStore(client, prefix)
-    records = store.all_records(include_done=True)
+    store = TaskStore(client, Keyspace(prefix))
     snapshot = store.load_snapshot()
-    instances, taken_at = snapshot if snapshot is not None else ([], None)
-    destroyed = {_text(k): int(v) for k, v in client.hgetall(prefix + "metrics:destroyed").items()}
     return AgentState(
         now=now(),
-        records=records,
-        instances=[InstanceView.from_raw(raw) for raw in instances],
-        snapshot_taken_at=_float(taken_at),
-        last_sync_at=_float(client.get(prefix + "last_sync")),
-        destroyed=destroyed,
+        records=store.all_records(include_done=True),
+        instances=list(snapshot.instances) if snapshot is not None else [],
+        snapshot_taken_at=snapshot.taken_at if snapshot is not None else None,
+        last_sync_at=store.last_sync(),
+        destroyed=store.destroyed_counts(),
     )
 
 

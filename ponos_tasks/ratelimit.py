@@ -84,7 +84,7 @@ class RedisRateLimiter:
         self,
         redis_client: redis.Redis,
         *,
-        prefix: str = "ponos:ratelimit:",
+        prefix: str,  # state.Keyspace.ratelimit_prefix
         intervals: Mapping[str, float] = DEFAULT_INTERVALS,
         scale: float = 1.0,
         margin: float = 0.0,

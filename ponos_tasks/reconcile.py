@@ -1,18 +1,20 @@
 """The sync loop's brain: compare desired state (records, Arkindex actions) with actual state
 (this agent's Vast.ai instances) and say what must change. PURE: no Redis, HTTP, Celery or
-clock; `now` is a parameter, so the same inputs always give the same steps (level-triggered,
-celery-practice §1.1 b / §1.11).
+clock; `now` is a parameter, so the same inputs always give the same steps. It is
+level-triggered: it looks at the whole state every time rather than at events, so a lost
+message or a missed event is repaired at the next sync.
 
-The integrator maps each Step to a Celery task and de-duplicates enqueues with `step.key`
-(e.g. TaskStore.once(step.key, ttl)). Inputs should be read snapshot first, records second:
-a record is then never older than the instances it is compared with.
+Each plan step says which chain step it starts (`message()`, None for the ones the sync
+handles itself) and de-duplicates with `key` (TaskStore.once(step.key, ttl)). Inputs should
+be read snapshot first, records second: a record is then never older than the instances it
+is compared with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from enum import StrEnum
 
 from ponos_tasks.lifecycle import (
     NO_INSTANCE_PHASES,
@@ -27,19 +29,11 @@ from ponos_tasks.lifecycle import (
     parse_label,
     start_failure,
 )
-from ponos_tasks.state import TaskRecord
+from ponos_tasks.models import Instance, Next, StepName, TaskRecord
+from ponos_tasks.settings import Settings
 
 START_TASK = "start_task"
 STOP_TASK = "stop_task"
-
-# Names of the chain's steps, as used in ResumeStep.step.
-CHOOSE_OFFER = "choose_offer"
-CREATE = "create"
-WATCH = "watch"
-PUBLISH_LOGS = "publish_logs"
-DESTROY = "destroy"
-REPORT = "report"
-RETRY = "retry"
 
 # DestroyInstance.cause values (one metric label each).
 ORPHAN = "orphan"  # our label, task finished (tombstone)
@@ -47,22 +41,6 @@ STALE_ATTEMPT = "stale_attempt"  # label attempt != record attempt
 ABANDONED_ATTEMPT = "abandoned_attempt"  # current attempt, but the record expects no instance
 DUPLICATE = "duplicate"  # second instance of the same attempt
 STOPPED = "stopped"  # stop_task for a task we have no record of
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    max_instances: int = 4  # concurrent live instances of this agent
-    heartbeat_stale: float = 120.0  # s without progress before a chain counts as stalled
-    creating_stale: float | None = None  # same for `creating` (default: heartbeat_stale)
-    loading_deadline: float = 1800.0  # s an instance may take to run (lifecycle.start_failure)
-    offer_wait: float = 3600.0  # s to wait for a matching offer before `error`
-    max_attempts: int = 3  # instance starts per task
-    offline_grace: float = 600.0  # s a host may stay offline before the attempt is dropped
-
-    def stale_after(self, phase: str) -> float:
-        if phase == Phase.CREATING and self.creating_stale is not None:
-            return self.creating_stale
-        return self.heartbeat_stale
 
 
 # ---------------------------------------------------------------------------- steps
@@ -80,6 +58,9 @@ class AcceptTask:
     def key(self) -> str:
         return f"accept:{self.task_id}"
 
+    def message(self) -> Next | None:
+        return None  # the sync loop creates the record itself, before the StartChain steps
+
 
 @dataclass(frozen=True)
 class StartChain:
@@ -94,15 +75,18 @@ class StartChain:
     def key(self) -> str:
         return f"start:{self.task_id}"
 
+    def message(self) -> Next:
+        return Next(StepName.START)
+
 
 @dataclass(frozen=True)
 class ResumeStep:
     """The chain of this task stalled (no progress for stale_after(phase)): enqueue `step`
-    (one of CHOOSE_OFFER, CREATE, WATCH, PUBLISH_LOGS, DESTROY, REPORT, RETRY) again.
-    Every step re-reads the record and acts only through CAS on (phase, attempt)."""
+    (step_for(record)) again. Every step re-reads the record and acts only through CAS on
+    (phase, attempt)."""
 
     task_id: str
-    step: str
+    step: StepName
     phase: str
     attempt: int
     reason: str
@@ -110,6 +94,11 @@ class ResumeStep:
     @property
     def key(self) -> str:
         return f"resume:{self.task_id}:{self.step}:{self.attempt}"
+
+    def message(self) -> Next:
+        if self.step == StepName.PUBLISH_LOGS:
+            return Next(self.step, kwargs={"final": True})
+        return Next(self.step)
 
 
 @dataclass(frozen=True)
@@ -127,6 +116,9 @@ class StopTask:
     def key(self) -> str:
         return f"stop:{self.task_id}"
 
+    def message(self) -> Next:
+        return Next(StepName.STOP_TASK, kwargs={"has_record": self.has_record})
+
 
 @dataclass(frozen=True)
 class DestroyInstance:
@@ -142,6 +134,11 @@ class DestroyInstance:
     @property
     def key(self) -> str:
         return f"destroy:{self.instance_id}"
+
+    def message(self) -> Next:
+        return Next(StepName.DESTROY_UNWANTED, kwargs={
+            "instance_id": self.instance_id, "label": self.label, "cause": self.cause,
+            "reason": self.reason})
 
 
 @dataclass(frozen=True)
@@ -164,6 +161,12 @@ class AdoptInstance:
     def key(self) -> str:
         return f"adopt:{self.task_id}:{self.instance_id}"
 
+    def message(self) -> Next:
+        return Next(StepName.ADOPT_INSTANCE, kwargs={
+            "instance_id": self.instance_id, "attempt": self.attempt, "label": self.label,
+            "from_phase": self.from_phase, "from_attempt": self.from_attempt,
+            "reason": self.reason})
+
 
 @dataclass(frozen=True)
 class WaitForCapacity:
@@ -176,6 +179,9 @@ class WaitForCapacity:
     def key(self) -> str:
         return f"wait:{self.task_id}"
 
+    def message(self) -> Next | None:
+        return None  # informational (status, logs)
+
 
 Step = AcceptTask | StartChain | ResumeStep | StopTask | DestroyInstance | AdoptInstance | \
     WaitForCapacity
@@ -184,18 +190,18 @@ Step = AcceptTask | StartChain | ResumeStep | StopTask | DestroyInstance | Adopt
 # ---------------------------------------------------------------------------- helpers
 
 
-def step_for(record: TaskRecord) -> str | None:
+def step_for(record: TaskRecord) -> StepName | None:
     """The chain step that moves a record on from its phase (None: accepted, done)."""
     phase = Phase(record.phase)
     if phase is Phase.DESTROYING:
-        return REPORT if record.instance_destroyed else DESTROY
+        return StepName.REPORT_STATE if record.instance_destroyed else StepName.DESTROY_INSTANCE
     return {
-        Phase.WAITING_OFFER: CHOOSE_OFFER,
-        Phase.CREATING: CREATE,
-        Phase.LOADING: WATCH,
-        Phase.RUNNING: WATCH,
-        Phase.FINISHING: PUBLISH_LOGS,
-        Phase.RETRYING: RETRY,
+        Phase.WAITING_OFFER: StepName.CHOOSE_OFFER,
+        Phase.CREATING: StepName.CREATE_INSTANCE,
+        Phase.LOADING: StepName.WATCH,
+        Phase.RUNNING: StepName.WATCH,
+        Phase.FINISHING: StepName.PUBLISH_LOGS,
+        Phase.RETRYING: StepName.RETRY_ATTEMPT,
     }.get(phase)
 
 
@@ -204,7 +210,7 @@ def last_progress(record: TaskRecord) -> float:
     return max((s for s in stamps if s is not None), default=0.0)
 
 
-def is_stalled(record: TaskRecord, now: float, settings: PlanSettings) -> bool:
+def is_stalled(record: TaskRecord, now: float, settings: Settings) -> bool:
     return now - last_progress(record) > settings.stale_after(record.phase)
 
 
@@ -219,23 +225,18 @@ class _Ours:
         return (self.info.attempt, self.instance_id)
 
 
-def _our_instances(agent_short_id: str, instances: Sequence[Mapping[str, Any]]
+def _our_instances(agent_short_id: str, instances: Sequence[Instance]
                    ) -> dict[str, list[_Ours]]:
     """This agent's live instances by task id; foreign, unlabelled and already-destroyed
     (next_state unloaded) instances are left out."""
     ours: dict[str, list[_Ours]] = {}
     for inst in instances:
-        info = parse_label(inst.get("label"))
+        info = parse_label(inst.label)
         if info is None or info.agent_short_id != agent_short_id.lower():
             continue
         if classify_instance(inst) is Condition.GONE:
             continue
-        try:
-            instance_id = int(inst["id"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        ours.setdefault(info.task_id, []).append(
-            _Ours(info, instance_id, str(inst.get("label")).strip()))
+        ours.setdefault(info.task_id, []).append(_Ours(info, inst.id, inst.label.strip()))
     for found in ours.values():
         found.sort(key=lambda o: o.order)
     return ours
@@ -279,14 +280,14 @@ def plan(
     now: float,
     agent_short_id: str,
     records: Mapping[str, TaskRecord],
-    instances: Sequence[Mapping[str, Any]],
+    instances: Sequence[Instance],
     actions: Sequence[tuple[str, str]],
-    settings: PlanSettings,
+    settings: Settings,
 ) -> list[Step]:
     """Steps that move actual state towards desired state; each carries its `reason`.
 
     records: every record (active and done tombstones, TaskStore.all_records()).
-    instances: the latest snapshot (dicts with at least id, label and the status fields).
+    instances: the latest snapshot's instances.
     actions: Arkindex actions as (kind, task_id), kind start_task / stop_task.
     Order of the result: stops, destroys, adoptions, accepts, resumes, starts, waits.
     """
@@ -295,117 +296,146 @@ def plan(
     out: dict[type, list[Step]] = {kind: [] for kind in (
         StopTask, DestroyInstance, AdoptInstance, AcceptTask, ResumeStep, StartChain,
         WaitForCapacity)}
-
-    def emit(step: Step) -> None:
-        out[type(step)].append(step)
-
     waiting: list[tuple[float, str]] = []  # accepted records asking for a slot
     new_tasks: list[str] = []  # accepted this plan, in Arkindex's order
     for task_id in sorted(set(records) | set(ours) | set(starts) | stops):
         record = records.get(task_id)
         found = ours.get(task_id, [])
         if record is None:
-            if task_id in stops:
-                for o in found:
-                    emit(_destroy(o, STOPPED, "stop_task for a task without a record"))
-                emit(StopTask(task_id, False, "stop_task for a task without a record"))
-            elif found:
-                for step in _adopt_best(task_id, found, None,
-                                        "instance of ours without a record (memory lost?)"):
-                    emit(step)
-            elif task_id in starts:
-                emit(AcceptTask(task_id, "new start_task"))
+            task_steps = _plan_unknown_task(task_id, found, task_id in starts,
+                                            task_id in stops)
+            if any(isinstance(step, AcceptTask) for step in task_steps):
                 new_tasks.append(task_id)
-            continue
-        phase = Phase(record.phase)
-        if phase is Phase.DONE:
-            for o in found:
-                emit(_destroy(o, ORPHAN, f"task is done ({record.final_state or 'finished'})"))
-            continue
-
-        stopping = record.stop_requested or task_id in stops
-        # Handled once stop_requested is set and the phase has moved to finishing or later;
-        # otherwise (new stop, or a StopTask whose CAS lost a race) ask again.
-        stop_now = stopping and not (
-            record.stop_requested and phase in (Phase.FINISHING, Phase.DESTROYING))
-        if stop_now:
-            emit(StopTask(task_id, True, f"stop_task while {phase}"))
-
-        ahead = [o for o in found if o.info.attempt > record.attempt]
-        if ahead and not stopping and phase in (Phase.ACCEPTED, Phase.WAITING_OFFER,
-                                                Phase.CREATING):
-            # The record is behind an instance (Redis rolled back): the instance wins.
-            for step in _adopt_best(task_id, found, record,
-                                    f"instance attempt {max(o.info.attempt for o in ahead)} "
-                                    f"ahead of record attempt {record.attempt} ({phase})"):
-                emit(step)
-            continue
-
-        current = []
-        for o in found:
-            if o.info.attempt != record.attempt:
-                emit(_destroy(o, STALE_ATTEMPT,
-                              f"attempt {o.info.attempt}, record at attempt {record.attempt}"))
-            elif phase in NO_INSTANCE_PHASES:
-                emit(_destroy(o, ABANDONED_ATTEMPT,
-                              f"attempt {o.info.attempt} was abandoned (record {phase})"))
-            else:
-                current.append(o)
-        if len(current) > 1:
-            keep = next((o for o in current if o.instance_id == record.instance_id),
-                        current[0])
-            for o in current:
-                if o is not keep:
-                    emit(_destroy(o, DUPLICATE, f"duplicate of instance {keep.instance_id} "
-                                                f"(attempt {record.attempt})"))
-
-        if phase is Phase.ACCEPTED:
-            if not stopping:
+        else:
+            task_steps = _plan_known_task(record, found, task_id in stops, now, settings)
+            adopting = any(isinstance(step, AdoptInstance) for step in task_steps)
+            if (record.phase == Phase.ACCEPTED and not record.stop_requested
+                    and task_id not in stops and not adopting):
                 waiting.append((record.accepted_at or 0.0, task_id))
-            continue
-        if stop_now:
-            continue  # the StopTask above moves the phase on; resuming the old one is moot
-        if is_stalled(record, now, settings):
-            step = step_for(record)
-            if step is not None:
-                idle = now - last_progress(record)
-                emit(ResumeStep(task_id, step, record.phase, record.attempt,
-                                f"no progress in {phase} for {idle:.0f}s "
-                                f"(stale after {settings.stale_after(phase):.0f}s)"))
+        for step in task_steps:
+            out[type(step)].append(step)
+    queue = [t for _, t in sorted(waiting)] + new_tasks
+    for step in _plan_capacity(queue, ours, records, settings.max_instances):
+        out[type(step)].append(step)
+    return [step for steps in out.values() for step in steps]
 
-    # Capacity: every live instance of ours (stale and duplicate ones bill too) plus one for
-    # each task holding a slot whose instance is not listed (yet).
+
+def _plan_unknown_task(task_id: str, found: list[_Ours], started: bool, stopped: bool
+                       ) -> list[Step]:
+    """A task without a record: a new start, a stop, or instances of ours to adopt."""
+    if stopped:
+        return [*(_destroy(o, STOPPED, "stop_task for a task without a record") for o in found),
+                StopTask(task_id, False, "stop_task for a task without a record")]
+    if found:
+        return _adopt_best(task_id, found, None,
+                           "instance of ours without a record (memory lost?)")
+    if started:
+        return [AcceptTask(task_id, "new start_task")]
+    return []
+
+
+def _plan_known_task(record: TaskRecord, found: list[_Ours], stop_action: bool, now: float,
+                     settings: Settings) -> list[Step]:
+    """A task with a record: stop it, clean its instances up, adopt, or resume its chain."""
+    task_id, phase = record.task_id, Phase(record.phase)
+    if phase is Phase.DONE:
+        return [_destroy(o, ORPHAN, f"task is done ({record.final_state or 'finished'})")
+                for o in found]
+    steps: list[Step] = []
+    stopping = record.stop_requested or stop_action
+    # Handled once stop_requested is set and the phase has moved to finishing or later;
+    # otherwise (new stop, or a StopTask whose CAS lost a race) ask again.
+    stop_now = stopping and not (
+        record.stop_requested and phase in (Phase.FINISHING, Phase.DESTROYING))
+    if stop_now:
+        steps.append(StopTask(task_id, True, f"stop_task while {phase}"))
+
+    ahead = [o for o in found if o.info.attempt > record.attempt]
+    if ahead and not stopping and phase in (Phase.ACCEPTED, Phase.WAITING_OFFER,
+                                            Phase.CREATING):
+        # The record is behind an instance (Redis rolled back): the instance wins.
+        return steps + _adopt_best(
+            task_id, found, record, f"instance attempt {max(o.info.attempt for o in ahead)} "
+                                    f"ahead of record attempt {record.attempt} ({phase})")
+    steps += _unwanted_instances(record, found)
+    if phase is Phase.ACCEPTED or stop_now:
+        # accepted: waits for a capacity slot (plan's queue); stop_now: the StopTask above
+        # moves the phase on, so resuming the old one is moot.
+        return steps
+    if is_stalled(record, now, settings):
+        step = step_for(record)
+        if step is not None:
+            idle = now - last_progress(record)
+            steps.append(ResumeStep(task_id, step, record.phase, record.attempt,
+                                    f"no progress in {phase} for {idle:.0f}s "
+                                    f"(stale after {settings.stale_after(phase):.0f}s)"))
+    return steps
+
+
+def _unwanted_instances(record: TaskRecord, found: list[_Ours]) -> list[DestroyInstance]:
+    """Instances of a known task that must go: other attempts, an attempt the record gave
+    up, and duplicates of the current attempt (the recorded one is kept)."""
+    phase = Phase(record.phase)
+    steps: list[DestroyInstance] = []
+    current = []
+    for o in found:
+        if o.info.attempt != record.attempt:
+            steps.append(_destroy(o, STALE_ATTEMPT, f"attempt {o.info.attempt}, record at "
+                                                    f"attempt {record.attempt}"))
+        elif phase in NO_INSTANCE_PHASES:
+            steps.append(_destroy(o, ABANDONED_ATTEMPT, f"attempt {o.info.attempt} was "
+                                                        f"abandoned (record {phase})"))
+        else:
+            current.append(o)
+    if len(current) > 1:
+        keep = next((o for o in current if o.instance_id == record.instance_id), current[0])
+        steps += [_destroy(o, DUPLICATE, f"duplicate of instance {keep.instance_id} "
+                                         f"(attempt {record.attempt})")
+                  for o in current if o is not keep]
+    return steps
+
+
+def _plan_capacity(queue: list[str], ours: Mapping[str, list[_Ours]],
+                   records: Mapping[str, TaskRecord], max_instances: int) -> list[Step]:
+    """Start the chains of the queued tasks while capacity slots are free.
+
+    Occupied: every live instance of ours (stale and duplicate ones bill too) plus one for
+    each task holding a slot whose instance is not listed (yet).
+    """
     slot_tasks = {t for t, r in records.items() if r.phase in SLOT_PHASES}
     occupied = sum(len(found) for found in ours.values()) + sum(
         1 for t in slot_tasks if not ours.get(t))
-    free = max(0, settings.max_instances - occupied)
-    queue = [t for _, t in sorted(waiting)] + new_tasks
+    free = max(0, max_instances - occupied)
+    steps: list[Step] = []
     for index, task_id in enumerate(queue):
         if index < free:
-            emit(StartChain(task_id, f"capacity slot free ({occupied + index + 1}/"
-                                     f"{settings.max_instances})"))
+            steps.append(StartChain(task_id, f"capacity slot free ({occupied + index + 1}/"
+                                             f"{max_instances})"))
         else:
-            emit(WaitForCapacity(task_id, f"{settings.max_instances} instances at most; "
-                                          f"{occupied + min(index, free)} in use, "
-                                          f"position {index - free + 1} in the queue"))
-    return [step for steps in out.values() for step in steps]
+            steps.append(WaitForCapacity(task_id, f"{max_instances} instances at most; "
+                                                  f"{occupied + min(index, free)} in use, "
+                                                  f"position {index - free + 1} in the queue"))
+    return steps
 
 
 # ---------------------------------------------------------------------------- the watch step
 
-WAIT = "wait"  # nothing to do yet; re-schedule the watch
-MARK_RUNNING = "mark_running"  # CAS loading -> running (running_since=now), report `running`
-READ_LOGS = "read_logs"  # the instance ended: fetch its logs, parse the marker, decide again
-FINISH = "finish"  # CAS -> finishing with outcome (final_state, reason, exit_code)
-RETRY = "retry"  # CAS -> retrying: destroy this attempt, never this machine again
-GIVE_UP = "give_up"  # start failed and no attempt left: CAS -> finishing with outcome `error`
+
+class WatchAction(StrEnum):
+    WAIT = "wait"  # nothing to do yet; re-schedule the watch
+    MARK_RUNNING = "mark_running"  # CAS loading -> running (running_since=now), report running
+    READ_LOGS = "read_logs"  # the instance ended: fetch its logs, parse the marker, decide again
+    FINISH = "finish"  # CAS -> finishing with outcome (final_state, reason, exit_code)
+    RETRY_ATTEMPT = "retry_attempt"  # CAS -> retrying: destroy this attempt, avoid its machine
+    GIVE_UP = "give_up"  # start failed and no attempt left: CAS -> finishing with `error`
+
 
 _ENDED = (Condition.STOPPED, Condition.EXITED, Condition.START_FAILED, Condition.GONE)
 
 
 @dataclass(frozen=True)
 class WatchDecision:
-    action: str  # one of WAIT, MARK_RUNNING, READ_LOGS, FINISH, RETRY, GIVE_UP
+    action: WatchAction
     reason: str
     condition: Condition
     offline_since: float | None  # what record.offline_since must be (touch it if different)
@@ -414,52 +444,55 @@ class WatchDecision:
 
 def watch_decision(
     record: TaskRecord,
-    instance: Mapping[str, Any] | None,
+    instance: Instance | None,
     now: float,
-    settings: PlanSettings,
+    settings: Settings,
     *,
     exit_code: int | None = None,
     logs_read: bool = False,
     log_tail: str = "",
     snapshot_taken_at: float | None = None,
 ) -> WatchDecision:
-    """What the watch step does for a loading/running record, given its instance's fields
-    from the snapshot (None when absent). Call again with logs_read=True, the marker's
-    exit_code (None when there is none) and the log tail after a READ_LOGS."""
+    """What the watch step does for a loading/running record, given its instance from the
+    snapshot (None when absent). Call again with logs_read=True, the marker's exit_code
+    (None when there is none) and the log tail after a READ_LOGS."""
+    A = WatchAction
     condition = classify_instance(instance)
     if (instance is None and snapshot_taken_at is not None
             and record.instance_created_at is not None
             and snapshot_taken_at < record.instance_created_at):
         # The snapshot predates the create: absent does not mean gone.
-        return WatchDecision(WAIT, "snapshot older than the instance", Condition.PROVISIONING,
+        return WatchDecision(A.WAIT, "snapshot older than the instance", Condition.PROVISIONING,
                              record.offline_since)
     offline_since = (record.offline_since or now) if condition is Condition.OFFLINE else None
 
-    def decide(action: str, reason: str, outcome: Outcome | None = None) -> WatchDecision:
+    def decide(action: WatchAction, reason: str, outcome: Outcome | None = None
+               ) -> WatchDecision:
         return WatchDecision(action, reason, condition, offline_since, outcome)
 
     if record.stop_requested:
-        return decide(FINISH, "stop requested", final_state(None, condition, True))
+        return decide(A.FINISH, "stop requested", final_state(None, condition, True))
     code = record.exit_code if exit_code is None else exit_code
     if code is not None:
-        return decide(FINISH, f"exit code {code} in the log",
+        return decide(A.FINISH, f"exit code {code} in the log",
                       final_state(code, condition, False, record.inferred, log_tail))
     ended = condition in _ENDED
     if ended and not logs_read and condition is not Condition.GONE:
-        return decide(READ_LOGS, f"instance {condition}: look for the exit code")
+        return decide(A.READ_LOGS, f"instance {condition}: look for the exit code")
     failure = start_failure(
         replace(record, offline_since=offline_since), condition, now,
         settings.loading_deadline, offline_grace=settings.offline_grace,
-        status_msg=None if instance is None else instance.get("status_msg"))
+        early_exit_window=settings.early_exit_window,
+        status_msg=None if instance is None else instance.status_msg)
     if failure is not None:
         if next_attempt_allowed(record.attempt, settings.max_attempts):
-            return decide(RETRY, failure)
+            return decide(A.RETRY_ATTEMPT, failure)
         reason = (f"no instance could run the task in {record.attempt} attempt(s); "
                   f"last: {failure}")
-        return decide(GIVE_UP, reason, Outcome("error", reason))
+        return decide(A.GIVE_UP, reason, Outcome("error", reason))
     if ended:
         outcome = final_state(None, condition, False, record.inferred, log_tail)
-        return decide(FINISH, outcome.reason, outcome)
+        return decide(A.FINISH, outcome.reason, outcome)
     if condition is Condition.RUNNING and record.phase == Phase.LOADING:
-        return decide(MARK_RUNNING, "instance running")
-    return decide(WAIT, f"instance {condition}")
+        return decide(A.MARK_RUNNING, "instance running")
+    return decide(A.WAIT, f"instance {condition}")

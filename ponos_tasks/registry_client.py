@@ -146,8 +146,7 @@ class RegistryClient:
     """Looks up image configs; `credentials` are (host, username, password) triples or
     objects with `registry_host`, `username`, `password` (config.RegistryCredential)."""
 
-    def __init__(self, credentials=(), *, redis=None, cache_prefix: str = "ponos:imgcfg:",
-                 cache_size: int = 256, redis_ttl: int = 30 * 24 * 3600,
+    def __init__(self, credentials=(), *, shared_cache=None, cache_size: int = 256,
                  timeout: tuple[float, float] = (5, 20), retries: int = 2,
                  insecure_hosts: set[str] | frozenset = frozenset(),
                  platform: tuple[str, str] = ("linux", "amd64")):
@@ -158,10 +157,9 @@ class RegistryClient:
             else:
                 host, username, password = item.registry_host, item.username, item.password
             self.credentials[canonical_registry(host)] = (username, password)
-        self.redis = redis
-        self.cache_prefix = cache_prefix
+        # Shared by every process (state.ImageConfigCache: get(digest)/set(digest, data)).
+        self.shared_cache = shared_cache
         self.cache_size = cache_size
-        self.redis_ttl = redis_ttl
         self.timeout = timeout
         self.insecure_hosts = {h.lower() for h in insecure_hosts}
         self.platform = platform
@@ -203,10 +201,9 @@ class RegistryClient:
             if digest in self._cache:
                 self._cache.move_to_end(digest)
                 return self._cache[digest]
-        if self.redis is not None:
-            raw = self.redis.get(self.cache_prefix + digest)
-            if raw:
-                data = json.loads(raw)
+        if self.shared_cache is not None:
+            data = self.shared_cache.get(digest)
+            if data:
                 config = ImageConfig(data["entrypoint"], data["cmd"], data["manifest_digest"])
                 self._remember(digest, config, to_redis=False)
                 return config
@@ -218,10 +215,9 @@ class RegistryClient:
             self._cache.move_to_end(digest)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        if to_redis and self.redis is not None:
-            self.redis.set(self.cache_prefix + digest, json.dumps({
-                "entrypoint": config.entrypoint, "cmd": config.cmd,
-                "manifest_digest": config.manifest_digest}), ex=self.redis_ttl)
+        if to_redis and self.shared_cache is not None:
+            self.shared_cache.set(digest, {"entrypoint": config.entrypoint, "cmd": config.cmd,
+                                           "manifest_digest": config.manifest_digest})
 
     # ---------------------------------------------------------------- lookup
 

@@ -1,81 +1,130 @@
-"""The agent's working memory in Redis: one record per task, changed by compare-and-set.
+"""The agent's memory in Redis: every key it uses, and the only code that reads or writes them.
 
-Layout (all keys under `prefix`, default "ponos:"):
-    task:<id>        hash, one field per TaskRecord attribute, each value JSON-encoded
-    tasks:active     set of task ids whose record is not done
-    tasks:done       sorted set task id -> tombstone expiry (the record key has the same TTL)
-    snapshot         JSON {"taken_at", "instances"}: the latest list of this agent's instances
-    agent            JSON identity of this agent (id, short id, ...)
-    lock:create:<id> / lock:sync     redis-py Locks
-    once:<name>      short SET NX keys (enqueue de-duplication)
+Every key name comes from `Keyspace` (prefix default "ponos:", the only copy of that default);
+the stores below and `ratelimit.RedisRateLimiter` (which gets its prefix from the keyspace) are
+the only code that touches Redis. Layout, under the prefix:
+
+    key                              type     TTL        what
+    task:<id>                        hash     none while active; `tombstone_ttl` once done
+                                                         one field per TaskRecord attribute (JSON)
+    tasks:active                     set      none       ids of the records not done
+    tasks:done                       zset     none       id -> tombstone expiry (pruned on read)
+    snapshot                         string   none       JSON Snapshot: the latest instance list
+    last_sync                        string   none       agent time of the last sync that ran
+    counters:destroyed               hash     none       cause -> instances the sync destroyed
+    endlog:<id>:<attempt>            string   1 h        the ended instance's log that decided
+                                                         the outcome (kept for the final upload)
+    tasklog:<id>, tasklog:<id>:dropped  list/int 14 days  the agent's own lines about a task
+    once:<name>                      string   given      SET NX claims: enqueue de-duplication,
+                                                         offer claims (once:offer:<offer id>)
+    lock:create:<id>, lock:sync, lock:snapshot  redis-py Locks, expiring after their timeout
+    arkindex:agent                   string   none       agent id and tokens (JSON, secret)
+    arkindex:agent:lock              Lock     60 s       one token renewal at a time
+    arkindex:agent:reported:<id>:<state>, ...:<id>:terminal
+                                     string   30 days    states already reported (idempotence)
+    imgcfg:<digest>                  string   30 days    an image's Entrypoint/Cmd
+    ratelimit:<endpoint>             string   a few s    the shared Vast.ai rate-limit buckets
 
 Phase changes are atomic Lua scripts checking (phase, attempt): the attempt number is the
-fencing token of the create protocol (DESIGN §3, celery-practice §2.3). A record that reaches
-`done` stays as a tombstone for `tombstone_ttl` seconds so that a late message cannot start
-a finished task again.
+fencing token of the create protocol (README, "How it works"). A record that reaches `done`
+stays as a tombstone for `tombstone_ttl` seconds so that a late message cannot start a finished
+task again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from ponos_tasks.lifecycle import Phase, check_transition
+from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
+from ponos_tasks.logs import format_agent_line, level_number
+from ponos_tasks.models import Snapshot, TaskRecord
 
-if TYPE_CHECKING:  # the client is passed in: importing this module (reconcile does) needs no redis
+if TYPE_CHECKING:  # the client is passed in
     import redis
     from redis.lock import Lock
 
+DEFAULT_PREFIX = "ponos:"
 
-@dataclass
-class TaskRecord:
-    task_id: str
-    phase: str = Phase.ACCEPTED.value
-    attempt: int = 0  # 0 until the first create; the label carries it
-    label: str | None = None
-    offer_id: int | None = None
-    machine_id: int | None = None
-    instance_id: int | None = None
-    gpu_name: str | None = None
-    dph_total: float | None = None
-    failed_machines: list[int] = field(default_factory=list)  # never rent these again
-    attempt_reasons: list[str] = field(default_factory=list)  # why each failed attempt ended
-    stop_requested: bool = False
-    exit_code: int | None = None
-    inferred: bool = False  # image run unwrapped: the exit status is inferred
-    final_state: str | None = None  # completed / failed / error / stopped, once decided
-    reason: str | None = None
-    adopted: bool = False  # re-created from an instance label after memory loss
-    accepted_at: float | None = None
-    phase_changed_at: float | None = None
-    heartbeat_at: float | None = None  # last time a step of the chain worked on it
-    waiting_since: float | None = None  # first time no offer matched
-    instance_created_at: float | None = None
-    running_since: float | None = None
-    offline_since: float | None = None
-    logs_published_at: float | None = None
-    log_size: int = 0
-    reported_running: bool = False
-    instance_destroyed: bool = False
-    final_reported: bool = False
 
-    @classmethod
-    def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:
-        values.setdefault("accepted_at", now)
-        values.setdefault("phase_changed_at", now)
-        return cls(task_id=task_id, **values)
+@dataclass(frozen=True)
+class Keyspace:
+    """Every Redis key name of one agent (see the layout above)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    prefix: str = DEFAULT_PREFIX
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TaskRecord:
-        known = {f.name for f in fields(cls)}
-        # Unknown keys come from a newer agent version: ignore them rather than crash.
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    @property
+    def active(self) -> str:
+        return self.prefix + "tasks:active"
+
+    @property
+    def done(self) -> str:
+        return self.prefix + "tasks:done"
+
+    @property
+    def snapshot(self) -> str:
+        return self.prefix + "snapshot"
+
+    @property
+    def last_sync(self) -> str:
+        return self.prefix + "last_sync"
+
+    @property
+    def destroyed_counts(self) -> str:
+        return self.prefix + "counters:destroyed"
+
+    def ended_log(self, task_id: str, attempt: int) -> str:
+        return f"{self.prefix}endlog:{task_id}:{attempt}"
+
+    def task_log(self, task_id: str) -> str:
+        return f"{self.prefix}tasklog:{task_id}"
+
+    def task_log_dropped(self, task_id: str) -> str:
+        return f"{self.prefix}tasklog:{task_id}:dropped"
+
+    def once(self, name: str) -> str:
+        return f"{self.prefix}once:{name}"
+
+    def create_lock(self, task_id: str) -> str:
+        return f"{self.prefix}lock:create:{task_id}"
+
+    @property
+    def sync_lock(self) -> str:
+        return self.prefix + "lock:sync"
+
+    @property
+    def snapshot_lock(self) -> str:
+        return self.prefix + "lock:snapshot"
+
+    @property
+    def credentials(self) -> str:
+        return self.prefix + "arkindex:agent"
+
+    @property
+    def credentials_lock(self) -> str:
+        return self.prefix + "arkindex:agent:lock"
+
+    def reported(self, task_id: str, state: str) -> str:
+        return f"{self.prefix}arkindex:agent:reported:{task_id}:{state}"
+
+    def image_config(self, digest: str) -> str:
+        return f"{self.prefix}imgcfg:{digest}"
+
+    @property
+    def ratelimit_prefix(self) -> str:
+        return self.prefix + "ratelimit:"
+
+    def pattern(self) -> str:
+        """Matches every key of this agent (SCAN MATCH)."""
+        return self.prefix + "*"
 
 
 RECORD_FIELDS = frozenset(f.name for f in fields(TaskRecord)) - {"task_id"}
@@ -152,29 +201,29 @@ return 1
 
 
 class TaskStore:
-    """Task records, instance snapshot, identity and locks of one agent in Redis."""
+    """Task records, the instance snapshot, marks, counters and locks of one agent."""
 
     def __init__(
         self,
         redis_client: redis.Redis,
-        prefix: str = "ponos:",
+        keys: Keyspace,
         *,
         clock: Callable[[], float] = time.time,
         tombstone_ttl: float = 3 * 24 * 3600,
     ):
         self.redis = redis_client
-        self.prefix = prefix
+        self.keys = keys
         self.clock = clock
         self.tombstone_ttl = tombstone_ttl
-        self._active = prefix + "tasks:active"
-        self._done = prefix + "tasks:done"
+        self._active = keys.active
+        self._done = keys.done
         self._cas = redis_client.register_script(_CAS)
         self._create = redis_client.register_script(_CREATE)
         self._touch = redis_client.register_script(_TOUCH)
         self._forget = redis_client.register_script(_FORGET)
 
     def _key(self, task_id: str) -> str:
-        return f"{self.prefix}task:{task_id}"
+        return self.keys.task(task_id)
 
     # ------------------------------------------------------------------ records
 
@@ -268,39 +317,204 @@ class TaskStore:
                 records[task_id] = record
         return records
 
-    # ------------------------------------------------------------------ snapshot, identity
+    # ------------------------------------------------------------------ snapshot, marks
 
-    def save_snapshot(self, instances: Iterable[Mapping[str, Any]], taken_at: float) -> None:
-        payload = {"taken_at": taken_at, "instances": [dict(i) for i in instances]}
-        self.redis.set(self.prefix + "snapshot", json.dumps(payload, default=str))
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        self.redis.set(self.keys.snapshot, json.dumps(snapshot.to_dict(), default=str))
 
-    def load_snapshot(self) -> tuple[list[dict], float] | None:
-        raw = self.redis.get(self.prefix + "snapshot")
-        if raw is None:
-            return None
-        payload = json.loads(_text(raw))
-        return payload["instances"], payload["taken_at"]
+    def load_snapshot(self) -> Snapshot | None:
+        raw = self.redis.get(self.keys.snapshot)
+        return None if raw is None else Snapshot.from_dict(json.loads(_text(raw)))
 
-    def save_agent_identity(self, identity: Mapping[str, Any]) -> None:
-        """Non-secret identity (agent id, short id, farm); tokens belong to arkindex.py's store."""
-        self.redis.set(self.prefix + "agent", json.dumps(dict(identity)))
+    def mark_synced(self, at: float) -> None:
+        self.redis.set(self.keys.last_sync, repr(at))
 
-    def load_agent_identity(self) -> dict[str, Any] | None:
-        raw = self.redis.get(self.prefix + "agent")
-        return None if raw is None else json.loads(_text(raw))
+    def last_sync(self) -> float | None:
+        raw = self.redis.get(self.keys.last_sync)
+        return None if raw is None else float(_text(raw))
+
+    def count_destroyed(self, cause: str, amount: int = 1) -> None:
+        self.redis.hincrby(self.keys.destroyed_counts, cause, amount)
+
+    def destroyed_counts(self) -> dict[str, int]:
+        raw = self.redis.hgetall(self.keys.destroyed_counts)
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    def keep_ended_log(self, task_id: str, attempt: int, text: str, ttl: float) -> None:
+        """The log that decided an ended instance's outcome, kept for the final upload."""
+        self.redis.set(self.keys.ended_log(task_id, attempt), text, ex=max(1, int(ttl)))
+
+    def ended_log(self, task_id: str, attempt: int) -> str | None:
+        raw = self.redis.get(self.keys.ended_log(task_id, attempt))
+        return None if raw is None else raw.decode("utf-8", errors="replace")
+
+    def drop_ended_log(self, task_id: str, attempt: int) -> None:
+        self.redis.delete(self.keys.ended_log(task_id, attempt))
 
     # ------------------------------------------------------------------ locks, de-duplication
 
     def create_lock(self, task_id: str, timeout: float) -> Lock:
         """`lock:create:<task>`: acquire() does not block; it expires after `timeout` s."""
-        return self.redis.lock(f"{self.prefix}lock:create:{task_id}", timeout=timeout,
-                               blocking=False)
+        return self.redis.lock(self.keys.create_lock(task_id), timeout=timeout, blocking=False)
 
     def sync_lock(self, timeout: float) -> Lock:
         """The single-flight lock of the sync loop (non-blocking, expires after `timeout` s)."""
-        return self.redis.lock(f"{self.prefix}lock:sync", timeout=timeout, blocking=False)
+        return self.redis.lock(self.keys.sync_lock, timeout=timeout, blocking=False)
+
+    def snapshot_lock(self, timeout: float) -> Lock:
+        """Held by the one process that lists instances for a late snapshot (non-blocking)."""
+        return self.redis.lock(self.keys.snapshot_lock, timeout=timeout, blocking=False)
 
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
-        return bool(self.redis.set(f"{self.prefix}once:{name}", "1", nx=True,
+        return bool(self.redis.set(self.keys.once(name), "1", nx=True,
                                    px=max(1, int(ttl * 1000))))
+
+
+def release(lock: Lock) -> None:
+    """Release a lock that may have expired meanwhile (then another holder may have it now,
+    and there is nothing to undo)."""
+    try:
+        lock.release()
+    except Exception:
+        logging.getLogger(__name__).debug("lock %s had expired", lock.name)
+
+
+# --------------------------------------------------------------------------- small stores
+
+
+class ReportedStates:
+    """Which states were reported per task: the one guard that makes state updates idempotent.
+
+    `claim()` is a SET NX per (task, state), plus one SET NX per task for the terminal state,
+    so that concurrent workers cannot both send a state, nor two different terminal states.
+    A claim whose request fails is released, so a later call can send it again. `mark()`
+    records a state known to be reported already (seen on Arkindex when adopting).
+    """
+
+    _RELEASE_TERMINAL = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+        "return 0"
+    )
+
+    def __init__(self, redis_client: redis.Redis, keys: Keyspace, ttl: int = 30 * 24 * 3600):
+        self.redis = redis_client
+        self.keys = keys
+        self.ttl = ttl  # keys outlive any task by far, then disappear
+
+    def claim(self, task_id: str, state: str) -> bool:
+        if not self.redis.set(self.keys.reported(task_id, state), "1", nx=True, ex=self.ttl):
+            return False
+        if state in ARKINDEX_TERMINAL_STATES and not self.redis.set(
+            self.keys.reported(task_id, "terminal"), state, nx=True, ex=self.ttl
+        ):
+            self.redis.delete(self.keys.reported(task_id, state))
+            return False
+        return True
+
+    def mark(self, task_id: str, state: str) -> None:
+        self.redis.set(self.keys.reported(task_id, state), "1", ex=self.ttl)
+
+    def release(self, task_id: str, state: str) -> None:
+        self.redis.delete(self.keys.reported(task_id, state))
+        if state in ARKINDEX_TERMINAL_STATES:
+            self.redis.eval(self._RELEASE_TERMINAL, 1, self.keys.reported(task_id, "terminal"),
+                            state)
+
+    def terminal(self, task_id: str) -> str | None:
+        value = self.redis.get(self.keys.reported(task_id, "terminal"))
+        return None if value is None else _text(value)
+
+
+class RedisCredentialStore:
+    """Agent id and tokens as one JSON value, shared by every worker of the agent."""
+
+    def __init__(self, redis_client: redis.Redis, keys: Keyspace):
+        self.redis = redis_client
+        self.keys = keys
+
+    def load(self) -> dict | None:
+        raw = self.redis.get(self.keys.credentials)
+        return json.loads(raw) if raw else None
+
+    def save(self, data: dict) -> None:
+        self.redis.set(self.keys.credentials, json.dumps(data))
+
+    def clear(self) -> None:
+        self.redis.delete(self.keys.credentials)
+
+    @contextmanager
+    def lock(self):
+        # One renewal (refresh or re-registration) at a time across all workers, so that a
+        # burst of 401s does not register a dozen agents. The timeout bounds a crashed holder.
+        with self.redis.lock(self.keys.credentials_lock, timeout=60, blocking_timeout=90):
+            yield
+
+
+class TaskLogBook:
+    """Per-task agent lines (any worker can add, the publisher reads them).
+
+    Each task keeps its last `max_lines` entries (a list trimmed on every add) and a count of
+    the dropped ones; keys expire `ttl` seconds after the last add.
+    """
+
+    def __init__(self, redis_client: redis.Redis, keys: Keyspace, *, task_format: str,
+                 max_lines: int = 500, ttl: int = 14 * 24 * 3600):
+        self.redis = redis_client
+        self.keys = keys
+        self.task_format = task_format
+        self.max_lines = max_lines
+        self.ttl = ttl
+
+    def add(self, task_id: str, level: int | str, message: str, *, created: float | None = None):
+        key, dropped_key = self.keys.task_log(task_id), self.keys.task_log_dropped(task_id)
+        entry = json.dumps({
+            "t": time.time() if created is None else created,
+            "level": logging.getLevelName(level_number(level)),
+            "msg": str(message),
+        })
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(key, entry)
+        pipe.ltrim(key, -self.max_lines, -1)
+        pipe.expire(key, self.ttl)
+        length = pipe.execute()[0]
+        if length > self.max_lines:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.incrby(dropped_key, length - self.max_lines)
+            pipe.expire(dropped_key, self.ttl)
+            pipe.execute()
+
+    def lines(self, task_id: str) -> list[str]:
+        """The formatted lines, oldest first (with a note first when some were dropped)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrange(self.keys.task_log(task_id), 0, -1)
+        pipe.get(self.keys.task_log_dropped(task_id))
+        raw_entries, dropped = pipe.execute()
+        lines = []
+        if dropped and int(dropped):
+            lines.append(f"[agent] ... {int(dropped)} earlier agent lines dropped ...")
+        for raw in raw_entries:
+            entry = json.loads(raw)
+            lines.append(
+                format_agent_line(entry["level"], entry["msg"], entry["t"], self.task_format)
+            )
+        return lines
+
+    def clear(self, task_id: str) -> None:
+        self.redis.delete(self.keys.task_log(task_id), self.keys.task_log_dropped(task_id))
+
+
+class ImageConfigCache:
+    """Image configs by digest, shared by every process (registry_client.RegistryClient)."""
+
+    def __init__(self, redis_client: redis.Redis, keys: Keyspace, ttl: int = 30 * 24 * 3600):
+        self.redis = redis_client
+        self.keys = keys
+        self.ttl = ttl
+
+    def get(self, digest: str) -> dict | None:
+        raw = self.redis.get(self.keys.image_config(digest))
+        return json.loads(raw) if raw else None
+
+    def set(self, digest: str, data: dict) -> None:
+        self.redis.set(self.keys.image_config(digest), json.dumps(data), ex=self.ttl)

@@ -2,69 +2,95 @@
 
 No Celery here: each step does its work through the clients of the AgentContext, moves the
 task's record by compare-and-set on (phase, attempt), and returns what should run next
-(`Next`), which ponos_tasks/tasks.py turns into a Celery message. A step that finds the
-record in another phase than it expects does nothing: a duplicate or late message is
-harmless, and the sync loop re-issues whatever step a lost message should have run.
+(`Next`). A step that finds the record in another phase than it expects does nothing: a
+duplicate or late message is harmless, and the sync loop re-issues whatever step a lost
+message should have run.
+
+`STEPS` is the one registry of the chain: `@step(StepName.X)` declares a step's function,
+queue and retry policy where the function is written; tasks.py makes one Celery task of
+each entry, and the test harness runs them from the same registry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ponos_tasks import reconcile
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import ArkindexError, TransitionRefused
-from ponos_tasks.lifecycle import Phase, make_label, offer_wait_expired
+from ponos_tasks.lifecycle import ARKINDEX_ACTIVE_STATES, Phase, make_label, offer_wait_expired
 from ponos_tasks.logs import build_task_log
-from ponos_tasks.offers import build_query, rank_offers
+from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
+from ponos_tasks.offers import build_query, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
     AcceptTask,
     AdoptInstance,
     DestroyInstance,
-    ResumeStep,
-    StartChain,
-    StopTask,
-    WaitForCapacity,
+    WatchAction,
+    plan,
+    watch_decision,
 )
 from ponos_tasks.registry_client import ImageConfigUnavailable
-from ponos_tasks.state import TaskRecord
+from ponos_tasks.state import release
 from ponos_tasks.vast import CreateOutcomeUnknown, OfferUnavailable, VastError
 from ponos_tasks.wrapper import parse_exit_marker, split_command, wrap_command
 
 logger = logging.getLogger(__name__)
 
-# Step names (the Celery task of each is in tasks.py).
-CHOOSE_OFFER = reconcile.CHOOSE_OFFER
-CREATE = reconcile.CREATE
-WATCH = reconcile.WATCH
-PUBLISH_LOGS = reconcile.PUBLISH_LOGS
-DESTROY = reconcile.DESTROY
-REPORT = reconcile.REPORT
-RETRY = reconcile.RETRY
-START = "start"
-STOP = "stop"
-ADOPT = "adopt"
-DESTROY_INSTANCE = "destroy_instance"
-
-OFFERS_TRIED_PER_CREATE = 5  # offers that vanished under us before giving the step back
-# The create lock outlives one create call (client timeouts and retries) but not by much: a
-# worker killed while holding it delays the task's next try by at most this. Correctness
-# does not rest on it (the CAS on (phase, attempt) and the label lookup do).
-CREATE_LOCK_TIMEOUT = 60.0
-OFFER_CLAIM_SECONDS = 30.0  # an offer another worker is renting is skipped this long
 SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-ACTIVE_ARKINDEX_STATES = {"pending", "running", "stopping"}
+Follow = Next | list[Next] | None
+
+
+# --------------------------------------------------------------------------- the registry
 
 
 @dataclass(frozen=True)
-class Next:
-    """Run `step` for the task after `countdown` seconds, with `kwargs`."""
+class RetryPolicy:
+    """How Celery retries a step on a transient failure (tasks.TRANSIENT); the clients have
+    already retried a few times inside. A step whose retries run out is not lost: the sync
+    loop sees its task's heartbeat go stale and enqueues the step again."""
 
-    step: str
-    countdown: float = 0.0
-    kwargs: dict = field(default_factory=dict)
+    max_retries: int = 5
+    backoff: int = 2  # s, doubled each retry (with jitter)
+    backoff_max: int = 60
+
+
+@dataclass(frozen=True)
+class Step:
+    name: StepName
+    function: Callable[..., Follow]  # (ctx, task_id, **kwargs) -> what runs next
+    queue: str = STEPS_QUEUE
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def task_name(self) -> str:
+        """The Celery task's name (what Flower and the worker log show)."""
+        return f"ponos.{self.name}"
+
+
+STEPS: dict[StepName, Step] = {}
+
+
+def step(name: StepName, **options):
+    """Register the decorated function as the chain step `name`."""
+
+    def register(function):
+        if name in STEPS:
+            raise ValueError(f"step {name} registered twice")
+        STEPS[name] = Step(name, function, **options)
+        return function
+
+    return register
+
+
+def run_step(ctx: AgentContext, task_id: str, name: StepName, **kwargs) -> list[Next]:
+    """Run one step and return what it says should run next, as a list."""
+    follow = STEPS[StepName(name)].function(ctx, task_id, **kwargs)
+    if follow is None:
+        return []
+    return follow if isinstance(follow, list) else [follow]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -90,7 +116,10 @@ def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
     query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
     offers = ctx.vast.search_offers(query)
     failed = set(record.failed_machines)
-    return [offer for offer in rank_offers(offers) if offer.machine_id not in failed]
+    # The user's filters are checked again here: a server that ignored one must not make us
+    # rent what the configuration excludes.
+    return [offer for offer in rank_offers(offers) if offer.machine_id not in failed
+            and offer_matches(vast.offer_filters, offer)]
 
 
 def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
@@ -132,43 +161,32 @@ def _image_login(ctx: AgentContext, image: str) -> str | None:
     return None
 
 
-def fresh_snapshot(ctx: AgentContext, max_age: float) -> tuple[list[dict], float]:
+def fresh_snapshot(ctx: AgentContext, max_age: float) -> Snapshot:
     """The shared instance snapshot; listed again (by one process) when older than max_age.
 
     Watchers read this instead of one GET per instance per cycle; only one process lists
     at a time (a short lock), the others keep the snapshot they have.
     """
-    now = ctx.now()
     snapshot = ctx.store.load_snapshot()
-    if snapshot is not None and now - snapshot[1] <= max_age:
+    if snapshot is not None and ctx.now() - snapshot.taken_at <= max_age:
         return snapshot
-    lock = ctx.redis.lock(ctx.prefix + "lock:snapshot", timeout=60, blocking=False)
+    lock = ctx.store.snapshot_lock(timeout=60)
     if not lock.acquire():
-        return snapshot or ([], 0.0)
+        return snapshot or Snapshot((), 0.0)
     try:
         instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
-        taken_at = ctx.now()
-        ctx.store.save_snapshot([i.raw for i in instances], taken_at)
-        return [i.raw for i in instances], taken_at
+        snapshot = Snapshot(tuple(instances), ctx.now())
+        ctx.store.save_snapshot(snapshot)
+        return snapshot
     finally:
-        _release(lock)
-
-
-def _release(lock) -> None:
-    try:
-        lock.release()
-    except Exception:  # expired meanwhile: another holder may have it now, nothing to undo
-        logger.debug("lock %s had expired", lock.name)
-
-
-def _find(instances: list[dict], instance_id: int | None) -> dict | None:
-    return next((i for i in instances if i.get("id") == instance_id), None)
+        release(lock)
 
 
 # --------------------------------------------------------------------------- the chain
 
 
 def accept(ctx: AgentContext, task_id: str) -> bool:
+    """Create the task's record (the sync loop does it, before the chain starts)."""
     created = ctx.store.create_if_absent(TaskRecord.new(task_id, ctx.now()))
     if created:
         _note(ctx, task_id, "task accepted by agent "
@@ -176,6 +194,7 @@ def accept(ctx: AgentContext, task_id: str) -> bool:
     return created
 
 
+@step(StepName.START)
 def start(ctx: AgentContext, task_id: str) -> Next | None:
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.ACCEPTED:
@@ -183,9 +202,10 @@ def start(ctx: AgentContext, task_id: str) -> Next | None:
     if ctx.store.cas(task_id, expect_phase=Phase.ACCEPTED, expect_attempt=record.attempt,
                      phase=Phase.WAITING_OFFER, heartbeat_at=ctx.now()) is None:
         return None
-    return Next(CHOOSE_OFFER)
+    return Next(StepName.CHOOSE_OFFER)
 
 
+@step(StepName.CHOOSE_OFFER)
 def choose_offer(ctx: AgentContext, task_id: str) -> Next | None:
     """Wait until an offer matches; error once `offer_wait` has passed without one."""
     record = ctx.store.get(task_id)
@@ -194,47 +214,52 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Next | None:
     now = ctx.now()
     if _ranked_offers(ctx, record):
         ctx.store.touch(task_id, heartbeat_at=now)
-        return Next(CREATE)
+        return Next(StepName.CREATE_INSTANCE)
     if record.waiting_since is None:
         _note(ctx, task_id, "no Vast.ai offer matches the filters yet; waiting", "WARNING")
         ctx.store.touch(task_id, waiting_since=now, heartbeat_at=now)
-        return Next(CHOOSE_OFFER, countdown=ctx.watch_interval)
-    if offer_wait_expired(record, now, ctx.config.vast_api.offer_wait):
-        reason = (f"no Vast.ai offer matched the filters within "
-                  f"{ctx.config.vast_api.offer_wait:g} s")
+        return Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
+    if offer_wait_expired(record, now, ctx.settings.offer_wait):
+        reason = f"no Vast.ai offer matched the filters within {ctx.settings.offer_wait:g} s"
         _note(ctx, task_id, reason, "ERROR")
         if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
                          phase=Phase.FINISHING, final_state="error", reason=reason):
-            return Next(PUBLISH_LOGS)
+            return Next(StepName.PUBLISH_LOGS)
         return None
     ctx.store.touch(task_id, heartbeat_at=now)
-    return Next(CHOOSE_OFFER, countdown=ctx.watch_interval)
+    return Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
 
 
-def create(ctx: AgentContext, task_id: str) -> Next | None:
-    """At most one instance per attempt (DESIGN §3): lock, CAS, label lookup, create."""
-    lock = ctx.store.create_lock(task_id, timeout=CREATE_LOCK_TIMEOUT)
+@step(StepName.CREATE_INSTANCE)
+def create_instance(ctx: AgentContext, task_id: str) -> Next | None:
+    """At most one instance per attempt (README, "How it works"): lock, CAS, label lookup,
+    create."""
+    lock = ctx.store.create_lock(task_id, timeout=ctx.settings.create_lock_timeout)
     if not lock.acquire():
         return None  # another worker is creating this task's instance right now
     try:
         return _create_locked(ctx, task_id, lock)
     finally:
-        _release(lock)
+        release(lock)
 
 
-def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
+def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
+    """The record in `creating`, at a new attempt unless it was already creating (resumed)."""
     record = ctx.store.get(task_id)
     if record is None:
         return None
     if record.phase in (Phase.WAITING_OFFER, Phase.RETRYING, Phase.ACCEPTED):
         attempt = record.attempt + 1
         label = make_label(ctx.agent_short_id(), task_id, attempt)
-        record = ctx.store.cas(task_id, expect_phase=record.phase,
-                               expect_attempt=record.attempt, phase=Phase.CREATING,
-                               attempt=attempt, label=label, heartbeat_at=ctx.now())
-        if record is None:
-            return None
-    elif record.phase != Phase.CREATING:
+        return ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
+                             phase=Phase.CREATING, attempt=attempt, label=label,
+                             heartbeat_at=ctx.now())
+    return record if record.phase == Phase.CREATING else None
+
+
+def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
+    record = _claim_attempt(ctx, task_id)
+    if record is None:
         return None
     # Resumed or fresh: the label of this attempt may already name an instance (a create
     # whose answer was lost, a worker killed after Vast accepted): adopt it, never re-create.
@@ -246,24 +271,22 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if record.stop_requested:
         return None
     onstart, args, inferred = instance_command(ctx, task_id, definition)
-    env = instance_environment(ctx, definition)
-    offers = _ranked_offers(ctx, record)
+    request = dict(image=definition.image, label=record.label,
+                   env=instance_environment(ctx, definition),
+                   disk=ctx.config.vast_api.disk_gb, runtype="args", onstart=onstart,
+                   args=args, image_login=_image_login(ctx, definition.image))
     tried = 0
-    for offer in offers:
-        if tried == OFFERS_TRIED_PER_CREATE:
+    for offer in _ranked_offers(ctx, record):
+        if tried == ctx.settings.offers_tried_per_create:
             break
-        # Claim the offer for a short while: workers creating at the same moment would all
-        # pick the same cheapest offer and all but one get no_such_ask, wasting the create
-        # rate limit (measured in BENCHMARKS.md); the others take the next offers instead.
-        if not ctx.store.once(f"offer:{offer.id}", OFFER_CLAIM_SECONDS):
+        # Claim the offer for a short while, so that workers creating at the same moment
+        # take the next offers instead of all racing for the cheapest one.
+        if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
             continue
         tried += 1
         lock.reacquire()  # a full timeout for this call, however long the previous ones took
         try:
-            created = ctx.vast.create_instance(
-                offer.id, image=definition.image, label=record.label, env=env,
-                disk=ctx.config.vast_api.disk_gb, runtype="args", onstart=onstart, args=args,
-                image_login=_image_login(ctx, definition.image))
+            created = ctx.vast.create_instance(offer.id, **request)
         except OfferUnavailable:
             _note(ctx, task_id, f"offer {offer.id} was taken before we could rent it; "
                   "trying the next one")
@@ -274,7 +297,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             _note(ctx, task_id, f"no answer to the create call ({error.msg}); looking the "
                   "label up before anything else", "WARNING")
             ctx.store.touch(task_id, heartbeat_at=ctx.now())
-            return Next(CREATE, countdown=max(2.0, ctx.watch_interval))
+            return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
         if not created.started:
             _note(ctx, task_id, f"Vast.ai created instance {created.id} stopped on machine "
                   f"{offer.machine_id}; destroying it and trying another offer", "WARNING")
@@ -289,7 +312,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if ctx.store.cas(task_id, expect_phase=Phase.CREATING, expect_attempt=record.attempt,
                      phase=Phase.WAITING_OFFER, attempt=record.attempt - 1,
                      waiting_since=record.waiting_since or ctx.now(), heartbeat_at=ctx.now()):
-        return Next(CHOOSE_OFFER, countdown=ctx.watch_interval)
+        return Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
     return None
 
 
@@ -315,69 +338,71 @@ def _record_instance(ctx: AgentContext, record: TaskRecord, instance, *, created
           f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']} on "
           f"machine {values['machine_id']} ({values['gpu_name']}, "
           f"${(values['dph_total'] or 0):.3f}/h)")
-    return Next(WATCH, countdown=ctx.watch_interval)
+    return Next(StepName.WATCH, countdown=ctx.settings.watch_interval)
 
 
+@step(StepName.WATCH)
 def watch(ctx: AgentContext, task_id: str) -> list[Next]:
     """Look at the task's instance in the shared snapshot and move the task on."""
     record = ctx.store.get(task_id)
     if record is None or record.phase not in (Phase.LOADING, Phase.RUNNING):
         return []
+    settings = ctx.settings
     # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
     # is late (sync stalled), so that the `list` rate limit is not spent many times over.
-    instances, taken_at = fresh_snapshot(ctx, 1.5 * ctx.config.sync_interval)
-    instance = _find(instances, record.instance_id)
+    snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
+    instance = snapshot.find(record.instance_id)
     now = ctx.now()
-    settings = ctx.plan_settings
-    decision = reconcile.watch_decision(record, instance, now, settings,
-                                        snapshot_taken_at=taken_at)
-    if decision.action == reconcile.READ_LOGS:
+    decision = watch_decision(record, instance, now, settings,
+                              snapshot_taken_at=snapshot.taken_at)
+    if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
-        decision = reconcile.watch_decision(
+        decision = watch_decision(
             record, instance, now, settings, exit_code=parse_exit_marker(text),
-            logs_read=True, log_tail=text[-4000:], snapshot_taken_at=taken_at)
-        if decision.action in (reconcile.FINISH, reconcile.GIVE_UP):
+            logs_read=True, log_tail=text[-4000:], snapshot_taken_at=snapshot.taken_at)
+        if decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
             # The instance has ended: its log will not change. Keep what decided the outcome
             # for the final upload instead of asking Vast.ai (rate-limited) for it again.
-            ctx.redis.set(_ended_log_key(ctx, record), text, ex=3600)
+            ctx.store.keep_ended_log(task_id, record.attempt, text, settings.ended_log_ttl)
     if decision.offline_since != record.offline_since:
         ctx.store.touch(task_id, offline_since=decision.offline_since)
     action = decision.action
-    if action == reconcile.MARK_RUNNING:
+    if action == WatchAction.MARK_RUNNING:
         if ctx.store.cas(task_id, expect_phase=Phase.LOADING, expect_attempt=record.attempt,
                          phase=Phase.RUNNING, running_since=now, heartbeat_at=now):
             _note(ctx, task_id, f"instance {record.instance_id} is running")
             _report_running(ctx, task_id)
-        return [Next(WATCH, countdown=ctx.watch_interval)]
-    if action in (reconcile.FINISH, reconcile.GIVE_UP):
+        return [Next(StepName.WATCH, countdown=settings.watch_interval)]
+    if action in (WatchAction.FINISH, WatchAction.GIVE_UP):
         outcome = decision.outcome
         if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
                          phase=Phase.FINISHING, final_state=outcome.state,
                          reason=outcome.reason, heartbeat_at=now):
             _note(ctx, task_id, f"task ended: {outcome.state} ({outcome.reason})",
                   "INFO" if outcome.state == "completed" else "WARNING")
-            return [Next(PUBLISH_LOGS)]
+            return [Next(StepName.PUBLISH_LOGS)]
         return []
-    if action == reconcile.RETRY:
+    if action == WatchAction.RETRY_ATTEMPT:
         if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
                          phase=Phase.RETRYING, heartbeat_at=now,
                          failed_machines=[*record.failed_machines, record.machine_id],
                          attempt_reasons=[*record.attempt_reasons, decision.reason]):
             _note(ctx, task_id, f"attempt {record.attempt} failed on machine "
                   f"{record.machine_id}: {decision.reason}; trying another machine", "WARNING")
-            return [Next(RETRY)]
+            return [Next(StepName.RETRY_ATTEMPT)]
         return []
     # WAIT
     ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
-    follow = [Next(WATCH, countdown=ctx.watch_interval)]
+    follow = [Next(StepName.WATCH, countdown=settings.watch_interval)]
     if record.phase == Phase.RUNNING and (
             record.logs_published_at is None
-            or now - record.logs_published_at >= ctx.config.logs_interval):
-        follow.append(Next(PUBLISH_LOGS, kwargs={"final": False}))
+            or now - record.logs_published_at >= settings.logs_interval):
+        follow.append(Next(StepName.PUBLISH_LOGS, kwargs={"final": False}))
     return follow
 
 
-def retry(ctx: AgentContext, task_id: str) -> Next | None:
+@step(StepName.RETRY_ATTEMPT)
+def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     """Destroy the failed attempt's instance, then look for an offer again."""
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.RETRYING:
@@ -387,25 +412,22 @@ def retry(ctx: AgentContext, task_id: str) -> Next | None:
     if ctx.store.cas(task_id, expect_phase=Phase.RETRYING, expect_attempt=record.attempt,
                      phase=Phase.WAITING_OFFER, instance_id=None, offline_since=None,
                      waiting_since=None, heartbeat_at=ctx.now()):
-        return Next(CHOOSE_OFFER)
+        return Next(StepName.CHOOSE_OFFER)
     return None
-
-
-def _ended_log_key(ctx: AgentContext, record: TaskRecord) -> str:
-    return f"{ctx.prefix}endlog:{record.task_id}:{record.attempt}"
 
 
 def _instance_log(ctx: AgentContext, record: TaskRecord) -> str:
     if record.instance_id is None or record.instance_destroyed:
         return ""
     try:
-        return ctx.vast.request_logs(record.instance_id, wait=20.0)
+        return ctx.vast.request_logs(record.instance_id, wait=ctx.settings.log_read_wait)
     except VastError as error:
         logger.warning("task %s: could not read the logs of instance %s: %s",
                        record.task_id, record.instance_id, error.msg)
         return ""
 
 
+@step(StepName.PUBLISH_LOGS)
 def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | None:
     """Upload the task's whole log (agent lines + instance log, redacted) to Arkindex's S3.
 
@@ -420,9 +442,8 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     if not final and record.phase != Phase.RUNNING:
         return None
     definition = ctx.arkindex.task_definition(task_id)
-    ended_log = ctx.redis.get(_ended_log_key(ctx, record)) if final else None
-    instance_log = (ended_log.decode("utf-8", errors="replace") if ended_log is not None
-                    else _instance_log(ctx, record))
+    ended_log = ctx.store.ended_log(task_id, record.attempt) if final else None
+    instance_log = ended_log if ended_log is not None else _instance_log(ctx, record)
     if final and record.inferred:
         _note(ctx, task_id, "the image ran unwrapped: this final state was inferred from how "
               "its instance ended", "WARNING")
@@ -439,12 +460,13 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if ctx.store.cas(task_id, expect_phase=Phase.FINISHING, expect_attempt=record.attempt,
                      phase=Phase.DESTROYING, heartbeat_at=now):
-        ctx.redis.delete(_ended_log_key(ctx, record))
-        return Next(DESTROY)
+        ctx.store.drop_ended_log(task_id, record.attempt)
+        return Next(StepName.DESTROY_INSTANCE)
     return None
 
 
-def destroy(ctx: AgentContext, task_id: str) -> Next | None:
+@step(StepName.DESTROY_INSTANCE)
+def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.DESTROYING:
         return None
@@ -453,29 +475,31 @@ def destroy(ctx: AgentContext, task_id: str) -> Next | None:
         _note(ctx, task_id, f"instance {record.instance_id} "
               + ("was already gone" if gone_before else "destroyed"))
     ctx.store.touch(task_id, instance_destroyed=True, heartbeat_at=ctx.now())
-    return Next(REPORT)
+    return Next(StepName.REPORT_STATE)
 
 
 def _report_running(ctx: AgentContext, task_id: str) -> None:
+    """Report `running` (sent once: the Arkindex client's reported-states guard)."""
     record = ctx.store.get(task_id)
-    if record is None or record.stop_requested or record.reported_running:
+    if record is None or record.stop_requested:
         return
     try:
         ctx.arkindex.update_state(task_id, "running")
     except TransitionRefused as error:
         logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
-    ctx.store.touch(task_id, reported_running=True)
 
 
-def report(ctx: AgentContext, task_id: str) -> Next | None:
+@step(StepName.REPORT_STATE)
+def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     """Send the final state to Arkindex, exactly once, then close the record."""
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.DESTROYING or not record.instance_destroyed:
         return None
     state = record.final_state or "error"
-    if state in ("completed", "failed") and not record.reported_running:
-        # Arkindex's table: a task reaches completed/failed only from running. `error` is
-        # allowed from pending: a task that never ran is not reported running (DESIGN §2).
+    if state in ("completed", "failed"):
+        # Arkindex's table: a task reaches completed/failed only from running (a no-op when
+        # it was reported already). `error` is allowed from pending: a task that never ran
+        # is not reported running.
         _report_running(ctx, task_id)
     try:
         ctx.arkindex.update_state(task_id, state)
@@ -483,12 +507,13 @@ def report(ctx: AgentContext, task_id: str) -> Next | None:
         # Not retried: the server's table says no (e.g. the task was stopped meanwhile).
         logger.error("task %s: Arkindex refused `%s`: %s", task_id, state, error.detail)
     ctx.store.cas(task_id, expect_phase=Phase.DESTROYING, expect_attempt=record.attempt,
-                  phase=Phase.DONE, final_reported=True)
+                  phase=Phase.DONE)
     ctx.arkindex.forget(task_id)
     return None
 
 
-def stop(ctx: AgentContext, task_id: str, has_record: bool) -> Next | None:
+@step(StepName.STOP_TASK)
+def stop_task(ctx: AgentContext, task_id: str, has_record: bool = True) -> Next | None:
     """stop_task: publish the logs, destroy the instance, report `stopped`."""
     now = ctx.now()
     if not has_record:
@@ -496,7 +521,7 @@ def stop(ctx: AgentContext, task_id: str, has_record: bool) -> Next | None:
             task_id, now, phase=Phase.FINISHING, final_state="stopped", stop_requested=True,
             reason="stopped by a user before it started"))
         _note(ctx, task_id, "stop requested by Arkindex")
-        return Next(PUBLISH_LOGS)
+        return Next(StepName.PUBLISH_LOGS)
     record = ctx.store.get(task_id)
     if record is None or record.phase in (Phase.DONE,):
         return None
@@ -504,7 +529,7 @@ def stop(ctx: AgentContext, task_id: str, has_record: bool) -> Next | None:
         ctx.store.touch(task_id, stop_requested=True)
         return None
     # Serialise with a create in flight, so its instance is known (or none was made).
-    lock = ctx.store.create_lock(task_id, timeout=CREATE_LOCK_TIMEOUT)
+    lock = ctx.store.create_lock(task_id, timeout=ctx.settings.create_lock_timeout)
     if not lock.acquire():
         return None  # the next sync re-sends the stop once the create is done
     try:
@@ -515,20 +540,22 @@ def stop(ctx: AgentContext, task_id: str, has_record: bool) -> Next | None:
                          phase=Phase.FINISHING, stop_requested=True, final_state="stopped",
                          reason="stopped by a user", heartbeat_at=now):
             _note(ctx, task_id, "stop requested by Arkindex: stopping the task")
-            return Next(PUBLISH_LOGS)
+            return Next(StepName.PUBLISH_LOGS)
     finally:
-        _release(lock)
+        release(lock)
     return None
 
 
-def adopt(ctx: AgentContext, step: AdoptInstance) -> Next | None:
+@step(StepName.ADOPT_INSTANCE)
+def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
     """Take back an instance of ours that no record knows, if its task is still ours."""
+    step = AdoptInstance(task_id=task_id, **fields)
     try:
         state = ctx.arkindex.task_state(step.task_id)
     except ArkindexError as error:
         logger.warning("cannot check task %s before adopting: %s", step.task_id, error)
         return None
-    if state not in ACTIVE_ARKINDEX_STATES:
+    if state not in ARKINDEX_ACTIVE_STATES:
         ctx.vast.destroy_instance(step.instance_id)
         logger.warning("destroyed instance %s: task %s is %s on Arkindex", step.instance_id,
                        step.task_id, state)
@@ -536,7 +563,7 @@ def adopt(ctx: AgentContext, step: AdoptInstance) -> Next | None:
     now = ctx.now()
     values = dict(phase=Phase.LOADING, attempt=step.attempt, label=step.label,
                   instance_id=step.instance_id, instance_created_at=now, heartbeat_at=now,
-                  adopted=True, reported_running=state == "running")
+                  adopted=True)
     if step.from_phase is None:
         done = ctx.store.create_if_absent(TaskRecord.new(step.task_id, now, **values))
     else:
@@ -544,15 +571,20 @@ def adopt(ctx: AgentContext, step: AdoptInstance) -> Next | None:
                              expect_attempt=step.from_attempt, **values) is not None
     if not done:
         return None
+    if state == "running":
+        ctx.reported.mark(step.task_id, "running")  # Arkindex has it: never send it again
     _note(ctx, step.task_id, f"re-adopted instance {step.instance_id} ({step.label})")
     if state == "stopping":
-        return Next(STOP, kwargs={"has_record": True})
-    return Next(WATCH)
+        return Next(StepName.STOP_TASK, kwargs={"has_record": True})
+    return Next(StepName.WATCH)
 
 
-def destroy_unwanted(ctx: AgentContext, step: DestroyInstance) -> None:
+@step(StepName.DESTROY_UNWANTED)
+def destroy_unwanted(ctx: AgentContext, task_id: str, **fields) -> None:
+    """Destroy an instance of ours that no task wants (reconcile.DestroyInstance)."""
+    step = DestroyInstance(task_id=task_id, **fields)
     gone = not ctx.vast.destroy_instance(step.instance_id)
-    ctx.redis.hincrby(ctx.prefix + "metrics:destroyed", step.cause, 0 if gone else 1)
+    ctx.store.count_destroyed(step.cause, 0 if gone else 1)
     logger.warning("instance %s (%s) %s: %s", step.instance_id, step.label,
                    "was already gone" if gone else "destroyed", step.reason)
 
@@ -563,65 +595,43 @@ def destroy_unwanted(ctx: AgentContext, step: DestroyInstance) -> None:
 @dataclass
 class SyncResult:
     ran: bool
-    steps: list = field(default_factory=list)
-    enqueue: list[tuple[str, str, Next]] = field(default_factory=list)  # (kind, id, next)
+    steps: list = field(default_factory=list)  # what plan() said
+    enqueue: list[tuple[str, Next]] = field(default_factory=list)  # (task id, message)
 
 
 def sync(ctx: AgentContext) -> SyncResult:
     """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue."""
-    lock = ctx.store.sync_lock(timeout=max(60.0, 3 * ctx.config.sync_interval))
+    lock = ctx.store.sync_lock(timeout=ctx.settings.sync_lock_timeout)
     if not lock.acquire():
         return SyncResult(ran=False)
     try:
         return _sync_locked(ctx)
     finally:
-        _release(lock)
+        release(lock)
 
 
 def _capacity(ctx: AgentContext) -> int:
     """How many new tasks Arkindex may assign us now: one per free instance slot."""
-    active = ctx.store.active_ids()
-    return max(0, ctx.config.vast_api.max_instances - len(active))
+    return max(0, ctx.settings.max_instances - len(ctx.store.active_ids()))
 
 
 def _sync_locked(ctx: AgentContext) -> SyncResult:
     short_id = ctx.agent_short_id()
     actions = ctx.arkindex.actions(capacity=_capacity(ctx))
-    instances = ctx.vast.list_instances(label_prefix=f"ponos-{short_id}-")
+    instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
     now = ctx.now()
-    ctx.store.save_snapshot([i.raw for i in instances], now)
-    ctx.redis.set(ctx.prefix + "last_sync", now)
+    ctx.store.save_snapshot(Snapshot(tuple(instances), now))
+    ctx.store.mark_synced(now)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()
-    steps = reconcile.plan(now=now, agent_short_id=short_id, records=records,
-                           instances=[i.raw for i in instances],
-                           actions=[(a.kind, a.task_id) for a in actions],
-                           settings=ctx.plan_settings)
+    steps = plan(now=now, agent_short_id=short_id, records=records, instances=instances,
+                 actions=[(a.kind, a.task_id) for a in actions], settings=ctx.settings)
     result = SyncResult(ran=True, steps=steps)
-    dedupe_ttl = ctx.stale_after
-    for step in steps:
-        if isinstance(step, WaitForCapacity):
+    for planned in steps:
+        if isinstance(planned, AcceptTask):
+            accept(ctx, planned.task_id)  # cheap and must precede the StartChain of this plan
             continue
-        if isinstance(step, AcceptTask):
-            accept(ctx, step.task_id)  # cheap and must precede the StartChain of this plan
-            continue
-        if not ctx.store.once(step.key, dedupe_ttl):
-            continue
-        if isinstance(step, StartChain):
-            result.enqueue.append(("task", step.task_id, Next(START)))
-        elif isinstance(step, ResumeStep):
-            kwargs = {"final": True} if step.step == PUBLISH_LOGS else {}
-            result.enqueue.append(("task", step.task_id, Next(step.step, kwargs=kwargs)))
-        elif isinstance(step, StopTask):
-            result.enqueue.append(("task", step.task_id,
-                                   Next(STOP, kwargs={"has_record": step.has_record})))
-        elif isinstance(step, DestroyInstance):
-            result.enqueue.append(("destroy", step.task_id, Next(DESTROY_INSTANCE, kwargs={
-                "instance_id": step.instance_id, "label": step.label, "cause": step.cause,
-                "reason": step.reason})))
-        elif isinstance(step, AdoptInstance):
-            result.enqueue.append(("adopt", step.task_id, Next(ADOPT, kwargs={
-                "instance_id": step.instance_id, "attempt": step.attempt, "label": step.label,
-                "from_phase": step.from_phase, "from_attempt": step.from_attempt,
-                "reason": step.reason})))
+        message = planned.message()
+        if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):
+            result.enqueue.append((planned.task_id, message))
     return result

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QUEUES = "sync,vast,arkindex"
+from ponos_tasks.models import QUEUES as _QUEUES
+
+QUEUES = ",".join(_QUEUES)
 
 
 def celery_command(*args: str) -> list[str]:

@@ -31,16 +31,13 @@ import tenacity
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from ponos_tasks import __version__ as _version
+from ponos_tasks.models import Instance, Offer, _float, _int, _str
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"ponos-vast/{_version} (+https://gitlab.teklia.com/arkindex/ponos)"
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After means "give up now" (official client's rule)
 PAGE_SIZE = 25  # v1 list maximum
-# status_msg tokens that Vast's own self-test treats as a fatal provisioning error (§4.6)
-FATAL_STATUS_TOKENS = (
-    "error", "failed", "failure", "exception", "traceback", "oci runtime", "permission denied",
-)
 
 
 # --------------------------------------------------------------------------- errors
@@ -177,140 +174,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-# --------------------------------------------------------------------------- results
-
-
-def _clean(value: Any) -> Any:
-    """Strip whitespace from strings, recursively (public_ipaddr ends with a newline)."""
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, dict):
-        return {key: _clean(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_clean(item) for item in value]
-    return value
-
-
-def _env_dict(extra_env: Any) -> dict[str, str]:
-    """Vast returns env as [[key, value], ...]; tolerate a dict and malformed entries."""
-    if isinstance(extra_env, dict):
-        return {str(key): "" if value is None else str(value) for key, value in extra_env.items()}
-    env: dict[str, str] = {}
-    for pair in extra_env or ():
-        if isinstance(pair, list | tuple) and len(pair) == 2:
-            env[str(pair[0])] = "" if pair[1] is None else str(pair[1])
-    return env
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-@dataclass(frozen=True)
-class Offer:
-    id: int
-    machine_id: int | None
-    host_id: int | None
-    gpu_name: str | None
-    num_gpus: int | None
-    gpu_ram: float | None  # MB per GPU
-    dph_total: float | None  # $/h including storage for the searched allocated_storage
-    reliability: float | None
-    geolocation: str | None
-    cuda_max_good: float | None
-    disk_space: float | None  # GB available
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Offer:
-        raw = _clean(dict(data))
-        reliability = raw.get("reliability")
-        if reliability is None:
-            reliability = raw.get("reliability2")
-        return cls(
-            id=int(raw["id"]),
-            machine_id=_int(raw.get("machine_id")),
-            host_id=_int(raw.get("host_id")),
-            gpu_name=_str(raw.get("gpu_name")),
-            num_gpus=_int(raw.get("num_gpus")),
-            gpu_ram=_float(raw.get("gpu_ram")),
-            dph_total=_float(raw.get("dph_total")),
-            reliability=_float(reliability),
-            geolocation=_str(raw.get("geolocation")),
-            cuda_max_good=_float(raw.get("cuda_max_good")),
-            disk_space=_float(raw.get("disk_space")),
-            raw=raw,
-        )
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One instance row. Status fields are plain strings: a status this code has never seen
-    must not crash anything (SkyPilot PR #9319); ``raw`` keeps every field, strings stripped
-    and ``extra_env`` turned into a dict."""
-
-    id: int
-    label: str | None
-    machine_id: int | None
-    actual_status: str | None
-    intended_status: str | None
-    cur_state: str | None
-    next_state: str | None
-    status_msg: str | None
-    gpu_name: str | None
-    dph_total: float | None
-    start_date: float | None
-    raw: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Instance:
-        raw = _clean(dict(data))
-        if "extra_env" in raw:
-            raw["extra_env"] = _env_dict(raw["extra_env"])
-        return cls(
-            id=int(raw["id"]),
-            label=_str(raw.get("label")),
-            machine_id=_int(raw.get("machine_id")),
-            actual_status=_str(raw.get("actual_status")),
-            intended_status=_str(raw.get("intended_status")),
-            cur_state=_str(raw.get("cur_state")),
-            next_state=_str(raw.get("next_state")),
-            status_msg=_str(raw.get("status_msg")),
-            gpu_name=_str(raw.get("gpu_name")),
-            dph_total=_float(raw.get("dph_total")),
-            start_date=_float(raw.get("start_date")),
-            raw=raw,
-        )
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(self.raw.get("extra_env") or {})
-
-    @property
-    def public_ipaddr(self) -> str | None:
-        return self.raw.get("public_ipaddr")
-
-    @property
-    def status_msg_is_fatal(self) -> bool:
-        """True when status_msg carries an error token (OCI runtime failure, pull error...)."""
-        msg = (self.status_msg or "").lower()
-        return any(token in msg for token in FATAL_STATUS_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -463,7 +326,8 @@ class VastClient:
         while True:
             body = self._call("GET", "/api/v1/instances/", "list", params=params)
             for row in body.get("instances") or ():
-                if isinstance(row, dict):
+                # A row without an id is nothing this agent could act on: skipped, not fatal.
+                if isinstance(row, dict) and _int(row.get("id")) is not None:
                     instances.append(Instance.from_dict(row))
             token = body.get("next_token")
             if not token or token in seen_tokens:  # a repeated token would loop forever

@@ -25,8 +25,7 @@ from ponos_tasks import steps
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.config import AgentConfig
 from ponos_tasks.lifecycle import Phase
-from ponos_tasks.reconcile import AdoptInstance, DestroyInstance
-from ponos_tasks.steps import Next
+from ponos_tasks.models import Next, StepName
 
 
 def make_config(stack, redis_url: str, *, agent_name: str | None = None,
@@ -69,7 +68,7 @@ def make_context(stack, redis_url: str, *, prefix: str | None = None,
 
 def wipe(ctx: AgentContext) -> int:
     """Delete every Redis key of this context (a total loss of the agent's memory)."""
-    keys = list(ctx.redis.scan_iter(match=ctx.prefix + "*"))
+    keys = list(ctx.redis.scan_iter(match=ctx.keys.pattern()))
     if keys:
         ctx.redis.delete(*keys)
     return len(keys)
@@ -96,10 +95,8 @@ class Harness:
 
     # ------------------------------------------------------------------ queueing
 
-    def push(self, task_id: str, follow) -> None:
-        if follow is None:
-            return
-        for item in follow if isinstance(follow, list) else [follow]:
+    def push(self, task_id: str, follow: list[Next]) -> None:
+        for item in follow:
             # Compressed countdown: due soon, but after what is due now.
             due = time.monotonic() + min(item.countdown, self.max_sleep)
             heapq.heappush(self.queue, _Queued(due, next(self._seq), task_id, item))
@@ -107,32 +104,16 @@ class Harness:
     def sync(self) -> steps.SyncResult:
         result = steps.sync(self.ctx)
         self.syncs.append(result)
-        for _kind, task_id, follow in result.enqueue:
-            self.push(task_id, follow)
+        for task_id, message in result.enqueue:
+            self.push(task_id, [message])
         return result
 
     # ------------------------------------------------------------------ running
 
-    def execute(self, task_id: str, item: Next):
-        """Run one step as tasks.py would, and return what it says comes next."""
-        ctx, kwargs = self.ctx, dict(item.kwargs)
+    def execute(self, task_id: str, item: Next) -> list[Next]:
+        """Run one step from the registry, as tasks.py does, and return what comes next."""
         self.trace.append((item.step, task_id))
-        if item.step == steps.ADOPT:
-            return steps.adopt(ctx, AdoptInstance(task_id=task_id, **kwargs))
-        if item.step == steps.DESTROY_INSTANCE:
-            return steps.destroy_unwanted(ctx, DestroyInstance(task_id=task_id, **kwargs))
-        function = {
-            steps.START: steps.start,
-            steps.CHOOSE_OFFER: steps.choose_offer,
-            steps.CREATE: steps.create,
-            steps.WATCH: steps.watch,
-            steps.RETRY: steps.retry,
-            steps.PUBLISH_LOGS: steps.publish_logs,
-            steps.DESTROY: steps.destroy,
-            steps.REPORT: steps.report,
-            steps.STOP: steps.stop,
-        }[item.step]
-        return function(ctx, task_id, **kwargs)
+        return steps.run_step(self.ctx, task_id, item.step, **item.kwargs)
 
     def step_once(self) -> bool:
         """Run the next due step (sleeping until it is due); False when the queue is empty."""
@@ -188,7 +169,7 @@ def drive(ctx: AgentContext, task_id: str, *, first: Next | None = None,
           timeout: float = 30.0, max_sleep: float = 0.05) -> Harness:
     """Run the task's chain from `first` (default: start) until its record is done."""
     harness = Harness(ctx, max_sleep=max_sleep)
-    harness.push(task_id, first or Next(steps.START))
+    harness.push(task_id, [first or Next(StepName.START)])
     harness.run(until=lambda: harness.done(task_id), timeout=timeout)
     return harness
 

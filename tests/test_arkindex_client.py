@@ -18,14 +18,13 @@ from ponos_tasks.arkindex import (
     ArkindexError,
     ArkindexUnavailable,
     MemoryCredentialStore,
-    RedisCredentialStore,
     RegistrationError,
-    ReportedStates,
     TaskDefinition,
     TransitionRefused,
 )
 from ponos_tasks.simulators.arkindex import ArkindexSimulator
 from ponos_tasks.simulators.s3 import S3Server, s3_client
+from ponos_tasks.state import Keyspace, RedisCredentialStore, ReportedStates
 from tests.conftest import free_port
 
 FARM = str(uuid.uuid4())
@@ -49,12 +48,13 @@ def sim(s3):
 
 @pytest.fixture
 def store(redis_client, key_prefix):
-    return RedisCredentialStore(redis_client, key_prefix + "agent")
+    return RedisCredentialStore(redis_client, Keyspace(key_prefix))
 
 
 @pytest.fixture
-def client(sim, store):
-    return ArkindexAgentClient(sim.url, FARM, SEED, store, max_wait=0.2)
+def client(sim, store, redis_client, key_prefix):
+    return ArkindexAgentClient(sim.url, FARM, SEED, store, max_wait=0.2,
+                               reported=ReportedStates(redis_client, Keyspace(key_prefix)))
 
 
 def create_process(sim, *tasks, name="test"):
@@ -101,7 +101,7 @@ def test_register_stores_credentials_in_redis_and_never_logs_tokens(
     assert agent["id"]
     assert "access_token" not in agent and "refresh_token" not in agent
 
-    stored = json.loads(redis_client.get(store.key))
+    stored = json.loads(redis_client.get(store.keys.credentials))
     assert stored["agent_id"] == agent["id"] == client.agent_id
     assert stored["access_token"] and stored["refresh_token"]
     for secret in (stored["access_token"], stored["refresh_token"], SEED):
@@ -110,7 +110,7 @@ def test_register_stores_credentials_in_redis_and_never_logs_tokens(
     # A second client (another worker) reuses the stored agent: no new registration.
     other = ArkindexAgentClient(client.url, FARM, SEED, store)
     assert other.register()["id"] == agent["id"]
-    assert json.loads(redis_client.get(store.key))["access_token"] == stored["access_token"]
+    assert json.loads(redis_client.get(store.keys.credentials))["access_token"] == stored["access_token"]
     # force=True registers again as the same agent (same nonce): same id, new token.
     assert other.register(force=True)["id"] == agent["id"]
     assert store.load()["access_token"] != stored["access_token"]
@@ -157,7 +157,7 @@ def test_expired_token_is_refreshed(s3, redis_client, key_prefix, caplog):
     simulator = ArkindexSimulator(s3_url=s3.url, farms={FARM: SEED}, token_ttl=1)
     simulator.start()
     try:
-        store = RedisCredentialStore(redis_client, key_prefix + "agent")
+        store = RedisCredentialStore(redis_client, Keyspace(key_prefix))
         client = ArkindexAgentClient(simulator.url, FARM, SEED, store, max_wait=0.2)
         agent_id = client.register()["id"]
         first = store.load()
@@ -266,7 +266,7 @@ def test_repeated_terminal_state_after_lost_answer_counts_as_reported(
     assert client.update_state(task, "running")
     assert client.update_state(task, "completed")
     amnesiac = ArkindexAgentClient(
-        client.url, FARM, SEED, store, reported=ReportedStates(redis_client, key_prefix + "r2:")
+        client.url, FARM, SEED, store, reported=ReportedStates(redis_client, Keyspace(key_prefix + "r2:"))
     )
     assert amnesiac.update_state(task, "completed") is True
     history = agent_updates(sim, task)

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 from ponos_tasks.commands import offers_command, status_command
 from ponos_tasks.config import ENV_VARS, GENERIC_ENV_PREFIX
+from ponos_tasks.models import Instance, Snapshot, TaskRecord
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
 from ponos_tasks.simulators.vast import VastSimulator
-from ponos_tasks.state import TaskRecord, TaskStore
+from ponos_tasks.state import Keyspace, TaskStore
 from tests.conftest import free_port
 
 NOT_FILTERS = ("order", "type", "limit", "allocated_storage")
@@ -175,7 +176,7 @@ def running_instance(instance_id, label, gpu, dph, status="running"):
 
 def populate(redis_client, prefix, now):
     """Four tasks in four phases, three snapshot instances (one destroyed), counters."""
-    store = TaskStore(redis_client, prefix, clock=lambda: now)
+    store = TaskStore(redis_client, Keyspace(prefix), clock=lambda: now)
     assert store.create_if_absent(TaskRecord.new("t-accepted", now - 50, phase_changed_at=now - 40))
     assert store.create_if_absent(TaskRecord.new(
         "t-running", now - 300, phase="running", attempt=2, label="ponos-0123abcd-t-running-2",
@@ -188,14 +189,15 @@ def populate(redis_client, prefix, now):
         gpu_name="A100", dph_total=1.5, final_state="failed", reason="exit code 3"))
     assert store.cas("t-failed", expect_phase="destroying", expect_attempt=1, phase="done",
                      phase_changed_at=now - 10)
-    store.save_snapshot([
+    store.save_snapshot(Snapshot(tuple(Instance.from_dict(row) for row in (
         running_instance(1002, "ponos-0123abcd-t-running-2", "RTX 4090", 0.5),
         running_instance(1003, "ponos-0123abcd-t-loading-1", "RTX 3090", 0.25, "loading"),
         dict(running_instance(1001, "ponos-0123abcd-t-failed-1", "A100", 1.5, "exited"),
              cur_state="unloaded", next_state="unloaded"),
-    ], taken_at=now - 5)
-    redis_client.set(prefix + "last_sync", now - 7)
-    redis_client.hset(prefix + "metrics:destroyed", mapping={"orphan": 2, "duplicate": 1})
+    )), taken_at=now - 5))
+    store.mark_synced(now - 7)
+    store.count_destroyed("orphan", 2)
+    store.count_destroyed("duplicate", 1)
 
 
 def test_status_json_exact(redis_client, redis_url, key_prefix):

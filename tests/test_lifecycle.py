@@ -22,7 +22,7 @@ from ponos_tasks.lifecycle import (
     parse_label,
     start_failure,
 )
-from ponos_tasks.state import TaskRecord
+from ponos_tasks.models import Instance, TaskRecord
 
 AGENT = "1f2e3d4c"
 TASK = "8c1d2f7e-0a4b-4c3d-9e8f-123456789abc"
@@ -148,7 +148,8 @@ OCI = ("Error response from daemon: failed to create task for container: failed 
     ({"actual_status": 17, "intended_status": ["x"]}, Condition.UNKNOWN),
 ])
 def test_classify_instance(fields, expected):
-    assert classify_instance(fields) is expected
+    instance = None if fields is None else Instance.from_dict({"id": 1, **fields})
+    assert classify_instance(instance) is expected
 
 
 # ---------------------------------------------------------------------------- outcomes
@@ -244,7 +245,8 @@ def rec(phase="loading", **values):
     (rec("accepted"), Condition.GONE, 9999.0, None),
 ])
 def test_start_failure(record, condition, now, expected):
-    reason = start_failure(record, condition, now, loading_deadline=900.0)
+    reason = start_failure(record, condition, now, loading_deadline=900.0, offline_grace=600.0,
+                           early_exit_window=120.0)
     if expected is None:
         assert reason is None
     else:
@@ -252,7 +254,8 @@ def test_start_failure(record, condition, now, expected):
 
 
 def test_start_failure_reason_carries_status_msg():
-    reason = start_failure(rec(), Condition.START_FAILED, 1001.0, 900.0, status_msg=OCI)
+    reason = start_failure(rec(), Condition.START_FAILED, 1001.0, 900.0, offline_grace=600.0,
+                           early_exit_window=120.0, status_msg=OCI)
     assert "OCI runtime create failed" in reason
 
 

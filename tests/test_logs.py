@@ -9,11 +9,11 @@ import pytest
 from ponos_tasks.logs import (
     DEFAULT_TASK_FORMAT,
     REDACTED,
-    TaskLogBook,
     build_task_log,
     format_agent_line,
     redact,
 )
+from ponos_tasks.state import Keyspace, TaskLogBook
 
 T0 = 1_700_000_000.25  # a fixed instant: the line must carry this time, not "now"
 
@@ -65,7 +65,7 @@ def test_build_task_log_order_ansi_and_redaction():
 
 
 def test_log_book_roundtrip_in_redis(redis_client, key_prefix):
-    book = TaskLogBook(redis_client, key_prefix, task_format="%(levelname)s %(asctime)s %(message)s")
+    book = TaskLogBook(redis_client, Keyspace(key_prefix), task_format="%(levelname)s %(asctime)s %(message)s")
     book.add("task-1", "info", "chose offer 7 at $0.31/h", created=T0)
     book.add("task-1", logging.ERROR, "instance stuck in loading", created=T0 + 60)
     book.add("task-2", "warning", "other task", created=T0)
@@ -77,11 +77,11 @@ def test_log_book_roundtrip_in_redis(redis_client, key_prefix):
     assert book.lines("unknown") == []
     book.clear("task-1")
     assert book.lines("task-1") == []
-    assert redis_client.ttl(f"{key_prefix}task-2") > 0
+    assert redis_client.ttl(Keyspace(key_prefix).task_log("task-2")) > 0
 
 
 def test_log_book_is_bounded(redis_client, key_prefix):
-    book = TaskLogBook(redis_client, key_prefix, max_lines=3)
+    book = TaskLogBook(redis_client, Keyspace(key_prefix), task_format=DEFAULT_TASK_FORMAT, max_lines=3)
     for number in range(7):
         book.add("t", "info", f"line {number}", created=T0)
     lines = book.lines("t")
@@ -91,7 +91,7 @@ def test_log_book_is_bounded(redis_client, key_prefix):
 
 
 def test_log_book_default_format_is_ponos_default(redis_client, key_prefix):
-    book = TaskLogBook(redis_client, key_prefix)
+    book = TaskLogBook(redis_client, Keyspace(key_prefix), task_format=DEFAULT_TASK_FORMAT)
     assert book.task_format == DEFAULT_TASK_FORMAT
     book.add("t", "debug", "hello")
     (line,) = book.lines("t")
@@ -100,6 +100,6 @@ def test_log_book_default_format_is_ponos_default(redis_client, key_prefix):
 
 @pytest.mark.parametrize("message", ["émoji 🚀", "\x1b[1mbold\x1b[0m", "multi\nline"])
 def test_log_book_keeps_any_text(redis_client, key_prefix, message):
-    book = TaskLogBook(redis_client, key_prefix, task_format="%(message)s")
+    book = TaskLogBook(redis_client, Keyspace(key_prefix), task_format="%(message)s")
     book.add("t", "info", message)
     assert book.lines("t") == [message]

@@ -11,6 +11,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from ponos_tasks.metrics import serve_metrics
+from ponos_tasks.state import Keyspace, TaskStore
 from tests.conftest import free_port
 from tests.test_commands import populate
 
@@ -41,7 +42,7 @@ def endpoint(redis_client, key_prefix):
 def test_metrics_exact_values(redis_client, key_prefix, endpoint):
     # Records are timed at real time (tombstone expiry is real); shift them onto NOW.
     populate(redis_client, key_prefix, NOW)
-    redis_client.zadd(key_prefix + "tasks:done", {"t-failed": time.time() + 3600})
+    redis_client.zadd(Keyspace(key_prefix).done, {"t-failed": time.time() + 3600})
     samples = scrape(endpoint)
     assert samples[("ponos_redis_up", ())] == 1
     phases = {dict(labels)["phase"]: value for (name, labels), value in samples.items()
@@ -75,8 +76,9 @@ def test_metrics_follow_redis_on_each_scrape(redis_client, key_prefix, endpoint)
     assert math.isinf(samples[("ponos_snapshot_age_seconds", ())])
     assert samples[("ponos_task_attempts_count", ())] == 0
     assert not any(name == "ponos_instances_destroyed_total" for name, _ in samples)
-    redis_client.set(key_prefix + "last_sync", NOW)
-    redis_client.hincrby(key_prefix + "metrics:destroyed", "orphan", 1)
+    store = TaskStore(redis_client, Keyspace(key_prefix))
+    store.mark_synced(NOW)
+    store.count_destroyed("orphan", 1)
     samples = scrape(endpoint)
     assert samples[("ponos_last_sync_age_seconds", ())] == 10.0
     assert samples[("ponos_instances_destroyed_total", (("cause", "orphan"),))] == 1

@@ -8,22 +8,16 @@ from dataclasses import replace
 import pytest
 
 from ponos_tasks.lifecycle import make_label
+from ponos_tasks.models import Instance, TaskRecord
 from ponos_tasks.reconcile import (
     ABANDONED_ATTEMPT,
     DUPLICATE,
-    FINISH,
-    GIVE_UP,
-    MARK_RUNNING,
     ORPHAN,
-    READ_LOGS,
-    RETRY,
     STALE_ATTEMPT,
     STOPPED,
-    WAIT,
     AcceptTask,
     AdoptInstance,
     DestroyInstance,
-    PlanSettings,
     ResumeStep,
     StartChain,
     StopTask,
@@ -32,7 +26,8 @@ from ponos_tasks.reconcile import (
     step_for,
     watch_decision,
 )
-from ponos_tasks.state import TaskRecord
+from ponos_tasks.reconcile import WatchAction as A
+from tests.settings_helper import settings_with
 
 AGENT = "1f2e3d4c"
 OTHER_AGENT = "99999999"
@@ -41,7 +36,7 @@ T1 = "11111111-1111-4111-8111-111111111111"
 T2 = "22222222-2222-4222-8222-222222222222"
 T3 = "33333333-3333-4333-8333-333333333333"
 T4 = "44444444-4444-4444-8444-444444444444"
-SETTINGS = PlanSettings(max_instances=4, heartbeat_stale=100.0)
+SETTINGS = settings_with(max_instances=4, heartbeat_stale=100.0)
 
 RUNNING = {"actual_status": "running", "intended_status": "running", "cur_state": "running",
            "next_state": "running"}
@@ -50,7 +45,8 @@ RUNNING = {"actual_status": "running", "intended_status": "running", "cur_state"
 def inst(task_id, attempt, instance_id, agent=AGENT, **status):
     fields = dict(RUNNING)
     fields.update(status)
-    return {"id": instance_id, "label": make_label(agent, task_id, attempt), **fields}
+    return Instance.from_dict({"id": instance_id, "label": make_label(agent, task_id, attempt),
+                               **fields})
 
 
 def rec(task_id, phase, attempt=1, *, age=10.0, **values):
@@ -95,15 +91,15 @@ def test_duplicate_actions_give_one_step_each():
 
 @pytest.mark.parametrize("phase,extra,with_instance,step", [
     ("waiting_offer", {}, False, "choose_offer"),
-    ("creating", {}, False, "create"),
-    ("creating", {}, True, "create"),  # the create step adopts it through its label
+    ("creating", {}, False, "create_instance"),
+    ("creating", {}, True, "create_instance"),  # the create step adopts it through its label
     ("loading", {"instance_id": 7}, True, "watch"),
     ("running", {"instance_id": 7}, True, "watch"),
     ("running", {"instance_id": 7}, False, "watch"),  # the watch sees it gone
     ("finishing", {"instance_id": 7, "final_state": "completed"}, True, "publish_logs"),
-    ("destroying", {"instance_id": 7}, True, "destroy"),
-    ("destroying", {"instance_id": 7, "instance_destroyed": True}, False, "report"),
-    ("retrying", {"instance_id": 7}, False, "retry"),
+    ("destroying", {"instance_id": 7}, True, "destroy_instance"),
+    ("destroying", {"instance_id": 7, "instance_destroyed": True}, False, "report_state"),
+    ("retrying", {"instance_id": 7}, False, "retry_attempt"),
 ])
 def test_stalled_chain_resumes_the_missing_step(phase, extra, with_instance, step):
     instances = [inst(T1, 1, 7)] if with_instance else []
@@ -124,7 +120,7 @@ def test_heartbeat_counts_as_progress():
 
 
 def test_creating_has_its_own_staleness():
-    settings = PlanSettings(heartbeat_stale=100.0, creating_stale=300.0)
+    settings = settings_with(heartbeat_stale=100.0, creating_stale=300.0)
     assert run([rec(T1, "creating", age=200.0)], settings=settings) == []
     assert kinds(run([rec(T1, "creating", age=301.0)], settings=settings)) == [
         ("ResumeStep", T1)]
@@ -180,16 +176,17 @@ def test_instances_being_destroyed_are_left_alone():
 def test_foreign_instances_are_never_touched_nor_counted():
     foreign = [
         inst(T1, 1, 1, agent=OTHER_AGENT),
-        {"id": 2, "label": None, **RUNNING},
-        {"id": 3, **RUNNING},
-        {"id": 4, "label": f"skypilot-{T1}-head", **RUNNING},
-        {"id": 5, "label": f"ponos-{AGENT}-{T1}-x", **RUNNING},
-        {"id": 6, "label": "garbage", **RUNNING},
-        {"label": make_label(AGENT, T2, 1), **RUNNING},  # no id: nothing we could do
+        *(Instance.from_dict(row) for row in (
+            {"id": 2, "label": None, **RUNNING},
+            {"id": 3, **RUNNING},
+            {"id": 4, "label": f"skypilot-{T1}-head", **RUNNING},
+            {"id": 5, "label": f"ponos-{AGENT}-{T1}-x", **RUNNING},
+            {"id": 6, "label": "garbage", **RUNNING},
+        )),
     ]
     assert run([rec(T1, "done")], foreign) == []
     steps = run(instances=foreign, actions=[("start_task", T3)],
-                settings=PlanSettings(max_instances=1))
+                settings=settings_with(max_instances=1))
     assert kinds(steps) == [("AcceptTask", T3), ("StartChain", T3)]
 
 
@@ -243,7 +240,7 @@ def test_stop_of_a_done_task_does_nothing():
 # ---------------------------------------------------------------------------- capacity
 
 def test_capacity_limit_keeps_tasks_accepted():
-    settings = PlanSettings(max_instances=2, heartbeat_stale=100.0)
+    settings = settings_with(max_instances=2, heartbeat_stale=100.0)
     records = [rec(T1, "running", instance_id=7)]
     steps = run(records, [inst(T1, 1, 7)],
                 [("start_task", T2), ("start_task", T3), ("start_task", T4)], settings)
@@ -254,7 +251,7 @@ def test_capacity_limit_keeps_tasks_accepted():
 
 
 def test_older_accepted_tasks_start_first():
-    settings = PlanSettings(max_instances=1)
+    settings = settings_with(max_instances=1)
     old = TaskRecord(task_id=T3, phase="accepted", accepted_at=NOW - 500,
                      phase_changed_at=NOW - 500)
     newer = TaskRecord(task_id=T2, phase="accepted", accepted_at=NOW - 100,
@@ -277,7 +274,7 @@ def test_older_accepted_tasks_start_first():
     ([rec(T1, "running"), rec(T2, "loading"), rec(T4, "creating")], [], 0),
 ])
 def test_capacity_counts_live_instances_and_slot_records(records, instances, free):
-    settings = PlanSettings(max_instances=3)
+    settings = settings_with(max_instances=3)
     waiting = [TaskRecord(task_id=f"{i:08d}-aaaa-4aaa-8aaa-aaaaaaaaaaaa", phase="accepted",
                           accepted_at=NOW - i, phase_changed_at=NOW - i) for i in range(5)]
     steps = run(records + waiting, instances, settings=settings)
@@ -347,21 +344,21 @@ def _random_world(rng):
 def test_plan_is_idempotent_deterministic_and_safe(seed):
     rng = random.Random(seed)
     records, instances, actions = _random_world(rng)
-    settings = PlanSettings(max_instances=rng.randint(1, 6), heartbeat_stale=100.0)
+    settings = settings_with(max_instances=rng.randint(1, 6), heartbeat_stale=100.0)
     first = run(records, instances, actions, settings)
     assert run(records, instances, actions, settings) == first
     shuffled = instances[:]
     rng.shuffle(shuffled)
     assert run(list(reversed(records)), shuffled, actions, settings) == first
     # never touches what is not ours, never destroys one instance twice
-    ours = {i["id"] for i in instances if i["label"].split("-")[1] == AGENT}
+    ours = {i.id for i in instances if i.label.split("-")[1] == AGENT}
     destroyed = [s.instance_id for s in first if isinstance(s, DestroyInstance)]
     assert set(destroyed) <= ours and len(destroyed) == len(set(destroyed))
     adopted = [s.instance_id for s in first if isinstance(s, AdoptInstance)]
     assert not set(adopted) & set(destroyed)
     # never starts a chain while our live instances already fill the capacity
     live = [i for i in instances
-            if i["id"] in ours and i.get("next_state") != "unloaded"]
+            if i.id in ours and i.next_state != "unloaded"]
     if len(live) >= settings.max_instances:
         assert not any(isinstance(s, StartChain) for s in first)
     # every step explains itself and has a de-duplication key
@@ -376,36 +373,37 @@ def test_plan_is_idempotent_deterministic_and_safe(seed):
 
 # ---------------------------------------------------------------------------- watch_decision
 
-WATCH_SETTINGS = PlanSettings(loading_deadline=900.0, max_attempts=3, offline_grace=300.0)
+WATCH_SETTINGS = settings_with(loading_deadline=900.0, max_attempts=3, offline_grace=300.0)
 STOPPED_FIELDS = {"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped"}
 EXITED_FIELDS = {"actual_status": "exited", "intended_status": "running", "cur_state": "running"}
 
 
 def watch(record, fields, **kwargs):
-    return watch_decision(record, fields, NOW, WATCH_SETTINGS, **kwargs)
+    instance = None if fields is None else Instance.from_dict({"id": 7, **fields})
+    return watch_decision(record, instance, NOW, WATCH_SETTINGS, **kwargs)
 
 
 def test_watch_loading_then_running():
     loading = rec(T1, "loading", age=100.0, instance_id=7)
     assert watch(loading, {"actual_status": "loading", "intended_status": "running"}).action \
-        == WAIT
-    assert watch(loading, RUNNING).action == MARK_RUNNING
+        == A.WAIT
+    assert watch(loading, RUNNING).action == A.MARK_RUNNING
     running = rec(T1, "running", instance_id=7, running_since=NOW - 50)
-    assert watch(running, RUNNING).action == WAIT
+    assert watch(running, RUNNING).action == A.WAIT
 
 
 def test_watch_end_reads_logs_then_finishes_from_the_marker():
     running = rec(T1, "running", instance_id=7, running_since=NOW - 500)
     first = watch(running, STOPPED_FIELDS)
-    assert first.action == READ_LOGS
+    assert first.action == A.READ_LOGS
     done = watch(running, STOPPED_FIELDS, logs_read=True, exit_code=0)
-    assert (done.action, done.outcome.state) == (FINISH, "completed")
+    assert (done.action, done.outcome.state) == (A.FINISH, "completed")
     failed = watch(running, STOPPED_FIELDS, logs_read=True, exit_code=3)
     assert failed.outcome.state == "failed"
     unknown = watch(running, STOPPED_FIELDS, logs_read=True)
-    assert (unknown.action, unknown.outcome.state) == (FINISH, "error")
+    assert (unknown.action, unknown.outcome.state) == (A.FINISH, "error")
     lost = watch(running, None)
-    assert (lost.action, lost.outcome.state) == (FINISH, "error")
+    assert (lost.action, lost.outcome.state) == (A.FINISH, "error")
 
 
 def test_watch_inferred_outcome_for_unwrapped_images():
@@ -429,27 +427,27 @@ def test_watch_inferred_outcome_for_unwrapped_images():
 def test_watch_start_failures_retry_then_give_up(record, fields, expected):
     logs_read = fields is not None and fields.get("actual_status") in ("exited", "created")
     decision = watch(record, fields, logs_read=logs_read)
-    assert decision.action == RETRY and expected in decision.reason
+    assert decision.action == A.RETRY_ATTEMPT and expected in decision.reason
     last = replace(record, attempt=3)
     decision = watch(last, fields, logs_read=logs_read)
-    assert decision.action == GIVE_UP
+    assert decision.action == A.GIVE_UP
     assert decision.outcome.state == "error" and "3 attempt(s)" in decision.outcome.reason
 
 
 def test_watch_tracks_offline_since():
     running = rec(T1, "running", instance_id=7, running_since=NOW - 1000)
     first = watch(running, {"actual_status": "offline"})
-    assert (first.action, first.offline_since) == (WAIT, NOW)
+    assert (first.action, first.offline_since) == (A.WAIT, NOW)
     still = watch(replace(running, offline_since=NOW - 100), {"actual_status": "offline"})
-    assert (still.action, still.offline_since) == (WAIT, NOW - 100)
+    assert (still.action, still.offline_since) == (A.WAIT, NOW - 100)
     back = watch(replace(running, offline_since=NOW - 100), RUNNING)
-    assert (back.action, back.offline_since) == (WAIT, None)
+    assert (back.action, back.offline_since) == (A.WAIT, None)
 
 
 def test_watch_snapshot_older_than_the_instance_waits():
     loading = rec(T1, "loading", instance_id=7, instance_created_at=NOW - 5)
-    assert watch(loading, None, snapshot_taken_at=NOW - 10).action == WAIT
-    assert watch(loading, None, snapshot_taken_at=NOW - 1).action == RETRY
+    assert watch(loading, None, snapshot_taken_at=NOW - 10).action == A.WAIT
+    assert watch(loading, None, snapshot_taken_at=NOW - 1).action == A.RETRY_ATTEMPT
 
 
 def test_watch_marker_or_stop_finishes_at_once():

@@ -9,6 +9,7 @@ from ponos_tasks.registry_client import (
     parse_image_reference,
 )
 from ponos_tasks.simulators.registry import RegistrySimulator
+from ponos_tasks.state import ImageConfigCache, Keyspace
 from tests.conftest import free_port
 
 DIGEST = "sha256:" + "a" * 64
@@ -96,7 +97,7 @@ def test_index_without_amd64(registry):
 def test_by_digest_and_cache(registry, redis_client, key_prefix):
     digest = registry.add_image("w", "1", entrypoint=["worker"])
     image = f"{registry.host}/w@{digest}"
-    client = RegistryClient(redis=redis_client, cache_prefix=key_prefix)
+    client = RegistryClient(shared_cache=ImageConfigCache(redis_client, Keyspace(key_prefix)))
     assert client.image_config(image).command == ["worker"]
     before = len(registry.requests)
     assert client.image_config(image).command == ["worker"]
@@ -108,7 +109,7 @@ def test_by_digest_and_cache(registry, redis_client, key_prefix):
     assert [r["method"] for r in registry.requests[before:]] == ["HEAD"]
     # Another process (new client) finds it in Redis: no blob fetched.
     blobs = count(registry, "/blobs/")
-    other = RegistryClient(redis=redis_client, cache_prefix=key_prefix)
+    other = RegistryClient(shared_cache=ImageConfigCache(redis_client, Keyspace(key_prefix)))
     assert other.image_config(f"{registry.host}/w:1").command == ["worker"]
     assert count(registry, "/blobs/") == blobs
 

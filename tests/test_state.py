@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from ponos_tasks.lifecycle import TransitionError
-from ponos_tasks.state import StoreError, TaskRecord, TaskStore
+from ponos_tasks.models import Instance, Snapshot, TaskRecord
+from ponos_tasks.state import Keyspace, StoreError, TaskStore
 
 TASK = "8c1d2f7e-0a4b-4c3d-9e8f-123456789abc"
 
@@ -27,7 +28,7 @@ def clock():
 
 @pytest.fixture
 def store(redis_client, key_prefix, clock):
-    return TaskStore(redis_client, prefix=key_prefix, clock=clock, tombstone_ttl=60)
+    return TaskStore(redis_client, Keyspace(key_prefix), clock=clock, tombstone_ttl=60)
 
 
 def test_create_get_round_trip(store, clock):
@@ -77,7 +78,7 @@ def test_cas_refuses_forbidden_transitions_and_unknown_fields(store, clock):
 def test_done_is_a_tombstone(store, clock, redis_client, key_prefix):
     store.create_if_absent(TaskRecord.new(TASK, clock(), phase="destroying", attempt=2))
     done = store.cas(TASK, expect_phase="destroying", expect_attempt=2, phase="done",
-                     final_state="completed", final_reported=True)
+                     final_state="completed", instance_destroyed=True)
     assert done.phase == "done"
     assert store.active_ids() == []
     assert store.all_records()[TASK].final_state == "completed"
@@ -108,10 +109,10 @@ def test_touch_never_resurrects_and_honours_attempt(store, clock):
     assert store.get(TASK) is None
     store.create_if_absent(TaskRecord.new(TASK, clock(), attempt=2))
     assert store.touch(TASK, heartbeat_at=5.0, log_size=123)
-    assert store.touch(TASK, expect_attempt=2, reported_running=True)
+    assert store.touch(TASK, expect_attempt=2, instance_destroyed=True)
     assert not store.touch(TASK, expect_attempt=1, log_size=999)  # stale worker
     got = store.get(TASK)
-    assert (got.heartbeat_at, got.log_size, got.reported_running) == (5.0, 123, True)
+    assert (got.heartbeat_at, got.log_size, got.instance_destroyed) == (5.0, 123, True)
     clock.now = 1234.0
     assert store.heartbeat(TASK)
     assert store.get(TASK).heartbeat_at == 1234.0
@@ -137,14 +138,27 @@ def test_all_records_lists_active_and_done(store, clock):
     assert store.active_ids() == ["task-0", "task-1", "task-2", "task-4"]
 
 
-def test_snapshot_and_identity(store):
+def test_snapshot_marks_and_counters(store):
     assert store.load_snapshot() is None
-    instances = [{"id": 1, "label": "ponos-a", "actual_status": None}, {"id": 2, "label": None}]
-    store.save_snapshot(instances, 123.5)
-    assert store.load_snapshot() == (instances, 123.5)
-    assert store.load_agent_identity() is None
-    store.save_agent_identity({"agent_id": "abc", "short_id": "1f2e3d4c"})
-    assert store.load_agent_identity()["short_id"] == "1f2e3d4c"
+    rows = [{"id": 1, "label": "ponos-a", "actual_status": None, "extra": [1]},
+            {"id": 2, "label": None}]
+    store.save_snapshot(Snapshot(tuple(Instance.from_dict(r) for r in rows), 123.5))
+    loaded = store.load_snapshot()
+    assert loaded.taken_at == 123.5
+    assert [i.to_dict() for i in loaded.instances] == rows  # unknown fields kept
+    assert loaded.find(2).label is None and loaded.find(3) is None
+    assert store.last_sync() is None
+    store.mark_synced(99.25)
+    assert store.last_sync() == 99.25
+    store.count_destroyed("orphan")
+    store.count_destroyed("orphan")
+    store.count_destroyed("duplicate", 0)
+    assert store.destroyed_counts() == {"orphan": 2, "duplicate": 0}
+    assert store.ended_log("t", 1) is None
+    store.keep_ended_log("t", 1, "log text \u00e9", ttl=60)
+    assert store.ended_log("t", 1) == "log text \u00e9"
+    store.drop_ended_log("t", 1)
+    assert store.ended_log("t", 1) is None
 
 
 def test_locks_are_non_blocking_and_expire(store, redis_client, key_prefix):
@@ -171,7 +185,7 @@ def test_once(store):
 # ---------------------------------------------------------------------------- concurrency
 
 def test_concurrent_cas_threads_exactly_one_wins(redis_url, key_prefix, clock):
-    setup = TaskStore(redis.Redis.from_url(redis_url), prefix=key_prefix, clock=clock)
+    setup = TaskStore(redis.Redis.from_url(redis_url), Keyspace(key_prefix), clock=clock)
     for round_ in range(20):
         task_id = f"race-{round_}"
         setup.create_if_absent(TaskRecord.new(task_id, clock()))
@@ -179,7 +193,7 @@ def test_concurrent_cas_threads_exactly_one_wins(redis_url, key_prefix, clock):
         winners = []
 
         def claim(worker, task_id=task_id, barrier=barrier, winners=winners):
-            store = TaskStore(redis.Redis.from_url(redis_url), prefix=key_prefix, clock=clock)
+            store = TaskStore(redis.Redis.from_url(redis_url), Keyspace(key_prefix), clock=clock)
             barrier.wait()
             if store.cas(task_id, expect_phase="accepted", expect_attempt=0, phase="creating",
                          attempt=1, label=f"worker-{worker}"):
@@ -195,7 +209,7 @@ def test_concurrent_cas_threads_exactly_one_wins(redis_url, key_prefix, clock):
 
 
 def _process_claim(redis_url, prefix, rounds, worker, start, results):
-    store = TaskStore(redis.Redis.from_url(redis_url), prefix=prefix)
+    store = TaskStore(redis.Redis.from_url(redis_url), Keyspace(prefix))
     start.wait()
     won = 0
     for round_ in range(rounds):
@@ -209,7 +223,7 @@ def _process_claim(redis_url, prefix, rounds, worker, start, results):
 
 def test_concurrent_cas_processes_exactly_one_wins_each_attempt(redis_url, key_prefix):
     rounds, workers = 30, 4
-    setup = TaskStore(redis.Redis.from_url(redis_url), prefix=key_prefix)
+    setup = TaskStore(redis.Redis.from_url(redis_url), Keyspace(key_prefix))
     for round_ in range(rounds):
         setup.create_if_absent(TaskRecord.new(f"proc-{round_}", 0.0, phase="creating"))
     ctx = multiprocessing.get_context("spawn")

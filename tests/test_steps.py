@@ -13,6 +13,7 @@ import pytest
 
 from ponos_tasks import steps
 from ponos_tasks.lifecycle import Phase, parse_label
+from ponos_tasks.models import Next, StepName
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
 from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
@@ -125,7 +126,7 @@ def test_ended_instance_log_is_read_once(contexts, admin):
     start_and_finish(ctx, task_id)
     assert admin.stats()["calls"].get("logs", 0) - before == 1
     assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
-    assert list(ctx.redis.scan_iter(match=ctx.prefix + "endlog:*")) == []
+    assert list(ctx.redis.scan_iter(match=ctx.keys.ended_log("*", "*"))) == []
 
 
 def test_published_log_agent_lines_first_no_secrets(stack, contexts, admin):
@@ -243,7 +244,7 @@ def test_offer_vanished_takes_next_offer(contexts, admin):
     assert row["offer_id"] == ranking[1]["id"]
     assert ctx.store.get(task_id).final_state == "completed"
     assert "was taken before we could rent it" in admin.task_log(task_id)
-    assert harness.steps_of(task_id).count(steps.CREATE) == 1
+    assert harness.steps_of(task_id).count(StepName.CREATE_INSTANCE) == 1
 
 
 def test_create_lost_adopts_by_label_no_duplicate(contexts, admin):
@@ -260,7 +261,7 @@ def test_create_lost_adopts_by_label_no_duplicate(contexts, admin):
     record = ctx.store.get(task_id)
     assert record.final_state == "completed" and record.attempt == 1
     assert record.instance_id == rows[0]["id"]
-    assert harness.steps_of(task_id).count(steps.CREATE) >= 2  # the second one adopted
+    assert harness.steps_of(task_id).count(StepName.CREATE_INSTANCE) >= 2  # the second one adopted
     assert "adopted existing" in admin.task_log(task_id)
 
 
@@ -324,7 +325,7 @@ def test_no_matching_offer_waits_then_error(contexts, admin):
                              "offer_wait": 1.0})
     task_id = admin.one_task(env=scripted(0), command="worker")
     harness = start_and_finish(ctx, task_id)
-    assert harness.steps_of(task_id).count(steps.CHOOSE_OFFER) >= 3  # it waited
+    assert harness.steps_of(task_id).count(StepName.CHOOSE_OFFER) >= 3  # it waited
     record = ctx.store.get(task_id)
     assert record.final_state == "error" and record.attempt == 0
     assert admin.rows_for(task_id) == []
@@ -369,7 +370,7 @@ def test_stop_while_running(contexts, admin):
     log = admin.task_log(task_id)
     assert "stop requested by Arkindex" in log
     assert "sim log line" in log  # the instance's output so far was published
-    assert harness.steps_of(task_id).count(steps.REPORT) == 1
+    assert harness.steps_of(task_id).count(StepName.REPORT_STATE) == 1
 
 
 def test_stop_before_any_instance(contexts, admin):
@@ -477,7 +478,7 @@ def test_sync_accepts_then_starts_within_capacity(contexts, admin):
     kinds = [(type(s).__name__, s.task_id) for s in result.steps]
     assert ("AcceptTask", first) in kinds and ("StartChain", first) in kinds
     assert kinds.index(("AcceptTask", first)) < kinds.index(("StartChain", first))
-    assert ("task", first, steps.Next(steps.START)) in result.enqueue
+    assert (first, Next(StepName.START)) in result.enqueue
     assert ctx.store.get(first).phase == Phase.ACCEPTED
     # A second sync does not start the chain twice (enqueue de-duplication).
     assert harness.sync().enqueue == []

@@ -1,0 +1,83 @@
+"""Every timing and limit the agent runs by, derived once from the configuration.
+
+`Settings.from_config(config)` is the only place where the configuration's values (whose
+defaults live in config.py and config/agent.example.yml, nowhere else) become the numbers
+the steps, the sync loop and `reconcile.plan()` use; the internal values that are not worth
+a configuration key (lock timeouts, claim durations) are derived here too, each with why.
+Frozen: a process reads one consistent set. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    # From the configuration (see config/agent.example.yml for each one's meaning).
+    sync_interval: float
+    logs_interval: float
+    max_instances: int
+    loading_deadline: float
+    offer_wait: float
+    max_attempts: int
+    offline_grace: float
+    early_exit_window: float
+    # Derived.
+    watch_interval: float  # s between two looks at a task's instance (from the snapshot)
+    heartbeat_stale: float  # s without progress before the sync loop resumes a chain
+    creating_stale: float  # the same for `creating` (a create call can take long)
+    sync_lock_timeout: float  # the sync loop's single-flight lock
+    snapshot_max_age: float  # a watcher lists again itself when the sync's list is older
+    create_lock_timeout: float
+    create_unknown_delay: float  # s before looking up the label of a create with no answer
+    offer_claim_seconds: float
+    offers_tried_per_create: int
+    log_read_wait: float  # s to wait for Vast.ai's log result_url
+    ended_log_ttl: float
+    tombstone_ttl: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        vast = config.vast_api
+        sync = float(config.sync_interval)
+        # Half a sync: a change is seen at most one sync late; 0.5 to 30 s whatever the sync.
+        watch = min(max(sync / 2, 0.5), 30.0)
+        stale = max(6 * watch, 3 * sync, 5.0)
+        return cls(
+            sync_interval=sync,
+            logs_interval=float(config.logs_interval),
+            max_instances=vast.max_instances,
+            loading_deadline=float(vast.loading_deadline),
+            offer_wait=float(vast.offer_wait),
+            max_attempts=vast.start_attempts,
+            offline_grace=float(vast.offline_grace),
+            early_exit_window=float(vast.early_exit_window),
+            watch_interval=watch,
+            heartbeat_stale=stale,
+            creating_stale=stale,
+            sync_lock_timeout=max(60.0, 3 * sync),
+            snapshot_max_age=1.5 * sync,
+            # Outlives one create call (client timeouts and retries) but not by much: a
+            # worker killed while holding it delays the task's next try by at most this.
+            # Correctness does not rest on it (the CAS on (phase, attempt) and the label
+            # lookup do); the lock is renewed before each create call.
+            create_lock_timeout=60.0,
+            create_unknown_delay=max(2.0, watch),
+            # Workers creating at the same moment would all pick the same cheapest offer and
+            # all but one get no_such_ask, wasting the create rate limit (BENCHMARKS.md).
+            offer_claim_seconds=30.0,
+            offers_tried_per_create=5,  # offers that vanished under us before giving up
+            log_read_wait=20.0,
+            ended_log_ttl=3600.0,
+            # A done record stays this long so that a late message cannot restart its task.
+            tombstone_ttl=3 * 24 * 3600.0,
+        )
+
+    def stale_after(self, phase: str) -> float:
+        return self.creating_stale if phase == "creating" else self.heartbeat_stale
+
+    def but(self, **changes: Any) -> Settings:
+        """A copy with some values changed (tests)."""
+        return replace(self, **changes)
