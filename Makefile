@@ -38,6 +38,12 @@ lint: install
 test: install redis lint tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The pure tests only (no Redis, simulators, sockets or processes; tests/conftest.py marks the
+# others `stack`): a few seconds.
+.PHONY: test-fast
+test-fast: install
+	$(BIN)/python -m pytest -m "not stack" $(PYTEST_ARGS)
+
 # Runs the agent against the embedded local stack (or PONOS_CONFIG for a real deployment).
 run: install redis
 	$(BIN)/ponos-vast run
