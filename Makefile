@@ -38,6 +38,18 @@ lint: install
 test: install redis lint tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The pure tests only (no Redis, simulators, sockets or processes; tests/conftest.py marks the
+# others `stack`): a few seconds.
+.PHONY: test-fast
+test-fast: install
+	$(BIN)/python -m pytest -m "not stack" $(PYTEST_ARGS)
+
+# Regenerates constraints.txt (the worker image's pinned versions) from a clean venv; run it
+# after changing [project] dependencies, with the image's Python (3.11).
+.PHONY: lock
+lock:
+	$(PYTHON) scripts/lock_constraints.py
+
 # Runs the agent against the embedded local stack (or PONOS_CONFIG for a real deployment).
 run: install redis
 	$(BIN)/ponos-vast run

@@ -76,8 +76,9 @@ _EQUALITY_OPS = ("eq", "neq", "in", "notin")
 
 NUMBER, BOOL, FLAG, STRING = "number", "bool", "flag (0/1)", "string"
 
-# Offer fields usable in filters: the CLI's documented list (vast-api.md §2.4), the SDK
-# facts (arkindex-ponos-api.md §7.2) and a few offer columns of §2.3 that make sense.
+# Offer fields usable in filters: the fields the vastai CLI documents for `search offers`,
+# those the vastai SDK 1.9.1 filters on, and a few more offer columns that make sense in a
+# filter (docs/reference.md §1.3).
 OFFER_FIELDS: dict[str, str] = {
     **dict.fromkeys(
         [

@@ -1,7 +1,7 @@
 """A rate limiter shared through Redis: one bucket per Vast.ai endpoint, for every worker.
 
 Vast.ai enforces a *minimum interval* between two calls to the same endpoint by the same
-account (reference vast-api.md §1.6), whatever machine they come from. Every worker of every
+account (docs/reference.md §1.2), whatever machine they come from. Every worker of every
 machine therefore reserves its call's time slot in one Redis key per endpoint; a Lua script
 does it atomically: ``slot = max(now, last_slot + interval)``. ``now`` is Redis server TIME,
 so the clocks of the workers' machines play no part: the script answers how long to wait and
@@ -23,9 +23,9 @@ import redis
 
 log = logging.getLogger(__name__)
 
-# Minimum intervals (seconds) published per endpoint (vast-api.md §1.6), times a 10 % safety
-# margin. `logs` and `account` have no published threshold: one call a second is a guess that
-# stays well clear of trouble for endpoints the agent calls rarely.
+# Minimum intervals (seconds) Vast.ai publishes per endpoint (docs/reference.md §1.2), times a
+# 10 % safety margin. `logs` and `account` have no published threshold: one call a second is a
+# guess that stays well clear of trouble for endpoints the agent calls rarely.
 SAFETY_MARGIN = 1.10
 PUBLISHED_INTERVALS: dict[str, float] = {
     "search": 2.0,     # POST /bundles/ (low_volume_burst, threshold 2)

@@ -1,12 +1,14 @@
 """Vast.ai REST client for the agent (no Celery here).
 
-Contract: /work/shared/reference/vast-api.md. What this client adds over plain requests:
+Contract: the Vast.ai facts of docs/reference.md §1. What this client adds over plain
+requests:
 - retries with exponential backoff and jitter (tenacity) on 429/502/503/504 and connection
   errors/timeouts, honouring ``Retry-After`` up to 60 s like the official client; the daily
   ``search_quota_exceeded`` 429 is never retried;
 - every attempt first takes its endpoint's slot from the shared rate limiter (ratelimit.py);
 - a create (``PUT /asks/{id}/``) is never re-sent once it may have reached the server: it
-  raises ``CreateOutcomeUnknown`` and the caller looks its label up (DESIGN.md §3);
+  raises ``CreateOutcomeUnknown`` and the caller looks its label up (at most one instance
+  per task, docs/reference.md §3);
 - typed, tolerant results (unknown fields and statuses kept in ``raw``);
 - errors parsed from every body shape Vast answers (JSON error/msg/message/detail, text, HTML).
 The API key goes only into the Authorization header: never into a log line or an exception.
@@ -126,7 +128,8 @@ def _squash(text: str) -> str:
 
 
 def parse_error_body(text: str, content_type: str = "") -> tuple[str | None, str]:
-    """(error code or None, human message) from any error body shape of reference §1.5."""
+    """(error code or None, human message) from any error body shape Vast.ai uses (JSON with
+    error/msg/message/detail, or plain text; docs/reference.md §1.1)."""
     stripped = text.strip()
     if not stripped:
         return None, "(empty body)"

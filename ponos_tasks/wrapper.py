@@ -1,4 +1,4 @@
-"""The exit-code wrapper run on a Vast.ai instance (DESIGN §4).
+"""The exit-code wrapper run on a Vast.ai instance (docs/reference.md §3, running the task).
 
 Vast.ai does not report a container's exit code, and it restarts a container whose process
 ends. So the task's command runs under a small POSIX ``sh`` script that:

@@ -436,3 +436,36 @@ def test_compose_stack_entry_point_serves_and_writes_a_valid_agent_config(tmp_pa
         stop(process)
     assert (again.farm_id, again.seed, again.vast_api.api_key) == (
         config.farm_id, config.seed, config.vast_api.api_key)
+
+
+def test_constraints_pin_every_runtime_dependency():
+    """constraints.txt (make lock) pins each [project] dependency with `==`, at a version its
+    specifier accepts, so the worker image is reproducible. flask, moto and zstandard serve
+    only the simulators (the `sim` extra) and are left out of the lock; the test holds whether
+    or not they are still listed as runtime dependencies."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {canonicalize_name(req.name): req
+               for req in map(Requirement, project["dependencies"])}
+    for sim_only in ("flask", "moto", "zstandard"):
+        runtime.pop(sim_only, None)
+    text = (ROOT / "constraints.txt").read_text()
+    assert "make lock" in text[:600]  # the header says how to regenerate it
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;=<>!~]+)", line)
+            assert match, f"constraints.txt: not an exact pin: {line!r}"
+            pins[canonicalize_name(match.group(1))] = match.group(2)
+    assert "ponos-vast" not in pins
+    missing = sorted(set(runtime) - set(pins))
+    assert not missing, f"not pinned in constraints.txt (run `make lock`): {missing}"
+    stale = [f"{name}=={pins[name]} vs {req}" for name, req in runtime.items()
+             if not req.specifier.contains(pins[name], prereleases=True)]
+    assert not stale, f"constraints.txt is stale (run `make lock`): {stale}"

@@ -19,8 +19,8 @@ from ponos_tasks.offers import (
 
 # ------------------------------------------------------------------ the two forms
 
-# vast-api.md §2.4 examples table, adapted: operands typed instead of strings, and a
-# wildcard kept as {} (removes the default) instead of the key disappearing.
+# What the vastai 1.9.1 CLI parser makes of these strings, adapted: operands typed instead of
+# strings, and a wildcard kept as {} (removes the default) instead of the key disappearing.
 REFERENCE_EXAMPLES = [
     (
         "gpu_name=RTX_4090 num_gpus=1 reliability>0.98 dph<0.5",
@@ -478,7 +478,7 @@ def test_describe_filters(spec, expected):
     assert describe_filters(spec) == expected
 
 
-SECTION_7_2_FIELDS = [
+SDK_FILTER_FIELDS = [
     "num_gpus", "gpu_name", "gpu_ram", "gpu_total_ram", "cuda_max_good", "compute_cap",
     "cpu_cores", "cpu_ram", "disk_space", "disk_bw", "dph_total", "dlperf",
     "dlperf_per_dphtotal", "flops_per_dphtotal", "total_flops", "inet_down", "inet_up",
@@ -493,9 +493,9 @@ def test_field_table_is_consistent():
     assert not set(FIELD_ALIASES) & set(OFFER_FIELDS)
 
 
-@pytest.mark.parametrize("name", SECTION_7_2_FIELDS)
+@pytest.mark.parametrize("name", SDK_FILTER_FIELDS)
 def test_fields_of_the_reference_are_usable(name):
-    # arkindex-ponos-api.md §7.2: the offer fields a validator of offer_filters accepts
+    # the offer fields the vastai SDK 1.9.1 filters on: a validator of offer_filters accepts them
     assert parse_filters({name: "any"}) == {FIELD_ALIASES.get(name, name): {}}
 
 

@@ -409,7 +409,7 @@ def test_slow_create_is_outcome_unknown(sim):
 
 
 class _QuotaExceeded(http.server.BaseHTTPRequestHandler):
-    """The simulator has no daily-search-quota knob (reference §11.10 lists it as optional):
+    """The simulator has no daily-search-quota knob (docs/reference.md §1.2 describes the quota):
     this one-route server answers the 429 the official client special-cases."""
 
     calls = 0

@@ -1,4 +1,4 @@
-"""Process-kill tests (DESIGN §9.4): the agent loses processes, or all its processes and its
+"""Process-kill tests: the agent loses processes, or all its processes and its
 Redis, in the middle of a workload, and still finishes every task exactly once without
 leaking or duplicating an instance."""
 

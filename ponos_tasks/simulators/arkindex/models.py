@@ -13,8 +13,8 @@ The simulator recomputes the HMAC with the seed it knows for that farm. (Real Ar
 ECDH exchange keyed with the seed; the reference calls any scheme with the same two
 properties enough: farm + proof of seed in, agent id + bearer token out.)
 
-State table (reference §4). Server-side moves: unscheduled → pending when every parent is
-completed; user stop: unscheduled → stopped, pending (unassigned) → stopped, pending
+State table (docs/reference.md §2.2). Server-side moves: unscheduled → pending when every
+parent is completed; user stop: unscheduled → stopped, pending (unassigned) → stopped, pending
 (assigned) / running → stopping. Moves an agent may report with PartialUpdateTask:
 
     pending  → running, error   (error: the agent could not start it, e.g. no machine)

@@ -1,4 +1,5 @@
-"""Vast.ai simulator: a real HTTP server faithful to reference/vast-api.md (checklist §11).
+"""Vast.ai simulator: a real HTTP server faithful to the Vast.ai API as docs/reference.md §1
+describes it.
 
     from ponos_tasks.simulators.vast import VastSimulator
     with VastSimulator(seed=0, time_scale=20.0) as sim:
@@ -11,7 +12,7 @@ under one lock), server (Flask routes and /_sim/ admin API), simulator (VastSimu
 cli (`ponos-vast sim vast`).
 
 Scripted instances read SIM_DURATION, SIM_LOG_LINES, SIM_EXIT_CODE, SIM_FINAL_LINES,
-SIM_SELF_STOP, SIM_PULL_SECONDS and SIM_RUN_MODE from their env (see INTERFACES.md).
+SIM_SELF_STOP, SIM_PULL_SECONDS and SIM_RUN_MODE from their env (see instances.py).
 """
 
 from ponos_tasks.simulators.vast.simulator import VastSimulator

@@ -1,10 +1,10 @@
-"""Instances: the status fields of reference/vast-api.md §4.4 moving on simulated time.
+"""Instances: Vast.ai's four status fields (docs/reference.md §1.4) on simulated time.
 
 State advances lazily: each instance keeps timers (sim time, run number, action) that are
 applied in order whenever the simulator looks at it (every request, and a background ticker).
 A run number invalidates the timers of a run that was stopped or replaced.
 Billing accrues between transitions: GPU while `running` (and the host online), storage
-from create to destroy except while offline (reference §6.4).
+from create to destroy except while offline (as Vast.ai bills, docs/reference.md §1.4).
 """
 
 import heapq
@@ -147,7 +147,8 @@ class Fleet:
 
     @staticmethod
     def actual(inst: Instance) -> str | None:
-        """Offline is computed at query time over the stored status (reference §4.4)."""
+        """Offline is computed at query time over the stored status, which it hides until the
+        host is back (as on Vast.ai)."""
         return "offline" if inst.offline else inst.actual_status
 
     # -- creation ------------------------------------------------------------------------

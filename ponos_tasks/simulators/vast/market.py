@@ -3,7 +3,7 @@
 An offer (ask) is `num_gpus` GPUs of one machine. When GPUs of a machine are rented or
 released, all its offers are replaced by new ones with fresh ids, so a rented offer id is
 gone for good (Vast.ai's answer to a create on it is 404 `no_such_ask`).
-Field names and units follow reference/vast-api.md §2.3 (gpu_ram and cpu_ram in MB, prices
+Field names and units follow Vast.ai's offer rows (gpu_ram and cpu_ram in MB, prices
 in $/h, storage_cost in $/GB/month, compute_cap = CC×100).
 """
 

@@ -1,4 +1,6 @@
-"""Search-query evaluation as Vast.ai's server does it (reference/vast-api.md §2.2, §11.2).
+"""Search-query evaluation as Vast.ai's server does it (docs/reference.md §1.3): the eight
+operators, string operands coerced to the column type, multi-key `order`, `limit` (64 by
+default), `type`, `allocated_storage` priced into `dph_total`.
 
 Written independently of the agent's offers.py on purpose: the simulator is an oracle.
 The CLI sends most operands as strings (`{"num_gpus": {"eq": "1"}}`), so operands are

@@ -1,12 +1,13 @@
 """Per-(identity, endpoint) minimum intervals between calls, on simulated time.
 
 Vast.ai enforces rate limits "as a minimum interval between requests" per endpoint and
-identity (reference/vast-api.md §1.6). The thresholds there are read as seconds; they are
+identity (docs/reference.md §1.2). The published thresholds are read as seconds; they are
 simulated seconds here, so they shrink in real time with `time_scale` like everything else.
 Only calls that were let through count as the previous call.
 """
 
-# Endpoint names as in INTERFACES.md; logs and account have no published threshold.
+# Endpoint names as server.py's routes use them (and the agent's ratelimit.py); logs and
+# account have no published threshold.
 MIN_INTERVALS = {
     "search": 2.0,
     "create": 4.5,

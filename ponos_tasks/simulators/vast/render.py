@@ -1,8 +1,8 @@
-"""The instance object as Vast.ai returns it (reference/vast-api.md §4.3, §11.6)."""
+"""The instance object as Vast.ai returns it, quirks included (docs/reference.md §1.4)."""
 
 import re
 
-# Columns computed at query time: v1 select_filters refuses them (reference §4.1).
+# Columns computed at query time: v1 select_filters refuses them with a 400.
 COMPUTED_COLUMNS = {"dph_total", "num_gpus", "duration", "uptime_mins", "search", "instance",
                     "dph_base", "storage_total_cost", "time_remaining", "time_remaining_isbid",
                     "ports", "extra_env", "public_ipaddr", "local_ipaddrs", "gpu_totalram",

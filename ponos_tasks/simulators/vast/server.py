@@ -1,5 +1,6 @@
-"""Flask routes: Vast.ai's REST endpoints (reference/vast-api.md §11), the fake S3 log bucket
-and the admin API under /_sim/ (INTERFACES.md). JSON answers carry exactly
+"""Flask routes: Vast.ai's REST endpoints (docs/reference.md §1), the fake S3 log bucket
+and the admin API under /_sim/ (faults, ledger, stats, events, instances, offers; not rate
+limited). JSON answers carry exactly
 `Content-Type: application/json`, which the official CLI insists on.
 """
 

@@ -141,7 +141,7 @@ class VastState:
                     return (*error(404, "no_such_ask", f"No ask by id {offer_id} is available."),
                             False)
             if doomed:
-                # The race of reference §10: a second rent of the same offer is accepted,
+                # Vast.ai's known race: a second rent of the same offer is accepted,
                 # and that instance never starts (port already allocated on the host).
                 machine_id = self.market.rented_offers[offer_id]
                 offer_row = self._rented_row(offer_id, machine_id, body)

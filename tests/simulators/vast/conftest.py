@@ -6,21 +6,40 @@ import pytest
 import requests
 
 from ponos_tasks.simulators.vast import VastSimulator
+from tests.simulators.vast.pacing import Pacer, endpoint_for
 
 API_KEY = "test-key"
 
+# One pacer per simulator started by `make_sim` (by URL), shared by every Api on it and by the
+# vastai CLI fixture: they all call as API_KEY, so they share the simulator's rate-limit slots.
+PACERS: dict[str, Pacer] = {}
+
 
 class Api:
-    """Tiny requests wrapper with the account key; returns raw responses."""
+    """Tiny requests wrapper with the account key; returns raw responses.
 
-    def __init__(self, url: str, key: str | None = API_KEY):
+    Calls to rate-limited endpoints are spaced by the simulator's minimum intervals (see
+    pacing.py) when the simulator has its limits on; `paced=False` is for tests that want
+    the 429s.
+    """
+
+    def __init__(self, url: str, key: str | None = API_KEY, paced: bool = True):
         self.url = url
+        self.identity = key or "127.0.0.1"  # the simulator's identity for a keyless call
+        self.pacer = PACERS.get(url) if paced else None
         self.session = requests.Session()
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
 
     def __call__(self, method: str, path: str, **kwargs) -> requests.Response:
-        return self.session.request(method, self.url + path, timeout=10, **kwargs)
+        endpoint = endpoint_for(method, path) if self.pacer else None
+        if endpoint is not None:
+            self.pacer.wait(self.identity, endpoint)
+        try:
+            return self.session.request(method, self.url + path, timeout=10, **kwargs)
+        finally:
+            if endpoint is not None:
+                self.pacer.done(self.identity, endpoint)
 
     def search(self, query: dict) -> list[dict]:
         response = self("POST", "/api/v0/bundles/", json=query)
@@ -72,10 +91,12 @@ def make_sim():
     def factory(**kwargs) -> VastSimulator:
         sim = _start(**kwargs)
         sims.append(sim)
+        PACERS[sim.url] = Pacer.for_sim(sim)
         return sim
 
     yield factory
     for sim in sims:
+        PACERS.pop(sim.url, None)
         sim.stop()
 
 

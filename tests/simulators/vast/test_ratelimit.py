@@ -1,4 +1,5 @@
-"""Per-endpoint minimum intervals (reference §1.6), on simulated time, on by default."""
+"""Per-endpoint minimum intervals (MIN_INTERVALS in ponos_tasks/simulators/vast/ratelimit.py),
+on simulated time, on by default."""
 
 import time
 
@@ -7,7 +8,7 @@ from tests.simulators.vast.conftest import Api
 
 def test_minimum_intervals_per_endpoint_and_identity(make_sim):
     sim = make_sim(time_scale=10.0, rate_limits=True)  # 1 s threshold = 0.1 real s
-    api = Api(sim.url)
+    api = Api(sim.url, paced=False)  # this test wants the 429s
     assert api("GET", "/api/v1/instances/").status_code == 200
     limited = api("GET", "/api/v1/instances/")
     assert limited.status_code == 429
@@ -26,7 +27,7 @@ def test_minimum_intervals_per_endpoint_and_identity(make_sim):
     assert show.status_code == 429
     assert show.json() == {"detail": "API requests too frequent endpoint threshold=2.0"}
     # Another identity has its own budget.
-    anonymous = Api(sim.url, key=None)
+    anonymous = Api(sim.url, key=None, paced=False)
     assert anonymous("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 200
     assert api("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 200
     assert api("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 429
@@ -37,7 +38,7 @@ def test_minimum_intervals_per_endpoint_and_identity(make_sim):
 
 def test_create_interval_scales_with_time(make_sim):
     sim = make_sim(time_scale=45.0, rate_limits=True)  # 4.5 s threshold = 0.1 real s
-    api = Api(sim.url)
+    api = Api(sim.url, paced=False)
     offers = api.search({"num_gpus": {"eq": 1}, "limit": 3})
     assert api.create(offers[0]["id"]).status_code == 200
     second = api.create(offers[1]["id"])
@@ -45,3 +46,25 @@ def test_create_interval_scales_with_time(make_sim):
     assert second.json() == {"detail": "API requests too frequent endpoint threshold=4.5"}
     time.sleep(0.11)
     assert api.create(offers[1]["id"]).status_code == 200
+
+
+def test_paced_api_back_to_back_gets_no_429(make_sim):
+    """The test helpers' pacing (pacing.py) keeps every endpoint under its threshold."""
+    sim = make_sim(time_scale=50.0, rate_limits=True)
+    api = Api(sim.url)
+    offers = api.search({"num_gpus": {"eq": 1}, "limit": 3})
+    iid = None
+    for offer in offers[:2]:
+        created = api.create(offer["id"], label="paced")
+        assert created.status_code == 200, created.text
+        iid = created.json()["new_contract"]
+    for _ in range(3):
+        api.show(iid)
+        assert api("GET", "/api/v1/instances/").status_code == 200
+        assert api("PUT", f"/api/v0/instances/{iid}/", json={"label": "x"}).status_code == 200
+        assert api("PUT", f"/api/v0/instances/request_logs/{iid}/", json={}).status_code == 200
+    assert api("GET", "/api/v0/instances/").status_code == 200
+    assert api("GET", "/api/v0/instances/").status_code == 200
+    assert api("DELETE", f"/api/v0/instances/{iid}/").status_code == 200
+    assert api("DELETE", f"/api/v0/instances/{iid}/").status_code != 429
+    assert not any(api.admin("GET", "stats")["rate_limited"].values())

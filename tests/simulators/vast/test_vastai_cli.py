@@ -12,12 +12,11 @@ import time
 
 import pytest
 
-from tests.simulators.vast.conftest import API_KEY, Api
+from tests.simulators.vast.conftest import API_KEY, PACERS, Api
 from tests.tool_venvs import tool_bin
 
 pytestmark = pytest.mark.vastai_cli
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +41,17 @@ def vastai(vastai_bin, cli_sim, tmp_path):
            "VAST_URL": cli_sim.url, "VASTAI_NO_UPDATE_CHECK": "1", "NO_COLOR": "1",
            "COLUMNS": "250"}
 
+    admin = Api(cli_sim.url)
+
     def run(*args, expect=0) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [vastai_bin, "--url", cli_sim.url, "--api-key", API_KEY, *args],
-            env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        # The CLI shares API_KEY's rate-limit slots with the test's Api calls: the pacer
+        # waits before it and records the endpoints it called (see pacing.py).
+        result = PACERS[cli_sim.url].paced_command(
+            API_KEY,
+            lambda: subprocess.run(
+                [vastai_bin, "--url", cli_sim.url, "--api-key", API_KEY, *args],
+                env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL),
+            lambda: admin.admin("GET", "stats")["calls"])
         assert result.returncode == expect, (args, result.stdout, result.stderr)
         return result
 
@@ -128,6 +134,7 @@ def test_instance_round_trip(vastai, cli_sim):
     stats = api.admin("GET", "stats")
     assert stats["calls"]["account"] >= 1  # the CLI asked /users/current for the role
     assert stats["max_live_per_label"] == {"cli-test": 1, "renamed": 1}
+    assert not any(stats["rate_limited"].values()), stats  # paced like a real client
 
 
 def test_bad_key_is_reported(vastai_bin, cli_sim, tmp_path):
