@@ -142,7 +142,7 @@ def _norm(value: Any) -> str | None:
 
 
 def classify_instance(instance: Instance | None) -> Condition:
-    """The condition of an instance from its Vast.ai status fields (vast-api.md §4.4).
+    """The condition of an instance from its Vast.ai status fields (actual_status, intended_status, cur_state, next_state; docs/reference.md §1.4).
 
     None (the instance is absent from the list) is GONE. Unknown values never raise.
     """
@@ -219,7 +219,9 @@ def final_state(
     inferred: bool = False,
     log_tail: str = "",
 ) -> Outcome:
-    """The state to report to Arkindex once the task's instance has ended (DESIGN §4)."""
+    """The state to report to Arkindex once the task's instance has ended: exit marker 0 ->
+    completed, other -> failed, no marker in a log read from the ended instance -> error
+    (docs/reference.md §3); for an image run unwrapped, inferred from how it ended."""
     condition = Condition(condition)
     if stop_requested:
         return Outcome("stopped", "stopped on request (stop_task)")
