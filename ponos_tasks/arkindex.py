@@ -572,11 +572,21 @@ class ArkindexAgentClient:
         self._definitions.pop(str(task_id), None)
 
     def task_state(self, task_id: str) -> str | None:
-        """The task's state on Arkindex (RetrieveTask), or None when it cannot be read."""
+        """The task's state on Arkindex (RetrieveTask); None only when Arkindex says the
+        task does not exist (404). Anything else that prevents reading it raises
+        ArkindexUnavailable: an unreadable state is unknown, never "not active"."""
         try:
-            return self._call("RetrieveTask", id=str(task_id)).get("state")
-        except (ErrorResponse, ArkindexError, AttributeError):
-            return None
+            state = self._call("RetrieveTask", id=str(task_id)).get("state")
+        except ErrorResponse as exc:
+            if exc.status_code == 404:
+                return None
+            raise ArkindexUnavailable(
+                f"cannot read the state of task {task_id}: HTTP {exc.status_code}") from None
+        except AttributeError:  # an answer that is not an object
+            raise ArkindexUnavailable(f"cannot read the state of task {task_id}") from None
+        if not isinstance(state, str):
+            raise ArkindexUnavailable(f"task {task_id} has no readable state")
+        return state
 
     def update_state(self, task_id: str, state: str) -> bool:
         """Report a task's state once. True when this call reported it; False when nothing

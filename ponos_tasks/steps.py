@@ -123,7 +123,8 @@ def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
 
 
 def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
-    """The docker-mode environment plus the bootstrap variables (DESIGN §4)."""
+    """The docker-mode environment plus the bootstrap variables TASK_BOOTSTRAP=true and
+    TASK_PARENTS (JSON task id -> slug, "{}" when none: base-worker refuses an empty value)."""
     env = {str(k): str(v) for k, v in (definition.env or {}).items()}
     env.update(ctx.config.vast_api.extra_environment)
     env.setdefault("PONOS_TASK", str(definition.id))
@@ -553,7 +554,9 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
     try:
         state = ctx.arkindex.task_state(step.task_id)
     except ArkindexError as error:
-        logger.warning("cannot check task %s before adopting: %s", step.task_id, error)
+        # Unknown is not inactive: keep the instance; the next sync plans the adoption again.
+        logger.warning("cannot check task %s before adopting instance %s (%s); keeping it "
+                       "and trying again", step.task_id, step.instance_id, error)
         return None
     if state not in ARKINDEX_ACTIVE_STATES:
         ctx.vast.destroy_instance(step.instance_id)

@@ -422,3 +422,22 @@ def test_5xx_and_network_errors_are_retried_a_bounded_number_of_times(sim, proxy
     # The guard was released: once Arkindex answers again, the state is sent.
     proxy.failures_left = 0
     assert client.update_state(task, "completed") is True
+
+
+def test_task_state_unreadable_is_unknown_never_absent(sim, proxy, store):
+    """Adoption destroys an instance whose task is not active: a 502 blip must not read as
+    "no such task" (it raises), only Arkindex's own 404 does (None)."""
+    client = ArkindexAgentClient(f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store,
+                                 max_attempts=2, max_wait=0.05)
+    task = one_task(sim)
+    start_task(client, task)
+    assert client.task_state(task) == "pending"
+    proxy.match, proxy.mode, proxy.failures_left = f"/api/v1/task/{task}/", "502", 10
+    with pytest.raises(ArkindexUnavailable):
+        client.task_state(task)
+    proxy.mode = "drop"
+    with pytest.raises(ArkindexUnavailable):
+        client.task_state(task)
+    proxy.failures_left = 0
+    assert client.task_state(task) == "pending"
+    assert client.task_state(str(uuid.uuid4())) is None  # Arkindex says: no such task
