@@ -611,7 +611,12 @@ class ArkindexAgentClient:
                 detail = error_detail(exc)
                 # A retried request whose first try reached the server gets a 400 "already in
                 # that state": the state is reported, keep the guard.
-                if self.task_state(task_id) == state:
+                try:
+                    already = self.task_state(task_id) == state
+                except ArkindexError:
+                    self.reported.release(task_id, state)  # unknown: send it again later
+                    raise
+                if already:
                     logger.info("Task %s was already %s on Arkindex", task_id, state)
                     return True
                 self.reported.release(task_id, state)
