@@ -1,4 +1,7 @@
-"""`ponos-vast run` and `ponos-vast demo`: the agent for real, or a bounded run on the local stack.
+"""`ponos-vast demo`: a bounded run of the agent on the local stack (the `sim` extra).
+
+(`ponos-vast run` without PONOS_CONFIG runs it too; the real agent's entry point is
+ponos_tasks.run.)
 
 The demo starts a private Redis, the local stack (S3, the Arkindex and Vast.ai simulators,
 instances running their commands for real), then the agent's worker, beat and Flower as
@@ -14,12 +17,10 @@ peak from its event timeline, API calls from its counters.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -30,8 +31,8 @@ import click
 import requests
 import yaml
 
-from ponos_tasks.config import ConfigError, load_config
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.run import shielded, sigterm_as_interrupt
 from ponos_tasks.workload import build_workload
 
 TERMINAL = ("completed", "failed", "error", "stopped")
@@ -46,32 +47,6 @@ OVERRIDING_ENV = ("PONOS_ARKINDEX_URL", "ARKINDEX_URL", "PONOS_FARM_ID", "PONOS_
 
 class DemoFailed(Exception):
     """The demo could not finish (timeout, an agent process died): the message says why."""
-
-
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop what was started."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _shielded():
-    """Ignore Ctrl-C and SIGTERM while stopping, so a second signal cannot cut the cleanup
-    short and leave processes behind."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------ summary (pure)
@@ -365,14 +340,14 @@ def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
 
     demo = Demo(n_tasks, time_scale, timeout, keep_logs, say)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             try:
                 demo.start()
                 demo.load_workload()
                 document = demo.run()
             finally:
                 say("Stopping the agent and the local stack...")
-                with _shielded():
+                with shielded():
                     demo.stop()
     except KeyboardInterrupt:
         click.echo("Interrupted: everything the demo started was stopped.", err=True)
@@ -390,50 +365,3 @@ def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
         click.echo(f"demo: {totals['unexpected']} task(s) ended in an unexpected state, "
                    f"{totals['instances_left']} instance(s) left", err=True)
         sys.exit(1)
-
-
-@click.command("run")
-@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("logs"), show_default=True,
-              help="With PONOS_CONFIG: where the worker, beat and Flower logs go.")
-@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True,
-              help="With PONOS_CONFIG: Flower's port on 127.0.0.1.")
-@click.pass_context
-def run_command(ctx, log_dir, flower_port):
-    """Run the agent (worker, beat, Flower) for $PONOS_CONFIG until Ctrl-C or SIGTERM.
-
-    Without PONOS_CONFIG: the demo against the local stack (`ponos-vast demo`).
-    """
-    path = os.environ.get("PONOS_CONFIG")
-    if not path:
-        ctx.invoke(demo_command)
-        return
-    from ponos_tasks.supervisor import AgentProcesses
-
-    try:
-        config = load_config(path)
-    except ConfigError as error:
-        for problem in error.problems:
-            click.echo(problem, err=True)
-        sys.exit(2)
-    for line in config.summary():
-        click.echo(line)
-    agent = AgentProcesses(Path(path).resolve(), log_dir, config.redis_url,
-                           flower_port=flower_port)
-    try:
-        with _sigterm_as_interrupt():
-            try:
-                agent.start()
-                click.echo(f"Agent running: worker, beat and Flower (http://127.0.0.1:"
-                           f"{flower_port}/); logs in {log_dir}. Ctrl-C stops it.")
-                while not (dead := agent.check_alive()):
-                    time.sleep(1)
-                click.echo("agent process exited: " + ", ".join(dead), err=True)
-            finally:
-                click.echo("Stopping the agent...")
-                with _shielded():
-                    agent.stop()
-    except KeyboardInterrupt:
-        click.echo("Agent stopped.")
-        return
-    sys.exit(1)

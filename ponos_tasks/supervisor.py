@@ -1,6 +1,6 @@
 """Start and stop the agent's processes (Celery worker(s), beat, Flower) like the Procfile.
 
-Used by `ponos-vast run` / `demo` and by the end-to-end tests, so that what is tested is
+Used by `ponos-vast run` (ponos_tasks/run.py), the demo, the benchmarks and the end-to-end tests, so that what is tested is
 what users run: the same commands as the Procfile, as real processes.
 """
 
