@@ -18,11 +18,7 @@ peak from its event timeline, API calls from its counters.
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -33,16 +29,13 @@ import yaml
 
 from ponos_tasks.lifecycle import parse_label
 from ponos_tasks.run import shielded, sigterm_as_interrupt
+from ponos_tasks.simulators.harness import LocalRun, SimAdmin
+from ponos_tasks.simulators.stack import free_port
 from ponos_tasks.workload import build_workload
 
 TERMINAL = ("completed", "failed", "error", "stopped")
 STATE_ORDER = ("unscheduled", "pending", "running", "stopping", *TERMINAL)
 POLL_SECONDS = 1.0
-# Variables that would point the demo's agent at something else than the local stack
-# (the config loader prefers them to the file); an empty value counts as unset.
-OVERRIDING_ENV = ("PONOS_ARKINDEX_URL", "ARKINDEX_URL", "PONOS_FARM_ID", "PONOS_SEED",
-                  "PONOS_AGENT_NAME", "PONOS_VAST_URL", "PONOS_VAST_API_KEY", "VAST_API_KEY",
-                  "PONOS_OFFER_FILTERS", "PONOS_REDIS_URL", "PONOS_SENTRY_DSN", "SENTRY_DSN")
 
 
 class DemoFailed(Exception):
@@ -161,86 +154,65 @@ def demo_config(stack, time_scale: float) -> dict:
 
 
 class Demo:
+    """The demo's run: a LocalRun (private Redis, local stack, agent) and its workload."""
+
     def __init__(self, n_tasks: int, time_scale: float, timeout: float, logs_dir: Path | None,
                  say):
         self.n_tasks = n_tasks
         self.time_scale = time_scale
         self.timeout = timeout
-        self.kept_logs = logs_dir
         self.say = say
-        self.http = requests.Session()
-        self.workdir = Path(tempfile.mkdtemp(prefix="ponos-demo-"))
-        self.logs_dir = logs_dir or self.workdir / "logs"
-        self.redis = None  # a stack.RedisProcess when redis-server is installed
-        self.stack = None
-        self.agent = None
+        # Redis in its own session: a terminal's Ctrl-C does not kill it before the agent.
+        self.local = LocalRun(time_scale=time_scale, vast_run_mode="local",
+                              redis="private-or-env", redis_new_session=True,
+                              logs_dir=logs_dir, say=say)
+        self.logs_dir = self.local.logs_dir
         self.expected: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.to_stop: str | None = None
 
+    @property
+    def stack(self):
+        return self.local.stack
+
+    @property
+    def agent(self):
+        return self.local.agent
+
+    @property
+    def admin(self) -> SimAdmin:
+        return self.local.admin
+
     # -- setup / teardown
 
     def start(self) -> None:
-        from ponos_tasks.simulators.stack import LocalStack, RedisProcess, free_port
-        from ponos_tasks.supervisor import AgentProcesses
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        redis_url = None
-        if shutil.which("redis-server"):
-            try:
-                self.redis = RedisProcess(self.workdir, new_session=True).start()
-            except RuntimeError as error:
-                raise DemoFailed(str(error)) from None
-            redis_url = self.redis.url
-        else:
-            redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-            self.say(f"redis-server is not installed: the demo uses {redis_url} (its ponos:* "
-                     "keys and Celery queues)")
-        self.stack = LocalStack(redis_url, time_scale=self.time_scale, vast_run_mode="local",
-                                start_redis=False).start()
-        if not self.stack.redis_url:
-            raise DemoFailed(f"no Redis answers at {redis_url}")
-        config_path = self.workdir / "agent.yml"
-        config_path.write_text(yaml.safe_dump(demo_config(self.stack, self.time_scale)))
+        try:
+            self.local.start()
+        except RuntimeError as error:
+            raise DemoFailed(str(error)) from None
         flower_port = free_port()
-        self.agent = AgentProcesses(config_path, self.logs_dir, self.stack.redis_url,
-                                    flower_port=flower_port,
-                                    extra_env={name: "" for name in OVERRIDING_ENV})
-        self.agent.start()
+        self.local.start_agent(config=demo_config(self.stack, self.time_scale),
+                               flower_port=flower_port)
         self.say(f"Local stack: Arkindex {self.stack.arkindex_url}, Vast.ai "
                  f"{self.stack.vast_url} (x{self.time_scale:g}), Redis {self.stack.redis_url}")
         self.say(f"Agent: worker, beat and Flower started; logs in {self.logs_dir}")
         self.say(f"Flower: http://127.0.0.1:{flower_port}/")
 
     def stop(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
-        if self.stack is not None:
-            self.stack.stop()
-        if self.redis is not None:
-            self.redis.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.local.stop()
 
     # -- simulators
 
-    def _get(self, url: str) -> dict:
-        response = self.http.get(url, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
     def ark_tasks(self) -> list[dict]:
-        tasks = self._get(self.stack.arkindex_url + "/_sim/tasks")["tasks"]
-        return [t for t in tasks if t["id"] in self.expected]
+        return [t for t in self.admin.tasks().values() if t["id"] in self.expected]
 
     def vast(self, what: str) -> dict:
-        return self._get(f"{self.stack.vast_url}/_sim/{what}")
+        return self.admin.vast(what)
 
     def load_workload(self) -> None:
         for process in build_workload(self.n_tasks):
-            response = self.http.post(self.stack.arkindex_url + "/_sim/processes",
-                                      json=process.admin_json(), timeout=10)
-            response.raise_for_status()
-            by_slug = {t["slug"]: t["id"] for t in response.json()["tasks"]}
+            spec = process.admin_json()
+            by_slug = self.admin.process(spec["name"], spec["tasks"])
             for task in process.tasks:
                 task_id = by_slug[task.slug]
                 self.expected[task_id] = task.expect
@@ -256,7 +228,7 @@ class Demo:
     # -- the run
 
     def _check_agent(self) -> None:
-        dead = self.agent.check_alive()
+        dead = self.local.check_alive()
         if dead:
             raise DemoFailed("agent process exited: " + ", ".join(dead) + self._log_tail())
 
@@ -294,8 +266,7 @@ class Demo:
                              f"{task['state']}")
                     seen[task["id"]] = task["state"]
             if self.to_stop and not stop_sent and seen.get(self.to_stop) == "running":
-                self.http.post(f"{self.stack.arkindex_url}/_sim/tasks/{self.to_stop}/stop",
-                               timeout=10).raise_for_status()
+                self.admin.stop_task(self.to_stop)
                 stop_sent = True
                 self.say(f"[{now - start:6.1f}s] {self.to_stop[:8]} {self.names[self.to_stop]}: "
                          "stop requested by the user")
