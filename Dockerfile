@@ -1,5 +1,9 @@
-# The agent's image: worker (default), beat, Flower and the local demo stack all run from it.
+# The agent's image: worker (default), beat and Flower run from it. The production image has no
+# simulators; the compose `local` profile builds its `stack` image with PONOS_EXTRAS=sim.
 FROM python:3.11-slim
+
+# Extras of the package to install, e.g. "sim" (the simulators and the local stack).
+ARG PONOS_EXTRAS=""
 
 # REMAP_SIGTERM: SIGTERM (docker stop, platform restarts) triggers Celery's cold/soft
 # shutdown, so unacked work is requeued at once instead of waiting for the visibility timeout.
@@ -19,7 +23,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ponos \
 WORKDIR /app
 COPY pyproject.toml README.md celeryconfig.py ./
 COPY ponos_tasks ./ponos_tasks
-RUN pip install . && rm -rf build ./*.egg-info
+RUN pip install ".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}" && rm -rf build ./*.egg-info
 
 USER ponos
 

@@ -8,26 +8,22 @@ A benchmark is not a test: it measures and records, it does not assert. Everythi
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import math
 import os
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import redis
-import requests
-import yaml
 
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.simulators.harness import LocalRun
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "BENCHMARKS.md"
@@ -197,8 +193,9 @@ class BenchFailed(Exception):
     pass
 
 
-class AgentRun:
-    """Private Redis + LocalStack + the agent's worker and beat (AgentProcesses), no Flower.
+class AgentRun(LocalRun):
+    """Private Redis + LocalStack + the agent's worker and beat (a LocalRun), no Flower, with
+    the /proc sampler and the benchmarks' submit/wait.
 
         with AgentRun(time_scale=50, max_instances=20) as run:
             run.submit(tasks); run.wait_done(timeout); run.vast("ledger")
@@ -207,73 +204,45 @@ class AgentRun:
     def __init__(self, *, time_scale: float, max_instances: int, run_mode: str = "scripted",
                  concurrency: int = 4, sync_interval: float = 2.0, logs_interval: float = 5.0,
                  keep_logs: Path | None = None):
-        self.time_scale = time_scale
+        super().__init__(time_scale=time_scale, vast_run_mode=run_mode, redis="private",
+                         logs_dir=keep_logs, admin_timeout=30.0)
         self.max_instances = max_instances
         self.run_mode = run_mode
         self.concurrency = concurrency
         self.sync_interval = sync_interval
         self.logs_interval = logs_interval
-        self.workdir = Path(tempfile.mkdtemp(prefix="ponos-bench-"))
-        self.logs_dir = keep_logs or self.workdir / "logs"
-        self.http = requests.Session()
-        self.redis_process = None
-        self.stack = None
-        self.agent = None
         self.sampler: Sampler | None = None
         self.task_ids: list[str] = []
 
     def config(self) -> dict:
-        config = yaml.safe_load(self.stack.config_yaml())
-        config.update(sync_interval=self.sync_interval, logs_interval=self.logs_interval,
-                      agent_name="ponos-vast-bench")
-        config["vast_api"].update({
-            "rate_limit_scale": 1.0 / self.time_scale,
-            "loading_deadline": max(30.0, 1200.0 / self.time_scale),
-            "offer_wait": max(60.0, 3600.0 / self.time_scale),
-            "max_instances": self.max_instances,
-        })
-        return config
+        return self.agent_config(
+            sync_interval=self.sync_interval, logs_interval=self.logs_interval,
+            agent_name="ponos-vast-bench",
+            vast_api={
+                "rate_limit_scale": 1.0 / self.time_scale,
+                "loading_deadline": max(30.0, 1200.0 / self.time_scale),
+                "offer_wait": max(60.0, 3600.0 / self.time_scale),
+                "max_instances": self.max_instances,
+            })
 
     def start(self) -> AgentRun:
-        from ponos_tasks.demo import OVERRIDING_ENV
-        from ponos_tasks.simulators.stack import LocalStack, RedisProcess
-        from ponos_tasks.supervisor import AgentProcesses
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # S3's access log
-        if shutil.which("redis-server") is None:
-            raise BenchFailed("redis-server is needed (a private one per run)")
-        (self.workdir / "redis").mkdir()
-        self.redis_process = RedisProcess(self.workdir / "redis").start()
-        self.stack = LocalStack(self.redis_process.url, time_scale=self.time_scale,
-                                vast_run_mode=self.run_mode, start_redis=False).start()
-        config_path = self.workdir / "agent.yml"
-        config_path.write_text(yaml.safe_dump(self.config()))
-        self.agent = AgentProcesses(config_path, self.logs_dir, self.redis_process.url,
-                                    concurrency=self.concurrency,
-                                    extra_env={name: "" for name in OVERRIDING_ENV})
-        self.agent.start()
-        self.sampler = Sampler({name: p.pid for name, p in self.agent.processes.items()},
-                               self.redis_process.url)
+        try:
+            super().start()
+        except RuntimeError as error:
+            raise BenchFailed(str(error)) from None
+        agent = self.start_agent(config=self.config(), concurrency=self.concurrency)
+        self.sampler = Sampler({name: p.pid for name, p in agent.processes.items()},
+                               self.redis_url)
         self.sampler.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, agent_timeout: float = 20.0) -> None:
         # Each part stops even when an earlier one failed: nothing may be left running.
         try:
             if self.sampler is not None and self.sampler.is_alive():
                 self.sampler.stop()
         finally:
-            try:
-                if self.agent is not None:
-                    self.agent.stop()
-            finally:
-                try:
-                    if self.stack is not None:
-                        self.stack.stop()
-                finally:
-                    if self.redis_process is not None:
-                        self.redis_process.stop()
-                    shutil.rmtree(self.workdir, ignore_errors=True)
+            super().stop(agent_timeout)
 
     def __enter__(self) -> AgentRun:
         try:
@@ -282,29 +251,17 @@ class AgentRun:
             self.stop()
             raise
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # -- simulators
 
-    def _get(self, url: str) -> dict:
-        response = self.http.get(url, timeout=30)
-        response.raise_for_status()
-        return response.json()
-
     def vast(self, what: str) -> dict:
-        return self._get(f"{self.stack.vast_url}/_sim/{what}")
+        return self.admin.vast(what)
 
     def ark_tasks(self) -> list[dict]:
         wanted = set(self.task_ids)
-        return [t for t in self._get(self.stack.arkindex_url + "/_sim/tasks")["tasks"]
-                if t["id"] in wanted]
+        return [t for t in self.admin.tasks().values() if t["id"] in wanted]
 
     def submit(self, name: str, tasks: list[dict]) -> list[str]:
-        response = self.http.post(self.stack.arkindex_url + "/_sim/processes",
-                                  json={"name": name, "tasks": tasks}, timeout=30)
-        response.raise_for_status()
-        ids = [t["id"] for t in response.json()["tasks"]]
+        ids = list(self.admin.process(name, tasks).values())
         self.task_ids += ids
         return ids
 

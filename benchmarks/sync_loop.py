@@ -84,9 +84,9 @@ def measure(ctx, reps: int, gap: float) -> dict:
         li, instances = timed(ctx.vast.list_instances, label_prefix=f"ponos-{short_id}-")
         r, records = timed(ctx.store.all_records)
         p, _ = timed(reconcile.plan, now=ctx.now(), agent_short_id=short_id, records=records,
-                     instances=[i.raw for i in instances],
+                     instances=instances,
                      actions=[(x.kind, x.task_id) for x in actions],
-                     settings=ctx.plan_settings)
+                     settings=ctx.settings)
         actions_s.append(a)
         list_s.append(li)
         records_s.append(r)

@@ -1,4 +1,7 @@
-"""`ponos-vast run` and `ponos-vast demo`: the agent for real, or a bounded run on the local stack.
+"""`ponos-vast demo`: a bounded run of the agent on the local stack (the `sim` extra).
+
+(`ponos-vast run` without PONOS_CONFIG runs it too; the real agent's entry point is
+ponos_tasks.run.)
 
 The demo starts a private Redis, the local stack (S3, the Arkindex and Vast.ai simulators,
 instances running their commands for real), then the agent's worker, beat and Flower as
@@ -14,14 +17,8 @@ peak from its event timeline, API calls from its counters.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -30,48 +27,19 @@ import click
 import requests
 import yaml
 
-from ponos_tasks.config import ConfigError, load_config
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.run import shielded, sigterm_as_interrupt
+from ponos_tasks.simulators.harness import LocalRun, SimAdmin
+from ponos_tasks.simulators.stack import free_port
 from ponos_tasks.workload import build_workload
 
 TERMINAL = ("completed", "failed", "error", "stopped")
 STATE_ORDER = ("unscheduled", "pending", "running", "stopping", *TERMINAL)
 POLL_SECONDS = 1.0
-# Variables that would point the demo's agent at something else than the local stack
-# (the config loader prefers them to the file); an empty value counts as unset.
-OVERRIDING_ENV = ("PONOS_ARKINDEX_URL", "ARKINDEX_URL", "PONOS_FARM_ID", "PONOS_SEED",
-                  "PONOS_AGENT_NAME", "PONOS_VAST_URL", "PONOS_VAST_API_KEY", "VAST_API_KEY",
-                  "PONOS_OFFER_FILTERS", "PONOS_REDIS_URL", "PONOS_SENTRY_DSN", "SENTRY_DSN")
 
 
 class DemoFailed(Exception):
     """The demo could not finish (timeout, an agent process died): the message says why."""
-
-
-def _raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop what was started."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _shielded():
-    """Ignore Ctrl-C and SIGTERM while stopping, so a second signal cannot cut the cleanup
-    short and leave processes behind."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------ summary (pure)
@@ -186,86 +154,65 @@ def demo_config(stack, time_scale: float) -> dict:
 
 
 class Demo:
+    """The demo's run: a LocalRun (private Redis, local stack, agent) and its workload."""
+
     def __init__(self, n_tasks: int, time_scale: float, timeout: float, logs_dir: Path | None,
                  say):
         self.n_tasks = n_tasks
         self.time_scale = time_scale
         self.timeout = timeout
-        self.kept_logs = logs_dir
         self.say = say
-        self.http = requests.Session()
-        self.workdir = Path(tempfile.mkdtemp(prefix="ponos-demo-"))
-        self.logs_dir = logs_dir or self.workdir / "logs"
-        self.redis = None  # a stack.RedisProcess when redis-server is installed
-        self.stack = None
-        self.agent = None
+        # Redis in its own session: a terminal's Ctrl-C does not kill it before the agent.
+        self.local = LocalRun(time_scale=time_scale, vast_run_mode="local",
+                              redis="private-or-env", redis_new_session=True,
+                              logs_dir=logs_dir, say=say)
+        self.logs_dir = self.local.logs_dir
         self.expected: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.to_stop: str | None = None
 
+    @property
+    def stack(self):
+        return self.local.stack
+
+    @property
+    def agent(self):
+        return self.local.agent
+
+    @property
+    def admin(self) -> SimAdmin:
+        return self.local.admin
+
     # -- setup / teardown
 
     def start(self) -> None:
-        from ponos_tasks.simulators.stack import LocalStack, RedisProcess, free_port
-        from ponos_tasks.supervisor import AgentProcesses
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        redis_url = None
-        if shutil.which("redis-server"):
-            try:
-                self.redis = RedisProcess(self.workdir, new_session=True).start()
-            except RuntimeError as error:
-                raise DemoFailed(str(error)) from None
-            redis_url = self.redis.url
-        else:
-            redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-            self.say(f"redis-server is not installed: the demo uses {redis_url} (its ponos:* "
-                     "keys and Celery queues)")
-        self.stack = LocalStack(redis_url, time_scale=self.time_scale, vast_run_mode="local",
-                                start_redis=False).start()
-        if not self.stack.redis_url:
-            raise DemoFailed(f"no Redis answers at {redis_url}")
-        config_path = self.workdir / "agent.yml"
-        config_path.write_text(yaml.safe_dump(demo_config(self.stack, self.time_scale)))
+        try:
+            self.local.start()
+        except RuntimeError as error:
+            raise DemoFailed(str(error)) from None
         flower_port = free_port()
-        self.agent = AgentProcesses(config_path, self.logs_dir, self.stack.redis_url,
-                                    flower_port=flower_port,
-                                    extra_env={name: "" for name in OVERRIDING_ENV})
-        self.agent.start()
+        self.local.start_agent(config=demo_config(self.stack, self.time_scale),
+                               flower_port=flower_port)
         self.say(f"Local stack: Arkindex {self.stack.arkindex_url}, Vast.ai "
                  f"{self.stack.vast_url} (x{self.time_scale:g}), Redis {self.stack.redis_url}")
         self.say(f"Agent: worker, beat and Flower started; logs in {self.logs_dir}")
         self.say(f"Flower: http://127.0.0.1:{flower_port}/")
 
     def stop(self) -> None:
-        if self.agent is not None:
-            self.agent.stop()
-        if self.stack is not None:
-            self.stack.stop()
-        if self.redis is not None:
-            self.redis.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.local.stop()
 
     # -- simulators
 
-    def _get(self, url: str) -> dict:
-        response = self.http.get(url, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
     def ark_tasks(self) -> list[dict]:
-        tasks = self._get(self.stack.arkindex_url + "/_sim/tasks")["tasks"]
-        return [t for t in tasks if t["id"] in self.expected]
+        return [t for t in self.admin.tasks().values() if t["id"] in self.expected]
 
     def vast(self, what: str) -> dict:
-        return self._get(f"{self.stack.vast_url}/_sim/{what}")
+        return self.admin.vast(what)
 
     def load_workload(self) -> None:
         for process in build_workload(self.n_tasks):
-            response = self.http.post(self.stack.arkindex_url + "/_sim/processes",
-                                      json=process.admin_json(), timeout=10)
-            response.raise_for_status()
-            by_slug = {t["slug"]: t["id"] for t in response.json()["tasks"]}
+            spec = process.admin_json()
+            by_slug = self.admin.process(spec["name"], spec["tasks"])
             for task in process.tasks:
                 task_id = by_slug[task.slug]
                 self.expected[task_id] = task.expect
@@ -281,7 +228,7 @@ class Demo:
     # -- the run
 
     def _check_agent(self) -> None:
-        dead = self.agent.check_alive()
+        dead = self.local.check_alive()
         if dead:
             raise DemoFailed("agent process exited: " + ", ".join(dead) + self._log_tail())
 
@@ -319,8 +266,7 @@ class Demo:
                              f"{task['state']}")
                     seen[task["id"]] = task["state"]
             if self.to_stop and not stop_sent and seen.get(self.to_stop) == "running":
-                self.http.post(f"{self.stack.arkindex_url}/_sim/tasks/{self.to_stop}/stop",
-                               timeout=10).raise_for_status()
+                self.admin.stop_task(self.to_stop)
                 stop_sent = True
                 self.say(f"[{now - start:6.1f}s] {self.to_stop[:8]} {self.names[self.to_stop]}: "
                          "stop requested by the user")
@@ -365,14 +311,14 @@ def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
 
     demo = Demo(n_tasks, time_scale, timeout, keep_logs, say)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             try:
                 demo.start()
                 demo.load_workload()
                 document = demo.run()
             finally:
                 say("Stopping the agent and the local stack...")
-                with _shielded():
+                with shielded():
                     demo.stop()
     except KeyboardInterrupt:
         click.echo("Interrupted: everything the demo started was stopped.", err=True)
@@ -390,50 +336,3 @@ def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
         click.echo(f"demo: {totals['unexpected']} task(s) ended in an unexpected state, "
                    f"{totals['instances_left']} instance(s) left", err=True)
         sys.exit(1)
-
-
-@click.command("run")
-@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("logs"), show_default=True,
-              help="With PONOS_CONFIG: where the worker, beat and Flower logs go.")
-@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True,
-              help="With PONOS_CONFIG: Flower's port on 127.0.0.1.")
-@click.pass_context
-def run_command(ctx, log_dir, flower_port):
-    """Run the agent (worker, beat, Flower) for $PONOS_CONFIG until Ctrl-C or SIGTERM.
-
-    Without PONOS_CONFIG: the demo against the local stack (`ponos-vast demo`).
-    """
-    path = os.environ.get("PONOS_CONFIG")
-    if not path:
-        ctx.invoke(demo_command)
-        return
-    from ponos_tasks.supervisor import AgentProcesses
-
-    try:
-        config = load_config(path)
-    except ConfigError as error:
-        for problem in error.problems:
-            click.echo(problem, err=True)
-        sys.exit(2)
-    for line in config.summary():
-        click.echo(line)
-    agent = AgentProcesses(Path(path).resolve(), log_dir, config.redis_url,
-                           flower_port=flower_port)
-    try:
-        with _sigterm_as_interrupt():
-            try:
-                agent.start()
-                click.echo(f"Agent running: worker, beat and Flower (http://127.0.0.1:"
-                           f"{flower_port}/); logs in {log_dir}. Ctrl-C stops it.")
-                while not (dead := agent.check_alive()):
-                    time.sleep(1)
-                click.echo("agent process exited: " + ", ".join(dead), err=True)
-            finally:
-                click.echo("Stopping the agent...")
-                with _shielded():
-                    agent.stop()
-    except KeyboardInterrupt:
-        click.echo("Agent stopped.")
-        return
-    sys.exit(1)

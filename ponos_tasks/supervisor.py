@@ -1,7 +1,8 @@
 """Start and stop the agent's processes (Celery worker(s), beat, Flower) like the Procfile.
 
-Used by `ponos-vast run` / `demo` and by the end-to-end tests, so that what is tested is
-what users run: the same commands as the Procfile, as real processes.
+Used by `ponos-vast run` (ponos_tasks/run.py) and, through ponos_tasks.simulators.harness,
+by the demo, the benchmarks and the end-to-end tests, so that what is tested is what users
+run: the same commands as the Procfile, as real processes.
 """
 
 from __future__ import annotations

@@ -19,13 +19,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import requests
-
 from ponos_tasks import steps
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.config import AgentConfig
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Next, StepName
+from ponos_tasks.simulators.harness import SimAdmin
 
 
 def make_config(stack, redis_url: str, *, agent_name: str | None = None,
@@ -186,89 +185,5 @@ def run_sync(ctx: AgentContext, *, until: Callable[[], bool] | None = None,
 
 # ---------------------------------------------------------------------- simulator admin
 
-
-class Admin:
-    """The simulators' admin APIs (no auth) of one LocalStack."""
-
-    def __init__(self, stack):
-        self.stack = stack
-        self.http = requests.Session()
-
-    def _vast(self, method: str, path: str, **kwargs):
-        resp = self.http.request(method, self.stack.vast_url + path, timeout=10, **kwargs)
-        resp.raise_for_status()
-        return resp.json() if resp.content else None
-
-    def _ark(self, method: str, path: str, **kwargs):
-        resp = self.http.request(method, self.stack.arkindex_url + path, timeout=10, **kwargs)
-        resp.raise_for_status()
-        return resp
-
-    # Arkindex
-    def process(self, tasks: list[dict], name: str = "test") -> dict:
-        return self._ark("POST", "/_sim/processes", json={"name": name, "tasks": tasks}).json()
-
-    def one_task(self, **spec) -> str:
-        spec.setdefault("slug", "task")
-        spec.setdefault("image", "registry.example/worker:1")
-        # With a command the agent never looks the image up in its registry: tests talk to
-        # 127.0.0.1 only (the no-command tests pass command=None and a loopback registry).
-        spec.setdefault("command", "python -m worker")
-        return self.process([spec])["tasks"][0]["id"]
-
-    def task(self, task_id: str) -> dict:
-        return self._ark("GET", f"/_sim/tasks/{task_id}").json()
-
-    def task_log(self, task_id: str) -> str | None:
-        resp = self.http.get(f"{self.stack.arkindex_url}/_sim/tasks/{task_id}/logs", timeout=10)
-        if resp.status_code == 404:
-            return None
-        resp.raise_for_status()
-        return resp.text
-
-    def stop_task(self, task_id: str) -> dict:
-        return self._ark("POST", f"/_sim/tasks/{task_id}/stop").json()
-
-    def accepted_agent_states(self, task_id: str) -> list[str]:
-        """The states the agent reported and Arkindex accepted, in order."""
-        return [h["to"] for h in self.task(task_id)["history"]
-                if h.get("source") == "agent" and h.get("accepted")]
-
-    def refused_agent_states(self, task_id: str) -> list[str]:
-        """States the agent tried to report and Arkindex refused (forbidden transitions)."""
-        return [h["to"] for h in self.task(task_id)["history"]
-                if h.get("source") == "agent" and not h.get("accepted")]
-
-    # Vast
-    def faults(self, *rules: dict) -> None:
-        self._vast("POST", "/_sim/faults", json={"rules": list(rules)})
-
-    def clear_faults(self) -> None:
-        self._vast("DELETE", "/_sim/faults")
-
-    def ledger(self) -> list[dict]:
-        return self._vast("GET", "/_sim/ledger")["instances"]
-
-    def stats(self) -> dict:
-        return self._vast("GET", "/_sim/stats")
-
-    def events(self) -> list[dict]:
-        return self._vast("GET", "/_sim/events")["events"]
-
-    def instances(self) -> list[dict]:
-        data = self._vast("GET", "/_sim/instances")
-        return data["instances"] if isinstance(data, dict) else data
-
-    def offers(self) -> list[dict]:
-        data = self._vast("GET", "/_sim/offers")
-        return data["offers"] if isinstance(data, dict) else data
-
-    def clear_offers(self) -> None:
-        self._vast("DELETE", "/_sim/offers")
-
-    def add_offers(self, offers: list[dict]) -> None:
-        self._vast("POST", "/_sim/offers", json={"offers": offers})
-
-    def rows_for(self, task_id: str) -> list[dict]:
-        """Ledger rows of every instance whose label names this task."""
-        return [row for row in self.ledger() if task_id in (row.get("label") or "")]
+# The simulators' admin APIs of one LocalStack: `Admin(stack)` (the shared client).
+Admin = SimAdmin

@@ -1,5 +1,8 @@
 """`ponos-vast demo` / `run` and the sample workload.
 
+`run` with PONOS_CONFIG is the real agent and never touches the simulators (checked in a
+subprocess where they cannot be imported); without it, it says so and runs the demo.
+
 The demo test is a real end-to-end run (private Redis, local stack, real worker, beat and
 Flower processes, instances running real `sh` commands) checked only through its --json
 document, whose figures come from the simulators.
@@ -8,14 +11,23 @@ document, whose figures come from the simulators.
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from ponos_tasks import demo
+from ponos_tasks.cli import SIM_EXTRA_MESSAGE, main
 from ponos_tasks.demo import summarize
+from ponos_tasks.run import NO_CONFIG_MESSAGE
 from ponos_tasks.workload import build_workload
+from tests.blocked_imports import SIM_EXTRA, blocked_env, run_blocked
+from tests.conftest import free_port
 
 TERMINAL = {"completed", "failed", "error", "stopped"}
 
@@ -94,6 +106,80 @@ def test_run_refuses_a_bad_config(tmp_path, local_stack):
     assert result.returncode == 2, result.stderr
     assert "sync_intervall: unknown key (did you mean 'sync_interval'?)" in result.stderr
     assert not (tmp_path / "logs").exists()  # nothing was started
+
+
+def unreachable_config(tmp_path) -> str:
+    """A valid config whose Arkindex, Vast.ai and Redis are closed loopback ports."""
+    closed = free_port()
+    path = tmp_path / "agent.yml"
+    path.write_text(f"""url: http://127.0.0.1:{closed}
+farm_id: 00000000-0000-0000-0000-000000000001
+seed: "{'ab' * 32}"
+redis_url: redis://127.0.0.1:{closed}/0
+vast_api:
+  url: http://127.0.0.1:{closed}
+  api_key: not-a-key
+  offer_filters: {{}}
+""")
+    return str(path)
+
+
+@pytest.mark.timeout(120)
+def test_run_with_a_config_runs_the_agent_and_never_the_simulators(tmp_path):
+    """The simulators, the demo and the `sim` extra cannot be imported (here and in the
+    worker, beat and Flower it starts): `run` still starts the agent for the config."""
+    env = {**os.environ, "PONOS_CONFIG": unreachable_config(tmp_path)}
+    blocked = (*SIM_EXTRA, "ponos_tasks.simulators", "ponos_tasks.demo")
+    logs = tmp_path / "logs"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ponos_tasks.cli", "run", "--log-dir", str(logs),
+         "--flower-port", str(free_port())],
+        env=blocked_env(tmp_path, blocked, env), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        # The worker imported the app and its tasks, and tries to reach its (closed) Redis.
+        deadline = time.monotonic() + 60
+        worker_log = logs / "worker1.log"
+        while not (worker_log.exists() and "127.0.0.1" in worker_log.read_text()):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the worker never tried its broker"
+            time.sleep(0.2)
+        assert {p.name for p in logs.glob("*.log")} == {"worker1.log", "beat1.log",
+                                                      "flower.log"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "Agent running: worker, beat and Flower" in stdout and "Agent stopped." in stdout
+    assert NO_CONFIG_MESSAGE not in stderr and "demo" not in stdout + stderr
+    for path in logs.glob("*.log"):
+        text = path.read_text()
+        assert "ModuleNotFoundError" not in text and "ImportError" not in text, path
+
+
+def test_run_without_config_says_so_and_runs_the_demo(monkeypatch):
+    ran = []
+
+    @click.command("demo")
+    def fake_demo():
+        ran.append(True)
+        click.echo("the demo ran")
+
+    monkeypatch.setattr(demo, "demo_command", fake_demo)
+    monkeypatch.delenv("PONOS_CONFIG", raising=False)
+    result = CliRunner().invoke(main, ["run"])
+    assert result.exit_code == 0, result.output
+    assert ran == [True]
+    assert result.stderr == NO_CONFIG_MESSAGE + "\n"  # one plain line
+    assert result.stdout == "the demo ran\n"
+
+
+def test_run_without_config_nor_the_sim_extra(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PONOS_CONFIG"}
+    result = run_blocked(["-m", "ponos_tasks.cli", "run"], tmp_path, env=env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [NO_CONFIG_MESSAGE,
+                                          f"ponos-vast demo: {SIM_EXTRA_MESSAGE}"]
 
 
 @pytest.mark.e2e

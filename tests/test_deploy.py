@@ -364,6 +364,29 @@ def test_dockerfile_base_image_user_and_copied_paths(dockerfile):
     assert {"pyproject.toml", "README.md", "celeryconfig.py", "ponos_tasks"} <= copied
 
 
+def test_the_production_image_has_no_simulators_and_the_local_stack_has_them(
+        dockerfile, compose):
+    """The `sim` extra (Flask, moto, zstandard) only in the local profile's `stack` image."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert "\nsim = [" in pyproject
+    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] if "=" in rest else None
+            for keyword, rest in dockerfile if keyword == "ARG"}
+    assert args.get("PONOS_EXTRAS") == '""'
+    installs = [rest for keyword, rest in dockerfile if keyword == "RUN" and "pip install" in rest]
+    assert len(installs) == 1 and '".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}"' in installs[0]
+    for extras, expected in (("", "."), ("sim", ".[sim]")):
+        line = subprocess.run(["sh", "-c", 'printf %s ".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}"'],
+                              env={"PONOS_EXTRAS": extras}, capture_output=True, text=True,
+                              timeout=10).stdout
+        assert line == expected
+    services = compose["services"]
+    assert services["stack"]["build"]["args"] == {"PONOS_EXTRAS": "sim"}
+    assert services["stack"]["image"] != services["worker"]["image"]
+    for name in ("worker", "beat", "flower"):
+        build = services[name]["build"]
+        assert build == "." or not (build.get("args") or {}).get("PONOS_EXTRAS"), name
+
+
 def test_dockerignore_keeps_local_configs_and_secrets_out():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]

@@ -163,14 +163,13 @@ def test_published_log_agent_lines_first_no_secrets(stack, contexts, admin):
 
 def test_instance_env_parents_gpu_runtype_label(contexts, admin):
     ctx = contexts()
-    created = admin.process([
+    ids = admin.process("test", [
         {"slug": "parent", "image": "registry.example/worker:1", "state": "completed"},
         {"slug": "child", "image": "registry.example/worker:1", "parents": ["parent"],
          "command": "worker --flag 'two words'", "env": {**scripted(0), "MY_SETTING": "42"}},
         {"slug": "orphan", "image": "registry.example/worker:1", "env": scripted(0),
          "command": "worker"},
     ])
-    ids = {t["slug"]: t["id"] for t in created["tasks"]}
     harness = Harness(ctx)
     harness.sync()
     harness.run(until=lambda: harness.done(ids["child"]) and harness.done(ids["orphan"]))

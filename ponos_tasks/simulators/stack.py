@@ -95,6 +95,18 @@ class RedisProcess:
                 self.proc.wait(timeout=5)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL it, like a Redis host lost with its memory (no RDB, no AOF)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart_empty(self) -> None:
+        """Kill it and start it again, empty, on the same port (the same URL)."""
+        self.kill()
+        self.start()
+
 
 class LocalStack:
     """S3 + Arkindex simulator + Vast.ai simulator (+ Redis if needed), in-process.

@@ -15,56 +15,45 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ponos_tasks.simulators.stack import LocalStack, RedisProcess
-from ponos_tasks.supervisor import AgentProcesses
-from tests.e2e.helpers import Sim
+from ponos_tasks.simulators.harness import LocalRun
+from ponos_tasks.simulators.stack import LocalStack
 
 TIME_SCALE = 40.0  # simulated Vast.ai seconds per real second
 
 
-class PrivateRedis(RedisProcess):
-    """A `redis-server` on a fixed free loopback port that a test may SIGKILL and restart
-    (empty: no RDB, no AOF), like a Redis host lost with its memory."""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart_empty(self) -> None:
-        self.kill()
-        self.start()
-
-
 @pytest.fixture
-def private_redis(tmp_path):
+def local_run(tmp_path):
+    """Private Redis + the local stack on it (ponos_tasks.simulators.harness.LocalRun); Vast.ai
+    instances run their command for real; no market churn (the cheapest-offer check
+    reconstructs the market from the events). The agent processes a test starts through
+    `agent_processes` are stopped with it."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server): the "
                     "end-to-end tests need a private Redis they can kill")
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    server = PrivateRedis(workdir).start()
-    yield server
-    server.kill()
+    run = LocalRun(time_scale=TIME_SCALE, vast_run_mode="local",
+                   vast_options={"churn": False, "log_delay": 1.0}, workdir=tmp_path,
+                   logs_dir=tmp_path / "logs")
+    run.start()
+    yield run
+    run.stop(agent_timeout=10)
 
 
 @pytest.fixture
-def stack(private_redis):
-    """The local stack on the private Redis; Vast.ai instances run their command for real;
-    no market churn (the cheapest-offer check reconstructs the market from the events)."""
-    local = LocalStack(private_redis.url, time_scale=TIME_SCALE, vast_run_mode="local",
-                       start_redis=False, vast_options={"churn": False, "log_delay": 1.0})
-    local.start()
-    yield local
-    local.stop()
+def private_redis(local_run):
+    """The run's `redis-server`: a test may SIGKILL it and restart it empty (no RDB, no AOF)
+    on the same port, like a Redis host lost with its memory (`restart_empty()`)."""
+    return local_run.redis
 
 
 @pytest.fixture
-def sim(stack):
-    admin = Sim(stack.vast_url, stack.arkindex_url)
-    yield admin
-    admin.close()
+def stack(local_run) -> LocalStack:
+    return local_run.stack
+
+
+@pytest.fixture
+def sim(local_run):
+    """The simulators' admin APIs (ponos_tasks.simulators.harness.SimAdmin)."""
+    return local_run.admin
 
 
 def write_agent_config(stack: LocalStack, path: Path, redis_url: str, **vast_overrides) -> Path:
@@ -110,18 +99,11 @@ def agent_config(stack, private_redis, tmp_path):
 
 
 @pytest.fixture
-def agent_processes(private_redis, tmp_path):
-    """A factory for AgentProcesses (started); everything is stopped at the end."""
-    started: list[AgentProcesses] = []
+def agent_processes(local_run):
+    """A factory for AgentProcesses (started); everything is stopped with the run."""
 
-    def make(config_path: Path, *, workers: int = 1, beats: int = 1,
-             concurrency: int = 4) -> AgentProcesses:
-        processes = AgentProcesses(config_path=config_path, log_dir=tmp_path / "logs",
-                                   redis_url=private_redis.url, workers=workers,
-                                   concurrency=concurrency, beats=beats)
-        started.append(processes)
-        return processes.start()
+    def make(config_path: Path, *, workers: int = 1, beats: int = 1, concurrency: int = 4):
+        return local_run.start_agent(config_path, workers=workers, beats=beats,
+                                     concurrency=concurrency)
 
-    yield make
-    for processes in started:
-        processes.stop(timeout=10)
+    return make

@@ -1,6 +1,6 @@
-"""Helpers of the end-to-end tests: the simulators' admin APIs, waiting with a useful failure
-message, and the invariants every run must keep (computed from what the simulators
-recorded, never from the agent's own view)."""
+"""Helpers of the end-to-end tests: waiting with a useful failure message, and the invariants
+every run must keep (computed from what the simulators recorded, never from the agent's own
+view). The simulators' admin client is ponos_tasks.simulators.harness.SimAdmin."""
 
 from __future__ import annotations
 
@@ -8,80 +8,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import requests
-
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.simulators.harness import SimAdmin
 
 TERMINAL = {"completed", "failed", "error", "stopped", "cancelled"}
-
-
-class Sim:
-    """Admin APIs of the Vast.ai and Arkindex simulators of one LocalStack."""
-
-    def __init__(self, vast_url: str, arkindex_url: str):
-        self.vast_url = vast_url
-        self.arkindex_url = arkindex_url
-        self.http = requests.Session()
-
-    def close(self) -> None:
-        self.http.close()
-
-    def _json(self, method: str, url: str, **kwargs):
-        resp = self.http.request(method, url, timeout=10, **kwargs)
-        resp.raise_for_status()
-        return resp.json() if resp.content else None
-
-    # Vast.ai
-    def faults(self, *rules: dict) -> None:
-        self._json("POST", self.vast_url + "/_sim/faults", json={"rules": list(rules)})
-
-    def ledger(self) -> list[dict]:
-        return self._json("GET", self.vast_url + "/_sim/ledger")["instances"]
-
-    def stats(self) -> dict:
-        return self._json("GET", self.vast_url + "/_sim/stats")
-
-    def events(self) -> list[dict]:
-        return self._json("GET", self.vast_url + "/_sim/events")["events"]
-
-    def offers(self) -> list[dict]:
-        data = self._json("GET", self.vast_url + "/_sim/offers")
-        return data["offers"] if isinstance(data, dict) else data
-
-    def set_market(self, prices: dict[int, float], *, storage_cost: float = 0.1) -> None:
-        """Replace the market by one single-GPU, verified machine per (machine id, $/h)."""
-        self._json("DELETE", self.vast_url + "/_sim/offers")
-        offers = [{"machine_id": machine_id, "num_gpus": 1, "dph_base": price,
-                   "verified": True, "verification": "verified", "vericode": 1,
-                   "external": False, "reliability": 0.99, "reliability2": 0.99,
-                   "storage_cost": storage_cost, "gpu_name": "RTX 3090", "gpu_ram": 24576,
-                   "disk_space": 500.0}
-                  for machine_id, price in prices.items()]
-        self._json("POST", self.vast_url + "/_sim/offers", json={"offers": offers})
-
-    # Arkindex
-    def process(self, name: str, tasks: list[dict]) -> dict[str, str]:
-        """Create a process; returns {slug: task id}."""
-        created = self._json("POST", self.arkindex_url + "/_sim/processes",
-                             json={"name": name, "tasks": tasks})
-        return {task["slug"]: task["id"] for task in created["tasks"]}
-
-    def tasks(self) -> dict[str, dict]:
-        data = self._json("GET", self.arkindex_url + "/_sim/tasks")
-        return {task["id"]: task for task in data["tasks"]}
-
-    def task(self, task_id: str) -> dict:
-        return self._json("GET", f"{self.arkindex_url}/_sim/tasks/{task_id}")
-
-    def stop_task(self, task_id: str) -> dict:
-        return self._json("POST", f"{self.arkindex_url}/_sim/tasks/{task_id}/stop")
-
-    def task_log(self, task_id: str) -> str | None:
-        resp = self.http.get(f"{self.arkindex_url}/_sim/tasks/{task_id}/logs", timeout=10)
-        if resp.status_code == 404:
-            return None
-        resp.raise_for_status()
-        return resp.text
 
 
 # ---------------------------------------------------------------------- waiting
@@ -123,7 +53,7 @@ def wait_until(condition, *, timeout: float, what: str, agent=None, interval: fl
         time.sleep(interval)
 
 
-def wait_all_terminal(sim: Sim, task_ids, *, timeout: float, agent=None) -> dict[str, dict]:
+def wait_all_terminal(sim: SimAdmin, task_ids, *, timeout: float, agent=None) -> dict[str, dict]:
     """Wait until every task is in a terminal state on Arkindex; returns the tasks."""
     ids = set(task_ids)
     latest: dict[str, dict] = {}
@@ -143,7 +73,7 @@ def wait_all_terminal(sim: Sim, task_ids, *, timeout: float, agent=None) -> dict
     return dict(latest)
 
 
-def wait_no_live_instance(sim: Sim, *, timeout: float = 10.0, agent=None) -> None:
+def wait_no_live_instance(sim: SimAdmin, *, timeout: float = 10.0, agent=None) -> None:
     wait_until(lambda: sim.stats()["live_instances"] == 0, timeout=timeout,
                what="no live Vast.ai instance", agent=agent,
                describe=lambda: "live: " + ", ".join(
@@ -178,7 +108,7 @@ def instances_by_task(ledger: list[dict]) -> dict[str, list[dict]]:
     return rows
 
 
-def assert_no_instance_left(sim: Sim, agent=None) -> list[dict]:
+def assert_no_instance_left(sim: SimAdmin, agent=None) -> list[dict]:
     wait_no_live_instance(sim, agent=agent)
     ledger = sim.ledger()
     left = [row for row in ledger if row["destroyed_at"] is None]

@@ -1,0 +1,320 @@
+"""Driving the local stack from outside: one client of the simulators' admin APIs, and one
+local run (a private Redis, the local stack on it, the agent's processes) that stops all.
+
+    with LocalRun(time_scale=40, vast_run_mode="local") as run:   # Redis + stack
+        agent = run.start_agent(config=run.agent_config(sync_interval=2))
+        ids = run.admin.process("demo", [{"slug": "a", "image": "...", "command": "..."}])
+        run.admin.tasks()[ids["a"]]["state"], run.admin.ledger(), run.admin.stats()
+
+Used by `ponos-vast demo`, the benchmarks and the tests (end-to-end fixtures, the steps
+harness), so that there is one copy of each admin call. Part of the `sim` extra.
+
+Unlike the simulators (independent oracles: they import nothing from the agent), this
+module starts the agent's processes, through ponos_tasks.supervisor only: the same
+commands as the Procfile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import requests
+import yaml
+
+from ponos_tasks.simulators.stack import DEFAULT_REDIS_URL, LocalStack, RedisProcess
+from ponos_tasks.supervisor import AgentProcesses
+
+# Variables that would point an agent started here at something else than the local stack
+# (the config loader prefers them to the file); they are blanked in the agent's environment
+# (an empty value counts as unset).
+OVERRIDING_ENV = ("PONOS_ARKINDEX_URL", "ARKINDEX_URL", "PONOS_FARM_ID", "PONOS_SEED",
+                  "PONOS_AGENT_NAME", "PONOS_VAST_URL", "PONOS_VAST_API_KEY", "VAST_API_KEY",
+                  "PONOS_OFFER_FILTERS", "PONOS_REDIS_URL", "PONOS_SENTRY_DSN", "SENTRY_DSN")
+
+
+# ---------------------------------------------------------------------- admin client
+
+
+class SimAdmin:
+    """The admin APIs (`/_sim/...`, no auth) of the Vast.ai and Arkindex simulators.
+
+    `SimAdmin(stack)` for a started LocalStack, or `SimAdmin(vast_url=..., arkindex_url=...)`.
+    Errors raise requests.HTTPError; `timeout` is per request, in seconds.
+    """
+
+    def __init__(self, stack=None, *, vast_url: str | None = None,
+                 arkindex_url: str | None = None, timeout: float = 10.0):
+        self.vast_url = vast_url or (stack.vast_url if stack is not None else None)
+        self.arkindex_url = arkindex_url or (stack.arkindex_url if stack is not None else None)
+        if not self.vast_url or not self.arkindex_url:
+            raise ValueError("SimAdmin needs a started stack, or both simulator URLs")
+        self.timeout = timeout
+        self.http = requests.Session()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> SimAdmin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kwargs) -> requests.Response:
+        resp = self.http.request(method, url, timeout=self.timeout, **kwargs)
+        resp.raise_for_status()
+        return resp
+
+    def _json(self, method: str, url: str, **kwargs):
+        resp = self._request(method, url, **kwargs)
+        return resp.json() if resp.content else None
+
+    # ------------------------------------------------------------------ Vast.ai
+
+    def vast(self, what: str) -> dict:
+        """`GET /_sim/<what>` as returned (e.g. "ledger" with its `total_cost`)."""
+        return self._json("GET", f"{self.vast_url}/_sim/{what}")
+
+    def faults(self, *rules: dict) -> None:
+        self._json("POST", self.vast_url + "/_sim/faults", json={"rules": list(rules)})
+
+    def clear_faults(self) -> None:
+        self._json("DELETE", self.vast_url + "/_sim/faults")
+
+    def ledger(self) -> list[dict]:
+        """The billing ledger's rows, one per instance ever created."""
+        return self.vast("ledger")["instances"]
+
+    def stats(self) -> dict:
+        return self.vast("stats")
+
+    def events(self) -> list[dict]:
+        return self.vast("events")["events"]
+
+    def instances(self) -> list[dict]:
+        data = self.vast("instances")
+        return data["instances"] if isinstance(data, dict) else data
+
+    def offers(self) -> list[dict]:
+        data = self.vast("offers")
+        return data["offers"] if isinstance(data, dict) else data
+
+    def clear_offers(self) -> None:
+        self._json("DELETE", self.vast_url + "/_sim/offers")
+
+    def add_offers(self, offers: list[dict]) -> None:
+        self._json("POST", self.vast_url + "/_sim/offers", json={"offers": offers})
+
+    def set_market(self, prices: dict[int, float], *, storage_cost: float = 0.1) -> None:
+        """Replace the market by one single-GPU, verified machine per (machine id, $/h)."""
+        self.clear_offers()
+        self.add_offers([{"machine_id": machine_id, "num_gpus": 1, "dph_base": price,
+                          "verified": True, "verification": "verified", "vericode": 1,
+                          "external": False, "reliability": 0.99, "reliability2": 0.99,
+                          "storage_cost": storage_cost, "gpu_name": "RTX 3090",
+                          "gpu_ram": 24576, "disk_space": 500.0}
+                         for machine_id, price in prices.items()])
+
+    # ------------------------------------------------------------------ Arkindex
+
+    def create_process(self, name: str, tasks: list[dict]) -> dict:
+        """Create a process (tasks in the admin shape); returns it with its tasks."""
+        return self._json("POST", self.arkindex_url + "/_sim/processes",
+                          json={"name": name, "tasks": tasks})
+
+    def process(self, name: str, tasks: list[dict]) -> dict[str, str]:
+        """Create a process; returns {slug: task id}, in the order of `tasks`."""
+        created = self.create_process(name, tasks)
+        return {task["slug"]: task["id"] for task in created["tasks"]}
+
+    def one_task(self, **spec) -> str:
+        """A process of one task; returns its id. Defaults: slug, image and a command."""
+        spec.setdefault("slug", "task")
+        spec.setdefault("image", "registry.example/worker:1")
+        # With a command the agent never looks the image up in its registry: tests talk to
+        # 127.0.0.1 only (the no-command tests pass command=None and a loopback registry).
+        spec.setdefault("command", "python -m worker")
+        return self.process("test", [spec])[spec["slug"]]
+
+    def tasks(self) -> dict[str, dict]:
+        """Every task of the simulator, by id."""
+        data = self._json("GET", self.arkindex_url + "/_sim/tasks")
+        return {task["id"]: task for task in data["tasks"]}
+
+    def task(self, task_id: str) -> dict:
+        return self._json("GET", f"{self.arkindex_url}/_sim/tasks/{task_id}")
+
+    def task_log(self, task_id: str) -> str | None:
+        """The log the agent published for the task, or None when there is none."""
+        resp = self.http.get(f"{self.arkindex_url}/_sim/tasks/{task_id}/logs",
+                             timeout=self.timeout)
+        if resp.status_code == 404:
+            return None
+        resp.raise_for_status()
+        return resp.text
+
+    def stop_task(self, task_id: str) -> dict:
+        """What a user's "stop" does in Arkindex."""
+        return self._json("POST", f"{self.arkindex_url}/_sim/tasks/{task_id}/stop")
+
+    def accepted_agent_states(self, task_id: str) -> list[str]:
+        """The states the agent reported and Arkindex accepted, in order."""
+        return [h["to"] for h in self.task(task_id)["history"]
+                if h.get("source") == "agent" and h.get("accepted")]
+
+    def refused_agent_states(self, task_id: str) -> list[str]:
+        """States the agent tried to report and Arkindex refused (forbidden transitions)."""
+        return [h["to"] for h in self.task(task_id)["history"]
+                if h.get("source") == "agent" and not h.get("accepted")]
+
+    def rows_for(self, task_id: str) -> list[dict]:
+        """Ledger rows of every instance whose label names this task."""
+        return [row for row in self.ledger() if task_id in (row.get("label") or "")]
+
+
+# ---------------------------------------------------------------------- local run
+
+
+class LocalRun:
+    """A private Redis, the local stack on it, and the agent's processes.
+
+    `redis`: "private" (a `redis-server` of its own, needed), "private-or-env" (one of its own
+    when `redis-server` is installed, else $REDIS_URL, else redis://127.0.0.1:6379/0), or a
+    Redis URL to use. `workdir`: where Redis, the config and (by default) the logs go; a
+    temporary folder removed on stop when not given. `agent_env`: set in the agent's
+    environment (default: the OVERRIDING_ENV variables blanked). `say`: progress lines.
+
+    `start()` starts Redis and the stack; `start_agent()` the agent's processes (several
+    times if needed); `stop()` stops everything, in reverse order, even after a failure.
+    """
+
+    def __init__(self, *, time_scale: float = 20.0, vast_run_mode: str = "scripted",
+                 vast_options: dict | None = None, redis: str = "private",
+                 redis_new_session: bool = False, workdir: Path | None = None,
+                 logs_dir: Path | None = None, agent_env: dict | None = None,
+                 admin_timeout: float = 10.0, say=None):
+        self.time_scale = time_scale
+        self.vast_run_mode = vast_run_mode
+        self.vast_options = dict(vast_options or {})
+        self.redis_mode = redis
+        self.redis_new_session = redis_new_session
+        self.own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ponos-run-"))
+        self.logs_dir = Path(logs_dir) if logs_dir else self.workdir / "logs"
+        self.agent_env = ({name: "" for name in OVERRIDING_ENV} if agent_env is None
+                          else dict(agent_env))
+        self.admin_timeout = admin_timeout
+        self.say = say or (lambda _message: None)
+        self.redis: RedisProcess | None = None  # the private one, when started here
+        self.redis_url: str | None = None
+        self.stack: LocalStack | None = None
+        self.admin: SimAdmin | None = None
+        self.agents: list[AgentProcesses] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start_redis(self) -> str:
+        """Start (or choose) the Redis; returns its URL. RuntimeError when there is none."""
+        mode = self.redis_mode
+        if mode in ("private", "private-or-env"):
+            if shutil.which("redis-server") is None:
+                if mode == "private":
+                    raise RuntimeError("redis-server is not installed (a private Redis is "
+                                       "needed: apt-get install redis-server)")
+                self.redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+                self.say(f"redis-server is not installed: using {self.redis_url} (its "
+                         "ponos:* keys and Celery queues)")
+                return self.redis_url
+            workdir = self.workdir / "redis"
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.redis = RedisProcess(workdir, new_session=self.redis_new_session).start()
+            self.redis_url = self.redis.url
+        else:
+            self.redis_url = mode
+        return self.redis_url
+
+    def start_stack(self) -> LocalStack:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # S3's access log
+        self.stack = LocalStack(self.redis_url, time_scale=self.time_scale,
+                                vast_run_mode=self.vast_run_mode, start_redis=False,
+                                vast_options=self.vast_options).start()
+        if not self.stack.redis_url:
+            raise RuntimeError(f"no Redis answers at {self.redis_url}")
+        self.admin = SimAdmin(self.stack, timeout=self.admin_timeout)
+        return self.stack
+
+    def start(self) -> LocalRun:
+        """Redis and the local stack (not the agent: see start_agent)."""
+        try:
+            if self.redis_url is None:
+                self.start_redis()
+            if self.stack is None:
+                self.start_stack()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def agent_config(self, **overrides) -> dict:
+        """The agent's config for this stack and Redis; `vast_api` overrides merge."""
+        config = yaml.safe_load(self.stack.config_yaml())
+        config["redis_url"] = self.redis_url
+        config["vast_api"].update(overrides.pop("vast_api", {}))
+        config.update(overrides)
+        return config
+
+    def write_config(self, config: dict, name: str = "agent.yml") -> Path:
+        path = self.workdir / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def start_agent(self, config_path: Path | None = None, *, config: dict | None = None,
+                    workers: int = 1, beats: int = 1, concurrency: int = 4,
+                    flower_port: int | None = None) -> AgentProcesses:
+        """Start worker(s), beat(s) (and Flower with a port) for a config file, or for
+        `config` (written to the workdir), or for agent_config()."""
+        if config_path is None:
+            config_path = self.write_config(config if config is not None
+                                            else self.agent_config())
+        agent = AgentProcesses(config_path=Path(config_path), log_dir=self.logs_dir,
+                               redis_url=self.redis_url, workers=workers,
+                               concurrency=concurrency, beats=beats, flower_port=flower_port,
+                               extra_env=self.agent_env)
+        self.agents.append(agent)
+        return agent.start()
+
+    @property
+    def agent(self) -> AgentProcesses | None:
+        """The agent started last."""
+        return self.agents[-1] if self.agents else None
+
+    def check_alive(self) -> list[str]:
+        """Names of the agent processes that exited (with their status)."""
+        return [dead for agent in self.agents for dead in agent.check_alive()]
+
+    def stop(self, agent_timeout: float = 20.0) -> None:
+        """Stop the agent, the stack, Redis; each part even when an earlier one failed."""
+        try:
+            for agent in reversed(self.agents):
+                agent.stop(timeout=agent_timeout)
+        finally:
+            try:
+                if self.admin is not None:
+                    self.admin.close()
+                if self.stack is not None:
+                    self.stack.stop()
+            finally:
+                if self.redis is not None:
+                    self.redis.stop()
+                if self.own_workdir:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRun:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
