@@ -19,11 +19,12 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin ponos \
     && mkdir -p /run/ponos-local \
     && chown ponos:ponos /run/ponos-local
 
-# Celery loads celeryconfig.py from the working directory.
+# constraints.txt pins every runtime dependency (`make lock` regenerates it), so that two
+# builds of one commit install the same versions.
 WORKDIR /app
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml README.md celeryconfig.py constraints.txt ./
 COPY ponos_tasks ./ponos_tasks
-RUN pip install ".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}" && rm -rf build ./*.egg-info
+RUN pip install -c constraints.txt ".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}" && rm -rf build ./*.egg-info
 
 USER ponos
 

@@ -96,8 +96,8 @@ STACK_MARKERS = {"e2e", "vastai_cli", "base_worker"}
 STACK_MODULES = {
     "test_arkindex_client.py", "test_commands.py", "test_demo.py", "test_deploy.py",
     "test_metrics.py", "test_offers_simulator.py", "test_offers_vastai_parity.py",
-    "test_ratelimit.py", "test_registry_client.py", "test_steps.py", "test_vast_client.py",
-    "test_wrapper.py",
+    "test_ratelimit.py", "test_registry_client.py", "test_sim_extra.py", "test_steps.py",
+    "test_vast_client.py", "test_wrapper.py",
 }
 # Single tests of otherwise pure modules: a subprocess (a clean interpreter or the CLI) or a
 # loopback socket.
