@@ -32,8 +32,10 @@ tools: $(TOOL_VENVS)
 redis: install
 	$(BIN)/python scripts/ensure_redis.py "$(REDIS_URL)"
 
+LINTED := ponos_tasks tests scripts benchmarks celeryconfig.py
 lint: install
-	$(BIN)/ruff check ponos_tasks tests scripts benchmarks celeryconfig.py
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 test: install redis lint tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -54,8 +54,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def spread(values: list[float]) -> dict:
-    return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-            "max": max(values) if values else None}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "max": max(values) if values else None,
+    }
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -75,11 +79,16 @@ def machine() -> dict:
         for line in meminfo:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    return {"nproc": os.cpu_count(), "mem_gib": round(mem_kb / 1024 / 1024, 1),
-            "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "python": platform.python_version(), "commit": commit or "?"}
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "mem_gib": round(mem_kb / 1024 / 1024, 1),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "commit": commit or "?",
+    }
 
 
 def command_line() -> str:
@@ -91,14 +100,17 @@ def command_line() -> str:
 def write_section(name: str, title: str, body: str, machine_info: dict) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    block = (f"<!-- bench:{name} -->\n## {title}\n\n"
-             f"Command: `{command_line()}`  \n"
-             f"Date: {now}; machine: {machine_info['nproc']} CPUs, {machine_info['mem_gib']} GiB, "
-             f"load average at start {machine_info['load']}; Python {machine_info['python']}; "
-             f"commit {machine_info['commit']}\n\n{body.rstrip()}\n<!-- /bench:{name} -->")
+    block = (
+        f"<!-- bench:{name} -->\n## {title}\n\n"
+        f"Command: `{command_line()}`  \n"
+        f"Date: {now}; machine: {machine_info['nproc']} CPUs, {machine_info['mem_gib']} GiB, "
+        f"load average at start {machine_info['load']}; Python {machine_info['python']}; "
+        f"commit {machine_info['commit']}\n\n{body.rstrip()}\n<!-- /bench:{name} -->"
+    )
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->",
-                         re.S)
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _m: block, text)
     else:
@@ -201,11 +213,24 @@ class AgentRun(LocalRun):
             run.submit(tasks); run.wait_done(timeout); run.vast("ledger")
     """
 
-    def __init__(self, *, time_scale: float, max_instances: int, run_mode: str = "scripted",
-                 concurrency: int = 4, sync_interval: float = 2.0, logs_interval: float = 5.0,
-                 keep_logs: Path | None = None):
-        super().__init__(time_scale=time_scale, vast_run_mode=run_mode, redis="private",
-                         logs_dir=keep_logs, admin_timeout=30.0)
+    def __init__(
+        self,
+        *,
+        time_scale: float,
+        max_instances: int,
+        run_mode: str = "scripted",
+        concurrency: int = 4,
+        sync_interval: float = 2.0,
+        logs_interval: float = 5.0,
+        keep_logs: Path | None = None,
+    ):
+        super().__init__(
+            time_scale=time_scale,
+            vast_run_mode=run_mode,
+            redis="private",
+            logs_dir=keep_logs,
+            admin_timeout=30.0,
+        )
         self.max_instances = max_instances
         self.run_mode = run_mode
         self.concurrency = concurrency
@@ -216,14 +241,16 @@ class AgentRun(LocalRun):
 
     def config(self) -> dict:
         return self.agent_config(
-            sync_interval=self.sync_interval, logs_interval=self.logs_interval,
+            sync_interval=self.sync_interval,
+            logs_interval=self.logs_interval,
             agent_name="ponos-vast-bench",
             vast_api={
                 "rate_limit_scale": 1.0 / self.time_scale,
                 "loading_deadline": max(30.0, 1200.0 / self.time_scale),
                 "offer_wait": max(60.0, 3600.0 / self.time_scale),
                 "max_instances": self.max_instances,
-            })
+            },
+        )
 
     def start(self) -> AgentRun:
         try:
@@ -231,8 +258,7 @@ class AgentRun(LocalRun):
         except RuntimeError as error:
             raise BenchFailed(str(error)) from None
         agent = self.start_agent(config=self.config(), concurrency=self.concurrency)
-        self.sampler = Sampler({name: p.pid for name, p in agent.processes.items()},
-                               self.redis_url)
+        self.sampler = Sampler({name: p.pid for name, p in agent.processes.items()}, self.redis_url)
         self.sampler.start()
         return self
 
@@ -275,13 +301,17 @@ class AgentRun(LocalRun):
             tasks = self.ark_tasks()
             if on_poll is not None:
                 on_poll(time.monotonic() - start, tasks)
-            if all(t["state"] in TERMINAL for t in tasks) and \
-                    self.vast("stats")["live_instances"] == 0:
+            if (
+                all(t["state"] in TERMINAL for t in tasks)
+                and self.vast("stats")["live_instances"] == 0
+            ):
                 return time.monotonic() - start
             if time.monotonic() - start > timeout:
                 states = Counter(t["state"] for t in tasks)
-                raise BenchFailed(f"not done after {timeout:g} s: {dict(states)}, "
-                                  f"{self.vast('stats')['live_instances']} live instances")
+                raise BenchFailed(
+                    f"not done after {timeout:g} s: {dict(states)}, "
+                    f"{self.vast('stats')['live_instances']} live instances"
+                )
             time.sleep(0.5)
 
     def sim_to_epoch(self, sim_t: float) -> float:
@@ -317,8 +347,9 @@ def live_peaks(events: list[dict]) -> tuple[int, int]:
 
 
 def history_time(task: dict, to: str) -> float | None:
-    return next((h["t"] for h in task.get("history", [])
-                 if h.get("accepted") and h.get("to") == to), None)
+    return next(
+        (h["t"] for h in task.get("history", []) if h.get("accepted") and h.get("to") == to), None
+    )
 
 
 SYNC_DONE = re.compile(r"Task ponos\.sync\[[^\]]+\] succeeded in ([0-9.]+)s")

@@ -30,20 +30,33 @@ def command_ends(events: list[dict]) -> dict[int, tuple[float, float]]:
     ended: dict[int, float] = {}
     for event in sorted(events, key=lambda e: e["t"]):
         iid = event["instance_id"]
-        if event["event"] == "status" and event.get("actual_status") == "running" and \
-                event.get("intended_status", "running") == "running":
+        if (
+            event["event"] == "status"
+            and event.get("actual_status") == "running"
+            and event.get("intended_status", "running") == "running"
+        ):
             running.setdefault(iid, event["t"])
-        elif iid in running and iid not in ended and (
+        elif (
+            iid in running
+            and iid not in ended
+            and (
                 event["event"] == "destroyed"
-                or (event["event"] == "status"
-                    and (event.get("actual_status") != "running"
-                         or event.get("intended_status") == "stopped"))):
+                or (
+                    event["event"] == "status"
+                    and (
+                        event.get("actual_status") != "running"
+                        or event.get("intended_status") == "stopped"
+                    )
+                )
+            )
+        ):
             ended[iid] = event["t"]
     return {iid: (running[iid], ended[iid]) for iid in running if iid in ended}
 
 
-def analyse(ledger: dict, events: list[dict], tasks: list[dict], epoch_to_sim,
-            time_scale: float) -> dict:
+def analyse(
+    ledger: dict, events: list[dict], tasks: list[dict], epoch_to_sim, time_scale: float
+) -> dict:
     by_id = {t["id"]: t for t in tasks}
     spans = command_ends(events)
     rows, idle_sim = [], []
@@ -69,17 +82,31 @@ def analyse(ledger: dict, events: list[dict], tasks: list[dict], epoch_to_sim,
         ideal += ideal_cost
         gpu_over += gpu_dph * max(0.0, row["gpu_seconds"] - run_s) / 3600.0
         storage_over += storage_dph * max(0.0, row["storage_seconds"] - run_s) / 3600.0
-        rows.append({"task": task["slug"], "state": task["state"], "dph": row["dph_total"],
-                     "loading_s": started - row["created_at"], "run_s": run_s,
-                     "idle_s": idle, "billed": row["cost"], "ideal": ideal_cost})
+        rows.append(
+            {
+                "task": task["slug"],
+                "state": task["state"],
+                "dph": row["dph_total"],
+                "loading_s": started - row["created_at"],
+                "run_s": run_s,
+                "idle_s": idle,
+                "billed": row["cost"],
+                "ideal": ideal_cost,
+            }
+        )
     unmatched = len(ledger["instances"]) - len(rows)
     return {
-        "instances": len(ledger["instances"]), "instances_analysed": len(rows),
-        "unmatched": unmatched, "time_scale": time_scale,
-        "billed": billed, "ledger_total": ledger["total_cost"], "ideal": ideal,
+        "instances": len(ledger["instances"]),
+        "instances_analysed": len(rows),
+        "unmatched": unmatched,
+        "time_scale": time_scale,
+        "billed": billed,
+        "ledger_total": ledger["total_cost"],
+        "ideal": ideal,
         "overhead": billed - ideal,
         "overhead_pct_of_billed": 100.0 * (billed - ideal) / billed if billed else None,
-        "gpu_overhead": gpu_over, "storage_overhead": storage_over,
+        "gpu_overhead": gpu_over,
+        "storage_overhead": storage_over,
         "loading_sim_s": spread([r["loading_s"] for r in rows]),
         "run_sim_s": spread([r["run_s"] for r in rows]),
         "idle_sim_s": spread(idle_sim),
@@ -91,36 +118,64 @@ def analyse(ledger: dict, events: list[dict], tasks: list[dict], epoch_to_sim,
 def report(result: dict, summary: dict) -> str:
     t = summary["totals"]
     idle_sim, idle_real = result["idle_sim_s"], result["idle_real_s"]
-    out = [table(["billed (ledger) $", "ideal $", "overhead $", "overhead % of billed",
-                  "of which GPU $", "of which storage $"],
-                 [[f"{result['billed']:.5f}", f"{result['ideal']:.5f}",
-                   f"{result['overhead']:.5f}", fmt(result["overhead_pct_of_billed"], 1),
-                   f"{result['gpu_overhead']:.5f}", f"{result['storage_overhead']:.5f}"]]),
-           "",
-           table(["per instance", "p50", "p95", "max"], [
-               ["loading (created → running), sim s", *[fmt(result["loading_sim_s"][k], 1)
-                                                        for k in ("p50", "p95", "max")]],
-               ["task run time, sim s", *[fmt(result["run_sim_s"][k], 1)
-                                          for k in ("p50", "p95", "max")]],
-               ["idle billed after the command ended, sim s",
-                *[fmt(idle_sim[k], 1) for k in ("p50", "p95", "max")]],
-               ["same idle, real s (agent latency)",
-                *[fmt(idle_real[k], 2) for k in ("p50", "p95", "max")]],
-           ]),
-           "",
-           f"Workload: the demo's ({t['tasks']} tasks: {t['completed']} completed, "
-           f"{t['failed']} failed, {t['error']} error, {t['stopped']} stopped; "
-           f"{result['instances']} instances, {result['instances_analysed']} analysed); "
-           f"time_scale {result['time_scale']:g}; instances left {t['instances_left']}; max live "
-           f"instances per task {t['max_live_instances_per_task']}; {t['api_calls']} Vast.ai "
-           f"calls, {t['rate_limited']} rate limited.",
-           "",
-           "The ledger bills GPU while `running` and storage from create to destroy; the ideal "
-           "bills dph_total (GPU + storage) only for the command's own run. The idle time is "
-           "made of agent latencies that run in real time (watch interval, the log request "
-           "and its result_url delay, the final log upload, the destroy call); in simulated "
-           "seconds it is multiplied by time_scale, so the overhead % here is that of tasks "
-           "lasting a few real seconds (the demo's), i.e. an upper bound for real tasks."]
+    out = [
+        table(
+            [
+                "billed (ledger) $",
+                "ideal $",
+                "overhead $",
+                "overhead % of billed",
+                "of which GPU $",
+                "of which storage $",
+            ],
+            [
+                [
+                    f"{result['billed']:.5f}",
+                    f"{result['ideal']:.5f}",
+                    f"{result['overhead']:.5f}",
+                    fmt(result["overhead_pct_of_billed"], 1),
+                    f"{result['gpu_overhead']:.5f}",
+                    f"{result['storage_overhead']:.5f}",
+                ]
+            ],
+        ),
+        "",
+        table(
+            ["per instance", "p50", "p95", "max"],
+            [
+                [
+                    "loading (created → running), sim s",
+                    *[fmt(result["loading_sim_s"][k], 1) for k in ("p50", "p95", "max")],
+                ],
+                [
+                    "task run time, sim s",
+                    *[fmt(result["run_sim_s"][k], 1) for k in ("p50", "p95", "max")],
+                ],
+                [
+                    "idle billed after the command ended, sim s",
+                    *[fmt(idle_sim[k], 1) for k in ("p50", "p95", "max")],
+                ],
+                [
+                    "same idle, real s (agent latency)",
+                    *[fmt(idle_real[k], 2) for k in ("p50", "p95", "max")],
+                ],
+            ],
+        ),
+        "",
+        f"Workload: the demo's ({t['tasks']} tasks: {t['completed']} completed, "
+        f"{t['failed']} failed, {t['error']} error, {t['stopped']} stopped; "
+        f"{result['instances']} instances, {result['instances_analysed']} analysed); "
+        f"time_scale {result['time_scale']:g}; instances left {t['instances_left']}; max live "
+        f"instances per task {t['max_live_instances_per_task']}; {t['api_calls']} Vast.ai "
+        f"calls, {t['rate_limited']} rate limited.",
+        "",
+        "The ledger bills GPU while `running` and storage from create to destroy; the ideal "
+        "bills dph_total (GPU + storage) only for the command's own run. The idle time is "
+        "made of agent latencies that run in real time (watch interval, the log request "
+        "and its result_url delay, the final log upload, the destroy call); in simulated "
+        "seconds it is multiplied by time_scale, so the overhead % here is that of tasks "
+        "lasting a few real seconds (the demo's), i.e. an upper bound for real tasks.",
+    ]
     return "\n".join(out)
 
 
@@ -143,8 +198,13 @@ def main(n_tasks, time_scale, timeout, no_write):
         summary = demo.run()
         clock = demo.stack.vast.state.clock
         wall0 = clock.epoch(0.0)
-        result = analyse(demo.vast("ledger"), demo.vast("events")["events"], demo.ark_tasks(),
-                         lambda wall: (wall - wall0) * time_scale, time_scale)
+        result = analyse(
+            demo.vast("ledger"),
+            demo.vast("events")["events"],
+            demo.ark_tasks(),
+            lambda wall: (wall - wall0) * time_scale,
+            time_scale,
+        )
     except DemoFailed as error:
         raise click.ClickException(str(error)) from error
     finally:

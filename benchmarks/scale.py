@@ -34,19 +34,41 @@ from ponos_tasks.lifecycle import parse_label
 
 
 def task_specs(n: int, duration: float, pull: float) -> list[dict]:
-    env = {"SIM_DURATION": f"{duration:g}", "SIM_PULL_SECONDS": f"{pull:g}",
-           "SIM_LOG_LINES": "3", "SIM_FINAL_LINES": "PONOS_EXIT_CODE=0",
-           "SIM_SELF_STOP": "true"}
-    return [{"slug": f"t{i:04d}", "image": "registry.example.com/bench/worker:1",
-             "command": "python -m worker", "env": env, "requires_gpu": True}
-            for i in range(n)]
+    env = {
+        "SIM_DURATION": f"{duration:g}",
+        "SIM_PULL_SECONDS": f"{pull:g}",
+        "SIM_LOG_LINES": "3",
+        "SIM_FINAL_LINES": "PONOS_EXIT_CODE=0",
+        "SIM_SELF_STOP": "true",
+    }
+    return [
+        {
+            "slug": f"t{i:04d}",
+            "image": "registry.example.com/bench/worker:1",
+            "command": "python -m worker",
+            "env": env,
+            "requires_gpu": True,
+        }
+        for i in range(n)
+    ]
 
 
-def run_case(n: int, m: int, *, time_scale: float, duration: float, pull: float,
-             concurrency: int, timeout: float, say, keep_logs: Path | None = None) -> dict:
+def run_case(
+    n: int,
+    m: int,
+    *,
+    time_scale: float,
+    duration: float,
+    pull: float,
+    concurrency: int,
+    timeout: float,
+    say,
+    keep_logs: Path | None = None,
+) -> dict:
     logs = keep_logs / f"{n}-{m}" if keep_logs else None
-    with AgentRun(time_scale=time_scale, max_instances=m, concurrency=concurrency,
-                  keep_logs=logs) as run:
+    with AgentRun(
+        time_scale=time_scale, max_instances=m, concurrency=concurrency, keep_logs=logs
+    ) as run:
         time.sleep(3)  # let the worker register and beat tick once before the clock starts
         say(f"case {n} tasks / {m} instances: agent up, submitting")
         run.submit(f"bench-{n}", task_specs(n, duration, pull))
@@ -55,8 +77,12 @@ def run_case(n: int, m: int, *, time_scale: float, duration: float, pull: float,
         def progress(elapsed, tasks):
             if elapsed - last[0] >= 10:
                 last[0] = elapsed
-                say(f"  [{elapsed:5.1f}s] " + ", ".join(
-                    f"{c} {s}" for s, c in sorted(Counter(t["state"] for t in tasks).items())))
+                say(
+                    f"  [{elapsed:5.1f}s] "
+                    + ", ".join(
+                        f"{c} {s}" for s, c in sorted(Counter(t["state"] for t in tasks).items())
+                    )
+                )
 
         wall = run.wait_done(timeout, progress)
         run.sampler.stop()
@@ -83,12 +109,17 @@ def run_case(n: int, m: int, *, time_scale: float, duration: float, pull: float,
         submitted = min(history_time(t, "pending") for t in tasks)
         ended = max(next(h["t"] for h in t["history"] if h["to"] == t["state"]) for t in tasks)
         peak_live, peak_per_task = live_peaks(events)
-        attempts = Counter(parse_label(r["label"]).task_id for r in ledger["instances"]
-                           if parse_label(r["label"]))
+        attempts = Counter(
+            parse_label(r["label"]).task_id for r in ledger["instances"] if parse_label(r["label"])
+        )
         syncs = sync_durations(run.worker_log())
         return {
-            "tasks": n, "max_instances": m, "time_scale": time_scale,
-            "sim_duration": duration, "sim_pull": pull, "concurrency": concurrency,
+            "tasks": n,
+            "max_instances": m,
+            "time_scale": time_scale,
+            "sim_duration": duration,
+            "sim_pull": pull,
+            "concurrency": concurrency,
             "wall_s": round(wall, 1),
             "terminal_span_s": round(ended - submitted, 1),
             "states": dict(Counter(t["state"] for t in tasks)),
@@ -100,8 +131,9 @@ def run_case(n: int, m: int, *, time_scale: float, duration: float, pull: float,
             "calls_per_task": {k: round(v / n, 2) for k, v in sorted(stats["calls"].items())},
             "rate_limited": stats["rate_limited"],
             "peak_live": peak_live,
-            "max_live_per_task": max(peak_per_task, max(stats["max_live_per_label"].values(),
-                                                        default=0)),
+            "max_live_per_task": max(
+                peak_per_task, max(stats["max_live_per_label"].values(), default=0)
+            ),
             "instances_created": len(ledger["instances"]),
             "max_attempts": max(attempts.values(), default=0),
             "instances_left": stats["live_instances"],
@@ -117,44 +149,93 @@ def report(results: list[dict]) -> str:
     for r in results:
         created, running = r["pending_to_created_s"], r["pending_to_running_s"]
         wave = r["first_wave_pending_to_created_s"]
-        rows.append([
-            f"{r['tasks']} / {r['max_instances']}",
-            f"{r['terminal_span_s']:.1f}", f"{r['tasks_per_min']:.1f}",
-            f"{fmt(created['p50'])} / {fmt(created['p95'])} / {fmt(created['max'])}",
-            f"{fmt(wave['p50'])} / {fmt(wave['max'])}",
-            f"{fmt(running['p50'])} / {fmt(running['p95'])} / {fmt(running['max'])}",
-            f"{r['peak_live']} / {r['max_instances']}", r["max_live_per_task"],
-            r["instances_created"], r["instances_left"], sum(r["rate_limited"].values()),
-            ", ".join(f"{k} {v}" for k, v in r["states"].items()),
-        ])
-    out = [table(["tasks / max instances", "all terminal (real s)", "tasks/min",
-                  "pending→created p50/p95/max (real s)",
-                  "first wave (M fastest) pending→created p50/max (real s)", "pending→running p50/p95/max (real s)",
-                  "peak live / max", "max live per task", "instances created", "left", "429s",
-                  "final states"], rows), ""]
+        rows.append(
+            [
+                f"{r['tasks']} / {r['max_instances']}",
+                f"{r['terminal_span_s']:.1f}",
+                f"{r['tasks_per_min']:.1f}",
+                f"{fmt(created['p50'])} / {fmt(created['p95'])} / {fmt(created['max'])}",
+                f"{fmt(wave['p50'])} / {fmt(wave['max'])}",
+                f"{fmt(running['p50'])} / {fmt(running['p95'])} / {fmt(running['max'])}",
+                f"{r['peak_live']} / {r['max_instances']}",
+                r["max_live_per_task"],
+                r["instances_created"],
+                r["instances_left"],
+                sum(r["rate_limited"].values()),
+                ", ".join(f"{k} {v}" for k, v in r["states"].items()),
+            ]
+        )
+    out = [
+        table(
+            [
+                "tasks / max instances",
+                "all terminal (real s)",
+                "tasks/min",
+                "pending→created p50/p95/max (real s)",
+                "first wave (M fastest) pending→created p50/max (real s)",
+                "pending→running p50/p95/max (real s)",
+                "peak live / max",
+                "max live per task",
+                "instances created",
+                "left",
+                "429s",
+                "final states",
+            ],
+            rows,
+        ),
+        "",
+    ]
     endpoints = sorted({k for r in results for k in r["calls"]})
     out.append("Vast.ai API calls per task, by endpoint:\n")
-    out.append(table(["tasks / max instances", *endpoints, "total"],
-                     [[f"{r['tasks']} / {r['max_instances']}",
-                       *[r["calls_per_task"].get(k, 0.0) for k in endpoints],
-                       round(sum(r["calls"].values()) / r["tasks"], 2)] for r in results]))
+    out.append(
+        table(
+            ["tasks / max instances", *endpoints, "total"],
+            [
+                [
+                    f"{r['tasks']} / {r['max_instances']}",
+                    *[r["calls_per_task"].get(k, 0.0) for k in endpoints],
+                    round(sum(r["calls"].values()) / r["tasks"], 2),
+                ]
+                for r in results
+            ],
+        )
+    )
     out.append("")
     out.append("Resources and the sync loop:\n")
-    out.append(table(["tasks / max instances", "peak RSS worker tree (MiB)", "peak RSS beat (MiB)",
-                      "Redis peak used_memory (MiB)", "ponos.sync runs", "sync p50/p95/max (s)"],
-                     [[f"{r['tasks']} / {r['max_instances']}", r["peak_rss_mib"].get("worker1"),
-                       r["peak_rss_mib"].get("beat1"), r["redis_peak_used_mib"],
-                       r["sync_s"]["n"],
-                       f"{fmt(r['sync_s']['p50'], 3)} / {fmt(r['sync_s']['p95'], 3)} / "
-                       f"{fmt(r['sync_s']['max'], 3)}"] for r in results]))
+    out.append(
+        table(
+            [
+                "tasks / max instances",
+                "peak RSS worker tree (MiB)",
+                "peak RSS beat (MiB)",
+                "Redis peak used_memory (MiB)",
+                "ponos.sync runs",
+                "sync p50/p95/max (s)",
+            ],
+            [
+                [
+                    f"{r['tasks']} / {r['max_instances']}",
+                    r["peak_rss_mib"].get("worker1"),
+                    r["peak_rss_mib"].get("beat1"),
+                    r["redis_peak_used_mib"],
+                    r["sync_s"]["n"],
+                    f"{fmt(r['sync_s']['p50'], 3)} / {fmt(r['sync_s']['p95'], 3)} / "
+                    f"{fmt(r['sync_s']['max'], 3)}",
+                ]
+                for r in results
+            ],
+        )
+    )
     r0 = results[0]
     out.append("")
-    out.append(f"Setup: time_scale {r0['time_scale']:g}; each task runs {r0['sim_duration']:g} "
-               f"sim s ({r0['sim_duration'] / r0['time_scale']:.1f} real s) after a "
-               f"{r0['sim_pull']:g} sim s pull; one worker, concurrency {r0['concurrency']}, "
-               "one beat, sync_interval 2 s, logs_interval 5 s; scripted instances (marker "
-               "`PONOS_EXIT_CODE=0`, self-stop). \"all terminal\" runs from the first task "
-               "becoming pending to the last terminal state in Arkindex.")
+    out.append(
+        f"Setup: time_scale {r0['time_scale']:g}; each task runs {r0['sim_duration']:g} "
+        f"sim s ({r0['sim_duration'] / r0['time_scale']:.1f} real s) after a "
+        f"{r0['sim_pull']:g} sim s pull; one worker, concurrency {r0['concurrency']}, "
+        "one beat, sync_interval 2 s, logs_interval 5 s; scripted instances (marker "
+        '`PONOS_EXIT_CODE=0`, self-stop). "all terminal" runs from the first task '
+        "becoming pending to the last terminal state in Arkindex."
+    )
     return "\n".join(out)
 
 
@@ -164,18 +245,39 @@ def parse_case(text: str) -> tuple[int, int]:
 
 
 @click.command()
-@click.option("--case", "cases", multiple=True, default=("100:20", "200:50"), show_default=True,
-              help="TASKS:MAX_INSTANCES (repeatable).")
+@click.option(
+    "--case",
+    "cases",
+    multiple=True,
+    default=("100:20", "200:50"),
+    show_default=True,
+    help="TASKS:MAX_INSTANCES (repeatable).",
+)
 @click.option("--time-scale", type=float, default=50.0, show_default=True)
-@click.option("--duration", type=float, default=300.0, show_default=True,
-              help="Simulated seconds each task runs.")
-@click.option("--pull", type=float, default=30.0, show_default=True,
-              help="Simulated seconds of image pull.")
+@click.option(
+    "--duration",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Simulated seconds each task runs.",
+)
+@click.option(
+    "--pull", type=float, default=30.0, show_default=True, help="Simulated seconds of image pull."
+)
 @click.option("--concurrency", type=int, default=4, show_default=True)
-@click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Give up on a case after this many real seconds.")
-@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the worker and beat logs under this folder (one per case).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Give up on a case after this many real seconds.",
+)
+@click.option(
+    "--keep-logs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the worker and beat logs under this folder (one per case).",
+)
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
 def main(cases, time_scale, duration, pull, concurrency, timeout, keep_logs, no_write):
     """Throughput, latency, API calls, peak instances and memory at N tasks / M instances."""
@@ -184,10 +286,19 @@ def main(cases, time_scale, duration, pull, concurrency, timeout, keep_logs, no_
     for case in cases:
         n, m = parse_case(case)
         try:
-            results.append(run_case(n, m, time_scale=time_scale, duration=duration, pull=pull,
-                                    concurrency=concurrency, timeout=timeout,
-                                    say=lambda s: click.echo(s, err=True),
-                                    keep_logs=keep_logs))
+            results.append(
+                run_case(
+                    n,
+                    m,
+                    time_scale=time_scale,
+                    duration=duration,
+                    pull=pull,
+                    concurrency=concurrency,
+                    timeout=timeout,
+                    say=lambda s: click.echo(s, err=True),
+                    keep_logs=keep_logs,
+                )
+            )
         except BenchFailed as error:
             raise click.ClickException(f"case {case}: {error}") from error
         click.echo(json.dumps(results[-1]))

@@ -44,19 +44,38 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
         return 0.0
     import requests
 
-    spec = [{"slug": f"t{i:04d}", "image": "registry.example.com/bench/worker:1",
-             "command": "python -m worker", "env": LONG, "requires_gpu": True}
-            for i in range(n)]
+    spec = [
+        {
+            "slug": f"t{i:04d}",
+            "image": "registry.example.com/bench/worker:1",
+            "command": "python -m worker",
+            "env": LONG,
+            "requires_gpu": True,
+        }
+        for i in range(n)
+    ]
     # The seeded market has ~100 matching single-GPU offers: add one machine per task so that
     # every task gets an instance.
-    machine = {"num_gpus": 1, "machine_gpus": 1, "gpu_name": "RTX 3090", "dph_base": 0.25,
-               "verified": True, "verification": "verified", "external": False,
-               "disk_space": 1000.0, "reliability": 0.99, "reliability2": 0.99}
-    requests.post(stack.vast_url + "/_sim/offers", json={"offers": [machine] * (n + 10)},
-                  timeout=30).raise_for_status()
-    requests.post(stack.arkindex_url + "/_sim/processes", json={"name": "sync-bench",
-                                                                "tasks": spec},
-                  timeout=30).raise_for_status()
+    machine = {
+        "num_gpus": 1,
+        "machine_gpus": 1,
+        "gpu_name": "RTX 3090",
+        "dph_base": 0.25,
+        "verified": True,
+        "verification": "verified",
+        "external": False,
+        "disk_space": 1000.0,
+        "reliability": 0.99,
+        "reliability2": 0.99,
+    }
+    requests.post(
+        stack.vast_url + "/_sim/offers", json={"offers": [machine] * (n + 10)}, timeout=30
+    ).raise_for_status()
+    requests.post(
+        stack.arkindex_url + "/_sim/processes",
+        json={"name": "sync-bench", "tasks": spec},
+        timeout=30,
+    ).raise_for_status()
     harness = Harness(ctx, max_sleep=0.02)
     start = time.monotonic()
 
@@ -83,33 +102,49 @@ def measure(ctx, reps: int, gap: float) -> dict:
         a, actions = timed(ctx.arkindex.actions, capacity=0)
         li, instances = timed(ctx.vast.list_instances, label_prefix=f"ponos-{short_id}-")
         r, records = timed(ctx.store.all_records)
-        p, _ = timed(reconcile.plan, now=ctx.now(), agent_short_id=short_id, records=records,
-                     instances=instances,
-                     actions=[(x.kind, x.task_id) for x in actions],
-                     settings=ctx.settings)
+        p, _ = timed(
+            reconcile.plan,
+            now=ctx.now(),
+            agent_short_id=short_id,
+            records=records,
+            instances=instances,
+            actions=[(x.kind, x.task_id) for x in actions],
+            settings=ctx.settings,
+        )
         actions_s.append(a)
         list_s.append(li)
         records_s.append(r)
         plan_s.append(p)
         time.sleep(gap)
-    return {"sync": spread(totals), "actions": spread(actions_s), "list": spread(list_s),
-            "records": spread(records_s), "plan": spread(plan_s),
-            "instances_listed": len(instances), "enqueued_max": max(enqueued, default=0)}
+    return {
+        "sync": spread(totals),
+        "actions": spread(actions_s),
+        "list": spread(list_s),
+        "records": spread(records_s),
+        "plan": spread(plan_s),
+        "instances_listed": len(instances),
+        "enqueued_max": max(enqueued, default=0),
+    }
 
 
 def run_level(n: int, redis_url: str, reps: int, timeout: float, say) -> dict:
     with LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False) as stack:
-        base = make_context(stack, redis_url, sync_interval=10,
-                            vast_api={"max_instances": max(1, n + 5)})
+        base = make_context(
+            stack, redis_url, sync_interval=10, vast_api={"max_instances": max(1, n + 5)}
+        )
         up = bring_up(base, stack, n, timeout)
         say(f"{n} active tasks running after {up:.1f} s")
         out = {"active": n, "bring_up_s": round(up, 1)}
         # Same agent (prefix and name), two rate-limiter settings.
         for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
-            ctx = make_context(stack, redis_url, prefix=base.prefix,
-                               agent_name=base.config.agent_name, sync_interval=10,
-                               vast_api={"max_instances": max(1, n + 5),
-                                         "rate_limit_scale": scale})
+            ctx = make_context(
+                stack,
+                redis_url,
+                prefix=base.prefix,
+                agent_name=base.config.agent_name,
+                sync_interval=10,
+                vast_api={"max_instances": max(1, n + 5), "rate_limit_scale": scale},
+            )
             time.sleep(gap)  # start with the list bucket free, as after a sync interval
             out[mode] = measure(ctx, reps if mode == "scaled" else max(2, reps // 3), gap)
             say(f"  {mode}: sync p50 {out[mode]['sync']['p50']:.3f} s")
@@ -121,26 +156,56 @@ def report(results: list[dict]) -> str:
     for r in results:
         for mode in ("scaled", "real"):
             m = r[mode]
-            rows.append([r["active"], mode, m["instances_listed"],
-                         *(f"{fmt(m['sync'][k], 3)}" for k in ("n", "p50", "p95", "max")),
-                         *(fmt(m[part]["p50"] * 1000, 1)
-                           for part in ("actions", "list", "records", "plan"))])
-    return "\n".join([
-        table(["active tasks", "rate limiter", "instances listed", "syncs timed", "sync p50 (s)",
-               "sync p95 (s)", "sync max (s)", "actions p50 (ms)", "list p50 (ms)",
-               "records p50 (ms)", "plan() p50 (ms)"], rows),
-        "",
-        "`scaled`: the agent's limiter scaled by 1/time_scale like the simulator (HTTP, Redis "
-        "and plan() cost only); `real`: Vast.ai's published intervals ×1.1 (a list page every "
-        "1.1 s, 25 instances a page), i.e. what one sync costs in a real deployment. Parts "
-        "are timed separately (actions with capacity 0). steps.sync called in-process "
-        f"against a real Redis and the simulators (time_scale {TIME_SCALE:g}).",
-    ])
+            rows.append(
+                [
+                    r["active"],
+                    mode,
+                    m["instances_listed"],
+                    *(f"{fmt(m['sync'][k], 3)}" for k in ("n", "p50", "p95", "max")),
+                    *(
+                        fmt(m[part]["p50"] * 1000, 1)
+                        for part in ("actions", "list", "records", "plan")
+                    ),
+                ]
+            )
+    return "\n".join(
+        [
+            table(
+                [
+                    "active tasks",
+                    "rate limiter",
+                    "instances listed",
+                    "syncs timed",
+                    "sync p50 (s)",
+                    "sync p95 (s)",
+                    "sync max (s)",
+                    "actions p50 (ms)",
+                    "list p50 (ms)",
+                    "records p50 (ms)",
+                    "plan() p50 (ms)",
+                ],
+                rows,
+            ),
+            "",
+            "`scaled`: the agent's limiter scaled by 1/time_scale like the simulator (HTTP, Redis "
+            "and plan() cost only); `real`: Vast.ai's published intervals ×1.1 (a list page every "
+            "1.1 s, 25 instances a page), i.e. what one sync costs in a real deployment. Parts "
+            "are timed separately (actions with capacity 0). steps.sync called in-process "
+            f"against a real Redis and the simulators (time_scale {TIME_SCALE:g}).",
+        ]
+    )
 
 
 @click.command()
-@click.option("--active", "levels", type=int, multiple=True, default=(0, 50, 200),
-              show_default=True, help="Active task counts (repeatable).")
+@click.option(
+    "--active",
+    "levels",
+    type=int,
+    multiple=True,
+    default=(0, 50, 200),
+    show_default=True,
+    help="Active task counts (repeatable).",
+)
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--timeout", type=float, default=240.0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
@@ -153,8 +218,9 @@ def main(levels, reps, timeout, no_write):
     results = []
     try:
         for n in levels:
-            results.append(run_level(n, redis_process.url, reps, timeout,
-                                     lambda s: click.echo(s, err=True)))
+            results.append(
+                run_level(n, redis_process.url, reps, timeout, lambda s: click.echo(s, err=True))
+            )
             click.echo(json.dumps(results[-1]))
     finally:
         redis_process.stop()

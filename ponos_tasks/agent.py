@@ -86,24 +86,35 @@ class AgentContext:
         # Scaled down (a simulator's accelerated clock), intervals of tens of ms drown in
         # scheduling jitter: 50 ms more keeps calls from arriving early (BENCHMARKS.md).
         # Unscaled, DEFAULT_INTERVALS already carry a 10 % margin.
-        limiter = RedisRateLimiter(self.redis, prefix=self.keys.ratelimit_prefix,
-                                   scale=vast.rate_limit_scale,
-                                   margin=0.05 if vast.rate_limit_scale < 1 else 0.0)
+        limiter = RedisRateLimiter(
+            self.redis,
+            prefix=self.keys.ratelimit_prefix,
+            scale=vast.rate_limit_scale,
+            margin=0.05 if vast.rate_limit_scale < 1 else 0.0,
+        )
         return VastClient(vast.url, vast.api_key, rate_limiter=limiter)
 
     @cached_property
     def arkindex(self) -> ArkindexAgentClient:
         store = RedisCredentialStore(self.redis, self.keys)
-        public_key = stable_public_key(self.config.seed, str(self.config.farm_id),
-                                       self.config.agent_name)
-        return ArkindexAgentClient(self.config.url, str(self.config.farm_id), self.config.seed,
-                                   store, hostname=self.config.agent_name,
-                                   public_key=public_key, reported=self.reported)
+        public_key = stable_public_key(
+            self.config.seed, str(self.config.farm_id), self.config.agent_name
+        )
+        return ArkindexAgentClient(
+            self.config.url,
+            str(self.config.farm_id),
+            self.config.seed,
+            store,
+            hostname=self.config.agent_name,
+            public_key=public_key,
+            reported=self.reported,
+        )
 
     @cached_property
     def registry(self) -> RegistryClient:
-        return RegistryClient(self.config.vast_api.registries,
-                              shared_cache=ImageConfigCache(self.redis, self.keys))
+        return RegistryClient(
+            self.config.vast_api.registries, shared_cache=ImageConfigCache(self.redis, self.keys)
+        )
 
     def secrets(self) -> list[str]:
         return self.config.secrets()

@@ -54,8 +54,12 @@ def _require_config():
         import sentry_sdk
         from sentry_sdk.integrations.celery import CeleryIntegration
 
-        sentry_sdk.init(dsn=_config.sentry.dsn, environment=_config.sentry.environment,
-                        integrations=[CeleryIntegration()], send_default_pii=False)
+        sentry_sdk.init(
+            dsn=_config.sentry.dsn,
+            environment=_config.sentry.environment,
+            integrations=[CeleryIntegration()],
+            send_default_pii=False,
+        )
     return _config
 
 
@@ -80,5 +84,6 @@ def _set_up_worker(**_):
         print(f"ponos-vast: cannot start: {error}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(1)
-    logger.info("agent %s ready: %s", context.config.agent_name,
-                "; ".join(context.config.summary()))
+    logger.info(
+        "agent %s ready: %s", context.config.agent_name, "; ".join(context.config.summary())
+    )

@@ -352,7 +352,9 @@ class ArkindexAgentClient:
             raise ArkindexError(
                 f"Arkindex URL {self.url}: the server fails (HTTP {exc.status} on the schema)"
             ) from None
-        not_arkindex = f"Arkindex URL {self.url}: not an Arkindex API (no OpenAPI schema at {schema_url}"
+        not_arkindex = (
+            f"Arkindex URL {self.url}: not an Arkindex API (no OpenAPI schema at {schema_url}"
+        )
         if resp.status_code != 200:
             raise ArkindexError(f"{not_arkindex}: HTTP {resp.status_code})")
         try:
@@ -367,7 +369,9 @@ class ArkindexAgentClient:
         try:
             api = ArkindexClient(base_url=self.url, schema_url=tmp.name, auth_scheme="Bearer")
         except SchemaError as exc:
-            raise ArkindexError(f"{not_arkindex}: the schema is invalid: {exc.__cause__})") from None
+            raise ArkindexError(
+                f"{not_arkindex}: the schema is invalid: {exc.__cause__})"
+            ) from None
         finally:
             os.unlink(tmp.name)
         missing = {"CreateAgent", "RetrieveAgentActions", "PartialUpdateTask"} - set(
@@ -456,9 +460,9 @@ class ArkindexAgentClient:
                 raise ArkindexError("RefreshAgentToken answered without an access token")
             creds = dict(creds)
             creds["access_token"] = access
-            creds["refresh_token"] = resp.get("refresh_token") or resp.get("refresh") or creds[
-                "refresh_token"
-            ]
+            creds["refresh_token"] = (
+                resp.get("refresh_token") or resp.get("refresh") or creds["refresh_token"]
+            )
             self.store.save(creds)
             self._set_token(creds)
             logger.info("Arkindex agent token refreshed")
@@ -489,11 +493,15 @@ class ArkindexAgentClient:
         # The nonce is kept with the credentials and sent again on a re-registration (refresh
         # token refused), so that Arkindex recognises the same agent and keeps its tasks.
         stored = self.store.load() or {}
-        public_key = self.public_key or (
-            stored.get("public_key")
-            if stored.get("url") == self.url and stored.get("farm") == self.farm_id
-            else None
-        ) or secrets.token_hex(32)
+        public_key = (
+            self.public_key
+            or (
+                stored.get("public_key")
+                if stored.get("url") == self.url and stored.get("farm") == self.farm_id
+                else None
+            )
+            or secrets.token_hex(32)
+        )
         body = {
             "farm": self.farm_id,
             "hostname": self.hostname,
@@ -536,7 +544,12 @@ class ArkindexAgentClient:
             return RegistrationError(
                 f"farm {self.farm_id} does not exist on {self.url} (Arkindex said: {detail})"
             )
-        if "derivation" in attrs or "seed" in text or "derivation" in text or exc.status_code == 403:
+        if (
+            "derivation" in attrs
+            or "seed" in text
+            or "derivation" in text
+            or exc.status_code == 403
+        ):
             return RegistrationError(
                 f"Arkindex refused the registration for farm {self.farm_id}: wrong seed "
                 f"(Arkindex said: {detail})"
@@ -581,7 +594,8 @@ class ArkindexAgentClient:
             if exc.status_code == 404:
                 return None
             raise ArkindexUnavailable(
-                f"cannot read the state of task {task_id}: HTTP {exc.status_code}") from None
+                f"cannot read the state of task {task_id}: HTTP {exc.status_code}"
+            ) from None
         except AttributeError:  # an answer that is not an object
             raise ArkindexUnavailable(f"cannot read the state of task {task_id}") from None
         if not isinstance(state, str):
@@ -599,7 +613,9 @@ class ArkindexAgentClient:
             if terminal and terminal != state:
                 logger.warning(
                     "Not reporting %s for task %s: terminal state %s already reported",
-                    state, task_id, terminal,
+                    state,
+                    task_id,
+                    terminal,
                 )
             else:
                 logger.debug("State %s of task %s already reported", state, task_id)
@@ -622,7 +638,9 @@ class ArkindexAgentClient:
                 self.reported.release(task_id, state)
                 logger.warning(
                     "Arkindex refused state %s for task %s (not retried): %s",
-                    state, task_id, detail,
+                    state,
+                    task_id,
+                    detail,
                 )
                 raise TransitionRefused(task_id, state, detail) from None
             self.reported.release(task_id, state)
@@ -653,7 +671,9 @@ class ArkindexAgentClient:
                         raise _TransientHTTPError(resp.status_code)
         except (_TransientHTTPError, requests.RequestException) as exc:
             # Not `exc` itself: its text may hold the signed URL.
-            reason = f"HTTP {exc.status}" if isinstance(exc, _TransientHTTPError) else type(exc).__name__
+            reason = (
+                f"HTTP {exc.status}" if isinstance(exc, _TransientHTTPError) else type(exc).__name__
+            )
             raise ArkindexError(f"log upload to {host} failed: {reason}") from None
         if resp.status_code >= 400:
             raise ArkindexError(

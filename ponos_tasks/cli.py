@@ -44,10 +44,16 @@ def exit_without_sim_extra(command_name: str) -> None:
 def _needs_sim_extra(name: str) -> click.Command:
     """Stands for a command whose module needs the `sim` extra, which is not installed."""
 
-    @click.command(name, context_settings={"ignore_unknown_options": True,
-                                           "allow_extra_args": True, "help_option_names": []},
-                   help=f"(Not available: {SIM_EXTRA_MESSAGE}.)",
-                   short_help="(needs the sim extra)")
+    @click.command(
+        name,
+        context_settings={
+            "ignore_unknown_options": True,
+            "allow_extra_args": True,
+            "help_option_names": [],
+        },
+        help=f"(Not available: {SIM_EXTRA_MESSAGE}.)",
+        short_help="(needs the sim extra)",
+    )
     def stand_in():
         exit_without_sim_extra(name)
 

@@ -38,9 +38,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     # Hand-written: a few aligned columns do not justify a table library dependency.
     columns = zip(headers, *rows, strict=True)
     widths = [max(len(str(cell)) for cell in column) for column in columns]
-    return ["  ".join(str(cell).ljust(width)
-                      for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in (headers, *rows)]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    ]
 
 
 def _money(value: float | None) -> str:
@@ -71,8 +72,13 @@ def _offer_row(rank: int, offer, chosen: bool) -> dict:
 
 @click.command("offers")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--limit", type=click.IntRange(min=1), default=10, show_default=True,
-              help="How many ranked offers to show.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="How many ranked offers to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
 def offers_command(file: str, limit: int, as_json: bool):
     """Show the Vast.ai offers the configuration FILE matches, ranked: a dry run of the choice.
@@ -85,8 +91,12 @@ def offers_command(file: str, limit: int, as_json: bool):
     """
     config = _config_or_exit(file)
     vast = config.vast_api
-    query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph,
-                        limit=max(limit, AGENT_SEARCH_LIMIT))
+    query = build_query(
+        vast.offer_filters,
+        disk_gb=vast.disk_gb,
+        max_dph=vast.max_dph,
+        limit=max(limit, AGENT_SEARCH_LIMIT),
+    )
     # Two tries, not the agent's four: an operator is waiting at the terminal. No Redis rate
     # limiter either: one search, and the command must work without the agent's Redis.
     client = VastClient(vast.url, vast.api_key, max_attempts=2)
@@ -99,36 +109,71 @@ def offers_command(file: str, limit: int, as_json: bool):
     rows = [_offer_row(n, offer, n == 1) for n, offer in enumerate(ranked[:limit], start=1)]
     filters = describe_filters(vast.offer_filters)
     if as_json:
-        click.echo(json.dumps({
-            "filters": filters, "disk_gb": vast.disk_gb, "max_dph": vast.max_dph,
-            "query": query, "matched": len(ranked), "offers": rows,
-            "chosen": rows[0]["id"] if rows else None,
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "filters": filters,
+                    "disk_gb": vast.disk_gb,
+                    "max_dph": vast.max_dph,
+                    "query": query,
+                    "matched": len(ranked),
+                    "offers": rows,
+                    "chosen": rows[0]["id"] if rows else None,
+                },
+                indent=2,
+            )
+        )
         return
     click.echo(f"Filters: {filters or '(none: any offer)'}")
-    click.echo(f"Disk {vast.disk_gb:g} GB per instance, "
-               + (f"at most ${vast.max_dph:g}/h" if vast.max_dph else "no price cap"))
+    click.echo(
+        f"Disk {vast.disk_gb:g} GB per instance, "
+        + (f"at most ${vast.max_dph:g}/h" if vast.max_dph else "no price cap")
+    )
     click.echo(f"Query sent to {vast.url}: {json.dumps(query, separators=(',', ':'))}")
     if not rows:
-        click.echo(f"No offer matches these filters now. The agent would wait up to "
-                   f"{vast.offer_wait:g} s for one, then report the task in error.")
+        click.echo(
+            f"No offer matches these filters now. The agent would wait up to "
+            f"{vast.offer_wait:g} s for one, then report the task in error."
+        )
         return
-    headers = ["", "rank", "offer", "GPU", "GPU RAM GB", "$/h", "reliability", "location",
-               "machine", "CUDA"]
-    table = [["*" if r["chosen"] else "", r["rank"], r["id"], _or_dash(r["gpu_name"]),
-              _or_dash(r["gpu_ram_gb"]), _money(r["dph_total"]),
-              "-" if r["reliability"] is None else f"{r['reliability']:.4f}",
-              _or_dash(r["geolocation"]), _or_dash(r["machine_id"]),
-              _or_dash(r["cuda_max_good"])] for r in rows]
+    headers = [
+        "",
+        "rank",
+        "offer",
+        "GPU",
+        "GPU RAM GB",
+        "$/h",
+        "reliability",
+        "location",
+        "machine",
+        "CUDA",
+    ]
+    table = [
+        [
+            "*" if r["chosen"] else "",
+            r["rank"],
+            r["id"],
+            _or_dash(r["gpu_name"]),
+            _or_dash(r["gpu_ram_gb"]),
+            _money(r["dph_total"]),
+            "-" if r["reliability"] is None else f"{r['reliability']:.4f}",
+            _or_dash(r["geolocation"]),
+            _or_dash(r["machine_id"]),
+            _or_dash(r["cuda_max_good"]),
+        ]
+        for r in rows
+    ]
     click.echo()
     for line in _table(headers, table):
         click.echo(line)
     click.echo()
     # The search returns at most query["limit"] offers (the cheapest): more may match.
     matched = f"{len(ranked)}" if len(ranked) < query["limit"] else f"at least {len(ranked)}"
-    click.echo(f"{matched} offer(s) matched, {len(rows)} shown, cheapest first; "
-               f"* = the offer the agent would rent now ({rows[0]['id']}), unless its machine "
-               "already failed for that task.")
+    click.echo(
+        f"{matched} offer(s) matched, {len(rows)} shown, cheapest first; "
+        f"* = the offer the agent would rent now ({rows[0]['id']}), unless its machine "
+        "already failed for that task."
+    )
 
 
 # --------------------------------------------------------------------------------- status / metrics
@@ -155,26 +200,38 @@ def status_document(state: AgentState) -> dict:
     """The data `status` shows (its --json output)."""
     instances_by_id = {i.id: i for i in state.instances}
     tasks = []
-    for task_id, record in sorted(state.records.items(),
-                                  key=lambda item: (item[1].accepted_at or 0, item[0])):
+    for task_id, record in sorted(
+        state.records.items(), key=lambda item: (item[1].accepted_at or 0, item[0])
+    ):
         instance = instances_by_id.get(record.instance_id)
-        tasks.append({
-            "id": task_id,
-            "phase": record.phase,
-            "attempt": record.attempt,
-            "instance_id": record.instance_id,
-            "gpu_name": record.gpu_name or (instance.gpu_name if instance else None),
-            "dph_total": record.dph_total if record.dph_total is not None else (
-                instance.dph_total if instance else None),
-            "age_in_phase_s": state.age(record.phase_changed_at),
-            "final_state": record.final_state,
-            "reason": record.reason,
-        })
+        tasks.append(
+            {
+                "id": task_id,
+                "phase": record.phase,
+                "attempt": record.attempt,
+                "instance_id": record.instance_id,
+                "gpu_name": record.gpu_name or (instance.gpu_name if instance else None),
+                "dph_total": record.dph_total
+                if record.dph_total is not None
+                else (instance.dph_total if instance else None),
+                "age_in_phase_s": state.age(record.phase_changed_at),
+                "final_state": record.final_state,
+                "reason": record.reason,
+            }
+        )
     return {
         "tasks": tasks,
-        "instances": [{"id": i.id, "label": i.label, "actual_status": i.actual_status,
-                       "gpu_name": i.gpu_name, "dph_total": i.dph_total, "live": is_live(i)}
-                      for i in state.instances],
+        "instances": [
+            {
+                "id": i.id,
+                "label": i.label,
+                "actual_status": i.actual_status,
+                "gpu_name": i.gpu_name,
+                "dph_total": i.dph_total,
+                "live": is_live(i),
+            }
+            for i in state.instances
+        ],
         "snapshot_age_s": state.snapshot_age,
         "totals": {
             "tasks_per_phase": {p: n for p, n in state.tasks_per_phase.items() if n},
@@ -190,30 +247,59 @@ def _print_status(doc: dict) -> None:
     tasks = doc["tasks"]
     click.echo(f"Tasks ({len(tasks)})")
     if tasks:
-        rows = [[t["id"], t["phase"], t["attempt"], _or_dash(t["instance_id"]),
-                 _or_dash(t["gpu_name"]), _money(t["dph_total"]), _age(t["age_in_phase_s"]),
-                 (t["final_state"] or "") + (f": {t['reason']}" if t["reason"] else "")]
-                for t in tasks]
-        for line in _table(["task", "phase", "attempt", "instance", "GPU", "$/h",
-                            "in phase", "final state / reason"], rows):
+        rows = [
+            [
+                t["id"],
+                t["phase"],
+                t["attempt"],
+                _or_dash(t["instance_id"]),
+                _or_dash(t["gpu_name"]),
+                _money(t["dph_total"]),
+                _age(t["age_in_phase_s"]),
+                (t["final_state"] or "") + (f": {t['reason']}" if t["reason"] else ""),
+            ]
+            for t in tasks
+        ]
+        for line in _table(
+            [
+                "task",
+                "phase",
+                "attempt",
+                "instance",
+                "GPU",
+                "$/h",
+                "in phase",
+                "final state / reason",
+            ],
+            rows,
+        ):
             click.echo("  " + line)
     click.echo()
     instances = doc["instances"]
-    click.echo(f"Instances in the last snapshot ({len(instances)}, taken "
-               + (f"{_age(doc['snapshot_age_s'])} ago)" if doc["snapshot_age_s"] is not None
-                  else "never)"))
+    click.echo(
+        f"Instances in the last snapshot ({len(instances)}, taken "
+        + (f"{_age(doc['snapshot_age_s'])} ago)" if doc["snapshot_age_s"] is not None else "never)")
+    )
     if instances:
-        rows = [[_or_dash(i["id"]), _or_dash(i["label"]), _or_dash(i["actual_status"])
-                 + ("" if i["live"] else " (destroyed)"), _or_dash(i["gpu_name"]),
-                 _money(i["dph_total"])] for i in instances]
+        rows = [
+            [
+                _or_dash(i["id"]),
+                _or_dash(i["label"]),
+                _or_dash(i["actual_status"]) + ("" if i["live"] else " (destroyed)"),
+                _or_dash(i["gpu_name"]),
+                _money(i["dph_total"]),
+            ]
+            for i in instances
+        ]
         for line in _table(["instance", "label", "status", "GPU", "$/h"], rows):
             click.echo("  " + line)
     click.echo()
     totals = doc["totals"]
     phases = ", ".join(f"{p} {n}" for p, n in totals["tasks_per_phase"].items()) or "none"
     click.echo(f"Tasks per phase: {phases}")
-    click.echo(f"Live instances: {totals['live_instances']}, spending "
-               f"${totals['spend_per_hour']:.4f}/h")
+    click.echo(
+        f"Live instances: {totals['live_instances']}, spending ${totals['spend_per_hour']:.4f}/h"
+    )
     destroyed = ", ".join(f"{c} {n}" for c, n in sorted(totals["destroyed_by_cause"].items()))
     if destroyed:
         click.echo(f"Destroyed by the sync loop: {destroyed}")
@@ -222,10 +308,15 @@ def _print_status(doc: dict) -> None:
 
 
 _config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), envvar="PONOS_CONFIG",
-    help="Agent configuration (default $PONOS_CONFIG); only its redis_url is used.")
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="PONOS_CONFIG",
+    help="Agent configuration (default $PONOS_CONFIG); only its redis_url is used.",
+)
 _redis_option = click.option(
-    "--redis-url", help="Read this Redis instead of the configuration's redis_url.")
+    "--redis-url", help="Read this Redis instead of the configuration's redis_url."
+)
 # Hidden: tests read records under their own prefix, never the agent's real keys.
 _prefix_option = click.option("--prefix", default=DEFAULT_PREFIX, hidden=True)
 
@@ -235,8 +326,7 @@ _prefix_option = click.option("--prefix", default=DEFAULT_PREFIX, hidden=True)
 @_redis_option
 @_prefix_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
-def status_command(config_path: str | None, redis_url: str | None, prefix: str,
-                   as_json: bool):
+def status_command(config_path: str | None, redis_url: str | None, prefix: str, as_json: bool):
     """Show the agent's tasks and instances, from Redis only.
 
     Per task: phase, attempt, instance, GPU, $/h, time in its phase, final state and reason
@@ -264,8 +354,9 @@ def status_command(config_path: str | None, redis_url: str | None, prefix: str,
 @_prefix_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=9808, show_default=True)
-def metrics_command(config_path: str | None, redis_url: str | None, prefix: str, host: str,
-                    port: int):
+def metrics_command(
+    config_path: str | None, redis_url: str | None, prefix: str, host: str, port: int
+):
     """Serve the agent's Prometheus metrics on http://HOST:PORT/metrics (foreground).
 
     Read from Redis on each scrape: ponos_tasks{phase}, ponos_instances_live,
@@ -277,8 +368,9 @@ def metrics_command(config_path: str | None, redis_url: str | None, prefix: str,
     """
     client = _redis_from(config_path, redis_url)
     server, _thread = serve_metrics(client, prefix, host=host, port=port)
-    click.echo(f"Serving metrics on http://{host}:{server.server_port}/metrics "
-               "(Ctrl-C stops)", err=True)
+    click.echo(
+        f"Serving metrics on http://{host}:{server.server_port}/metrics (Ctrl-C stops)", err=True
+    )
     try:
         threading.Event().wait()  # the server thread does the work; wait for Ctrl-C
     except KeyboardInterrupt:

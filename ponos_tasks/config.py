@@ -132,7 +132,8 @@ class VastConfig(_Section):
     start_attempts: int = Field(default=3, ge=1, description="instances tried per task")
     offline_grace: float = Field(default=600, gt=0, description="s a host may stay offline")
     early_exit_window: float = Field(
-        default=120, ge=0, description="s after running in which an exit is a failed start")
+        default=120, ge=0, description="s after running in which an exit is a failed start"
+    )
     offer_wait: float = Field(default=3600, ge=0, description="s to wait for a matching offer")
     rate_limit_scale: float = Field(default=1.0, gt=0, description="x Vast.ai's min intervals")
     extra_environment: dict[str, str] = Field(default_factory=dict)
@@ -206,12 +207,19 @@ class AgentConfig(_Section):
         """Human lines describing the config, without any secret."""
         vast = self.vast_api
         redis_parts = urlsplit(self.redis_url)
-        redis_where = f"{redis_parts.scheme}://{redis_parts.hostname or ''}" + (
-            f":{redis_parts.port}" if redis_parts.port else "") + (redis_parts.path or "")
-        filters = " ".join(
-            f"{field}.{op}={value!r}" for field, ops in vast.offer_filters.items()
-            for op, value in ops.items()
-        ) or "(none: any offer)"
+        redis_where = (
+            f"{redis_parts.scheme}://{redis_parts.hostname or ''}"
+            + (f":{redis_parts.port}" if redis_parts.port else "")
+            + (redis_parts.path or "")
+        )
+        filters = (
+            " ".join(
+                f"{field}.{op}={value!r}"
+                for field, ops in vast.offer_filters.items()
+                for op, value in ops.items()
+            )
+            or "(none: any offer)"
+        )
         return [
             f"Arkindex: {self.url} (farm {self.farm_id})",
             f"Vast.ai: {vast.url}",
@@ -242,7 +250,7 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
 def _apply_environment(data: dict, environ: Mapping[str, str]) -> None:
     for name in sorted(environ):
         if name.upper().startswith(GENERIC_ENV_PREFIX) and environ[name] != "":
-            path = [part.lower() for part in name[len(GENERIC_ENV_PREFIX):].split("__") if part]
+            path = [part.lower() for part in name[len(GENERIC_ENV_PREFIX) :].split("__") if part]
             if path:
                 try:
                     value = yaml.safe_load(environ[name])
@@ -255,8 +263,11 @@ def _apply_environment(data: dict, environ: Mapping[str, str]) -> None:
                 _set_path(data, key.split("."), environ[name])
                 break
     # Registry passwords named by `password_env`.
-    registries = (data.get("vast_api") or {}).get("registries") if isinstance(
-        data.get("vast_api"), dict) else None
+    registries = (
+        (data.get("vast_api") or {}).get("registries")
+        if isinstance(data.get("vast_api"), dict)
+        else None
+    )
     if isinstance(registries, list):
         for entry in registries:
             variable = str(entry.get("password_env") or "") if isinstance(entry, dict) else ""
@@ -281,16 +292,19 @@ def _known_keys(location: tuple) -> list[str]:
             return []
         annotation = field.annotation
         args = getattr(annotation, "__args__", ())
-        model = next((a for a in (annotation, *args) if isinstance(a, type)
-                      and issubclass(a, BaseModel)), None)
+        model = next(
+            (a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
         if model is None:
             return []
     return list(model.model_fields)
 
 
 def _problem(error: dict) -> str:
-    location = tuple(part for part in error["loc"] if not (
-        isinstance(part, str) and "[" in part))  # drop pydantic's union branch names
+    location = tuple(
+        part for part in error["loc"] if not (isinstance(part, str) and "[" in part)
+    )  # drop pydantic's union branch names
     key = _key_name(location) or "(top level)"
     kind = error["type"]
     if kind == "missing":
@@ -304,7 +318,7 @@ def _problem(error: dict) -> str:
     message = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
-            message = message[len(prefix):]
+            message = message[len(prefix) :]
     return f"{key}: {message}"
 
 

@@ -45,8 +45,14 @@ class DemoFailed(Exception):
 # ------------------------------------------------------------------------------ summary (pure)
 
 
-def summarize(ark_tasks: list[dict], expected: dict[str, str], ledger: dict, events: list[dict],
-              stats: dict, names: dict[str, str] | None = None) -> dict:
+def summarize(
+    ark_tasks: list[dict],
+    expected: dict[str, str],
+    ledger: dict,
+    events: list[dict],
+    stats: dict,
+    names: dict[str, str] | None = None,
+) -> dict:
     """The --json document from the simulators' admin answers (pure, unit-tested).
 
     `names`: task id -> "process/slug", shown in the table instead of the bare slug."""
@@ -69,18 +75,20 @@ def summarize(ark_tasks: list[dict], expected: dict[str, str], ledger: dict, eve
     for task in ark_tasks:
         attempts = sorted(instances_of.get(task["id"], []), key=lambda pair: pair[0])
         last = attempts[-1][1] if attempts else {}
-        rows.append({
-            "id": task["id"],
-            "slug": task.get("slug"),
-            "name": (names or {}).get(task["id"], task.get("slug")),
-            "state": task["state"],
-            "expected": expected.get(task["id"]),
-            "attempts": len({attempt for attempt, _ in attempts}),
-            "gpu_name": last.get("gpu_name"),
-            "dph_total": last.get("dph_total"),
-            "cost": round(sum(row.get("cost") or 0.0 for _, row in attempts), 6),
-            "runtime_s": _runtime(task.get("history", [])),
-        })
+        rows.append(
+            {
+                "id": task["id"],
+                "slug": task.get("slug"),
+                "name": (names or {}).get(task["id"], task.get("slug")),
+                "state": task["state"],
+                "expected": expected.get(task["id"]),
+                "attempts": len({attempt for attempt, _ in attempts}),
+                "gpu_name": last.get("gpu_name"),
+                "dph_total": last.get("dph_total"),
+                "cost": round(sum(row.get("cost") or 0.0 for _, row in attempts), 6),
+                "runtime_s": _runtime(task.get("history", [])),
+            }
+        )
     states = Counter(row["state"] for row in rows)
     totals = {
         "tasks": len(rows),
@@ -97,10 +105,10 @@ def summarize(ark_tasks: list[dict], expected: dict[str, str], ledger: dict, eve
 
 def _runtime(history: list[dict]) -> float | None:
     """Real seconds from `running` to the terminal state, as Arkindex saw them."""
-    started = next((h["t"] for h in history if h.get("accepted") and h.get("to") == "running"),
-                   None)
-    ended = next((h["t"] for h in history if h.get("accepted") and h.get("to") in TERMINAL),
-                 None)
+    started = next(
+        (h["t"] for h in history if h.get("accepted") and h.get("to") == "running"), None
+    )
+    ended = next((h["t"] for h in history if h.get("accepted") and h.get("to") in TERMINAL), None)
     if started is None or ended is None:
         return None
     return round(ended - started, 1)
@@ -110,27 +118,39 @@ def format_table(document: dict) -> str:
     header = ("task", "process/slug", "state", "attempts", "GPU", "$/h", "cost $", "run time")
     lines = []
     for row in document["tasks"]:
-        state = row["state"] + ("" if row["expected"] in (None, row["state"])
-                                else f" (expected {row['expected']})")
-        lines.append((
-            row["id"][:8], row["name"] or "", state, str(row["attempts"]),
-            row["gpu_name"] or "-",
-            f"{row['dph_total']:.3f}" if row["dph_total"] is not None else "-",
-            f"{row['cost']:.5f}",
-            f"{row['runtime_s']:.1f} s" if row["runtime_s"] is not None else "-",
-        ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-           "  ".join("-" * w for w in widths)]
+        state = row["state"] + (
+            "" if row["expected"] in (None, row["state"]) else f" (expected {row['expected']})"
+        )
+        lines.append(
+            (
+                row["id"][:8],
+                row["name"] or "",
+                state,
+                str(row["attempts"]),
+                row["gpu_name"] or "-",
+                f"{row['dph_total']:.3f}" if row["dph_total"] is not None else "-",
+                f"{row['cost']:.5f}",
+                f"{row['runtime_s']:.1f} s" if row["runtime_s"] is not None else "-",
+            )
+        )
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+        for i, h in enumerate(header)
+    ]
+    out = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
     t = document["totals"]
     out.append("")
-    out.append(f"Totals: {t['tasks']} tasks: {t['completed']} completed, {t['failed']} failed, "
-               f"{t['error']} error, {t['stopped']} stopped; cost ${t['cost']:.5f}; "
-               f"instances left {t['instances_left']}; max live instances per task "
-               f"{t['max_live_instances_per_task']}; {t['api_calls']} Vast.ai API calls, "
-               f"{t['rate_limited']} rate limited")
+    out.append(
+        f"Totals: {t['tasks']} tasks: {t['completed']} completed, {t['failed']} failed, "
+        f"{t['error']} error, {t['stopped']} stopped; cost ${t['cost']:.5f}; "
+        f"instances left {t['instances_left']}; max live instances per task "
+        f"{t['max_live_instances_per_task']}; {t['api_calls']} Vast.ai API calls, "
+        f"{t['rate_limited']} rate limited"
+    )
     return "\n".join(out)
 
 
@@ -143,29 +163,35 @@ def demo_config(stack, time_scale: float) -> dict:
     config["sync_interval"] = 2
     config["logs_interval"] = 5
     config["agent_name"] = "ponos-vast-demo"
-    config["vast_api"].update({
-        # The simulator's rate limits shrink with its clock; so do the agent's intervals.
-        "rate_limit_scale": 1.0 / time_scale,
-        "loading_deadline": max(30.0, 1200.0 / time_scale),
-        "offer_wait": max(60.0, 3600.0 / time_scale),
-        "max_instances": 6,
-    })
+    config["vast_api"].update(
+        {
+            # The simulator's rate limits shrink with its clock; so do the agent's intervals.
+            "rate_limit_scale": 1.0 / time_scale,
+            "loading_deadline": max(30.0, 1200.0 / time_scale),
+            "offer_wait": max(60.0, 3600.0 / time_scale),
+            "max_instances": 6,
+        }
+    )
     return config
 
 
 class Demo:
     """The demo's run: a LocalRun (private Redis, local stack, agent) and its workload."""
 
-    def __init__(self, n_tasks: int, time_scale: float, timeout: float, logs_dir: Path | None,
-                 say):
+    def __init__(self, n_tasks: int, time_scale: float, timeout: float, logs_dir: Path | None, say):
         self.n_tasks = n_tasks
         self.time_scale = time_scale
         self.timeout = timeout
         self.say = say
         # Redis in its own session: a terminal's Ctrl-C does not kill it before the agent.
-        self.local = LocalRun(time_scale=time_scale, vast_run_mode="local",
-                              redis="private-or-env", redis_new_session=True,
-                              logs_dir=logs_dir, say=say)
+        self.local = LocalRun(
+            time_scale=time_scale,
+            vast_run_mode="local",
+            redis="private-or-env",
+            redis_new_session=True,
+            logs_dir=logs_dir,
+            say=say,
+        )
         self.logs_dir = self.local.logs_dir
         self.expected: dict[str, str] = {}
         self.names: dict[str, str] = {}
@@ -191,10 +217,13 @@ class Demo:
         except RuntimeError as error:
             raise DemoFailed(str(error)) from None
         flower_port = free_port()
-        self.local.start_agent(config=demo_config(self.stack, self.time_scale),
-                               flower_port=flower_port)
-        self.say(f"Local stack: Arkindex {self.stack.arkindex_url}, Vast.ai "
-                 f"{self.stack.vast_url} (x{self.time_scale:g}), Redis {self.stack.redis_url}")
+        self.local.start_agent(
+            config=demo_config(self.stack, self.time_scale), flower_port=flower_port
+        )
+        self.say(
+            f"Local stack: Arkindex {self.stack.arkindex_url}, Vast.ai "
+            f"{self.stack.vast_url} (x{self.time_scale:g}), Redis {self.stack.redis_url}"
+        )
         self.say(f"Agent: worker, beat and Flower started; logs in {self.logs_dir}")
         self.say(f"Flower: http://127.0.0.1:{flower_port}/")
 
@@ -221,9 +250,11 @@ class Demo:
                     self.to_stop = task_id
         counts = Counter(self.expected.values())
         n_processes = len({name.split("/")[0] for name in self.names.values()})
-        self.say(f"Workload: {len(self.expected)} tasks in {n_processes} processes; expected "
-                 + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                 + (" (one stopped by the user once it runs)" if self.to_stop else ""))
+        self.say(
+            f"Workload: {len(self.expected)} tasks in {n_processes} processes; expected "
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + (" (one stopped by the user once it runs)" if self.to_stop else "")
+        )
 
     # -- the run
 
@@ -244,8 +275,10 @@ class Demo:
         counts = Counter(t["state"] for t in tasks)
         stats, ledger = self.vast("stats"), self.vast("ledger")
         parts = [f"{counts[s]} {s}" for s in STATE_ORDER if counts.get(s)]
-        return (f"[{elapsed:6.1f}s] " + ", ".join(parts) + f" | {stats['live_instances']} live "
-                f"instances | ${ledger['total_cost']:.5f} spent")
+        return (
+            f"[{elapsed:6.1f}s] " + ", ".join(parts) + f" | {stats['live_instances']} live "
+            f"instances | ${ledger['total_cost']:.5f} spent"
+        )
 
     def run(self) -> dict:
         start = time.monotonic()
@@ -261,51 +294,94 @@ class Demo:
             for task in tasks:
                 if seen.get(task["id"]) != task["state"]:
                     changed = True
-                    self.say(f"[{now - start:6.1f}s] {task['id'][:8]} "
-                             f"{self.names[task['id']]:<18} {seen.get(task['id'], 'new')} -> "
-                             f"{task['state']}")
+                    self.say(
+                        f"[{now - start:6.1f}s] {task['id'][:8]} "
+                        f"{self.names[task['id']]:<18} {seen.get(task['id'], 'new')} -> "
+                        f"{task['state']}"
+                    )
                     seen[task["id"]] = task["state"]
             if self.to_stop and not stop_sent and seen.get(self.to_stop) == "running":
                 self.admin.stop_task(self.to_stop)
                 stop_sent = True
-                self.say(f"[{now - start:6.1f}s] {self.to_stop[:8]} {self.names[self.to_stop]}: "
-                         "stop requested by the user")
+                self.say(
+                    f"[{now - start:6.1f}s] {self.to_stop[:8]} {self.names[self.to_stop]}: "
+                    "stop requested by the user"
+                )
             if changed or now - last_status >= 15:
                 self.say(self._status_line(now - start, tasks))
                 last_status = now
             if all(t["state"] in TERMINAL for t in tasks):
                 break
             if now > deadline:
-                pending = [f"{self.names[t['id']]} ({t['state']})" for t in tasks
-                           if t["state"] not in TERMINAL]
-                raise DemoFailed(f"timeout after {self.timeout:g} s: not finished: "
-                                 + ", ".join(pending))
+                pending = [
+                    f"{self.names[t['id']]} ({t['state']})"
+                    for t in tasks
+                    if t["state"] not in TERMINAL
+                ]
+                raise DemoFailed(
+                    f"timeout after {self.timeout:g} s: not finished: " + ", ".join(pending)
+                )
             time.sleep(POLL_SECONDS)
-        self.say(f"[{time.monotonic() - start:6.1f}s] every task is terminal; waiting for the "
-                 "last instances to go")
+        self.say(
+            f"[{time.monotonic() - start:6.1f}s] every task is terminal; waiting for the "
+            "last instances to go"
+        )
         while self.vast("stats")["live_instances"] > 0:
             if time.monotonic() > deadline:
-                raise DemoFailed(f"timeout after {self.timeout:g} s: "
-                                 f"{self.vast('stats')['live_instances']} instance(s) left")
+                raise DemoFailed(
+                    f"timeout after {self.timeout:g} s: "
+                    f"{self.vast('stats')['live_instances']} instance(s) left"
+                )
             self._check_agent()
             time.sleep(POLL_SECONDS)
-        return summarize(self.ark_tasks(), self.expected, self.vast("ledger"),
-                         self.vast("events")["events"], self.vast("stats"), self.names)
+        return summarize(
+            self.ark_tasks(),
+            self.expected,
+            self.vast("ledger"),
+            self.vast("events")["events"],
+            self.vast("stats"),
+            self.names,
+        )
 
 
 @click.command("demo")
-@click.option("--tasks", "n_tasks", type=click.IntRange(1, 200), default=20, show_default=True,
-              help="How many tasks the sample workload has.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document on stdout (progress goes to stderr).")
-@click.option("--time-scale", type=click.FloatRange(min=1.0), default=20.0, show_default=True,
-              help="Simulated Vast.ai seconds per real second (image pulls, billing, limits).")
-@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the worker, beat and Flower logs in this folder.")
-@click.option("--timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True,
-              help="Give up (exit status 1) when the run takes longer, in seconds.")
+@click.option(
+    "--tasks",
+    "n_tasks",
+    type=click.IntRange(1, 200),
+    default=20,
+    show_default=True,
+    help="How many tasks the sample workload has.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document on stdout (progress goes to stderr).",
+)
+@click.option(
+    "--time-scale",
+    type=click.FloatRange(min=1.0),
+    default=20.0,
+    show_default=True,
+    help="Simulated Vast.ai seconds per real second (image pulls, billing, limits).",
+)
+@click.option(
+    "--keep-logs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the worker, beat and Flower logs in this folder.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=600.0,
+    show_default=True,
+    help="Give up (exit status 1) when the run takes longer, in seconds.",
+)
 def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
     """A bounded run against the local stack: sample workload, progress, summary."""
+
     def say(message: str) -> None:
         click.echo(message, err=as_json)
 
@@ -333,6 +409,9 @@ def demo_command(n_tasks, as_json, time_scale, keep_logs, timeout):
         click.echo(format_table(document))
     totals = document["totals"]
     if totals["unexpected"] or totals["instances_left"]:
-        click.echo(f"demo: {totals['unexpected']} task(s) ended in an unexpected state, "
-                   f"{totals['instances_left']} instance(s) left", err=True)
+        click.echo(
+            f"demo: {totals['unexpected']} task(s) ended in an unexpected state, "
+            f"{totals['instances_left']} instance(s) left",
+            err=True,
+        )
         sys.exit(1)

@@ -206,7 +206,7 @@ def ends_with_traceback(log_tail: str) -> bool:
             break
     else:
         return False
-    rest = lines[index + 1:]
+    rest = lines[index + 1 :]
     tail = [line for line in rest if line and not line[0].isspace()]
     # After the frames: the exception line, possibly a short multi-line message.
     return bool(tail) and len(tail) <= 3 and bool(_EXCEPTION_LINE.match(tail[0].strip()))
@@ -232,16 +232,25 @@ def final_state(
     if inferred:
         if condition is Condition.STOPPED:
             if ends_with_traceback(log_tail):
-                return Outcome("failed", "inferred (no exit code: image run unwrapped): the "
-                                         "instance stopped itself and the log ends with a "
-                                         "Python traceback")
-            return Outcome("completed", "inferred (no exit code: image run unwrapped): the "
-                                        "instance stopped itself")
+                return Outcome(
+                    "failed",
+                    "inferred (no exit code: image run unwrapped): the "
+                    "instance stopped itself and the log ends with a "
+                    "Python traceback",
+                )
+            return Outcome(
+                "completed",
+                "inferred (no exit code: image run unwrapped): the instance stopped itself",
+            )
         if condition is Condition.EXITED:
-            return Outcome("error", "inferred (no exit code: image run unwrapped): the "
-                                    "container exited without stopping its instance")
-        return Outcome("error", f"inferred (no exit code: image run unwrapped): instance "
-                                f"ended as {condition}")
+            return Outcome(
+                "error",
+                "inferred (no exit code: image run unwrapped): the "
+                "container exited without stopping its instance",
+            )
+        return Outcome(
+            "error", f"inferred (no exit code: image run unwrapped): instance ended as {condition}"
+        )
     if condition in (Condition.STOPPED, Condition.EXITED):
         return Outcome("error", "instance ended without an exit code")
     if condition is Condition.GONE:
@@ -280,7 +289,9 @@ def start_failure(
     ran_long = ran_for is not None and ran_for >= early_exit_window
     if condition is Condition.OFFLINE:
         if record.offline_since is not None and now - record.offline_since >= offline_grace:
-            return f"host offline for {now - record.offline_since:.0f}s (grace {offline_grace:.0f}s)"
+            return (
+                f"host offline for {now - record.offline_since:.0f}s (grace {offline_grace:.0f}s)"
+            )
         return None
     if condition is Condition.START_FAILED and not ran_long:
         detail = f": {status_msg.strip()}" if status_msg else ""
@@ -292,8 +303,10 @@ def start_failure(
     # creating / loading: the task has not been seen running.
     if condition in (Condition.PROVISIONING, Condition.LOADING, Condition.UNKNOWN):
         if now - started > loading_deadline:
-            return (f"stuck {condition} for {now - started:.0f}s "
-                    f"(loading deadline {loading_deadline:.0f}s)")
+            return (
+                f"stuck {condition} for {now - started:.0f}s "
+                f"(loading deadline {loading_deadline:.0f}s)"
+            )
         return None
     if condition is Condition.GONE:
         if phase is Phase.LOADING:

@@ -30,8 +30,13 @@ def format_agent_line(
 ) -> str:
     """One agent line, formatted by `logging.Formatter(task_format)` at time `created`."""
     record = logging.LogRecord(
-        name="ponos.task", level=level_number(level), pathname=__file__, lineno=0,
-        msg=message, args=None, exc_info=None,
+        name="ponos.task",
+        level=level_number(level),
+        pathname=__file__,
+        lineno=0,
+        msg=message,
+        args=None,
+        exc_info=None,
     )
     # LogRecord stamps "now"; the line must carry the time of the event it reports.
     record.created = created

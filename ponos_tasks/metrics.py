@@ -83,8 +83,9 @@ class AgentState:
         return self.age(self.snapshot_taken_at)
 
 
-def read_agent_state(client: redis.Redis, prefix: str = DEFAULT_PREFIX, *,
-                     now: Callable[[], float] = time.time) -> AgentState:
+def read_agent_state(
+    client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, now: Callable[[], float] = time.time
+) -> AgentState:
     """Read records, snapshot, last sync time and destroy counters (raises redis errors)."""
     store = TaskStore(client, Keyspace(prefix))
     snapshot = store.load_snapshot()
@@ -101,8 +102,13 @@ def read_agent_state(client: redis.Redis, prefix: str = DEFAULT_PREFIX, *,
 class PonosCollector:
     """Prometheus collector reading the agent's state from Redis on each scrape."""
 
-    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX, *,
-                 now: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        now: Callable[[], float] = time.time,
+    ):
         self.client = client
         self.prefix = prefix
         self.now = now
@@ -111,8 +117,9 @@ class PonosCollector:
         return []  # no Redis read when the collector is registered
 
     def collect(self):
-        up = GaugeMetricFamily("ponos_redis_up",
-                               "1 when the agent's Redis answered this scrape, else 0")
+        up = GaugeMetricFamily(
+            "ponos_redis_up", "1 when the agent's Redis answered this scrape, else 0"
+        )
         try:
             state = read_agent_state(self.client, self.prefix, now=self.now)
         except redis.RedisError:
@@ -126,15 +133,17 @@ class PonosCollector:
     @staticmethod
     def families(state: AgentState):
         tasks = GaugeMetricFamily(
-            "ponos_tasks", "Task records per phase (done: tombstones still kept)",
-            labels=["phase"])
+            "ponos_tasks", "Task records per phase (done: tombstones still kept)", labels=["phase"]
+        )
         for phase, count in state.tasks_per_phase.items():
             tasks.add_metric([phase], count)
         yield tasks
 
         oldest = GaugeMetricFamily(
             "ponos_task_phase_age_max_seconds",
-            "Seconds the oldest active task has been in its phase", labels=["phase"])
+            "Seconds the oldest active task has been in its phase",
+            labels=["phase"],
+        )
         ages: dict[str, float] = {}
         for record in state.active_records:
             age = state.age(record.phase_changed_at)
@@ -144,51 +153,69 @@ class PonosCollector:
             oldest.add_metric([phase], age)
         yield oldest
 
-        yield GaugeMetricFamily("ponos_instances_live",
-                                "Live (not destroyed) instances in the last snapshot",
-                                value=len(state.live_instances))
-        yield GaugeMetricFamily("ponos_spend_dollars_per_hour",
-                                "Sum of dph_total of the live instances in the last snapshot",
-                                value=state.spend_per_hour)
+        yield GaugeMetricFamily(
+            "ponos_instances_live",
+            "Live (not destroyed) instances in the last snapshot",
+            value=len(state.live_instances),
+        )
+        yield GaugeMetricFamily(
+            "ponos_spend_dollars_per_hour",
+            "Sum of dph_total of the live instances in the last snapshot",
+            value=state.spend_per_hour,
+        )
 
         destroyed = CounterMetricFamily(
             "ponos_instances_destroyed",
             "Instances destroyed by the sync loop (orphans, stale attempts, duplicates, ...)",
-            labels=["cause"])
+            labels=["cause"],
+        )
         for cause, count in sorted(state.destroyed.items()):
             destroyed.add_metric([cause], count)
         yield destroyed
 
         # +Inf when no sync ever ran: an alert on `> N` fires instead of seeing no series.
         last_sync = state.last_sync_age
-        yield GaugeMetricFamily("ponos_last_sync_age_seconds",
-                                "Seconds since the last sync ran (+Inf: never)",
-                                value=math.inf if last_sync is None else last_sync)
+        yield GaugeMetricFamily(
+            "ponos_last_sync_age_seconds",
+            "Seconds since the last sync ran (+Inf: never)",
+            value=math.inf if last_sync is None else last_sync,
+        )
         snapshot = state.snapshot_age
-        yield GaugeMetricFamily("ponos_snapshot_age_seconds",
-                                "Seconds since the instance snapshot was taken (+Inf: none)",
-                                value=math.inf if snapshot is None else snapshot)
+        yield GaugeMetricFamily(
+            "ponos_snapshot_age_seconds",
+            "Seconds since the instance snapshot was taken (+Inf: none)",
+            value=math.inf if snapshot is None else snapshot,
+        )
 
         attempts = [record.attempt for record in state.active_records]
-        buckets = [(floatToGoString(bound), sum(1 for a in attempts if a <= bound))
-                   for bound in ATTEMPT_BUCKETS]
+        buckets = [
+            (floatToGoString(bound), sum(1 for a in attempts if a <= bound))
+            for bound in ATTEMPT_BUCKETS
+        ]
         buckets.append(("+Inf", len(attempts)))
         histogram = HistogramMetricFamily(
-            "ponos_task_attempts", "Attempt number (instances tried) of the active tasks")
+            "ponos_task_attempts", "Attempt number (instances tried) of the active tasks"
+        )
         histogram.add_metric([], buckets, sum_value=sum(attempts))
         yield histogram
 
 
-def make_registry(client: redis.Redis, prefix: str = DEFAULT_PREFIX, *,
-                  now: Callable[[], float] = time.time) -> CollectorRegistry:
+def make_registry(
+    client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, now: Callable[[], float] = time.time
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PonosCollector(client, prefix, now=now))
     return registry
 
 
-def serve_metrics(client: redis.Redis, prefix: str = DEFAULT_PREFIX, *,
-                  host: str = "127.0.0.1", port: int = 9808,
-                  now: Callable[[], float] = time.time):
+def serve_metrics(
+    client: redis.Redis,
+    prefix: str = DEFAULT_PREFIX,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9808,
+    now: Callable[[], float] = time.time,
+):
     """Serve /metrics in a daemon thread; returns (server, thread). server.server_port is
     the bound port (useful with port 0); server.shutdown() stops it."""
     return start_http_server(port, addr=host, registry=make_registry(client, prefix, now=now))

@@ -21,7 +21,13 @@ from typing import Any
 # The status_msg tokens that `vastai self-test machine` treats as a fatal provisioning error
 # (an OCI runtime failure, a pull error, ...).
 FATAL_STATUS_TOKENS = (
-    "error", "failed", "failure", "exception", "traceback", "oci runtime", "permission denied",
+    "error",
+    "failed",
+    "failure",
+    "exception",
+    "traceback",
+    "oci runtime",
+    "permission denied",
 )
 
 
@@ -182,8 +188,9 @@ class Snapshot:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Snapshot:
-        return cls(tuple(Instance.from_dict(row) for row in data["instances"]),
-                   float(data["taken_at"]))
+        return cls(
+            tuple(Instance.from_dict(row) for row in data["instances"]), float(data["taken_at"])
+        )
 
 
 # --------------------------------------------------------------------------- task records

@@ -28,15 +28,15 @@ log = logging.getLogger(__name__)
 # guess that stays well clear of trouble for endpoints the agent calls rarely.
 SAFETY_MARGIN = 1.10
 PUBLISHED_INTERVALS: dict[str, float] = {
-    "search": 2.0,     # POST /bundles/ (low_volume_burst, threshold 2)
-    "create": 4.5,     # PUT /asks/{id}/
-    "list": 1.0,       # GET /api/v1/instances/
-    "list_v0": 20.0,   # GET /api/v0/instances/ (legacy_deprecating)
-    "show": 2.0,       # GET /api/v0/instances/{id}/
-    "update": 1.0,     # PUT /api/v0/instances/{id}/
-    "destroy": 3.0,    # DELETE /api/v0/instances/{id}/
-    "logs": 1.0,       # PUT /api/v0/instances/request_logs/{id}/ (not published)
-    "account": 1.0,    # GET /api/v0/users/current/ (not published)
+    "search": 2.0,  # POST /bundles/ (low_volume_burst, threshold 2)
+    "create": 4.5,  # PUT /asks/{id}/
+    "list": 1.0,  # GET /api/v1/instances/
+    "list_v0": 20.0,  # GET /api/v0/instances/ (legacy_deprecating)
+    "show": 2.0,  # GET /api/v0/instances/{id}/
+    "update": 1.0,  # PUT /api/v0/instances/{id}/
+    "destroy": 3.0,  # DELETE /api/v0/instances/{id}/
+    "logs": 1.0,  # PUT /api/v0/instances/request_logs/{id}/ (not published)
+    "account": 1.0,  # GET /api/v0/users/current/ (not published)
 }
 DEFAULT_INTERVALS: dict[str, float] = {
     name: round(seconds * SAFETY_MARGIN, 3) for name, seconds in PUBLISHED_INTERVALS.items()
@@ -107,7 +107,9 @@ class RedisRateLimiter:
         """Reserve the endpoint's next slot without sleeping; return the seconds until it."""
         interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
         max_wait_us = math.floor(timeout * 1_000_000)
-        wait_us, other = self._reserve(keys=[self.prefix + endpoint], args=[interval_us, max_wait_us])
+        wait_us, other = self._reserve(
+            keys=[self.prefix + endpoint], args=[interval_us, max_wait_us]
+        )
         if wait_us < 0:  # `other` is then the wait that was refused
             raise RateLimitTimeout(
                 f"rate limiter: next {endpoint!r} slot is {other / 1e6:.1f}s away (> {timeout}s)"

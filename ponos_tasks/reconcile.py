@@ -136,9 +136,15 @@ class DestroyInstance:
         return f"destroy:{self.instance_id}"
 
     def message(self) -> Next:
-        return Next(StepName.DESTROY_UNWANTED, kwargs={
-            "instance_id": self.instance_id, "label": self.label, "cause": self.cause,
-            "reason": self.reason})
+        return Next(
+            StepName.DESTROY_UNWANTED,
+            kwargs={
+                "instance_id": self.instance_id,
+                "label": self.label,
+                "cause": self.cause,
+                "reason": self.reason,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -162,10 +168,17 @@ class AdoptInstance:
         return f"adopt:{self.task_id}:{self.instance_id}"
 
     def message(self) -> Next:
-        return Next(StepName.ADOPT_INSTANCE, kwargs={
-            "instance_id": self.instance_id, "attempt": self.attempt, "label": self.label,
-            "from_phase": self.from_phase, "from_attempt": self.from_attempt,
-            "reason": self.reason})
+        return Next(
+            StepName.ADOPT_INSTANCE,
+            kwargs={
+                "instance_id": self.instance_id,
+                "attempt": self.attempt,
+                "label": self.label,
+                "from_phase": self.from_phase,
+                "from_attempt": self.from_attempt,
+                "reason": self.reason,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -183,8 +196,15 @@ class WaitForCapacity:
         return None  # informational (status, logs)
 
 
-Step = AcceptTask | StartChain | ResumeStep | StopTask | DestroyInstance | AdoptInstance | \
-    WaitForCapacity
+Step = (
+    AcceptTask
+    | StartChain
+    | ResumeStep
+    | StopTask
+    | DestroyInstance
+    | AdoptInstance
+    | WaitForCapacity
+)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -225,8 +245,7 @@ class _Ours:
         return (self.info.attempt, self.instance_id)
 
 
-def _our_instances(agent_short_id: str, instances: Sequence[Instance]
-                   ) -> dict[str, list[_Ours]]:
+def _our_instances(agent_short_id: str, instances: Sequence[Instance]) -> dict[str, list[_Ours]]:
     """This agent's live instances by task id; foreign, unlabelled and already-destroyed
     (next_state unloaded) instances are left out."""
     ours: dict[str, list[_Ours]] = {}
@@ -250,25 +269,40 @@ def _destroy(o: _Ours, cause: str, reason: str) -> DestroyInstance:
     return DestroyInstance(o.instance_id, o.label, o.info.task_id, cause, reason)
 
 
-def _adopt_best(task_id: str, found: list[_Ours], record: TaskRecord | None, why: str
-                ) -> list[Step]:
+def _adopt_best(
+    task_id: str, found: list[_Ours], record: TaskRecord | None, why: str
+) -> list[Step]:
     """Adopt the newest attempt (lowest id among its duplicates), destroy the others."""
     top = max(o.info.attempt for o in found)
     keep = min((o for o in found if o.info.attempt == top), key=lambda o: o.instance_id)
-    steps: list[Step] = [AdoptInstance(
-        task_id, keep.instance_id, top, keep.label,
-        None if record is None else record.phase, None if record is None else record.attempt,
-        why)]
+    steps: list[Step] = [
+        AdoptInstance(
+            task_id,
+            keep.instance_id,
+            top,
+            keep.label,
+            None if record is None else record.phase,
+            None if record is None else record.attempt,
+            why,
+        )
+    ]
     for o in found:
         if o is keep:
             continue
         if o.info.attempt < top:
-            steps.append(_destroy(o, STALE_ATTEMPT,
-                                  f"attempt {o.info.attempt} older than adopted attempt {top}"))
+            steps.append(
+                _destroy(
+                    o, STALE_ATTEMPT, f"attempt {o.info.attempt} older than adopted attempt {top}"
+                )
+            )
         else:
-            steps.append(_destroy(o, DUPLICATE,
-                                  f"duplicate of adopted instance {keep.instance_id} "
-                                  f"(attempt {top})"))
+            steps.append(
+                _destroy(
+                    o,
+                    DUPLICATE,
+                    f"duplicate of adopted instance {keep.instance_id} (attempt {top})",
+                )
+            )
     return steps
 
 
@@ -293,24 +327,36 @@ def plan(
     """
     ours = _our_instances(agent_short_id, instances)
     starts, stops = _unique(actions, START_TASK), set(_unique(actions, STOP_TASK))
-    out: dict[type, list[Step]] = {kind: [] for kind in (
-        StopTask, DestroyInstance, AdoptInstance, AcceptTask, ResumeStep, StartChain,
-        WaitForCapacity)}
+    out: dict[type, list[Step]] = {
+        kind: []
+        for kind in (
+            StopTask,
+            DestroyInstance,
+            AdoptInstance,
+            AcceptTask,
+            ResumeStep,
+            StartChain,
+            WaitForCapacity,
+        )
+    }
     waiting: list[tuple[float, str]] = []  # accepted records asking for a slot
     new_tasks: list[str] = []  # accepted this plan, in Arkindex's order
     for task_id in sorted(set(records) | set(ours) | set(starts) | stops):
         record = records.get(task_id)
         found = ours.get(task_id, [])
         if record is None:
-            task_steps = _plan_unknown_task(task_id, found, task_id in starts,
-                                            task_id in stops)
+            task_steps = _plan_unknown_task(task_id, found, task_id in starts, task_id in stops)
             if any(isinstance(step, AcceptTask) for step in task_steps):
                 new_tasks.append(task_id)
         else:
             task_steps = _plan_known_task(record, found, task_id in stops, now, settings)
             adopting = any(isinstance(step, AdoptInstance) for step in task_steps)
-            if (record.phase == Phase.ACCEPTED and not record.stop_requested
-                    and task_id not in stops and not adopting):
+            if (
+                record.phase == Phase.ACCEPTED
+                and not record.stop_requested
+                and task_id not in stops
+                and not adopting
+            ):
                 waiting.append((record.accepted_at or 0.0, task_id))
         for step in task_steps:
             out[type(step)].append(step)
@@ -320,43 +366,51 @@ def plan(
     return [step for steps in out.values() for step in steps]
 
 
-def _plan_unknown_task(task_id: str, found: list[_Ours], started: bool, stopped: bool
-                       ) -> list[Step]:
+def _plan_unknown_task(
+    task_id: str, found: list[_Ours], started: bool, stopped: bool
+) -> list[Step]:
     """A task without a record: a new start, a stop, or instances of ours to adopt."""
     if stopped:
-        return [*(_destroy(o, STOPPED, "stop_task for a task without a record") for o in found),
-                StopTask(task_id, False, "stop_task for a task without a record")]
+        return [
+            *(_destroy(o, STOPPED, "stop_task for a task without a record") for o in found),
+            StopTask(task_id, False, "stop_task for a task without a record"),
+        ]
     if found:
-        return _adopt_best(task_id, found, None,
-                           "instance of ours without a record (memory lost?)")
+        return _adopt_best(task_id, found, None, "instance of ours without a record (memory lost?)")
     if started:
         return [AcceptTask(task_id, "new start_task")]
     return []
 
 
-def _plan_known_task(record: TaskRecord, found: list[_Ours], stop_action: bool, now: float,
-                     settings: Settings) -> list[Step]:
+def _plan_known_task(
+    record: TaskRecord, found: list[_Ours], stop_action: bool, now: float, settings: Settings
+) -> list[Step]:
     """A task with a record: stop it, clean its instances up, adopt, or resume its chain."""
     task_id, phase = record.task_id, Phase(record.phase)
     if phase is Phase.DONE:
-        return [_destroy(o, ORPHAN, f"task is done ({record.final_state or 'finished'})")
-                for o in found]
+        return [
+            _destroy(o, ORPHAN, f"task is done ({record.final_state or 'finished'})") for o in found
+        ]
     steps: list[Step] = []
     stopping = record.stop_requested or stop_action
     # Handled once stop_requested is set and the phase has moved to finishing or later;
     # otherwise (new stop, or a StopTask whose CAS lost a race) ask again.
     stop_now = stopping and not (
-        record.stop_requested and phase in (Phase.FINISHING, Phase.DESTROYING))
+        record.stop_requested and phase in (Phase.FINISHING, Phase.DESTROYING)
+    )
     if stop_now:
         steps.append(StopTask(task_id, True, f"stop_task while {phase}"))
 
     ahead = [o for o in found if o.info.attempt > record.attempt]
-    if ahead and not stopping and phase in (Phase.ACCEPTED, Phase.WAITING_OFFER,
-                                            Phase.CREATING):
+    if ahead and not stopping and phase in (Phase.ACCEPTED, Phase.WAITING_OFFER, Phase.CREATING):
         # The record is behind an instance (Redis rolled back): the instance wins.
         return steps + _adopt_best(
-            task_id, found, record, f"instance attempt {max(o.info.attempt for o in ahead)} "
-                                    f"ahead of record attempt {record.attempt} ({phase})")
+            task_id,
+            found,
+            record,
+            f"instance attempt {max(o.info.attempt for o in ahead)} "
+            f"ahead of record attempt {record.attempt} ({phase})",
+        )
     steps += _unwanted_instances(record, found)
     if phase is Phase.ACCEPTED or stop_now:
         # accepted: waits for a capacity slot (plan's queue); stop_now: the StopTask above
@@ -366,9 +420,16 @@ def _plan_known_task(record: TaskRecord, found: list[_Ours], stop_action: bool, 
         step = step_for(record)
         if step is not None:
             idle = now - last_progress(record)
-            steps.append(ResumeStep(task_id, step, record.phase, record.attempt,
-                                    f"no progress in {phase} for {idle:.0f}s "
-                                    f"(stale after {settings.stale_after(phase):.0f}s)"))
+            steps.append(
+                ResumeStep(
+                    task_id,
+                    step,
+                    record.phase,
+                    record.attempt,
+                    f"no progress in {phase} for {idle:.0f}s "
+                    f"(stale after {settings.stale_after(phase):.0f}s)",
+                )
+            )
     return steps
 
 
@@ -380,23 +441,39 @@ def _unwanted_instances(record: TaskRecord, found: list[_Ours]) -> list[DestroyI
     current = []
     for o in found:
         if o.info.attempt != record.attempt:
-            steps.append(_destroy(o, STALE_ATTEMPT, f"attempt {o.info.attempt}, record at "
-                                                    f"attempt {record.attempt}"))
+            steps.append(
+                _destroy(
+                    o,
+                    STALE_ATTEMPT,
+                    f"attempt {o.info.attempt}, record at attempt {record.attempt}",
+                )
+            )
         elif phase in NO_INSTANCE_PHASES:
-            steps.append(_destroy(o, ABANDONED_ATTEMPT, f"attempt {o.info.attempt} was "
-                                                        f"abandoned (record {phase})"))
+            steps.append(
+                _destroy(
+                    o, ABANDONED_ATTEMPT, f"attempt {o.info.attempt} was abandoned (record {phase})"
+                )
+            )
         else:
             current.append(o)
     if len(current) > 1:
         keep = next((o for o in current if o.instance_id == record.instance_id), current[0])
-        steps += [_destroy(o, DUPLICATE, f"duplicate of instance {keep.instance_id} "
-                                         f"(attempt {record.attempt})")
-                  for o in current if o is not keep]
+        steps += [
+            _destroy(
+                o, DUPLICATE, f"duplicate of instance {keep.instance_id} (attempt {record.attempt})"
+            )
+            for o in current
+            if o is not keep
+        ]
     return steps
 
 
-def _plan_capacity(queue: list[str], ours: Mapping[str, list[_Ours]],
-                   records: Mapping[str, TaskRecord], max_instances: int) -> list[Step]:
+def _plan_capacity(
+    queue: list[str],
+    ours: Mapping[str, list[_Ours]],
+    records: Mapping[str, TaskRecord],
+    max_instances: int,
+) -> list[Step]:
     """Start the chains of the queued tasks while capacity slots are free.
 
     Occupied: every live instance of ours (stale and duplicate ones bill too) plus one for
@@ -404,17 +481,24 @@ def _plan_capacity(queue: list[str], ours: Mapping[str, list[_Ours]],
     """
     slot_tasks = {t for t, r in records.items() if r.phase in SLOT_PHASES}
     occupied = sum(len(found) for found in ours.values()) + sum(
-        1 for t in slot_tasks if not ours.get(t))
+        1 for t in slot_tasks if not ours.get(t)
+    )
     free = max(0, max_instances - occupied)
     steps: list[Step] = []
     for index, task_id in enumerate(queue):
         if index < free:
-            steps.append(StartChain(task_id, f"capacity slot free ({occupied + index + 1}/"
-                                             f"{max_instances})"))
+            steps.append(
+                StartChain(task_id, f"capacity slot free ({occupied + index + 1}/{max_instances})")
+            )
         else:
-            steps.append(WaitForCapacity(task_id, f"{max_instances} instances at most; "
-                                                  f"{occupied + min(index, free)} in use, "
-                                                  f"position {index - free + 1} in the queue"))
+            steps.append(
+                WaitForCapacity(
+                    task_id,
+                    f"{max_instances} instances at most; "
+                    f"{occupied + min(index, free)} in use, "
+                    f"position {index - free + 1} in the queue",
+                )
+            )
     return steps
 
 
@@ -458,37 +542,46 @@ def watch_decision(
     (None when there is none) and the log tail after a READ_LOGS."""
     A = WatchAction
     condition = classify_instance(instance)
-    if (instance is None and snapshot_taken_at is not None
-            and record.instance_created_at is not None
-            and snapshot_taken_at < record.instance_created_at):
+    if (
+        instance is None
+        and snapshot_taken_at is not None
+        and record.instance_created_at is not None
+        and snapshot_taken_at < record.instance_created_at
+    ):
         # The snapshot predates the create: absent does not mean gone.
-        return WatchDecision(A.WAIT, "snapshot older than the instance", Condition.PROVISIONING,
-                             record.offline_since)
+        return WatchDecision(
+            A.WAIT, "snapshot older than the instance", Condition.PROVISIONING, record.offline_since
+        )
     offline_since = (record.offline_since or now) if condition is Condition.OFFLINE else None
 
-    def decide(action: WatchAction, reason: str, outcome: Outcome | None = None
-               ) -> WatchDecision:
+    def decide(action: WatchAction, reason: str, outcome: Outcome | None = None) -> WatchDecision:
         return WatchDecision(action, reason, condition, offline_since, outcome)
 
     if record.stop_requested:
         return decide(A.FINISH, "stop requested", final_state(None, condition, True))
     code = record.exit_code if exit_code is None else exit_code
     if code is not None:
-        return decide(A.FINISH, f"exit code {code} in the log",
-                      final_state(code, condition, False, record.inferred, log_tail))
+        return decide(
+            A.FINISH,
+            f"exit code {code} in the log",
+            final_state(code, condition, False, record.inferred, log_tail),
+        )
     ended = condition in _ENDED
     if ended and not logs_read and condition is not Condition.GONE:
         return decide(A.READ_LOGS, f"instance {condition}: look for the exit code")
     failure = start_failure(
-        replace(record, offline_since=offline_since), condition, now,
-        settings.loading_deadline, offline_grace=settings.offline_grace,
+        replace(record, offline_since=offline_since),
+        condition,
+        now,
+        settings.loading_deadline,
+        offline_grace=settings.offline_grace,
         early_exit_window=settings.early_exit_window,
-        status_msg=None if instance is None else instance.status_msg)
+        status_msg=None if instance is None else instance.status_msg,
+    )
     if failure is not None:
         if next_attempt_allowed(record.attempt, settings.max_attempts):
             return decide(A.RETRY_ATTEMPT, failure)
-        reason = (f"no instance could run the task in {record.attempt} attempt(s); "
-                  f"last: {failure}")
+        reason = f"no instance could run the task in {record.attempt} attempt(s); last: {failure}"
         return decide(A.GIVE_UP, reason, Outcome("error", reason))
     if ended:
         outcome = final_state(None, condition, False, record.inferred, log_tail)

@@ -38,7 +38,9 @@ ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 
 _DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_REPOSITORY = re.compile(
+    r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
 
 
 class ImageConfigUnavailable(Exception):
@@ -101,7 +103,7 @@ def parse_image_reference(image: str) -> ImageReference:
     last_slash = remainder.rfind("/")
     colon = remainder.rfind(":")
     if colon > last_slash:
-        remainder, tag = remainder[:colon], remainder[colon + 1:]
+        remainder, tag = remainder[:colon], remainder[colon + 1 :]
         if not _TAG.match(tag):
             raise ValueError(f"invalid tag in image reference {image!r}")
     registry = canonical_registry(registry)
@@ -127,8 +129,9 @@ class ImageConfig:
 
 
 def _is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0].strip("[]") if host.count(":") <= 1 or host.startswith(
-        "[") else host
+    name = (
+        host.rsplit(":", 1)[0].strip("[]") if host.count(":") <= 1 or host.startswith("[") else host
+    )
     if name == "localhost":
         return True
     try:
@@ -146,10 +149,17 @@ class RegistryClient:
     """Looks up image configs; `credentials` are (host, username, password) triples or
     objects with `registry_host`, `username`, `password` (config.RegistryCredential)."""
 
-    def __init__(self, credentials=(), *, shared_cache=None, cache_size: int = 256,
-                 timeout: tuple[float, float] = (5, 20), retries: int = 2,
-                 insecure_hosts: set[str] | frozenset = frozenset(),
-                 platform: tuple[str, str] = ("linux", "amd64")):
+    def __init__(
+        self,
+        credentials=(),
+        *,
+        shared_cache=None,
+        cache_size: int = 256,
+        timeout: tuple[float, float] = (5, 20),
+        retries: int = 2,
+        insecure_hosts: set[str] | frozenset = frozenset(),
+        platform: tuple[str, str] = ("linux", "amd64"),
+    ):
         self.credentials: dict[str, tuple[str, str]] = {}
         for item in credentials:
             if isinstance(item, tuple | list):
@@ -169,8 +179,13 @@ class RegistryClient:
         self._lock = threading.Lock()
         self.session = requests.Session()
         # Transient failures only (connection, 502/503/504), for idempotent GET/HEAD.
-        retry = Retry(total=retries, backoff_factor=0.2, status_forcelist=(502, 503, 504),
-                      allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+        retry = Retry(
+            total=retries,
+            backoff_factor=0.2,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=frozenset({"GET", "HEAD"}),
+            raise_on_status=False,
+        )
         self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.session.mount("https://", HTTPAdapter(max_retries=retry))
 
@@ -185,7 +200,8 @@ class RegistryClient:
             return self._lookup(ref)
         except requests.RequestException as error:
             raise ImageConfigUnavailable(
-                f"registry {ref.registry} unreachable ({type(error).__name__})") from None
+                f"registry {ref.registry} unreachable ({type(error).__name__})"
+            ) from None
 
     def image_command(self, image: str) -> list[str]:
         """Entrypoint + Cmd of `image`; ImageConfigUnavailable if it has neither."""
@@ -216,8 +232,14 @@ class RegistryClient:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         if to_redis and self.shared_cache is not None:
-            self.shared_cache.set(digest, {"entrypoint": config.entrypoint, "cmd": config.cmd,
-                                           "manifest_digest": config.manifest_digest})
+            self.shared_cache.set(
+                digest,
+                {
+                    "entrypoint": config.entrypoint,
+                    "cmd": config.cmd,
+                    "manifest_digest": config.manifest_digest,
+                },
+            )
 
     # ---------------------------------------------------------------- lookup
 
@@ -228,8 +250,9 @@ class RegistryClient:
                 return cached
         else:
             # HEAD: cheap, and not counted by Docker Hub's pull rate limit.
-            head = self._get(ref, f"manifests/{ref.reference}", method="HEAD",
-                             headers={"Accept": ACCEPT})
+            head = self._get(
+                ref, f"manifests/{ref.reference}", method="HEAD", headers={"Accept": ACCEPT}
+            )
             digest = head.headers.get("Docker-Content-Digest")
             cached = self._cached(digest) if digest else None
             if cached:
@@ -252,8 +275,11 @@ class RegistryClient:
             container = json.loads(blob.content).get("config") or {}
         except (ValueError, AttributeError):
             raise ImageConfigUnavailable(f"{ref}: config blob is not JSON") from None
-        result = ImageConfig(_string_list(container.get("Entrypoint")),
-                             _string_list(container.get("Cmd")), manifest_digest)
+        result = ImageConfig(
+            _string_list(container.get("Entrypoint")),
+            _string_list(container.get("Cmd")),
+            manifest_digest,
+        )
         self._remember(top_digest, result)
         if manifest_digest != top_digest:
             self._remember(manifest_digest, result)
@@ -265,7 +291,8 @@ class RegistryClient:
             raise ImageConfigUnavailable(f"image {ref} not found in registry {ref.registry}")
         if response.status_code != 200:
             raise ImageConfigUnavailable(
-                f"{ref}: registry {ref.registry} answered HTTP {response.status_code}")
+                f"{ref}: registry {ref.registry} answered HTTP {response.status_code}"
+            )
         try:
             document = json.loads(response.content)
         except ValueError:
@@ -276,7 +303,8 @@ class RegistryClient:
         media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         if media_type not in INDEX_TYPES | MANIFEST_TYPES:
             media_type = document.get("mediaType") or (
-                OCI_INDEX if "manifests" in document else OCI_MANIFEST)
+                OCI_INDEX if "manifests" in document else OCI_MANIFEST
+            )
         return digest, media_type, document
 
     def _pick_platform(self, ref: ImageReference, index: dict) -> str:
@@ -298,8 +326,9 @@ class RegistryClient:
         insecure = host.lower() in self.insecure_hosts or _is_loopback(host)
         return f"{'http' if insecure else 'https'}://{host}/v2/"
 
-    def _get(self, ref: ImageReference, path: str, *, method: str = "GET",
-             headers: dict | None = None) -> requests.Response:
+    def _get(
+        self, ref: ImageReference, path: str, *, method: str = "GET", headers: dict | None = None
+    ) -> requests.Response:
         url = self._base_url(ref.api_host) + f"{ref.repository}/{path}"
         scope = f"repository:{ref.repository}:pull"
         headers = dict(headers or {})
@@ -308,18 +337,21 @@ class RegistryClient:
             headers["Authorization"] = f"Bearer {token}"
         login = self.credentials.get(ref.registry)
         preemptive = login if ref.registry in self._basic_registries else None
-        response = self.session.request(method, url, headers=headers, auth=preemptive,
-                                        timeout=self.timeout)
+        response = self.session.request(
+            method, url, headers=headers, auth=preemptive, timeout=self.timeout
+        )
         if response.status_code != 401:
             return response
         scheme, params = _parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
             if not login:
                 raise ImageConfigUnavailable(
-                    f"registry {ref.registry} requires a login and the config has none for it")
+                    f"registry {ref.registry} requires a login and the config has none for it"
+                )
             self._basic_registries.add(ref.registry)
-            response = self.session.request(method, url, headers=headers, auth=login,
-                                            timeout=self.timeout)
+            response = self.session.request(
+                method, url, headers=headers, auth=login, timeout=self.timeout
+            )
         elif scheme == "bearer" and params.get("realm"):
             token = self._fetch_token(ref.registry, params, scope, login)
             headers["Authorization"] = f"Bearer {token}"
@@ -327,7 +359,8 @@ class RegistryClient:
         if response.status_code == 401:
             raise ImageConfigUnavailable(
                 f"registry {ref.registry} refused access to {ref.repository}"
-                + ("" if login else " (the config has no credentials for it)"))
+                + ("" if login else " (the config has no credentials for it)")
+            )
         return response
 
     def _token_for(self, registry: str, scope: str) -> str | None:
@@ -338,12 +371,12 @@ class RegistryClient:
     def _fetch_token(self, registry: str, params: dict, scope: str, login) -> str:
         query = {"service": params["service"]} if params.get("service") else {}
         query["scope"] = params.get("scope") or scope
-        response = self.session.get(params["realm"], params=query, auth=login,
-                                    timeout=self.timeout)
+        response = self.session.get(params["realm"], params=query, auth=login, timeout=self.timeout)
         if response.status_code != 200:
             raise ImageConfigUnavailable(
                 f"registry {registry}: token service answered HTTP {response.status_code}"
-                + ("" if login else " (the config has no credentials for it)"))
+                + ("" if login else " (the config has no credentials for it)")
+            )
         try:
             data = response.json()
             token = data.get("token") or data["access_token"]

@@ -17,8 +17,10 @@ import click
 
 from ponos_tasks.config import ConfigError, load_config
 
-NO_CONFIG_MESSAGE = ("ponos-vast run: no PONOS_CONFIG given, so this runs the demo on the "
-                     "local stack (ponos-vast demo)")
+NO_CONFIG_MESSAGE = (
+    "ponos-vast run: no PONOS_CONFIG given, so this runs the demo on the "
+    "local stack (ponos-vast demo)"
+)
 
 
 def _raise_interrupt(signum, _frame):
@@ -48,11 +50,20 @@ def shielded():
 
 
 @click.command("run")
-@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("logs"), show_default=True,
-              help="Where the worker, beat and Flower logs go.")
-@click.option("--flower-port", type=click.IntRange(1, 65535), default=5555, show_default=True,
-              help="Flower's port on 127.0.0.1.")
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("logs"),
+    show_default=True,
+    help="Where the worker, beat and Flower logs go.",
+)
+@click.option(
+    "--flower-port",
+    type=click.IntRange(1, 65535),
+    default=5555,
+    show_default=True,
+    help="Flower's port on 127.0.0.1.",
+)
 @click.pass_context
 def run_command(ctx, log_dir, flower_port):
     """Run the agent (worker, beat, Flower) for $PONOS_CONFIG until Ctrl-C or SIGTERM.
@@ -79,14 +90,15 @@ def run_command(ctx, log_dir, flower_port):
         sys.exit(2)
     for line in config.summary():
         click.echo(line)
-    agent = AgentProcesses(Path(path).resolve(), log_dir, config.redis_url,
-                           flower_port=flower_port)
+    agent = AgentProcesses(Path(path).resolve(), log_dir, config.redis_url, flower_port=flower_port)
     try:
         with sigterm_as_interrupt():
             try:
                 agent.start()
-                click.echo(f"Agent running: worker, beat and Flower (http://127.0.0.1:"
-                           f"{flower_port}/); logs in {log_dir}. Ctrl-C stops it.")
+                click.echo(
+                    f"Agent running: worker, beat and Flower (http://127.0.0.1:"
+                    f"{flower_port}/); logs in {log_dir}. Ctrl-C stops it."
+                )
                 while not (dead := agent.check_alive()):
                     time.sleep(1)
                 click.echo("agent process exited: " + ", ".join(dead), err=True)

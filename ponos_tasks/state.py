@@ -237,12 +237,14 @@ class TaskStore:
             raise StoreError("a record cannot be created done")
         values = record.to_dict()
         task_id = values.pop("task_id")
-        created = self._create(keys=[self._key(task_id), self._active],
-                               args=[task_id, *_encode(values)])
+        created = self._create(
+            keys=[self._key(task_id), self._active], args=[task_id, *_encode(values)]
+        )
         return created == 1
 
-    def cas(self, task_id: str, *, expect_phase: str, expect_attempt: int,
-            **changes: Any) -> TaskRecord | None:
+    def cas(
+        self, task_id: str, *, expect_phase: str, expect_attempt: int, **changes: Any
+    ) -> TaskRecord | None:
         """Apply `changes` only if the record is still in (expect_phase, expect_attempt).
 
         Returns the updated record, or None when the record is missing or has moved on (the
@@ -263,9 +265,15 @@ class TaskStore:
         expire_at = self.clock() + self.tombstone_ttl
         result = self._cas(
             keys=[self._key(task_id), self._active, self._done],
-            args=[json.dumps(expect_phase), json.dumps(int(expect_attempt)),
-                  "1" if done else "0", repr(expire_at), task_id,
-                  _ttl_seconds(self.tombstone_ttl), *_encode(changes)],
+            args=[
+                json.dumps(expect_phase),
+                json.dumps(int(expect_attempt)),
+                "1" if done else "0",
+                repr(expire_at),
+                task_id,
+                _ttl_seconds(self.tombstone_ttl),
+                *_encode(changes),
+            ],
         )
         if _text(result[0]) != "ok":
             return None
@@ -294,9 +302,13 @@ class TaskStore:
         now = self.clock()
         ttl = self.tombstone_ttl if ttl is None else ttl
         values = {"phase": Phase.DONE.value, "phase_changed_at": now}
-        return self._forget(keys=[self._key(task_id), self._active, self._done],
-                            args=[task_id, repr(now + ttl), _ttl_seconds(ttl),
-                                  *_encode(values)]) == 1
+        return (
+            self._forget(
+                keys=[self._key(task_id), self._active, self._done],
+                args=[task_id, repr(now + ttl), _ttl_seconds(ttl), *_encode(values)],
+            )
+            == 1
+        )
 
     def active_ids(self) -> list[str]:
         return sorted(_text(m) for m in self.redis.smembers(self._active))
@@ -367,8 +379,7 @@ class TaskStore:
 
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
-        return bool(self.redis.set(self.keys.once(name), "1", nx=True,
-                                   px=max(1, int(ttl * 1000))))
+        return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
 
 
 def release(lock: Lock) -> None:
@@ -418,8 +429,9 @@ class ReportedStates:
     def release(self, task_id: str, state: str) -> None:
         self.redis.delete(self.keys.reported(task_id, state))
         if state in ARKINDEX_TERMINAL_STATES:
-            self.redis.eval(self._RELEASE_TERMINAL, 1, self.keys.reported(task_id, "terminal"),
-                            state)
+            self.redis.eval(
+                self._RELEASE_TERMINAL, 1, self.keys.reported(task_id, "terminal"), state
+            )
 
     def terminal(self, task_id: str) -> str | None:
         value = self.redis.get(self.keys.reported(task_id, "terminal"))
@@ -458,8 +470,15 @@ class TaskLogBook:
     the dropped ones; keys expire `ttl` seconds after the last add.
     """
 
-    def __init__(self, redis_client: redis.Redis, keys: Keyspace, *, task_format: str,
-                 max_lines: int = 500, ttl: int = 14 * 24 * 3600):
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        keys: Keyspace,
+        *,
+        task_format: str,
+        max_lines: int = 500,
+        ttl: int = 14 * 24 * 3600,
+    ):
         self.redis = redis_client
         self.keys = keys
         self.task_format = task_format
@@ -468,11 +487,13 @@ class TaskLogBook:
 
     def add(self, task_id: str, level: int | str, message: str, *, created: float | None = None):
         key, dropped_key = self.keys.task_log(task_id), self.keys.task_log_dropped(task_id)
-        entry = json.dumps({
-            "t": time.time() if created is None else created,
-            "level": logging.getLevelName(level_number(level)),
-            "msg": str(message),
-        })
+        entry = json.dumps(
+            {
+                "t": time.time() if created is None else created,
+                "level": logging.getLevelName(level_number(level)),
+                "msg": str(message),
+            }
+        )
         pipe = self.redis.pipeline(transaction=True)
         pipe.rpush(key, entry)
         pipe.ltrim(key, -self.max_lines, -1)

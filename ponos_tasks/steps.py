@@ -118,8 +118,11 @@ def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
     failed = set(record.failed_machines)
     # The user's filters are checked again here: a server that ignored one must not make us
     # rent what the configuration excludes.
-    return [offer for offer in rank_offers(offers) if offer.machine_id not in failed
-            and offer_matches(vast.offer_filters, offer)]
+    return [
+        offer
+        for offer in rank_offers(offers)
+        if offer.machine_id not in failed and offer_matches(vast.offer_filters, offer)
+    ]
 
 
 def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
@@ -136,8 +139,9 @@ def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
     return env
 
 
-def instance_command(ctx: AgentContext, task_id: str, definition) -> tuple[str | None,
-                                                                            list | None, bool]:
+def instance_command(
+    ctx: AgentContext, task_id: str, definition
+) -> tuple[str | None, list | None, bool]:
     """(onstart, args, inferred): the wrapped command, or the image run as it is."""
     if definition.command:
         argv = split_command(definition.command)
@@ -145,9 +149,14 @@ def instance_command(ctx: AgentContext, task_id: str, definition) -> tuple[str |
         try:
             argv = ctx.registry.image_command(definition.image)
         except ImageConfigUnavailable as error:
-            _note(ctx, task_id, f"cannot read the entrypoint of {definition.image} "
-                  f"({error.reason}): running the image unwrapped; the exit status will be "
-                  "inferred from how the instance ends", "WARNING")
+            _note(
+                ctx,
+                task_id,
+                f"cannot read the entrypoint of {definition.image} "
+                f"({error.reason}): running the image unwrapped; the exit status will be "
+                "inferred from how the instance ends",
+                "WARNING",
+            )
             return None, None, True
         _note(ctx, task_id, f"image command from the registry: {argv}")
     onstart, args = wrap_command(argv)
@@ -190,8 +199,11 @@ def accept(ctx: AgentContext, task_id: str) -> bool:
     """Create the task's record (the sync loop does it, before the chain starts)."""
     created = ctx.store.create_if_absent(TaskRecord.new(task_id, ctx.now()))
     if created:
-        _note(ctx, task_id, "task accepted by agent "
-              f"{ctx.config.agent_name}; looking for a Vast.ai offer")
+        _note(
+            ctx,
+            task_id,
+            f"task accepted by agent {ctx.config.agent_name}; looking for a Vast.ai offer",
+        )
     return created
 
 
@@ -200,8 +212,16 @@ def start(ctx: AgentContext, task_id: str) -> Next | None:
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.ACCEPTED:
         return None
-    if ctx.store.cas(task_id, expect_phase=Phase.ACCEPTED, expect_attempt=record.attempt,
-                     phase=Phase.WAITING_OFFER, heartbeat_at=ctx.now()) is None:
+    if (
+        ctx.store.cas(
+            task_id,
+            expect_phase=Phase.ACCEPTED,
+            expect_attempt=record.attempt,
+            phase=Phase.WAITING_OFFER,
+            heartbeat_at=ctx.now(),
+        )
+        is None
+    ):
         return None
     return Next(StepName.CHOOSE_OFFER)
 
@@ -223,8 +243,14 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Next | None:
     if offer_wait_expired(record, now, ctx.settings.offer_wait):
         reason = f"no Vast.ai offer matched the filters within {ctx.settings.offer_wait:g} s"
         _note(ctx, task_id, reason, "ERROR")
-        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
-                         phase=Phase.FINISHING, final_state="error", reason=reason):
+        if ctx.store.cas(
+            task_id,
+            expect_phase=record.phase,
+            expect_attempt=record.attempt,
+            phase=Phase.FINISHING,
+            final_state="error",
+            reason=reason,
+        ):
             return Next(StepName.PUBLISH_LOGS)
         return None
     ctx.store.touch(task_id, heartbeat_at=now)
@@ -252,9 +278,15 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
     if record.phase in (Phase.WAITING_OFFER, Phase.RETRYING, Phase.ACCEPTED):
         attempt = record.attempt + 1
         label = make_label(ctx.agent_short_id(), task_id, attempt)
-        return ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
-                             phase=Phase.CREATING, attempt=attempt, label=label,
-                             heartbeat_at=ctx.now())
+        return ctx.store.cas(
+            task_id,
+            expect_phase=record.phase,
+            expect_attempt=record.attempt,
+            phase=Phase.CREATING,
+            attempt=attempt,
+            label=label,
+            heartbeat_at=ctx.now(),
+        )
     return record if record.phase == Phase.CREATING else None
 
 
@@ -272,10 +304,16 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if record.stop_requested:
         return None
     onstart, args, inferred = instance_command(ctx, task_id, definition)
-    request = dict(image=definition.image, label=record.label,
-                   env=instance_environment(ctx, definition),
-                   disk=ctx.config.vast_api.disk_gb, runtype="args", onstart=onstart,
-                   args=args, image_login=_image_login(ctx, definition.image))
+    request = dict(
+        image=definition.image,
+        label=record.label,
+        env=instance_environment(ctx, definition),
+        disk=ctx.config.vast_api.disk_gb,
+        runtype="args",
+        onstart=onstart,
+        args=args,
+        image_login=_image_login(ctx, definition.image),
+    )
     tried = 0
     for offer in _ranked_offers(ctx, record):
         if tried == ctx.settings.offers_tried_per_create:
@@ -289,56 +327,99 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         try:
             created = ctx.vast.create_instance(offer.id, **request)
         except OfferUnavailable:
-            _note(ctx, task_id, f"offer {offer.id} was taken before we could rent it; "
-                  "trying the next one")
+            _note(
+                ctx,
+                task_id,
+                f"offer {offer.id} was taken before we could rent it; trying the next one",
+            )
             continue
         except CreateOutcomeUnknown as error:
             # Never re-send: the instance may exist. The next run of this step looks the
             # label up first (above) and adopts it, or creates if it really does not exist.
-            _note(ctx, task_id, f"no answer to the create call ({error.msg}); looking the "
-                  "label up before anything else", "WARNING")
+            _note(
+                ctx,
+                task_id,
+                f"no answer to the create call ({error.msg}); looking the "
+                "label up before anything else",
+                "WARNING",
+            )
             ctx.store.touch(task_id, heartbeat_at=ctx.now())
             return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
         if not created.started:
-            _note(ctx, task_id, f"Vast.ai created instance {created.id} stopped on machine "
-                  f"{offer.machine_id}; destroying it and trying another offer", "WARNING")
+            _note(
+                ctx,
+                task_id,
+                f"Vast.ai created instance {created.id} stopped on machine "
+                f"{offer.machine_id}; destroying it and trying another offer",
+                "WARNING",
+            )
             ctx.vast.destroy_instance(created.id)
-            ctx.store.touch(task_id, failed_machines=[*record.failed_machines,
-                                                      offer.machine_id])
+            ctx.store.touch(task_id, failed_machines=[*record.failed_machines, offer.machine_id])
             record = ctx.store.get(task_id)
             continue
-        return _record_instance(ctx, record, None, created=created, offer=offer,
-                                inferred=inferred)
+        return _record_instance(ctx, record, None, created=created, offer=offer, inferred=inferred)
     # Nothing could be rented: give the attempt number back and wait for an offer.
-    if ctx.store.cas(task_id, expect_phase=Phase.CREATING, expect_attempt=record.attempt,
-                     phase=Phase.WAITING_OFFER, attempt=record.attempt - 1,
-                     waiting_since=record.waiting_since or ctx.now(), heartbeat_at=ctx.now()):
+    if ctx.store.cas(
+        task_id,
+        expect_phase=Phase.CREATING,
+        expect_attempt=record.attempt,
+        phase=Phase.WAITING_OFFER,
+        attempt=record.attempt - 1,
+        waiting_since=record.waiting_since or ctx.now(),
+        heartbeat_at=ctx.now(),
+    ):
         return Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
     return None
 
 
-def _record_instance(ctx: AgentContext, record: TaskRecord, instance, *, created=None,
-                     offer=None, adopted=False, inferred=False) -> Next | None:
+def _record_instance(
+    ctx: AgentContext,
+    record: TaskRecord,
+    instance,
+    *,
+    created=None,
+    offer=None,
+    adopted=False,
+    inferred=False,
+) -> Next | None:
     now = ctx.now()
     if instance is not None:
-        values = dict(instance_id=instance.id, machine_id=instance.machine_id,
-                      gpu_name=instance.gpu_name, dph_total=instance.dph_total)
+        values = dict(
+            instance_id=instance.id,
+            machine_id=instance.machine_id,
+            gpu_name=instance.gpu_name,
+            dph_total=instance.dph_total,
+        )
     else:
-        values = dict(instance_id=created.id, machine_id=offer.machine_id,
-                      offer_id=offer.id, gpu_name=offer.gpu_name, dph_total=offer.dph_total)
-    updated = ctx.store.cas(record.task_id, expect_phase=Phase.CREATING,
-                            expect_attempt=record.attempt, phase=Phase.LOADING,
-                            instance_created_at=now, heartbeat_at=now, inferred=inferred,
-                            **values)
+        values = dict(
+            instance_id=created.id,
+            machine_id=offer.machine_id,
+            offer_id=offer.id,
+            gpu_name=offer.gpu_name,
+            dph_total=offer.dph_total,
+        )
+    updated = ctx.store.cas(
+        record.task_id,
+        expect_phase=Phase.CREATING,
+        expect_attempt=record.attempt,
+        phase=Phase.LOADING,
+        instance_created_at=now,
+        heartbeat_at=now,
+        inferred=inferred,
+        **values,
+    )
     if updated is None:
         # Someone else moved the record on: what we created is nobody's; destroy it.
         ctx.vast.destroy_instance(values["instance_id"])
         return None
     verb = "adopted existing" if adopted else "created"
-    _note(ctx, record.task_id,
-          f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']} on "
-          f"machine {values['machine_id']} ({values['gpu_name']}, "
-          f"${(values['dph_total'] or 0):.3f}/h)")
+    _note(
+        ctx,
+        record.task_id,
+        f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']} on "
+        f"machine {values['machine_id']} ({values['gpu_name']}, "
+        f"${(values['dph_total'] or 0):.3f}/h)",
+    )
     return Next(StepName.WATCH, countdown=ctx.settings.watch_interval)
 
 
@@ -354,13 +435,19 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
     snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
     instance = snapshot.find(record.instance_id)
     now = ctx.now()
-    decision = watch_decision(record, instance, now, settings,
-                              snapshot_taken_at=snapshot.taken_at)
+    decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
         decision = watch_decision(
-            record, instance, now, settings, exit_code=parse_exit_marker(text),
-            logs_read=True, log_tail=text[-4000:], snapshot_taken_at=snapshot.taken_at)
+            record,
+            instance,
+            now,
+            settings,
+            exit_code=parse_exit_marker(text),
+            logs_read=True,
+            log_tail=text[-4000:],
+            snapshot_taken_at=snapshot.taken_at,
+        )
         if decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
             # The instance has ended: its log will not change. Keep what decided the outcome
             # for the final upload instead of asking Vast.ai (rate-limited) for it again.
@@ -369,35 +456,61 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
         ctx.store.touch(task_id, offline_since=decision.offline_since)
     action = decision.action
     if action == WatchAction.MARK_RUNNING:
-        if ctx.store.cas(task_id, expect_phase=Phase.LOADING, expect_attempt=record.attempt,
-                         phase=Phase.RUNNING, running_since=now, heartbeat_at=now):
+        if ctx.store.cas(
+            task_id,
+            expect_phase=Phase.LOADING,
+            expect_attempt=record.attempt,
+            phase=Phase.RUNNING,
+            running_since=now,
+            heartbeat_at=now,
+        ):
             _note(ctx, task_id, f"instance {record.instance_id} is running")
             _report_running(ctx, task_id)
         return [Next(StepName.WATCH, countdown=settings.watch_interval)]
     if action in (WatchAction.FINISH, WatchAction.GIVE_UP):
         outcome = decision.outcome
-        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
-                         phase=Phase.FINISHING, final_state=outcome.state,
-                         reason=outcome.reason, heartbeat_at=now):
-            _note(ctx, task_id, f"task ended: {outcome.state} ({outcome.reason})",
-                  "INFO" if outcome.state == "completed" else "WARNING")
+        if ctx.store.cas(
+            task_id,
+            expect_phase=record.phase,
+            expect_attempt=record.attempt,
+            phase=Phase.FINISHING,
+            final_state=outcome.state,
+            reason=outcome.reason,
+            heartbeat_at=now,
+        ):
+            _note(
+                ctx,
+                task_id,
+                f"task ended: {outcome.state} ({outcome.reason})",
+                "INFO" if outcome.state == "completed" else "WARNING",
+            )
             return [Next(StepName.PUBLISH_LOGS)]
         return []
     if action == WatchAction.RETRY_ATTEMPT:
-        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
-                         phase=Phase.RETRYING, heartbeat_at=now,
-                         failed_machines=[*record.failed_machines, record.machine_id],
-                         attempt_reasons=[*record.attempt_reasons, decision.reason]):
-            _note(ctx, task_id, f"attempt {record.attempt} failed on machine "
-                  f"{record.machine_id}: {decision.reason}; trying another machine", "WARNING")
+        if ctx.store.cas(
+            task_id,
+            expect_phase=record.phase,
+            expect_attempt=record.attempt,
+            phase=Phase.RETRYING,
+            heartbeat_at=now,
+            failed_machines=[*record.failed_machines, record.machine_id],
+            attempt_reasons=[*record.attempt_reasons, decision.reason],
+        ):
+            _note(
+                ctx,
+                task_id,
+                f"attempt {record.attempt} failed on machine "
+                f"{record.machine_id}: {decision.reason}; trying another machine",
+                "WARNING",
+            )
             return [Next(StepName.RETRY_ATTEMPT)]
         return []
     # WAIT
     ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
     follow = [Next(StepName.WATCH, countdown=settings.watch_interval)]
     if record.phase == Phase.RUNNING and (
-            record.logs_published_at is None
-            or now - record.logs_published_at >= settings.logs_interval):
+        record.logs_published_at is None or now - record.logs_published_at >= settings.logs_interval
+    ):
         follow.append(Next(StepName.PUBLISH_LOGS, kwargs={"final": False}))
     return follow
 
@@ -410,9 +523,16 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
         return None
     if record.instance_id is not None:
         ctx.vast.destroy_instance(record.instance_id)
-    if ctx.store.cas(task_id, expect_phase=Phase.RETRYING, expect_attempt=record.attempt,
-                     phase=Phase.WAITING_OFFER, instance_id=None, offline_since=None,
-                     waiting_since=None, heartbeat_at=ctx.now()):
+    if ctx.store.cas(
+        task_id,
+        expect_phase=Phase.RETRYING,
+        expect_attempt=record.attempt,
+        phase=Phase.WAITING_OFFER,
+        instance_id=None,
+        offline_since=None,
+        waiting_since=None,
+        heartbeat_at=ctx.now(),
+    ):
         return Next(StepName.CHOOSE_OFFER)
     return None
 
@@ -423,8 +543,12 @@ def _instance_log(ctx: AgentContext, record: TaskRecord) -> str:
     try:
         return ctx.vast.request_logs(record.instance_id, wait=ctx.settings.log_read_wait)
     except VastError as error:
-        logger.warning("task %s: could not read the logs of instance %s: %s",
-                       record.task_id, record.instance_id, error.msg)
+        logger.warning(
+            "task %s: could not read the logs of instance %s: %s",
+            record.task_id,
+            record.instance_id,
+            error.msg,
+        )
         return ""
 
 
@@ -446,21 +570,30 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     ended_log = ctx.store.ended_log(task_id, record.attempt) if final else None
     instance_log = ended_log if ended_log is not None else _instance_log(ctx, record)
     if final and record.inferred:
-        _note(ctx, task_id, "the image ran unwrapped: this final state was inferred from how "
-              "its instance ended", "WARNING")
-    text = build_task_log(ctx.logbook.lines(task_id), instance_log,
-                          task_secrets(ctx, definition.env))
+        _note(
+            ctx,
+            task_id,
+            "the image ran unwrapped: this final state was inferred from how its instance ended",
+            "WARNING",
+        )
+    text = build_task_log(
+        ctx.logbook.lines(task_id), instance_log, task_secrets(ctx, definition.env)
+    )
     ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     now = ctx.now()
-    ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()),
-                    heartbeat_at=now)
+    ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()), heartbeat_at=now)
     if not final:
         code = parse_exit_marker(instance_log)
         if code is not None and record.exit_code is None:
             ctx.store.touch(task_id, exit_code=code)  # the next watch finishes the task
         return None
-    if ctx.store.cas(task_id, expect_phase=Phase.FINISHING, expect_attempt=record.attempt,
-                     phase=Phase.DESTROYING, heartbeat_at=now):
+    if ctx.store.cas(
+        task_id,
+        expect_phase=Phase.FINISHING,
+        expect_attempt=record.attempt,
+        phase=Phase.DESTROYING,
+        heartbeat_at=now,
+    ):
         ctx.store.drop_ended_log(task_id, record.attempt)
         return Next(StepName.DESTROY_INSTANCE)
     return None
@@ -473,8 +606,12 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         return None
     if record.instance_id is not None and not record.instance_destroyed:
         gone_before = not ctx.vast.destroy_instance(record.instance_id)
-        _note(ctx, task_id, f"instance {record.instance_id} "
-              + ("was already gone" if gone_before else "destroyed"))
+        _note(
+            ctx,
+            task_id,
+            f"instance {record.instance_id} "
+            + ("was already gone" if gone_before else "destroyed"),
+        )
     ctx.store.touch(task_id, instance_destroyed=True, heartbeat_at=ctx.now())
     return Next(StepName.REPORT_STATE)
 
@@ -507,8 +644,9 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     except TransitionRefused as error:
         # Not retried: the server's table says no (e.g. the task was stopped meanwhile).
         logger.error("task %s: Arkindex refused `%s`: %s", task_id, state, error.detail)
-    ctx.store.cas(task_id, expect_phase=Phase.DESTROYING, expect_attempt=record.attempt,
-                  phase=Phase.DONE)
+    ctx.store.cas(
+        task_id, expect_phase=Phase.DESTROYING, expect_attempt=record.attempt, phase=Phase.DONE
+    )
     ctx.arkindex.forget(task_id)
     return None
 
@@ -518,9 +656,16 @@ def stop_task(ctx: AgentContext, task_id: str, has_record: bool = True) -> Next 
     """stop_task: publish the logs, destroy the instance, report `stopped`."""
     now = ctx.now()
     if not has_record:
-        ctx.store.create_if_absent(TaskRecord.new(
-            task_id, now, phase=Phase.FINISHING, final_state="stopped", stop_requested=True,
-            reason="stopped by a user before it started"))
+        ctx.store.create_if_absent(
+            TaskRecord.new(
+                task_id,
+                now,
+                phase=Phase.FINISHING,
+                final_state="stopped",
+                stop_requested=True,
+                reason="stopped by a user before it started",
+            )
+        )
         _note(ctx, task_id, "stop requested by Arkindex")
         return Next(StepName.PUBLISH_LOGS)
     record = ctx.store.get(task_id)
@@ -537,9 +682,16 @@ def stop_task(ctx: AgentContext, task_id: str, has_record: bool = True) -> Next 
         record = ctx.store.get(task_id)
         if record is None or record.phase in (Phase.FINISHING, Phase.DESTROYING, Phase.DONE):
             return None
-        if ctx.store.cas(task_id, expect_phase=record.phase, expect_attempt=record.attempt,
-                         phase=Phase.FINISHING, stop_requested=True, final_state="stopped",
-                         reason="stopped by a user", heartbeat_at=now):
+        if ctx.store.cas(
+            task_id,
+            expect_phase=record.phase,
+            expect_attempt=record.attempt,
+            phase=Phase.FINISHING,
+            stop_requested=True,
+            final_state="stopped",
+            reason="stopped by a user",
+            heartbeat_at=now,
+        ):
             _note(ctx, task_id, "stop requested by Arkindex: stopping the task")
             return Next(StepName.PUBLISH_LOGS)
     finally:
@@ -555,23 +707,44 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         state = ctx.arkindex.task_state(step.task_id)
     except ArkindexError as error:
         # Unknown is not inactive: keep the instance; the next sync plans the adoption again.
-        logger.warning("cannot check task %s before adopting instance %s (%s); keeping it "
-                       "and trying again", step.task_id, step.instance_id, error)
+        logger.warning(
+            "cannot check task %s before adopting instance %s (%s); keeping it and trying again",
+            step.task_id,
+            step.instance_id,
+            error,
+        )
         return None
     if state not in ARKINDEX_ACTIVE_STATES:
         ctx.vast.destroy_instance(step.instance_id)
-        logger.warning("destroyed instance %s: task %s is %s on Arkindex", step.instance_id,
-                       step.task_id, state)
+        logger.warning(
+            "destroyed instance %s: task %s is %s on Arkindex",
+            step.instance_id,
+            step.task_id,
+            state,
+        )
         return None
     now = ctx.now()
-    values = dict(phase=Phase.LOADING, attempt=step.attempt, label=step.label,
-                  instance_id=step.instance_id, instance_created_at=now, heartbeat_at=now,
-                  adopted=True)
+    values = dict(
+        phase=Phase.LOADING,
+        attempt=step.attempt,
+        label=step.label,
+        instance_id=step.instance_id,
+        instance_created_at=now,
+        heartbeat_at=now,
+        adopted=True,
+    )
     if step.from_phase is None:
         done = ctx.store.create_if_absent(TaskRecord.new(step.task_id, now, **values))
     else:
-        done = ctx.store.cas(step.task_id, expect_phase=step.from_phase,
-                             expect_attempt=step.from_attempt, **values) is not None
+        done = (
+            ctx.store.cas(
+                step.task_id,
+                expect_phase=step.from_phase,
+                expect_attempt=step.from_attempt,
+                **values,
+            )
+            is not None
+        )
     if not done:
         return None
     if state == "running":
@@ -588,8 +761,13 @@ def destroy_unwanted(ctx: AgentContext, task_id: str, **fields) -> None:
     step = DestroyInstance(task_id=task_id, **fields)
     gone = not ctx.vast.destroy_instance(step.instance_id)
     ctx.store.count_destroyed(step.cause, 0 if gone else 1)
-    logger.warning("instance %s (%s) %s: %s", step.instance_id, step.label,
-                   "was already gone" if gone else "destroyed", step.reason)
+    logger.warning(
+        "instance %s (%s) %s: %s",
+        step.instance_id,
+        step.label,
+        "was already gone" if gone else "destroyed",
+        step.reason,
+    )
 
 
 # --------------------------------------------------------------------------- the sync loop
@@ -627,8 +805,14 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     ctx.store.mark_synced(now)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()
-    steps = plan(now=now, agent_short_id=short_id, records=records, instances=instances,
-                 actions=[(a.kind, a.task_id) for a in actions], settings=ctx.settings)
+    steps = plan(
+        now=now,
+        agent_short_id=short_id,
+        records=records,
+        instances=instances,
+        actions=[(a.kind, a.task_id) for a in actions],
+        settings=ctx.settings,
+    )
     result = SyncResult(ran=True, steps=steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):

@@ -26,9 +26,19 @@ def celery_command(*args: str) -> list[str]:
 
 
 def worker_command(concurrency: int = 4, name: str = "worker1") -> list[str]:
-    return celery_command("worker", "--queues", QUEUES, "--concurrency", str(concurrency),
-                          "--prefetch-multiplier", "1", "--loglevel", "INFO",
-                          "--hostname", f"{name}@%h")
+    return celery_command(
+        "worker",
+        "--queues",
+        QUEUES,
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        f"{name}@%h",
+    )
 
 
 def beat_command(schedule_file: Path) -> list[str]:
@@ -69,8 +79,14 @@ class AgentProcesses:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
-        process = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.processes[name] = process
         return process
@@ -92,8 +108,11 @@ class AgentProcesses:
 
     def check_alive(self) -> list[str]:
         """Names of the processes that exited (with their status)."""
-        return [f"{name} (exit {p.returncode})" for name, p in self.processes.items()
-                if p.poll() is not None]
+        return [
+            f"{name} (exit {p.returncode})"
+            for name, p in self.processes.items()
+            if p.poll() is not None
+        ]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process and its children (its whole session: Celery's pool too)."""

@@ -22,16 +22,25 @@ from ponos_tasks.vast import VastRateLimited, VastServerError, VastTransportErro
 logger = logging.getLogger(__name__)
 
 # Transient failures worth a Celery retry (the clients already retried a few times inside).
-TRANSIENT = (VastRateLimited, VastServerError, VastTransportError, ArkindexUnavailable,
-             redis.ConnectionError, redis.TimeoutError)
+TRANSIENT = (
+    VastRateLimited,
+    VastServerError,
+    VastTransportError,
+    ArkindexUnavailable,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
 
 
 def enqueue(task_id: str, follow: list[Next]) -> None:
     """Send the steps a step (or the sync) said should run next."""
     for item in follow:
         STEP_TASKS[item.step].apply_async(
-            args=(task_id,), kwargs=item.kwargs, countdown=item.countdown or None,
-            queue=STEPS[item.step].queue)
+            args=(task_id,),
+            kwargs=item.kwargs,
+            countdown=item.countdown or None,
+            queue=STEPS[item.step].queue,
+        )
 
 
 def _celery_task(step: Step):
@@ -44,10 +53,19 @@ def _celery_task(step: Step):
     run.__name__ = run.__qualname__ = str(step.name)
     run.__doc__ = step.function.__doc__
     return app.task(
-        run, name=step.task_name, queue=step.queue, bind=True, acks_late=True,
-        autoretry_for=TRANSIENT, dont_autoretry_for=(SoftTimeLimitExceeded,),
-        max_retries=step.retry.max_retries, retry_backoff=step.retry.backoff,
-        retry_backoff_max=step.retry.backoff_max, retry_jitter=True, ignore_result=True)
+        run,
+        name=step.task_name,
+        queue=step.queue,
+        bind=True,
+        acks_late=True,
+        autoretry_for=TRANSIENT,
+        dont_autoretry_for=(SoftTimeLimitExceeded,),
+        max_retries=step.retry.max_retries,
+        retry_backoff=step.retry.backoff,
+        retry_backoff_max=step.retry.backoff_max,
+        retry_jitter=True,
+        ignore_result=True,
+    )
 
 
 STEP_TASKS: dict[StepName, object] = {name: _celery_task(step) for name, step in STEPS.items()}
@@ -55,8 +73,16 @@ STEP_TASKS: dict[StepName, object] = {name: _celery_task(step) for name, step in
 
 # Not retried: the next beat tick does the same work. Its limits stay well under the
 # beat's own cadence of a few intervals.
-@app.task(name="ponos.sync", queue=SYNC_QUEUE, bind=True, acks_late=True, max_retries=0,
-          soft_time_limit=100, time_limit=120, ignore_result=True)
+@app.task(
+    name="ponos.sync",
+    queue=SYNC_QUEUE,
+    bind=True,
+    acks_late=True,
+    max_retries=0,
+    soft_time_limit=100,
+    time_limit=120,
+    ignore_result=True,
+)
 def sync(self):
     """The loop (Celery beat): poll Arkindex, list instances once, plan, enqueue."""
     result = sync_step(get_context())

@@ -50,8 +50,9 @@ class VastError(Exception):
 
     retryable = False
 
-    def __init__(self, msg: str, *, status: int | None = None, error: str | None = None,
-                 context: str = "") -> None:
+    def __init__(
+        self, msg: str, *, status: int | None = None, error: str | None = None, context: str = ""
+    ) -> None:
         self.status = status
         self.error = error
         self.msg = msg
@@ -72,8 +73,14 @@ class VastRateLimited(VastError):
     """429. ``retry_after``: seconds the server asked to wait (None when it did not say);
     ``reset_at``: unix time the daily search quota resets (search_quota_exceeded only)."""
 
-    def __init__(self, msg: str, *, retry_after: float | None = None,
-                 reset_at: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        msg: str,
+        *,
+        retry_after: float | None = None,
+        reset_at: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(msg, **kwargs)
         self.retry_after = retry_after
         self.reset_at = reset_at
@@ -238,11 +245,13 @@ class VastClient:
         )
         self._api_key = api_key
         self._session = requests.Session()
-        self._session.headers.update({
-            "Authorization": f"Bearer {api_key}",
-            "User-Agent": USER_AGENT,
-            "Accept": "application/json",
-        })
+        self._session.headers.update(
+            {
+                "Authorization": f"Bearer {api_key}",
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+            }
+        )
         # logs are fetched from result_url (S3 in production): never send the key there
         self._plain = requests.Session()
         self._plain.headers["User-Agent"] = USER_AGENT
@@ -299,23 +308,29 @@ class VastClient:
         try:
             body = self._call("PUT", path, "create", body=payload, create=True)
         except VastError as exc:
-            if exc.error == "no_such_ask" or (exc.status == 410 and not isinstance(exc, VastAuthError)):
-                raise OfferUnavailable(exc.msg, status=exc.status, error=exc.error or "no_such_ask",
-                                       context=exc.context) from None
+            if exc.error == "no_such_ask" or (
+                exc.status == 410 and not isinstance(exc, VastAuthError)
+            ):
+                raise OfferUnavailable(
+                    exc.msg,
+                    status=exc.status,
+                    error=exc.error or "no_such_ask",
+                    context=exc.context,
+                ) from None
             raise
         contract = _int(body.get("new_contract"))
         if contract is None:
             error, msg = body.get("error"), body.get("msg") or body.get("message") or str(body)
-            raise VastError(_squash(str(msg)), status=200, error=_str(error),
-                            context=f"PUT {path}")
+            raise VastError(_squash(str(msg)), status=200, error=_str(error), context=f"PUT {path}")
         return CreatedInstance(
             id=contract,
             instance_api_key=_str(body.get("instance_api_key")),
             started=body.get("success") is not False,
         )
 
-    def list_instances(self, *, label: str | None = None,
-                       label_prefix: str | None = None) -> list[Instance]:
+    def list_instances(
+        self, *, label: str | None = None, label_prefix: str | None = None
+    ) -> list[Instance]:
         """Every instance of the account (all v1 pages, id ascending). ``label`` filters on the
         server (exact match); ``label_prefix`` client-side (the API has no prefix operator)."""
         params: dict[str, str] = {
@@ -343,15 +358,15 @@ class VastClient:
 
     def get_instance(self, instance_id: int) -> Instance | None:
         """GET /instances/{id}/ -> the instance, or None when Vast answers {"instances": null}."""
-        body = self._call("GET", f"/api/v0/instances/{int(instance_id)}/", "show",
-                          params={"owner": "me"})
+        body = self._call(
+            "GET", f"/api/v0/instances/{int(instance_id)}/", "show", params={"owner": "me"}
+        )
         row = body.get("instances")
         if isinstance(row, list):  # tolerate a list-shaped answer
             row = row[0] if row else None
         return Instance.from_dict(row) if isinstance(row, dict) else None
 
-    def request_logs(self, instance_id: int, *, tail: int | None = None,
-                     wait: float = 30.0) -> str:
+    def request_logs(self, instance_id: int, *, tail: int | None = None, wait: float = 30.0) -> str:
         """Ask Vast to upload the instance's logs, then poll result_url until it can be read
         (403/404 until the upload lands) for up to ``wait`` seconds; return the text."""
         payload = {} if tail is None else {"tail": str(int(tail))}
@@ -388,12 +403,21 @@ class VastClient:
         body = self._call("PUT", path, "update", body=payload)
         if body.get("success") is False and body.get("error") != "resources_unavailable":
             msg = body.get("msg") or body.get("message") or "success: false"
-            raise VastError(_squash(str(msg)), status=200, error=_str(body.get("error")),
-                            context=f"PUT {path}")
+            raise VastError(
+                _squash(str(msg)), status=200, error=_str(body.get("error")), context=f"PUT {path}"
+            )
         return body
 
-    def _call(self, method: str, path: str, endpoint: str, *, body: Any = None,
-              params: Mapping[str, str] | None = None, create: bool = False) -> dict:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        create: bool = False,
+    ) -> dict:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts),
             wait=self._wait,
@@ -404,8 +428,15 @@ class VastClient:
         response = retrying(self._attempt, method, path, endpoint, body, params, create)
         return self._json(response, method, path, create)
 
-    def _attempt(self, method: str, path: str, endpoint: str, body: Any,
-                 params: Mapping[str, str] | None, create: bool) -> requests.Response:
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        body: Any,
+        params: Mapping[str, str] | None,
+        create: bool,
+    ) -> requests.Response:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire(endpoint, timeout=self.limiter_timeout)
         context = f"{method} {path}"
@@ -416,8 +447,14 @@ class VastClient:
             headers["Content-Type"] = "application/json"
         started = time.monotonic()
         try:
-            response = self._session.request(method, self.base_url + path, params=params,
-                                             data=data, headers=headers, timeout=self.timeout)
+            response = self._session.request(
+                method,
+                self.base_url + path,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=self.timeout,
+            )
         except requests.RequestException as exc:
             # str(exc) names host/path, never headers; still drop the exception chain so that
             # nothing of the request object travels with the error.
@@ -426,7 +463,9 @@ class VastClient:
                 raise CreateOutcomeUnknown(
                     f"{reason} after the request may have reached Vast.ai", context=context
                 ) from None
-            raise VastTransportError(f"{reason}: {self._scrub(str(exc))}", context=context) from None
+            raise VastTransportError(
+                f"{reason}: {self._scrub(str(exc))}", context=context
+            ) from None
         log.debug("%s -> %s in %.3fs", context, response.status_code, time.monotonic() - started)
         if response.status_code >= 400:
             raise self._error(response, context, create)
@@ -439,14 +478,22 @@ class VastClient:
         if status == 401 or (status == 403 and error == "auth_error"):
             return VastAuthError(
                 f"Vast.ai refused the API key ({msg}); check the configured Vast.ai API key",
-                status=status, error=error or "auth_error", context=context)
+                status=status,
+                error=error or "auth_error",
+                context=context,
+            )
         if status == 429:
             reset = _float(response.headers.get("X-RateLimit-Reset"))
             if error == "search_quota_exceeded" and reset is not None:
                 msg += f" (quota resets at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(reset))})"
             return VastRateLimited(
-                msg, status=status, error=error or "rate_limit_exceeded", context=context,
-                retry_after=parse_retry_after(response.headers.get("Retry-After")), reset_at=reset)
+                msg,
+                status=status,
+                error=error or "rate_limit_exceeded",
+                context=context,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                reset_at=reset,
+            )
         if status >= 500:
             if create:
                 return CreateOutcomeUnknown(msg, status=status, error=error, context=context)
@@ -464,8 +511,11 @@ class VastClient:
             return body
         _, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
         cls = CreateOutcomeUnknown if create else VastError
-        raise cls(f"unexpected answer: {self._scrub(msg)}", status=response.status_code,
-                  context=f"{method} {path}")
+        raise cls(
+            f"unexpected answer: {self._scrub(msg)}",
+            status=response.status_code,
+            context=f"{method} {path}",
+        )
 
     def _fetch_result(self, url: str, wait: float) -> str:
         # result_url is an object store: it answers 403 (or 404) until the host's upload lands.
@@ -482,13 +532,17 @@ class VastClient:
                 if response.status_code == 200:
                     return response.text
                 if response.status_code not in (403, 404) and response.status_code < 500:
-                    _, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
+                    _, msg = parse_error_body(
+                        response.text, response.headers.get("Content-Type", "")
+                    )
                     raise VastError(msg, status=response.status_code, context=f"GET logs {netloc}")
                 last = f"HTTP {response.status_code}"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise LogsNotReady(f"logs not readable after {wait:.1f}s (last: {last})",
-                                   context=f"GET logs {netloc}")
+                raise LogsNotReady(
+                    f"logs not readable after {wait:.1f}s (last: {last})",
+                    context=f"GET logs {netloc}",
+                )
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, 2.0)
 
@@ -503,8 +557,13 @@ class VastClient:
     def _log_retry(self, retry_state: tenacity.RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         wait = retry_state.next_action.sleep if retry_state.next_action else 0
-        log.warning("Vast.ai call failed (%s), attempt %d/%d, retrying in %.2fs",
-                    exc, retry_state.attempt_number, self.max_attempts, wait)
+        log.warning(
+            "Vast.ai call failed (%s), attempt %d/%d, retrying in %.2fs",
+            exc,
+            retry_state.attempt_number,
+            self.max_attempts,
+            wait,
+        )
 
     def _scrub(self, text: str) -> str:
         # a server (or proxy) could echo the key back: never let it into a message
@@ -520,7 +579,19 @@ def instances_by_label(instances: Iterable[Instance]) -> dict[str, list[Instance
 
 
 __all__ = [
-    "CreateOutcomeUnknown", "CreatedInstance", "Instance", "InstanceNotFound", "LogsNotReady",
-    "Offer", "OfferUnavailable", "VastAuthError", "VastClient", "VastError", "VastRateLimited",
-    "VastServerError", "VastTransportError", "parse_error_body", "parse_retry_after",
+    "CreateOutcomeUnknown",
+    "CreatedInstance",
+    "Instance",
+    "InstanceNotFound",
+    "LogsNotReady",
+    "Offer",
+    "OfferUnavailable",
+    "VastAuthError",
+    "VastClient",
+    "VastError",
+    "VastRateLimited",
+    "VastServerError",
+    "VastTransportError",
+    "parse_error_body",
+    "parse_retry_after",
 ]

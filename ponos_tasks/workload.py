@@ -39,8 +39,14 @@ class DemoTask:
         return self.expect == "stopped"
 
     def admin_json(self, image: str, env: dict[str, str]) -> dict:
-        return {"slug": self.slug, "image": image, "command": self.command,
-                "env": dict(env), "parents": list(self.parents), "requires_gpu": True}
+        return {
+            "slug": self.slug,
+            "image": image,
+            "command": self.command,
+            "env": dict(env),
+            "parents": list(self.parents),
+            "requires_gpu": True,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,18 +64,24 @@ class DemoProcess:
 def _command(slug: str, duration: float, exit_code: int) -> str:
     half = f"{duration / 2:.1f}"
     if exit_code:
-        body = (f"echo '{slug}: starting'; sleep {half}; echo '{slug}: step 1 of 2 done'; "
-                f"sleep {half}; echo '{slug}: invalid input, giving up' >&2; exit {exit_code}")
+        body = (
+            f"echo '{slug}: starting'; sleep {half}; echo '{slug}: step 1 of 2 done'; "
+            f"sleep {half}; echo '{slug}: invalid input, giving up' >&2; exit {exit_code}"
+        )
     else:
-        body = (f"echo '{slug}: starting'; sleep {half}; echo '{slug}: step 1 of 2 done'; "
-                f"sleep {half}; echo '{slug}: done'")
-    return f"sh -c \"{body}\""
+        body = (
+            f"echo '{slug}: starting'; sleep {half}; echo '{slug}: step 1 of 2 done'; "
+            f"sleep {half}; echo '{slug}: done'"
+        )
+    return f'sh -c "{body}"'
 
 
 def _stopped_command(slug: str) -> str:
-    body = (f"echo '{slug}: long job started'; i=0; while [ $i -lt {STOP_AFTER_SECONDS} ]; "
-            f"do echo \\\"{slug}: tick $i\\\"; sleep 1; i=$((i+1)); done; echo '{slug}: done'")
-    return f"sh -c \"{body}\""
+    body = (
+        f"echo '{slug}: long job started'; i=0; while [ $i -lt {STOP_AFTER_SECONDS} ]; "
+        f"do echo \\\"{slug}: tick $i\\\"; sleep 1; i=$((i+1)); done; echo '{slug}: done'"
+    )
+    return f'sh -c "{body}"'
 
 
 def _sizes(n_tasks: int) -> list[int]:
@@ -77,9 +89,15 @@ def _sizes(n_tasks: int) -> list[int]:
     return [n_tasks // count + (1 if i < n_tasks % count else 0) for i in range(count)]
 
 
-def build_workload(n_tasks: int = 20, seed: int = 0, *, min_duration: float = 2.0,
-                   max_duration: float = 6.0, pull_seconds: float = 20.0,
-                   image: str = DEFAULT_IMAGE) -> list[DemoProcess]:
+def build_workload(
+    n_tasks: int = 20,
+    seed: int = 0,
+    *,
+    min_duration: float = 2.0,
+    max_duration: float = 6.0,
+    pull_seconds: float = 20.0,
+    image: str = DEFAULT_IMAGE,
+) -> list[DemoProcess]:
     """`n_tasks` tasks over a few processes; the same seed gives the same workload.
 
     About one task in eight fails (at least one from 2 tasks on), and one is stopped by the
@@ -102,8 +120,12 @@ def build_workload(n_tasks: int = 20, seed: int = 0, *, min_duration: float = 2.
         shapes.append((f"demo-{p_index + 1}", tasks))
 
     # Leaves (no child in their process) are the only tasks allowed to fail or be stopped.
-    leaves = [(p, slug) for p, tasks in shapes for slug, _ in tasks
-              if not any(slug in parents for _, parents in tasks)]
+    leaves = [
+        (p, slug)
+        for p, tasks in shapes
+        for slug, _ in tasks
+        if not any(slug in parents for _, parents in tasks)
+    ]
     rng.shuffle(leaves)
     stopped = {leaves.pop()} if n_tasks >= 3 and leaves else set()
     n_failing = max(1, n_tasks // 8) if n_tasks >= 2 else 0
@@ -115,14 +137,21 @@ def build_workload(n_tasks: int = 20, seed: int = 0, *, min_duration: float = 2.
         for slug, parents in tasks:
             duration = round(rng.uniform(min_duration, max_duration), 1)
             if (name, slug) in stopped:
-                built.append(DemoTask(slug, _stopped_command(slug), parents, "stopped",
-                                      float(STOP_AFTER_SECONDS)))
+                built.append(
+                    DemoTask(
+                        slug, _stopped_command(slug), parents, "stopped", float(STOP_AFTER_SECONDS)
+                    )
+                )
             elif (name, slug) in failing:
                 code = rng.choice((1, 2, 3))
-                built.append(DemoTask(slug, _command(slug, duration, code), parents,
-                                      "failed", duration, code))
+                built.append(
+                    DemoTask(
+                        slug, _command(slug, duration, code), parents, "failed", duration, code
+                    )
+                )
             else:
-                built.append(DemoTask(slug, _command(slug, duration, 0), parents,
-                                      "completed", duration))
+                built.append(
+                    DemoTask(slug, _command(slug, duration, 0), parents, "completed", duration)
+                )
         processes.append(DemoProcess(name, tuple(built), image, pull_seconds))
     return processes

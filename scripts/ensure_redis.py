@@ -26,8 +26,10 @@ def answers(url: str) -> bool:
 
 def install_redis_server() -> None:
     if os.geteuid() != 0:
-        sys.exit("ensure_redis: redis-server is not installed and we are not root; "
-                 "install it (apt-get install redis-server) or set REDIS_URL")
+        sys.exit(
+            "ensure_redis: redis-server is not installed and we are not root; "
+            "install it (apt-get install redis-server) or set REDIS_URL"
+        )
     print("ensure_redis: installing redis-server with apt-get", flush=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
@@ -40,13 +42,28 @@ def main(url: str) -> None:
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
     if host not in LOOPBACK:
-        sys.exit(f"ensure_redis: no Redis answers at {host}:{port} and it is not a loopback address")
+        sys.exit(
+            f"ensure_redis: no Redis answers at {host}:{port} and it is not a loopback address"
+        )
     if shutil.which("redis-server") is None:
         install_redis_server()
     print(f"ensure_redis: starting redis-server on 127.0.0.1:{port}", flush=True)
     subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
-         "--save", "", "--appendonly", "no", "--dir", "/tmp"],
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            "/tmp",
+        ],
         check=True,
     )
     for _ in range(50):

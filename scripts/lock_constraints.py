@@ -40,21 +40,37 @@ def main() -> int:
         src = Path(tmp) / "src"
         src.mkdir()
         shutil.copy(ROOT / "README.md", src / "README.md")
-        shutil.copytree(ROOT / "ponos_tasks", src / "ponos_tasks",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (src / "pyproject.toml").write_text(runtime_pyproject((ROOT / "pyproject.toml").read_text()))
+        shutil.copytree(
+            ROOT / "ponos_tasks",
+            src / "ponos_tasks",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        (src / "pyproject.toml").write_text(
+            runtime_pyproject((ROOT / "pyproject.toml").read_text())
+        )
         env_dir = Path(tmp) / "venv"
         venv.create(env_dir, with_pip=True, clear=True)
         python = env_dir / "bin" / "python"
         subprocess.run([python, "-m", "pip", "install", "--quiet", str(src)], check=True)
-        frozen = subprocess.run([python, "-m", "pip", "freeze", "--exclude", "ponos-vast"],
-                                check=True, capture_output=True, text=True).stdout
-        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
-                                 check=True, capture_output=True, text=True).stdout.strip()
-    lines = sorted((line for line in frozen.splitlines() if line.strip()),
-                   key=lambda line: re.split(r"[=<>!~ ;@]", line, maxsplit=1)[0].lower())
-    OUTPUT.write_text(HEADER.format(sim=", ".join(SIM_ONLY), python=version)
-                      + "\n".join(lines) + "\n")
+        frozen = subprocess.run(
+            [python, "-m", "pip", "freeze", "--exclude", "ponos-vast"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        version = subprocess.run(
+            [python, "-c", "import platform; print(platform.python_version())"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    lines = sorted(
+        (line for line in frozen.splitlines() if line.strip()),
+        key=lambda line: re.split(r"[=<>!~ ;@]", line, maxsplit=1)[0].lower(),
+    )
+    OUTPUT.write_text(
+        HEADER.format(sim=", ".join(SIM_ONLY), python=version) + "\n".join(lines) + "\n"
+    )
     print(f"wrote {OUTPUT.relative_to(ROOT)}: {len(lines)} pins", file=sys.stderr)
     return 0
 

@@ -27,8 +27,9 @@ from ponos_tasks.models import Next, StepName
 from ponos_tasks.simulators.harness import SimAdmin
 
 
-def make_config(stack, redis_url: str, *, agent_name: str | None = None,
-                **overrides) -> AgentConfig:
+def make_config(
+    stack, redis_url: str, *, agent_name: str | None = None, **overrides
+) -> AgentConfig:
     """An agent config for `stack`; `vast_api` overrides merge into the Vast section."""
     vast = {
         "url": stack.vast_url,
@@ -57,8 +58,9 @@ def make_config(stack, redis_url: str, *, agent_name: str | None = None,
     return AgentConfig.model_validate(data)
 
 
-def make_context(stack, redis_url: str, *, prefix: str | None = None,
-                 agent_name: str | None = None, **overrides) -> AgentContext:
+def make_context(
+    stack, redis_url: str, *, prefix: str | None = None, agent_name: str | None = None, **overrides
+) -> AgentContext:
     """A context with its own Redis key prefix and (by default) its own agent identity, so
     that several tests can share one stack without seeing each other's tasks."""
     config = make_config(stack, redis_url, agent_name=agent_name, **overrides)
@@ -125,9 +127,14 @@ class Harness:
         self.push(queued.task_id, self.execute(queued.task_id, queued.next))
         return True
 
-    def run(self, until: Callable[[], bool] | None = None, *, timeout: float = 30.0,
-            sync_every: float | None = None,
-            on_step: Callable[[Harness], None] | None = None) -> None:
+    def run(
+        self,
+        until: Callable[[], bool] | None = None,
+        *,
+        timeout: float = 30.0,
+        sync_every: float | None = None,
+        on_step: Callable[[Harness], None] | None = None,
+    ) -> None:
         """Run queued steps until `until()` holds (or the queue is empty without `until`).
 
         `sync_every`: also run the sync loop every so many real seconds (stalled chains,
@@ -139,8 +146,10 @@ class Harness:
             if until is not None and until():
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"not done after {timeout}s; last steps: {self.trace[-8:]}; "
-                                   f"records: {self.ctx.store.all_records()}")
+                raise TimeoutError(
+                    f"not done after {timeout}s; last steps: {self.trace[-8:]}; "
+                    f"records: {self.ctx.store.all_records()}"
+                )
             if sync_every is not None and time.monotonic() - last_sync >= sync_every:
                 self.sync()
                 last_sync = time.monotonic()
@@ -148,8 +157,10 @@ class Harness:
                 if until is None:
                     return
                 if sync_every is None:
-                    raise AssertionError(f"queue empty before the goal; trace {self.trace}; "
-                                         f"records: {self.ctx.store.all_records()}")
+                    raise AssertionError(
+                        f"queue empty before the goal; trace {self.trace}; "
+                        f"records: {self.ctx.store.all_records()}"
+                    )
                 time.sleep(min(self.max_sleep, sync_every))
             if on_step is not None:
                 on_step(self)
@@ -164,8 +175,14 @@ class Harness:
         return [step for step, tid in self.trace if tid == task_id]
 
 
-def drive(ctx: AgentContext, task_id: str, *, first: Next | None = None,
-          timeout: float = 30.0, max_sleep: float = 0.05) -> Harness:
+def drive(
+    ctx: AgentContext,
+    task_id: str,
+    *,
+    first: Next | None = None,
+    timeout: float = 30.0,
+    max_sleep: float = 0.05,
+) -> Harness:
     """Run the task's chain from `first` (default: start) until its record is done."""
     harness = Harness(ctx, max_sleep=max_sleep)
     harness.push(task_id, [first or Next(StepName.START)])
@@ -173,9 +190,14 @@ def drive(ctx: AgentContext, task_id: str, *, first: Next | None = None,
     return harness
 
 
-def run_sync(ctx: AgentContext, *, until: Callable[[], bool] | None = None,
-             timeout: float = 30.0, sync_every: float | None = None,
-             max_sleep: float = 0.05) -> Harness:
+def run_sync(
+    ctx: AgentContext,
+    *,
+    until: Callable[[], bool] | None = None,
+    timeout: float = 30.0,
+    sync_every: float | None = None,
+    max_sleep: float = 0.05,
+) -> Harness:
     """steps.sync once, then run what it enqueued (and what those steps enqueue)."""
     harness = Harness(ctx, max_sleep=max_sleep)
     harness.sync()

@@ -53,7 +53,21 @@ def blocked_env(tmp_path: Path, blocked, env: dict | None = None) -> dict[str, s
     return env
 
 
-def run_blocked(args: list[str], tmp_path: Path, *, blocked=SIM_EXTRA, env: dict | None = None,
-                timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=blocked_env(tmp_path, blocked, env),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+def run_blocked(
+    args: list[str],
+    tmp_path: Path,
+    *,
+    blocked=SIM_EXTRA,
+    env: dict | None = None,
+    timeout: float = 60,
+    **kwargs,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        env=blocked_env(tmp_path, blocked, env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

@@ -45,12 +45,25 @@ def redis_url(tmp_path_factory):
         yield url
         return
     if shutil.which("redis-server") is None:
-        pytest.fail(f"no Redis answers at {url} and redis-server is not installed (run `make test`)")
+        pytest.fail(
+            f"no Redis answers at {url} and redis-server is not installed (run `make test`)"
+        )
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -84,8 +97,16 @@ def key_prefix(redis_client):
 TESTS_DIR = Path(__file__).resolve().parent
 # Fixtures that give a test Redis or a running simulator / stack.
 STACK_FIXTURES = {
-    "redis_url", "redis_client", "key_prefix", "local_stack", "make_local_stack",
-    "private_redis", "make_sim", "sim", "api", "s3_server",
+    "redis_url",
+    "redis_client",
+    "key_prefix",
+    "local_stack",
+    "make_local_stack",
+    "private_redis",
+    "make_sim",
+    "sim",
+    "api",
+    "s3_server",
 }
 # Folders whose tests all run simulators or real processes.
 STACK_DIRS = {TESTS_DIR / "simulators", TESTS_DIR / "e2e"}
@@ -94,10 +115,19 @@ STACK_MARKERS = {"e2e", "vastai_cli", "base_worker"}
 # Modules whose tests start simulators, HTTP servers or processes through their own module
 # fixtures or inline (the socket/process guard below finds any that is missing here).
 STACK_MODULES = {
-    "test_arkindex_client.py", "test_commands.py", "test_demo.py", "test_deploy.py",
-    "test_metrics.py", "test_offers_simulator.py", "test_offers_vastai_parity.py",
-    "test_ratelimit.py", "test_registry_client.py", "test_sim_extra.py", "test_steps.py",
-    "test_vast_client.py", "test_wrapper.py",
+    "test_arkindex_client.py",
+    "test_commands.py",
+    "test_demo.py",
+    "test_deploy.py",
+    "test_metrics.py",
+    "test_offers_simulator.py",
+    "test_offers_vastai_parity.py",
+    "test_ratelimit.py",
+    "test_registry_client.py",
+    "test_sim_extra.py",
+    "test_steps.py",
+    "test_vast_client.py",
+    "test_wrapper.py",
 }
 # Single tests of otherwise pure modules: a subprocess (a clean interpreter or the CLI) or a
 # loopback socket.
@@ -149,13 +179,19 @@ def _fast_tests_stay_pure(request, monkeypatch):
                 return original(*args, **kwargs)
             raise _NotInFastTests(
                 f"{where} {what} but is not marked `stack`: use a stack fixture, or add its "
-                f"module to STACK_MODULES (or the test to STACK_TESTS) in tests/conftest.py")
+                f"module to STACK_MODULES (or the test to STACK_TESTS) in tests/conftest.py"
+            )
+
         return guard
 
     for name in ("connect", "connect_ex", "bind"):
-        monkeypatch.setattr(socket.socket, name,
-                            refuse(f"calls socket.{name}", getattr(socket.socket, name)))
-    monkeypatch.setattr(subprocess.Popen, "_execute_child",
-                        refuse("starts a process", subprocess.Popen._execute_child))
+        monkeypatch.setattr(
+            socket.socket, name, refuse(f"calls socket.{name}", getattr(socket.socket, name))
+        )
+    monkeypatch.setattr(
+        subprocess.Popen,
+        "_execute_child",
+        refuse("starts a process", subprocess.Popen._execute_child),
+    )
     monkeypatch.setattr(os, "fork", refuse("forks", os.fork))
     yield

@@ -53,13 +53,20 @@ def store(redis_client, key_prefix):
 
 @pytest.fixture
 def client(sim, store, redis_client, key_prefix):
-    return ArkindexAgentClient(sim.url, FARM, SEED, store, max_wait=0.2,
-                               reported=ReportedStates(redis_client, Keyspace(key_prefix)))
+    return ArkindexAgentClient(
+        sim.url,
+        FARM,
+        SEED,
+        store,
+        max_wait=0.2,
+        reported=ReportedStates(redis_client, Keyspace(key_prefix)),
+    )
 
 
 def create_process(sim, *tasks, name="test"):
-    resp = requests.post(f"{sim.url}/_sim/processes", json={"name": name, "tasks": list(tasks)},
-                         timeout=10)
+    resp = requests.post(
+        f"{sim.url}/_sim/processes", json={"name": name, "tasks": list(tasks)}, timeout=10
+    )
     resp.raise_for_status()
     return {t["slug"]: t["id"] for t in resp.json()["tasks"]}
 
@@ -76,8 +83,15 @@ def agent_updates(sim, task_id):
 
 
 def one_task(sim, slug="job", **extra):
-    task = {"slug": slug, "image": "registry.example/worker:1", "command": "run.sh", "env": {},
-            "parents": [], "requires_gpu": False, **extra}
+    task = {
+        "slug": slug,
+        "image": "registry.example/worker:1",
+        "command": "run.sh",
+        "env": {},
+        "parents": [],
+        "requires_gpu": False,
+        **extra,
+    }
     return create_process(sim, task)[slug]
 
 
@@ -110,7 +124,10 @@ def test_register_stores_credentials_in_redis_and_never_logs_tokens(
     # A second client (another worker) reuses the stored agent: no new registration.
     other = ArkindexAgentClient(client.url, FARM, SEED, store)
     assert other.register()["id"] == agent["id"]
-    assert json.loads(redis_client.get(store.keys.credentials))["access_token"] == stored["access_token"]
+    assert (
+        json.loads(redis_client.get(store.keys.credentials))["access_token"]
+        == stored["access_token"]
+    )
     # force=True registers again as the same agent (same nonce): same id, new token.
     assert other.register(force=True)["id"] == agent["id"]
     assert store.load()["access_token"] != stored["access_token"]
@@ -203,10 +220,22 @@ def test_actions_definition_and_idempotent_states(sim, client, caplog):
     parent = one_task(sim, slug="parent")
     ids = create_process(
         sim,
-        {"slug": "init", "image": "img:1", "command": None, "env": {"FOO": "bar"},
-         "parents": [], "requires_gpu": True},
-        {"slug": "work", "image": "img:2", "command": "work", "env": {}, "parents": ["init"],
-         "requires_gpu": False},
+        {
+            "slug": "init",
+            "image": "img:1",
+            "command": None,
+            "env": {"FOO": "bar"},
+            "parents": [],
+            "requires_gpu": True,
+        },
+        {
+            "slug": "work",
+            "image": "img:2",
+            "command": "work",
+            "env": {},
+            "parents": ["init"],
+            "requires_gpu": False,
+        },
     )
     start_task(client, parent)
     start_task(client, ids["init"])
@@ -266,12 +295,19 @@ def test_repeated_terminal_state_after_lost_answer_counts_as_reported(
     assert client.update_state(task, "running")
     assert client.update_state(task, "completed")
     amnesiac = ArkindexAgentClient(
-        client.url, FARM, SEED, store, reported=ReportedStates(redis_client, Keyspace(key_prefix + "r2:"))
+        client.url,
+        FARM,
+        SEED,
+        store,
+        reported=ReportedStates(redis_client, Keyspace(key_prefix + "r2:")),
     )
     assert amnesiac.update_state(task, "completed") is True
     history = agent_updates(sim, task)
     assert [(h["to"], h["accepted"]) for h in history] == [
-        ("running", True), ("completed", True), ("completed", False)]
+        ("running", True),
+        ("completed", True),
+        ("completed", False),
+    ]
     assert task_info(sim, task)["state"] == "completed"
 
 
@@ -334,8 +370,9 @@ def flaky_server():
 
 
 def test_upload_logs_retries_5xx_then_gives_up_with_one_line(flaky_server):
-    client = ArkindexAgentClient("http://127.0.0.1:1/", FARM, SEED, MemoryCredentialStore(),
-                                 max_attempts=3, max_wait=0.05)
+    client = ArkindexAgentClient(
+        "http://127.0.0.1:1/", FARM, SEED, MemoryCredentialStore(), max_attempts=3, max_wait=0.05
+    )
     url = f"http://127.0.0.1:{flaky_server.server_port}/logs/task.log?X-Amz-Signature=secret"
     flaky_server.failures_left = 2
     client.upload_logs(url, "hello ✓")
@@ -372,10 +409,19 @@ class _FaultyProxy(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(b"<html>Bad Gateway</html>")
                 return
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() in ("authorization", "content-type", "accept")}
-        resp = requests.request(self.command, server.target + self.path, headers=headers,
-                                data=body, timeout=10, allow_redirects=False)
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() in ("authorization", "content-type", "accept")
+        }
+        resp = requests.request(
+            self.command,
+            server.target + self.path,
+            headers=headers,
+            data=body,
+            timeout=10,
+            allow_redirects=False,
+        )
         self.send_response(resp.status_code)
         self.send_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
         self.send_header("Content-Length", str(len(resp.content)))
@@ -403,8 +449,9 @@ def proxy(sim):
 
 @pytest.mark.parametrize("mode", ["502", "drop"])
 def test_5xx_and_network_errors_are_retried_a_bounded_number_of_times(sim, proxy, store, mode):
-    client = ArkindexAgentClient(f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store,
-                                 max_attempts=3, max_wait=0.05)
+    client = ArkindexAgentClient(
+        f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store, max_attempts=3, max_wait=0.05
+    )
     task = one_task(sim)
     start_task(client, task)
 
@@ -427,8 +474,9 @@ def test_5xx_and_network_errors_are_retried_a_bounded_number_of_times(sim, proxy
 def test_task_state_unreadable_is_unknown_never_absent(sim, proxy, store):
     """Adoption destroys an instance whose task is not active: a 502 blip must not read as
     "no such task" (it raises), only Arkindex's own 404 does (None)."""
-    client = ArkindexAgentClient(f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store,
-                                 max_attempts=2, max_wait=0.05)
+    client = ArkindexAgentClient(
+        f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store, max_attempts=2, max_wait=0.05
+    )
     task = one_task(sim)
     start_task(client, task)
     assert client.task_state(task) == "pending"

@@ -39,13 +39,19 @@ def clean_environment(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sim():
-    with VastSimulator(seed=0, api_key="sim-key", host="127.0.0.1", port=0,
-                       rate_limits=False) as s:
+    with VastSimulator(seed=0, api_key="sim-key", host="127.0.0.1", port=0, rate_limits=False) as s:
         yield s
 
 
-def write_config(tmp_path, vast_url, *, filters=FILTERS, max_dph=None, api_key="sim-key",
-                 redis_url="redis://127.0.0.1:6379/0"):
+def write_config(
+    tmp_path,
+    vast_url,
+    *,
+    filters=FILTERS,
+    max_dph=None,
+    api_key="sim-key",
+    redis_url="redis://127.0.0.1:6379/0",
+):
     lines = [
         "url: http://127.0.0.1:9/",
         "farm_id: 00000000-0000-4000-8000-000000000000",
@@ -94,7 +100,8 @@ def test_offers_json_is_the_ranking_of_matching_market_offers(sim, tmp_path):
     assert [o["id"] for o in doc["offers"]] == [row["id"] for row in expected]
     assert doc["matched"] == len(expected)
     assert [o["dph_total"] for o in doc["offers"]] == pytest.approx(
-        [row["dph_total"] for row in expected])
+        [row["dph_total"] for row in expected]
+    )
     chosen = [o for o in doc["offers"] if o["chosen"]]
     assert [o["id"] for o in chosen] == [doc["chosen"]] == [expected[0]["id"]]
     assert chosen[0]["dph_total"] == min(o["dph_total"] for o in doc["offers"])
@@ -114,7 +121,7 @@ def test_offers_table_order_and_mark(sim, tmp_path):
     assert lines[2].startswith("Query sent to " + sim.url)
     assert json.loads(lines[2].split(": ", 1)[1])["dph_total"] == {"lte": 0.8}
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank"))
-    rows = [line.split() for line in lines[header + 1:header + 6]]
+    rows = [line.split() for line in lines[header + 1 : header + 6]]
     assert rows[0][0] == "*" and all(row[0] != "*" for row in rows[1:])
     shown = [int(row[2]) if row[0] == "*" else int(row[1]) for row in rows]
     assert shown == [row["id"] for row in expected[:5]]
@@ -156,45 +163,112 @@ def test_offers_vast_unreachable_is_a_clear_error(tmp_path):
 def test_offers_as_subprocess(sim, tmp_path):
     expected = expected_ranking(sim)
     proc = subprocess.run(
-        [sys.executable, "-m", "ponos_tasks.cli", "offers", write_config(tmp_path, sim.url),
-         "--json", "--limit", "3"],
-        capture_output=True, text=True, timeout=60,
-        env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "VAST_API_KEY")})
+        [
+            sys.executable,
+            "-m",
+            "ponos_tasks.cli",
+            "offers",
+            write_config(tmp_path, sim.url),
+            "--json",
+            "--limit",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "VAST_API_KEY")},
+    )
     assert proc.returncode == 0, proc.stderr
     assert [o["id"] for o in json.loads(proc.stdout)["offers"]] == [
-        row["id"] for row in expected[:3]]
+        row["id"] for row in expected[:3]
+    ]
 
 
 # ---------------------------------------------------------------------------------- status
 
 
 def running_instance(instance_id, label, gpu, dph, status="running"):
-    return {"id": instance_id, "label": label, "actual_status": status,
-            "intended_status": "running", "cur_state": "running", "next_state": "running",
-            "gpu_name": gpu, "dph_total": dph}
+    return {
+        "id": instance_id,
+        "label": label,
+        "actual_status": status,
+        "intended_status": "running",
+        "cur_state": "running",
+        "next_state": "running",
+        "gpu_name": gpu,
+        "dph_total": dph,
+    }
 
 
 def populate(redis_client, prefix, now):
     """Four tasks in four phases, three snapshot instances (one destroyed), counters."""
     store = TaskStore(redis_client, Keyspace(prefix), clock=lambda: now)
     assert store.create_if_absent(TaskRecord.new("t-accepted", now - 50, phase_changed_at=now - 40))
-    assert store.create_if_absent(TaskRecord.new(
-        "t-running", now - 300, phase="running", attempt=2, label="ponos-0123abcd-t-running-2",
-        instance_id=1002, gpu_name="RTX 4090", dph_total=0.5, phase_changed_at=now - 120))
-    assert store.create_if_absent(TaskRecord.new(
-        "t-loading", now - 200, phase="loading", attempt=1, label="ponos-0123abcd-t-loading-1",
-        instance_id=1003, gpu_name="RTX 3090", dph_total=0.25, phase_changed_at=now - 60))
-    assert store.create_if_absent(TaskRecord.new(
-        "t-failed", now - 900, phase="destroying", attempt=1, instance_id=1001,
-        gpu_name="A100", dph_total=1.5, final_state="failed", reason="exit code 3"))
-    assert store.cas("t-failed", expect_phase="destroying", expect_attempt=1, phase="done",
-                     phase_changed_at=now - 10)
-    store.save_snapshot(Snapshot(tuple(Instance.from_dict(row) for row in (
-        running_instance(1002, "ponos-0123abcd-t-running-2", "RTX 4090", 0.5),
-        running_instance(1003, "ponos-0123abcd-t-loading-1", "RTX 3090", 0.25, "loading"),
-        dict(running_instance(1001, "ponos-0123abcd-t-failed-1", "A100", 1.5, "exited"),
-             cur_state="unloaded", next_state="unloaded"),
-    )), taken_at=now - 5))
+    assert store.create_if_absent(
+        TaskRecord.new(
+            "t-running",
+            now - 300,
+            phase="running",
+            attempt=2,
+            label="ponos-0123abcd-t-running-2",
+            instance_id=1002,
+            gpu_name="RTX 4090",
+            dph_total=0.5,
+            phase_changed_at=now - 120,
+        )
+    )
+    assert store.create_if_absent(
+        TaskRecord.new(
+            "t-loading",
+            now - 200,
+            phase="loading",
+            attempt=1,
+            label="ponos-0123abcd-t-loading-1",
+            instance_id=1003,
+            gpu_name="RTX 3090",
+            dph_total=0.25,
+            phase_changed_at=now - 60,
+        )
+    )
+    assert store.create_if_absent(
+        TaskRecord.new(
+            "t-failed",
+            now - 900,
+            phase="destroying",
+            attempt=1,
+            instance_id=1001,
+            gpu_name="A100",
+            dph_total=1.5,
+            final_state="failed",
+            reason="exit code 3",
+        )
+    )
+    assert store.cas(
+        "t-failed",
+        expect_phase="destroying",
+        expect_attempt=1,
+        phase="done",
+        phase_changed_at=now - 10,
+    )
+    store.save_snapshot(
+        Snapshot(
+            tuple(
+                Instance.from_dict(row)
+                for row in (
+                    running_instance(1002, "ponos-0123abcd-t-running-2", "RTX 4090", 0.5),
+                    running_instance(
+                        1003, "ponos-0123abcd-t-loading-1", "RTX 3090", 0.25, "loading"
+                    ),
+                    dict(
+                        running_instance(1001, "ponos-0123abcd-t-failed-1", "A100", 1.5, "exited"),
+                        cur_state="unloaded",
+                        next_state="unloaded",
+                    ),
+                )
+            ),
+            taken_at=now - 5,
+        )
+    )
     store.mark_synced(now - 7)
     store.count_destroyed("orphan", 2)
     store.count_destroyed("duplicate", 1)
@@ -203,32 +277,71 @@ def populate(redis_client, prefix, now):
 def test_status_json_exact(redis_client, redis_url, key_prefix):
     now = time.time()
     populate(redis_client, key_prefix, now)
-    result = CliRunner().invoke(status_command, ["--redis-url", redis_url, "--prefix",
-                                                 key_prefix, "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        status_command,
+        ["--redis-url", redis_url, "--prefix", key_prefix, "--json"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     ages = {t["id"]: t.pop("age_in_phase_s") for t in doc["tasks"]}
-    assert ages == pytest.approx({"t-failed": 10, "t-running": 120, "t-loading": 60,
-                                  "t-accepted": 40}, abs=2)
+    assert ages == pytest.approx(
+        {"t-failed": 10, "t-running": 120, "t-loading": 60, "t-accepted": 40}, abs=2
+    )
     assert doc["tasks"] == [  # oldest accepted first
-        {"id": "t-failed", "phase": "done", "attempt": 1, "instance_id": 1001,
-         "gpu_name": "A100", "dph_total": 1.5, "final_state": "failed",
-         "reason": "exit code 3"},
-        {"id": "t-running", "phase": "running", "attempt": 2, "instance_id": 1002,
-         "gpu_name": "RTX 4090", "dph_total": 0.5, "final_state": None, "reason": None},
-        {"id": "t-loading", "phase": "loading", "attempt": 1, "instance_id": 1003,
-         "gpu_name": "RTX 3090", "dph_total": 0.25, "final_state": None, "reason": None},
-        {"id": "t-accepted", "phase": "accepted", "attempt": 0, "instance_id": None,
-         "gpu_name": None, "dph_total": None, "final_state": None, "reason": None},
+        {
+            "id": "t-failed",
+            "phase": "done",
+            "attempt": 1,
+            "instance_id": 1001,
+            "gpu_name": "A100",
+            "dph_total": 1.5,
+            "final_state": "failed",
+            "reason": "exit code 3",
+        },
+        {
+            "id": "t-running",
+            "phase": "running",
+            "attempt": 2,
+            "instance_id": 1002,
+            "gpu_name": "RTX 4090",
+            "dph_total": 0.5,
+            "final_state": None,
+            "reason": None,
+        },
+        {
+            "id": "t-loading",
+            "phase": "loading",
+            "attempt": 1,
+            "instance_id": 1003,
+            "gpu_name": "RTX 3090",
+            "dph_total": 0.25,
+            "final_state": None,
+            "reason": None,
+        },
+        {
+            "id": "t-accepted",
+            "phase": "accepted",
+            "attempt": 0,
+            "instance_id": None,
+            "gpu_name": None,
+            "dph_total": None,
+            "final_state": None,
+            "reason": None,
+        },
     ]
     assert [(i["id"], i["actual_status"], i["live"]) for i in doc["instances"]] == [
-        (1002, "running", True), (1003, "loading", True), (1001, "exited", False)]
+        (1002, "running", True),
+        (1003, "loading", True),
+        (1001, "exited", False),
+    ]
     assert doc["snapshot_age_s"] == pytest.approx(5, abs=2)
     totals = doc["totals"]
     assert totals.pop("last_sync_age_s") == pytest.approx(7, abs=2)
     assert totals == {
         "tasks_per_phase": {"accepted": 1, "loading": 1, "running": 1, "done": 1},
-        "live_instances": 2, "spend_per_hour": 0.75,
+        "live_instances": 2,
+        "spend_per_hour": 0.75,
         "destroyed_by_cause": {"orphan": 2, "duplicate": 1},
     }
 
@@ -238,8 +351,9 @@ def test_status_text(redis_client, redis_url, key_prefix, tmp_path):
     populate(redis_client, key_prefix, now)
     # Through the config file this time (its redis_url); Vast.ai and Arkindex are unreachable.
     config = write_config(tmp_path, "http://127.0.0.1:9", redis_url=redis_url)
-    result = CliRunner().invoke(status_command, ["--config", config, "--prefix", key_prefix],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        status_command, ["--config", config, "--prefix", key_prefix], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "Tasks (4)" in out
@@ -249,8 +363,10 @@ def test_status_text(redis_client, redis_url, key_prefix, tmp_path):
     assert "2m00s" in running or "2m01s" in running
     failed = next(line for line in out.splitlines() if line.strip().startswith("t-failed"))
     assert failed.rstrip().endswith("failed: exit code 3")
-    assert "Instances in the last snapshot (3, taken 5s ago)" in out or \
-        "Instances in the last snapshot (3, taken 6s ago)" in out
+    assert (
+        "Instances in the last snapshot (3, taken 5s ago)" in out
+        or "Instances in the last snapshot (3, taken 6s ago)" in out
+    )
     assert "exited (destroyed)" in out
     assert "Tasks per phase: accepted 1, loading 1, running 1, done 1" in out
     assert "Live instances: 2, spending $0.7500/h" in out
@@ -259,8 +375,9 @@ def test_status_text(redis_client, redis_url, key_prefix, tmp_path):
 
 
 def test_status_empty_prefix_says_never(redis_url, key_prefix):
-    result = CliRunner().invoke(status_command, ["--redis-url", redis_url, "--prefix",
-                                                 key_prefix], catch_exceptions=False)
+    result = CliRunner().invoke(
+        status_command, ["--redis-url", redis_url, "--prefix", key_prefix], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     assert "Tasks (0)" in result.output
     assert "(0, taken never)" in result.output
@@ -269,8 +386,9 @@ def test_status_empty_prefix_says_never(redis_url, key_prefix):
 
 
 def test_status_redis_down_and_bad_config(tmp_path):
-    result = CliRunner().invoke(status_command,
-                                ["--redis-url", f"redis://127.0.0.1:{free_port()}/0"])
+    result = CliRunner().invoke(
+        status_command, ["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]
+    )
     assert result.exit_code == 1
     assert "cannot read Redis" in result.stderr
     config = write_config(tmp_path, "http://127.0.0.1:9", api_key=None)
@@ -282,7 +400,20 @@ def test_status_redis_down_and_bad_config(tmp_path):
 def test_status_as_subprocess(redis_client, redis_url, key_prefix):
     populate(redis_client, key_prefix, time.time())
     proc = subprocess.run(
-        [sys.executable, "-m", "ponos_tasks.cli", "status", "--redis-url", redis_url,
-         "--prefix", key_prefix, "--json"], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "ponos_tasks.cli",
+            "status",
+            "--redis-url",
+            redis_url,
+            "--prefix",
+            key_prefix,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["totals"]["live_instances"] == 2

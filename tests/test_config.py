@@ -73,7 +73,9 @@ def test_example_file_is_accepted_and_covers_every_key():
 
 
 def test_every_problem_is_reported_once_naming_its_key(tmp_path):
-    found = problems(tmp_path, """
+    found = problems(
+        tmp_path,
+        """
         url: htp://arkindex
         farm_id: not-a-uuid
         seeds: abc
@@ -88,7 +90,8 @@ def test_every_problem_is_reported_once_naming_its_key(tmp_path):
           urll: https://console.vast.ai
         redis_url: http://localhost
         sync_interval: -1
-    """)
+    """,
+    )
     by_key = {line.split(":", 1)[0]: line for line in found}
     assert by_key["url"] == "url: not a valid http(s) URL"
     assert "farm_id" in by_key
@@ -97,19 +100,30 @@ def test_every_problem_is_reported_once_naming_its_key(tmp_path):
     assert by_key["vast_api.urll"] == "vast_api.urll: unknown key (did you mean 'url'?)"
     assert "logging.level" in by_key and "logging.task_format" in by_key
     assert by_key["vast_api.api_key"] == (
-        "vast_api.api_key: missing (set it in the file or PONOS_VAST_API_KEY / VAST_API_KEY)")
+        "vast_api.api_key: missing (set it in the file or PONOS_VAST_API_KEY / VAST_API_KEY)"
+    )
     assert by_key["vast_api.offer_filters"].startswith(
-        "vast_api.offer_filters: unknown offer field 'gpu_nme' (did you mean 'gpu_name'")
-    for key in ("vast_api.disk_gb", "vast_api.max_dph", "vast_api.max_instances", "redis_url",
-                "sync_interval"):
+        "vast_api.offer_filters: unknown offer field 'gpu_nme' (did you mean 'gpu_name'"
+    )
+    for key in (
+        "vast_api.disk_gb",
+        "vast_api.max_dph",
+        "vast_api.max_instances",
+        "redis_url",
+        "sync_interval",
+    ):
         assert key in by_key, key
     assert len(found) == len(by_key) == 14
 
 
 def test_offer_filters_both_forms_and_bad_operator(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL + "  offer_filters: 'gpu_name=RTX_4090 dph<0.5'\n"), {})
-    assert config.vast_api.offer_filters == {"gpu_name": {"eq": "RTX 4090"},
-                                             "dph_total": {"lt": 0.5}}
+    config = load_config(
+        write(tmp_path, MINIMAL + "  offer_filters: 'gpu_name=RTX_4090 dph<0.5'\n"), {}
+    )
+    assert config.vast_api.offer_filters == {
+        "gpu_name": {"eq": "RTX 4090"},
+        "dph_total": {"lt": 0.5},
+    }
     found = problems(tmp_path, MINIMAL + "  offer_filters: {gpu_ram: {gtx: 3}}\n")
     assert len(found) == 1 and found[0].startswith("vast_api.offer_filters: unknown operator 'gtx'")
 
@@ -142,11 +156,15 @@ def test_environment_wins_and_can_hold_every_secret(tmp_path):
     assert config.logs_interval == 5
     assert config.logging.level == "DEBUG"
     # The file loses against the environment; an empty variable counts as unset.
-    file_config = load_config(write(tmp_path, MINIMAL), {"PONOS_SEED": "from-env", "VAST_API_KEY": ""})
+    file_config = load_config(
+        write(tmp_path, MINIMAL), {"PONOS_SEED": "from-env", "VAST_API_KEY": ""}
+    )
     assert file_config.seed == "from-env"
     assert file_config.vast_api.api_key == "vast-key-abcdef"
     # PONOS_* names come before the short ones.
-    both = load_config(write(tmp_path, MINIMAL), {"PONOS_VAST_API_KEY": "a-key", "VAST_API_KEY": "b-key"})
+    both = load_config(
+        write(tmp_path, MINIMAL), {"PONOS_VAST_API_KEY": "a-key", "VAST_API_KEY": "b-key"}
+    )
     assert both.vast_api.api_key == "a-key"
 
 
@@ -156,7 +174,11 @@ def test_generic_override_of_unknown_key_is_reported(tmp_path):
 
 
 def test_secrets_listed_for_redaction(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL + """
+    config = load_config(
+        write(
+            tmp_path,
+            MINIMAL
+            + """
   registries:
     - host: 127.0.0.1:5000
       username: bob
@@ -167,19 +189,33 @@ def test_secrets_listed_for_redaction(tmp_path):
 sentry:
   dsn: https://dsnkey123@o1.ingest.example/5
 redis_url: redis://:redispw99@127.0.0.1:6379/0
-"""), {"REG_PASS": "reg-pass-from-env"})
+""",
+        ),
+        {"REG_PASS": "reg-pass-from-env"},
+    )
     assert set(config.secrets()) == {
-        "seed-0123456789abcdef", "vast-key-abcdef", "reg-pass-1", "reg-pass-from-env",
-        "https://dsnkey123@o1.ingest.example/5", "dsnkey123", "redispw99"}
+        "seed-0123456789abcdef",
+        "vast-key-abcdef",
+        "reg-pass-1",
+        "reg-pass-from-env",
+        "https://dsnkey123@o1.ingest.example/5",
+        "dsnkey123",
+        "redispw99",
+    }
     assert [r.registry_host for r in config.vast_api.registries] == [
-        "127.0.0.1:5000", "registry.example.com"]
+        "127.0.0.1:5000",
+        "registry.example.com",
+    ]
     summary = "\n".join(config.summary())
     for secret in config.secrets():
         assert secret not in summary
 
 
 def test_registry_problems(tmp_path):
-    found = problems(tmp_path, MINIMAL + """
+    found = problems(
+        tmp_path,
+        MINIMAL
+        + """
   registries:
     - username: bob
       password: x
@@ -188,7 +224,8 @@ def test_registry_problems(tmp_path):
       password_env: MISSING_VAR
     - host: r.example.com
       password: y
-""")
+""",
+    )
     assert found == [
         "vast_api.registries[0]: give url or host",
         "vast_api.registries[1]: password missing (variable MISSING_VAR is not set)",
@@ -217,8 +254,9 @@ def test_empty_file_means_everything_missing(tmp_path):
 
 def test_check_config_command_ok_and_no_secret(tmp_path):
     path = write(tmp_path, MINIMAL)
-    result = CliRunner().invoke(check_config_command, [path], env={"PONOS_SEED": None,
-                                                                   "VAST_API_KEY": None})
+    result = CliRunner().invoke(
+        check_config_command, [path], env={"PONOS_SEED": None, "VAST_API_KEY": None}
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == "OK"
     assert "arkindex.example.com" in result.stdout
@@ -230,9 +268,16 @@ def test_check_config_command_exits_2_one_line_per_problem(tmp_path):
     path = write(tmp_path, "url: nope\nfarm_id: " + FARM + "\nseed: s\nvast_api: {api_key: k}\n")
     # A real process, as an operator runs it (the integrator registers it in the CLI group).
     result = subprocess.run(
-        [sys.executable, "-c", "from ponos_tasks.config import check_config_command as c; c()",
-         path],
-        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from ponos_tasks.config import check_config_command as c; c()",
+            path,
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
     )
     assert result.returncode == 2
     assert result.stdout == ""

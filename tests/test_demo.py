@@ -33,8 +33,13 @@ TERMINAL = {"completed", "failed", "error", "stopped"}
 
 
 def cli(*args, env=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "ponos_tasks.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ponos_tasks.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_workload_shape():
@@ -56,8 +61,10 @@ def test_workload_shape():
                 assert task.slug not in with_children
         spec = process.admin_json()
         assert [t["slug"] for t in spec["tasks"]] == slugs
-        assert all(t["requires_gpu"] and shlex.split(t["command"])[:2] == ["sh", "-c"]
-                   for t in spec["tasks"])
+        assert all(
+            t["requires_gpu"] and shlex.split(t["command"])[:2] == ["sh", "-c"]
+            for t in spec["tasks"]
+        )
     assert any(t.parents for _, t in tasks)
     assert build_workload(20, seed=0) == processes
     assert build_workload(20, seed=1) != processes
@@ -72,25 +79,42 @@ def test_workload_commands_end_as_expected():
 
 
 def test_summarize_counts_attempts_cost_and_live_peak():
-    tasks = [{"id": "t1", "slug": "a", "state": "completed", "history": [
+    tasks = [
+        {
+            "id": "t1",
+            "slug": "a",
+            "state": "completed",
+            "history": [
                 {"t": 10.0, "to": "running", "accepted": True},
-                {"t": 14.5, "to": "completed", "accepted": True}]},
-             {"id": "t2", "slug": "b", "state": "failed", "history": []}]
-    ledger = {"instances": [
-        {"label": "ponos-0123abcd-t1-1", "gpu_name": "A", "dph_total": 0.1, "cost": 0.5},
-        {"label": "ponos-0123abcd-t1-2", "gpu_name": "B", "dph_total": 0.2, "cost": 0.25},
-        {"label": "someone-else", "gpu_name": "C", "dph_total": 9.0, "cost": 9.0}],
-        "total_cost": 9.75}
-    events = [{"t": 1, "event": "created", "label": "ponos-0123abcd-t1-1"},
-              {"t": 2, "event": "created", "label": "ponos-0123abcd-t1-2"},
-              {"t": 3, "event": "destroyed", "label": "ponos-0123abcd-t1-1"},
-              {"t": 4, "event": "destroyed", "label": "ponos-0123abcd-t1-2"}]
-    stats = {"calls": {"create": 2, "list": 5}, "rate_limited": {"list": 1},
-             "live_instances": 0}
+                {"t": 14.5, "to": "completed", "accepted": True},
+            ],
+        },
+        {"id": "t2", "slug": "b", "state": "failed", "history": []},
+    ]
+    ledger = {
+        "instances": [
+            {"label": "ponos-0123abcd-t1-1", "gpu_name": "A", "dph_total": 0.1, "cost": 0.5},
+            {"label": "ponos-0123abcd-t1-2", "gpu_name": "B", "dph_total": 0.2, "cost": 0.25},
+            {"label": "someone-else", "gpu_name": "C", "dph_total": 9.0, "cost": 9.0},
+        ],
+        "total_cost": 9.75,
+    }
+    events = [
+        {"t": 1, "event": "created", "label": "ponos-0123abcd-t1-1"},
+        {"t": 2, "event": "created", "label": "ponos-0123abcd-t1-2"},
+        {"t": 3, "event": "destroyed", "label": "ponos-0123abcd-t1-1"},
+        {"t": 4, "event": "destroyed", "label": "ponos-0123abcd-t1-2"},
+    ]
+    stats = {"calls": {"create": 2, "list": 5}, "rate_limited": {"list": 1}, "live_instances": 0}
     doc = summarize(tasks, {"t1": "completed", "t2": "completed"}, ledger, events, stats)
     first, second = doc["tasks"]
-    assert (first["attempts"], first["gpu_name"], first["dph_total"], first["cost"],
-            first["runtime_s"]) == (2, "B", 0.2, 0.75, 4.5)
+    assert (
+        first["attempts"],
+        first["gpu_name"],
+        first["dph_total"],
+        first["cost"],
+        first["runtime_s"],
+    ) == (2, "B", 0.2, 0.75, 4.5)
     assert (second["attempts"], second["cost"], second["runtime_s"]) == (0, 0.0, None)
     totals = doc["totals"]
     assert totals["max_live_instances_per_task"] == 2
@@ -114,7 +138,7 @@ def unreachable_config(tmp_path) -> str:
     path = tmp_path / "agent.yml"
     path.write_text(f"""url: http://127.0.0.1:{closed}
 farm_id: 00000000-0000-0000-0000-000000000001
-seed: "{'ab' * 32}"
+seed: "{"ab" * 32}"
 redis_url: redis://127.0.0.1:{closed}/0
 vast_api:
   url: http://127.0.0.1:{closed}
@@ -132,10 +156,21 @@ def test_run_with_a_config_runs_the_agent_and_never_the_simulators(tmp_path):
     blocked = (*SIM_EXTRA, "ponos_tasks.simulators", "ponos_tasks.demo")
     logs = tmp_path / "logs"
     process = subprocess.Popen(
-        [sys.executable, "-m", "ponos_tasks.cli", "run", "--log-dir", str(logs),
-         "--flower-port", str(free_port())],
-        env=blocked_env(tmp_path, blocked, env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "ponos_tasks.cli",
+            "run",
+            "--log-dir",
+            str(logs),
+            "--flower-port",
+            str(free_port()),
+        ],
+        env=blocked_env(tmp_path, blocked, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # The worker imported the app and its tasks, and tries to reach its (closed) Redis.
         deadline = time.monotonic() + 60
@@ -144,8 +179,7 @@ def test_run_with_a_config_runs_the_agent_and_never_the_simulators(tmp_path):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the worker never tried its broker"
             time.sleep(0.2)
-        assert {p.name for p in logs.glob("*.log")} == {"worker1.log", "beat1.log",
-                                                      "flower.log"}
+        assert {p.name for p in logs.glob("*.log")} == {"worker1.log", "beat1.log", "flower.log"}
     finally:
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
@@ -178,8 +212,10 @@ def test_run_without_config_nor_the_sim_extra(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PONOS_CONFIG"}
     result = run_blocked(["-m", "ponos_tasks.cli", "run"], tmp_path, env=env)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [NO_CONFIG_MESSAGE,
-                                          f"ponos-vast demo: {SIM_EXTRA_MESSAGE}"]
+    assert result.stderr.splitlines() == [
+        NO_CONFIG_MESSAGE,
+        f"ponos-vast demo: {SIM_EXTRA_MESSAGE}",
+    ]
 
 
 @pytest.mark.e2e
@@ -195,8 +231,11 @@ def test_demo_json_end_to_end():
     assert all(t["state"] == t["expected"] for t in tasks), tasks
     assert Counter(t["state"] for t in tasks) == expected
     assert {k: totals[k] for k in ("completed", "failed", "stopped", "error")} == {
-        "completed": expected["completed"], "failed": expected["failed"],
-        "stopped": expected["stopped"], "error": 0}
+        "completed": expected["completed"],
+        "failed": expected["failed"],
+        "stopped": expected["stopped"],
+        "error": 0,
+    }
     assert totals["instances_left"] == 0
     assert totals["max_live_instances_per_task"] == 1
     assert totals["rate_limited"] == 0

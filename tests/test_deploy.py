@@ -52,8 +52,11 @@ def parse_procfile(text: str) -> dict[str, str]:
 def compose_shell_text(command) -> str:
     """A compose `command` as the shell line it amounts to (`$$` is compose's escaped `$`)."""
     if isinstance(command, list):
-        if len(command) == 3 and command[0] in ("sh", "/bin/sh", "bash", "/bin/bash") \
-                and command[1] == "-c":
+        if (
+            len(command) == 3
+            and command[0] in ("sh", "/bin/sh", "bash", "/bin/bash")
+            and command[1] == "-c"
+        ):
             return command[2].replace("$$", "$")
         return shlex.join(command)
     return str(command).replace("$$", "$")
@@ -68,9 +71,9 @@ def celery_invocation(argv: list[str]) -> list[str] | None:
     """The arguments after `celery` (or `python -m celery`), or None if it runs no celery."""
     for index, word in enumerate(argv):
         if Path(word).name == "celery":
-            return argv[index + 1:]
+            return argv[index + 1 :]
         if word == "-m" and index + 1 < len(argv) and argv[index + 1] == "celery":
-            return argv[index + 2:]
+            return argv[index + 2 :]
     return None
 
 
@@ -95,7 +98,7 @@ def option_values(argv: list[str], *names: str) -> list[str]:
             elif name.startswith("--") and word.startswith(name + "="):
                 values.append(word.split("=", 1)[1])
             elif not name.startswith("--") and word.startswith(name) and word != name:
-                values.append(word[len(name):])  # -Qsync,vast
+                values.append(word[len(name) :])  # -Qsync,vast
     return values
 
 
@@ -136,7 +139,8 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
         pattern = pattern.lstrip("!").rstrip("/")
         bare = pattern[3:] if pattern.startswith("**/") else None
         hit = any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes) or (
-            bare is not None and any(fnmatch.fnmatch(part, bare) for part in parts))
+            bare is not None and any(fnmatch.fnmatch(part, bare) for part in parts)
+        )
         if hit:
             ignored = not negate
     return ignored
@@ -158,8 +162,11 @@ def compose() -> dict:
 
 @pytest.fixture(scope="module")
 def compose_commands(compose) -> dict[str, str]:
-    return {name: compose_shell_text(service["command"])
-            for name, service in compose["services"].items() if "command" in service}
+    return {
+        name: compose_shell_text(service["command"])
+        for name, service in compose["services"].items()
+        if "command" in service
+    }
 
 
 @pytest.fixture(scope="module")
@@ -198,11 +205,13 @@ def test_procfile_has_worker_beat_and_flower(procfile):
 
 
 def test_every_procfile_process_has_a_compose_service_with_the_same_command(
-        procfile, compose_commands):
+    procfile, compose_commands
+):
     for name, command in procfile.items():
         assert name in compose_commands, f"no compose service {name!r} for Procfile {name!r}"
         assert tokens(compose_commands[name]) == tokens(command), (
-            f"{name}: Procfile runs\n  {command}\ncompose runs\n  {compose_commands[name]}")
+            f"{name}: Procfile runs\n  {command}\ncompose runs\n  {compose_commands[name]}"
+        )
 
 
 def test_dockerfile_default_command_is_the_procfile_worker(procfile, dockerfile):
@@ -213,7 +222,8 @@ def test_dockerfile_default_command_is_the_procfile_worker(procfile, dockerfile)
 
 
 def test_worker_queues_are_exactly_the_configured_queues_everywhere(
-        procfile, compose_commands, dockerfile):
+    procfile, compose_commands, dockerfile
+):
     configured = sorted(celeryconfig.QUEUES)
     assert sorted(q.name for q in celeryconfig.task_queues) == configured
     argvs = {
@@ -243,8 +253,8 @@ def test_beat_runs_exactly_once(procfile, compose):
     assert compose_beats == ["beat"]
     # No embedded beat in any worker (`worker -B`): every scaled worker would schedule too.
     for argv in [tokens(c) for c in procfile.values()] + [
-            tokens(compose_shell_text(s.get("command", ""))) for s in
-            compose["services"].values()]:
+        tokens(compose_shell_text(s.get("command", ""))) for s in compose["services"].values()
+    ]:
         if subcommand(argv) == "worker":
             assert "-B" not in argv and "--beat" not in argv
 
@@ -255,8 +265,7 @@ def test_beat_runs_exactly_once(procfile, compose):
 def flower_lines(procfile, compose_commands) -> dict[str, str]:
     lines = {f"Procfile {name}": c for name, c in procfile.items()}
     lines.update({f"compose {name}": c for name, c in compose_commands.items()})
-    return {where: line for where, line in lines.items()
-            if subcommand(tokens(line)) == "flower"}
+    return {where: line for where, line in lines.items() if subcommand(tokens(line)) == "flower"}
 
 
 def test_flower_is_never_started_without_auth(procfile, compose, compose_commands):
@@ -265,8 +274,11 @@ def test_flower_is_never_started_without_auth(procfile, compose, compose_command
     for where, line in found.items():
         guarded = line.split("celery", 1)[0]
         argv = tokens(line)
-        assert AUTH_GUARD in guarded or option_values(argv, "--basic-auth", "--basic_auth") \
-            or option_values(argv, "--auth"), f"{where}: Flower without auth"
+        assert (
+            AUTH_GUARD in guarded
+            or option_values(argv, "--basic-auth", "--basic_auth")
+            or option_values(argv, "--auth")
+        ), f"{where}: Flower without auth"
         assert "FLOWER_UNAUTHENTICATED_API" not in line
     for name, service in compose["services"].items():
         assert "FLOWER_UNAUTHENTICATED_API" not in (service.get("environment") or {}), name
@@ -278,7 +290,8 @@ def test_flower_is_never_started_without_auth(procfile, compose, compose_command
 
 @pytest.mark.parametrize("source", ["Procfile", "compose"])
 def test_the_flower_line_refuses_to_start_without_credentials(
-        source, procfile, compose_commands, tmp_path):
+    source, procfile, compose_commands, tmp_path
+):
     """Run the real shell line with a stand-in `celery` (so nothing listens anywhere)."""
     line = procfile["flower"] if source == "Procfile" else compose_commands["flower"]
     stub = tmp_path / "celery"
@@ -286,12 +299,18 @@ def test_the_flower_line_refuses_to_start_without_credentials(
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
     base = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PORT": "5999"}
     for missing in ({}, {"FLOWER_BASIC_AUTH": ""}):
-        run = subprocess.run(["sh", "-c", line], env={**base, **missing}, capture_output=True,
-                             text=True, timeout=10)
+        run = subprocess.run(
+            ["sh", "-c", line], env={**base, **missing}, capture_output=True, text=True, timeout=10
+        )
         assert run.returncode != 0 and "STARTED" not in run.stdout
         assert "FLOWER_BASIC_AUTH" in run.stderr
-    run = subprocess.run(["sh", "-c", line], env={**base, "FLOWER_BASIC_AUTH": "u:p"},
-                         capture_output=True, text=True, timeout=10)
+    run = subprocess.run(
+        ["sh", "-c", line],
+        env={**base, "FLOWER_BASIC_AUTH": "u:p"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[:4] == ["STARTED", "-A", "ponos_tasks.app", "flower"]
     assert "--port=5999" in run.stdout and "u:p" not in run.stdout  # not in argv (ps)
@@ -350,8 +369,11 @@ def test_dockerfile_base_image_user_and_copied_paths(dockerfile):
     assert froms == ["python:3.11-slim"]
     users = [rest for keyword, rest in dockerfile if keyword == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     copies = [rest for keyword, rest in dockerfile if keyword in ("COPY", "ADD")]
     assert copies
     for rest in copies:
@@ -364,20 +386,26 @@ def test_dockerfile_base_image_user_and_copied_paths(dockerfile):
     assert {"pyproject.toml", "README.md", "celeryconfig.py", "ponos_tasks"} <= copied
 
 
-def test_the_production_image_has_no_simulators_and_the_local_stack_has_them(
-        dockerfile, compose):
+def test_the_production_image_has_no_simulators_and_the_local_stack_has_them(dockerfile, compose):
     """The `sim` extra (Flask, moto, zstandard) only in the local profile's `stack` image."""
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert "\nsim = [" in pyproject
-    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] if "=" in rest else None
-            for keyword, rest in dockerfile if keyword == "ARG"}
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1] if "=" in rest else None
+        for keyword, rest in dockerfile
+        if keyword == "ARG"
+    }
     assert args.get("PONOS_EXTRAS") == '""'
     installs = [rest for keyword, rest in dockerfile if keyword == "RUN" and "pip install" in rest]
     assert len(installs) == 1 and '".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}"' in installs[0]
     for extras, expected in (("", "."), ("sim", ".[sim]")):
-        line = subprocess.run(["sh", "-c", 'printf %s ".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}"'],
-                              env={"PONOS_EXTRAS": extras}, capture_output=True, text=True,
-                              timeout=10).stdout
+        line = subprocess.run(
+            ["sh", "-c", 'printf %s ".${PONOS_EXTRAS:+[$PONOS_EXTRAS]}"'],
+            env={"PONOS_EXTRAS": extras},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         assert line == expected
     services = compose["services"]
     assert services["stack"]["build"]["args"] == {"PONOS_EXTRAS": "sim"}
@@ -388,10 +416,18 @@ def test_the_production_image_has_no_simulators_and_the_local_stack_has_them(
 
 
 def test_dockerignore_keeps_local_configs_and_secrets_out():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    for path in (".env", "config/agent.yml", ".venv/bin/python", ".git/HEAD",
-                 "ponos_tasks/__pycache__/x.pyc"):
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for path in (
+        ".env",
+        "config/agent.yml",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "ponos_tasks/__pycache__/x.pyc",
+    ):
         assert dockerignored(path, patterns), path
     assert not dockerignored("ponos_tasks/app.py", patterns)
 
@@ -403,11 +439,25 @@ def test_compose_stack_entry_point_serves_and_writes_a_valid_agent_config(tmp_pa
     """`stack` service's entry point, on loopback: the config it writes works as written."""
     ports = [free_port() for _ in range(3)]
     config_file = tmp_path / "run" / "agent.yml"
-    argv = [sys.executable, "-m", "ponos_tasks.simulators.compose_entry",
-            "--host", "127.0.0.1", "--public-host", "127.0.0.1",
-            "--arkindex-port", str(ports[0]), "--vast-port", str(ports[1]),
-            "--s3-port", str(ports[2]), "--redis-url", "redis://redis:6379/0",
-            "--config-file", str(config_file)]
+    argv = [
+        sys.executable,
+        "-m",
+        "ponos_tasks.simulators.compose_entry",
+        "--host",
+        "127.0.0.1",
+        "--public-host",
+        "127.0.0.1",
+        "--arkindex-port",
+        str(ports[0]),
+        "--vast-port",
+        str(ports[1]),
+        "--s3-port",
+        str(ports[2]),
+        "--redis-url",
+        "redis://redis:6379/0",
+        "--config-file",
+        str(config_file),
+    ]
 
     def written() -> tuple | None:
         try:
@@ -418,8 +468,9 @@ def test_compose_stack_entry_point_serves_and_writes_a_valid_agent_config(tmp_pa
 
     def start() -> subprocess.Popen:
         before = written()
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, cwd=ROOT)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
         deadline = time.monotonic() + 30
         while written() in (None, before):  # a fresh file (os.replace: a new inode)
             assert process.poll() is None, process.stdout.read()
@@ -441,11 +492,17 @@ def test_compose_stack_entry_point_serves_and_writes_a_valid_agent_config(tmp_pa
         assert config.redis_url == "redis://redis:6379/0"
         openapi = requests.get(f"{config.url}/api/v1/openapi/?format=json", timeout=10).json()
         assert openapi["servers"][0]["url"] == config.url  # the advertised, public URL
-        me = requests.get(f"{config.vast_api.url}/api/v0/users/current/", timeout=10,
-                          headers={"Authorization": f"Bearer {config.vast_api.api_key}"})
+        me = requests.get(
+            f"{config.vast_api.url}/api/v0/users/current/",
+            timeout=10,
+            headers={"Authorization": f"Bearer {config.vast_api.api_key}"},
+        )
         assert me.status_code == 200
-        wrong = requests.get(f"{config.vast_api.url}/api/v0/users/current/", timeout=10,
-                             headers={"Authorization": "Bearer wrong"})
+        wrong = requests.get(
+            f"{config.vast_api.url}/api/v0/users/current/",
+            timeout=10,
+            headers={"Authorization": "Bearer wrong"},
+        )
         assert wrong.status_code in (401, 403)
         assert requests.get(f"http://127.0.0.1:{ports[2]}/", timeout=10).status_code == 200
     finally:
@@ -458,7 +515,10 @@ def test_compose_stack_entry_point_serves_and_writes_a_valid_agent_config(tmp_pa
     finally:
         stop(process)
     assert (again.farm_id, again.seed, again.vast_api.api_key) == (
-        config.farm_id, config.seed, config.vast_api.api_key)
+        config.farm_id,
+        config.seed,
+        config.vast_api.api_key,
+    )
 
 
 def test_constraints_pin_every_runtime_dependency():
@@ -473,8 +533,9 @@ def test_constraints_pin_every_runtime_dependency():
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    runtime = {canonicalize_name(req.name): req
-               for req in map(Requirement, project["dependencies"])}
+    runtime = {
+        canonicalize_name(req.name): req for req in map(Requirement, project["dependencies"])
+    }
     for sim_only in ("flask", "moto", "zstandard"):
         runtime.pop(sim_only, None)
     text = (ROOT / "constraints.txt").read_text()
@@ -489,6 +550,9 @@ def test_constraints_pin_every_runtime_dependency():
     assert "ponos-vast" not in pins
     missing = sorted(set(runtime) - set(pins))
     assert not missing, f"not pinned in constraints.txt (run `make lock`): {missing}"
-    stale = [f"{name}=={pins[name]} vs {req}" for name, req in runtime.items()
-             if not req.specifier.contains(pins[name], prereleases=True)]
+    stale = [
+        f"{name}=={pins[name]} vs {req}"
+        for name, req in runtime.items()
+        if not req.specifier.contains(pins[name], prereleases=True)
+    ]
     assert not stale, f"constraints.txt is stale (run `make lock`): {stale}"

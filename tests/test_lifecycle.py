@@ -30,6 +30,7 @@ TASK = "8c1d2f7e-0a4b-4c3d-9e8f-123456789abc"
 
 # ---------------------------------------------------------------------------- labels
 
+
 def test_label_round_trip():
     label = make_label(AGENT, TASK, 3)
     assert label == f"ponos-1f2e3d4c-{TASK}-3"
@@ -43,12 +44,27 @@ def test_label_attempts_above_nine_and_random_uuids():
         assert parse_label(make_label(AGENT, task, attempt)) == LabelInfo(AGENT, task, attempt)
 
 
-@pytest.mark.parametrize("label", [
-    None, "", "   ", 42, "ponos", "ponos-1f2e3d4c", f"ponos-1f2e3d4c-{TASK}",
-    f"ponos-1f2e3d4c-{TASK}-", f"ponos-1f2e3d4c-{TASK}-x", f"ponos-1f2e3d4-{TASK}-1",
-    f"ponos-1f2e3d4g-{TASK}-1", f"skypilot-1f2e3d4c-{TASK}-1", f"ponos-1f2e3d4c-{TASK}-0",
-    f"xponos-1f2e3d4c-{TASK}-1", "ponos-1f2e3d4c--1", "dstack-proj-job-abcdefgh",
-])
+@pytest.mark.parametrize(
+    "label",
+    [
+        None,
+        "",
+        "   ",
+        42,
+        "ponos",
+        "ponos-1f2e3d4c",
+        f"ponos-1f2e3d4c-{TASK}",
+        f"ponos-1f2e3d4c-{TASK}-",
+        f"ponos-1f2e3d4c-{TASK}-x",
+        f"ponos-1f2e3d4-{TASK}-1",
+        f"ponos-1f2e3d4g-{TASK}-1",
+        f"skypilot-1f2e3d4c-{TASK}-1",
+        f"ponos-1f2e3d4c-{TASK}-0",
+        f"xponos-1f2e3d4c-{TASK}-1",
+        "ponos-1f2e3d4c--1",
+        "dstack-proj-job-abcdefgh",
+    ],
+)
 def test_parse_label_rejects_foreign_and_garbage(label):
     assert parse_label(label) is None
 
@@ -71,22 +87,46 @@ def test_make_label_refuses_bad_parts():
 
 # ---------------------------------------------------------------------------- phases
 
+
 def test_happy_path_and_retry_transitions_allowed():
-    path = ["accepted", "waiting_offer", "creating", "loading", "running", "finishing",
-            "destroying", "done"]
+    path = [
+        "accepted",
+        "waiting_offer",
+        "creating",
+        "loading",
+        "running",
+        "finishing",
+        "destroying",
+        "done",
+    ]
     for src, dst in zip(path, path[1:], strict=False):
         check_transition(src, dst)
-    for src, dst in [("loading", "retrying"), ("retrying", "creating"), ("creating", "creating"),
-                     ("retrying", "finishing"), ("accepted", "finishing"),
-                     ("creating", "running"), ("loading", "finishing")]:
+    for src, dst in [
+        ("loading", "retrying"),
+        ("retrying", "creating"),
+        ("creating", "creating"),
+        ("retrying", "finishing"),
+        ("accepted", "finishing"),
+        ("creating", "running"),
+        ("loading", "finishing"),
+    ]:
         check_transition(src, dst)
 
 
-@pytest.mark.parametrize("src,dst", [
-    ("done", "accepted"), ("done", "done"), ("finishing", "running"), ("destroying", "creating"),
-    ("running", "loading"), ("accepted", "running"), ("accepted", "done"), ("bogus", "done"),
-    ("running", "bogus"),
-])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ("done", "accepted"),
+        ("done", "done"),
+        ("finishing", "running"),
+        ("destroying", "creating"),
+        ("running", "loading"),
+        ("accepted", "running"),
+        ("accepted", "done"),
+        ("bogus", "done"),
+        ("running", "bogus"),
+    ],
+)
 def test_forbidden_transitions(src, dst):
     with pytest.raises(TransitionError):
         check_transition(src, dst)
@@ -105,48 +145,91 @@ def test_every_phase_reaches_done():
 
 # ---------------------------------------------------------------------------- conditions
 
-OCI = ("Error response from daemon: failed to create task for container: failed to create "
-       "shim task: OCI runtime create failed: runc create failed")
+OCI = (
+    "Error response from daemon: failed to create task for container: failed to create "
+    "shim task: OCI runtime create failed: runc create failed"
+)
 
 
-@pytest.mark.parametrize("fields,expected", [
-    (None, Condition.GONE),
-    ({}, Condition.PROVISIONING),
-    ({"actual_status": None, "intended_status": "running"}, Condition.PROVISIONING),
-    ({"actual_status": "created", "intended_status": "running"}, Condition.PROVISIONING),
-    ({"actual_status": "loading", "intended_status": "running"}, Condition.LOADING),
-    ({"actual_status": "LOADING ", "intended_status": "running"}, Condition.LOADING),
-    ({"actual_status": "running", "intended_status": "running",
-      "status_msg": "success, running img/ssh"}, Condition.RUNNING),
-    ({"actual_status": "running", "intended_status": "stopped"}, Condition.RUNNING),
-    # normal stop (by itself, by us, outbid)
-    ({"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped"},
-     Condition.STOPPED),
-    ({"actual_status": "stopped", "intended_status": "stopped"}, Condition.STOPPED),
-    ({"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped",
-      "next_state": "stopped", "status_msg": "success, running x"}, Condition.STOPPED),
-    # created stopped / create-start race
-    ({"actual_status": "created", "intended_status": "stopped", "cur_state": "stopped"},
-     Condition.STOPPED),
-    ({"actual_status": "loading", "intended_status": "stopped", "cur_state": "stopped"},
-     Condition.STOPPED),
-    # container ended without stopping its instance
-    ({"actual_status": "exited", "intended_status": "running", "cur_state": "running"},
-     Condition.EXITED),
-    # abandoned start (dstack's fatal case)
-    ({"actual_status": "created", "intended_status": "stopped", "cur_state": "stopped",
-      "next_state": "stopped", "status_msg": OCI}, Condition.START_FAILED),
-    ({"actual_status": "loading", "status_msg": "pull access denied for x, repository does not "
-      "exist: Permission Denied"}, Condition.START_FAILED),
-    ({"actual_status": "offline", "intended_status": "running"}, Condition.OFFLINE),
-    ({"actual_status": "offline", "intended_status": "stopped"}, Condition.OFFLINE),
-    ({"actual_status": "unknown"}, Condition.OFFLINE),
-    ({"actual_status": "running", "cur_state": "unloaded", "next_state": "unloaded"},
-     Condition.GONE),
-    ({"actual_status": "exited", "next_state": "unloaded"}, Condition.GONE),
-    ({"actual_status": "hibernating", "intended_status": "running"}, Condition.UNKNOWN),
-    ({"actual_status": 17, "intended_status": ["x"]}, Condition.UNKNOWN),
-])
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        (None, Condition.GONE),
+        ({}, Condition.PROVISIONING),
+        ({"actual_status": None, "intended_status": "running"}, Condition.PROVISIONING),
+        ({"actual_status": "created", "intended_status": "running"}, Condition.PROVISIONING),
+        ({"actual_status": "loading", "intended_status": "running"}, Condition.LOADING),
+        ({"actual_status": "LOADING ", "intended_status": "running"}, Condition.LOADING),
+        (
+            {
+                "actual_status": "running",
+                "intended_status": "running",
+                "status_msg": "success, running img/ssh",
+            },
+            Condition.RUNNING,
+        ),
+        ({"actual_status": "running", "intended_status": "stopped"}, Condition.RUNNING),
+        # normal stop (by itself, by us, outbid)
+        (
+            {"actual_status": "exited", "intended_status": "stopped", "cur_state": "stopped"},
+            Condition.STOPPED,
+        ),
+        ({"actual_status": "stopped", "intended_status": "stopped"}, Condition.STOPPED),
+        (
+            {
+                "actual_status": "exited",
+                "intended_status": "stopped",
+                "cur_state": "stopped",
+                "next_state": "stopped",
+                "status_msg": "success, running x",
+            },
+            Condition.STOPPED,
+        ),
+        # created stopped / create-start race
+        (
+            {"actual_status": "created", "intended_status": "stopped", "cur_state": "stopped"},
+            Condition.STOPPED,
+        ),
+        (
+            {"actual_status": "loading", "intended_status": "stopped", "cur_state": "stopped"},
+            Condition.STOPPED,
+        ),
+        # container ended without stopping its instance
+        (
+            {"actual_status": "exited", "intended_status": "running", "cur_state": "running"},
+            Condition.EXITED,
+        ),
+        # abandoned start (dstack's fatal case)
+        (
+            {
+                "actual_status": "created",
+                "intended_status": "stopped",
+                "cur_state": "stopped",
+                "next_state": "stopped",
+                "status_msg": OCI,
+            },
+            Condition.START_FAILED,
+        ),
+        (
+            {
+                "actual_status": "loading",
+                "status_msg": "pull access denied for x, repository does not "
+                "exist: Permission Denied",
+            },
+            Condition.START_FAILED,
+        ),
+        ({"actual_status": "offline", "intended_status": "running"}, Condition.OFFLINE),
+        ({"actual_status": "offline", "intended_status": "stopped"}, Condition.OFFLINE),
+        ({"actual_status": "unknown"}, Condition.OFFLINE),
+        (
+            {"actual_status": "running", "cur_state": "unloaded", "next_state": "unloaded"},
+            Condition.GONE,
+        ),
+        ({"actual_status": "exited", "next_state": "unloaded"}, Condition.GONE),
+        ({"actual_status": "hibernating", "intended_status": "running"}, Condition.UNKNOWN),
+        ({"actual_status": 17, "intended_status": ["x"]}, Condition.UNKNOWN),
+    ],
+)
 def test_classify_instance(fields, expected):
     instance = None if fields is None else Instance.from_dict({"id": 1, **fields})
     assert classify_instance(instance) is expected
@@ -165,18 +248,21 @@ ValueError: bad page
 """
 
 
-@pytest.mark.parametrize("args,expected_state", [
-    ((0, Condition.STOPPED, False), "completed"),
-    ((0, Condition.EXITED, False), "completed"),
-    ((1, Condition.STOPPED, False), "failed"),
-    ((137, Condition.GONE, False), "failed"),
-    ((None, Condition.STOPPED, False), "error"),
-    ((None, Condition.EXITED, False), "error"),
-    ((None, Condition.GONE, False), "error"),
-    ((None, Condition.OFFLINE, False), "error"),
-    ((0, Condition.STOPPED, True), "stopped"),
-    ((None, Condition.RUNNING, True), "stopped"),
-])
+@pytest.mark.parametrize(
+    "args,expected_state",
+    [
+        ((0, Condition.STOPPED, False), "completed"),
+        ((0, Condition.EXITED, False), "completed"),
+        ((1, Condition.STOPPED, False), "failed"),
+        ((137, Condition.GONE, False), "failed"),
+        ((None, Condition.STOPPED, False), "error"),
+        ((None, Condition.EXITED, False), "error"),
+        ((None, Condition.GONE, False), "error"),
+        ((None, Condition.OFFLINE, False), "error"),
+        ((0, Condition.STOPPED, True), "stopped"),
+        ((None, Condition.RUNNING, True), "stopped"),
+    ],
+)
 def test_final_state_from_marker(args, expected_state):
     outcome = final_state(*args)
     assert isinstance(outcome, Outcome)
@@ -203,18 +289,21 @@ def test_final_state_inferred():
 
 def test_traceback_detection():
     assert ends_with_traceback(TRACEBACK_LOG)
-    assert ends_with_traceback("x\nTraceback (most recent call last):\n  File \"a\", line 1\n"
-                               "KeyboardInterrupt")
-    assert ends_with_traceback("2024 ERROR Traceback (most recent call last):\n  File \"a\"\n"
-                               "arkindex_worker.ErrorResponse: 500: oops")
+    assert ends_with_traceback(
+        'x\nTraceback (most recent call last):\n  File "a", line 1\nKeyboardInterrupt'
+    )
+    assert ends_with_traceback(
+        '2024 ERROR Traceback (most recent call last):\n  File "a"\n'
+        "arkindex_worker.ErrorResponse: 500: oops"
+    )
     # a traceback followed by more work is not how the log ends
-    assert not ends_with_traceback(TRACEBACK_LOG + "retrying\nprocessed 10 pages\nall done\n"
-                                   "bye\n")
+    assert not ends_with_traceback(TRACEBACK_LOG + "retrying\nprocessed 10 pages\nall done\nbye\n")
     assert not ends_with_traceback("all fine\n")
     assert not ends_with_traceback("")
 
 
 # ---------------------------------------------------------------------------- start failures
+
 
 def rec(phase="loading", **values):
     values.setdefault("attempt", 1)
@@ -222,31 +311,35 @@ def rec(phase="loading", **values):
     return TaskRecord(task_id=TASK, phase=phase, **values)
 
 
-@pytest.mark.parametrize("record,condition,now,expected", [
-    (rec(), Condition.LOADING, 1500.0, None),
-    (rec(), Condition.LOADING, 1000.0 + 901, "stuck loading"),
-    (rec(), Condition.PROVISIONING, 1000.0 + 901, "stuck provisioning"),
-    (rec(), Condition.START_FAILED, 1001.0, "failed to start"),
-    (rec(), Condition.GONE, 1001.0, "disappeared"),
-    (rec("creating"), Condition.GONE, 1001.0, None),  # not listed yet
-    (rec("creating"), Condition.GONE, 1000.0 + 901, "no instance appeared"),
-    (rec(), Condition.EXITED, 1100.0, "exited without an exit code"),
-    (rec(), Condition.STOPPED, 1100.0, "stopped before the task ran"),
-    (rec(exit_code=0), Condition.STOPPED, 1100.0, None),  # ran to its end
-    (rec(inferred=True), Condition.STOPPED, 1100.0, None),  # unwrapped: maybe it finished
-    (rec(), Condition.OFFLINE, 1100.0, None),  # offline_since not recorded yet
-    (rec(offline_since=1100.0), Condition.OFFLINE, 1100.0 + 599, None),
-    (rec("running", offline_since=1100.0), Condition.OFFLINE, 1100.0 + 600, "offline"),
-    (rec("running", running_since=1000.0), Condition.EXITED, 1010.0, "exited"),
-    (rec("running", running_since=1000.0), Condition.EXITED, 1000.0 + 500, None),
-    (rec("running", running_since=1000.0), Condition.RUNNING, 9999.0, None),
-    (rec("running", running_since=1000.0), Condition.GONE, 1010.0, None),  # final: error
-    (rec("finishing"), Condition.START_FAILED, 9999.0, None),
-    (rec("accepted"), Condition.GONE, 9999.0, None),
-])
+@pytest.mark.parametrize(
+    "record,condition,now,expected",
+    [
+        (rec(), Condition.LOADING, 1500.0, None),
+        (rec(), Condition.LOADING, 1000.0 + 901, "stuck loading"),
+        (rec(), Condition.PROVISIONING, 1000.0 + 901, "stuck provisioning"),
+        (rec(), Condition.START_FAILED, 1001.0, "failed to start"),
+        (rec(), Condition.GONE, 1001.0, "disappeared"),
+        (rec("creating"), Condition.GONE, 1001.0, None),  # not listed yet
+        (rec("creating"), Condition.GONE, 1000.0 + 901, "no instance appeared"),
+        (rec(), Condition.EXITED, 1100.0, "exited without an exit code"),
+        (rec(), Condition.STOPPED, 1100.0, "stopped before the task ran"),
+        (rec(exit_code=0), Condition.STOPPED, 1100.0, None),  # ran to its end
+        (rec(inferred=True), Condition.STOPPED, 1100.0, None),  # unwrapped: maybe it finished
+        (rec(), Condition.OFFLINE, 1100.0, None),  # offline_since not recorded yet
+        (rec(offline_since=1100.0), Condition.OFFLINE, 1100.0 + 599, None),
+        (rec("running", offline_since=1100.0), Condition.OFFLINE, 1100.0 + 600, "offline"),
+        (rec("running", running_since=1000.0), Condition.EXITED, 1010.0, "exited"),
+        (rec("running", running_since=1000.0), Condition.EXITED, 1000.0 + 500, None),
+        (rec("running", running_since=1000.0), Condition.RUNNING, 9999.0, None),
+        (rec("running", running_since=1000.0), Condition.GONE, 1010.0, None),  # final: error
+        (rec("finishing"), Condition.START_FAILED, 9999.0, None),
+        (rec("accepted"), Condition.GONE, 9999.0, None),
+    ],
+)
 def test_start_failure(record, condition, now, expected):
-    reason = start_failure(record, condition, now, loading_deadline=900.0, offline_grace=600.0,
-                           early_exit_window=120.0)
+    reason = start_failure(
+        record, condition, now, loading_deadline=900.0, offline_grace=600.0, early_exit_window=120.0
+    )
     if expected is None:
         assert reason is None
     else:
@@ -254,8 +347,15 @@ def test_start_failure(record, condition, now, expected):
 
 
 def test_start_failure_reason_carries_status_msg():
-    reason = start_failure(rec(), Condition.START_FAILED, 1001.0, 900.0, offline_grace=600.0,
-                           early_exit_window=120.0, status_msg=OCI)
+    reason = start_failure(
+        rec(),
+        Condition.START_FAILED,
+        1001.0,
+        900.0,
+        offline_grace=600.0,
+        early_exit_window=120.0,
+        status_msg=OCI,
+    )
     assert "OCI runtime create failed" in reason
 
 

@@ -28,7 +28,9 @@ def test_format_uses_the_record_time_and_default_format():
 
 
 def test_format_accepts_any_logging_format_and_percent_in_messages():
-    line = format_agent_line(logging.WARNING, "disk 100% full", T0, "%(levelname)s|%(name)s|%(message)s")
+    line = format_agent_line(
+        logging.WARNING, "disk 100% full", T0, "%(levelname)s|%(name)s|%(message)s"
+    )
     assert line == "WARNING|ponos.task|disk 100% full"
     assert format_agent_line("nonsense", "m", T0, "%(levelname)s") == "INFO"
 
@@ -65,7 +67,9 @@ def test_build_task_log_order_ansi_and_redaction():
 
 
 def test_log_book_roundtrip_in_redis(redis_client, key_prefix):
-    book = TaskLogBook(redis_client, Keyspace(key_prefix), task_format="%(levelname)s %(asctime)s %(message)s")
+    book = TaskLogBook(
+        redis_client, Keyspace(key_prefix), task_format="%(levelname)s %(asctime)s %(message)s"
+    )
     book.add("task-1", "info", "chose offer 7 at $0.31/h", created=T0)
     book.add("task-1", logging.ERROR, "instance stuck in loading", created=T0 + 60)
     book.add("task-2", "warning", "other task", created=T0)
@@ -81,13 +85,18 @@ def test_log_book_roundtrip_in_redis(redis_client, key_prefix):
 
 
 def test_log_book_is_bounded(redis_client, key_prefix):
-    book = TaskLogBook(redis_client, Keyspace(key_prefix), task_format=DEFAULT_TASK_FORMAT, max_lines=3)
+    book = TaskLogBook(
+        redis_client, Keyspace(key_prefix), task_format=DEFAULT_TASK_FORMAT, max_lines=3
+    )
     for number in range(7):
         book.add("t", "info", f"line {number}", created=T0)
     lines = book.lines("t")
     assert lines[0] == "[agent] ... 4 earlier agent lines dropped ..."
     assert [line.rsplit(" ", 2)[-2:] for line in lines[1:]] == [
-        ["line", "4"], ["line", "5"], ["line", "6"]]
+        ["line", "4"],
+        ["line", "5"],
+        ["line", "6"],
+    ]
 
 
 def test_log_book_default_format_is_ponos_default(redis_client, key_prefix):

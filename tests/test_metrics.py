@@ -31,8 +31,9 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 @pytest.fixture
 def endpoint(redis_client, key_prefix):
     """The metrics server of `key_prefix`, with a fixed clock so ages are exact."""
-    server, thread = serve_metrics(redis_client, key_prefix, host="127.0.0.1", port=0,
-                                   now=lambda: NOW + 10)
+    server, thread = serve_metrics(
+        redis_client, key_prefix, host="127.0.0.1", port=0, now=lambda: NOW + 10
+    )
     yield f"http://127.0.0.1:{server.server_port}/metrics"
     server.shutdown()
     server.server_close()
@@ -45,13 +46,27 @@ def test_metrics_exact_values(redis_client, key_prefix, endpoint):
     redis_client.zadd(Keyspace(key_prefix).done, {"t-failed": time.time() + 3600})
     samples = scrape(endpoint)
     assert samples[("ponos_redis_up", ())] == 1
-    phases = {dict(labels)["phase"]: value for (name, labels), value in samples.items()
-              if name == "ponos_tasks"}
-    assert phases == {"accepted": 1, "waiting_offer": 0, "creating": 0, "loading": 1,
-                      "running": 1, "finishing": 0, "destroying": 0, "done": 1,
-                      "retrying": 0}
-    oldest = {dict(labels)["phase"]: value for (name, labels), value in samples.items()
-              if name == "ponos_task_phase_age_max_seconds"}
+    phases = {
+        dict(labels)["phase"]: value
+        for (name, labels), value in samples.items()
+        if name == "ponos_tasks"
+    }
+    assert phases == {
+        "accepted": 1,
+        "waiting_offer": 0,
+        "creating": 0,
+        "loading": 1,
+        "running": 1,
+        "finishing": 0,
+        "destroying": 0,
+        "done": 1,
+        "retrying": 0,
+    }
+    oldest = {
+        dict(labels)["phase"]: value
+        for (name, labels), value in samples.items()
+        if name == "ponos_task_phase_age_max_seconds"
+    }
     assert oldest == {"accepted": 50.0, "loading": 70.0, "running": 130.0}
     assert samples[("ponos_instances_live", ())] == 2
     assert samples[("ponos_spend_dollars_per_hour", ())] == 0.75
@@ -62,10 +77,21 @@ def test_metrics_exact_values(redis_client, key_prefix, endpoint):
     # active tasks' attempts: accepted 0, loading 1, running 2 (the done one is left out)
     assert samples[("ponos_task_attempts_count", ())] == 3
     assert samples[("ponos_task_attempts_sum", ())] == 3
-    buckets = {dict(labels)["le"]: value for (name, labels), value in samples.items()
-               if name == "ponos_task_attempts_bucket"}
-    assert buckets == {"0.0": 1, "1.0": 2, "2.0": 3, "3.0": 3, "4.0": 3, "5.0": 3,
-                       "10.0": 3, "+Inf": 3}
+    buckets = {
+        dict(labels)["le"]: value
+        for (name, labels), value in samples.items()
+        if name == "ponos_task_attempts_bucket"
+    }
+    assert buckets == {
+        "0.0": 1,
+        "1.0": 2,
+        "2.0": 3,
+        "3.0": 3,
+        "4.0": 3,
+        "5.0": 3,
+        "10.0": 3,
+        "+Inf": 3,
+    }
 
 
 def test_metrics_follow_redis_on_each_scrape(redis_client, key_prefix, endpoint):
@@ -85,8 +111,7 @@ def test_metrics_follow_redis_on_each_scrape(redis_client, key_prefix, endpoint)
 
 
 def test_metrics_when_redis_is_down():
-    client = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0",
-                                  socket_connect_timeout=1)
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     server, thread = serve_metrics(client, "ponos:", host="127.0.0.1", port=0)
     try:
         samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
@@ -100,9 +125,23 @@ def test_metrics_when_redis_is_down():
 def test_metrics_command_serves_in_the_foreground(redis_client, redis_url, key_prefix):
     populate(redis_client, key_prefix, time.time())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ponos_tasks.cli", "metrics", "--redis-url", redis_url,
-         "--prefix", key_prefix, "--host", "127.0.0.1", "--port", "0"],
-        stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "ponos_tasks.cli",
+            "metrics",
+            "--redis-url",
+            redis_url,
+            "--prefix",
+            key_prefix,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stderr.readline()  # printed once the server listens
         assert line.startswith("Serving metrics on http://127.0.0.1:"), line
@@ -117,7 +156,11 @@ def test_metrics_command_serves_in_the_foreground(redis_client, redis_url, key_p
 
 
 def test_metrics_help_points_to_flower():
-    proc = subprocess.run([sys.executable, "-m", "ponos_tasks.cli", "metrics", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ponos_tasks.cli", "metrics", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     assert "Flower" in proc.stdout and "ponos_spend_dollars_per_hour" in proc.stdout

@@ -41,8 +41,9 @@ def test_buckets_are_per_endpoint(redis_client, key_prefix):
 
 
 def test_scale_and_margin(redis_client, key_prefix):
-    limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 4.5},
-                               scale=1 / 20, margin=0.01)
+    limiter = RedisRateLimiter(
+        redis_client, prefix=key_prefix, intervals={"create": 4.5}, scale=1 / 20, margin=0.01
+    )
     assert limiter.interval("create") == pytest.approx(0.235)
     limiter.acquire("create")
     assert 0.2 < limiter.reserve("create") <= 0.236
@@ -73,8 +74,9 @@ def test_keys_expire(redis_client, key_prefix):
 
 
 def _acquire_many(redis_url, prefix, interval, count, queue):
-    limiter = RedisRateLimiter(redis.Redis.from_url(redis_url), prefix=prefix,
-                               intervals={"list": interval})
+    limiter = RedisRateLimiter(
+        redis.Redis.from_url(redis_url), prefix=prefix, intervals={"list": interval}
+    )
     times = []
     for _ in range(count):
         limiter.acquire("list")
@@ -86,8 +88,10 @@ def test_four_processes_share_one_bucket(redis_url, key_prefix):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     interval, count = 0.05, 8
-    procs = [ctx.Process(target=_acquire_many, args=(redis_url, key_prefix, interval, count, queue))
-             for _ in range(4)]
+    procs = [
+        ctx.Process(target=_acquire_many, args=(redis_url, key_prefix, interval, count, queue))
+        for _ in range(4)
+    ]
     for proc in procs:
         proc.start()
     times = sorted(t for _ in procs for t in queue.get(timeout=60))
@@ -116,8 +120,12 @@ def _hammer(sim_url, redis_url, prefix, use_limiter, queue):
 
     limiter = None
     if use_limiter:
-        limiter = RedisRateLimiter(redis.Redis.from_url(redis_url), prefix=prefix,
-                                   scale=1 / SIM_TIME_SCALE, margin=SIM_MARGIN)
+        limiter = RedisRateLimiter(
+            redis.Redis.from_url(redis_url),
+            prefix=prefix,
+            scale=1 / SIM_TIME_SCALE,
+            margin=SIM_MARGIN,
+        )
     # one attempt per call: a 429 must show, not be hidden by the client's retries
     client = VastClient(sim_url, SIM_KEY, rate_limiter=limiter, max_attempts=1)
     refused = 0
@@ -132,8 +140,10 @@ def _hammer(sim_url, redis_url, prefix, use_limiter, queue):
 def _run_four(sim, redis_url, prefix, use_limiter):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(sim.url, redis_url, prefix, use_limiter, queue))
-             for _ in range(4)]
+    procs = [
+        ctx.Process(target=_hammer, args=(sim.url, redis_url, prefix, use_limiter, queue))
+        for _ in range(4)
+    ]
     for proc in procs:
         proc.start()
     refused = sum(queue.get(timeout=120) for _ in procs)
@@ -147,8 +157,14 @@ def _run_four(sim, redis_url, prefix, use_limiter):
 def limited_sim():
     from ponos_tasks.simulators.vast import VastSimulator
 
-    with VastSimulator(seed=0, time_scale=SIM_TIME_SCALE, api_key=SIM_KEY, host="127.0.0.1",
-                       port=0, rate_limits=True) as sim:
+    with VastSimulator(
+        seed=0,
+        time_scale=SIM_TIME_SCALE,
+        api_key=SIM_KEY,
+        host="127.0.0.1",
+        port=0,
+        rate_limits=True,
+    ) as sim:
         yield sim
 
 

@@ -18,30 +18,62 @@ DIGEST = "sha256:" + "a" * 64
 @pytest.mark.parametrize(
     ("image", "expected", "api_host"),
     [
-        ("ubuntu", ImageReference("docker.io", "library/ubuntu", "latest", None),
-         "registry-1.docker.io"),
-        ("ubuntu:22.04", ImageReference("docker.io", "library/ubuntu", "22.04", None),
-         "registry-1.docker.io"),
-        ("teklia/worker:1.0", ImageReference("docker.io", "teklia/worker", "1.0", None),
-         "registry-1.docker.io"),
-        ("docker.io/library/redis", ImageReference("docker.io", "library/redis", "latest", None),
-         "registry-1.docker.io"),
-        ("index.docker.io/nginx", ImageReference("docker.io", "library/nginx", "latest", None),
-         "registry-1.docker.io"),
-        (f"python@{DIGEST}", ImageReference("docker.io", "library/python", None, DIGEST),
-         "registry-1.docker.io"),
-        (f"python:3.12@{DIGEST}", ImageReference("docker.io", "library/python", "3.12", DIGEST),
-         "registry-1.docker.io"),
-        ("registry.gitlab.teklia.com/arkindex/ponos-agent:latest",
-         ImageReference("registry.gitlab.teklia.com", "arkindex/ponos-agent", "latest", None),
-         "registry.gitlab.teklia.com"),
-        ("127.0.0.1:5000/team/w:t", ImageReference("127.0.0.1:5000", "team/w", "t", None),
-         "127.0.0.1:5000"),
+        (
+            "ubuntu",
+            ImageReference("docker.io", "library/ubuntu", "latest", None),
+            "registry-1.docker.io",
+        ),
+        (
+            "ubuntu:22.04",
+            ImageReference("docker.io", "library/ubuntu", "22.04", None),
+            "registry-1.docker.io",
+        ),
+        (
+            "teklia/worker:1.0",
+            ImageReference("docker.io", "teklia/worker", "1.0", None),
+            "registry-1.docker.io",
+        ),
+        (
+            "docker.io/library/redis",
+            ImageReference("docker.io", "library/redis", "latest", None),
+            "registry-1.docker.io",
+        ),
+        (
+            "index.docker.io/nginx",
+            ImageReference("docker.io", "library/nginx", "latest", None),
+            "registry-1.docker.io",
+        ),
+        (
+            f"python@{DIGEST}",
+            ImageReference("docker.io", "library/python", None, DIGEST),
+            "registry-1.docker.io",
+        ),
+        (
+            f"python:3.12@{DIGEST}",
+            ImageReference("docker.io", "library/python", "3.12", DIGEST),
+            "registry-1.docker.io",
+        ),
+        (
+            "registry.gitlab.teklia.com/arkindex/ponos-agent:latest",
+            ImageReference("registry.gitlab.teklia.com", "arkindex/ponos-agent", "latest", None),
+            "registry.gitlab.teklia.com",
+        ),
+        (
+            "127.0.0.1:5000/team/w:t",
+            ImageReference("127.0.0.1:5000", "team/w", "t", None),
+            "127.0.0.1:5000",
+        ),
         ("localhost/w", ImageReference("localhost", "w", "latest", None), "localhost"),
-        ("localhost:5000/a/b/c", ImageReference("localhost:5000", "a/b/c", "latest", None),
-         "localhost:5000"),
-        ("ghcr.io/org/img:v1.2.3-rc_1", ImageReference("ghcr.io", "org/img", "v1.2.3-rc_1", None),
-         "ghcr.io"),
+        (
+            "localhost:5000/a/b/c",
+            ImageReference("localhost:5000", "a/b/c", "latest", None),
+            "localhost:5000",
+        ),
+        (
+            "ghcr.io/org/img:v1.2.3-rc_1",
+            ImageReference("ghcr.io", "org/img", "v1.2.3-rc_1", None),
+            "ghcr.io",
+        ),
     ],
 )
 def test_parse_image_reference(image, expected, api_host):
@@ -51,8 +83,10 @@ def test_parse_image_reference(image, expected, api_host):
     assert ref.reference == (expected.digest or expected.tag)
 
 
-@pytest.mark.parametrize("image", ["", "UPPER/case", "a b", "name:bad tag", "name@sha256",
-                                   "name:", "/abs", "name@nodigest"])
+@pytest.mark.parametrize(
+    "image",
+    ["", "UPPER/case", "a b", "name:bad tag", "name@sha256", "name:", "/abs", "name@nodigest"],
+)
 def test_parse_image_reference_rejects(image):
     with pytest.raises(ValueError):
         parse_image_reference(image)
@@ -65,8 +99,11 @@ def registry():
 
 
 def count(sim, fragment, method=None):
-    return sum(1 for r in sim.requests if fragment in r["path"]
-               and (method is None or r["method"] == method))
+    return sum(
+        1
+        for r in sim.requests
+        if fragment in r["path"] and (method is None or r["method"] == method)
+    )
 
 
 def test_single_manifest(registry):
@@ -80,9 +117,14 @@ def test_single_manifest(registry):
 
 @pytest.mark.parametrize("oci", [True, False], ids=["oci-index", "docker-list"])
 def test_index_resolves_to_linux_amd64(registry, oci):
-    registry.add_image("multi", "latest", cmd=["python", "-m", "worker"], oci=oci,
-                       platforms=[("linux", "arm64"), ("linux", "amd64"), ("windows", "amd64")],
-                       attestation=True)
+    registry.add_image(
+        "multi",
+        "latest",
+        cmd=["python", "-m", "worker"],
+        oci=oci,
+        platforms=[("linux", "arm64"), ("linux", "amd64"), ("windows", "amd64")],
+        attestation=True,
+    )
     config = RegistryClient().image_config(f"{registry.host}/multi")
     assert config.entrypoint is None
     assert config.command == ["python", "-m", "worker"]
@@ -176,8 +218,11 @@ def test_token_auth_with_credentials_and_token_reuse():
         assert count(sim, "/token") == 1
         bearer = [r for r in sim.requests if "/v2/team/w/" in r["path"] and r["auth"]]
         assert bearer and all(r["auth"] == "Bearer" for r in bearer)
-        assert all(r["accept"] and "application/vnd.oci.image.index.v1+json" in r["accept"]
-                   for r in sim.requests if "/manifests/" in r["path"])
+        assert all(
+            r["accept"] and "application/vnd.oci.image.index.v1+json" in r["accept"]
+            for r in sim.requests
+            if "/manifests/" in r["path"]
+        )
 
 
 def test_token_auth_public_anonymous_private_refused():
@@ -201,7 +246,8 @@ def test_credentials_from_agent_config(tmp_path):
         path.write_text(
             "url: http://127.0.0.1:1\nfarm_id: 2c3d0f4e-1a2b-4c5d-8e9f-0a1b2c3d4e5f\n"
             "seed: s\nvast_api:\n  api_key: k\n  registries:\n"
-            f"    - url: http://{sim.host}\n      username: deploy\n      password_env: REG\n")
+            f"    - url: http://{sim.host}\n      username: deploy\n      password_env: REG\n"
+        )
         config = load_config(str(path), {"REG": "tok"})
         client = RegistryClient(config.vast_api.registries)
         assert client.image_command(f"{sim.host}/w:1") == ["ok"]

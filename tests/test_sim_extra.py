@@ -47,26 +47,47 @@ def test_the_extra_is_what_the_cli_checks():
 
 def test_every_agent_module_imports_without_the_sim_extra(tmp_path):
     modules = agent_modules()
-    assert {"ponos_tasks.tasks", "ponos_tasks.app", "ponos_tasks.cli", "ponos_tasks.steps",
-            "ponos_tasks.run", "ponos_tasks.supervisor", "ponos_tasks.config"} <= set(modules)
+    assert {
+        "ponos_tasks.tasks",
+        "ponos_tasks.app",
+        "ponos_tasks.cli",
+        "ponos_tasks.steps",
+        "ponos_tasks.run",
+        "ponos_tasks.supervisor",
+        "ponos_tasks.config",
+    } <= set(modules)
     result = run_blocked(["-c", IMPORT_ALL % (SIM_EXTRA,), *modules], tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["failed"] == {}, "\n".join(f"{name}:\n{tb}"
-                                             for name, tb in report["failed"].items())
+    assert report["failed"] == {}, "\n".join(
+        f"{name}:\n{tb}" for name, tb in report["failed"].items()
+    )
     assert report["loaded"] == []
 
 
 def test_the_blocking_works(tmp_path):
     """The check above can fail: the simulators themselves do not import without the extra."""
-    for module in ("flask", "moto.server", "zstandard", "ponos_tasks.simulators.vast.server",
-                   "ponos_tasks.simulators.arkindex.archive"):
+    for module in (
+        "flask",
+        "moto.server",
+        "zstandard",
+        "ponos_tasks.simulators.vast.server",
+        "ponos_tasks.simulators.arkindex.archive",
+    ):
         result = run_blocked(["-c", f"import {module}"], tmp_path)
         assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, module
 
 
-@pytest.mark.parametrize("argv", [["demo"], ["stack"], ["sim", "vast", "--port", "0"],
-                                  ["sim", "arkindex"], ["demo", "--tasks", "3", "--json"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo"],
+        ["stack"],
+        ["sim", "vast", "--port", "0"],
+        ["sim", "arkindex"],
+        ["demo", "--tasks", "3", "--json"],
+    ],
+)
 def test_simulator_commands_say_they_need_the_extra(argv, tmp_path):
     result = run_blocked(["-m", "ponos_tasks.cli", *argv], tmp_path)
     assert result.returncode == 1, result.stderr
@@ -80,6 +101,9 @@ def test_the_other_commands_work_without_the_extra(tmp_path):
     assert "demo" in result.stdout and "needs the sim extra" in result.stdout
     config = tmp_path / "agent.yml"
     config.write_text("url: http://127.0.0.1:1\n")
-    result = run_blocked(["-m", "ponos_tasks.cli", "check-config", str(config)], tmp_path,
-                         env={"PATH": "/usr/bin:/bin"})
+    result = run_blocked(
+        ["-m", "ponos_tasks.cli", "check-config", str(config)],
+        tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2 and "farm_id" in result.stderr, result.stderr

@@ -47,15 +47,31 @@ def test_create_get_round_trip(store, clock):
 def test_cas_checks_phase_and_attempt(store, clock):
     store.create_if_absent(TaskRecord.new(TASK, clock()))
     clock.now = 1010.0
-    updated = store.cas(TASK, expect_phase="accepted", expect_attempt=0, phase="creating",
-                        attempt=1, label="ponos-x-1", failed_machines=[1, 2])
+    updated = store.cas(
+        TASK,
+        expect_phase="accepted",
+        expect_attempt=0,
+        phase="creating",
+        attempt=1,
+        label="ponos-x-1",
+        failed_machines=[1, 2],
+    )
     assert updated is not None
     assert (updated.phase, updated.attempt, updated.phase_changed_at) == ("creating", 1, 1010.0)
     assert updated.failed_machines == [1, 2]
     assert store.get(TASK) == updated
     # the loser of the race sees None and the record is untouched
-    assert store.cas(TASK, expect_phase="accepted", expect_attempt=0, phase="creating",
-                     attempt=1, label="other") is None
+    assert (
+        store.cas(
+            TASK,
+            expect_phase="accepted",
+            expect_attempt=0,
+            phase="creating",
+            attempt=1,
+            label="other",
+        )
+        is None
+    )
     assert store.cas(TASK, expect_phase="creating", expect_attempt=0, phase="loading") is None
     assert store.get(TASK).label == "ponos-x-1"
     # staying in the phase updates fields without touching phase_changed_at
@@ -77,8 +93,14 @@ def test_cas_refuses_forbidden_transitions_and_unknown_fields(store, clock):
 
 def test_done_is_a_tombstone(store, clock, redis_client, key_prefix):
     store.create_if_absent(TaskRecord.new(TASK, clock(), phase="destroying", attempt=2))
-    done = store.cas(TASK, expect_phase="destroying", expect_attempt=2, phase="done",
-                     final_state="completed", instance_destroyed=True)
+    done = store.cas(
+        TASK,
+        expect_phase="destroying",
+        expect_attempt=2,
+        phase="done",
+        final_state="completed",
+        instance_destroyed=True,
+    )
     assert done.phase == "done"
     assert store.active_ids() == []
     assert store.all_records()[TASK].final_state == "completed"
@@ -140,8 +162,10 @@ def test_all_records_lists_active_and_done(store, clock):
 
 def test_snapshot_marks_and_counters(store):
     assert store.load_snapshot() is None
-    rows = [{"id": 1, "label": "ponos-a", "actual_status": None, "extra": [1]},
-            {"id": 2, "label": None}]
+    rows = [
+        {"id": 1, "label": "ponos-a", "actual_status": None, "extra": [1]},
+        {"id": 2, "label": None},
+    ]
     store.save_snapshot(Snapshot(tuple(Instance.from_dict(r) for r in rows), 123.5))
     loaded = store.load_snapshot()
     assert loaded.taken_at == 123.5
@@ -184,6 +208,7 @@ def test_once(store):
 
 # ---------------------------------------------------------------------------- concurrency
 
+
 def test_concurrent_cas_threads_exactly_one_wins(redis_url, key_prefix, clock):
     setup = TaskStore(redis.Redis.from_url(redis_url), Keyspace(key_prefix), clock=clock)
     for round_ in range(20):
@@ -195,8 +220,14 @@ def test_concurrent_cas_threads_exactly_one_wins(redis_url, key_prefix, clock):
         def claim(worker, task_id=task_id, barrier=barrier, winners=winners):
             store = TaskStore(redis.Redis.from_url(redis_url), Keyspace(key_prefix), clock=clock)
             barrier.wait()
-            if store.cas(task_id, expect_phase="accepted", expect_attempt=0, phase="creating",
-                         attempt=1, label=f"worker-{worker}"):
+            if store.cas(
+                task_id,
+                expect_phase="accepted",
+                expect_attempt=0,
+                phase="creating",
+                attempt=1,
+                label=f"worker-{worker}",
+            ):
                 winners.append(worker)
 
         threads = [threading.Thread(target=claim, args=(w,)) for w in range(8)]
@@ -215,8 +246,13 @@ def _process_claim(redis_url, prefix, rounds, worker, start, results):
     for round_ in range(rounds):
         # each process pushes every task's attempt forward; a CAS on an attempt is won once
         for attempt in range(3):
-            if store.cas(f"proc-{round_}", expect_phase="creating", expect_attempt=attempt,
-                         attempt=attempt + 1, label=f"w{worker}-a{attempt + 1}"):
+            if store.cas(
+                f"proc-{round_}",
+                expect_phase="creating",
+                expect_attempt=attempt,
+                attempt=attempt + 1,
+                label=f"w{worker}-a{attempt + 1}",
+            ):
                 won += 1
     results.put(won)
 
@@ -228,9 +264,10 @@ def test_concurrent_cas_processes_exactly_one_wins_each_attempt(redis_url, key_p
         setup.create_if_absent(TaskRecord.new(f"proc-{round_}", 0.0, phase="creating"))
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_process_claim,
-                         args=(redis_url, key_prefix, rounds, w, start, results))
-             for w in range(workers)]
+    procs = [
+        ctx.Process(target=_process_claim, args=(redis_url, key_prefix, rounds, w, start, results))
+        for w in range(workers)
+    ]
     for proc in procs:
         proc.start()
     start.set()

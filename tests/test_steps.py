@@ -58,8 +58,11 @@ def contexts(stack, redis_url):
     try:
         # Whatever the test did: nothing of ours left running, and never two live instances
         # for one task at any moment (from the simulator's event timeline).
-        assert [r["label"] for r in admin.ledger() if r["destroyed_at"] is None
-                and (r["label"] or "").startswith(tuple(prefixes))] == []
+        assert [
+            r["label"]
+            for r in admin.ledger()
+            if r["destroyed_at"] is None and (r["label"] or "").startswith(tuple(prefixes))
+        ] == []
         live: dict[str, int] = {}
         for event in admin.events():
             info = parse_label(event.get("label"))
@@ -67,7 +70,8 @@ def contexts(stack, redis_url):
                 continue
             if event["event"] in ("created", "destroyed"):
                 live[info.task_id] = live.get(info.task_id, 0) + (
-                    1 if event["event"] == "created" else -1)
+                    1 if event["event"] == "created" else -1
+                )
                 assert live[info.task_id] <= 1, f"two live instances for {info.task_id}"
     finally:
         for ctx in made:
@@ -79,9 +83,11 @@ def start_and_finish(ctx, task_id: str, timeout: float = 30.0) -> Harness:
     """Sync until Arkindex hands us the task, then run its chain to the end."""
     harness = Harness(ctx)
     harness.sync()
-    assert any(s for s in harness.syncs[-1].steps
-               if type(s).__name__ == "AcceptTask" and s.task_id == task_id), \
-        harness.syncs[-1].steps
+    assert any(
+        s
+        for s in harness.syncs[-1].steps
+        if type(s).__name__ == "AcceptTask" and s.task_id == task_id
+    ), harness.syncs[-1].steps
     harness.run(until=lambda: harness.done(task_id), timeout=timeout)
     return harness
 
@@ -133,8 +139,10 @@ def test_published_log_agent_lines_first_no_secrets(stack, contexts, admin):
     """Local run mode: the real wrapper runs `sh -c` and the task prints secrets it knows."""
     ctx = contexts()
     vast_key, seed = stack.vast_api_key, stack.seed
-    command = ("sh -c 'echo hello-from-task; echo token=$ARKINDEX_TASK_TOKEN; "
-               f"echo seed={seed}; echo key={vast_key}; exit 0'")
+    command = (
+        "sh -c 'echo hello-from-task; echo token=$ARKINDEX_TASK_TOKEN; "
+        f"echo seed={seed}; echo key={vast_key}; exit 0'"
+    )
     task_id = admin.one_task(command=command, env={**FAST, "SIM_RUN_MODE": "local"})
     start_and_finish(ctx, task_id)
 
@@ -163,19 +171,33 @@ def test_published_log_agent_lines_first_no_secrets(stack, contexts, admin):
 
 def test_instance_env_parents_gpu_runtype_label(contexts, admin):
     ctx = contexts()
-    ids = admin.process("test", [
-        {"slug": "parent", "image": "registry.example/worker:1", "state": "completed"},
-        {"slug": "child", "image": "registry.example/worker:1", "parents": ["parent"],
-         "command": "worker --flag 'two words'", "env": {**scripted(0), "MY_SETTING": "42"}},
-        {"slug": "orphan", "image": "registry.example/worker:1", "env": scripted(0),
-         "command": "worker"},
-    ])
+    ids = admin.process(
+        "test",
+        [
+            {"slug": "parent", "image": "registry.example/worker:1", "state": "completed"},
+            {
+                "slug": "child",
+                "image": "registry.example/worker:1",
+                "parents": ["parent"],
+                "command": "worker --flag 'two words'",
+                "env": {**scripted(0), "MY_SETTING": "42"},
+            },
+            {
+                "slug": "orphan",
+                "image": "registry.example/worker:1",
+                "env": scripted(0),
+                "command": "worker",
+            },
+        ],
+    )
     harness = Harness(ctx)
     harness.sync()
     harness.run(until=lambda: harness.done(ids["child"]) and harness.done(ids["orphan"]))
 
-    by_task = {tid: [i for i in admin.instances() if tid in (i["label"] or "")]
-               for tid in (ids["child"], ids["orphan"])}
+    by_task = {
+        tid: [i for i in admin.instances() if tid in (i["label"] or "")]
+        for tid in (ids["child"], ids["orphan"])
+    }
     assert all(len(found) == 1 for found in by_task.values()), by_task
     child, orphan = by_task[ids["child"]][0], by_task[ids["orphan"]][0]
     assert json.loads(child["env"]["TASK_PARENTS"]) == {ids["parent"]: "parent"}
@@ -192,8 +214,11 @@ def test_instance_env_parents_gpu_runtype_label(contexts, admin):
         assert (info.task_id, info.attempt) == (tid, 1)
     assert child["env"]["MY_SETTING"] == "42"
     # the task's command, wrapped: sh -c <wrapper> ponos-task <argv...>
-    assert child["command"][0] == "sh" and child["command"][-3:] == ["worker", "--flag",
-                                                                     "two words"]
+    assert child["command"][0] == "sh" and child["command"][-3:] == [
+        "worker",
+        "--flag",
+        "two words",
+    ]
     query = build_query(ctx.config.vast_api.offer_filters, disk_gb=ctx.config.vast_api.disk_gb)
     assert query["num_gpus"] == {"eq": 1}
 
@@ -205,8 +230,9 @@ def _expected_ranking(ctx, admin) -> list[dict]:
     """The market's offers that match the agent's query, ranked with the price at our disk."""
     vast = ctx.config.vast_api
     query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
-    filters = {k: v for k, v in query.items()
-               if k not in ("order", "type", "allocated_storage", "limit")}
+    filters = {
+        k: v for k, v in query.items() if k not in ("order", "type", "allocated_storage", "limit")
+    }
     rows = []
     for offer in admin.offers():
         if offer_matches(filters, offer):
@@ -320,8 +346,7 @@ def test_attempts_exhausted_error_with_reason(contexts, admin):
 
 
 def test_no_matching_offer_waits_then_error(contexts, admin):
-    ctx = contexts(vast_api={"offer_filters": {"gpu_ram": {"gte": 10_000_000}},
-                             "offer_wait": 1.0})
+    ctx = contexts(vast_api={"offer_filters": {"gpu_ram": {"gte": 10_000_000}}, "offer_wait": 1.0})
     task_id = admin.one_task(env=scripted(0), command="worker")
     harness = start_and_finish(ctx, task_id)
     assert harness.steps_of(task_id).count(StepName.CHOOSE_OFFER) >= 3  # it waited
@@ -341,8 +366,9 @@ def test_stop_while_running(contexts, admin):
     ctx = contexts()
     # A long task (2000 sim s = 20 real s, a log line every 100 sim s) stopped once it ran
     # long enough to print something.
-    task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "2000",
-                                  "SIM_LOG_LINES": "19"}, command="worker")
+    task_id = admin.one_task(
+        env={**scripted(0), "SIM_DURATION": "2000", "SIM_LOG_LINES": "19"}, command="worker"
+    )
     harness = Harness(ctx)
     harness.sync()
 
@@ -350,14 +376,19 @@ def test_stop_while_running(contexts, admin):
         found = [i for i in admin.instances() if task_id in (i["label"] or "")]
         return bool(found) and any("sim log line" in line for line in found[0]["log"])
 
-    harness.run(until=lambda: ctx.store.get(task_id).phase == Phase.RUNNING and printed(),
-                timeout=10)
+    harness.run(
+        until=lambda: ctx.store.get(task_id).phase == Phase.RUNNING and printed(), timeout=10
+    )
     assert admin.task(task_id)["state"] == "running"
     admin.stop_task(task_id)
     harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=15)
 
-    stops = [s for r in harness.syncs for s in r.steps
-             if type(s).__name__ == "StopTask" and s.task_id == task_id]
+    stops = [
+        s
+        for r in harness.syncs
+        for s in r.steps
+        if type(s).__name__ == "StopTask" and s.task_id == task_id
+    ]
     assert stops and stops[0].has_record
     record = ctx.store.get(task_id)
     assert record.final_state == "stopped" and record.stop_requested
@@ -402,8 +433,9 @@ def test_stop_without_record(contexts, admin):
     reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
     harness = Harness(reborn)
     result = harness.sync()
-    assert [(type(s).__name__, s.has_record) for s in result.steps
-            if s.task_id == task_id] == [("StopTask", False)]
+    assert [(type(s).__name__, s.has_record) for s in result.steps if s.task_id == task_id] == [
+        ("StopTask", False)
+    ]
     harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=10)
     assert admin.task(task_id)["state"] == "stopped"
     assert admin.accepted_agent_states(task_id) == ["stopped"]
@@ -448,8 +480,9 @@ def test_total_memory_loss_readopts_instance(contexts, admin, lost_in):
 
 def test_logs_published_while_running(contexts, admin):
     ctx = contexts(logs_interval=0.3)
-    task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "300", "SIM_LOG_LINES": "5"},
-                             command="worker")
+    task_id = admin.one_task(
+        env={**scripted(0), "SIM_DURATION": "300", "SIM_LOG_LINES": "5"}, command="worker"
+    )
     harness = Harness(ctx)
     harness.sync()
     seen: list[str] = []
@@ -459,8 +492,9 @@ def test_logs_published_while_running(contexts, admin):
             seen.append(admin.task_log(task_id) or "")
 
     harness.run(until=lambda: harness.done(task_id), on_step=look, timeout=15)
-    interim = [text for text in seen if "sim log line 1/5" in text
-               and "PONOS_EXIT_CODE" not in text]
+    interim = [
+        text for text in seen if "sim log line 1/5" in text and "PONOS_EXIT_CODE" not in text
+    ]
     assert interim, "no log published while the task ran"
     final = admin.task_log(task_id)
     assert "sim log line 5/5" in final and "PONOS_EXIT_CODE=0" in final
@@ -481,8 +515,12 @@ def test_sync_accepts_then_starts_within_capacity(contexts, admin):
     assert ctx.store.get(first).phase == Phase.ACCEPTED
     # A second sync does not start the chain twice (enqueue de-duplication).
     assert harness.sync().enqueue == []
-    harness.run(until=lambda: ctx.store.get(first).phase == Phase.LOADING
-                or ctx.store.get(first).phase == Phase.RUNNING)
+    harness.run(
+        until=lambda: (
+            ctx.store.get(first).phase == Phase.LOADING
+            or ctx.store.get(first).phase == Phase.RUNNING
+        )
+    )
     # One slot, taken: the next task is accepted... by capacity 0 it is not even assigned.
     second = admin.one_task(env=scripted(0), command="worker")
     assert not any(s.task_id == second for s in harness.sync().steps)
@@ -498,9 +536,16 @@ def test_sync_destroys_orphan_of_done_task(stack, contexts, admin):
     # after the task ended, say).
     offer = _expected_ranking(ctx, admin)[0]
     label = f"ponos-{ctx.agent_short_id()}-{task_id}-1"
-    created = ctx.vast.create_instance(offer["id"], image="registry.example/worker:1",
-                                       label=label, env={}, disk=16, runtype="args",
-                                       onstart="sh", args=["-c", "sleep 1"])
+    created = ctx.vast.create_instance(
+        offer["id"],
+        image="registry.example/worker:1",
+        label=label,
+        env={},
+        disk=16,
+        runtype="args",
+        onstart="sh",
+        args=["-c", "sleep 1"],
+    )
     harness = Harness(ctx)
     result = harness.sync()
     destroys = [s for s in result.steps if type(s).__name__ == "DestroyInstance"]
@@ -520,11 +565,13 @@ def test_no_command_wraps_the_image_entrypoint_from_its_registry(contexts, admin
     from ponos_tasks.simulators.registry import RegistrySimulator
 
     with RegistrySimulator() as registry:
-        registry.add_image("teklia/worker", "1.0", entrypoint=["python3", "-m", "worker"],
-                           cmd=["--run", "all"])
+        registry.add_image(
+            "teklia/worker", "1.0", entrypoint=["python3", "-m", "worker"], cmd=["--run", "all"]
+        )
         ctx = contexts()
-        task_id = admin.one_task(image=f"{registry.host}/teklia/worker:1.0", command=None,
-                                 env=scripted(0))
+        task_id = admin.one_task(
+            image=f"{registry.host}/teklia/worker:1.0", command=None, env=scripted(0)
+        )
         start_and_finish(ctx, task_id)
         assert any("/v2/teklia/worker/manifests/1.0" in str(r) for r in registry.requests)
 
@@ -536,18 +583,24 @@ def test_no_command_wraps_the_image_entrypoint_from_its_registry(contexts, admin
     assert "image command from the registry" in admin.task_log(task_id)
 
 
-@pytest.mark.parametrize("final_lines,state", [
-    ("all good", "completed"),
-    ("Traceback (most recent call last):\n  File \"w.py\", line 1\nValueError: boom", "failed"),
-])
-def test_no_command_unreachable_registry_runs_unwrapped_and_infers(contexts, admin,
-                                                                   final_lines, state):
+@pytest.mark.parametrize(
+    "final_lines,state",
+    [
+        ("all good", "completed"),
+        ('Traceback (most recent call last):\n  File "w.py", line 1\nValueError: boom', "failed"),
+    ],
+)
+def test_no_command_unreachable_registry_runs_unwrapped_and_infers(
+    contexts, admin, final_lines, state
+):
     """Registry unreachable: the image runs as it is (no wrapper, no marker); the instance
     stopped itself, so completed unless its log ends in a traceback; the log says inferred."""
     ctx = contexts()
-    task_id = admin.one_task(image="127.0.0.1:9/teklia/worker:1.0", command=None,
-                             env={**FAST, "SIM_FINAL_LINES": final_lines,
-                                  "SIM_SELF_STOP": "true"})
+    task_id = admin.one_task(
+        image="127.0.0.1:9/teklia/worker:1.0",
+        command=None,
+        env={**FAST, "SIM_FINAL_LINES": final_lines, "SIM_SELF_STOP": "true"},
+    )
     start_and_finish(ctx, task_id)
 
     [instance] = [i for i in admin.instances() if task_id in (i["label"] or "")]

@@ -38,8 +38,15 @@ IMAGE = "registry.example/worker:1"
 
 @pytest.fixture
 def sim():
-    with VastSimulator(seed=0, time_scale=TIME_SCALE, api_key=API_KEY, host="127.0.0.1", port=0,
-                       rate_limits=False, log_delay=3.0) as simulator:
+    with VastSimulator(
+        seed=0,
+        time_scale=TIME_SCALE,
+        api_key=API_KEY,
+        host="127.0.0.1",
+        port=0,
+        rate_limits=False,
+        log_delay=3.0,
+    ) as simulator:
         yield simulator
 
 
@@ -75,15 +82,17 @@ def new_label():
 
 
 def cheapest_offer(client, exclude=()):
-    offers = client.search_offers({"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]],
-                                   "limit": 64})
+    offers = client.search_offers(
+        {"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]], "limit": 64}
+    )
     return next(offer for offer in offers if offer.id not in exclude)
 
 
 def create(client, label=None, env=None, offer=None):
     offer = offer or cheapest_offer(client)
-    created = client.create_instance(offer.id, image=IMAGE, label=label or new_label(),
-                                     env=env or {}, disk=10)
+    created = client.create_instance(
+        offer.id, image=IMAGE, label=label or new_label(), env=env or {}, disk=10
+    )
     return created
 
 
@@ -104,6 +113,7 @@ def status_is(client, instance_id, **fields):
         if instance and all(getattr(instance, k) == v for k, v in fields.items()):
             return instance
         return None
+
     return check
 
 
@@ -127,9 +137,15 @@ def test_bad_key_is_a_clear_auth_error_without_the_key(sim):
 
 
 def test_search_offers_typed_and_ordered(client):
-    offers = client.search_offers({"num_gpus": {"eq": 1}, "gpu_ram": {"gte": 16000},
-                                   "order": [["dph_total", "asc"]], "limit": 10,
-                                   "allocated_storage": 10})
+    offers = client.search_offers(
+        {
+            "num_gpus": {"eq": 1},
+            "gpu_ram": {"gte": 16000},
+            "order": [["dph_total", "asc"]],
+            "limit": 10,
+            "allocated_storage": 10,
+        }
+    )
     assert 0 < len(offers) <= 10
     assert all(isinstance(o, Offer) and o.num_gpus == 1 and o.gpu_ram >= 16000 for o in offers)
     prices = [o.dph_total for o in offers]
@@ -278,8 +294,9 @@ def test_oci_failure(client, sim):
     fault(sim, fault="oci_failure", label=label)
     created = create(client, label)
     instance = wait_for(status_is(client, created.id, actual_status="created"), timeout=10)
-    instance = wait_for(lambda: (i := client.get_instance(created.id)).status_msg_is_fatal and i,
-                        timeout=10)
+    instance = wait_for(
+        lambda: (i := client.get_instance(created.id)).status_msg_is_fatal and i, timeout=10
+    )
     assert "oci runtime create failed" in instance.status_msg.lower()
 
 
@@ -302,8 +319,12 @@ def test_outbid(client, sim):
     label = new_label()
     fault(sim, fault="outbid", label=label)
     created = create(client, label, env={"SIM_DURATION": "600"})
-    wait_for(status_is(client, created.id, cur_state="stopped", intended_status="stopped",
-                       next_state="stopped"), timeout=15)
+    wait_for(
+        status_is(
+            client, created.id, cur_state="stopped", intended_status="stopped", next_state="stopped"
+        ),
+        timeout=15,
+    )
 
 
 # ------------------------------------------------------------------ HTTP faults
@@ -379,8 +400,14 @@ def test_html_error_is_retried_for_reads(client, sim):
     assert stats(sim)["calls"]["list"] == 2
 
 
-@pytest.mark.parametrize("rule", [{"fault": "http_5xx", "status": 503}, {"fault": "html_error"},
-                                  {"fault": "http_5xx", "status": 500}])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"fault": "http_5xx", "status": 503},
+        {"fault": "html_error"},
+        {"fault": "http_5xx", "status": 500},
+    ],
+)
 def test_5xx_on_create_is_outcome_unknown(client, sim, rule):
     fault(sim, endpoint="create", times=1, **rule)
     with pytest.raises(CreateOutcomeUnknown) as info:
@@ -455,20 +482,30 @@ def test_unreachable_server_is_a_transport_error():
 
 @pytest.fixture
 def limited_sim():
-    with VastSimulator(seed=1, time_scale=TIME_SCALE, api_key=API_KEY, host="127.0.0.1", port=0,
-                       rate_limits=True, log_delay=3.0) as simulator:
+    with VastSimulator(
+        seed=1,
+        time_scale=TIME_SCALE,
+        api_key=API_KEY,
+        host="127.0.0.1",
+        port=0,
+        rate_limits=True,
+        log_delay=3.0,
+    ) as simulator:
         yield simulator
 
 
 def test_every_call_through_the_rate_limiter_gets_no_429(limited_sim, redis_url, key_prefix):
-    limiter = RedisRateLimiter(redis.Redis.from_url(redis_url), prefix=key_prefix,
-                               scale=1 / TIME_SCALE, margin=0.03)
+    limiter = RedisRateLimiter(
+        redis.Redis.from_url(redis_url), prefix=key_prefix, scale=1 / TIME_SCALE, margin=0.03
+    )
     vast = make_client(limited_sim.url, rate_limiter=limiter, max_attempts=1)
     vast.check_auth()
     offers = vast.search_offers({"num_gpus": {"eq": 1}, "limit": 5})
     labels = [new_label() for _ in range(3)]
-    ids = [vast.create_instance(offer.id, image=IMAGE, label=label, env={}, disk=10).id
-           for offer, label in zip(offers, labels, strict=False)]
+    ids = [
+        vast.create_instance(offer.id, image=IMAGE, label=label, env={}, disk=10).id
+        for offer, label in zip(offers, labels, strict=False)
+    ]
     for instance_id in ids:
         vast.get_instance(instance_id)
         vast.set_label(instance_id, "renamed")

@@ -27,32 +27,71 @@ from ponos_tasks.vast import (
 @pytest.mark.parametrize(
     ("text", "content_type", "error", "msg"),
     [
-        ('{"success": false, "error": "invalid_args", "msg": "bad id"}', "application/json",
-         "invalid_args", "bad id"),
-        ('{"error": "invalid_request", "msg": "Invalid json body"}', "application/json",
-         "invalid_request", "Invalid json body"),
+        (
+            '{"success": false, "error": "invalid_args", "msg": "bad id"}',
+            "application/json",
+            "invalid_args",
+            "bad id",
+        ),
+        (
+            '{"error": "invalid_request", "msg": "Invalid json body"}',
+            "application/json",
+            "invalid_request",
+            "Invalid json body",
+        ),
         ('{"message": "only message"}', "application/json", None, "only message"),
-        ('{"detail": "API requests too frequent endpoint threshold=4.5"}', "application/json",
-         None, "API requests too frequent endpoint threshold=4.5"),
-        ('{"success": false, "error": "rate_limit_exceeded", "msg": "API requests too frequent '
-         'endpoint threshold=3.0"}', "application/json", "rate_limit_exceeded",
-         "API requests too frequent endpoint threshold=3.0"),
-        ('{"msg": "error 404/3603: no_such_ask Instance type by id 1234567 is not available."}',
-         "application/json", "no_such_ask",
-         "error 404/3603: no_such_ask Instance type by id 1234567 is not available."),
-        ('{"msg": "error 400/3467: Invalid args: id is required"}', "application/json", None,
-         "error 400/3467: Invalid args: id is required"),
+        (
+            '{"detail": "API requests too frequent endpoint threshold=4.5"}',
+            "application/json",
+            None,
+            "API requests too frequent endpoint threshold=4.5",
+        ),
+        (
+            '{"success": false, "error": "rate_limit_exceeded", "msg": "API requests too frequent '
+            'endpoint threshold=3.0"}',
+            "application/json",
+            "rate_limit_exceeded",
+            "API requests too frequent endpoint threshold=3.0",
+        ),
+        (
+            '{"msg": "error 404/3603: no_such_ask Instance type by id 1234567 is not available."}',
+            "application/json",
+            "no_such_ask",
+            "error 404/3603: no_such_ask Instance type by id 1234567 is not available.",
+        ),
+        (
+            '{"msg": "error 400/3467: Invalid args: id is required"}',
+            "application/json",
+            None,
+            "error 400/3467: Invalid args: id is required",
+        ),
         ('{"error": "invalid_token"}', "application/json", "invalid_token", "invalid_token"),
-        ('{"detail": [{"loc": ["body"], "msg": "bad"}]}', "application/json", None,
-         '[{"loc": ["body"], "msg": "bad"}]'),
+        (
+            '{"detail": [{"loc": ["body"], "msg": "bad"}]}',
+            "application/json",
+            None,
+            '[{"loc": ["body"], "msg": "bad"}]',
+        ),
         ("API requests too frequent", "text/plain", None, "API requests too frequent"),
         # JSON-looking text served as text/plain is still understood
-        ('{"error": "auth_error", "msg": "Invalid user key"}', "text/plain", "auth_error",
-         "Invalid user key"),
-        ("<html><head><title>502 Bad Gateway</title></head><body><h1>502</h1></body></html>",
-         "text/html", None, "502 Bad Gateway"),
-        ("<html><body><script>x()</script><h1>Service\n  Unavailable</h1></body></html>",
-         "text/html; charset=utf-8", None, "Service Unavailable"),
+        (
+            '{"error": "auth_error", "msg": "Invalid user key"}',
+            "text/plain",
+            "auth_error",
+            "Invalid user key",
+        ),
+        (
+            "<html><head><title>502 Bad Gateway</title></head><body><h1>502</h1></body></html>",
+            "text/html",
+            None,
+            "502 Bad Gateway",
+        ),
+        (
+            "<html><body><script>x()</script><h1>Service\n  Unavailable</h1></body></html>",
+            "text/html; charset=utf-8",
+            None,
+            "Service Unavailable",
+        ),
         ("", "text/plain", None, "(empty body)"),
         ("not json {", "application/json", None, "not json {"),
     ],
@@ -90,18 +129,32 @@ def test_rate_limited_retryable_rules():
 
 
 def test_error_message_carries_status_code_and_context():
-    exc = VastError("Instance 3 not found.", status=404, error="no_such_instance",
-                    context="DELETE /api/v0/instances/3/")
-    assert str(exc) == "DELETE /api/v0/instances/3/ HTTP 404 no_such_instance: Instance 3 not found."
+    exc = VastError(
+        "Instance 3 not found.",
+        status=404,
+        error="no_such_instance",
+        context="DELETE /api/v0/instances/3/",
+    )
+    assert (
+        str(exc) == "DELETE /api/v0/instances/3/ HTTP 404 no_such_instance: Instance 3 not found."
+    )
     assert (exc.status, exc.error, exc.msg) == (404, "no_such_instance", "Instance 3 not found.")
 
 
 def test_offer_tolerates_unknown_and_missing_fields():
-    offer = Offer.from_dict({
-        "id": 42, "machine_id": "7", "gpu_name": "RTX 4090 ", "num_gpus": 1, "gpu_ram": 24564,
-        "dph_total": "0.35", "reliability2": 0.99, "geolocation": "Bulgaria, BG\n",
-        "brand_new_field": {"x": 1},
-    })
+    offer = Offer.from_dict(
+        {
+            "id": 42,
+            "machine_id": "7",
+            "gpu_name": "RTX 4090 ",
+            "num_gpus": 1,
+            "gpu_ram": 24564,
+            "dph_total": "0.35",
+            "reliability2": 0.99,
+            "geolocation": "Bulgaria, BG\n",
+            "brand_new_field": {"x": 1},
+        }
+    )
     assert offer.id == 42 and offer.machine_id == 7 and offer.host_id is None
     assert offer.gpu_name == "RTX 4090" and offer.geolocation == "Bulgaria, BG"
     assert offer.dph_total == 0.35 and offer.reliability == 0.99
@@ -113,12 +166,20 @@ def test_offer_tolerates_unknown_and_missing_fields():
 
 def test_instance_strips_strings_converts_env_and_keeps_unknown_status():
     row = {
-        "id": 9, "label": "ponos-abc-1", "machine_id": 3, "actual_status": "hibernating",
-        "intended_status": "running", "cur_state": "running", "next_state": "running",
+        "id": 9,
+        "label": "ponos-abc-1",
+        "machine_id": 3,
+        "actual_status": "hibernating",
+        "intended_status": "running",
+        "cur_state": "running",
+        "next_state": "running",
         "status_msg": "Error response from daemon: OCI runtime create failed: x\n",
-        "public_ipaddr": "1.2.3.4\n", "local_ipaddrs": "10.0.0.5 172.17.0.2\n",
+        "public_ipaddr": "1.2.3.4\n",
+        "local_ipaddrs": "10.0.0.5 172.17.0.2\n",
         "extra_env": [["PONOS_TASK", "abc"], ["-p 8080:8080", "1"], ["broken"], ["N", None]],
-        "start_date": 1700000000.5, "dph_total": 0.4, "something_new": 1,
+        "start_date": 1700000000.5,
+        "dph_total": 0.4,
+        "something_new": 1,
     }
     inst = Instance.from_dict(row)
     assert inst.actual_status == "hibernating"  # unknown status kept, no crash
@@ -147,7 +208,9 @@ def test_never_sent_distinguishes_refused_connections_from_lost_answers():
         requests.put(f"http://127.0.0.1:{port}/", data="{}", timeout=2)
     assert _never_sent(refused.value)
     lost = requests.ConnectionError(
-        requests.packages.urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError())
+        requests.packages.urllib3.exceptions.ProtocolError(
+            "Connection aborted.", ConnectionResetError()
+        )
     )
     assert not _never_sent(lost)
     assert not _never_sent(requests.ReadTimeout("read timed out"))

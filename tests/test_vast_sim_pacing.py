@@ -34,12 +34,18 @@ def make_pacer(time_scale=50.0, **kwargs):
 
 
 SAMPLES = [
-    ("POST", "/api/v0/bundles/"), ("GET", "/api/v0/bundles/?q={}"),
-    ("PUT", "/api/v0/search/asks/"), ("PUT", "/api/v0/asks/12/"),
-    ("GET", "/api/v1/instances/"), ("GET", "/api/v0/instances/"),
-    ("GET", "/api/v0/instances/filters/"), ("GET", "/api/v0/instances/7/"),
-    ("PUT", "/api/v0/instances/7/"), ("DELETE", "/api/v0/instances/7/"),
-    ("PUT", "/api/v0/instances/request_logs/7/"), ("GET", "/api/v0/users/current/"),
+    ("POST", "/api/v0/bundles/"),
+    ("GET", "/api/v0/bundles/?q={}"),
+    ("PUT", "/api/v0/search/asks/"),
+    ("PUT", "/api/v0/asks/12/"),
+    ("GET", "/api/v1/instances/"),
+    ("GET", "/api/v0/instances/"),
+    ("GET", "/api/v0/instances/filters/"),
+    ("GET", "/api/v0/instances/7/"),
+    ("PUT", "/api/v0/instances/7/"),
+    ("DELETE", "/api/v0/instances/7/"),
+    ("PUT", "/api/v0/instances/request_logs/7/"),
+    ("GET", "/api/v0/users/current/"),
 ]
 
 
@@ -55,8 +61,15 @@ def test_admin_and_s3_routes_are_not_rate_limited():
     state = VastState(seed=0, time_scale=1.0, api_key=KEY, rate_limits=True)
     client = create_app(state).test_client()
     for _ in range(5):
-        for path in ("/_sim/stats", "/_sim/instances", "/_sim/ledger", "/_sim/events",
-                     "/_sim/offers", "/_sim/faults", "/api/v0/gpu_names/unique/"):
+        for path in (
+            "/_sim/stats",
+            "/_sim/instances",
+            "/_sim/ledger",
+            "/_sim/events",
+            "/_sim/offers",
+            "/_sim/faults",
+            "/api/v0/gpu_names/unique/",
+        ):
             assert client.get(path).status_code == 200, path
             assert endpoint_for("GET", path) is None
     assert not state.calls and not state.rate_limited
@@ -114,6 +127,7 @@ def test_cli_helper_waits_before_and_records_what_the_cli_called():
                 counters[endpoint] = counters.get(endpoint, 0) + 1
                 clock.t += 0.001
             return "ok"
+
         return pacer.paced_command(KEY, run, lambda: dict(counters))
 
     def api_call(endpoint):

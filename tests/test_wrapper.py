@@ -41,9 +41,7 @@ class StopServer:
             def do_PUT(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
-                outer.calls.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body}
-                )
+                outer.calls.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 payload = b'{"success": true}'
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
@@ -85,8 +83,19 @@ FULL_PATH = "/usr/local/bin:/usr/bin:/bin"
 END_LINES = ("asked Vast.ai to stop", "could not stop this instance", "not running it again")
 
 
-def run_wrapped(shell, argv, *, path=FULL_PATH, server=None, container_id="4242",
-                nonce=None, attempts=2, delay=0, during=None, timeout=15):
+def run_wrapped(
+    shell,
+    argv,
+    *,
+    path=FULL_PATH,
+    server=None,
+    container_id="4242",
+    nonce=None,
+    attempts=2,
+    delay=0,
+    during=None,
+    timeout=15,
+):
     """Run the wrapper until it reaches its final sleep; returns (stdout, stderr).
 
     It must still be alive then (sleeping so Vast.ai does not restart it); it is killed after.
@@ -101,11 +110,18 @@ def run_wrapped(shell, argv, *, path=FULL_PATH, server=None, container_id="4242"
         env["VAST_URL"] = server.url
     if container_id is not None:
         env["CONTAINER_ID"] = container_id
-    proc = subprocess.Popen([shell, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [shell, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     out_chunks, err_chunks = [], []
-    readers = [threading.Thread(target=lambda s=s, c=c: c.append(s.read()), daemon=True)
-               for s, c in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
+    readers = [
+        threading.Thread(target=lambda s=s, c=c: c.append(s.read()), daemon=True)
+        for s, c in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))
+    ]
     for reader in readers:
         reader.start()
     try:
@@ -180,8 +196,9 @@ def test_builtin_as_command_cannot_end_the_wrapper(server):
 
 def test_marker_after_output_without_final_newline(server):
     # A lookalike printed by the task without a newline must not glue to the real marker.
-    out, _ = run_wrapped("/bin/sh", ["/bin/sh", "-c", "printf PONOS_EXIT_CODE=0; exit 4"],
-                         server=server)
+    out, _ = run_wrapped(
+        "/bin/sh", ["/bin/sh", "-c", "printf PONOS_EXIT_CODE=0; exit 4"], server=server
+    )
     assert parse_exit_marker(out) == 4
 
 
@@ -268,8 +285,9 @@ def test_stop_signal_during_the_command_still_gives_its_code(shell, server):
         time.sleep(0.2)
         os.kill(proc.pid, signal.SIGTERM)
 
-    out, _ = run_wrapped(shell, ["/bin/sh", "-c", "sleep 0.6; exit 5"], server=server,
-                         during=send_term)
+    out, _ = run_wrapped(
+        shell, ["/bin/sh", "-c", "sleep 0.6; exit 5"], server=server, during=send_term
+    )
     assert parse_exit_marker(out) == 5
 
 
@@ -325,7 +343,11 @@ def test_parse_exit_marker(text, code):
 
 def test_split_command():
     assert split_command("worker-run --config 'a b.yml' \"x y\"") == [
-        "worker-run", "--config", "a b.yml", "x y"]
+        "worker-run",
+        "--config",
+        "a b.yml",
+        "x y",
+    ]
     assert split_command("") == []
     with pytest.raises(ValueError):
         split_command("unterminated 'quote")
@@ -337,16 +359,29 @@ def test_wrapped_task_under_the_vast_simulator_local_mode():
     from ponos_tasks.simulators.vast import VastSimulator
     from ponos_tasks.vast import VastClient
 
-    with VastSimulator(time_scale=50.0, run_mode="local", log_delay=0.5,
-                       rate_limits=False) as sim:
+    with VastSimulator(time_scale=50.0, run_mode="local", log_delay=0.5, rate_limits=False) as sim:
         client = VastClient(sim.url, "sim-key")
         offer = client.search_offers({"num_gpus": {"eq": 1}, "limit": 1})[0]
         onstart, args = wrap_command(
-            [PYTHON, "-c", "import sys; print('task output', sys.argv[1:]); sys.exit(3)",
-             "it's", "$X"], retry_delay=1, nonce=f"test{uuid.uuid4().hex}")
-        created = client.create_instance(offer.id, image="example/worker:1", label="wrap-e2e",
-                                         env={"SIM_PULL_SECONDS": "1"}, disk=10,
-                                         onstart=onstart, args=args)
+            [
+                PYTHON,
+                "-c",
+                "import sys; print('task output', sys.argv[1:]); sys.exit(3)",
+                "it's",
+                "$X",
+            ],
+            retry_delay=1,
+            nonce=f"test{uuid.uuid4().hex}",
+        )
+        created = client.create_instance(
+            offer.id,
+            image="example/worker:1",
+            label="wrap-e2e",
+            env={"SIM_PULL_SECONDS": "1"},
+            disk=10,
+            onstart=onstart,
+            args=args,
+        )
         deadline = time.monotonic() + 20
         instance = None
         while time.monotonic() < deadline:

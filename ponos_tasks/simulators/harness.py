@@ -31,9 +31,20 @@ from ponos_tasks.supervisor import AgentProcesses
 # Variables that would point an agent started here at something else than the local stack
 # (the config loader prefers them to the file); they are blanked in the agent's environment
 # (an empty value counts as unset).
-OVERRIDING_ENV = ("PONOS_ARKINDEX_URL", "ARKINDEX_URL", "PONOS_FARM_ID", "PONOS_SEED",
-                  "PONOS_AGENT_NAME", "PONOS_VAST_URL", "PONOS_VAST_API_KEY", "VAST_API_KEY",
-                  "PONOS_OFFER_FILTERS", "PONOS_REDIS_URL", "PONOS_SENTRY_DSN", "SENTRY_DSN")
+OVERRIDING_ENV = (
+    "PONOS_ARKINDEX_URL",
+    "ARKINDEX_URL",
+    "PONOS_FARM_ID",
+    "PONOS_SEED",
+    "PONOS_AGENT_NAME",
+    "PONOS_VAST_URL",
+    "PONOS_VAST_API_KEY",
+    "VAST_API_KEY",
+    "PONOS_OFFER_FILTERS",
+    "PONOS_REDIS_URL",
+    "PONOS_SENTRY_DSN",
+    "SENTRY_DSN",
+)
 
 
 # ---------------------------------------------------------------------- admin client
@@ -46,8 +57,14 @@ class SimAdmin:
     Errors raise requests.HTTPError; `timeout` is per request, in seconds.
     """
 
-    def __init__(self, stack=None, *, vast_url: str | None = None,
-                 arkindex_url: str | None = None, timeout: float = 10.0):
+    def __init__(
+        self,
+        stack=None,
+        *,
+        vast_url: str | None = None,
+        arkindex_url: str | None = None,
+        timeout: float = 10.0,
+    ):
         self.vast_url = vast_url or (stack.vast_url if stack is not None else None)
         self.arkindex_url = arkindex_url or (stack.arkindex_url if stack is not None else None)
         if not self.vast_url or not self.arkindex_url:
@@ -112,19 +129,34 @@ class SimAdmin:
     def set_market(self, prices: dict[int, float], *, storage_cost: float = 0.1) -> None:
         """Replace the market by one single-GPU, verified machine per (machine id, $/h)."""
         self.clear_offers()
-        self.add_offers([{"machine_id": machine_id, "num_gpus": 1, "dph_base": price,
-                          "verified": True, "verification": "verified", "vericode": 1,
-                          "external": False, "reliability": 0.99, "reliability2": 0.99,
-                          "storage_cost": storage_cost, "gpu_name": "RTX 3090",
-                          "gpu_ram": 24576, "disk_space": 500.0}
-                         for machine_id, price in prices.items()])
+        self.add_offers(
+            [
+                {
+                    "machine_id": machine_id,
+                    "num_gpus": 1,
+                    "dph_base": price,
+                    "verified": True,
+                    "verification": "verified",
+                    "vericode": 1,
+                    "external": False,
+                    "reliability": 0.99,
+                    "reliability2": 0.99,
+                    "storage_cost": storage_cost,
+                    "gpu_name": "RTX 3090",
+                    "gpu_ram": 24576,
+                    "disk_space": 500.0,
+                }
+                for machine_id, price in prices.items()
+            ]
+        )
 
     # ------------------------------------------------------------------ Arkindex
 
     def create_process(self, name: str, tasks: list[dict]) -> dict:
         """Create a process (tasks in the admin shape); returns it with its tasks."""
-        return self._json("POST", self.arkindex_url + "/_sim/processes",
-                          json={"name": name, "tasks": tasks})
+        return self._json(
+            "POST", self.arkindex_url + "/_sim/processes", json={"name": name, "tasks": tasks}
+        )
 
     def process(self, name: str, tasks: list[dict]) -> dict[str, str]:
         """Create a process; returns {slug: task id}, in the order of `tasks`."""
@@ -150,8 +182,7 @@ class SimAdmin:
 
     def task_log(self, task_id: str) -> str | None:
         """The log the agent published for the task, or None when there is none."""
-        resp = self.http.get(f"{self.arkindex_url}/_sim/tasks/{task_id}/logs",
-                             timeout=self.timeout)
+        resp = self.http.get(f"{self.arkindex_url}/_sim/tasks/{task_id}/logs", timeout=self.timeout)
         if resp.status_code == 404:
             return None
         resp.raise_for_status()
@@ -163,13 +194,19 @@ class SimAdmin:
 
     def accepted_agent_states(self, task_id: str) -> list[str]:
         """The states the agent reported and Arkindex accepted, in order."""
-        return [h["to"] for h in self.task(task_id)["history"]
-                if h.get("source") == "agent" and h.get("accepted")]
+        return [
+            h["to"]
+            for h in self.task(task_id)["history"]
+            if h.get("source") == "agent" and h.get("accepted")
+        ]
 
     def refused_agent_states(self, task_id: str) -> list[str]:
         """States the agent tried to report and Arkindex refused (forbidden transitions)."""
-        return [h["to"] for h in self.task(task_id)["history"]
-                if h.get("source") == "agent" and not h.get("accepted")]
+        return [
+            h["to"]
+            for h in self.task(task_id)["history"]
+            if h.get("source") == "agent" and not h.get("accepted")
+        ]
 
     def rows_for(self, task_id: str) -> list[dict]:
         """Ledger rows of every instance whose label names this task."""
@@ -192,11 +229,20 @@ class LocalRun:
     times if needed); `stop()` stops everything, in reverse order, even after a failure.
     """
 
-    def __init__(self, *, time_scale: float = 20.0, vast_run_mode: str = "scripted",
-                 vast_options: dict | None = None, redis: str = "private",
-                 redis_new_session: bool = False, workdir: Path | None = None,
-                 logs_dir: Path | None = None, agent_env: dict | None = None,
-                 admin_timeout: float = 10.0, say=None):
+    def __init__(
+        self,
+        *,
+        time_scale: float = 20.0,
+        vast_run_mode: str = "scripted",
+        vast_options: dict | None = None,
+        redis: str = "private",
+        redis_new_session: bool = False,
+        workdir: Path | None = None,
+        logs_dir: Path | None = None,
+        agent_env: dict | None = None,
+        admin_timeout: float = 10.0,
+        say=None,
+    ):
         self.time_scale = time_scale
         self.vast_run_mode = vast_run_mode
         self.vast_options = dict(vast_options or {})
@@ -205,8 +251,9 @@ class LocalRun:
         self.own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ponos-run-"))
         self.logs_dir = Path(logs_dir) if logs_dir else self.workdir / "logs"
-        self.agent_env = ({name: "" for name in OVERRIDING_ENV} if agent_env is None
-                          else dict(agent_env))
+        self.agent_env = (
+            {name: "" for name in OVERRIDING_ENV} if agent_env is None else dict(agent_env)
+        )
         self.admin_timeout = admin_timeout
         self.say = say or (lambda _message: None)
         self.redis: RedisProcess | None = None  # the private one, when started here
@@ -223,11 +270,15 @@ class LocalRun:
         if mode in ("private", "private-or-env"):
             if shutil.which("redis-server") is None:
                 if mode == "private":
-                    raise RuntimeError("redis-server is not installed (a private Redis is "
-                                       "needed: apt-get install redis-server)")
+                    raise RuntimeError(
+                        "redis-server is not installed (a private Redis is "
+                        "needed: apt-get install redis-server)"
+                    )
                 self.redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-                self.say(f"redis-server is not installed: using {self.redis_url} (its "
-                         "ponos:* keys and Celery queues)")
+                self.say(
+                    f"redis-server is not installed: using {self.redis_url} (its "
+                    "ponos:* keys and Celery queues)"
+                )
                 return self.redis_url
             workdir = self.workdir / "redis"
             workdir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +290,13 @@ class LocalRun:
 
     def start_stack(self) -> LocalStack:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # S3's access log
-        self.stack = LocalStack(self.redis_url, time_scale=self.time_scale,
-                                vast_run_mode=self.vast_run_mode, start_redis=False,
-                                vast_options=self.vast_options).start()
+        self.stack = LocalStack(
+            self.redis_url,
+            time_scale=self.time_scale,
+            vast_run_mode=self.vast_run_mode,
+            start_redis=False,
+            vast_options=self.vast_options,
+        ).start()
         if not self.stack.redis_url:
             raise RuntimeError(f"no Redis answers at {self.redis_url}")
         self.admin = SimAdmin(self.stack, timeout=self.admin_timeout)
@@ -272,18 +327,30 @@ class LocalRun:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def start_agent(self, config_path: Path | None = None, *, config: dict | None = None,
-                    workers: int = 1, beats: int = 1, concurrency: int = 4,
-                    flower_port: int | None = None) -> AgentProcesses:
+    def start_agent(
+        self,
+        config_path: Path | None = None,
+        *,
+        config: dict | None = None,
+        workers: int = 1,
+        beats: int = 1,
+        concurrency: int = 4,
+        flower_port: int | None = None,
+    ) -> AgentProcesses:
         """Start worker(s), beat(s) (and Flower with a port) for a config file, or for
         `config` (written to the workdir), or for agent_config()."""
         if config_path is None:
-            config_path = self.write_config(config if config is not None
-                                            else self.agent_config())
-        agent = AgentProcesses(config_path=Path(config_path), log_dir=self.logs_dir,
-                               redis_url=self.redis_url, workers=workers,
-                               concurrency=concurrency, beats=beats, flower_port=flower_port,
-                               extra_env=self.agent_env)
+            config_path = self.write_config(config if config is not None else self.agent_config())
+        agent = AgentProcesses(
+            config_path=Path(config_path),
+            log_dir=self.logs_dir,
+            redis_url=self.redis_url,
+            workers=workers,
+            concurrency=concurrency,
+            beats=beats,
+            flower_port=flower_port,
+            extra_env=self.agent_env,
+        )
         self.agents.append(agent)
         return agent.start()
 

@@ -35,8 +35,10 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 
-_PATH = re.compile(r"^/v2/(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*)/(?P<kind>manifests|blobs)/"
-                   r"(?P<ref>[^/]+)$")
+_PATH = re.compile(
+    r"^/v2/(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*)/(?P<kind>manifests|blobs)/"
+    r"(?P<ref>[^/]+)$"
+)
 
 
 def _digest(data: bytes) -> str:
@@ -48,9 +50,17 @@ def _dumps(document: dict) -> bytes:
 
 
 class RegistrySimulator:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, auth: str | None = None,
-                 users: dict[str, str] | None = None, public: set[str] | frozenset = frozenset(),
-                 service: str = "sim-registry", token_ttl: int = 300):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        auth: str | None = None,
+        users: dict[str, str] | None = None,
+        public: set[str] | frozenset = frozenset(),
+        service: str = "sim-registry",
+        token_ttl: int = 300,
+    ):
         if auth not in (None, "basic", "token"):
             raise ValueError("auth must be None, 'basic' or 'token'")
         self.bind = (host, port)
@@ -68,8 +78,9 @@ class RegistrySimulator:
 
     # ------------------------------------------------------------------ content
 
-    def _put_manifest(self, name: str, media_type: str, document: dict,
-                      tag: str | None = None) -> str:
+    def _put_manifest(
+        self, name: str, media_type: str, document: dict, tag: str | None = None
+    ) -> str:
         body = _dumps(document)
         digest = _digest(body)
         with self._lock:
@@ -85,9 +96,18 @@ class RegistrySimulator:
             self.blobs[digest] = data
         return digest
 
-    def add_image(self, name: str, tag: str | None = "latest", *, entrypoint=None, cmd=None,
-                  env=None, oci: bool = False, platforms: list[tuple[str, str]] | None = None,
-                  attestation: bool = False) -> str:
+    def add_image(
+        self,
+        name: str,
+        tag: str | None = "latest",
+        *,
+        entrypoint=None,
+        cmd=None,
+        env=None,
+        oci: bool = False,
+        platforms: list[tuple[str, str]] | None = None,
+        attestation: bool = False,
+    ) -> str:
         """Seed an image; returns the digest of what `tag` points to.
 
         Without `platforms`: a single manifest. With `platforms` (e.g. [("linux", "arm64"),
@@ -96,20 +116,34 @@ class RegistrySimulator:
         but linux/amd64 (so a test can see which one was picked).
         """
         manifest_type, config_type, index_type = (
-            (OCI_MANIFEST, OCI_CONFIG, OCI_INDEX) if oci else
-            (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LIST))
+            (OCI_MANIFEST, OCI_CONFIG, OCI_INDEX)
+            if oci
+            else (DOCKER_MANIFEST, DOCKER_CONFIG, DOCKER_LIST)
+        )
 
         def single(os_name: str, arch: str, image_cmd) -> tuple[str, int]:
-            config = {"architecture": arch, "os": os_name,
-                      "config": {"Entrypoint": entrypoint, "Cmd": image_cmd,
-                                 "Env": env or ["PATH=/usr/bin:/bin"]},
-                      "rootfs": {"type": "layers", "diff_ids": []}}
+            config = {
+                "architecture": arch,
+                "os": os_name,
+                "config": {
+                    "Entrypoint": entrypoint,
+                    "Cmd": image_cmd,
+                    "Env": env or ["PATH=/usr/bin:/bin"],
+                },
+                "rootfs": {"type": "layers", "diff_ids": []},
+            }
             config_body = _dumps(config)
             config_digest = self.add_blob(config_body)
-            document = {"schemaVersion": 2, "mediaType": manifest_type,
-                        "config": {"mediaType": config_type, "digest": config_digest,
-                                   "size": len(config_body)},
-                        "layers": []}
+            document = {
+                "schemaVersion": 2,
+                "mediaType": manifest_type,
+                "config": {
+                    "mediaType": config_type,
+                    "digest": config_digest,
+                    "size": len(config_body),
+                },
+                "layers": [],
+            }
             digest = self._put_manifest(name, manifest_type, document)
             return digest, len(_dumps(document))
 
@@ -121,21 +155,38 @@ class RegistrySimulator:
             return digest
         entries = []
         for os_name, arch in platforms:
-            image_cmd = cmd if (os_name, arch) == ("linux", "amd64") else [
-                *(cmd or []), f"#{os_name}/{arch}"]
+            image_cmd = (
+                cmd
+                if (os_name, arch) == ("linux", "amd64")
+                else [*(cmd or []), f"#{os_name}/{arch}"]
+            )
             digest, size = single(os_name, arch, image_cmd)
-            entries.append({"mediaType": manifest_type, "digest": digest, "size": size,
-                            "platform": {"os": os_name, "architecture": arch}})
+            entries.append(
+                {
+                    "mediaType": manifest_type,
+                    "digest": digest,
+                    "size": size,
+                    "platform": {"os": os_name, "architecture": arch},
+                }
+            )
         if attestation:
             # buildx puts attestation manifests in the index with an "unknown" platform.
-            entries.insert(0, {"mediaType": manifest_type, "digest": entries[0]["digest"],
-                               "size": entries[0]["size"],
-                               "platform": {"os": "unknown", "architecture": "unknown"},
-                               "annotations": {"vnd.docker.reference.type":
-                                               "attestation-manifest"}})
-        return self._put_manifest(name, index_type,
-                                  {"schemaVersion": 2, "mediaType": index_type,
-                                   "manifests": entries}, tag)
+            entries.insert(
+                0,
+                {
+                    "mediaType": manifest_type,
+                    "digest": entries[0]["digest"],
+                    "size": entries[0]["size"],
+                    "platform": {"os": "unknown", "architecture": "unknown"},
+                    "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+                },
+            )
+        return self._put_manifest(
+            name,
+            index_type,
+            {"schemaVersion": 2, "mediaType": index_type, "manifests": entries},
+            tag,
+        )
 
     # ------------------------------------------------------------------ server
 
@@ -202,8 +253,13 @@ def _make_handler(sim: RegistrySimulator):
         def log_message(self, *args):
             pass
 
-        def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
-                  content_type: str = "application/json"):
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: dict | None = None,
+            content_type: str = "application/json",
+        ):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -215,14 +271,18 @@ def _make_handler(sim: RegistrySimulator):
                 self.wfile.write(body)
 
         def _error(self, status: int, code: str, message: str, headers: dict | None = None):
-            self._send(status, _dumps({"errors": [{"code": code, "message": message}]}),
-                       headers)
+            self._send(status, _dumps({"errors": [{"code": code, "message": message}]}), headers)
 
         def _record(self):
             auth = self.headers.get("Authorization") or ""
-            sim.requests.append({"method": self.command, "path": self.path,
-                                 "auth": auth.split(" ")[0] if auth else None,
-                                 "accept": self.headers.get("Accept")})
+            sim.requests.append(
+                {
+                    "method": self.command,
+                    "path": self.path,
+                    "auth": auth.split(" ")[0] if auth else None,
+                    "accept": self.headers.get("Accept"),
+                }
+            )
 
         def _authorized(self, name: str | None) -> bool:
             """Checks access; sends the 401 challenge itself when refused."""
@@ -232,8 +292,12 @@ def _make_handler(sim: RegistrySimulator):
             if sim.auth == "basic":
                 if sim._basic_user(header):
                     return True
-                self._error(401, "UNAUTHORIZED", "authentication required",
-                            {"WWW-Authenticate": 'Basic realm="sim-registry"'})
+                self._error(
+                    401,
+                    "UNAUTHORIZED",
+                    "authentication required",
+                    {"WWW-Authenticate": 'Basic realm="sim-registry"'},
+                )
                 return False
             if name is None:  # GET /v2/: any valid token will do
                 if header and header.startswith("Bearer ") and header[7:] in sim.tokens:
@@ -242,10 +306,13 @@ def _make_handler(sim: RegistrySimulator):
             else:
                 if sim._token_allows(header, name):
                     return True
-                challenge = (f'Bearer realm="{sim.url}/token",service="{sim.service}",'
-                             f'scope="repository:{name}:pull"')
-            self._error(401, "UNAUTHORIZED", "authentication required",
-                        {"WWW-Authenticate": challenge})
+                challenge = (
+                    f'Bearer realm="{sim.url}/token",service="{sim.service}",'
+                    f'scope="repository:{name}:pull"'
+                )
+            self._error(
+                401, "UNAUTHORIZED", "authentication required", {"WWW-Authenticate": challenge}
+            )
             return False
 
         def do_HEAD(self):
@@ -257,7 +324,7 @@ def _make_handler(sim: RegistrySimulator):
             if parts.path == "/token" and sim.auth == "token":
                 return self._token(parse_qs(parts.query))
             if parts.path.startswith("/_storage/"):
-                data = sim.blobs.get(parts.path[len("/_storage/"):])
+                data = sim.blobs.get(parts.path[len("/_storage/") :])
                 if data is None:
                     return self._error(404, "BLOB_UNKNOWN", "blob unknown")
                 return self._send(200, data, content_type="application/octet-stream")
@@ -285,10 +352,10 @@ def _make_handler(sim: RegistrySimulator):
             accepted = {item.split(";")[0].strip() for item in accept.split(",") if item.strip()}
             if accepted and media_type not in accepted and "*/*" not in accepted:
                 # Real registries fall back to a schema1 conversion or refuse; refuse here.
-                return self._error(404, "MANIFEST_UNKNOWN",
-                                   f"manifest is {media_type}, not in Accept")
-            self._send(200, body, {"Docker-Content-Digest": _digest(body)},
-                       content_type=media_type)
+                return self._error(
+                    404, "MANIFEST_UNKNOWN", f"manifest is {media_type}, not in Accept"
+                )
+            self._send(200, body, {"Docker-Content-Digest": _digest(body)}, content_type=media_type)
             return None
 
         def _token(self, query: dict):
@@ -301,12 +368,16 @@ def _make_handler(sim: RegistrySimulator):
             for scope in query.get("scope", []):
                 for item in scope.split(" "):
                     match = re.fullmatch(r"repository:([^:]+):([a-z,*]+)", item)
-                    if match and "pull" in match[2].split(",") and (
-                            user is not None or match[1] in sim.public):
+                    if (
+                        match
+                        and "pull" in match[2].split(",")
+                        and (user is not None or match[1] in sim.public)
+                    ):
                         granted.add(f"repository:{match[1]}:pull")
             token = sim._issue_token(granted)
-            self._send(200, _dumps({"token": token, "access_token": token,
-                                    "expires_in": sim.token_ttl}))
+            self._send(
+                200, _dumps({"token": token, "access_token": token, "expires_in": sim.token_ttl})
+            )
             return None
 
     return Handler

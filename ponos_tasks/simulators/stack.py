@@ -67,8 +67,19 @@ class RedisProcess:
 
     def start(self) -> RedisProcess:
         self.proc = subprocess.Popen(
-            ["redis-server", "--bind", HOST, "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                "redis-server",
+                "--bind",
+                HOST,
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=self.new_session,
@@ -195,7 +206,10 @@ class LocalStack:
         self.started = True
         logger.info(
             "Local stack up: arkindex %s, vast %s, s3 %s, redis %s",
-            self.arkindex_url, self.vast_url, self.s3_url, self.redis_url,
+            self.arkindex_url,
+            self.vast_url,
+            self.s3_url,
+            self.redis_url,
         )
         return self
 
@@ -205,8 +219,8 @@ class LocalStack:
             return
         if not self.start_redis or shutil.which("redis-server") is None:
             logger.warning(
-                "No Redis answers at %s and none can be started here: the stack runs without "
-                "Redis", self.requested_redis_url,
+                "No Redis answers at %s and none can be started here: the stack runs without Redis",
+                self.requested_redis_url,
             )
             return
         workdir = self._tmpdir / "redis"
@@ -291,11 +305,17 @@ class LocalStack:
             ("Arkindex simulator", self.arkindex_url),
             ("Vast.ai simulator", self.vast_url),
             ("S3 (moto)", self.s3_url),
-            ("Redis", (self.redis_url or "none") + (" (started here)" if self.redis_process else "")),
+            (
+                "Redis",
+                (self.redis_url or "none") + (" (started here)" if self.redis_process else ""),
+            ),
             ("Farm id", self.farm_id),
             ("Farm seed", self.seed),
             ("Vast.ai API key", self.vast_api_key),
-            ("Vast.ai time scale", f"{self.time_scale:g} simulated s per s, run mode {self.vast_run_mode}"),
+            (
+                "Vast.ai time scale",
+                f"{self.time_scale:g} simulated s per s, run mode {self.vast_run_mode}",
+            ),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
@@ -305,21 +325,48 @@ class LocalStack:
 
 
 @click.command("stack")
-@click.option("--time-scale", type=float, default=20.0, show_default=True,
-              help="Simulated Vast.ai seconds per real second.")
-@click.option("--vast-run-mode", type=click.Choice(["scripted", "local"]), default="scripted",
-              show_default=True, help="How simulated instances run their command.")
-@click.option("--redis-url", default=None,
-              help="Redis to use (default $REDIS_URL); one is started if it does not answer.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep S3 objects here across restarts (default: a temporary folder).")
-@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the environment variables to this file (sourceable).")
-@click.option("--config-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the agent config (YAML) to this file.")
+@click.option(
+    "--time-scale",
+    type=float,
+    default=20.0,
+    show_default=True,
+    help="Simulated Vast.ai seconds per real second.",
+)
+@click.option(
+    "--vast-run-mode",
+    type=click.Choice(["scripted", "local"]),
+    default="scripted",
+    show_default=True,
+    help="How simulated instances run their command.",
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    help="Redis to use (default $REDIS_URL); one is started if it does not answer.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep S3 objects here across restarts (default: a temporary folder).",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the environment variables to this file (sourceable).",
+)
+@click.option(
+    "--config-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the agent config (YAML) to this file.",
+)
 def command(time_scale, vast_run_mode, redis_url, data_dir, env_file, config_file):
     """Run S3, the Arkindex and Vast.ai simulators (and Redis if needed) until Ctrl-C."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -328,8 +375,9 @@ def command(time_scale, vast_run_mode, redis_url, data_dir, env_file, config_fil
     # SIGTERM and Ctrl-C both just ask the main loop to stop, so the shutdown runs once,
     # in the main thread, whatever the signal.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    stack = LocalStack(redis_url, time_scale=time_scale, vast_run_mode=vast_run_mode,
-                       data_dir=data_dir)
+    stack = LocalStack(
+        redis_url, time_scale=time_scale, vast_run_mode=vast_run_mode, data_dir=data_dir
+    )
     try:
         stack.start()
         env = stack.env()

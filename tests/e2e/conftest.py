@@ -28,11 +28,17 @@ def local_run(tmp_path):
     reconstructs the market from the events). The agent processes a test starts through
     `agent_processes` are stopped with it."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server): the "
-                    "end-to-end tests need a private Redis they can kill")
-    run = LocalRun(time_scale=TIME_SCALE, vast_run_mode="local",
-                   vast_options={"churn": False, "log_delay": 1.0}, workdir=tmp_path,
-                   logs_dir=tmp_path / "logs")
+        pytest.skip(
+            "redis-server is not installed (apt-get install redis-server): the "
+            "end-to-end tests need a private Redis they can kill"
+        )
+    run = LocalRun(
+        time_scale=TIME_SCALE,
+        vast_run_mode="local",
+        vast_options={"churn": False, "log_delay": 1.0},
+        workdir=tmp_path,
+        logs_dir=tmp_path / "logs",
+    )
     run.start()
     yield run
     run.stop(agent_timeout=10)
@@ -92,8 +98,9 @@ def agent_config(stack, private_redis, tmp_path):
     """A factory: agent_config(**vast_api overrides) -> path of the YAML file."""
 
     def make(**vast_overrides) -> Path:
-        return write_agent_config(stack, tmp_path / "agent.yml", private_redis.url,
-                                  **vast_overrides)
+        return write_agent_config(
+            stack, tmp_path / "agent.yml", private_redis.url, **vast_overrides
+        )
 
     return make
 
@@ -103,7 +110,8 @@ def agent_processes(local_run):
     """A factory for AgentProcesses (started); everything is stopped with the run."""
 
     def make(config_path: Path, *, workers: int = 1, beats: int = 1, concurrency: int = 4):
-        return local_run.start_agent(config_path, workers=workers, beats=beats,
-                                     concurrency=concurrency)
+        return local_run.start_agent(
+            config_path, workers=workers, beats=beats, concurrency=concurrency
+        )
 
     return make

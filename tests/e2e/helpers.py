@@ -25,15 +25,19 @@ def log_tails(log_dir: Path, lines: int = 60) -> str:
     """The last lines of each agent process log, without the routine sync ticks."""
     parts = []
     for path in sorted(log_dir.glob("*.log")):
-        kept = [line for line in path.read_text(errors="replace").splitlines()
-                if not any(noise in line for noise in _NOISE)]
+        kept = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if not any(noise in line for noise in _NOISE)
+        ]
         tail = kept[-lines:]
         parts.append(f"----- {path.name} (last {len(tail)} lines)\n" + "\n".join(tail))
     return "\n".join(parts)
 
 
-def wait_until(condition, *, timeout: float, what: str, agent=None, interval: float = 0.3,
-               describe=None):
+def wait_until(
+    condition, *, timeout: float, what: str, agent=None, interval: float = 0.3, describe=None
+):
     """Poll `condition()` until truthy; on timeout fail with `describe()` and the tails of
     the agent's logs. Also fails at once if an agent process died."""
     deadline = time.monotonic() + timeout
@@ -43,8 +47,11 @@ def wait_until(condition, *, timeout: float, what: str, agent=None, interval: fl
             return value
         dead = agent.check_alive() if agent is not None else []
         if dead or time.monotonic() > deadline:
-            message = (f"agent processes exited: {dead}" if dead
-                       else f"timed out after {timeout:.0f} s waiting for {what}")
+            message = (
+                f"agent processes exited: {dead}"
+                if dead
+                else f"timed out after {timeout:.0f} s waiting for {what}"
+            )
             if describe is not None:
                 message += "\n" + describe()
             if agent is not None:
@@ -64,20 +71,28 @@ def wait_all_terminal(sim: SimAdmin, task_ids, *, timeout: float, agent=None) ->
         return all(t["state"] in TERMINAL for t in latest.values())
 
     def describe():
-        waiting = sorted(f"{t['slug']}={t['state']}" for t in latest.values()
-                         if t["state"] not in TERMINAL)
+        waiting = sorted(
+            f"{t['slug']}={t['state']}" for t in latest.values() if t["state"] not in TERMINAL
+        )
         return f"not terminal yet: {', '.join(waiting)}"
 
-    wait_until(done, timeout=timeout, what="every task to be terminal", agent=agent,
-               describe=describe)
+    wait_until(
+        done, timeout=timeout, what="every task to be terminal", agent=agent, describe=describe
+    )
     return dict(latest)
 
 
 def wait_no_live_instance(sim: SimAdmin, *, timeout: float = 10.0, agent=None) -> None:
-    wait_until(lambda: sim.stats()["live_instances"] == 0, timeout=timeout,
-               what="no live Vast.ai instance", agent=agent,
-               describe=lambda: "live: " + ", ".join(
-                   str(row["label"]) for row in sim.ledger() if row["destroyed_at"] is None))
+    wait_until(
+        lambda: sim.stats()["live_instances"] == 0,
+        timeout=timeout,
+        what="no live Vast.ai instance",
+        agent=agent,
+        describe=lambda: (
+            "live: "
+            + ", ".join(str(row["label"]) for row in sim.ledger() if row["destroyed_at"] is None)
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- invariants
@@ -96,7 +111,8 @@ def assert_terminal_once(task: dict, expected: str) -> None:
     terminal = [h for h in task["history"] if h["accepted"] and h["to"] in TERMINAL]
     assert len(terminal) == 1, f"{task['slug']}: terminal updates {terminal}"
     assert task["state"] == expected, (
-        f"{task['slug']}: ended {task['state']}, expected {expected}; history {task['history']}")
+        f"{task['slug']}: ended {task['state']}, expected {expected}; history {task['history']}"
+    )
 
 
 def instances_by_task(ledger: list[dict]) -> dict[str, list[dict]]:
@@ -121,8 +137,10 @@ def max_live_per_task(events: list[dict]) -> dict[str, int]:
     """Most instances alive at once per task id, from the created/destroyed timeline."""
     live: dict[str, int] = defaultdict(int)
     peak: dict[str, int] = defaultdict(int)
-    for event in sorted((e for e in events if e["event"] in ("created", "destroyed")),
-                        key=lambda e: (e["t"], e["event"] == "created")):
+    for event in sorted(
+        (e for e in events if e["event"] in ("created", "destroyed")),
+        key=lambda e: (e["t"], e["event"] == "created"),
+    ):
         info = parse_label(event["label"])
         assert info is not None, f"event for a non-ponos label: {event}"
         live[info.task_id] += 1 if event["event"] == "created" else -1
@@ -138,8 +156,14 @@ def assert_one_instance_per_attempt(ledger: list[dict]) -> None:
     assert not duplicated, f"several instances for one attempt: {duplicated}"
 
 
-def cheapest_violations(events: list[dict], ledger: list[dict], prices: dict[int, float],
-                        *, vanished: set[int], slack: float) -> list[str]:
+def cheapest_violations(
+    events: list[dict],
+    ledger: list[dict],
+    prices: dict[int, float],
+    *,
+    vanished: set[int],
+    slack: float,
+) -> list[str]:
     """Instances created while a strictly cheaper, usable machine was free.
 
     The market is ours (one single-GPU machine per price, no churn), so which machines were
@@ -156,7 +180,8 @@ def cheapest_violations(events: list[dict], ledger: list[dict], prices: dict[int
     destroyed_at = {e["instance_id"]: e["t"] for e in events if e["event"] == "destroyed"}
     for instance_id, start in created_at.items():
         busy[rows[instance_id]["machine_id"]].append(
-            (start, destroyed_at.get(instance_id, float("inf"))))
+            (start, destroyed_at.get(instance_id, float("inf")))
+        )
 
     def free_during(machine_id: int, start: float, end: float) -> bool:
         return all(b_end <= start or b_start >= end for b_start, b_end in busy[machine_id])
@@ -166,14 +191,24 @@ def cheapest_violations(events: list[dict], ledger: list[dict], prices: dict[int
     for instance_id, t in sorted(created_at.items(), key=lambda item: item[1]):
         row = rows[instance_id]
         info = parse_label(row["label"])
-        failed_before = {r["machine_id"] for r in by_task[info.task_id]
-                         if parse_label(r["label"]).attempt < info.attempt}
+        failed_before = {
+            r["machine_id"]
+            for r in by_task[info.task_id]
+            if parse_label(r["label"]).attempt < info.attempt
+        }
         chosen = prices[row["machine_id"]]
-        cheaper = [m for m, price in prices.items()
-                   if price < chosen and m not in failed_before and m not in vanished
-                   and free_during(m, t - slack, t)]
+        cheaper = [
+            m
+            for m, price in prices.items()
+            if price < chosen
+            and m not in failed_before
+            and m not in vanished
+            and free_during(m, t - slack, t)
+        ]
         if cheaper:
-            problems.append(f"{row['label']} on machine {row['machine_id']} (${chosen}/h) "
-                            f"while cheaper machines were free: "
-                            f"{[(m, prices[m]) for m in cheaper]}")
+            problems.append(
+                f"{row['label']} on machine {row['machine_id']} (${chosen}/h) "
+                f"while cheaper machines were free: "
+                f"{[(m, prices[m]) for m in cheaper]}"
+            )
     return problems

@@ -75,8 +75,7 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     sim.faults(
         {"fault": "offer_vanished", "label": f"-{ids[vanished_slug]}-1$", "times": 1},
         {"fault": "stuck_loading", "label": f"-{ids[stuck_slug]}-1$", "times": 1},
-        {"fault": "unexpected_exit", "label": f"-{ids[crash_slug]}-1$", "times": 1,
-         "after": 10.0},
+        {"fault": "unexpected_exit", "label": f"-{ids[crash_slug]}-1$", "times": 1, "after": 10.0},
     )
     expected_instances = {slug: 1 for slug in ids}
     expected_instances.update({stuck_slug: 2, crash_slug: 2})
@@ -95,11 +94,11 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
         return all(t["state"] in TERMINAL for t in tasks.values()) and tasks
 
     def describe():
-        return "states: " + ", ".join(f"{t['slug']}={t['state']}"
-                                      for t in sim.tasks().values())
+        return "states: " + ", ".join(f"{t['slug']}={t['state']}" for t in sim.tasks().values())
 
-    tasks = wait_until(all_terminal, timeout=180, what="all 30 tasks terminal", agent=agent,
-                       describe=describe)
+    tasks = wait_until(
+        all_terminal, timeout=180, what="all 30 tasks terminal", agent=agent, describe=describe
+    )
     elapsed = time.monotonic() - started
     print(f"30 tasks terminal after {elapsed:.1f} s")
     assert stop_sent, "the long task never ran"
@@ -123,8 +122,10 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
             exit_code = int(slug[1])  # p1..p3 leaves exit 1..3
         assert f"PONOS_EXIT_CODE={exit_code}" in text, f"{slug}: no marker:\n{text}"
         assert f"{slug}: starting" in text, text
-    assert "stuck" in sim.task_log(ids[stuck_slug]).lower() or \
-        "loading" in sim.task_log(ids[stuck_slug]).lower()
+    assert (
+        "stuck" in sim.task_log(ids[stuck_slug]).lower()
+        or "loading" in sim.task_log(ids[stuck_slug]).lower()
+    )
 
     # Vast.ai: nothing left, one instance per attempt, never two at once for a task.
     ledger = assert_no_instance_left(sim, agent=agent)
@@ -138,8 +139,7 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     assert max(sim.stats()["max_live_per_label"].values()) == 1
     # The retries ran on another machine than the failed attempt.
     for slug in (stuck_slug, crash_slug):
-        machines = [row["machine_id"] for row in sorted(by_task[ids[slug]],
-                                                        key=lambda r: r["id"])]
+        machines = [row["machine_id"] for row in sorted(by_task[ids[slug]], key=lambda r: r["id"])]
         assert machines[0] != machines[1], f"{slug} retried on the machine that failed"
 
     # Cheapest offer at creation time.
@@ -149,8 +149,9 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     listed = {offer["machine_id"] for offer in sim.offers()}
     vanished = set(MARKET) - listed
     assert len(vanished) <= 1, f"machines gone from the market: {vanished}"
-    problems = cheapest_violations(events, ledger, MARKET, vanished=vanished,
-                                   slack=2.0 * TIME_SCALE)
+    problems = cheapest_violations(
+        events, ledger, MARKET, vanished=vanished, slack=2.0 * TIME_SCALE
+    )
     assert not problems, "\n".join(problems)
     assert not agent.check_alive(), "an agent process died during the run"
 

@@ -48,8 +48,9 @@ def _check_finished(sim, ids, agent, tasks) -> None:
         assert text and "PONOS_EXIT_CODE=0" in text, f"{task_id}: log {text!r}"
 
 
-def test_restart_after_losing_every_process_and_redis(private_redis, sim, agent_config,
-                                                      agent_processes):
+def test_restart_after_losing_every_process_and_redis(
+    private_redis, sim, agent_config, agent_processes
+):
     """SIGKILL the worker and beat (with their pool children) while instances run, lose
     Redis (killed, restarted empty: no persistence), start the agent again with the same
     configuration: it registers as the same agent (stable identity), finds its instances by
@@ -58,8 +59,12 @@ def test_restart_after_losing_every_process_and_redis(private_redis, sim, agent_
     ids = list(_workload(sim, "r", 8, 3.0).values())
     config = agent_config(max_instances=4)
     first = agent_processes(config)
-    wait_until(lambda: _running(sim, ids) >= 3, timeout=60, agent=first,
-               what="three tasks running before the crash")
+    wait_until(
+        lambda: _running(sim, ids) >= 3,
+        timeout=60,
+        agent=first,
+        what="three tasks running before the crash",
+    )
     live_before = sim.stats()["live_instances"]
     for name in list(first.processes):
         first.kill(name)
@@ -67,8 +72,10 @@ def test_restart_after_losing_every_process_and_redis(private_redis, sim, agent_
     started = time.monotonic()
     second = agent_processes(config)
     tasks = wait_all_terminal(sim, ids, timeout=120, agent=second)
-    print(f"restart: {live_before} live instances at the crash; "
-          f"all terminal {time.monotonic() - started:.1f} s after the restart")
+    print(
+        f"restart: {live_before} live instances at the crash; "
+        f"all terminal {time.monotonic() - started:.1f} s after the restart"
+    )
     assert live_before >= 3
     _check_finished(sim, ids, second, tasks)
     # The instances alive at the crash were adopted, not replaced: one per task.
@@ -88,8 +95,12 @@ def test_worker_killed_mid_run(sim, agent_config, agent_processes):
     sim.set_market(MARKET)
     ids = list(_workload(sim, "k", 6, 4.0).values())
     agent = agent_processes(agent_config(max_instances=6), workers=2, concurrency=2)
-    wait_until(lambda: _running(sim, ids) == len(ids), timeout=60, agent=agent,
-               what="every task running before the kill")
+    wait_until(
+        lambda: _running(sim, ids) == len(ids),
+        timeout=60,
+        agent=agent,
+        what="every task running before the kill",
+    )
     agent.kill("worker1")
     del agent.processes["worker1"]  # killed on purpose: check_alive must not report it
     started = time.monotonic()

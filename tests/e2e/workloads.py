@@ -19,8 +19,10 @@ def command(slug: str, seconds: float = 1.0, exit_code: int = 0) -> str:
 
 def long_command(slug: str, seconds: int = 120) -> str:
     """Runs until stopped (the user-stopped task)."""
-    return (f'sh -c "echo \'{slug}: long job\'; i=0; while [ $i -lt {seconds} ]; do '
-            f'echo tick $i; sleep 0.5; i=$((i+1)); done"')
+    return (
+        f"sh -c \"echo '{slug}: long job'; i=0; while [ $i -lt {seconds} ]; do "
+        f'echo tick $i; sleep 0.5; i=$((i+1)); done"'
+    )
 
 
 def scripted_env(slug: str, sim_seconds: float = 80.0) -> dict[str, str]:
@@ -31,9 +33,13 @@ def scripted_env(slug: str, sim_seconds: float = 80.0) -> dict[str, str]:
     container with SIGTERM, which the wrapper traps and reports as PONOS_EXIT_CODE=143 (a
     failed task, rightly); a real crash (host down, OOM kill) leaves no marker, which is
     what a scripted crash shows."""
-    return {"SIM_RUN_MODE": "scripted", "SIM_DURATION": f"{sim_seconds:g}",
-            "SIM_LOG_LINES": "2", "SIM_SELF_STOP": "true",
-            "SIM_FINAL_LINES": f"{slug}: starting\n{slug}: done\nPONOS_EXIT_CODE=0"}
+    return {
+        "SIM_RUN_MODE": "scripted",
+        "SIM_DURATION": f"{sim_seconds:g}",
+        "SIM_LOG_LINES": "2",
+        "SIM_SELF_STOP": "true",
+        "SIM_FINAL_LINES": f"{slug}: starting\n{slug}: done\nPONOS_EXIT_CODE=0",
+    }
 
 
 @dataclass
@@ -45,13 +51,19 @@ class Spec:
     env: dict | None = None
 
     def admin_json(self) -> dict:
-        return {"slug": self.slug, "image": IMAGE, "command": self.command,
-                "env": {**ENV, **(self.env or {})}, "parents": list(self.parents),
-                "requires_gpu": True}
+        return {
+            "slug": self.slug,
+            "image": IMAGE,
+            "command": self.command,
+            "env": {**ENV, **(self.env or {})},
+            "parents": list(self.parents),
+            "requires_gpu": True,
+        }
 
 
-def diamond(prefix: str, leaf_exit: int = 0, leaf_command: str | None = None,
-            leaf_expect: str | None = None) -> list[Spec]:
+def diamond(
+    prefix: str, leaf_exit: int = 0, leaf_command: str | None = None, leaf_expect: str | None = None
+) -> list[Spec]:
     """Five tasks: prepare -> (a, b) -> merge, and a leaf child of prepare.
 
     Only the leaf may fail or be stopped: Arkindex never schedules the children of a task that
@@ -62,8 +74,12 @@ def diamond(prefix: str, leaf_exit: int = 0, leaf_command: str | None = None,
         Spec(f"{prefix}-a", command(f"{prefix}-a", 1.0), ("prepare",)),
         Spec(f"{prefix}-b", command(f"{prefix}-b", 1.5), ("prepare",)),
         Spec(f"{prefix}-merge", command(f"{prefix}-merge", 0.5), ("a", "b")),
-        Spec(f"{prefix}-leaf", leaf_command or command(f"{prefix}-leaf", 1.0, leaf_exit),
-             ("prepare",), expect),
+        Spec(
+            f"{prefix}-leaf",
+            leaf_command or command(f"{prefix}-leaf", 1.0, leaf_exit),
+            ("prepare",),
+            expect,
+        ),
     ]
 
 

@@ -44,9 +44,14 @@ print("WORKER-CONFIGURED " + json.dumps({
 def base_worker_python():
     python = tool_bin("base-worker", "python")
     version = subprocess.run(
-        [str(python), "-c",
-         "import importlib.metadata as m; print(m.version('arkindex-base-worker'))"],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(python),
+            "-c",
+            "import importlib.metadata as m; print(m.version('arkindex-base-worker'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert version.returncode == 0 and version.stdout.startswith("0.6."), version.stderr
     return python
@@ -69,51 +74,95 @@ def _start(client, task_id):
 def _vast_instance(stack):
     """Rent an instance on the Vast.ai simulator, as the agent would, for the self-stop hook."""
     headers = {"Authorization": f"Bearer {stack.vast_api_key}"}
-    offers = requests.post(f"{stack.vast_url}/api/v0/bundles/", headers=headers, timeout=10,
-                           json={"num_gpus": {"eq": 1}, "rentable": {"eq": True}, "limit": 5})
+    offers = requests.post(
+        f"{stack.vast_url}/api/v0/bundles/",
+        headers=headers,
+        timeout=10,
+        json={"num_gpus": {"eq": 1}, "rentable": {"eq": True}, "limit": 5},
+    )
     assert offers.status_code == 200, offers.text
     offer = offers.json()["offers"][0]
     created = requests.put(
-        f"{stack.vast_url}/api/v0/asks/{offer['id']}/", headers=headers, timeout=10,
-        json={"client_id": "me", "image": "worker:latest", "disk": 10, "runtype": "args",
-              "label": "ponos-test-bootstrap", "env": {"SIM_DURATION": "100000",
-                                                       "SIM_SELF_STOP": "false"}},
+        f"{stack.vast_url}/api/v0/asks/{offer['id']}/",
+        headers=headers,
+        timeout=10,
+        json={
+            "client_id": "me",
+            "image": "worker:latest",
+            "disk": 10,
+            "runtype": "args",
+            "label": "ponos-test-bootstrap",
+            "env": {"SIM_DURATION": "100000", "SIM_SELF_STOP": "false"},
+        },
     )
     assert created.status_code == 200 and created.json()["success"], created.text
     return created.json()["new_contract"], created.json()["instance_api_key"]
 
 
 def _instance(stack, instance_id):
-    resp = requests.get(f"{stack.vast_url}/api/v0/instances/{instance_id}/",
-                        headers={"Authorization": f"Bearer {stack.vast_api_key}"}, timeout=10)
+    resp = requests.get(
+        f"{stack.vast_url}/api/v0/instances/{instance_id}/",
+        headers={"Authorization": f"Bearer {stack.vast_api_key}"},
+        timeout=10,
+    )
     assert resp.status_code == 200, resp.text
     data = resp.json()
     return data.get("instances", data)
 
 
 def test_bootstrap_downloads_parents_artifacts_and_model(
-    base_worker_python, make_local_stack, tmp_path  # noqa: F811
+    base_worker_python,
+    make_local_stack,
+    tmp_path,  # noqa: F811
 ):
     stack = make_local_stack(time_scale=100.0)
     data = tmp_path / "data"
     model_dir = tmp_path / "model"
     weights = bytes(range(256)) * 40
-    created = _post(f"{stack.arkindex_url}/_sim/processes", {"name": "bootstrap", "tasks": [
-        {"slug": "init", "image": "worker:1", "command": None, "parents": [],
-         "artifacts": [{"path": "pages.json", "content": '{"pages": [1, 2]}'},
-                       {"path": "notes.txt", "content": "première ligne\n"}]},
-        {"slug": "extract", "image": "worker:1", "command": None, "parents": [],
-         "artifacts": [{"path": "lines.csv", "content": "id,text\n1,hello\n"}]},
-        {"slug": "train", "image": "worker:1", "command": None, "parents": ["init", "extract"],
-         "requires_gpu": True, "configuration": {"epochs": 3},
-         "model": {"name": "htr", "dir": str(model_dir),
-                   "files": {"weights.bin": weights.hex(), "conf/params.yml": "lr: 0.1\n"}}},
-    ]})
+    created = _post(
+        f"{stack.arkindex_url}/_sim/processes",
+        {
+            "name": "bootstrap",
+            "tasks": [
+                {
+                    "slug": "init",
+                    "image": "worker:1",
+                    "command": None,
+                    "parents": [],
+                    "artifacts": [
+                        {"path": "pages.json", "content": '{"pages": [1, 2]}'},
+                        {"path": "notes.txt", "content": "première ligne\n"},
+                    ],
+                },
+                {
+                    "slug": "extract",
+                    "image": "worker:1",
+                    "command": None,
+                    "parents": [],
+                    "artifacts": [{"path": "lines.csv", "content": "id,text\n1,hello\n"}],
+                },
+                {
+                    "slug": "train",
+                    "image": "worker:1",
+                    "command": None,
+                    "parents": ["init", "extract"],
+                    "requires_gpu": True,
+                    "configuration": {"epochs": 3},
+                    "model": {
+                        "name": "htr",
+                        "dir": str(model_dir),
+                        "files": {"weights.bin": weights.hex(), "conf/params.yml": "lr: 0.1\n"},
+                    },
+                },
+            ],
+        },
+    )
     ids = {t["slug"]: t["id"] for t in created["tasks"]}
 
     # An agent runs the two parents to completion; the child then becomes pending.
-    agent = ArkindexAgentClient(stack.arkindex_url, stack.farm_id, stack.seed,
-                                MemoryCredentialStore(), max_wait=0.2)
+    agent = ArkindexAgentClient(
+        stack.arkindex_url, stack.farm_id, stack.seed, MemoryCredentialStore(), max_wait=0.2
+    )
     for slug in ("init", "extract"):
         _start(agent, ids[slug])
         assert agent.update_state(ids[slug], "running")
@@ -139,8 +188,13 @@ def test_bootstrap_downloads_parents_artifacts_and_model(
     }
     assert env["PONOS_TASK"] == ids["train"] and env["ARKINDEX_API_URL"]
 
-    result = subprocess.run([str(base_worker_python), "-c", WORKER_SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(base_worker_python), "-c", WORKER_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     configured = json.loads(result.stdout.split("WORKER-CONFIGURED ", 1)[1])
     assert configured["read_only"] is False
@@ -170,8 +224,12 @@ def test_bootstrap_downloads_parents_artifacts_and_model(
         time.sleep(0.1)
 
     # A restarted container finds `current` and does not bootstrap again.
-    again = subprocess.run([str(base_worker_python), "-c", WORKER_SCRIPT],
-                           env={**env, "CONTAINER_ID": ""}, capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run(
+        [str(base_worker_python), "-c", WORKER_SCRIPT],
+        env={**env, "CONTAINER_ID": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already been setup" in again.stderr

@@ -11,8 +11,9 @@ import requests
 from ponos_tasks.simulators.harness import OVERRIDING_ENV, LocalRun, SimAdmin
 from ponos_tasks.simulators.stack import redis_answers
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                reason="needs redis-server (a private Redis)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server (a private Redis)"
+)
 
 
 def test_local_run_admin_client_and_stop(tmp_path):
@@ -22,12 +23,15 @@ def test_local_run_admin_client_and_stop(tmp_path):
         assert run.redis_url.startswith("redis://127.0.0.1:")
         admin = run.admin
         assert isinstance(admin, SimAdmin)
-        assert (admin.vast_url, admin.arkindex_url) == (run.stack.vast_url,
-                                                        run.stack.arkindex_url)
+        assert (admin.vast_url, admin.arkindex_url) == (run.stack.vast_url, run.stack.arkindex_url)
 
-        ids = admin.process("p", [{"slug": "a", "image": "registry.example/w:1"},
-                                  {"slug": "b", "image": "registry.example/w:1",
-                                   "parents": ["a"]}])
+        ids = admin.process(
+            "p",
+            [
+                {"slug": "a", "image": "registry.example/w:1"},
+                {"slug": "b", "image": "registry.example/w:1", "parents": ["a"]},
+            ],
+        )
         assert list(ids) == ["a", "b"]
         one = admin.one_task()
         assert set(admin.tasks()) == {*ids.values(), one}

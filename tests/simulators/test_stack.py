@@ -28,8 +28,11 @@ def answers(url: str) -> bool:
 def check_urls_answer(stack) -> None:
     schema = requests.get(f"{stack.arkindex_url}/api/v1/openapi/?format=json", timeout=10)
     assert schema.status_code == 200 and "CreateAgent" in schema.text
-    account = requests.get(f"{stack.vast_url}/api/v0/users/current/", timeout=10,
-                           headers={"Authorization": f"Bearer {stack.vast_api_key}"})
+    account = requests.get(
+        f"{stack.vast_url}/api/v0/users/current/",
+        timeout=10,
+        headers={"Authorization": f"Bearer {stack.vast_api_key}"},
+    )
     assert account.status_code == 200, account.text
     s3_client(stack.s3_url).list_buckets()  # raises if S3 does not answer
     if stack.redis_url:
@@ -53,8 +56,10 @@ def test_printed_config_and_env_are_accepted_by_the_agent_config(local_stack, tm
 
     path = tmp_path / "agent.yml"
     path.write_text(local_stack.config_yaml())
-    for config in (load_config(str(path), environ={}),
-                   load_config(None, environ=local_stack.env())):
+    for config in (
+        load_config(str(path), environ={}),
+        load_config(None, environ=local_stack.env()),
+    ):
         assert config.url == local_stack.arkindex_url
         assert str(config.farm_id) == local_stack.farm_id and config.seed == local_stack.seed
         assert config.vast_api.url == local_stack.vast_url
@@ -97,9 +102,20 @@ def _run_command(sig, tmp_path):
     missing_redis = f"redis://127.0.0.1:{free_port()}/0"
     env_file = tmp_path / "stack.env"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ponos_tasks.simulators.stack", "--redis-url", missing_redis,
-         "--env-file", str(env_file), "--time-scale", "50"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ponos_tasks.simulators.stack",
+            "--redis-url",
+            missing_redis,
+            "--env-file",
+            str(env_file),
+            "--time-scale",
+            "50",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     lines = []
@@ -129,7 +145,9 @@ def _run_command(sig, tmp_path):
     assert "Local stack stopped." in rest
     assert "Traceback" not in rest
     assert not redis_answers(urls["REDIS_URL"])  # its redis-server was stopped too
-    assert not any(answers(urls[n]) for n in ("PONOS_ARKINDEX_URL", "PONOS_VAST_URL", "PONOS_S3_URL"))
+    assert not any(
+        answers(urls[n]) for n in ("PONOS_ARKINDEX_URL", "PONOS_VAST_URL", "PONOS_S3_URL")
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

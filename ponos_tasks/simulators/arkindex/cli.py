@@ -16,16 +16,22 @@ import click
 @click.option("--s3-url", default=None, help="An S3 endpoint to use; default: start one (moto).")
 @click.option("--farm-id", default=None, help="Farm UUID agents register with (default: random).")
 @click.option("--seed", default=None, help="The farm's seed (default: random).")
-@click.option("--token-ttl", default=3600.0, show_default=True, type=float,
-              help="Lifetime of agent access tokens, in seconds.")
+@click.option(
+    "--token-ttl",
+    default=3600.0,
+    show_default=True,
+    type=float,
+    help="Lifetime of agent access tokens, in seconds.",
+)
 def command(host, port, s3_url, farm_id, seed, token_ttl):
     """Run the Arkindex simulator (agents, tasks, artifacts, models) until Ctrl-C."""
     from ponos_tasks.simulators.arkindex import ArkindexSimulator
 
     farm_id = farm_id or str(uuid.uuid4())
     seed = seed or secrets.token_hex(32)
-    sim = ArkindexSimulator(s3_url=s3_url, farms={farm_id: seed}, host=host, port=port,
-                            token_ttl=token_ttl)
+    sim = ArkindexSimulator(
+        s3_url=s3_url, farms={farm_id: seed}, host=host, port=port, token_ttl=token_ttl
+    )
     sim.start()
     stopped = threading.Event()
     # SIGTERM stops as cleanly as Ctrl-C (a process manager sends it).

@@ -55,8 +55,9 @@ MODELS_BUCKET = "models"
 class ApiError(Exception):
     """An error rendered in the shape arkindex-client understands."""
 
-    def __init__(self, status: int, code: str, detail: str, attr: list | None = None,
-                 kind: str | None = None):
+    def __init__(
+        self, status: int, code: str, detail: str, attr: list | None = None, kind: str | None = None
+    ):
         super().__init__(detail)
         self.status = status
         self.code = code
@@ -65,8 +66,10 @@ class ApiError(Exception):
         self.kind = kind or ("validation_error" if attr else "client_error")
 
     def body(self) -> dict:
-        return {"type": self.kind,
-                "errors": [{"attr": self.attr, "code": self.code, "detail": self.detail}]}
+        return {
+            "type": self.kind,
+            "errors": [{"attr": self.attr, "code": self.code, "detail": self.detail}],
+        }
 
 
 def validation_error(attr: str, code: str, detail: str) -> ApiError:
@@ -99,9 +102,12 @@ class Agent:
 
     def to_json(self) -> dict:
         return {
-            "id": self.id, "farm": {"id": self.farm_id, "name": f"farm {self.farm_id[:8]}"},
-            "hostname": self.hostname, "cpu_cores": self.cpu_cores,
-            "cpu_frequency": self.cpu_frequency, "gpu_count": self.gpu_count,
+            "id": self.id,
+            "farm": {"id": self.farm_id, "name": f"farm {self.farm_id[:8]}"},
+            "hostname": self.hostname,
+            "cpu_cores": self.cpu_cores,
+            "cpu_frequency": self.cpu_frequency,
+            "gpu_count": self.gpu_count,
             "gpu_names": self.gpu_names,
         }
 
@@ -121,9 +127,15 @@ class Artifact:
 
     def to_json(self, s3_put_url: str | None = None) -> dict:
         stamp = _iso(self.created)
-        return {"id": self.id, "path": self.path, "size": self.size,
-                "content_type": self.content_type, "s3_put_url": s3_put_url,
-                "created": stamp, "updated": stamp}
+        return {
+            "id": self.id,
+            "path": self.path,
+            "size": self.size,
+            "content_type": self.content_type,
+            "s3_put_url": s3_put_url,
+            "created": stamp,
+            "updated": stamp,
+        }
 
 
 @dataclass
@@ -180,11 +192,27 @@ class Task:
     agent_id: str | None = None
     history: list[dict] = field(default_factory=list)
 
-    def record(self, to: str, *, accepted: bool, source: str, status: int | None = None,
-               error: str | None = None) -> None:
+    def record(
+        self,
+        to: str,
+        *,
+        accepted: bool,
+        source: str,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
         """Append one update, accepted or refused, then apply it when accepted."""
-        self.history.append({"t": _now(), "from": self.state, "to": to, "accepted": accepted,
-                             "status": status, "error": error, "source": source})
+        self.history.append(
+            {
+                "t": _now(),
+                "from": self.state,
+                "to": to,
+                "accepted": accepted,
+                "status": status,
+                "error": error,
+                "source": source,
+            }
+        )
         if accepted:
             self.state = to
 
@@ -202,8 +230,9 @@ def _as_int(body: dict, name: str, minimum: int, required: bool = True) -> int |
     if isinstance(value, bool) or not isinstance(value, int):
         raise validation_error(name, "invalid", "A valid integer is required.")
     if value < minimum:
-        raise validation_error(name, "min_value",
-                               f"Ensure this value is greater than or equal to {minimum}.")
+        raise validation_error(
+            name, "min_value", f"Ensure this value is greater than or equal to {minimum}."
+        )
     return value
 
 
@@ -219,8 +248,7 @@ def _as_str(body: dict, name: str) -> str:
 class ArkindexState:
     """The simulated Arkindex database and scheduler."""
 
-    def __init__(self, farms: dict[str, str], storage, *, token_ttl: float = 3600.0,
-                 clock=_now):
+    def __init__(self, farms: dict[str, str], storage, *, token_ttl: float = 3600.0, clock=_now):
         self.farms = dict(farms)
         self.storage = storage
         self.token_ttl = token_ttl
@@ -240,48 +268,82 @@ class ArkindexState:
 
     def register_agent(self, body: dict) -> dict:
         if not isinstance(body, dict):
-            raise ApiError(400, "invalid", "The body must be a JSON object.", kind="validation_error")
+            raise ApiError(
+                400, "invalid", "The body must be a JSON object.", kind="validation_error"
+            )
         farm = _as_str(body, "farm")
         public_key = _as_str(body, "public_key")
         derivation = _as_str(body, "derivation")
         hostname = _as_str(body, "hostname")
         if not HOSTNAME_RE.match(hostname):
-            raise validation_error("hostname", "invalid",
-                                   "Enter a hostname of at most 64 letters, digits, '-', '_' or '.'.")
+            raise validation_error(
+                "hostname",
+                "invalid",
+                "Enter a hostname of at most 64 letters, digits, '-', '_' or '.'.",
+            )
         cpu_cores = _as_int(body, "cpu_cores", 1)
         cpu_frequency = _as_int(body, "cpu_frequency", 1)
         gpu_count = _as_int(body, "gpu_count", 0)
         gpu_names = body.get("gpu_names")
         if gpu_names is not None and not isinstance(gpu_names, str):
-            gpu_names = ", ".join(map(str, gpu_names)) if isinstance(gpu_names, list) else str(gpu_names)
+            gpu_names = (
+                ", ".join(map(str, gpu_names)) if isinstance(gpu_names, list) else str(gpu_names)
+            )
         if farm not in self.farms:
-            raise validation_error("farm", "does_not_exist",
-                                   f'Invalid pk "{farm}" - farm does not exist.')
+            raise validation_error(
+                "farm", "does_not_exist", f'Invalid pk "{farm}" - farm does not exist.'
+            )
         if not NONCE_RE.match(public_key):
-            raise validation_error("public_key", "invalid",
-                                   "The public key must be a random nonce of 64 lowercase hex digits.")
+            raise validation_error(
+                "public_key",
+                "invalid",
+                "The public key must be a random nonce of 64 lowercase hex digits.",
+            )
         expected = derivation_for(self.farms[farm], farm, public_key)
         if not hmac.compare_digest(expected, derivation.lower()):
             raise validation_error(
-                "derivation", "invalid",
+                "derivation",
+                "invalid",
                 "The derivation does not prove knowledge of this farm's seed "
-                "(expected hex HMAC-SHA256(key=seed, msg='<farm>:<public_key>')).")
+                "(expected hex HMAC-SHA256(key=seed, msg='<farm>:<public_key>')).",
+            )
         with self.lock:
             # The same agent registering again (same farm and key) keeps its id and tasks.
-            agent = next((a for a in self.agents.values()
-                          if a.farm_id == farm and a.public_key == public_key), None)
+            agent = next(
+                (
+                    a
+                    for a in self.agents.values()
+                    if a.farm_id == farm and a.public_key == public_key
+                ),
+                None,
+            )
             if agent is None:
-                agent = Agent(id=str(uuid.uuid4()), farm_id=farm, hostname=hostname,
-                              cpu_cores=cpu_cores, cpu_frequency=cpu_frequency,
-                              gpu_count=gpu_count, gpu_names=gpu_names, public_key=public_key,
-                              refresh_token=secrets.token_hex(32))
+                agent = Agent(
+                    id=str(uuid.uuid4()),
+                    farm_id=farm,
+                    hostname=hostname,
+                    cpu_cores=cpu_cores,
+                    cpu_frequency=cpu_frequency,
+                    gpu_count=gpu_count,
+                    gpu_names=gpu_names,
+                    public_key=public_key,
+                    refresh_token=secrets.token_hex(32),
+                )
                 self.agents[agent.id] = agent
             else:
-                agent.hostname, agent.cpu_cores, agent.cpu_frequency = hostname, cpu_cores, cpu_frequency
+                agent.hostname, agent.cpu_cores, agent.cpu_frequency = (
+                    hostname,
+                    cpu_cores,
+                    cpu_frequency,
+                )
                 agent.gpu_count, agent.gpu_names = gpu_count, gpu_names
             access = self._new_access_token(agent.id)
-            return {**agent.to_json(), "farm": farm, "access_token": access,
-                    "refresh_token": agent.refresh_token}
+            return {
+                **agent.to_json(),
+                "farm": farm,
+                "access_token": access,
+                "refresh_token": agent.refresh_token,
+            }
 
     def _new_access_token(self, agent_id: str) -> str:
         token = secrets.token_hex(32)
@@ -297,20 +359,29 @@ class ArkindexState:
             if agent is None:
                 raise ApiError(401, "token_not_valid", "Token is invalid or expired")
             access = self._new_access_token(agent.id)
-            return {"id": agent.id, "access_token": access, "access": access,
-                    "refresh_token": agent.refresh_token, "refresh": agent.refresh_token}
+            return {
+                "id": agent.id,
+                "access_token": access,
+                "access": access,
+                "refresh_token": agent.refresh_token,
+                "refresh": agent.refresh_token,
+            }
 
     def authenticate(self, header: str | None) -> tuple[str, object]:
         """('agent', Agent) or ('task', Task) from an Authorization header, else 401."""
         if not header:
-            raise ApiError(401, "not_authenticated", "Authentication credentials were not provided.")
+            raise ApiError(
+                401, "not_authenticated", "Authentication credentials were not provided."
+            )
         scheme, _, token = header.partition(" ")
         token = token.strip()
         with self.lock:
             if scheme == "Bearer":
                 entry = self.access_tokens.get(token)
                 if entry is None:
-                    raise ApiError(401, "token_not_valid", "Given token not valid for any token type")
+                    raise ApiError(
+                        401, "token_not_valid", "Given token not valid for any token type"
+                    )
                 agent_id, expiry = entry
                 if self.clock() >= expiry:
                     raise ApiError(401, "token_not_valid", "Token is invalid or expired")
@@ -322,14 +393,21 @@ class ArkindexState:
                 if task_id is None:
                     raise ApiError(401, "authentication_failed", "Invalid task token.")
                 return "task", self.tasks[task_id]
-        raise ApiError(401, "authentication_failed",
-                       f"Unsupported authentication scheme {scheme!r} (use Bearer or Ponos).")
+        raise ApiError(
+            401,
+            "authentication_failed",
+            f"Unsupported authentication scheme {scheme!r} (use Bearer or Ponos).",
+        )
 
     # ---- processes (admin) -------------------------------------------------------------
 
     def create_process(self, spec: dict) -> dict:
         """Create a process from the admin spec (see server.py for the format)."""
-        if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list) or not spec["tasks"]:
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("tasks"), list)
+            or not spec["tasks"]
+        ):
             raise ValueError("a process needs a non-empty 'tasks' list")
         specs = spec["tasks"]
         slugs = [t.get("slug") for t in specs]
@@ -359,13 +437,22 @@ class ArkindexState:
             for task_spec in sorted(specs, key=lambda t: depths[t["slug"]]):
                 task = self._create_task(process_id, corpus_id, task_spec, depths, by_slug)
                 by_slug[task.slug] = task
-            process = Process(id=process_id, name=str(spec.get("name") or "process"),
-                              corpus_id=corpus_id, task_ids=[by_slug[s].id for s in slugs])
+            process = Process(
+                id=process_id,
+                name=str(spec.get("name") or "process"),
+                corpus_id=corpus_id,
+                task_ids=[by_slug[s].id for s in slugs],
+            )
             self.processes[process_id] = process
             self._schedule()
-            return {"id": process_id, "name": process.name, "corpus": corpus_id,
-                    "tasks": [{"id": by_slug[s].id, "slug": s, "state": by_slug[s].state}
-                              for s in slugs]}
+            return {
+                "id": process_id,
+                "name": process.name,
+                "corpus": corpus_id,
+                "tasks": [
+                    {"id": by_slug[s].id, "slug": s, "state": by_slug[s].state} for s in slugs
+                ],
+            }
 
     def _create_task(self, process_id, corpus_id, spec, depths, by_slug) -> Task:
         task_id = str(uuid.uuid4())
@@ -373,21 +460,33 @@ class ArkindexState:
         if spec.get("model"):
             model_version_id = self._create_model_version(spec["model"])
         worker_run = WorkerRun(
-            id=str(uuid.uuid4()), process_id=process_id, corpus_id=corpus_id,
+            id=str(uuid.uuid4()),
+            process_id=process_id,
+            corpus_id=corpus_id,
             configuration=dict(spec.get("configuration") or {}),
-            model_version_id=model_version_id, use_gpu=bool(spec.get("requires_gpu")),
+            model_version_id=model_version_id,
+            use_gpu=bool(spec.get("requires_gpu")),
             summary=f"Worker {spec['slug']} @ simulated version",
         )
         self.worker_runs[worker_run.id] = worker_run
         self._order += 1
         task = Task(
-            id=task_id, process_id=process_id, slug=spec["slug"], image=spec["image"],
-            command=spec.get("command"), env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+            id=task_id,
+            process_id=process_id,
+            slug=spec["slug"],
+            image=spec["image"],
+            command=spec.get("command"),
+            env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
             parent_ids=[by_slug[p].id for p in spec.get("parents", [])],
-            requires_gpu=bool(spec.get("requires_gpu")), token=secrets.token_hex(24),
-            worker_run_id=worker_run.id, depth=depths[spec["slug"]], order=self._order,
+            requires_gpu=bool(spec.get("requires_gpu")),
+            token=secrets.token_hex(24),
+            worker_run_id=worker_run.id,
+            depth=depths[spec["slug"]],
+            order=self._order,
             model_version_id=model_version_id,
-            model_dir=(spec.get("model") or {}).get("dir", "/data/model") if model_version_id else None,
+            model_dir=(spec.get("model") or {}).get("dir", "/data/model")
+            if model_version_id
+            else None,
         )
         self.tasks[task_id] = task
         self.task_tokens[task.token] = task_id
@@ -408,10 +507,12 @@ class ArkindexState:
         files = model.get("files") or {"model.txt": "simulated model\n"}
         archive = tar_zst(files)
         version = ModelVersion(
-            id=str(uuid.uuid4()), model_id=str(uuid.uuid4()),
+            id=str(uuid.uuid4()),
+            model_id=str(uuid.uuid4()),
             model_name=model.get("name", "simulated model"),
             configuration=dict(model.get("configuration") or {}),
-            size=len(archive), hash=hashlib.md5(archive).hexdigest(),  # noqa: S324 (etag-like)
+            size=len(archive),
+            hash=hashlib.md5(archive).hexdigest(),  # noqa: S324 (etag-like)
         )
         self.storage.put(MODELS_BUCKET, version.key, archive, "application/zstd")
         self.model_versions[version.id] = version
@@ -419,9 +520,12 @@ class ArkindexState:
 
     def _add_artifact(self, task: Task, path: str, size: int, content_type: str) -> Artifact:
         if any(a.path == path for a in self.artifacts[task.id]):
-            raise validation_error("path", "unique", f"An artifact with path {path!r} already exists.")
-        artifact = Artifact(id=str(uuid.uuid4()), task_id=task.id, path=path, size=size,
-                            content_type=content_type)
+            raise validation_error(
+                "path", "unique", f"An artifact with path {path!r} already exists."
+            )
+        artifact = Artifact(
+            id=str(uuid.uuid4()), task_id=task.id, path=path, size=size, content_type=content_type
+        )
         self.artifacts[task.id].append(artifact)
         return artifact
 
@@ -500,8 +604,14 @@ class ArkindexState:
             raise ApiError(404, "not_found", "No Task matches the given query.")
         return task
 
-    def check_task_access(self, principal: tuple[str, object], task: Task, *,
-                          artifacts: bool = False, write: bool = False) -> None:
+    def check_task_access(
+        self,
+        principal: tuple[str, object],
+        task: Task,
+        *,
+        artifacts: bool = False,
+        write: bool = False,
+    ) -> None:
         """Agents reach the tasks assigned to them. A task token reaches its own task, and
         reads the artifacts of every task of its process (what a worker's bootstrap needs);
         it creates artifacts on its own task only."""
@@ -513,14 +623,21 @@ class ArkindexState:
                 return
             if artifacts and not write and who.process_id == task.process_id:
                 return
-        raise ApiError(403, "permission_denied", "You do not have permission to perform this action.")
+        raise ApiError(
+            403, "permission_denied", "You do not have permission to perform this action."
+        )
 
     def task_json(self, task: Task) -> dict:
         agent = self.agents.get(task.agent_id) if task.agent_id else None
         return {
-            "id": task.id, "slug": task.slug, "state": task.state, "run": 0,
-            "depth": task.depth, "parents": list(task.parent_ids),
-            "process_id": task.process_id, "requires_gpu": task.requires_gpu,
+            "id": task.id,
+            "slug": task.slug,
+            "state": task.state,
+            "run": 0,
+            "depth": task.depth,
+            "parents": list(task.parent_ids),
+            "process_id": task.process_id,
+            "requires_gpu": task.requires_gpu,
             "agent": agent.to_json() if agent else None,
             "full_log": self.storage.presign_get(LOGS_BUCKET, f"{task.id}.log"),
         }

@@ -83,8 +83,15 @@ AGENT_REGISTRATION = {
 }
 
 TASK_STATES = [
-    "unscheduled", "pending", "running", "completed", "failed", "error", "stopping",
-    "stopped", "cancelled",
+    "unscheduled",
+    "pending",
+    "running",
+    "completed",
+    "failed",
+    "error",
+    "stopping",
+    "stopped",
+    "cancelled",
 ]
 
 
@@ -96,10 +103,18 @@ def build_document(server_url: str) -> dict:
                 "CreateAgent",
                 "Register a Ponos agent on a farm, proving it knows the farm seed "
                 "(derivation = hex HMAC-SHA256(key=seed, msg='<farm>:<public_key>')).",
-                body=_body(AGENT_REGISTRATION, [
-                    "farm", "public_key", "derivation", "hostname", "cpu_cores",
-                    "cpu_frequency", "gpu_count",
-                ]),
+                body=_body(
+                    AGENT_REGISTRATION,
+                    [
+                        "farm",
+                        "public_key",
+                        "derivation",
+                        "hostname",
+                        "cpu_cores",
+                        "cpu_frequency",
+                        "gpu_count",
+                    ],
+                ),
                 response=_json_response("The agent with access_token and refresh_token"),
             ),
         },
@@ -114,8 +129,9 @@ def build_document(server_url: str) -> dict:
             "get": _operation(
                 "RetrieveAgentActions",
                 "Actions for this agent (start_task, stop_task); assigns pending tasks.",
-                parameters=[{"name": "capacity", "in": "query", "required": False,
-                             "schema": INTEGER}],
+                parameters=[
+                    {"name": "capacity", "in": "query", "required": False, "schema": INTEGER}
+                ],
                 security="agentAuth",
             ),
         },
@@ -123,7 +139,8 @@ def build_document(server_url: str) -> dict:
             "get": _operation(
                 "RetrieveTaskDefinition",
                 "Image, command, environment, parents and log URL of a task.",
-                parameters=[ID], security="agentAuth",
+                parameters=[ID],
+                security="agentAuth",
             ),
         },
         "/api/v1/task/{id}/": {
@@ -138,42 +155,56 @@ def build_document(server_url: str) -> dict:
         },
         "/api/v1/task/{id}/artifacts/": {
             "get": _operation(
-                "ListArtifacts", "List a task's artifacts (not paginated).", parameters=[ID],
-                response=_json_response("Artifacts", {"type": "array", "items": {"type": "object"}}),
+                "ListArtifacts",
+                "List a task's artifacts (not paginated).",
+                parameters=[ID],
+                response=_json_response(
+                    "Artifacts", {"type": "array", "items": {"type": "object"}}
+                ),
             ),
             "post": _operation(
                 "CreateArtifact",
                 "Declare an artifact; upload its bytes with a PUT to s3_put_url.",
                 parameters=[ID],
-                body=_body({"path": STRING, "content_type": STRING, "size": INTEGER},
-                           ["path", "content_type", "size"]),
+                body=_body(
+                    {"path": STRING, "content_type": STRING, "size": INTEGER},
+                    ["path", "content_type", "size"],
+                ),
             ),
         },
         "/api/v1/task/{id}/artifact/{path}": {
             "get": _operation(
-                "DownloadArtifact", "Download an artifact (redirects to S3).",
-                parameters=[ID, {"name": "path", "in": "path", "required": True,
-                                 "schema": STRING}],
-                response={"description": "The artifact's bytes",
-                          "content": {"application/octet-stream": {"schema": STRING}}},
+                "DownloadArtifact",
+                "Download an artifact (redirects to S3).",
+                parameters=[ID, {"name": "path", "in": "path", "required": True, "schema": STRING}],
+                response={
+                    "description": "The artifact's bytes",
+                    "content": {"application/octet-stream": {"schema": STRING}},
+                },
             ),
         },
         "/api/v1/modelversion/{id}/": {
             "get": _operation(
-                "RetrieveModelVersion", "A model version, with an s3_url to its archive.",
-                parameters=[ID], tag="training",
+                "RetrieveModelVersion",
+                "A model version, with an s3_url to its archive.",
+                parameters=[ID],
+                tag="training",
             ),
         },
         "/api/v1/process/workers/{id}/": {
             "get": _operation(
-                "RetrieveWorkerRun", "A worker run, with its process and worker version.",
-                parameters=[ID], tag="process",
+                "RetrieveWorkerRun",
+                "A worker run, with its process and worker version.",
+                parameters=[ID],
+                tag="process",
             ),
         },
         "/api/v1/workers/runs/{id}/configuration/": {
             "get": _operation(
-                "RetrieveWorkerRunConfiguration", "The configuration of a worker run.",
-                parameters=[ID], tag="process",
+                "RetrieveWorkerRunConfiguration",
+                "The configuration of a worker run.",
+                parameters=[ID],
+                tag="process",
             ),
         },
     }
@@ -183,15 +214,19 @@ def build_document(server_url: str) -> dict:
             "title": "Arkindex API (ponos-vast simulator)",
             "version": "1.0.0-sim",
             "description": "The Ponos agent and worker endpoints of Arkindex, simulated. "
-                           "Community Edition: no RetrieveSecret.",
+            "Community Edition: no RetrieveSecret.",
         },
         "servers": [{"url": server_url}],
         "paths": paths,
         "components": {
             "securitySchemes": {
                 "agentAuth": {"type": "http", "scheme": "bearer"},
-                "taskAuth": {"type": "apiKey", "in": "header", "name": "Authorization",
-                             "description": "Ponos <task token>"},
+                "taskAuth": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "Ponos <task token>",
+                },
             },
         },
     }

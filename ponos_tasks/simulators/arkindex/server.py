@@ -65,8 +65,9 @@ def create_app(sim: ArkindexSimulator) -> Flask:
     def body() -> dict:
         data = request.get_json(silent=True)
         if not isinstance(data, dict):
-            raise ApiError(400, "parse_error", "The body must be a JSON object.",
-                           kind="validation_error")
+            raise ApiError(
+                400, "parse_error", "The body must be a JSON object.", kind="validation_error"
+            )
         return data
 
     @app.errorhandler(ApiError)
@@ -83,8 +84,14 @@ def create_app(sim: ArkindexSimulator) -> Flask:
     @app.errorhandler(Exception)
     def server_error(error: Exception):
         logger.exception("unexpected error on %s %s", request.method, request.path)
-        return jsonify({"type": "server_error", "errors": [
-            {"attr": None, "code": "error", "detail": f"{type(error).__name__}: {error}"}]}), 500
+        return jsonify(
+            {
+                "type": "server_error",
+                "errors": [
+                    {"attr": None, "code": "error", "detail": f"{type(error).__name__}: {error}"}
+                ],
+            }
+        ), 500
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -110,7 +117,9 @@ def create_app(sim: ArkindexSimulator) -> Flask:
             try:
                 capacity = int(raw)
             except ValueError:
-                raise validation_error("capacity", "invalid", "A valid integer is required.") from None
+                raise validation_error(
+                    "capacity", "invalid", "A valid integer is required."
+                ) from None
         return jsonify(state().actions(agent, capacity))
 
     @app.get("/api/v1/task/<task_id>/definition/")
@@ -171,8 +180,12 @@ def create_app(sim: ArkindexSimulator) -> Flask:
             raise ApiError(404, "not_found", f"No artifact {path!r} on this task.")
         # Like Arkindex: a redirect to S3. requests drops the Authorization header on the
         # way (another port), so the Ponos token never reaches S3.
-        return redirect(sim.storage.presign_get(ARTIFACTS_BUCKET, artifact.key,
-                                                content_type=artifact.content_type), code=302)
+        return redirect(
+            sim.storage.presign_get(
+                ARTIFACTS_BUCKET, artifact.key, content_type=artifact.content_type
+            ),
+            code=302,
+        )
 
     @app.get("/api/v1/modelversion/<version_id>/")
     def retrieve_model_version(version_id):
@@ -182,15 +195,24 @@ def create_app(sim: ArkindexSimulator) -> Flask:
         if version is None:
             raise ApiError(404, "not_found", "No ModelVersion matches the given query.")
         _check_related(st, who, lambda t: t.model_version_id == version_id)
-        return jsonify({
-            "id": version.id, "model": {"id": version.model_id, "name": version.model_name},
-            "model_id": version.model_id, "state": "available", "tag": None,
-            "description": "", "configuration": version.configuration, "size": version.size,
-            "hash": version.hash, "archive_hash": version.hash,
-            "s3_url": sim.storage.presign_get(MODELS_BUCKET, version.key,
-                                              content_type="application/zstd"),
-            "s3_put_url": None,
-        })
+        return jsonify(
+            {
+                "id": version.id,
+                "model": {"id": version.model_id, "name": version.model_name},
+                "model_id": version.model_id,
+                "state": "available",
+                "tag": None,
+                "description": "",
+                "configuration": version.configuration,
+                "size": version.size,
+                "hash": version.hash,
+                "archive_hash": version.hash,
+                "s3_url": sim.storage.presign_get(
+                    MODELS_BUCKET, version.key, content_type="application/zstd"
+                ),
+                "s3_put_url": None,
+            }
+        )
 
     @app.get("/api/v1/process/workers/<run_id>/")
     def retrieve_worker_run(run_id):
@@ -201,9 +223,14 @@ def create_app(sim: ArkindexSimulator) -> Flask:
     def retrieve_worker_run_configuration(run_id):
         who = principal()
         run = _worker_run(state(), who, run_id)
-        return jsonify({"configuration": [
-            {"key": key, "value": value, "secret": False} for key, value in run.configuration.items()
-        ]})
+        return jsonify(
+            {
+                "configuration": [
+                    {"key": key, "value": value, "secret": False}
+                    for key, value in run.configuration.items()
+                ]
+            }
+        )
 
     # ---- admin API -----------------------------------------------------------------------
 
@@ -243,8 +270,13 @@ def create_app(sim: ArkindexSimulator) -> Flask:
         process = request.args.get("process")
         with state().lock:
             tasks = sorted(state().tasks.values(), key=lambda t: t.order)
-            return jsonify({"tasks": [sim.admin_task_json(t) for t in tasks
-                                      if process in (None, t.process_id)]})
+            return jsonify(
+                {
+                    "tasks": [
+                        sim.admin_task_json(t) for t in tasks if process in (None, t.process_id)
+                    ]
+                }
+            )
 
     @app.get("/_sim/tasks/<task_id>")
     def admin_task(task_id):
@@ -274,10 +306,14 @@ def create_app(sim: ArkindexSimulator) -> Flask:
     @app.get("/_sim/agents")
     def admin_agents():
         with state().lock:
-            return jsonify({"agents": [
-                {**a.to_json(), "registered_at": a.registered_at, "last_seen": a.last_seen}
-                for a in state().agents.values()
-            ]})
+            return jsonify(
+                {
+                    "agents": [
+                        {**a.to_json(), "registered_at": a.registered_at, "last_seen": a.last_seen}
+                        for a in state().agents.values()
+                    ]
+                }
+            )
 
     return app
 
@@ -288,8 +324,9 @@ def _check_related(st: ArkindexState, who, matches) -> None:
     with st.lock:
         if kind == "task" and matches(principal):
             return
-        if kind == "agent" and any(t.agent_id == principal.id and matches(t)
-                                   for t in st.tasks.values()):
+        if kind == "agent" and any(
+            t.agent_id == principal.id and matches(t) for t in st.tasks.values()
+        ):
             return
     raise ApiError(403, "permission_denied", "You do not have permission to perform this action.")
 
@@ -310,9 +347,15 @@ class ArkindexSimulator:
     into task environments and the OpenAPI servers list (default: the listening URL).
     """
 
-    def __init__(self, s3_url: str | None = None, farms: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", port: int = 0, token_ttl: float = 3600,
-                 public_url: str | None = None):
+    def __init__(
+        self,
+        s3_url: str | None = None,
+        farms: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token_ttl: float = 3600,
+        public_url: str | None = None,
+    ):
         self.s3_url = s3_url
         self.farms = dict(farms) if farms else {str(uuid.uuid4()): secrets.token_hex(32)}
         self.host = host
@@ -353,8 +396,9 @@ class ArkindexSimulator:
         self.state = ArkindexState(self.farms, self.storage, token_ttl=self.token_ttl)
         self._server = make_server(self.host, self.port, create_app(self), threaded=True)
         # A short poll interval: shutdown() waits for it (0.5 s by default, per test).
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="arkindex-simulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="arkindex-simulator", daemon=True
+        )
         self._thread.start()
         logger.info("Arkindex simulator listening on %s", self.url)
         return self
@@ -397,13 +441,15 @@ class ArkindexSimulator:
 
     def task_env(self, task: Task) -> dict[str, str]:
         env = dict(task.env)
-        env.update({
-            "ARKINDEX_API_URL": self.public_url,
-            "ARKINDEX_TASK_TOKEN": task.token,
-            "PONOS_TASK": task.id,
-            "ARKINDEX_PROCESS_ID": task.process_id,
-            "ARKINDEX_WORKER_RUN_ID": task.worker_run_id,
-        })
+        env.update(
+            {
+                "ARKINDEX_API_URL": self.public_url,
+                "ARKINDEX_TASK_TOKEN": task.token,
+                "PONOS_TASK": task.id,
+                "ARKINDEX_PROCESS_ID": task.process_id,
+                "ARKINDEX_WORKER_RUN_ID": task.worker_run_id,
+            }
+        )
         if task.model_version_id:
             env["ARKINDEX_MODEL_VERSION"] = task.model_version_id
             env["ARKINDEX_MODEL_DIR"] = task.model_dir
@@ -413,51 +459,92 @@ class ArkindexSimulator:
         with self.state.lock:
             parents = [{"id": p, "slug": self.state.tasks[p].slug} for p in task.parent_ids]
             return {
-                "id": task.id, "slug": task.slug, "image": task.image, "command": task.command,
-                "env": self.task_env(task), "parents": parents,
+                "id": task.id,
+                "slug": task.slug,
+                "image": task.image,
+                "command": task.command,
+                "env": self.task_env(task),
+                "parents": parents,
                 "s3_logs_put_url": self.storage.presign_put(LOGS_BUCKET, f"{task.id}.log"),
-                "requires_gpu": task.requires_gpu, "process_id": task.process_id,
-                "worker_run_id": task.worker_run_id, "model_version_id": task.model_version_id,
+                "requires_gpu": task.requires_gpu,
+                "process_id": task.process_id,
+                "worker_run_id": task.worker_run_id,
+                "model_version_id": task.model_version_id,
                 "agent_id": task.agent_id,
             }
 
     def admin_task_json(self, task: Task) -> dict:
         return {
-            "id": task.id, "slug": task.slug, "process_id": task.process_id,
-            "state": task.state, "agent_id": task.agent_id, "requires_gpu": task.requires_gpu,
-            "image": task.image, "command": task.command,
+            "id": task.id,
+            "slug": task.slug,
+            "process_id": task.process_id,
+            "state": task.state,
+            "agent_id": task.agent_id,
+            "requires_gpu": task.requires_gpu,
+            "image": task.image,
+            "command": task.command,
             "parents": [{"id": p, "slug": self.state.tasks[p].slug} for p in task.parent_ids],
-            "token": task.token, "worker_run_id": task.worker_run_id,
-            "model_version_id": task.model_version_id, "env": self.task_env(task),
+            "token": task.token,
+            "worker_run_id": task.worker_run_id,
+            "model_version_id": task.model_version_id,
+            "env": self.task_env(task),
             "history": list(task.history),
         }
 
     def process_json(self, process) -> dict:
         with self.state.lock:
-            return {"id": process.id, "name": process.name, "corpus": process.corpus_id,
-                    "tasks": [{"id": t, "slug": self.state.tasks[t].slug,
-                               "state": self.state.tasks[t].state} for t in process.task_ids]}
+            return {
+                "id": process.id,
+                "name": process.name,
+                "corpus": process.corpus_id,
+                "tasks": [
+                    {"id": t, "slug": self.state.tasks[t].slug, "state": self.state.tasks[t].state}
+                    for t in process.task_ids
+                ],
+            }
 
     def worker_run_json(self, run) -> dict:
         process = self.state.processes.get(run.process_id)
-        version = self.state.model_versions.get(run.model_version_id) if run.model_version_id else None
+        version = (
+            self.state.model_versions.get(run.model_version_id) if run.model_version_id else None
+        )
         worker_id = str(uuid.uuid5(uuid.NAMESPACE_URL, run.id))
         return {
-            "id": run.id, "summary": run.summary, "use_gpu": run.use_gpu, "parents": [],
-            "process": {"id": run.process_id, "corpus": run.corpus_id, "mode": "workers",
-                        "name": process.name if process else None, "state": "running",
-                        "chunks": 1},
+            "id": run.id,
+            "summary": run.summary,
+            "use_gpu": run.use_gpu,
+            "parents": [],
+            "process": {
+                "id": run.process_id,
+                "corpus": run.corpus_id,
+                "mode": "workers",
+                "name": process.name if process else None,
+                "state": "running",
+                "chunks": 1,
+            },
             "worker_version": {
-                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, run.id + "/version")), "version": 1,
-                "worker": {"id": worker_id, "name": "Simulated worker", "slug": "simulated",
-                           "type": "worker"},
-                "configuration": {}, "gpu_usage": "required" if run.use_gpu else "disabled",
+                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, run.id + "/version")),
+                "version": 1,
+                "worker": {
+                    "id": worker_id,
+                    "name": "Simulated worker",
+                    "slug": "simulated",
+                    "type": "worker",
+                },
+                "configuration": {},
+                "gpu_usage": "required" if run.use_gpu else "disabled",
                 "model_usage": "required" if version else "disabled",
             },
-            "model_version": None if version is None else {
-                "id": version.id, "configuration": version.configuration,
+            "model_version": None
+            if version is None
+            else {
+                "id": version.id,
+                "configuration": version.configuration,
                 "model": {"id": version.model_id, "name": version.model_name},
             },
-            "configuration": {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, run.id + "/conf")),
-                              "name": "simulated", "configuration": run.configuration},
+            "configuration": {
+                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, run.id + "/conf")),
+                "name": "simulated",
+                "configuration": run.configuration,
+            },
         }

@@ -32,7 +32,8 @@ class Storage:
     def presign_put(self, bucket: str, key: str) -> str:
         # No ContentType in the signed parameters: the uploader may send any Content-Type.
         return self.client.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=URL_LIFETIME)
+            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=URL_LIFETIME
+        )
 
     def presign_get(self, bucket: str, key: str, content_type: str | None = None) -> str:
         params = {"Bucket": bucket, "Key": key}
@@ -41,4 +42,5 @@ class Storage:
             # that a model archive is served as application/zstd whatever it was stored as.
             params["ResponseContentType"] = content_type
         return self.client.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=URL_LIFETIME)
+            "get_object", Params=params, ExpiresIn=URL_LIFETIME
+        )

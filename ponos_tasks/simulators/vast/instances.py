@@ -20,13 +20,17 @@ CREATED_SECONDS = 2.0  # created -> loading
 RESTART_DELAY = 10.0  # exited (intent running) -> loading again, as Vast restarts containers
 RESTART_PULL = 5.0  # loading after a restart: the image is cached
 STOP_SIGNAL_DELAY = 0.2  # real seconds between a stop/destroy and SIGTERM to a local process
-OCI_MESSAGE = ("Error response from daemon: failed to create task for container: failed to "
-               "create shim task: OCI runtime create failed: runc create failed: unable to "
-               "start container process: error during container init: nvidia-container-cli: "
-               "initialization error: nvml error: driver/library version mismatch: unknown")
-PORT_CONFLICT_MESSAGE = ("Error response from daemon: driver failed programming external "
-                         "connectivity on endpoint: Bind for 0.0.0.0:22 failed: port is "
-                         "already allocated")
+OCI_MESSAGE = (
+    "Error response from daemon: failed to create task for container: failed to "
+    "create shim task: OCI runtime create failed: runc create failed: unable to "
+    "start container process: error during container init: nvidia-container-cli: "
+    "initialization error: nvml error: driver/library version mismatch: unknown"
+)
+PORT_CONFLICT_MESSAGE = (
+    "Error response from daemon: driver failed programming external "
+    "connectivity on endpoint: Bind for 0.0.0.0:22 failed: port is "
+    "already allocated"
+)
 
 
 def _env_float(env: dict, name: str, default: float) -> float:
@@ -128,10 +132,18 @@ class Fleet:
             setattr(inst, key, value)
         after = (inst.actual_status, inst.intended_status, inst.cur_state, inst.next_state)
         if after != before:
-            self.on_event({"t": round(t, 3), "event": "status", **self._identity(inst),
-                           "actual_status": self.actual(inst), "intended_status":
-                           inst.intended_status, "cur_state": inst.cur_state,
-                           "next_state": inst.next_state, "status_msg": inst.status_msg})
+            self.on_event(
+                {
+                    "t": round(t, 3),
+                    "event": "status",
+                    **self._identity(inst),
+                    "actual_status": self.actual(inst),
+                    "intended_status": inst.intended_status,
+                    "cur_state": inst.cur_state,
+                    "next_state": inst.next_state,
+                    "status_msg": inst.status_msg,
+                }
+            )
 
     @staticmethod
     def _identity(inst: Instance) -> dict:
@@ -152,32 +164,66 @@ class Fleet:
         return "offline" if inst.offline else inst.actual_status
 
     # -- creation ------------------------------------------------------------------------
-    def create(self, *, offer_row: dict, machine_id: int, offer_id: int, body: dict,
-               env: dict, now: float, faults: dict, doomed: bool, start_stopped: bool,
-               price: float | None) -> Instance:
+    def create(
+        self,
+        *,
+        offer_row: dict,
+        machine_id: int,
+        offer_id: int,
+        body: dict,
+        env: dict,
+        now: float,
+        faults: dict,
+        doomed: bool,
+        start_stopped: bool,
+        price: float | None,
+    ) -> Instance:
         run_mode = str(env.get("SIM_RUN_MODE", self.run_mode))
         disk = float(body.get("disk") or 10)
         gpu_dph = float(price) if price is not None else float(offer_row["dph_base"])
         inst = Instance(
-            id=next(self._ids), label=body.get("label"), machine_id=machine_id,
-            offer_id=offer_id, num_gpus=offer_row["num_gpus"], offer_row=offer_row,
-            image=body.get("image") or "vastai/base-image:@vastai-automatic-tag", env=env,
-            onstart=body.get("onstart"), args=body.get("args"),
+            id=next(self._ids),
+            label=body.get("label"),
+            machine_id=machine_id,
+            offer_id=offer_id,
+            num_gpus=offer_row["num_gpus"],
+            offer_row=offer_row,
+            image=body.get("image") or "vastai/base-image:@vastai-automatic-tag",
+            env=env,
+            onstart=body.get("onstart"),
+            args=body.get("args"),
             runtype=body.get("runtype") or ("args" if body.get("args") is not None else "ssh"),
-            disk=disk, gpu_dph=gpu_dph,
+            disk=disk,
+            gpu_dph=gpu_dph,
             storage_dph=float(offer_row["storage_cost"]) * disk / 720.0,
-            is_bid=price is not None, api_key=secrets.token_hex(32),
+            is_bid=price is not None,
+            api_key=secrets.token_hex(32),
             run_mode=run_mode if run_mode in ("scripted", "local") else "scripted",
-            created_at=now, faults=faults, last_accrual=now,
+            created_at=now,
+            faults=faults,
+            last_accrual=now,
             doomed_msg=PORT_CONFLICT_MESSAGE if doomed else None,
         )
         self.instances[inst.id] = inst
-        self.on_event({"t": round(now, 3), "event": "created", **self._identity(inst),
-                       "actual_status": None, "offer_id": offer_id})
+        self.on_event(
+            {
+                "t": round(now, 3),
+                "event": "created",
+                **self._identity(inst),
+                "actual_status": None,
+                "offer_id": offer_id,
+            }
+        )
         if start_stopped:
-            self._set(inst, now, intended_status="stopped", cur_state="stopped",
-                      next_state="stopped", actual_status="stopped",
-                      status_msg="Instance created stopped: required resources unavailable")
+            self._set(
+                inst,
+                now,
+                intended_status="stopped",
+                cur_state="stopped",
+                next_state="stopped",
+                actual_status="stopped",
+                status_msg="Instance created stopped: required resources unavailable",
+            )
         else:
             self._schedule(inst, now + PROVISION_SECONDS, "created")
         offline = faults.get("offline")
@@ -205,8 +251,15 @@ class Fleet:
     def _on_created(self, inst: Instance, t: float) -> None:
         if "oci_failure" in inst.faults:
             # Abandoned start as observed on Vast: created + OCI error, everything stopped.
-            self._set(inst, t, actual_status="created", status_msg=OCI_MESSAGE,
-                      intended_status="stopped", cur_state="stopped", next_state="stopped")
+            self._set(
+                inst,
+                t,
+                actual_status="created",
+                status_msg=OCI_MESSAGE,
+                intended_status="stopped",
+                cur_state="stopped",
+                next_state="stopped",
+            )
             return
         if inst.doomed_msg:
             self._set(inst, t, actual_status="created", status_msg=inst.doomed_msg)
@@ -225,16 +278,21 @@ class Fleet:
         inst.runs += 1
         inst.exit_code = None
         inst.running_since = t
-        self._set(inst, t, actual_status="running",
-                  status_msg=f"success, running {inst.image}/{inst.runtype.split()[0]}")
+        self._set(
+            inst,
+            t,
+            actual_status="running",
+            status_msg=f"success, running {inst.image}/{inst.runtype.split()[0]}",
+        )
         knobs = inst.knobs()
         if inst.run_mode == "local":
             self._start_process(inst)
         else:
             count, duration = knobs["log_lines"], knobs["duration"]
             for index in range(count):
-                inst.log.append((t + duration * (index + 1) / (count + 1),
-                                 f"sim log line {index + 1}/{count}"))
+                inst.log.append(
+                    (t + duration * (index + 1) / (count + 1), f"sim log line {index + 1}/{count}")
+                )
             for line in knobs["final_lines"].splitlines():
                 inst.log.append((t + duration, line))
             self._schedule(inst, t + duration, "run_end")
@@ -254,8 +312,9 @@ class Fleet:
         else:
             self._container_exited(inst, t, f"exited with code {inst.exit_code}")
 
-    def _container_exited(self, inst: Instance, t: float, message: str,
-                          restart: bool = True) -> None:
+    def _container_exited(
+        self, inst: Instance, t: float, message: str, restart: bool = True
+    ) -> None:
         inst.run_seq += 1
         inst.running_since = None
         self._set(inst, t, actual_status="exited", status_msg=message)
@@ -270,28 +329,47 @@ class Fleet:
         rule = inst.faults["unexpected_exit"]
         self._kill(inst, t, crash=True)
         inst.exit_code = int(rule.get("exit_code", 137))
-        self._container_exited(inst, t, f"exited with code {inst.exit_code}",
-                               restart=bool(rule.get("restart", False)))
+        self._container_exited(
+            inst, t, f"exited with code {inst.exit_code}", restart=bool(rule.get("restart", False))
+        )
 
     def _on_outbid(self, inst: Instance, t: float) -> None:
         self._kill(inst, t)
         inst.run_seq += 1
         inst.running_since = None
-        self._set(inst, t, actual_status="stopped", intended_status="stopped",
-                  cur_state="stopped", next_state="stopped",
-                  status_msg="Instance stopped: outbid by a higher priority rental")
+        self._set(
+            inst,
+            t,
+            actual_status="stopped",
+            intended_status="stopped",
+            cur_state="stopped",
+            next_state="stopped",
+            status_msg="Instance stopped: outbid by a higher priority rental",
+        )
 
     def _on_offline_on(self, inst: Instance, t: float) -> None:
         self._accrue(inst, t)
         inst.offline = True
-        self.on_event({"t": round(t, 3), "event": "status", **self._identity(inst),
-                       "actual_status": "offline"})
+        self.on_event(
+            {
+                "t": round(t, 3),
+                "event": "status",
+                **self._identity(inst),
+                "actual_status": "offline",
+            }
+        )
 
     def _on_offline_off(self, inst: Instance, t: float) -> None:
         self._accrue(inst, t)
         inst.offline = False
-        self.on_event({"t": round(t, 3), "event": "status", **self._identity(inst),
-                       "actual_status": inst.actual_status})
+        self.on_event(
+            {
+                "t": round(t, 3),
+                "event": "status",
+                **self._identity(inst),
+                "actual_status": inst.actual_status,
+            }
+        )
 
     # -- local processes -----------------------------------------------------------------
     def command(self, inst: Instance) -> list[str]:
@@ -305,8 +383,13 @@ class Fleet:
             return  # nothing to run: the container idles until stopped
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in inst.env.items() if not str(k).startswith("-")})
-        env.update({"CONTAINER_ID": str(inst.id), "CONTAINER_API_KEY": inst.api_key,
-                    "VAST_URL": self.url_getter()})
+        env.update(
+            {
+                "CONTAINER_ID": str(inst.id),
+                "CONTAINER_API_KEY": inst.api_key,
+                "VAST_URL": self.url_getter(),
+            }
+        )
         try:
             inst.proc = LocalProcess(cmd, env, self.clock.now)
         except OSError as exc:
@@ -342,15 +425,20 @@ class Fleet:
         inst.run_seq += 1
         inst.running_since = None
         actual = inst.actual_status if inst.actual_status in (None, "created") else "exited"
-        self._set(inst, now, intended_status="stopped", cur_state="stopped",
-                  next_state="stopped", actual_status=actual)
+        self._set(
+            inst,
+            now,
+            intended_status="stopped",
+            cur_state="stopped",
+            next_state="stopped",
+            actual_status=actual,
+        )
 
     def start(self, inst: Instance, now: float) -> None:
         if inst.intended_status == "running" and inst.actual_status not in ("exited", "stopped"):
             return
         inst.run_seq += 1
-        self._set(inst, now, intended_status="running", cur_state="running",
-                  next_state="running")
+        self._set(inst, now, intended_status="running", cur_state="running", next_state="running")
         if "oci_failure" in inst.faults or inst.doomed_msg or inst.actual_status is None:
             if inst.actual_status is None:
                 self._schedule(inst, now + PROVISION_SECONDS, "created")
@@ -365,8 +453,14 @@ class Fleet:
         inst.destroyed_at = now
         inst.cur_state = inst.next_state = "unloaded"
         self.market.release(inst.machine_id, inst.num_gpus)
-        self.on_event({"t": round(now, 3), "event": "destroyed", **self._identity(inst),
-                       "actual_status": inst.actual_status})
+        self.on_event(
+            {
+                "t": round(now, 3),
+                "event": "destroyed",
+                **self._identity(inst),
+                "actual_status": inst.actual_status,
+            }
+        )
 
     def shutdown(self) -> None:
         for inst in self.instances.values():
@@ -378,9 +472,18 @@ class Fleet:
     def ledger_row(self, inst: Instance) -> dict:
         gpu_cost = inst.gpu_seconds / 3600.0 * inst.gpu_dph
         storage_cost = inst.storage_seconds / 3600.0 * inst.storage_dph
-        return {"id": inst.id, "label": inst.label, "machine_id": inst.machine_id,
-                "offer_id": inst.offer_id, "gpu_name": inst.offer_row["gpu_name"],
-                "dph_total": inst.dph_total, "gpu_seconds": inst.gpu_seconds,
-                "storage_seconds": inst.storage_seconds, "gpu_cost": gpu_cost,
-                "storage_cost": storage_cost, "cost": gpu_cost + storage_cost,
-                "created_at": inst.created_at, "destroyed_at": inst.destroyed_at}
+        return {
+            "id": inst.id,
+            "label": inst.label,
+            "machine_id": inst.machine_id,
+            "offer_id": inst.offer_id,
+            "gpu_name": inst.offer_row["gpu_name"],
+            "dph_total": inst.dph_total,
+            "gpu_seconds": inst.gpu_seconds,
+            "storage_seconds": inst.storage_seconds,
+            "gpu_cost": gpu_cost,
+            "storage_cost": storage_cost,
+            "cost": gpu_cost + storage_cost,
+            "created_at": inst.created_at,
+            "destroyed_at": inst.destroyed_at,
+        }

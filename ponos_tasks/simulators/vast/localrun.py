@@ -20,11 +20,18 @@ class LocalProcess:
         self._lock = threading.Lock()
         self._lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            errors="replace",
         )
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name=f"vast-sim-proc-{self.proc.pid}")
+        self._reader = threading.Thread(
+            target=self._read, daemon=True, name=f"vast-sim-proc-{self.proc.pid}"
+        )
         self._reader.start()
 
     def _read(self) -> None:

@@ -28,19 +28,46 @@ GPU_CATALOG = [
 ]
 
 PLACES = [
-    ("California", "US"), ("Texas", "US"), ("Washington", "US"), ("Florida", "US"),
-    ("Quebec", "CA"), ("Ontario", "CA"), ("Bulgaria", "BG"), ("Norway", "NO"),
-    ("Sweden", "SE"), ("Netherlands", "NL"), ("Germany", "DE"), ("France", "FR"),
-    ("Poland", "PL"), ("Czechia", "CZ"), ("Spain", "ES"), ("Japan", "JP"),
-    ("Taiwan", "TW"), ("Vietnam", "VN"), ("Guangdong", "CN"), ("Hong Kong", "HK"),
-    ("New South Wales", "AU"), ("Sao Paulo", "BR"),
+    ("California", "US"),
+    ("Texas", "US"),
+    ("Washington", "US"),
+    ("Florida", "US"),
+    ("Quebec", "CA"),
+    ("Ontario", "CA"),
+    ("Bulgaria", "BG"),
+    ("Norway", "NO"),
+    ("Sweden", "SE"),
+    ("Netherlands", "NL"),
+    ("Germany", "DE"),
+    ("France", "FR"),
+    ("Poland", "PL"),
+    ("Czechia", "CZ"),
+    ("Spain", "ES"),
+    ("Japan", "JP"),
+    ("Taiwan", "TW"),
+    ("Vietnam", "VN"),
+    ("Guangdong", "CN"),
+    ("Hong Kong", "HK"),
+    ("New South Wales", "AU"),
+    ("Sao Paulo", "BR"),
 ]
 
-DRIVERS = [("535.86.05", 12.2), ("545.29.06", 12.3), ("550.54.14", 12.4),
-           ("560.35.03", 12.6), ("570.124.04", 12.8), ("575.57.08", 12.9)]
-CPUS = ["AMD EPYC 7543 32-Core Processor", "AMD Ryzen 9 7950X 16-Core Processor",
-        "Intel Xeon Gold 6342", "AMD EPYC 9354 32-Core Processor", "Intel Core i9-13900K",
-        "AMD Ryzen Threadripper PRO 5975WX"]
+DRIVERS = [
+    ("535.86.05", 12.2),
+    ("545.29.06", 12.3),
+    ("550.54.14", 12.4),
+    ("560.35.03", 12.6),
+    ("570.124.04", 12.8),
+    ("575.57.08", 12.9),
+]
+CPUS = [
+    "AMD EPYC 7543 32-Core Processor",
+    "AMD Ryzen 9 7950X 16-Core Processor",
+    "Intel Xeon Gold 6342",
+    "AMD EPYC 9354 32-Core Processor",
+    "Intel Core i9-13900K",
+    "AMD Ryzen Threadripper PRO 5975WX",
+]
 MOBOS = ["ROMED8-2T", "X570 AORUS ELITE", "H12SSL-i", "WRX80E-SAGE", "Z790 AORUS", "MZ32-AR0"]
 GPU_COUNTS = [1, 1, 2, 2, 4, 4, 8]
 
@@ -136,7 +163,7 @@ class Market:
             "os_version": rng.choice(["20.04", "22.04", "24.04"]),
             "reliability": reliability,
             "reliability2": reliability,
-            "reliability_mult": round(reliability ** 2, 4),
+            "reliability_mult": round(reliability**2, 4),
             "verification": "verified" if verified else "unverified",
             "verified": verified,
             "vericode": 1 if verified else 0,
@@ -146,7 +173,7 @@ class Market:
             "geolocode": 1000 + PLACES.index((place, country)),
             "static_ip": datacenter or rng.random() < 0.4,
             "public_ipaddr": f"{rng.randrange(11, 223)}.{rng.randrange(256)}."
-                             f"{rng.randrange(256)}.{rng.randrange(1, 255)}",
+            f"{rng.randrange(256)}.{rng.randrange(1, 255)}",
             "storage_cost": round(rng.uniform(0.05, 0.3), 3),
             "dph_base_per_gpu": per_gpu,
             "min_bid_per_gpu": round(per_gpu * rng.uniform(0.3, 0.7), 4),
@@ -158,8 +185,9 @@ class Market:
 
     def refresh_machine(self, machine_id: int) -> None:
         """Replace the machine's offers by fresh ids for 1..free GPUs (or none if unlisted)."""
-        for offer_id in [o.id for o in self.offers.values()
-                         if o.machine_id == machine_id and not o.ghost]:
+        for offer_id in [
+            o.id for o in self.offers.values() if o.machine_id == machine_id and not o.ghost
+        ]:
             del self.offers[offer_id]
         machine = self.machines[machine_id]
         if not machine.listed:
@@ -230,8 +258,9 @@ class Market:
             self.refresh_machine(toggle.id)
 
     # -- rendering ---------------------------------------------------------------------
-    def render(self, offer: Offer, *, allocated_storage: float, offer_type: str,
-               rented: bool) -> dict:
+    def render(
+        self, offer: Offer, *, allocated_storage: float, offer_type: str, rented: bool
+    ) -> dict:
         """The offer row as Vast.ai returns it, priced for `allocated_storage` GB."""
         machine = self.machines[offer.machine_id]
         specs = machine.specs
@@ -245,54 +274,63 @@ class Market:
         discounted = dph_total * (1 - discount_rate)
         total_flops = specs["tflops_per_gpu"] * n
         dlperf = round(total_flops * 0.9, 2)
-        row = {key: value for key, value in specs.items()
-               if key not in ("dph_base_per_gpu", "min_bid_per_gpu", "tflops_per_gpu")}
-        price = {"gpuCostPerHour": gpu_hour, "diskHour": disk_hour, "totalHour": dph_total,
-                 "discountTotalHour": dph_total - discounted,
-                 "discountedTotalPerHour": discounted}
-        row.update({
-            "id": offer.id,
-            "ask_contract_id": offer.id,
-            "bundle_id": offer.id,
-            "bundled_results": None,
-            "machine_id": machine.id,
-            "num_gpus": n,
-            "gpu_total_ram": specs["gpu_ram"] * n,
-            "gpu_frac": round(n / machine.num_gpus, 4),
-            "cpu_cores_effective": round(specs["cpu_cores"] * n / machine.num_gpus, 1),
-            "dph_base": dph_base,
-            "dph_total": dph_total,
-            "dph_total_adj": dph_total,
-            "min_bid": min_bid,
-            "storage_total_cost": disk_hour,
-            "vram_costperhour": gpu_hour / (specs["gpu_ram"] * n / 1024),
-            "discount_rate": discount_rate,
-            "discounted_hourly": discounted,
-            "discounted_dph_total": discounted,
-            "credit_discount_max": 0.4,
-            "search": dict(price),
-            "instance": dict(price),
-            "total_flops": total_flops,
-            "dlperf": dlperf,
-            "dlperf_per_dphtotal": dlperf / dph_total,
-            "flops_per_dphtotal": total_flops / dph_total,
-            "score": round(dlperf / dph_total * specs["reliability"] ** 4 / 10, 3),
-            "expected_reliability": specs["reliability"],
-            "rentable": True,
-            "rented": rented,
-            "is_bid": offer_type == "bid",
-            "resource_type": "gpu",
-            "hostname": f"host{machine.host_id}",
-            "webpage": None,
-            "logo": "/static/logos/vastai_small2.png",
-            "start_date": None,
-            "end_date": None,
-            "rn": 0,
-            "time_remaining": "",
-            "time_remaining_isbid": "",
-            "is_vm_deverified": False,
-            "cluster_id": None,
-            "internet_up_cost_per_tb": specs["inet_up_cost"] * 1024,
-            "internet_down_cost_per_tb": specs["inet_down_cost"] * 1024,
-        })
+        row = {
+            key: value
+            for key, value in specs.items()
+            if key not in ("dph_base_per_gpu", "min_bid_per_gpu", "tflops_per_gpu")
+        }
+        price = {
+            "gpuCostPerHour": gpu_hour,
+            "diskHour": disk_hour,
+            "totalHour": dph_total,
+            "discountTotalHour": dph_total - discounted,
+            "discountedTotalPerHour": discounted,
+        }
+        row.update(
+            {
+                "id": offer.id,
+                "ask_contract_id": offer.id,
+                "bundle_id": offer.id,
+                "bundled_results": None,
+                "machine_id": machine.id,
+                "num_gpus": n,
+                "gpu_total_ram": specs["gpu_ram"] * n,
+                "gpu_frac": round(n / machine.num_gpus, 4),
+                "cpu_cores_effective": round(specs["cpu_cores"] * n / machine.num_gpus, 1),
+                "dph_base": dph_base,
+                "dph_total": dph_total,
+                "dph_total_adj": dph_total,
+                "min_bid": min_bid,
+                "storage_total_cost": disk_hour,
+                "vram_costperhour": gpu_hour / (specs["gpu_ram"] * n / 1024),
+                "discount_rate": discount_rate,
+                "discounted_hourly": discounted,
+                "discounted_dph_total": discounted,
+                "credit_discount_max": 0.4,
+                "search": dict(price),
+                "instance": dict(price),
+                "total_flops": total_flops,
+                "dlperf": dlperf,
+                "dlperf_per_dphtotal": dlperf / dph_total,
+                "flops_per_dphtotal": total_flops / dph_total,
+                "score": round(dlperf / dph_total * specs["reliability"] ** 4 / 10, 3),
+                "expected_reliability": specs["reliability"],
+                "rentable": True,
+                "rented": rented,
+                "is_bid": offer_type == "bid",
+                "resource_type": "gpu",
+                "hostname": f"host{machine.host_id}",
+                "webpage": None,
+                "logo": "/static/logos/vastai_small2.png",
+                "start_date": None,
+                "end_date": None,
+                "rn": 0,
+                "time_remaining": "",
+                "time_remaining_isbid": "",
+                "is_vm_deverified": False,
+                "cluster_id": None,
+                "internet_up_cost_per_tb": specs["inet_up_cost"] * 1024,
+                "internet_down_cost_per_tb": specs["inet_down_cost"] * 1024,
+            }
+        )
         return row

@@ -9,11 +9,21 @@ coerced to the type of the column before comparing.
 
 OPERATORS = ("eq", "neq", "gt", "gte", "lt", "lte", "in", "notin")
 SPECIAL_KEYS = ("order", "type", "limit", "allocated_storage", "disable_bundling")
-OFFER_TYPES = {"on-demand": "on-demand", "ondemand": "on-demand", "bid": "bid",
-               "interruptible": "bid", "reserved": "reserved"}
-ALIASES = {"cuda_vers": "cuda_max_good", "display_active": "gpu_display_active",
-           "dlperf_usd": "dlperf_per_dphtotal", "dph": "dph_total",
-           "flops_usd": "flops_per_dphtotal", "ubuntu_version": "os_version"}
+OFFER_TYPES = {
+    "on-demand": "on-demand",
+    "ondemand": "on-demand",
+    "bid": "bid",
+    "interruptible": "bid",
+    "reserved": "reserved",
+}
+ALIASES = {
+    "cuda_vers": "cuda_max_good",
+    "display_active": "gpu_display_active",
+    "dlperf_usd": "dlperf_per_dphtotal",
+    "dph": "dph_total",
+    "flops_usd": "flops_per_dphtotal",
+    "ubuntu_version": "os_version",
+}
 DEFAULT_LIMIT = 64
 
 
@@ -60,8 +70,12 @@ def _compare(op: str, actual, operand) -> bool:
     if actual is None or operand is None:
         return False
     try:
-        return {"gt": actual > operand, "gte": actual >= operand,
-                "lt": actual < operand, "lte": actual <= operand}[op]
+        return {
+            "gt": actual > operand,
+            "gte": actual >= operand,
+            "lt": actual < operand,
+            "lte": actual <= operand,
+        }[op]
     except TypeError:
         return False
 
@@ -83,8 +97,9 @@ def matches(row: dict, field: str, conditions: dict) -> bool:
     """Whether `row` satisfies every {op: operand} of `conditions` on `field`."""
     for op, operand in conditions.items():
         if op not in OPERATORS:
-            raise QueryError(f"Unknown operator {op!r} for {field}; expected one of "
-                             f"{', '.join(OPERATORS)}")
+            raise QueryError(
+                f"Unknown operator {op!r} for {field}; expected one of {', '.join(OPERATORS)}"
+            )
         if op in ("in", "notin") and not isinstance(operand, list):
             operand = [operand]
         if field == "geolocation":
@@ -104,8 +119,11 @@ def matches(row: dict, field: str, conditions: dict) -> bool:
             result = _compare(op, actual, operand)
         elif field == "datacenter":
             actual = row.get("hosting_type") == 1
-            operand = ([coerce(item, True) for item in operand] if isinstance(operand, list)
-                       else coerce(operand, True))
+            operand = (
+                [coerce(item, True) for item in operand]
+                if isinstance(operand, list)
+                else coerce(operand, True)
+            )
             result = _compare(op, actual, operand)
         else:
             actual = row.get(field)
@@ -147,7 +165,8 @@ def parse_search(query) -> dict:
         raise QueryError(f"Invalid type {query.get('type')!r}: expected on-demand, bid or reserved")
     order = query.get("order", [["score", "desc"]]) or []
     if not isinstance(order, list) or not all(
-            isinstance(item, (list, tuple)) and len(item) in (1, 2) for item in order):
+        isinstance(item, (list, tuple)) and len(item) in (1, 2) for item in order
+    ):
         raise QueryError("Invalid order: expected a list of [field, 'asc'|'desc'] pairs")
     order = [(item[0], item[1] if len(item) == 2 else "asc") for item in order]
     try:
@@ -164,11 +183,17 @@ def parse_search(query) -> dict:
         field = ALIASES.get(key, key)
         for op in conditions:
             if op not in OPERATORS:
-                raise QueryError(f"Unknown operator {op!r} for {key}; expected one of "
-                                 f"{', '.join(OPERATORS)}")
+                raise QueryError(
+                    f"Unknown operator {op!r} for {key}; expected one of {', '.join(OPERATORS)}"
+                )
         filters.setdefault(field, {}).update(conditions)
-    return {"filters": filters, "order": order, "type": offer_type, "limit": max(limit, 0),
-            "allocated_storage": storage}
+    return {
+        "filters": filters,
+        "order": order,
+        "type": offer_type,
+        "limit": max(limit, 0),
+        "allocated_storage": storage,
+    }
 
 
 def search(rows: list[dict], parsed: dict) -> list[dict]:
@@ -177,6 +202,9 @@ def search(rows: list[dict], parsed: dict) -> list[dict]:
     for field in parsed["filters"]:
         if rows and field not in known:
             raise QueryError(f"Unknown search field: {field}")
-    selected = [row for row in rows
-                if all(matches(row, field, cond) for field, cond in parsed["filters"].items())]
+    selected = [
+        row
+        for row in rows
+        if all(matches(row, field, cond) for field, cond in parsed["filters"].items())
+    ]
     return order_rows(selected, parsed["order"])[: parsed["limit"]]

@@ -51,6 +51,8 @@ def body_for(shape: str, threshold: float) -> tuple[str, str]:
     if shape == "detail":
         return json.dumps({"detail": message}), "application/json"
     if shape == "json":
-        return (json.dumps({"success": False, "error": "rate_limit_exceeded", "msg": message}),
-                "application/json")
+        return (
+            json.dumps({"success": False, "error": "rate_limit_exceeded", "msg": message}),
+            "application/json",
+        )
     return message, "text/plain"

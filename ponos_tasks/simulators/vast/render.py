@@ -3,10 +3,27 @@
 import re
 
 # Columns computed at query time: v1 select_filters refuses them with a 400.
-COMPUTED_COLUMNS = {"dph_total", "num_gpus", "duration", "uptime_mins", "search", "instance",
-                    "dph_base", "storage_total_cost", "time_remaining", "time_remaining_isbid",
-                    "ports", "extra_env", "public_ipaddr", "local_ipaddrs", "gpu_totalram",
-                    "dlperf_per_dphtotal", "flops_per_dphtotal", "score", "credit_balance"}
+COMPUTED_COLUMNS = {
+    "dph_total",
+    "num_gpus",
+    "duration",
+    "uptime_mins",
+    "search",
+    "instance",
+    "dph_base",
+    "storage_total_cost",
+    "time_remaining",
+    "time_remaining_isbid",
+    "ports",
+    "extra_env",
+    "public_ipaddr",
+    "local_ipaddrs",
+    "gpu_totalram",
+    "dlperf_per_dphtotal",
+    "flops_per_dphtotal",
+    "score",
+    "credit_balance",
+}
 
 PORT_KEY = re.compile(r"^-p\s+(\d+):(\d+)(/(tcp|udp))?$")
 
@@ -22,8 +39,10 @@ def _ports(inst, base_port: int) -> dict:
         container_ports[:0] = ["22/tcp"] + (["8080/tcp"] if "jupyter" in inst.runtype else [])
     ports = {}
     for index, port in enumerate(dict.fromkeys(container_ports)):
-        ports[port] = [{"HostIp": "0.0.0.0", "HostPort": str(base_port + index)},
-                       {"HostIp": "::", "HostPort": str(base_port + index)}]
+        ports[port] = [
+            {"HostIp": "0.0.0.0", "HostPort": str(base_port + index)},
+            {"HostIp": "::", "HostPort": str(base_port + index)},
+        ]
     return ports
 
 
@@ -31,9 +50,13 @@ def instance_object(inst, *, actual_status, clock, now: float) -> dict:
     offer = inst.offer_row
     running = actual_status == "running"
     gpu_hour = inst.gpu_dph if running else 0.0
-    price = {"gpuCostPerHour": gpu_hour, "diskHour": inst.storage_dph,
-             "totalHour": gpu_hour + inst.storage_dph, "discountTotalHour": 0.0,
-             "discountedTotalPerHour": gpu_hour + inst.storage_dph}
+    price = {
+        "gpuCostPerHour": gpu_hour,
+        "diskHour": inst.storage_dph,
+        "totalHour": gpu_hour + inst.storage_dph,
+        "discountTotalHour": 0.0,
+        "discountedTotalPerHour": gpu_hour + inst.storage_dph,
+    }
     base_port = 20000 + (inst.id % 2000) * 10
     start_date = clock.epoch(inst.created_at)
     uptime = None

@@ -16,12 +16,16 @@ from ponos_tasks.simulators.vast.faults import FaultError
 from ponos_tasks.simulators.vast.market import GPU_CATALOG
 from ponos_tasks.simulators.vast.ratelimit import SHAPES, body_for
 
-S3_PENDING = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code>"
-              "<Message>Access Denied</Message><RequestId>{rid}</RequestId>"
-              "<HostId>sim</HostId></Error>")
-HTML_ERROR = ("<html>\r\n<head><title>{status} Bad Gateway</title></head>\r\n<body>\r\n"
-              "<center><h1>{status} Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
-              "</body>\r\n</html>\r\n")
+S3_PENDING = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    "<Message>Access Denied</Message><RequestId>{rid}</RequestId>"
+    "<HostId>sim</HostId></Error>"
+)
+HTML_ERROR = (
+    "<html>\r\n<head><title>{status} Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>{status} Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
 
 
 def json_response(status: int, body) -> Response:
@@ -71,8 +75,14 @@ def create_app(state) -> Flask:
         status = int(rule.get("status", 502 if rule["fault"] == "html_error" else 500))
         if rule["fault"] == "html_error":
             return Response(HTML_ERROR.format(status=status), status=status, mimetype="text/html")
-        return json_response(status, {"success": False, "error": "server_error",
-                                      "msg": "Internal server error, please retry."})
+        return json_response(
+            status,
+            {
+                "success": False,
+                "error": "server_error",
+                "msg": "Internal server error, please retry.",
+            },
+        )
 
     def vast_endpoint(name: str, auth: bool = True, instance_key_ok: bool = False):
         """Counting, HTTP faults, authentication and rate limits around one endpoint."""
@@ -89,12 +99,18 @@ def create_app(state) -> Flask:
                 key = key or request.args.get("api_key")
                 who = state.identify(key)
                 if auth and who is None:
-                    return json_response(401, {"success": False, "error": "auth_error",
-                                               "msg": "Invalid user key"})
+                    return json_response(
+                        401, {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+                    )
                 if who is not None and who[0] == "instance" and not instance_key_ok:
-                    return json_response(403, {"success": False, "error": "not_authorized",
-                                               "msg": "This API key lacks the permission for "
-                                                      "this endpoint."})
+                    return json_response(
+                        403,
+                        {
+                            "success": False,
+                            "error": "not_authorized",
+                            "msg": "This API key lacks the permission for this endpoint.",
+                        },
+                    )
                 threshold = state.rate_check(key or request.remote_addr or "anonymous", name)
                 if threshold is not None:
                     text, mimetype = body_for(SHAPES.get(name, "text"), threshold)
@@ -102,8 +118,9 @@ def create_app(state) -> Flask:
                 try:
                     return view(who=who, key=key, **kwargs)
                 except _BadBody:
-                    return json_response(400, {"error": "invalid_request",
-                                               "msg": "Invalid json body"})
+                    return json_response(
+                        400, {"error": "invalid_request", "msg": "Invalid json body"}
+                    )
 
             return wrapper
 
@@ -123,8 +140,9 @@ def create_app(state) -> Flask:
             try:
                 query = json.loads(request.args.get("q") or "{}")
             except ValueError:
-                return json_response(400, {"error": "invalid_request",
-                                           "msg": "Invalid query: q is not valid JSON"})
+                return json_response(
+                    400, {"error": "invalid_request", "msg": "Invalid query: q is not valid JSON"}
+                )
         else:
             query = _body()
         return json_response(*state.search(query, key))
@@ -147,9 +165,15 @@ def create_app(state) -> Flask:
     def create(who, key, raw_id):
         offer_id = instance_id(raw_id)
         if offer_id is None:
-            return json_response(400, {"success": False, "error": "invalid_args",
-                                       "msg": "error 400/3467: Invalid args: 'id' is required "
-                                              "and must be a valid offer ID"})
+            return json_response(
+                400,
+                {
+                    "success": False,
+                    "error": "invalid_args",
+                    "msg": "error 400/3467: Invalid args: 'id' is required "
+                    "and must be a valid offer ID",
+                },
+            )
         status, answer, lost = state.create(offer_id, _body())
         if lost:
             _drop_connection()
@@ -176,8 +200,9 @@ def create_app(state) -> Flask:
     def show(who, key, raw_id):
         iid = instance_id(raw_id)
         if iid is None:
-            return json_response(400, {"success": False, "error": "invalid_args",
-                                       "msg": "invalid instance id"})
+            return json_response(
+                400, {"success": False, "error": "invalid_args", "msg": "invalid instance id"}
+            )
         return json_response(*state.show(iid))
 
     @app.route("/api/v0/instances/<raw_id>/", methods=["PUT"])
@@ -185,8 +210,9 @@ def create_app(state) -> Flask:
     def update(who, key, raw_id):
         iid = instance_id(raw_id)
         if iid is None:
-            return json_response(400, {"success": False, "error": "invalid_args",
-                                       "msg": "invalid instance_id"})
+            return json_response(
+                400, {"success": False, "error": "invalid_args", "msg": "invalid instance_id"}
+            )
         return json_response(*state.update(iid, _body(), who))
 
     @app.route("/api/v0/instances/<raw_id>/", methods=["DELETE"])
@@ -194,8 +220,9 @@ def create_app(state) -> Flask:
     def destroy(who, key, raw_id):
         iid = instance_id(raw_id)
         if iid is None:
-            return json_response(400, {"success": False, "error": "invalid_args",
-                                       "msg": "invalid instance_id"})
+            return json_response(
+                400, {"success": False, "error": "invalid_args", "msg": "invalid instance_id"}
+            )
         return json_response(*state.destroy(iid, who))
 
     @app.route("/api/v0/instances/request_logs/<raw_id>/", methods=["PUT", "POST"])
@@ -203,8 +230,9 @@ def create_app(state) -> Flask:
     def request_logs(who, key, raw_id):
         iid = instance_id(raw_id)
         if iid is None:
-            return json_response(404, {"success": False, "error": "invalid_id",
-                                       "msg": "Invalid instance id."})
+            return json_response(
+                404, {"success": False, "error": "invalid_id", "msg": "Invalid instance id."}
+            )
         return json_response(*state.request_logs(iid, _body(), request.host_url.rstrip("/")))
 
     @app.route("/api/v0/users/current/", methods=["GET"])
@@ -223,8 +251,9 @@ def create_app(state) -> Flask:
         text = state.log_object(name.removesuffix(".log"))
         if text is None:
             # S3 answers 403 for a key that does not exist (yet) in a non-listable bucket.
-            return Response(S3_PENDING.format(rid=name[:16].upper()), status=403,
-                            mimetype="application/xml")
+            return Response(
+                S3_PENDING.format(rid=name[:16].upper()), status=403, mimetype="application/xml"
+            )
         return Response(text, status=200, mimetype="text/plain")
 
     # -- admin -------------------------------------------------------------------------
@@ -275,12 +304,24 @@ def create_app(state) -> Flask:
 
     @app.errorhandler(404)
     def not_found(_exc):
-        return json_response(404, {"success": False, "error": "not_found",
-                                    "msg": f"No route for {request.method} {request.path}"})
+        return json_response(
+            404,
+            {
+                "success": False,
+                "error": "not_found",
+                "msg": f"No route for {request.method} {request.path}",
+            },
+        )
 
     @app.errorhandler(405)
     def not_allowed(_exc):
-        return json_response(405, {"success": False, "error": "method_not_allowed",
-                                    "msg": f"{request.method} not allowed on {request.path}"})
+        return json_response(
+            405,
+            {
+                "success": False,
+                "error": "method_not_allowed",
+                "msg": f"{request.method} not allowed on {request.path}",
+            },
+        )
 
     return app

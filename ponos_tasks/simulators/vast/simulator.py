@@ -18,19 +18,36 @@ class _QuietHandler(WSGIRequestHandler):
 class VastSimulator:
     """A Vast.ai API on loopback. `time_scale` = simulated seconds per real second."""
 
-    def __init__(self, seed: int = 0, time_scale: float = 20.0, api_key: str = "sim-key",
-                 host: str = "127.0.0.1", port: int = 0, rate_limits: bool = True,
-                 run_mode: str = "scripted", log_delay: float = 3.0, churn: bool = False,
-                 faults: list[dict] | tuple = (), access_log: bool = False):
+    def __init__(
+        self,
+        seed: int = 0,
+        time_scale: float = 20.0,
+        api_key: str = "sim-key",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rate_limits: bool = True,
+        run_mode: str = "scripted",
+        log_delay: float = 3.0,
+        churn: bool = False,
+        faults: list[dict] | tuple = (),
+        access_log: bool = False,
+    ):
         if run_mode not in ("scripted", "local"):
             raise ValueError("run_mode must be 'scripted' or 'local'")
         self.host = host
         self.port = port
         self.api_key = api_key
-        self.state = VastState(seed=seed, time_scale=time_scale, api_key=api_key,
-                               rate_limits=rate_limits, run_mode=run_mode,
-                               log_delay=log_delay, churn=churn, faults=faults,
-                               url_getter=lambda: self.url)
+        self.state = VastState(
+            seed=seed,
+            time_scale=time_scale,
+            api_key=api_key,
+            rate_limits=rate_limits,
+            run_mode=run_mode,
+            log_delay=log_delay,
+            churn=churn,
+            faults=faults,
+            url_getter=lambda: self.url,
+        )
         self.app = create_app(self.state)
         self._server = None
         self._threads: list[threading.Thread] = []
@@ -42,11 +59,13 @@ class VastSimulator:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "VastSimulator":
-        self._server = make_server(self.host, self.port, self.app, threaded=True,
-                                   request_handler=self._handler)
+        self._server = make_server(
+            self.host, self.port, self.app, threaded=True, request_handler=self._handler
+        )
         self.port = self._server.server_port
-        serve = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
-                                 name="vast-sim-http")
+        serve = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True, name="vast-sim-http"
+        )
         ticker = threading.Thread(target=self._tick, daemon=True, name="vast-sim-ticker")
         self._threads = [serve, ticker]
         for thread in self._threads:

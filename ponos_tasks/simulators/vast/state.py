@@ -31,15 +31,31 @@ def error(status: int, code: str | None, msg: str, **extra) -> tuple[int, dict]:
 
 
 class VastState:
-    def __init__(self, *, seed=0, time_scale=20.0, api_key="sim-key", rate_limits=True,
-                 run_mode="scripted", log_delay=3.0, churn=False, faults=(), url_getter=None):
+    def __init__(
+        self,
+        *,
+        seed=0,
+        time_scale=20.0,
+        api_key="sim-key",
+        rate_limits=True,
+        run_mode="scripted",
+        log_delay=3.0,
+        churn=False,
+        faults=(),
+        url_getter=None,
+    ):
         self.lock = threading.RLock()
         self.clock = SimClock(time_scale)
         self.api_key = api_key
         self.market = Market(seed=seed)
         self.events: list[dict] = []
-        self.fleet = Fleet(self.clock, self.market, url_getter=url_getter or (lambda: ""),
-                           run_mode=run_mode, on_event=self.events.append)
+        self.fleet = Fleet(
+            self.clock,
+            self.market,
+            url_getter=url_getter or (lambda: ""),
+            run_mode=run_mode,
+            on_event=self.events.append,
+        )
         self.faults = FaultBook(faults)
         self.limiter = MinIntervalLimiter(enabled=rate_limits)
         self.log_delay = float(log_delay)
@@ -108,10 +124,15 @@ class VastState:
             mine = set()
             if caller_key == self.api_key:
                 mine = {i.machine_id for i in self.fleet.instances.values() if i.live}
-            rows = [self.market.render(offer, allocated_storage=parsed["allocated_storage"],
-                                       offer_type=parsed["type"],
-                                       rented=offer.machine_id in mine)
-                    for offer in self.market.offers.values()]
+            rows = [
+                self.market.render(
+                    offer,
+                    allocated_storage=parsed["allocated_storage"],
+                    offer_type=parsed["type"],
+                    rented=offer.machine_id in mine,
+                )
+                for offer in self.market.offers.values()
+            ]
         try:
             offers = queries.search(rows, parsed)
         except queries.QueryError as exc:
@@ -138,8 +159,10 @@ class VastState:
             if offer is None:
                 machine_id = self.market.rented_offers.get(offer_id)
                 if machine_id is None or not double_rent:
-                    return (*error(404, "no_such_ask", f"No ask by id {offer_id} is available."),
-                            False)
+                    return (
+                        *error(404, "no_such_ask", f"No ask by id {offer_id} is available."),
+                        False,
+                    )
             if doomed:
                 # Vast.ai's known race: a second rent of the same offer is accepted,
                 # and that instance never starts (port already allocated on the host).
@@ -147,15 +170,21 @@ class VastState:
                 offer_row = self._rented_row(offer_id, machine_id, body)
                 self.market.offers.pop(offer_id, None)
             else:
-                offer_row = self.market.render(offer, allocated_storage=float(body.get("disk") or 10),
-                                               offer_type="on-demand", rented=False)
+                offer_row = self.market.render(
+                    offer,
+                    allocated_storage=float(body.get("disk") or 10),
+                    offer_type="on-demand",
+                    rented=False,
+                )
                 machine_id = offer.machine_id
             price = body.get("price")
             below_bid = price is not None and float(price) < offer_row["min_bid"]
             stopped_rule = self.faults.take({"create_stopped"}, label=label)
             if below_bid and body.get("cancel_unavail"):
-                return (*error(410, "no_such_ask",
-                               f"Instance type {offer_id} is no longer available."), False)
+                return (
+                    *error(410, "no_such_ask", f"Instance type {offer_id} is no longer available."),
+                    False,
+                )
             if not doomed:
                 self.market.take(offer_id, keep_listed=bool(double_rent))
             lifecycle = {}
@@ -165,37 +194,61 @@ class VastState:
                     lifecycle[name] = rule
             start_stopped = below_bid or stopped_rule is not None
             inst = self.fleet.create(
-                offer_row=offer_row, machine_id=machine_id, offer_id=offer_id, body=body,
-                env=dict(body.get("env") or {}), now=now, faults=lifecycle, doomed=doomed,
-                start_stopped=start_stopped, price=price)
+                offer_row=offer_row,
+                machine_id=machine_id,
+                offer_id=offer_id,
+                body=body,
+                env=dict(body.get("env") or {}),
+                now=now,
+                faults=lifecycle,
+                doomed=doomed,
+                start_stopped=start_stopped,
+                price=price,
+            )
             self._note_live()
             lost = self.faults.take({"create_lost"}, label=label) is not None
-            answer = {"success": not start_stopped, "new_contract": inst.id,
-                      "instance_api_key": inst.api_key}
+            answer = {
+                "success": not start_stopped,
+                "new_contract": inst.id,
+                "instance_api_key": inst.api_key,
+            }
             if start_stopped:
-                answer.update(error="resources_unavailable",
-                              msg="Instance created in the stopped state: required resources "
-                                  "are currently unavailable.")
+                answer.update(
+                    error="resources_unavailable",
+                    msg="Instance created in the stopped state: required resources "
+                    "are currently unavailable.",
+                )
             return 200, answer, lost
 
     def _rented_row(self, offer_id: int, machine_id: int, body: dict) -> dict:
         for inst in self.fleet.instances.values():
             if inst.offer_id == offer_id:
                 return dict(inst.offer_row)
-        return self.market.render(Offer(offer_id, machine_id, 1),
-                                  allocated_storage=float(body.get("disk") or 10),
-                                  offer_type="on-demand", rented=False)
+        return self.market.render(
+            Offer(offer_id, machine_id, 1),
+            allocated_storage=float(body.get("disk") or 10),
+            offer_type="on-demand",
+            rented=False,
+        )
 
     @staticmethod
     def _validate_create(offer_id: int, body: dict):
-        if not body.get("image") and not body.get("template_hash_id") \
-                and not body.get("template_id"):
-            return error(400, "invalid_args", "error 400/3467: Invalid args: 'image' or "
-                         "'template_hash_id' is required", ask_id=offer_id)
+        if (
+            not body.get("image")
+            and not body.get("template_hash_id")
+            and not body.get("template_id")
+        ):
+            return error(
+                400,
+                "invalid_args",
+                "error 400/3467: Invalid args: 'image' or 'template_hash_id' is required",
+                ask_id=offer_id,
+            )
         env = body.get("env")
         if env is not None and not isinstance(env, dict):
-            return error(400, "invalid_args", "invalid env type: env must be a dict",
-                         ask_id=offer_id)
+            return error(
+                400, "invalid_args", "invalid env type: env must be a dict", ask_id=offer_id
+            )
         for key, value in (env or {}).items():
             if len(str(key)) + len(str(value)) > 256 + 256:
                 return error(400, "invalid_args", f"env entry {key!r} is too long")
@@ -206,8 +259,12 @@ class VastState:
         except (TypeError, ValueError):
             return error(400, "invalid_args", "disk must be a number", ask_id=offer_id)
         if disk < 8:
-            return error(400, "invalid_args", "error 400/3467: Invalid args: disk must be at "
-                         "least 8 GB", ask_id=offer_id)
+            return error(
+                400,
+                "invalid_args",
+                "error 400/3467: Invalid args: disk must be at least 8 GB",
+                ask_id=offer_id,
+            )
         price = body.get("price")
         if price is not None:
             try:
@@ -215,14 +272,22 @@ class VastState:
             except (TypeError, ValueError):
                 price = -1
             if not 0.001 <= price <= 128:
-                return error(400, "invalid_price", "Invalid price: must be between 0.001 "
-                             "and 128 $/hour", ask_id=offer_id)
+                return error(
+                    400,
+                    "invalid_price",
+                    "Invalid price: must be between 0.001 and 128 $/hour",
+                    ask_id=offer_id,
+                )
         args = body.get("args")
-        if args is not None and not (isinstance(args, list)
-                                     and all(isinstance(a, str) for a in args)):
+        if args is not None and not (
+            isinstance(args, list) and all(isinstance(a, str) for a in args)
+        ):
             return error(400, "invalid_args", "args must be a list of strings")
-        total = len(body.get("onstart") or "") + len(body.get("args_str") or "") + \
-            sum(len(a) for a in args or [])
+        total = (
+            len(body.get("onstart") or "")
+            + len(body.get("args_str") or "")
+            + sum(len(a) for a in args or [])
+        )
         if total > 4096:
             return error(400, "invalid_args", "onstart + args longer than 4096 characters")
         if len(str(body.get("image") or "")) > 1024:
@@ -237,8 +302,9 @@ class VastState:
         return [inst for inst in self.fleet.instances.values() if inst.live]
 
     def _object(self, inst, now) -> dict:
-        return instance_object(inst, actual_status=self.fleet.actual(inst), clock=self.clock,
-                               now=now)
+        return instance_object(
+            inst, actual_status=self.fleet.actual(inst), clock=self.clock, now=now
+        )
 
     def show(self, instance_id: int) -> tuple[int, dict]:
         with self.lock:
@@ -251,18 +317,23 @@ class VastState:
     def list_v0(self) -> tuple[int, dict]:
         with self.lock:
             now = self.tick()
-            rows = [self._object(inst, now) for inst in sorted(self._visible(),
-                                                                key=lambda i: i.id)]
+            rows = [self._object(inst, now) for inst in sorted(self._visible(), key=lambda i: i.id)]
         return 200, {"instances_found": len(rows), "instances": rows}
 
     def filters(self) -> tuple[int, dict]:
         with self.lock:
             now = self.tick()
-            combos = {(self.fleet.actual(i), i.offer_row["verification"], i.offer_row["gpu_name"])
-                      for i in self._visible()}
+            combos = {
+                (self.fleet.actual(i), i.offer_row["verification"], i.offer_row["gpu_name"])
+                for i in self._visible()
+            }
         del now
-        return 200, {"filters": [{"actual_status": a, "verification": v, "gpu_name": g}
-                                 for a, v, g in sorted(combos, key=str)]}
+        return 200, {
+            "filters": [
+                {"actual_status": a, "verification": v, "gpu_name": g}
+                for a, v, g in sorted(combos, key=str)
+            ]
+        }
 
     def list_v1(self, args) -> tuple[int, dict]:
         try:
@@ -274,32 +345,45 @@ class VastState:
             return error(400, "invalid_request", f"Error in query parameters: {exc}")
         limit = 5 if limit <= 0 else min(limit, V1_PAGE_MAX)
         if not isinstance(select_filters, dict) or not isinstance(order_by, list):
-            return error(400, "invalid_request", "Error in query parameters: select_filters "
-                         "must be an object and order_by a list")
+            return error(
+                400,
+                "invalid_request",
+                "Error in query parameters: select_filters must be an object and order_by a list",
+            )
         with self.lock:
             now = self.tick()
             rows = [self._object(inst, now) for inst in self._visible()]
         known = set(rows[0]) if rows else set(instance_columns())
         for col, cond in select_filters.items():
             if col in COMPUTED_COLUMNS or col not in known:
-                return error(400, "invalid_request",
-                             f"Error in query parameters: {col} is not a valid search key")
+                return error(
+                    400,
+                    "invalid_request",
+                    f"Error in query parameters: {col} is not a valid search key",
+                )
             if not isinstance(cond, dict):
-                return error(400, "invalid_request",
-                             f"Error in query parameters: condition on {col} must be an object")
+                return error(
+                    400,
+                    "invalid_request",
+                    f"Error in query parameters: condition on {col} must be an object",
+                )
         order = []
         for item in order_by:
             col = item.get("col") if isinstance(item, dict) else None
             if col not in known:
-                return error(400, "invalid_request",
-                             f"Error in query parameters: cannot order by {col}")
+                return error(
+                    400, "invalid_request", f"Error in query parameters: cannot order by {col}"
+                )
             direction = str(item.get("dir", "asc")).lower()
             order.append((col, direction if direction in ("asc", "desc") else "asc"))
         if "id" not in [col for col, _ in order]:
             order.append(("id", "asc"))
         try:
-            selected = [row for row in rows if all(
-                queries.matches(row, col, cond) for col, cond in select_filters.items())]
+            selected = [
+                row
+                for row in rows
+                if all(queries.matches(row, col, cond) for col, cond in select_filters.items())
+            ]
         except queries.QueryError as exc:
             return error(400, "invalid_request", f"Error in query parameters: {exc}")
         selected.sort(key=lambda row: _keyset_key(row, order))
@@ -317,14 +401,18 @@ class VastState:
         next_token = None
         if len(selected_after) > limit:
             values = {col: page[-1].get(col) for col, _ in order}
-            next_token = base64.urlsafe_b64encode(
-                json.dumps({"values": values}).encode()).decode()
+            next_token = base64.urlsafe_b64encode(json.dumps({"values": values}).encode()).decode()
         if select_cols != ["*"] and isinstance(select_cols, list):
             page = [{col: row.get(col) for col in select_cols} for row in page]
         label_counts = Counter(row.get("label") or "" for row in selected)
-        return 200, {"success": True, "instances_found": len(page),
-                     "total_instances": len(selected), "label_counts": dict(label_counts),
-                     "next_token": next_token, "instances": page}
+        return 200, {
+            "success": True,
+            "instances_found": len(page),
+            "total_instances": len(selected),
+            "label_counts": dict(label_counts),
+            "next_token": next_token,
+            "instances": page,
+        }
 
     def update(self, instance_id: int, body, who) -> tuple[int, dict]:
         if not isinstance(body, dict) or not ({"state", "label"} & set(body)):
@@ -333,17 +421,22 @@ class VastState:
             now = self.tick()
             inst = self.fleet.instances.get(instance_id)
             if who[0] == "instance" and (who[1] is not inst or "label" in body):
-                return error(403, "not_authorized",
-                             "This instance API key may only start, stop or destroy its "
-                             "own instance.")
+                return error(
+                    403,
+                    "not_authorized",
+                    "This instance API key may only start, stop or destroy its own instance.",
+                )
             if inst is None or not inst.live:
                 return error(404, "no_such_instance", f"Instance {instance_id} not found.")
             answer = {"success": True}
             if "label" in body:
                 label = body["label"]
                 if label is not None and len(str(label)) > 1024:
-                    return error(400, "label_too_long", "Please limit label length to 1024 "
-                                 "characters, ideally less than 128.")
+                    return error(
+                        400,
+                        "label_too_long",
+                        "Please limit label length to 1024 characters, ideally less than 128.",
+                    )
                 inst.label = None if label is None else str(label)
                 self._note_live()
                 answer["msg"] = f"label for {instance_id} set to '{inst.label}'"
@@ -362,8 +455,11 @@ class VastState:
             now = self.tick()
             inst = self.fleet.instances.get(instance_id)
             if who[0] == "instance" and who[1] is not inst:
-                return error(403, "not_authorized",
-                             "This instance API key may only destroy its own instance.")
+                return error(
+                    403,
+                    "not_authorized",
+                    "This instance API key may only destroy its own instance.",
+                )
             if inst is None or not inst.live:
                 return error(404, "no_such_instance", f"Instance {instance_id} not found.")
             self.fleet.destroy(inst, now)
@@ -393,8 +489,11 @@ class VastState:
                 del self.logs[old]
             text = "\n".join(lines) + ("\n" if lines else "")
             self.logs[key] = {"ready_at": now + self.log_delay, "text": text}
-        return 200, {"success": True, "result_url": f"{base_url}/s3/instance_logs/{key}.log",
-                     "msg": LOGS_BUCKET_MSG}
+        return 200, {
+            "success": True,
+            "result_url": f"{base_url}/s3/instance_logs/{key}.log",
+            "msg": LOGS_BUCKET_MSG,
+        }
 
     def log_object(self, key: str) -> str | None:
         """The uploaded text, or None while the upload is still pending (or never was)."""
@@ -408,11 +507,21 @@ class VastState:
         with self.lock:
             self.tick()
             spent = sum(self.fleet.ledger_row(i)["cost"] for i in self.fleet.instances.values())
-        return 200, {"id": 4242, "username": "simulator", "email": "simulator@example.invalid",
-                     "fullname": "Vast.ai simulator", "balance": round(1000.0 - spent, 6),
-                     "credit": round(1000.0 - spent, 6), "ssh_key": "", "key_id": 1,
-                     "sid": "sim", "can_pay": True, "has_billing": True,
-                     "host_agreement_accepted": False, "billaddress_country": "FR"}
+        return 200, {
+            "id": 4242,
+            "username": "simulator",
+            "email": "simulator@example.invalid",
+            "fullname": "Vast.ai simulator",
+            "balance": round(1000.0 - spent, 6),
+            "credit": round(1000.0 - spent, 6),
+            "ssh_key": "",
+            "key_id": 1,
+            "sid": "sim",
+            "can_pay": True,
+            "has_billing": True,
+            "host_agreement_accepted": False,
+            "billaddress_country": "FR",
+        }
 
     # -- admin -------------------------------------------------------------------------
     def ledger(self) -> dict:
@@ -424,9 +533,12 @@ class VastState:
     def stats(self) -> dict:
         with self.lock:
             self.tick()
-            return {"calls": dict(self.calls), "rate_limited": dict(self.rate_limited),
-                    "max_live_per_label": dict(self.max_live_per_label),
-                    "live_instances": len(self._visible())}
+            return {
+                "calls": dict(self.calls),
+                "rate_limited": dict(self.rate_limited),
+                "max_live_per_label": dict(self.max_live_per_label),
+                "live_instances": len(self._visible()),
+            }
 
     def admin_instances(self) -> dict:
         with self.lock:
@@ -434,27 +546,49 @@ class VastState:
             rows = []
             for inst in self.fleet.instances.values():
                 row = self._object(inst, now)
-                row.update({"live": inst.live, "destroyed_at": inst.destroyed_at,
-                            "offer_id": inst.offer_id, "run_mode": inst.run_mode,
-                            "runs": inst.runs, "exit_code": inst.exit_code,
-                            "faults": sorted(inst.faults), "env": dict(inst.env),
-                            "instance_api_key": inst.api_key,
-                            "log": inst.log_lines(now), "command": self.fleet.command(inst),
-                            "process_pid": inst.proc.proc.pid if inst.proc else None})
+                row.update(
+                    {
+                        "live": inst.live,
+                        "destroyed_at": inst.destroyed_at,
+                        "offer_id": inst.offer_id,
+                        "run_mode": inst.run_mode,
+                        "runs": inst.runs,
+                        "exit_code": inst.exit_code,
+                        "faults": sorted(inst.faults),
+                        "env": dict(inst.env),
+                        "instance_api_key": inst.api_key,
+                        "log": inst.log_lines(now),
+                        "command": self.fleet.command(inst),
+                        "process_pid": inst.proc.proc.pid if inst.proc else None,
+                    }
+                )
                 rows.append(row)
         return {"instances": rows}
 
     def admin_offers(self) -> dict:
         with self.lock:
             self.tick()
-            rows = [self.market.render(o, allocated_storage=8.0, offer_type="on-demand",
-                                       rented=False) for o in self.market.offers.values()]
+            rows = [
+                self.market.render(o, allocated_storage=8.0, offer_type="on-demand", rented=False)
+                for o in self.market.offers.values()
+            ]
         return {"offers": rows}
 
 
 def instance_columns() -> list[str]:
-    return ["id", "label", "actual_status", "intended_status", "cur_state", "next_state",
-            "gpu_name", "verification", "machine_id", "status_msg", "image_uuid"]
+    return [
+        "id",
+        "label",
+        "actual_status",
+        "intended_status",
+        "cur_state",
+        "next_state",
+        "gpu_name",
+        "verification",
+        "machine_id",
+        "status_msg",
+        "image_uuid",
+    ]
 
 
 def _json_arg(args, name: str, default):
@@ -490,4 +624,3 @@ def _keyset_key(row: dict, order) -> tuple:
         part = (0, "") if value is None else (1, value if not isinstance(value, str) else value)
         key.append(_Desc(part) if direction == "desc" else part)
     return tuple(key)
-

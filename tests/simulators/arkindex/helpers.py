@@ -12,9 +12,14 @@ def registration(sim, *, gpu_count=1, hostname="agent-1", nonce=None, seed=None,
     nonce = nonce or secrets.token_hex(32)
     farm = farm or sim.farm_id
     return {
-        "farm": farm, "hostname": hostname, "cpu_cores": 4, "cpu_frequency": 2000,
-        "gpu_count": gpu_count, "gpu_names": "RTX 4090" if gpu_count else None,
-        "public_key": nonce, "derivation": derivation_for(seed or sim.seed, farm, nonce),
+        "farm": farm,
+        "hostname": hostname,
+        "cpu_cores": 4,
+        "cpu_frequency": 2000,
+        "gpu_count": gpu_count,
+        "gpu_names": "RTX 4090" if gpu_count else None,
+        "public_key": nonce,
+        "derivation": derivation_for(seed or sim.seed, farm, nonce),
     }
 
 
@@ -31,8 +36,9 @@ def worker_client(sim, token):
 
 
 def create_process(sim, tasks, name="process"):
-    response = requests.post(f"{sim.url}/_sim/processes", json={"name": name, "tasks": tasks},
-                             timeout=10)
+    response = requests.post(
+        f"{sim.url}/_sim/processes", json={"name": name, "tasks": tasks}, timeout=10
+    )
     assert response.status_code == 201, response.text
     created = response.json()
     return created, {t["slug"]: t["id"] for t in created["tasks"]}

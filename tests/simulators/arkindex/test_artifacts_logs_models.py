@@ -33,8 +33,12 @@ def test_logs_put_through_presigned_url_read_back_byte_for_byte(sim):
     text = "[agent INFO] démarrage\n" + line * 60000 + "fin sans saut de ligne"
     data = text.encode("utf-8")
     assert len(data) > 2 * 1024 * 1024
-    response = requests.put(definition["s3_logs_put_url"], data=data, timeout=60,
-                            headers={"Content-Type": "text/plain; charset=utf-8"})
+    response = requests.put(
+        definition["s3_logs_put_url"],
+        data=data,
+        timeout=60,
+        headers={"Content-Type": "text/plain; charset=utf-8"},
+    )
     assert response.status_code == 200
     stored = s3_client(sim.s3_url).get_object(Bucket="ponos-logs", Key=f"{ids['a']}.log")
     assert stored["Body"].read() == data
@@ -51,30 +55,54 @@ def test_no_logs_yet_is_404(sim):
 
 
 def test_artifacts_create_upload_list_download(sim):
-    ids, _, definition = running_task(sim, [
-        {"slug": "parent", "image": "img", "state": "completed",
-         "artifacts": [{"path": "elements.sqlite", "content": "ABC"}]},
-        {"slug": "a", "image": "img", "parents": ["parent"]},
-    ], "a")
+    ids, _, definition = running_task(
+        sim,
+        [
+            {
+                "slug": "parent",
+                "image": "img",
+                "state": "completed",
+                "artifacts": [{"path": "elements.sqlite", "content": "ABC"}],
+            },
+            {"slug": "a", "image": "img", "parents": ["parent"]},
+        ],
+        "a",
+    )
     worker = worker_client(sim, definition["env"]["ARKINDEX_TASK_TOKEN"])
     payload = bytes(range(256)) * 40
-    artifact = worker.request("CreateArtifact", id=ids["a"], body={
-        "path": "model.bin", "content_type": "application/octet-stream", "size": len(payload)})
+    artifact = worker.request(
+        "CreateArtifact",
+        id=ids["a"],
+        body={
+            "path": "model.bin",
+            "content_type": "application/octet-stream",
+            "size": len(payload),
+        },
+    )
     assert artifact["path"] == "model.bin" and artifact["size"] == len(payload)
     assert artifact["s3_put_url"].startswith(sim.s3_url + "/ponos-artifacts/")
-    put = requests.put(artifact["s3_put_url"], data=payload, timeout=10,
-                       headers={"Content-Type": "application/octet-stream"})
+    put = requests.put(
+        artifact["s3_put_url"],
+        data=payload,
+        timeout=10,
+        headers={"Content-Type": "application/octet-stream"},
+    )
     assert put.status_code == 200
     with pytest.raises(ArkindexValidationError):  # one artifact per path
-        worker.request("CreateArtifact", id=ids["a"], body={
-            "path": "model.bin", "content_type": "text/plain", "size": 1})
+        worker.request(
+            "CreateArtifact",
+            id=ids["a"],
+            body={"path": "model.bin", "content_type": "text/plain", "size": 1},
+        )
 
     listed = list(worker.paginate("ListArtifacts", id=ids["a"]))
     assert [(a["path"], a["size"], a["s3_put_url"]) for a in listed] == [
-        ("model.bin", len(payload), None)]
+        ("model.bin", len(payload), None)
+    ]
     # The parent's artifacts are readable with this task's token (same process).
     assert [a["path"] for a in worker.paginate("ListArtifacts", id=ids["parent"])] == [
-        "elements.sqlite"]
+        "elements.sqlite"
+    ]
 
     # DownloadArtifact the way base-worker's bootstrap does it: the session, following
     # the redirect to S3, raw bytes.
@@ -91,8 +119,9 @@ def test_artifacts_create_upload_list_download(sim):
 
 
 def test_task_token_scope(sim):
-    ids, _, definition = running_task(sim, [
-        {"slug": "a", "image": "img"}, {"slug": "b", "image": "img"}], "a")
+    ids, _, definition = running_task(
+        sim, [{"slug": "a", "image": "img"}, {"slug": "b", "image": "img"}], "a"
+    )
     _, other_ids = create_process(sim, [{"slug": "x", "image": "img"}])
     worker = worker_client(sim, definition["env"]["ARKINDEX_TASK_TOKEN"])
     assert worker.request("RetrieveTask", id=ids["a"])["state"] == "running"
@@ -108,11 +137,20 @@ def test_task_token_scope(sim):
 
 
 def test_model_version_archive_is_zstd_tar(sim):
-    ids, _, definition = running_task(sim, [{
-        "slug": "a", "image": "img",
-        "model": {"files": {"model.txt": "hello world\n", "config.json": "{}"},
-                  "configuration": {"epochs": 3}},
-    }], "a")
+    ids, _, definition = running_task(
+        sim,
+        [
+            {
+                "slug": "a",
+                "image": "img",
+                "model": {
+                    "files": {"model.txt": "hello world\n", "config.json": "{}"},
+                    "configuration": {"epochs": 3},
+                },
+            }
+        ],
+        "a",
+    )
     worker = worker_client(sim, definition["env"]["ARKINDEX_TASK_TOKEN"])
     version = worker.request("RetrieveModelVersion", id=definition["env"]["ARKINDEX_MODEL_VERSION"])
     assert version["configuration"] == {"epochs": 3}
@@ -128,10 +166,19 @@ def test_model_version_archive_is_zstd_tar(sim):
 
 
 def test_worker_run_and_configuration(sim):
-    ids, _, definition = running_task(sim, [{
-        "slug": "a", "image": "img", "requires_gpu": True, "configuration": {"batch": 8},
-        "model": {"files": {"m": "x"}, "configuration": {"lr": 0.1}},
-    }], "a")
+    ids, _, definition = running_task(
+        sim,
+        [
+            {
+                "slug": "a",
+                "image": "img",
+                "requires_gpu": True,
+                "configuration": {"batch": 8},
+                "model": {"files": {"m": "x"}, "configuration": {"lr": 0.1}},
+            }
+        ],
+        "a",
+    )
     worker = worker_client(sim, definition["env"]["ARKINDEX_TASK_TOKEN"])
     run_id = definition["env"]["ARKINDEX_WORKER_RUN_ID"]
     run = worker.request("RetrieveWorkerRun", id=run_id)
@@ -154,18 +201,26 @@ def test_every_operation_through_arkindex_client(sim):
     """One pass over the whole document with arkindex-client, nothing else."""
     called = set()
     anonymous = ArkindexClient(base_url=sim.url)
-    _, ids = create_process(sim, [
-        {"slug": "parent", "image": "img", "state": "completed",
-         "artifacts": [{"path": "a.txt", "content": "parent artifact"}]},
-        {"slug": "task", "image": "img", "parents": ["parent"], "model": {"files": {"m": "x"}}},
-    ])
+    _, ids = create_process(
+        sim,
+        [
+            {
+                "slug": "parent",
+                "image": "img",
+                "state": "completed",
+                "artifacts": [{"path": "a.txt", "content": "parent artifact"}],
+            },
+            {"slug": "task", "image": "img", "parents": ["parent"], "model": {"files": {"m": "x"}}},
+        ],
+    )
     agent = anonymous.request("CreateAgent", body=registration(sim))
     called.add("CreateAgent")
     refreshed = anonymous.request("RefreshAgentToken", body={"refresh": agent["refresh_token"]})
     called.add("RefreshAgentToken")
     client = ArkindexClient(base_url=sim.url, token=refreshed["access_token"], auth_scheme="Bearer")
     assert client.request("RetrieveAgentActions", capacity=1)["actions"] == [
-        {"action": "start_task", "task_id": ids["task"]}]
+        {"action": "start_task", "task_id": ids["task"]}
+    ]
     called.add("RetrieveAgentActions")
     definition = client.request("RetrieveTaskDefinition", id=ids["task"])
     called.add("RetrieveTaskDefinition")
@@ -179,8 +234,11 @@ def test_every_operation_through_arkindex_client(sim):
     called.add("ListArtifacts")
     assert worker.request("DownloadArtifact", id=ids["parent"], path="a.txt") == "parent artifact"
     called.add("DownloadArtifact")
-    created = worker.request("CreateArtifact", id=ids["task"],
-                             body={"path": "out.txt", "content_type": "text/plain", "size": 3})
+    created = worker.request(
+        "CreateArtifact",
+        id=ids["task"],
+        body={"path": "out.txt", "content_type": "text/plain", "size": 3},
+    )
     requests.put(created["s3_put_url"], data=b"out", timeout=10).raise_for_status()
     called.add("CreateArtifact")
     version = worker.request("RetrieveModelVersion", id=definition["env"]["ARKINDEX_MODEL_VERSION"])

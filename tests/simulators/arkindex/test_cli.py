@@ -27,9 +27,23 @@ class _Printed:
 def test_sim_arkindex_command(tmp_path):
     farm = "3b6fb2c5-7d83-4c1c-a9f5-000000000001"
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "ponos_tasks.cli", "sim", "arkindex", "--port", "0",
-         "--farm-id", farm, "--seed", "cafe" * 16],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "ponos_tasks.cli",
+            "sim",
+            "arkindex",
+            "--port",
+            "0",
+            "--farm-id",
+            farm,
+            "--seed",
+            "cafe" * 16,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         printed = _Printed(proc.stdout).values

@@ -12,9 +12,18 @@ from ponos_tasks.simulators.arkindex import ArkindexSimulator
 from .helpers import agent_client, create_process, registration, worker_client
 
 EXPECTED_OPERATIONS = {
-    "CreateAgent", "RefreshAgentToken", "RetrieveAgentActions", "RetrieveTaskDefinition",
-    "RetrieveTask", "PartialUpdateTask", "ListArtifacts", "CreateArtifact", "DownloadArtifact",
-    "RetrieveModelVersion", "RetrieveWorkerRun", "RetrieveWorkerRunConfiguration",
+    "CreateAgent",
+    "RefreshAgentToken",
+    "RetrieveAgentActions",
+    "RetrieveTaskDefinition",
+    "RetrieveTask",
+    "PartialUpdateTask",
+    "ListArtifacts",
+    "CreateArtifact",
+    "DownloadArtifact",
+    "RetrieveModelVersion",
+    "RetrieveWorkerRun",
+    "RetrieveWorkerRunConfiguration",
 }
 
 
@@ -69,20 +78,27 @@ def test_registration_with_unknown_farm_fails_clearly(sim):
     assert unknown in error["detail"]
 
 
-@pytest.mark.parametrize("field,value,code", [
-    ("hostname", "", "required"),
-    ("hostname", "bad host!", "invalid"),
-    ("cpu_cores", 0, "min_value"),
-    ("gpu_count", "two", "invalid"),
-    ("public_key", "xyz", "invalid"),
-])
+@pytest.mark.parametrize(
+    "field,value,code",
+    [
+        ("hostname", "", "required"),
+        ("hostname", "bad host!", "invalid"),
+        ("cpu_cores", 0, "min_value"),
+        ("gpu_count", "two", "invalid"),
+        ("public_key", "xyz", "invalid"),
+    ],
+)
 def test_registration_validation(sim, field, value, code):
     body = registration(sim)
     body[field] = value
     response = requests.post(f"{sim.url}/api/v1/agent/", json=body, timeout=10)
     assert response.status_code == 400
-    assert response.json() == {"type": "validation_error", "errors": [
-        {"attr": [field], "code": code, "detail": response.json()["errors"][0]["detail"]}]}
+    assert response.json() == {
+        "type": "validation_error",
+        "errors": [
+            {"attr": [field], "code": code, "detail": response.json()["errors"][0]["detail"]}
+        ],
+    }
 
 
 def test_token_expiry_then_refresh(s3_server):
@@ -120,9 +136,11 @@ def test_task_token_cannot_act_as_agent(sim):
     _, ids = create_process(sim, [{"slug": "a", "image": "img"}])
     token = requests.get(f"{sim.url}/_sim/tasks/{ids['a']}", timeout=10).json()["token"]
     worker = worker_client(sim, token)
-    for operation, kwargs in [("RetrieveAgentActions", {}),
-                              ("RetrieveTaskDefinition", {"id": ids["a"]}),
-                              ("PartialUpdateTask", {"id": ids["a"], "body": {"state": "running"}})]:
+    for operation, kwargs in [
+        ("RetrieveAgentActions", {}),
+        ("RetrieveTaskDefinition", {"id": ids["a"]}),
+        ("PartialUpdateTask", {"id": ids["a"], "body": {"state": "running"}}),
+    ]:
         with pytest.raises(ArkindexClientError) as caught:
             worker.request(operation, **kwargs)
         assert caught.value.status_code == 403, operation

@@ -16,28 +16,36 @@ def finish(client, task_id, state="completed"):
 
 
 def test_assignment_gpu_and_capacity(sim):
-    _, ids = create_process(sim, [
-        {"slug": "cpu-1", "image": "img"},
-        {"slug": "gpu-1", "image": "img", "requires_gpu": True},
-        {"slug": "cpu-2", "image": "img"},
-        {"slug": "cpu-3", "image": "img"},
-    ])
+    _, ids = create_process(
+        sim,
+        [
+            {"slug": "cpu-1", "image": "img"},
+            {"slug": "gpu-1", "image": "img", "requires_gpu": True},
+            {"slug": "cpu-2", "image": "img"},
+            {"slug": "cpu-3", "image": "img"},
+        ],
+    )
     _, cpu_agent = agent_client(sim, gpu_count=0, hostname="cpu")
     _, gpu_agent = agent_client(sim, gpu_count=1, hostname="gpu")
 
     # capacity bounds the *new* assignments; GPU tasks are skipped for a GPU-less agent.
     actions = cpu_agent.request("RetrieveAgentActions", capacity=2)["actions"]
-    assert actions == [{"action": "start_task", "task_id": ids["cpu-1"]},
-                       {"action": "start_task", "task_id": ids["cpu-2"]}]
+    assert actions == [
+        {"action": "start_task", "task_id": ids["cpu-1"]},
+        {"action": "start_task", "task_id": ids["cpu-2"]},
+    ]
     # Assigned tasks keep coming back as start_task until reported running.
     again = cpu_agent.request("RetrieveAgentActions", capacity=0)["actions"]
     assert again == actions
     gpu_actions = gpu_agent.request("RetrieveAgentActions")["actions"]
-    assert gpu_actions == [{"action": "start_task", "task_id": ids["gpu-1"]},
-                           {"action": "start_task", "task_id": ids["cpu-3"]}]
+    assert gpu_actions == [
+        {"action": "start_task", "task_id": ids["gpu-1"]},
+        {"action": "start_task", "task_id": ids["cpu-3"]},
+    ]
     start(cpu_agent, ids["cpu-1"])
     assert cpu_agent.request("RetrieveAgentActions")["actions"] == [
-        {"action": "start_task", "task_id": ids["cpu-2"]}]
+        {"action": "start_task", "task_id": ids["cpu-2"]}
+    ]
     # Another agent's task is out of reach.
     with pytest.raises(ArkindexClientError) as caught:
         gpu_agent.request("RetrieveTaskDefinition", id=ids["cpu-1"])
@@ -55,23 +63,35 @@ def test_unknown_task_is_404(sim):
 
 
 def test_task_definition(sim):
-    _, ids = create_process(sim, [
-        {"slug": "init", "image": "img", "state": "completed"},
-        {"slug": "prep", "image": "img", "state": "completed"},
-        {"slug": "train", "image": "registry.example/worker:1", "command": "worker --go",
-         "env": {"FOO": "bar"}, "parents": ["init", "prep"], "requires_gpu": True,
-         "model": {"files": {"weights.txt": "w"}, "dir": "/data/model"}},
-    ])
+    _, ids = create_process(
+        sim,
+        [
+            {"slug": "init", "image": "img", "state": "completed"},
+            {"slug": "prep", "image": "img", "state": "completed"},
+            {
+                "slug": "train",
+                "image": "registry.example/worker:1",
+                "command": "worker --go",
+                "env": {"FOO": "bar"},
+                "parents": ["init", "prep"],
+                "requires_gpu": True,
+                "model": {"files": {"weights.txt": "w"}, "dir": "/data/model"},
+            },
+        ],
+    )
     _, client = agent_client(sim)
     assert client.request("RetrieveAgentActions")["actions"] == [
-        {"action": "start_task", "task_id": ids["train"]}]
+        {"action": "start_task", "task_id": ids["train"]}
+    ]
     definition = client.request("RetrieveTaskDefinition", id=ids["train"])
     assert definition["id"] == ids["train"] and definition["slug"] == "train"
     assert definition["image"] == "registry.example/worker:1"
     assert definition["command"] == "worker --go"
     assert definition["requires_gpu"] is True
-    assert definition["parents"] == [{"id": ids["init"], "slug": "init"},
-                                     {"id": ids["prep"], "slug": "prep"}]
+    assert definition["parents"] == [
+        {"id": ids["init"], "slug": "init"},
+        {"id": ids["prep"], "slug": "prep"},
+    ]
     env = definition["env"]
     task = admin_task(sim, ids["train"])
     assert env["FOO"] == "bar"
@@ -102,8 +122,10 @@ def test_forbidden_transition_and_repeated_terminal_state_are_refused_and_record
     with pytest.raises(ArkindexValidationError):
         finish(client, ids["a"], "bogus")
 
-    history = [(h["from"], h["to"], h["accepted"], h["status"], h["source"])
-               for h in admin_task(sim, ids["a"])["history"]]
+    history = [
+        (h["from"], h["to"], h["accepted"], h["status"], h["source"])
+        for h in admin_task(sim, ids["a"])["history"]
+    ]
     assert history == [
         ("unscheduled", "pending", True, None, "scheduler"),
         ("pending", "completed", False, 400, "agent"),
@@ -120,12 +142,15 @@ def test_forbidden_transition_and_repeated_terminal_state_are_refused_and_record
 
 
 def test_parents_scheduling(sim):
-    _, ids = create_process(sim, [
-        {"slug": "a", "image": "img"},
-        {"slug": "b", "image": "img"},
-        {"slug": "c", "image": "img", "parents": ["a", "b"]},
-        {"slug": "d", "image": "img", "parents": ["b"]},
-    ])
+    _, ids = create_process(
+        sim,
+        [
+            {"slug": "a", "image": "img"},
+            {"slug": "b", "image": "img"},
+            {"slug": "c", "image": "img", "parents": ["a", "b"]},
+            {"slug": "d", "image": "img", "parents": ["b"]},
+        ],
+    )
     _, client = agent_client(sim)
     states = lambda: {s: admin_task(sim, i)["state"] for s, i in ids.items()}  # noqa: E731
     assert states() == {"a": "pending", "b": "pending", "c": "unscheduled", "d": "unscheduled"}
@@ -141,26 +166,33 @@ def test_parents_scheduling(sim):
 
 
 def test_children_become_pending_when_all_parents_completed(sim):
-    _, ids = create_process(sim, [
-        {"slug": "a", "image": "img"},
-        {"slug": "b", "image": "img", "parents": ["a"]},
-    ])
+    _, ids = create_process(
+        sim,
+        [
+            {"slug": "a", "image": "img"},
+            {"slug": "b", "image": "img", "parents": ["a"]},
+        ],
+    )
     _, client = agent_client(sim)
     client.request("RetrieveAgentActions")
     start(client, ids["a"])
     finish(client, ids["a"])
     assert admin_task(sim, ids["b"])["state"] == "pending"
     assert client.request("RetrieveAgentActions")["actions"] == [
-        {"action": "start_task", "task_id": ids["b"]}]
+        {"action": "start_task", "task_id": ids["b"]}
+    ]
 
 
 def test_stop_flow(sim):
-    _, ids = create_process(sim, [
-        {"slug": "running", "image": "img"},
-        {"slug": "assigned", "image": "img"},
-        {"slug": "child", "image": "img", "parents": ["running"]},
-        {"slug": "waiting", "image": "img", "requires_gpu": True},
-    ])
+    _, ids = create_process(
+        sim,
+        [
+            {"slug": "running", "image": "img"},
+            {"slug": "assigned", "image": "img"},
+            {"slug": "child", "image": "img", "parents": ["running"]},
+            {"slug": "waiting", "image": "img", "requires_gpu": True},
+        ],
+    )
     _, client = agent_client(sim, gpu_count=0)
     client.request("RetrieveAgentActions")
     start(client, ids["running"])
@@ -172,11 +204,13 @@ def test_stop_flow(sim):
 
     assert stop("running") == "stopping"
     assert stop("assigned") == "stopping"
-    assert stop("child") == "stopped"     # unscheduled
-    assert stop("waiting") == "stopped"   # pending, no agent holds it
+    assert stop("child") == "stopped"  # unscheduled
+    assert stop("waiting") == "stopped"  # pending, no agent holds it
     actions = client.request("RetrieveAgentActions")["actions"]
-    assert actions == [{"action": "stop_task", "task_id": ids["running"]},
-                       {"action": "stop_task", "task_id": ids["assigned"]}]
+    assert actions == [
+        {"action": "stop_task", "task_id": ids["running"]},
+        {"action": "stop_task", "task_id": ids["assigned"]},
+    ]
     # A stopping task may not complete: the agent must report stopped.
     with pytest.raises(ArkindexValidationError):
         finish(client, ids["running"], "completed")
@@ -186,8 +220,14 @@ def test_stop_flow(sim):
     with pytest.raises(ArkindexValidationError):
         finish(client, ids["running"], "stopped")
     sources = [(h["to"], h["source"]) for h in admin_task(sim, ids["running"])["history"]]
-    assert sources == [("pending", "scheduler"), ("running", "agent"), ("stopping", "user"),
-                       ("completed", "agent"), ("stopped", "agent"), ("stopped", "agent")]
+    assert sources == [
+        ("pending", "scheduler"),
+        ("running", "agent"),
+        ("stopping", "user"),
+        ("completed", "agent"),
+        ("stopped", "agent"),
+        ("stopped", "agent"),
+    ]
 
 
 def test_admin_rejects_bad_processes(sim):
@@ -196,8 +236,13 @@ def test_admin_rejects_bad_processes(sim):
         ([{"slug": "a"}], "image"),
         ([{"slug": "a", "image": "i", "parents": ["zz"]}], "unknown parent"),
         ([{"slug": "a", "image": "i"}, {"slug": "a", "image": "i"}], "unique"),
-        ([{"slug": "a", "image": "i", "parents": ["b"]},
-          {"slug": "b", "image": "i", "parents": ["a"]}], "cycle"),
+        (
+            [
+                {"slug": "a", "image": "i", "parents": ["b"]},
+                {"slug": "b", "image": "i", "parents": ["a"]},
+            ],
+            "cycle",
+        ),
         ([{"slug": "a", "image": "i", "command": ["ls"]}], "command"),
     ]:
         response = requests.post(f"{sim.url}/_sim/processes", json={"tasks": tasks}, timeout=10)
@@ -207,8 +252,9 @@ def test_admin_rejects_bad_processes(sim):
 
 def test_admin_listing(sim):
     created, ids = create_process(sim, [{"slug": "a", "image": "img"}], name="demo")
-    listing = requests.get(f"{sim.url}/_sim/tasks", params={"process": created["id"]},
-                           timeout=10).json()["tasks"]
+    listing = requests.get(
+        f"{sim.url}/_sim/tasks", params={"process": created["id"]}, timeout=10
+    ).json()["tasks"]
     assert [t["id"] for t in listing] == [ids["a"]]
     process = requests.get(f"{sim.url}/_sim/processes/{created['id']}", timeout=10).json()
     assert process["name"] == "demo" and process["tasks"][0]["state"] == "pending"

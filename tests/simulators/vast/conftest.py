@@ -48,7 +48,9 @@ class Api:
 
     def create(self, offer_id=None, **body) -> requests.Response:
         if offer_id is None:
-            offer_id = self.search({"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]]})[0]["id"]
+            offer_id = self.search({"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]]})[0][
+                "id"
+            ]
         body.setdefault("image", "alpine:3")
         body.setdefault("disk", 10)
         return self("PUT", f"/api/v0/asks/{offer_id}/", json=body)
@@ -65,8 +67,10 @@ class Api:
             if predicate(row):
                 return row
             if time.monotonic() > deadline:
-                raise AssertionError(f"instance {instance_id} never matched; last: "
-                                     f"{row and {k: row[k] for k in ('actual_status', 'intended_status', 'cur_state', 'status_msg')}}")
+                raise AssertionError(
+                    f"instance {instance_id} never matched; last: "
+                    f"{row and {k: row[k] for k in ('actual_status', 'intended_status', 'cur_state', 'status_msg')}}"
+                )
             time.sleep(0.02)
 
     def admin(self, method: str, path: str, **kwargs):

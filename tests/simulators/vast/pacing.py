@@ -51,10 +51,16 @@ def endpoint_for(method: str, path: str) -> str | None:
 class Pacer:
     """Spaces calls per (identity, endpoint) by the simulator's minimum intervals."""
 
-    def __init__(self, time_scale: float, intervals: dict[str, float] | None = None, *,
-                 enabled: bool = True, margin: float = 0.005,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        time_scale: float,
+        intervals: dict[str, float] | None = None,
+        *,
+        enabled: bool = True,
+        margin: float = 0.005,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         table = MIN_INTERVALS if intervals is None else intervals
@@ -70,8 +76,7 @@ class Pacer:
     def for_sim(cls, sim, **kwargs) -> Pacer:
         """A pacer matching a running VastSimulator (a no-op when its limits are off)."""
         limiter = sim.state.limiter
-        return cls(sim.state.clock.time_scale, limiter.intervals, enabled=limiter.enabled,
-                   **kwargs)
+        return cls(sim.state.clock.time_scale, limiter.intervals, enabled=limiter.enabled, **kwargs)
 
     def delay(self, identity: str, endpoint: str) -> float:
         """Real seconds to wait before this identity may call this endpoint."""
@@ -100,8 +105,9 @@ class Pacer:
         with self._lock:
             self._last[(identity, endpoint)] = self.clock()
 
-    def paced_command(self, identity: str, run: Callable[[], object],
-                      calls: Callable[[], dict[str, int]]):
+    def paced_command(
+        self, identity: str, run: Callable[[], object], calls: Callable[[], dict[str, int]]
+    ):
         """Run an opaque client (the vastai CLI) that calls the simulator as `identity`.
 
         Before: every endpoint it might call is waited for. After: the endpoints it did call,

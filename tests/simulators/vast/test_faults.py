@@ -63,8 +63,9 @@ def test_create_lost_takes_effect_but_the_answer_never_comes(api):
     _faults(api, {"fault": "create_lost", "label": "^lost", "times": 1})
     with pytest.raises(requests.ConnectionError):
         api.create(label="lost-1")
-    rows = api("GET", "/api/v1/instances/", params={
-        "select_filters": '{"label": {"eq": "lost-1"}}'}).json()["instances"]
+    rows = api(
+        "GET", "/api/v1/instances/", params={"select_filters": '{"label": {"eq": "lost-1"}}'}
+    ).json()["instances"]
     assert len(rows) == 1 and rows[0]["intended_status"] == "running"
 
 
@@ -95,7 +96,9 @@ def test_bid_below_min_bid_is_created_stopped_or_410_with_cancel_unavail(api):
 
 def test_stuck_loading(api):
     _faults(api, {"fault": "stuck_loading", "label": "stuck"})
-    iid = api.create(label="stuck", env={**FAST_ENV, "SIM_PULL_SECONDS": "5"}).json()["new_contract"]
+    iid = api.create(label="stuck", env={**FAST_ENV, "SIM_PULL_SECONDS": "5"}).json()[
+        "new_contract"
+    ]
     api.wait_for(iid, lambda r: r["actual_status"] == "loading")
     time.sleep(0.5)  # 50 simulated seconds, ten times the pull time
     assert api.show(iid)["actual_status"] == "loading"
@@ -136,28 +139,43 @@ def test_outbid_sets_three_state_fields_stopped(api):
     assert row["cur_state"] == row["intended_status"] == row["next_state"] == "stopped"
 
 
-@pytest.mark.parametrize("shape, retry_after, content_type, marker", [
-    ("text", None, "text/plain", "API requests too frequent"),
-    ("detail", 1, "application/json", '"detail"'),
-    ("json", 0.5, "application/json", '"rate_limit_exceeded"'),
-])
+@pytest.mark.parametrize(
+    "shape, retry_after, content_type, marker",
+    [
+        ("text", None, "text/plain", "API requests too frequent"),
+        ("detail", 1, "application/json", '"detail"'),
+        ("json", 0.5, "application/json", '"rate_limit_exceeded"'),
+    ],
+)
 def test_rate_limit_fault_shapes(api, shape, retry_after, content_type, marker):
-    _faults(api, {"fault": "rate_limit", "endpoint": "list", "shape": shape,
-                  "retry_after": retry_after, "times": 2})
+    _faults(
+        api,
+        {
+            "fault": "rate_limit",
+            "endpoint": "list",
+            "shape": shape,
+            "retry_after": retry_after,
+            "times": 2,
+        },
+    )
     for _ in range(2):
         response = api("GET", "/api/v1/instances/")
         assert response.status_code == 429
         assert response.headers["Content-Type"].startswith(content_type)
         assert marker in response.text and "threshold=" in response.text
         assert response.headers.get("Retry-After") == (
-            None if retry_after is None else str(retry_after))
+            None if retry_after is None else str(retry_after)
+        )
     assert api("GET", "/api/v1/instances/").status_code == 200
     assert api.admin("GET", "stats")["rate_limited"]["list"] == 2
 
 
 def test_http_5xx_and_html_error_pages(api):
-    _faults(api, {"fault": "http_5xx", "endpoint": "show", "status": 503, "times": 1},
-            {"fault": "html_error", "endpoint": "destroy", "status": 502, "times": 1})
+    _faults(
+        api,
+        {"fault": "http_5xx", "endpoint": "show", "status": 503, "times": 1},
+        {"fault": "html_error", "endpoint": "destroy", "status": 502, "times": 1},
+    )
     response = api("GET", "/api/v0/instances/1/")
     assert response.status_code == 503 and response.json()["success"] is False
     assert api("GET", "/api/v0/instances/1/").status_code == 200
@@ -173,8 +191,11 @@ def test_slow_answers(api):
     assert time.monotonic() - started >= 0.4
     with pytest.raises(requests.Timeout):
         _faults(api, {"fault": "slow", "endpoint": "account", "delay": 0.5, "times": 1})
-        requests.get(api.url + "/api/v0/users/current/", timeout=0.2,
-                     headers={"Authorization": "Bearer test-key"})
+        requests.get(
+            api.url + "/api/v0/users/current/",
+            timeout=0.2,
+            headers={"Authorization": "Bearer test-key"},
+        )
 
 
 def test_faults_given_at_construction(make_sim):

@@ -18,14 +18,17 @@ def _created(api, **body):
     return answer["new_contract"], answer["instance_api_key"]
 
 
-@pytest.mark.parametrize("body, status, error", [
-    ({"image": None}, 400, "invalid_args"),
-    ({"env": "-e A=1 -p 22:22"}, 400, "invalid_args"),
-    ({"disk": 4}, 400, "invalid_args"),
-    ({"price": 500}, 400, "invalid_price"),
-    ({"args": "not a list"}, 400, "invalid_args"),
-    ({"label": "x" * 300}, 400, "label_too_long"),
-])
+@pytest.mark.parametrize(
+    "body, status, error",
+    [
+        ({"image": None}, 400, "invalid_args"),
+        ({"env": "-e A=1 -p 22:22"}, 400, "invalid_args"),
+        ({"disk": 4}, 400, "invalid_args"),
+        ({"price": 500}, 400, "invalid_price"),
+        ({"args": "not a list"}, 400, "invalid_args"),
+        ({"label": "x" * 300}, 400, "label_too_long"),
+    ],
+)
 def test_create_validation(api, body, status, error):
     response = api.create(**body)
     assert response.status_code == status
@@ -40,15 +43,19 @@ def test_create_env_must_be_object_message(api):
 def test_create_unknown_offer_and_bad_id(api):
     response = api("PUT", "/api/v0/asks/1/", json={"image": "alpine", "disk": 10})
     assert response.status_code == 404
-    assert response.json() == {"success": False, "error": "no_such_ask",
-                               "msg": "No ask by id 1 is available."}
+    assert response.json() == {
+        "success": False,
+        "error": "no_such_ask",
+        "msg": "No ask by id 1 is available.",
+    }
     assert api("PUT", "/api/v0/asks/abc/", json={"image": "a"}).status_code == 400
 
 
 def test_lifecycle_with_status_fields_and_object(api):
     env = {**FAST_ENV, "SIM_SELF_STOP": "true", "-p 8000:8000": "1", "HF_TOKEN": "x"}
-    iid, _ = _created(api, label="life", env=env, runtype="args", onstart="python",
-                      args=["-c", "print(1)"])
+    iid, _ = _created(
+        api, label="life", env=env, runtype="args", onstart="python", args=["-c", "print(1)"]
+    )
     first = api.show(iid)
     assert first["actual_status"] in (None, "created", "loading")
     assert first["intended_status"] == "running" and first["cur_state"] == "running"
@@ -63,7 +70,10 @@ def test_lifecycle_with_status_fields_and_object(api):
     assert running["dph_total"] > 0
     stopped = api.wait_for(iid, lambda r: r["intended_status"] == "stopped")
     assert (stopped["actual_status"], stopped["cur_state"], stopped["next_state"]) == (
-        "exited", "stopped", "stopped")
+        "exited",
+        "stopped",
+        "stopped",
+    )
     assert stopped["ports"] is None
     events = api.admin("GET", "events")["events"]
     seen = [e["actual_status"] for e in events if e["instance_id"] == iid]
@@ -87,7 +97,10 @@ def test_stop_start_label_and_errors(api):
     assert response.status_code == 200 and response.json() == {"success": True}
     row = api.show(iid)
     assert (row["actual_status"], row["intended_status"], row["cur_state"]) == (
-        "exited", "stopped", "stopped")
+        "exited",
+        "stopped",
+        "stopped",
+    )
     assert api("PUT", f"/api/v0/instances/{iid}", json={"state": "running"}).json()["success"]
     assert api.show(iid)["intended_status"] == "running"
     api.wait_for(iid, lambda r: r["actual_status"] == "running")
@@ -110,22 +123,33 @@ def test_destroy_then_gone(api):
     assert api.show(iid) is None
     again = api("DELETE", f"/api/v0/instances/{iid}/")
     assert again.status_code == 404
-    assert again.json() == {"success": False, "error": "no_such_instance",
-                            "msg": f"Instance {iid} not found."}
+    assert again.json() == {
+        "success": False,
+        "error": "no_such_instance",
+        "msg": f"Instance {iid} not found.",
+    }
     assert api("DELETE", "/api/v0/instances/xyz/").status_code == 400
     assert api("GET", "/api/v0/instances/xyz/").json()["error"] == "invalid_args"
 
 
 def test_auth_bearer_query_param_and_401(sim):
     anonymous = Api(sim.url, key=None)
-    for method, path in [("GET", "/api/v1/instances/"), ("GET", "/api/v0/instances/"),
-                         ("GET", "/api/v0/instances/1/"), ("PUT", "/api/v0/asks/1/"),
-                         ("DELETE", "/api/v0/instances/1/"), ("GET", "/api/v0/users/current/"),
-                         ("PUT", "/api/v0/instances/request_logs/1/")]:
+    for method, path in [
+        ("GET", "/api/v1/instances/"),
+        ("GET", "/api/v0/instances/"),
+        ("GET", "/api/v0/instances/1/"),
+        ("PUT", "/api/v0/asks/1/"),
+        ("DELETE", "/api/v0/instances/1/"),
+        ("GET", "/api/v0/users/current/"),
+        ("PUT", "/api/v0/instances/request_logs/1/"),
+    ]:
         response = anonymous(method, path, json={})
         assert response.status_code == 401, path
-        assert response.json() == {"success": False, "error": "auth_error",
-                                   "msg": "Invalid user key"}
+        assert response.json() == {
+            "success": False,
+            "error": "auth_error",
+            "msg": "Invalid user key",
+        }
     assert Api(sim.url, key="wrong")("GET", "/api/v0/users/current/").status_code == 401
     ok = anonymous("GET", "/api/v0/users/current", params={"api_key": API_KEY})
     assert ok.status_code == 200 and "balance" in ok.json() and "api_key" not in ok.json()
@@ -137,11 +161,13 @@ def test_instance_api_key_controls_only_its_instance(api, sim):
     own = Api(sim.url, key=key)
     assert own("PUT", f"/api/v0/instances/{mine}", json={"state": "stopped"}).status_code == 200
     assert own("PUT", f"/api/v0/instances/{mine}", json={"state": "running"}).status_code == 200
-    for method, path, body in [("PUT", f"/api/v0/instances/{other}/", {"state": "stopped"}),
-                               ("DELETE", f"/api/v0/instances/{other}/", {}),
-                               ("PUT", f"/api/v0/instances/{mine}/", {"label": "x"}),
-                               ("GET", f"/api/v0/instances/{mine}/", None),
-                               ("GET", "/api/v1/instances/", None)]:
+    for method, path, body in [
+        ("PUT", f"/api/v0/instances/{other}/", {"state": "stopped"}),
+        ("DELETE", f"/api/v0/instances/{other}/", {}),
+        ("PUT", f"/api/v0/instances/{mine}/", {"label": "x"}),
+        ("GET", f"/api/v0/instances/{mine}/", None),
+        ("GET", "/api/v1/instances/", None),
+    ]:
         assert own(method, path, json=body).status_code == 403, (method, path)
     assert own("DELETE", f"/api/v0/instances/{mine}/").status_code == 200
     # The key dies with its instance.
@@ -170,31 +196,54 @@ def test_v1_pagination_filters_order_and_columns(api):
     body = api("GET", "/api/v1/instances/", params={"limit": 100}).json()
     assert len(body["instances"]) == 25
     assert body["label_counts"] == {"job-0": 8, "job-1": 8, "job-2": 8, "": 6}
-    unlabeled = api("GET", "/api/v1/instances/", params={
-        "select_filters": json.dumps({"label": {"in": [None]}})}).json()
+    unlabeled = api(
+        "GET",
+        "/api/v1/instances/",
+        params={"select_filters": json.dumps({"label": {"in": [None]}})},
+    ).json()
     assert unlabeled["total_instances"] == 6
     assert all(row["label"] is None for row in unlabeled["instances"])
-    eq = api("GET", "/api/v1/instances/", params={
-        "select_filters": json.dumps({"label": {"eq": "job-1"}}),
-        "order_by": json.dumps([{"col": "id", "dir": "desc"}]),
-        "select_cols": json.dumps(["id", "label", "nonsense"])}).json()
+    eq = api(
+        "GET",
+        "/api/v1/instances/",
+        params={
+            "select_filters": json.dumps({"label": {"eq": "job-1"}}),
+            "order_by": json.dumps([{"col": "id", "dir": "desc"}]),
+            "select_cols": json.dumps(["id", "label", "nonsense"]),
+        },
+    ).json()
     assert [row["id"] for row in eq["instances"]] == sorted(
-        (row["id"] for row in eq["instances"]), reverse=True)
-    assert eq["instances"][0] == {"id": eq["instances"][0]["id"], "label": "job-1",
-                                  "nonsense": None}
-    desc = api("GET", "/api/v1/instances/", params={
-        "order_by": json.dumps([{"col": "label", "dir": "desc"}])}).json()
-    rest = api("GET", "/api/v1/instances/", params={
-        "order_by": json.dumps([{"col": "label", "dir": "desc"}]),
-        "after_token": desc["next_token"]}).json()
+        (row["id"] for row in eq["instances"]), reverse=True
+    )
+    assert eq["instances"][0] == {
+        "id": eq["instances"][0]["id"],
+        "label": "job-1",
+        "nonsense": None,
+    }
+    desc = api(
+        "GET",
+        "/api/v1/instances/",
+        params={"order_by": json.dumps([{"col": "label", "dir": "desc"}])},
+    ).json()
+    rest = api(
+        "GET",
+        "/api/v1/instances/",
+        params={
+            "order_by": json.dumps([{"col": "label", "dir": "desc"}]),
+            "after_token": desc["next_token"],
+        },
+    ).json()
     both = [r["id"] for r in desc["instances"] + rest["instances"]]
     assert sorted(both) == sorted(ids) and len(both) == 30
-    computed = api("GET", "/api/v1/instances/", params={
-        "select_filters": json.dumps({"dph_total": {"lt": 1}})})
+    computed = api(
+        "GET", "/api/v1/instances/", params={"select_filters": json.dumps({"dph_total": {"lt": 1}})}
+    )
     assert computed.status_code == 400
-    assert computed.json() == {"success": False, "error": "invalid_request",
-                               "msg": "Error in query parameters: dph_total is not a valid "
-                                      "search key"}
+    assert computed.json() == {
+        "success": False,
+        "error": "invalid_request",
+        "msg": "Error in query parameters: dph_total is not a valid search key",
+    }
     bad = api("GET", "/api/v1/instances/", params={"after_token": "garbage!"})
     assert bad.status_code == 400 and bad.json()["error"] == "invalid_token"
     legacy = api("GET", "/api/v0/instances/", params={"owner": "me"}).json()
@@ -207,8 +256,15 @@ def test_v1_pagination_filters_order_and_columns(api):
 def test_logs_result_url_is_403_then_text_with_tail(make_sim):
     sim = make_sim(time_scale=100.0, log_delay=30.0)  # 0.3 real seconds
     api = Api(sim.url)
-    iid, _ = _created(api, env={**FAST_ENV, "SIM_LOG_LINES": "4", "SIM_DURATION": "20",
-                                "SIM_FINAL_LINES": "all done\nexit 0"})
+    iid, _ = _created(
+        api,
+        env={
+            **FAST_ENV,
+            "SIM_LOG_LINES": "4",
+            "SIM_DURATION": "20",
+            "SIM_FINAL_LINES": "all done\nexit 0",
+        },
+    )
     api.wait_for(iid, lambda r: r["intended_status"] == "stopped")
     response = api("PUT", f"/api/v0/instances/request_logs/{iid}", json={"tail": "3"})
     assert response.status_code == 200 and response.json()["success"]
@@ -259,9 +315,21 @@ def test_stats_count_calls_and_max_live_per_label(api):
 def test_admin_offers_replace_the_market(api):
     api.admin("DELETE", "offers")
     assert api.search({}) == []
-    added = api.admin("POST", "offers", json={"offers": [
-        {"gpu_name": "RTX 4090", "dph_base": 0.3, "reliability": 0.99, "geolocation": "Texas, US"},
-        {"id": 777, "gpu_name": "H100 SXM", "num_gpus": 2, "dph_base": 4.0}]})
+    added = api.admin(
+        "POST",
+        "offers",
+        json={
+            "offers": [
+                {
+                    "gpu_name": "RTX 4090",
+                    "dph_base": 0.3,
+                    "reliability": 0.99,
+                    "geolocation": "Texas, US",
+                },
+                {"id": 777, "gpu_name": "H100 SXM", "num_gpus": 2, "dph_base": 4.0},
+            ]
+        },
+    )
     assert added["ids"][1] == 777
     rows = api.search({"order": [["dph_total", "asc"]]})
     assert [(o["gpu_name"], o["num_gpus"]) for o in rows] == [("RTX 4090", 1), ("H100 SXM", 2)]
@@ -275,7 +343,8 @@ def test_concurrent_creates_of_one_offer_rent_it_once(api):
 
     offer = api.search({"num_gpus": {"eq": 1}, "order": [["dph_total", "asc"]]})[0]["id"]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        statuses = list(pool.map(lambda i: api.create(offer, label=f"race-{i}").status_code,
-                                 range(16)))
+        statuses = list(
+            pool.map(lambda i: api.create(offer, label=f"race-{i}").status_code, range(16))
+        )
     assert sorted(statuses) == [200] + [404] * 15
     assert api.admin("GET", "stats")["live_instances"] == 1

@@ -39,10 +39,13 @@ def _alive(pid: int) -> bool:
 def test_local_process_env_log_and_self_stop(make_sim):
     sim = make_sim(run_mode="local", time_scale=100.0, log_delay=1.0)
     api = Api(sim.url)
-    iid = api.create(label="local", runtype="args", onstart=sys.executable,
-                     args=["-c", SELF_STOP],
-                     env={"MY_VAR": "hello world", "SIM_PULL_SECONDS": "5",
-                          "-p 8000:8000": "1"}).json()["new_contract"]
+    iid = api.create(
+        label="local",
+        runtype="args",
+        onstart=sys.executable,
+        args=["-c", SELF_STOP],
+        env={"MY_VAR": "hello world", "SIM_PULL_SECONDS": "5", "-p 8000:8000": "1"},
+    ).json()["new_contract"]
     row = api.wait_for(iid, lambda r: r["intended_status"] == "stopped", timeout=20)
     assert (row["actual_status"], row["cur_state"]) == ("exited", "stopped")
     url = api("PUT", f"/api/v0/instances/request_logs/{iid}/", json={}).json()["result_url"]
@@ -56,8 +59,12 @@ def test_local_process_env_log_and_self_stop(make_sim):
 def test_local_exit_is_restarted_unless_stopped(make_sim):
     sim = make_sim(time_scale=100.0)
     api = Api(sim.url)
-    iid = api.create(runtype="args", onstart="sh", args=["-c", "echo run $CONTAINER_ID; exit 3"],
-                     env={"SIM_RUN_MODE": "local", "SIM_PULL_SECONDS": "5"}).json()["new_contract"]
+    iid = api.create(
+        runtype="args",
+        onstart="sh",
+        args=["-c", "echo run $CONTAINER_ID; exit 3"],
+        env={"SIM_RUN_MODE": "local", "SIM_PULL_SECONDS": "5"},
+    ).json()["new_contract"]
     exited = api.wait_for(iid, lambda r: r["actual_status"] == "exited", timeout=20)
     assert exited["intended_status"] == "running" and exited["status_msg"].endswith("code 3")
     deadline = time.monotonic() + 20
@@ -77,7 +84,9 @@ def test_destroy_and_simulator_stop_kill_processes(make_sim):
     api = Api(sim.url)
     env = {"SIM_PULL_SECONDS": "1"}
     first = api.create(runtype="args", onstart="sleep", args=["60"], env=env).json()["new_contract"]
-    second = api.create(runtype="args", onstart="sleep", args=["60"], env=env).json()["new_contract"]
+    second = api.create(runtype="args", onstart="sleep", args=["60"], env=env).json()[
+        "new_contract"
+    ]
     pids = {}
     deadline = time.monotonic() + 20
     while len(pids) < 2:
@@ -102,11 +111,19 @@ def test_local_unexpected_exit_kills_the_container_at_once(make_sim):
     so a command that traps SIGTERM (like the agent's wrapper) gets no chance to print."""
     sim = make_sim(run_mode="local", time_scale=100.0, log_delay=1.0)
     api = Api(sim.url)
-    api.admin("POST", "faults", json={"rules": [
-        {"fault": "unexpected_exit", "label": "crashing", "after": 100}]})
+    api.admin(
+        "POST",
+        "faults",
+        json={"rules": [{"fault": "unexpected_exit", "label": "crashing", "after": 100}]},
+    )
     script = "trap 'echo got-term; exit 143' TERM; echo started; while :; do sleep 0.05; done"
-    iid = api.create(label="crashing", runtype="args", onstart="sh", args=["-c", script],
-                     env={"SIM_PULL_SECONDS": "5"}).json()["new_contract"]
+    iid = api.create(
+        label="crashing",
+        runtype="args",
+        onstart="sh",
+        args=["-c", script],
+        env={"SIM_PULL_SECONDS": "5"},
+    ).json()["new_contract"]
     row = api.wait_for(iid, lambda r: r["actual_status"] == "exited", timeout=20)
     assert row is not None and row["intended_status"] == "running"
     time.sleep(0.5)  # a SIGTERM trap would have printed by now

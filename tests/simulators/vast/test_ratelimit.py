@@ -20,8 +20,10 @@ def test_minimum_intervals_per_endpoint_and_identity(make_sim):
     assert api("DELETE", "/api/v0/instances/1/").status_code == 404
     destroy = api("DELETE", "/api/v0/instances/1/")
     assert destroy.status_code == 429 and destroy.json() == {
-        "success": False, "error": "rate_limit_exceeded",
-        "msg": "API requests too frequent endpoint threshold=3.0"}
+        "success": False,
+        "error": "rate_limit_exceeded",
+        "msg": "API requests too frequent endpoint threshold=3.0",
+    }
     assert api("GET", "/api/v0/instances/1/").status_code == 200
     show = api("GET", "/api/v0/instances/1/")
     assert show.status_code == 429

@@ -15,11 +15,37 @@ def test_search_needs_no_auth_and_answers_exact_json(sim):
     offers = response.json()["offers"]
     assert len(offers) == 64  # the server's default cap
     offer = offers[0]
-    for field in ("id", "machine_id", "host_id", "num_gpus", "gpu_name", "gpu_ram", "cpu_ram",
-                  "reliability", "geolocation", "cuda_max_good", "compute_cap", "driver_version",
-                  "disk_space", "dph_base", "storage_cost", "dph_total", "verified", "rentable",
-                  "external", "hosting_type", "score", "dlperf", "inet_up", "duration",
-                  "min_bid", "search", "verification", "direct_port_count", "pcie_bw"):
+    for field in (
+        "id",
+        "machine_id",
+        "host_id",
+        "num_gpus",
+        "gpu_name",
+        "gpu_ram",
+        "cpu_ram",
+        "reliability",
+        "geolocation",
+        "cuda_max_good",
+        "compute_cap",
+        "driver_version",
+        "disk_space",
+        "dph_base",
+        "storage_cost",
+        "dph_total",
+        "verified",
+        "rentable",
+        "external",
+        "hosting_type",
+        "score",
+        "dlperf",
+        "inet_up",
+        "duration",
+        "min_bid",
+        "search",
+        "verification",
+        "direct_port_count",
+        "pcie_bw",
+    ):
         assert field in offer, field
     assert ", " in offer["geolocation"] and len(offer["geolocation"].rsplit(", ", 1)[1]) == 2
 
@@ -35,23 +61,40 @@ def test_market_is_realistic_and_seeded(make_sim):
     by_machine = {}
     for offer in first:
         by_machine.setdefault(offer["machine_id"], set()).add(offer["num_gpus"])
-    assert any(counts == set(range(1, max(counts) + 1)) and max(counts) > 1
-               for counts in by_machine.values())
+    assert any(
+        counts == set(range(1, max(counts) + 1)) and max(counts) > 1
+        for counts in by_machine.values()
+    )
     rtx4090 = next(o for o in first if o["gpu_name"] == "RTX 4090")
     assert 24000 <= rtx4090["gpu_ram"] <= 24576
 
 
 def test_eight_operators_with_string_operands(api):
     offers = api.search({"limit": 5000})
-    rows = api.search({"num_gpus": {"eq": "1"}, "gpu_ram": {"gte": "24000"},
-                       "reliability": {"gt": "0.95"}, "dph_total": {"lt": "0.6"},
-                       "cpu_cores": {"lte": "256"}, "verified": {"eq": "true"},
-                       "gpu_name": {"in": ["RTX 4090", "RTX 3090"], "neq": "RTX 3090"},
-                       "geolocation": {"notin": ["CN", "VN"]}, "limit": 5000})
-    expected = [o for o in offers if o["num_gpus"] == 1 and o["gpu_ram"] >= 24000
-                and o["reliability"] > 0.95 and o["dph_total"] < 0.6 and o["verified"]
-                and o["gpu_name"] == "RTX 4090"
-                and o["geolocation"][-2:] not in ("CN", "VN")]
+    rows = api.search(
+        {
+            "num_gpus": {"eq": "1"},
+            "gpu_ram": {"gte": "24000"},
+            "reliability": {"gt": "0.95"},
+            "dph_total": {"lt": "0.6"},
+            "cpu_cores": {"lte": "256"},
+            "verified": {"eq": "true"},
+            "gpu_name": {"in": ["RTX 4090", "RTX 3090"], "neq": "RTX 3090"},
+            "geolocation": {"notin": ["CN", "VN"]},
+            "limit": 5000,
+        }
+    )
+    expected = [
+        o
+        for o in offers
+        if o["num_gpus"] == 1
+        and o["gpu_ram"] >= 24000
+        and o["reliability"] > 0.95
+        and o["dph_total"] < 0.6
+        and o["verified"]
+        and o["gpu_name"] == "RTX 4090"
+        and o["geolocation"][-2:] not in ("CN", "VN")
+    ]
     assert rows and {o["id"] for o in rows} == {o["id"] for o in expected}
 
 
@@ -105,14 +148,17 @@ def test_get_with_q_and_new_search_endpoint(api):
     assert new.json()["offers"] == [{"id": o["id"], "gpu_name": "RTX 3090"} for o in posted]
 
 
-@pytest.mark.parametrize("body, message", [
-    ([1, 2], "must be dict"),
-    ({"num_gpus": {"like": 1}}, "like"),
-    ({"num_gpus": 1}, "num_gpus"),
-    ({"type": "spot"}, "spot"),
-    ({"warp_drive": {"eq": 1}}, "warp_drive"),
-    ({"num_gpus": {"eq": "one"}}, "one"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ([1, 2], "must be dict"),
+        ({"num_gpus": {"like": 1}}, "like"),
+        ({"num_gpus": 1}, "num_gpus"),
+        ({"type": "spot"}, "spot"),
+        ({"warp_drive": {"eq": 1}}, "warp_drive"),
+        ({"num_gpus": {"eq": "one"}}, "one"),
+    ],
+)
 def test_bad_queries_are_refused(api, body, message):
     response = api("POST", "/api/v0/bundles/", json=body)
     assert response.status_code == 400
@@ -120,8 +166,9 @@ def test_bad_queries_are_refused(api, body, message):
 
 
 def test_invalid_json_body(api):
-    response = api("POST", "/api/v0/bundles/", data="{not json",
-                   headers={"Content-Type": "application/json"})
+    response = api(
+        "POST", "/api/v0/bundles/", data="{not json", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json() == {"error": "invalid_request", "msg": "Invalid json body"}
 
@@ -135,10 +182,10 @@ def test_rented_offer_disappears_and_machine_is_hidden_unless_rented_true(api):
     assert api.create(target["id"]).status_code == 200
     ids = {o["id"] for o in api.search({"limit": 5000})}
     assert target["id"] not in ids
-    assert not any(o["machine_id"] == target["machine_id"]
-                   for o in api.search({"limit": 5000}))
-    mine = api.search({"rented": {"eq": True}, "machine_id": {"eq": target["machine_id"]},
-                       "limit": 5000})
+    assert not any(o["machine_id"] == target["machine_id"] for o in api.search({"limit": 5000}))
+    mine = api.search(
+        {"rented": {"eq": True}, "machine_id": {"eq": target["machine_id"]}, "limit": 5000}
+    )
     free = len(machine_offers[target["machine_id"]]) - 1
     assert sorted(o["num_gpus"] for o in mine) == list(range(1, free + 1))
     assert all(o["rented"] for o in mine)
