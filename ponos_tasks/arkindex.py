@@ -104,6 +104,10 @@ class ArkindexUnavailable(ArkindexError):
     """Arkindex did not answer, or answered 5xx/429, on every try of a call."""
 
 
+class ReportInFlight(ArkindexUnavailable):
+    """A state update is claimed by another worker (or one that died): try again later."""
+
+
 class RegistrationError(ArkindexError):
     """CreateAgent refused: wrong seed, unknown farm, invalid body."""
 
@@ -151,43 +155,65 @@ class MemoryCredentialStore:
 
 
 class ReportedStatesLike(Protocol):
-    def claim(self, task_id: str, state: str) -> bool: ...
+    CLAIMED: str
+    REPORTED: str
+    IN_FLIGHT: str
+    OTHER_TERMINAL: str
+
+    def claim(self, task_id: str, state: str) -> str: ...
+    def confirm(self, task_id: str, state: str) -> None: ...
     def mark(self, task_id: str, state: str) -> None: ...
     def release(self, task_id: str, state: str) -> None: ...
     def terminal(self, task_id: str) -> str | None: ...
 
 
 class MemoryReportedStates:
-    """The reported-states guard in process memory (state.ReportedStates is the shared one)."""
+    """The reported-states guard in process memory (state.ReportedStates is the shared one,
+    with leases; here a claim dies with the process, so none is needed)."""
+
+    CLAIMED, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
+        "claimed",
+        "reported",
+        "in_flight",
+        "other_terminal",
+    )
 
     def __init__(self):
-        self._claimed: set[tuple[str, str]] = set()
-        self._terminal: dict[str, str] = {}
+        self._states: dict[tuple[str, str], str] = {}  # -> "pending" / "done"
+        self._terminal: dict[str, tuple[str, bool]] = {}  # task -> (state, confirmed)
         self._lock = threading.Lock()
 
-    def claim(self, task_id: str, state: str) -> bool:
+    def claim(self, task_id: str, state: str) -> str:
         with self._lock:
-            if (task_id, state) in self._claimed:
-                return False
+            current = self._states.get((task_id, state))
+            if current is not None:
+                return self.IN_FLIGHT if current == "pending" else self.REPORTED
             if state in ARKINDEX_TERMINAL_STATES:
-                if task_id in self._terminal:
-                    return False
-                self._terminal[task_id] = state
-            self._claimed.add((task_id, state))
-            return True
+                other = self._terminal.get(task_id)
+                if other is not None:
+                    return self.IN_FLIGHT if not other[1] else self.OTHER_TERMINAL
+                self._terminal[task_id] = (state, False)
+            self._states[(task_id, state)] = "pending"
+            return self.CLAIMED
 
-    def mark(self, task_id: str, state: str) -> None:
+    def confirm(self, task_id: str, state: str) -> None:
         with self._lock:
-            self._claimed.add((task_id, state))
+            self._states[(task_id, state)] = "done"
+            if state in ARKINDEX_TERMINAL_STATES:
+                self._terminal[task_id] = (state, True)
+
+    mark = confirm
 
     def release(self, task_id: str, state: str) -> None:
         with self._lock:
-            self._claimed.discard((task_id, state))
-            if self._terminal.get(task_id) == state:
+            if self._states.get((task_id, state)) == "pending":
+                del self._states[(task_id, state)]
+            if self._terminal.get(task_id) == (state, False):
                 del self._terminal[task_id]
 
     def terminal(self, task_id: str) -> str | None:
-        return self._terminal.get(task_id)
+        found = self._terminal.get(task_id)
+        return found[0] if found is not None and found[1] else None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -608,17 +634,21 @@ class ArkindexAgentClient:
         Raises TransitionRefused (after logging the server's message) on a 400: never retried.
         """
         task_id = str(task_id)
-        if not self.reported.claim(task_id, state):
-            terminal = self.reported.terminal(task_id)
-            if terminal and terminal != state:
-                logger.warning(
-                    "Not reporting %s for task %s: terminal state %s already reported",
-                    state,
-                    task_id,
-                    terminal,
-                )
-            else:
-                logger.debug("State %s of task %s already reported", state, task_id)
+        claim = self.reported.claim(task_id, state)
+        if claim == self.reported.IN_FLIGHT:
+            # Another worker is sending it, or died while sending it: unknown, so neither
+            # "reported" nor "send now". Retried later; a dead worker's lease lapses.
+            raise ReportInFlight(f"state {state} of task {task_id} is being reported already")
+        if claim == self.reported.OTHER_TERMINAL:
+            logger.warning(
+                "Not reporting %s for task %s: terminal state %s already reported",
+                state,
+                task_id,
+                self.reported.terminal(task_id),
+            )
+            return False
+        if claim == self.reported.REPORTED:
+            logger.debug("State %s of task %s already reported", state, task_id)
             return False
         try:
             self._call("PartialUpdateTask", id=task_id, body={"state": state})
@@ -634,6 +664,7 @@ class ArkindexAgentClient:
                     raise
                 if already:
                     logger.info("Task %s was already %s on Arkindex", task_id, state)
+                    self.reported.confirm(task_id, state)
                     return True
                 self.reported.release(task_id, state)
                 logger.warning(
@@ -651,6 +682,7 @@ class ArkindexAgentClient:
         except BaseException:
             self.reported.release(task_id, state)
             raise
+        self.reported.confirm(task_id, state)
         logger.info("Reported state %s for task %s", state, task_id)
         return True
 

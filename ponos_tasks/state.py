@@ -397,45 +397,87 @@ def release(lock: Lock) -> None:
 class ReportedStates:
     """Which states were reported per task: the one guard that makes state updates idempotent.
 
-    `claim()` is a SET NX per (task, state), plus one SET NX per task for the terminal state,
-    so that concurrent workers cannot both send a state, nor two different terminal states.
-    A claim whose request fails is released, so a later call can send it again. `mark()`
-    records a state known to be reported already (seen on Arkindex when adopting).
+    `claim()` takes a *lease* on (task, state) — and, for a terminal state, on the task's one
+    terminal slot — atomically, so that concurrent workers cannot both send a state, nor two
+    different terminal states. `confirm()` makes it permanent once Arkindex accepted it;
+    `release()` gives it back when the request failed. A worker killed between claim and
+    answer leaves only the lease, which lapses after `lease` seconds: the state is then sent
+    again (a redelivered report must not find "already reported" for a state never sent).
+    `mark()` records a state known to be on Arkindex already (seen when adopting).
     """
 
-    _RELEASE_TERMINAL = (
-        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
-        "return 0"
+    CLAIMED, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
+        "claimed",
+        "reported",
+        "in_flight",
+        "other_terminal",
     )
+    _CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if v == 'pending' then return 'in_flight' end
+if v then return 'reported' end
+if ARGV[3] == '1' then
+  local t = redis.call('GET', KEYS[2])
+  if t then
+    if t == ARGV[1] then return 'reported' end
+    if string.sub(t, 1, 8) == 'pending:' then return 'in_flight' end
+    return 'other_terminal'
+  end
+  redis.call('SET', KEYS[2], 'pending:' .. ARGV[1], 'EX', ARGV[2])
+end
+redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[2])
+return 'claimed'
+"""
+    _RELEASE = """
+if redis.call('GET', KEYS[1]) == 'pending' then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
 
-    def __init__(self, redis_client: redis.Redis, keys: Keyspace, ttl: int = 30 * 24 * 3600):
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        keys: Keyspace,
+        *,
+        lease: int = 120,
+        ttl: int = 30 * 24 * 3600,
+    ):
         self.redis = redis_client
         self.keys = keys
+        # Longer than one state update can take (the client's tries and timeouts).
+        self.lease = lease
         self.ttl = ttl  # keys outlive any task by far, then disappear
+        self._claim = redis_client.register_script(self._CLAIM)
+        self._release = redis_client.register_script(self._RELEASE)
 
-    def claim(self, task_id: str, state: str) -> bool:
-        if not self.redis.set(self.keys.reported(task_id, state), "1", nx=True, ex=self.ttl):
-            return False
-        if state in ARKINDEX_TERMINAL_STATES and not self.redis.set(
-            self.keys.reported(task_id, "terminal"), state, nx=True, ex=self.ttl
-        ):
-            self.redis.delete(self.keys.reported(task_id, state))
-            return False
-        return True
+    def _keys(self, task_id: str, state: str) -> list[str]:
+        return [self.keys.reported(task_id, state), self.keys.reported(task_id, "terminal")]
 
-    def mark(self, task_id: str, state: str) -> None:
-        self.redis.set(self.keys.reported(task_id, state), "1", ex=self.ttl)
+    def claim(self, task_id: str, state: str) -> str:
+        """CLAIMED (send it now), REPORTED, IN_FLIGHT (another worker's lease) or
+        OTHER_TERMINAL (a different terminal state was reported)."""
+        terminal = "1" if state in ARKINDEX_TERMINAL_STATES else "0"
+        return _text(
+            self._claim(keys=self._keys(task_id, state), args=[state, self.lease, terminal])
+        )
+
+    def confirm(self, task_id: str, state: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.reported(task_id, state), "done", ex=self.ttl)
+        if state in ARKINDEX_TERMINAL_STATES:
+            pipe.set(self.keys.reported(task_id, "terminal"), state, ex=self.ttl)
+        pipe.execute()
+
+    mark = confirm
 
     def release(self, task_id: str, state: str) -> None:
-        self.redis.delete(self.keys.reported(task_id, state))
-        if state in ARKINDEX_TERMINAL_STATES:
-            self.redis.eval(
-                self._RELEASE_TERMINAL, 1, self.keys.reported(task_id, "terminal"), state
-            )
+        self._release(keys=self._keys(task_id, state), args=[state])
 
     def terminal(self, task_id: str) -> str | None:
+        """The terminal state confirmed as reported, if any."""
         value = self.redis.get(self.keys.reported(task_id, "terminal"))
-        return None if value is None else _text(value)
+        value = None if value is None else _text(value)
+        return None if value is None or value.startswith("pending:") else value
 
 
 class RedisCredentialStore:

@@ -489,3 +489,25 @@ def test_task_state_unreadable_is_unknown_never_absent(sim, proxy, store):
     proxy.failures_left = 0
     assert client.task_state(task) == "pending"
     assert client.task_state(str(uuid.uuid4())) is None  # Arkindex says: no such task
+
+
+def test_a_report_claimed_by_a_dead_worker_is_sent_once_its_lease_lapses(
+    sim, store, redis_client, key_prefix
+):
+    """A worker killed between claiming a state and Arkindex's answer must not leave the
+    state "reported": the redelivered report waits for the lease, then sends it."""
+    reported = ReportedStates(redis_client, Keyspace(key_prefix), lease=1)
+    client = ArkindexAgentClient(sim.url, FARM, SEED, store, max_wait=0.2, reported=reported)
+    task = one_task(sim)
+    start_task(client, task)
+    assert client.update_state(task, "running") is True
+    assert reported.claim(task, "completed") == reported.CLAIMED  # ...and the worker dies
+    with pytest.raises(ArkindexUnavailable):
+        client.update_state(task, "completed")  # in flight elsewhere: unknown, retried later
+    assert task_info(sim, task)["state"] == "running"
+    time.sleep(1.2)
+    assert client.update_state(task, "completed") is True
+    assert task_info(sim, task)["state"] == "completed"
+    assert client.update_state(task, "completed") is False  # once only
+    assert client.update_state(task, "failed") is False  # never a second terminal state
+    assert [h["to"] for h in agent_updates(sim, task)] == ["running", "completed"]
