@@ -29,6 +29,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -331,7 +332,9 @@ class ArkindexAgentClient:
         self.max_wait = max_wait
         self._api: ArkindexClient | None = None
         self._creds: dict | None = None
-        self._definitions: dict[str, TaskDefinition] = {}
+        # task id -> (fetched at, definition): bounded, and short-lived, since a definition
+        # carries a pre-signed log URL that expires (1 h by default on S3).
+        self._definitions: OrderedDict[str, tuple[float, TaskDefinition]] = OrderedDict()
         self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- plumbing
@@ -596,19 +599,31 @@ class ArkindexAgentClient:
         items = resp.get("actions", []) if isinstance(resp, dict) else resp
         return [Action(kind=str(a["action"]), task_id=str(a["task_id"])) for a in items]
 
+    DEFINITIONS_KEPT = 256
+    DEFINITION_TTL = 600.0  # s; well under a pre-signed URL's lifetime
+
     def task_definition(self, task_id: str) -> TaskDefinition:
-        """What to run for a task; cached in memory (a definition does not change)."""
+        """What to run for a task; cached in memory for DEFINITION_TTL (the definition does
+        not change, but its pre-signed log URL expires), at most DEFINITIONS_KEPT of them."""
         task_id = str(task_id)
-        cached = self._definitions.get(task_id)
-        if cached is not None:
-            return cached
+        now = time.monotonic()
+        with self._lock:
+            cached = self._definitions.get(task_id)
+            if cached is not None and now - cached[0] < self.DEFINITION_TTL:
+                self._definitions.move_to_end(task_id)
+                return cached[1]
         definition = TaskDefinition.from_api(self._call("RetrieveTaskDefinition", id=task_id))
-        self._definitions[task_id] = definition
+        with self._lock:
+            self._definitions[task_id] = (now, definition)
+            self._definitions.move_to_end(task_id)
+            while len(self._definitions) > self.DEFINITIONS_KEPT:
+                self._definitions.popitem(last=False)
         return definition
 
     def forget(self, task_id: str) -> None:
-        """Drop a finished task's cached definition."""
-        self._definitions.pop(str(task_id), None)
+        """Drop a task's cached definition (finished, or its log URL was refused)."""
+        with self._lock:
+            self._definitions.pop(str(task_id), None)
 
     def task_state(self, task_id: str) -> str | None:
         """The task's state on Arkindex (RetrieveTask); None only when Arkindex says the

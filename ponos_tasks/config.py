@@ -135,6 +135,9 @@ class VastConfig(_Section):
         default=120, ge=0, description="s after running in which an exit is a failed start"
     )
     offer_wait: float = Field(default=3600, ge=0, description="s to wait for a matching offer")
+    log_read_deadline: float = Field(
+        default=900, gt=0, description="s to keep reading an ended instance's log"
+    )
     rate_limit_scale: float = Field(default=1.0, gt=0, description="x Vast.ai's min intervals")
     extra_environment: dict[str, str] = Field(default_factory=dict)
     registries: list[RegistryCredential] = Field(default_factory=list)

@@ -225,6 +225,10 @@ class TaskRecord:
     logs_published_at: float | None = None
     log_size: int = 0
     instance_destroyed: bool = False
+    final_reported: bool = False  # the final state is on Arkindex: the instance may go now
+    log_unread_since: float | None = None  # the ended instance's log could not be read since
+    publish_failures: int = 0  # final log uploads that failed (bounded: settings)
+    watch_chain: int = 0  # the one live watch chain of this attempt (older chains stop)
 
     @classmethod
     def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:

@@ -214,7 +214,8 @@ def step_for(record: TaskRecord) -> StepName | None:
     """The chain step that moves a record on from its phase (None: accepted, done)."""
     phase = Phase(record.phase)
     if phase is Phase.DESTROYING:
-        return StepName.REPORT_STATE if record.instance_destroyed else StepName.DESTROY_INSTANCE
+        # The final state is reported before the instance is destroyed.
+        return StepName.DESTROY_INSTANCE if record.final_reported else StepName.REPORT_STATE
     return {
         Phase.WAITING_OFFER: StepName.CHOOSE_OFFER,
         Phase.CREATING: StepName.CREATE_INSTANCE,
@@ -534,12 +535,15 @@ def watch_decision(
     *,
     exit_code: int | None = None,
     logs_read: bool = False,
+    log_unreadable: bool = False,
     log_tail: str = "",
     snapshot_taken_at: float | None = None,
 ) -> WatchDecision:
     """What the watch step does for a loading/running record, given its instance from the
     snapshot (None when absent). Call again with logs_read=True, the marker's exit_code
-    (None when there is none) and the log tail after a READ_LOGS."""
+    (None when there is none) and the log tail after a READ_LOGS; log_unreadable=True when
+    the log of the ended instance could not be read up to the deadline (the outcome is then
+    `error`, never a new attempt: the task may have run to its end)."""
     A = WatchAction
     condition = classify_instance(instance)
     if (
@@ -569,6 +573,12 @@ def watch_decision(
     ended = condition in _ENDED
     if ended and not logs_read and condition is not Condition.GONE:
         return decide(A.READ_LOGS, f"instance {condition}: look for the exit code")
+    if ended and log_unreadable:
+        reason = (
+            f"instance {condition}, and its log could not be read within "
+            f"{settings.log_read_deadline:g} s: exit code unknown"
+        )
+        return decide(A.FINISH, reason, Outcome("error", reason))
     failure = start_failure(
         replace(record, offline_since=offline_since),
         condition,

@@ -12,6 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+# The sync task's Celery time limits (tasks.py): its single-flight lock must outlive them, or
+# a slow sync and the next one overlap (and over-ask Arkindex for tasks).
+SYNC_SOFT_TIME_LIMIT = 100
+SYNC_TIME_LIMIT = 120
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -24,6 +29,7 @@ class Settings:
     max_attempts: int
     offline_grace: float
     early_exit_window: float
+    log_read_deadline: float  # s to keep reading an ended instance's log before deciding
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
     heartbeat_stale: float  # s without progress before the sync loop resumes a chain
@@ -36,6 +42,9 @@ class Settings:
     offers_tried_per_create: int
     log_read_wait: float  # s to wait for Vast.ai's log result_url
     ended_log_ttl: float
+    publish_tries: int  # final log uploads tried before going on without it
+    upload_lock_timeout: float
+    unpublished_log_ttl: float
     tombstone_ttl: float
 
     @classmethod
@@ -54,15 +63,16 @@ class Settings:
             max_attempts=vast.start_attempts,
             offline_grace=float(vast.offline_grace),
             early_exit_window=float(vast.early_exit_window),
+            log_read_deadline=float(vast.log_read_deadline),
             watch_interval=watch,
             heartbeat_stale=stale,
             creating_stale=stale,
-            sync_lock_timeout=max(60.0, 3 * sync),
+            sync_lock_timeout=max(SYNC_TIME_LIMIT + 10.0, 3 * sync),
             snapshot_max_age=1.5 * sync,
-            # Outlives one create call (client timeouts and retries) but not by much: a
-            # worker killed while holding it delays the task's next try by at most this.
-            # Correctness does not rest on it (the CAS on (phase, attempt) and the label
-            # lookup do); the lock is renewed before each create call.
+            # Renewed right before each create try is sent (after the rate limiter's wait), it
+            # must outlive one request (the client's connect + read timeouts, 35 s) with a
+            # margin; a worker killed while holding it delays the task's next try by at most
+            # this. The CAS on (phase, attempt) and the label lookup back it up.
             create_lock_timeout=60.0,
             create_unknown_delay=max(2.0, watch),
             # Workers creating at the same moment would all pick the same cheapest offer and
@@ -71,6 +81,11 @@ class Settings:
             offers_tried_per_create=5,  # offers that vanished under us before giving up
             log_read_wait=20.0,
             ended_log_ttl=3600.0,
+            # A log upload that keeps failing (expired URL, deleted task, S3 down) must not keep
+            # the instance billing: a few tries (about 1.5 min in all), then the task goes on.
+            publish_tries=5,
+            upload_lock_timeout=120.0,  # longer than one upload with its retries
+            unpublished_log_ttl=7 * 24 * 3600.0,
             # A done record stays this long so that a late message cannot restart its task.
             tombstone_ttl=3 * 24 * 3600.0,
         )

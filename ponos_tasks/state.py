@@ -13,11 +13,13 @@ the only code that touches Redis. Layout, under the prefix:
     last_sync                        string   none       agent time of the last sync that ran
     counters:destroyed               hash     none       cause -> instances the sync destroyed
     endlog:<id>:<attempt>            string   1 h        the ended instance's log that decided
-                                                         the outcome (kept for the final upload)
+                                                         the outcome (kept for the final upload;
+                                                         7 days when that upload gave up)
     tasklog:<id>, tasklog:<id>:dropped  list/int 14 days  the agent's own lines about a task
     once:<name>                      string   given      SET NX claims: enqueue de-duplication,
                                                          offer claims (once:offer:<offer id>)
-    lock:create:<id>, lock:sync, lock:snapshot  redis-py Locks, expiring after their timeout
+    lock:create:<id>, lock:upload:<id>, lock:sync, lock:snapshot
+                                     redis-py Locks, expiring after their timeout
     arkindex:agent                   string   none       agent id and tokens (JSON, secret)
     arkindex:agent:lock              Lock     60 s       one token renewal at a time
     arkindex:agent:reported:<id>:<state>, ...:<id>:terminal
@@ -40,6 +42,8 @@ from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import LockError
 
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
@@ -95,6 +99,9 @@ class Keyspace:
 
     def create_lock(self, task_id: str) -> str:
         return f"{self.prefix}lock:create:{task_id}"
+
+    def upload_lock(self, task_id: str) -> str:
+        return f"{self.prefix}lock:upload:{task_id}"
 
     @property
     def sync_lock(self) -> str:
@@ -372,6 +379,32 @@ class TaskStore:
     def sync_lock(self, timeout: float) -> Lock:
         """The single-flight lock of the sync loop (non-blocking, expires after `timeout` s)."""
         return self.redis.lock(self.keys.sync_lock, timeout=timeout, blocking=False)
+
+    @contextmanager
+    def upload_lock(self, task_id: str, timeout: float, *, wait: bool = True):
+        """One log upload of a task at a time. Yields whether it is held: with wait=False it
+        may not be; with wait=True, raises redis LockError when it cannot be had in time."""
+        lock = self.redis.lock(self.keys.upload_lock(task_id), timeout=timeout)
+        held = lock.acquire(blocking=wait, blocking_timeout=timeout if wait else None)
+        if wait and not held:
+            raise LockError(f"the log upload lock of task {task_id} is held too long")
+        try:
+            yield held
+        finally:
+            if held:
+                release(lock)
+
+    def new_watch_chain(self, task_id: str) -> int:
+        """Start a new watch chain for the task: older chains see another number and stop."""
+        # Never creates a record: a late watch cannot resurrect a forgotten task.
+        return int(
+            self.redis.eval(
+                "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+                "return redis.call('HINCRBY', KEYS[1], 'watch_chain', 1)",
+                1,
+                self.keys.task(task_id),
+            )
+        )
 
     def snapshot_lock(self, timeout: float) -> Lock:
         """Held by the one process that lists instances for a late snapshot (non-blocking)."""

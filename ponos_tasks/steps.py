@@ -18,9 +18,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from redis.exceptions import LockNotOwnedError
+
 from ponos_tasks.agent import AgentContext
-from ponos_tasks.arkindex import ArkindexError, TransitionRefused
-from ponos_tasks.lifecycle import ARKINDEX_ACTIVE_STATES, Phase, make_label, offer_wait_expired
+from ponos_tasks.arkindex import ArkindexError, ReportInFlight, TransitionRefused
+from ponos_tasks.lifecycle import (
+    ARKINDEX_ACTIVE_STATES,
+    ARKINDEX_TERMINAL_STATES,
+    Phase,
+    make_label,
+    offer_wait_expired,
+)
 from ponos_tasks.logs import build_task_log
 from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
@@ -35,7 +43,7 @@ from ponos_tasks.reconcile import (
 from ponos_tasks.registry_client import ImageConfigUnavailable
 from ponos_tasks.state import release
 from ponos_tasks.vast import CreateOutcomeUnknown, OfferUnavailable, VastError
-from ponos_tasks.wrapper import parse_exit_marker, split_command, wrap_command
+from ponos_tasks.wrapper import is_wrapped, parse_exit_marker, split_command, wrap_command
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +192,9 @@ def fresh_snapshot(ctx: AgentContext, max_age: float) -> Snapshot:
     if not lock.acquire():
         return snapshot or Snapshot((), 0.0)
     try:
+        listed_at = ctx.now()  # stamped when the listing starts (see _sync_locked)
         instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
-        snapshot = Snapshot(tuple(instances), ctx.now())
+        snapshot = Snapshot(tuple(instances), listed_at)
         ctx.store.save_snapshot(snapshot)
         return snapshot
     finally:
@@ -323,9 +332,20 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
             continue
         tried += 1
-        lock.reacquire()  # a full timeout for this call, however long the previous ones took
         try:
-            created = ctx.vast.create_instance(offer.id, **request)
+            # The lock is renewed to a full timeout right before each try is sent (after the
+            # rate limiter's wait, however long): a worker whose lock lapsed meanwhile, and
+            # was taken over, sends nothing (LockNotOwnedError).
+            created = ctx.vast.create_instance(offer.id, before_send=lock.reacquire, **request)
+        except LockNotOwnedError:
+            _note(
+                ctx,
+                task_id,
+                "the create lock lapsed before the create was sent; another "
+                "worker has taken this attempt over",
+                "WARNING",
+            )
+            return None
         except OfferUnavailable:
             _note(
                 ctx,
@@ -424,11 +444,21 @@ def _record_instance(
 
 
 @step(StepName.WATCH)
-def watch(ctx: AgentContext, task_id: str) -> list[Next]:
-    """Look at the task's instance in the shared snapshot and move the task on."""
+def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Next]:
+    """Look at the task's instance in the shared snapshot and move the task on.
+
+    One watch chain per task: a watch that starts one (`chain` None: after a create, an
+    adoption or a resume by the sync) takes the task's chain number over, and a watch of an
+    older chain stops, so that late resumes never multiply the chains (and their calls).
+    """
     record = ctx.store.get(task_id)
     if record is None or record.phase not in (Phase.LOADING, Phase.RUNNING):
         return []
+    if chain is None:
+        chain = ctx.store.new_watch_chain(task_id)
+    elif chain != record.watch_chain:
+        return []  # an older chain: the newer one watches this task
+    again = {"chain": chain}
     settings = ctx.settings
     # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
     # is late (sync stalled), so that the `list` rate limit is not spent many times over.
@@ -438,17 +468,36 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
+        if text is None:
+            # Unread is not "no exit marker": keep the ended instance and read again, with
+            # backoff, up to log_read_deadline; only then decide, saying why.
+            since = record.log_unread_since or now
+            waited = now - since
+            if waited < settings.log_read_deadline:
+                if record.log_unread_since is None:
+                    _note(
+                        ctx,
+                        task_id,
+                        f"instance {record.instance_id} has ended but its log "
+                        "could not be read; keeping the instance and reading it again (up "
+                        f"to {settings.log_read_deadline:g} s)",
+                        "WARNING",
+                    )
+                ctx.store.touch(task_id, log_unread_since=since, heartbeat_at=now)
+                delay = min(max(settings.watch_interval, waited / 2), 60.0)
+                return [Next(StepName.WATCH, countdown=delay, kwargs=again)]
         decision = watch_decision(
             record,
             instance,
             now,
             settings,
-            exit_code=parse_exit_marker(text),
+            exit_code=parse_exit_marker(text or ""),
             logs_read=True,
-            log_tail=text[-4000:],
+            log_unreadable=text is None,
+            log_tail=(text or "")[-4000:],
             snapshot_taken_at=snapshot.taken_at,
         )
-        if decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
+        if text is not None and decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
             # The instance has ended: its log will not change. Keep what decided the outcome
             # for the final upload instead of asking Vast.ai (rate-limited) for it again.
             ctx.store.keep_ended_log(task_id, record.attempt, text, settings.ended_log_ttl)
@@ -466,7 +515,7 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
         ):
             _note(ctx, task_id, f"instance {record.instance_id} is running")
             _report_running(ctx, task_id)
-        return [Next(StepName.WATCH, countdown=settings.watch_interval)]
+        return [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
     if action in (WatchAction.FINISH, WatchAction.GIVE_UP):
         outcome = decision.outcome
         if ctx.store.cas(
@@ -507,7 +556,9 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
         return []
     # WAIT
     ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
-    follow = [Next(StepName.WATCH, countdown=settings.watch_interval)]
+    if record.phase == Phase.RUNNING:
+        _report_running(ctx, task_id)  # a no-op once reported; sends it if a report was lost
+    follow = [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
     if record.phase == Phase.RUNNING and (
         record.logs_published_at is None or now - record.logs_published_at >= settings.logs_interval
     ):
@@ -537,7 +588,8 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     return None
 
 
-def _instance_log(ctx: AgentContext, record: TaskRecord) -> str:
+def _instance_log(ctx: AgentContext, record: TaskRecord) -> str | None:
+    """The instance's log; "" when there is no instance; None when it could not be read."""
     if record.instance_id is None or record.instance_destroyed:
         return ""
     try:
@@ -549,7 +601,7 @@ def _instance_log(ctx: AgentContext, record: TaskRecord) -> str:
             record.instance_id,
             error.msg,
         )
-        return ""
+        return None
 
 
 @step(StepName.PUBLISH_LOGS)
@@ -557,7 +609,11 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     """Upload the task's whole log (agent lines + instance log, redacted) to Arkindex's S3.
 
     While running (final=False) it also spots the exit marker of a task whose instance could
-    not stop itself; the final upload moves the task on to destroying.
+    not stop itself. The final upload moves the task on to reporting its state; it has a
+    bounded number of tries, so that a log that cannot be published never keeps an instance
+    (billing) alive: the log is then kept and published again once the task is done.
+    Uploads of one task never overlap (a lock), and a periodic one checks right before it is
+    sent that the task still runs: the final log always wins.
     """
     record = ctx.store.get(task_id)
     if record is None:
@@ -566,27 +622,62 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if not final and record.phase != Phase.RUNNING:
         return None
-    definition = ctx.arkindex.task_definition(task_id)
-    ended_log = ctx.store.ended_log(task_id, record.attempt) if final else None
+    if not final:
+        return _publish_running_log(ctx, record)
+    ended_log = ctx.store.ended_log(task_id, record.attempt)
     instance_log = ended_log if ended_log is not None else _instance_log(ctx, record)
-    if final and record.inferred:
+    if instance_log is None:
+        _note(ctx, task_id, "the instance's log could not be read: it is missing below", "WARNING")
+    if record.inferred:
         _note(
             ctx,
             task_id,
             "the image ran unwrapped: this final state was inferred from how its instance ended",
             "WARNING",
         )
-    text = build_task_log(
-        ctx.logbook.lines(task_id), instance_log, task_secrets(ctx, definition.env)
-    )
-    ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    settings = ctx.settings
+    text = None
+    try:
+        definition = ctx.arkindex.task_definition(task_id)
+        text = build_task_log(
+            ctx.logbook.lines(task_id), instance_log or "", task_secrets(ctx, definition.env)
+        )
+        with ctx.store.upload_lock(task_id, timeout=settings.upload_lock_timeout):
+            ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    except ArkindexError as error:
+        # A fresh definition next time: its pre-signed URL may have expired.
+        ctx.arkindex.forget(task_id)
+        failures = record.publish_failures + 1
+        now = ctx.now()
+        if failures < settings.publish_tries:
+            ctx.store.touch(task_id, publish_failures=failures, heartbeat_at=now)
+            _note(
+                ctx,
+                task_id,
+                f"could not publish the log ({error}); try {failures} of {settings.publish_tries}",
+                "WARNING",
+            )
+            return Next(
+                StepName.PUBLISH_LOGS, countdown=min(60.0, 5.0 * failures), kwargs={"final": True}
+            )
+        _note(
+            ctx,
+            task_id,
+            f"the log could not be published in {failures} tries ({error}); "
+            "going on without it, so that the instance does not keep billing; it is kept "
+            "and published again once the task is done",
+            "ERROR",
+        )
+        ctx.store.keep_ended_log(
+            task_id, record.attempt, instance_log or "", settings.unpublished_log_ttl
+        )
+        ctx.store.touch(task_id, publish_failures=failures)
+        published = False
+    else:
+        published = True
     now = ctx.now()
-    ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()), heartbeat_at=now)
-    if not final:
-        code = parse_exit_marker(instance_log)
-        if code is not None and record.exit_code is None:
-            ctx.store.touch(task_id, exit_code=code)  # the next watch finishes the task
-        return None
+    if published:
+        ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()))
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.FINISHING,
@@ -594,26 +685,35 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         phase=Phase.DESTROYING,
         heartbeat_at=now,
     ):
-        ctx.store.drop_ended_log(task_id, record.attempt)
-        return Next(StepName.DESTROY_INSTANCE)
+        if published:
+            ctx.store.drop_ended_log(task_id, record.attempt)
+        return Next(StepName.REPORT_STATE)
     return None
 
 
-@step(StepName.DESTROY_INSTANCE)
-def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
-    record = ctx.store.get(task_id)
-    if record is None or record.phase != Phase.DESTROYING:
-        return None
-    if record.instance_id is not None and not record.instance_destroyed:
-        gone_before = not ctx.vast.destroy_instance(record.instance_id)
-        _note(
-            ctx,
-            task_id,
-            f"instance {record.instance_id} "
-            + ("was already gone" if gone_before else "destroyed"),
-        )
-    ctx.store.touch(task_id, instance_destroyed=True, heartbeat_at=ctx.now())
-    return Next(StepName.REPORT_STATE)
+def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
+    """The periodic upload while the task runs (never over the final one)."""
+    task_id = record.task_id
+    definition = ctx.arkindex.task_definition(task_id)
+    instance_log = _instance_log(ctx, record)
+    if instance_log is None:
+        return None  # nothing new to show; the next period tries again
+    text = build_task_log(
+        ctx.logbook.lines(task_id), instance_log, task_secrets(ctx, definition.env)
+    )
+    with ctx.store.upload_lock(
+        task_id, timeout=ctx.settings.upload_lock_timeout, wait=False
+    ) as held:
+        current = ctx.store.get(task_id)
+        if not held or current is None or current.phase != Phase.RUNNING:
+            return None  # another upload is under way, or the task has moved on: no overwrite
+        ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    now = ctx.now()
+    ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()), heartbeat_at=now)
+    code = parse_exit_marker(instance_log)
+    if code is not None and record.exit_code is None:
+        ctx.store.touch(task_id, exit_code=code)  # the next watch finishes the task
+    return None
 
 
 def _report_running(ctx: AgentContext, task_id: str) -> None:
@@ -625,15 +725,31 @@ def _report_running(ctx: AgentContext, task_id: str) -> None:
         ctx.arkindex.update_state(task_id, "running")
     except TransitionRefused as error:
         logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
+    except ReportInFlight:
+        pass  # another worker sends it (or its lease lapses and a later call does)
 
 
 @step(StepName.REPORT_STATE)
 def report_state(ctx: AgentContext, task_id: str) -> Next | None:
-    """Send the final state to Arkindex, exactly once, then close the record."""
+    """Send the final state to Arkindex, exactly once, then destroy the instance.
+
+    Reported before the destroy: the outcome is then on Arkindex before the task's last
+    outside trace (its labelled instance) disappears, so a loss of Redis at any moment still
+    ends the task (an instance whose task is terminal is destroyed by the next sync).
+    """
     record = ctx.store.get(task_id)
-    if record is None or record.phase != Phase.DESTROYING or not record.instance_destroyed:
+    if record is None or record.phase != Phase.DESTROYING or record.final_reported:
         return None
     state = record.final_state or "error"
+    if record.stop_requested and state != "stopped":
+        # The stop arrived after the outcome was decided: Arkindex now waits for `stopped`.
+        _note(
+            ctx,
+            task_id,
+            f"the task had ended ({state}) when the stop arrived; "
+            "reporting it stopped, as Arkindex asks",
+        )
+        state = "stopped"
     if state in ("completed", "failed"):
         # Arkindex's table: a task reaches completed/failed only from running (a no-op when
         # it was reported already). `error` is allowed from pending: a task that never ran
@@ -642,13 +758,94 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     try:
         ctx.arkindex.update_state(task_id, state)
     except TransitionRefused as error:
-        # Not retried: the server's table says no (e.g. the task was stopped meanwhile).
-        logger.error("task %s: Arkindex refused `%s`: %s", task_id, state, error.detail)
-    ctx.store.cas(
-        task_id, expect_phase=Phase.DESTROYING, expect_attempt=record.attempt, phase=Phase.DONE
+        _report_refused(ctx, task_id, state, error)
+    if ctx.store.cas(
+        task_id,
+        expect_phase=Phase.DESTROYING,
+        expect_attempt=record.attempt,
+        final_reported=True,
+        heartbeat_at=ctx.now(),
+    ):
+        return Next(StepName.DESTROY_INSTANCE)
+    return None
+
+
+def _report_refused(ctx: AgentContext, task_id: str, state: str, error) -> None:
+    """Arkindex refused the final state: find the one it accepts, so that the task ends."""
+    current = ctx.arkindex.task_state(task_id)  # raises when unknown: retried
+    if current is None or current in ARKINDEX_TERMINAL_STATES:
+        _note(
+            ctx,
+            task_id,
+            f"Arkindex refused `{state}` ({error.detail}); the task is "
+            f"already {current or 'gone'} there",
+            "WARNING",
+        )
+        return
+    fallback = "stopped" if current == "stopping" else "error"
+    _note(
+        ctx,
+        task_id,
+        f"Arkindex refused `{state}` ({error.detail}) while the task is "
+        f"{current}; reporting `{fallback}` instead",
+        "WARNING",
     )
+    try:
+        ctx.arkindex.update_state(task_id, fallback)
+    except TransitionRefused as second:
+        logger.error("task %s: Arkindex refused `%s` too: %s", task_id, fallback, second.detail)
+
+
+@step(StepName.DESTROY_INSTANCE)
+def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
+    """Destroy the task's instance (its state is on Arkindex already), close the record,
+    and publish a log that could not be published earlier."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.DESTROYING or not record.final_reported:
+        return None
+    if record.instance_id is not None and not record.instance_destroyed:
+        gone_before = not ctx.vast.destroy_instance(record.instance_id)
+        _note(
+            ctx,
+            task_id,
+            f"instance {record.instance_id} "
+            + ("was already gone" if gone_before else "destroyed"),
+        )
+    ctx.store.cas(
+        task_id,
+        expect_phase=Phase.DESTROYING,
+        expect_attempt=record.attempt,
+        phase=Phase.DONE,
+        instance_destroyed=True,
+    )
+    if record.publish_failures >= ctx.settings.publish_tries:
+        _publish_kept_log(ctx, record)
     ctx.arkindex.forget(task_id)
     return None
+
+
+def _publish_kept_log(ctx: AgentContext, record: TaskRecord) -> None:
+    """One more try at a final log that could not be published (it stays kept otherwise)."""
+    task_id = record.task_id
+    instance_log = ctx.store.ended_log(task_id, record.attempt)
+    try:
+        ctx.arkindex.forget(task_id)  # a fresh definition: a fresh pre-signed URL
+        definition = ctx.arkindex.task_definition(task_id)
+        text = build_task_log(
+            ctx.logbook.lines(task_id), instance_log or "", task_secrets(ctx, definition.env)
+        )
+        ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    except ArkindexError as error:
+        logger.error(
+            "task %s: the kept log still cannot be published (%s); its instance "
+            "log stays in Redis for %g s",
+            task_id,
+            error,
+            ctx.settings.unpublished_log_ttl,
+        )
+        return
+    ctx.store.drop_ended_log(task_id, record.attempt)
+    logger.info("task %s: the kept log is published", task_id)
 
 
 @step(StepName.STOP_TASK)
@@ -724,6 +921,8 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         )
         return None
     now = ctx.now()
+    snapshot = ctx.store.load_snapshot()
+    instance = snapshot.find(step.instance_id) if snapshot is not None else None
     values = dict(
         phase=Phase.LOADING,
         attempt=step.attempt,
@@ -732,6 +931,9 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         instance_created_at=now,
         heartbeat_at=now,
         adopted=True,
+        # An image run unwrapped (no wrapper in its onstart) is judged by how it ends, as
+        # when it was created; unknown (not in the snapshot) counts as wrapped.
+        inferred=instance is not None and not is_wrapped(instance.raw.get("onstart")),
     )
     if step.from_phase is None:
         done = ctx.store.create_if_absent(TaskRecord.new(step.task_id, now, **values))
@@ -799,9 +1001,12 @@ def _capacity(ctx: AgentContext) -> int:
 def _sync_locked(ctx: AgentContext) -> SyncResult:
     short_id = ctx.agent_short_id()
     actions = ctx.arkindex.actions(capacity=_capacity(ctx))
+    # Stamped when the listing starts: an instance created while the pages are read may be
+    # missing, and must not look gone to a watcher that recorded it after this time.
+    listed_at = ctx.now()
     instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
     now = ctx.now()
-    ctx.store.save_snapshot(Snapshot(tuple(instances), now))
+    ctx.store.save_snapshot(Snapshot(tuple(instances), listed_at))
     ctx.store.mark_synced(now)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()

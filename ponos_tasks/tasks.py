@@ -15,6 +15,7 @@ from ponos_tasks.agent import get_context
 from ponos_tasks.app import app
 from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.models import SYNC_QUEUE, Next, StepName
+from ponos_tasks.settings import SYNC_SOFT_TIME_LIMIT, SYNC_TIME_LIMIT
 from ponos_tasks.steps import STEPS, Step, run_step
 from ponos_tasks.steps import sync as sync_step
 from ponos_tasks.vast import VastRateLimited, VastServerError, VastTransportError
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Transient failures worth a Celery retry (the clients already retried a few times inside).
 TRANSIENT = (
+    redis.exceptions.LockError,
     VastRateLimited,
     VastServerError,
     VastTransportError,
@@ -79,8 +81,8 @@ STEP_TASKS: dict[StepName, object] = {name: _celery_task(step) for name, step in
     bind=True,
     acks_late=True,
     max_retries=0,
-    soft_time_limit=100,
-    time_limit=120,
+    soft_time_limit=SYNC_SOFT_TIME_LIMIT,
+    time_limit=SYNC_TIME_LIMIT,
     ignore_result=True,
 )
 def sync(self):

@@ -23,7 +23,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -287,9 +287,14 @@ class VastClient:
         onstart: str | None = None,
         args: list[str] | None = None,
         image_login: str | None = None,
+        before_send: Callable[[], None] | None = None,
     ) -> CreatedInstance:
         """PUT /asks/{offer_id}/. Raises OfferUnavailable when the offer is gone and
-        CreateOutcomeUnknown when the instance may exist although no answer said so."""
+        CreateOutcomeUnknown when the instance may exist although no answer said so.
+
+        `before_send` runs right before each try is sent (after the rate limiter's wait, which
+        can be long): the caller checks there that it may still create (e.g. renews its create
+        lock, raising if another worker took it), so that nothing is sent on a stale right."""
         payload: dict[str, Any] = {
             "client_id": "me",
             "image": image,
@@ -306,7 +311,9 @@ class VastClient:
             payload["image_login"] = image_login
         path = f"/api/v0/asks/{int(offer_id)}/"
         try:
-            body = self._call("PUT", path, "create", body=payload, create=True)
+            body = self._call(
+                "PUT", path, "create", body=payload, create=True, before_send=before_send
+            )
         except VastError as exc:
             if exc.error == "no_such_ask" or (
                 exc.status == 410 and not isinstance(exc, VastAuthError)
@@ -417,6 +424,7 @@ class VastClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         create: bool = False,
+        before_send: Callable[[], None] | None = None,
     ) -> dict:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts),
@@ -425,7 +433,9 @@ class VastClient:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        response = retrying(self._attempt, method, path, endpoint, body, params, create)
+        response = retrying(
+            self._attempt, method, path, endpoint, body, params, create, before_send
+        )
         return self._json(response, method, path, create)
 
     def _attempt(
@@ -436,9 +446,12 @@ class VastClient:
         body: Any,
         params: Mapping[str, str] | None,
         create: bool,
+        before_send: Callable[[], None] | None = None,
     ) -> requests.Response:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire(endpoint, timeout=self.limiter_timeout)
+        if before_send is not None:
+            before_send()
         context = f"{method} {path}"
         headers = {}
         data = None

@@ -144,3 +144,8 @@ def parse_exit_marker(log_text: str | bytes | None) -> int | None:
 def split_command(command: str) -> list[str]:
     """Split a task definition's command string like a POSIX shell would (no expansion)."""
     return shlex.split(command)
+
+
+def is_wrapped(onstart: str | None) -> bool:
+    """Whether an instance's onstart script is this wrapper (it prints the exit marker)."""
+    return MARKER in (onstart or "")

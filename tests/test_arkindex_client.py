@@ -511,3 +511,21 @@ def test_a_report_claimed_by_a_dead_worker_is_sent_once_its_lease_lapses(
     assert client.update_state(task, "completed") is False  # once only
     assert client.update_state(task, "failed") is False  # never a second terminal state
     assert [h["to"] for h in agent_updates(sim, task)] == ["running", "completed"]
+
+
+def test_definition_cache_is_bounded_and_short_lived(sim, client):
+    """Every process caches definitions; bounded, and never long enough to hand out an
+    expired pre-signed log URL."""
+    client.DEFINITIONS_KEPT = 2
+    client.DEFINITION_TTL = 0.5
+    tasks = [one_task(sim) for _ in range(4)]
+    for task in tasks:
+        start_task(client, task)
+    first = client.task_definition(tasks[0])
+    assert client.task_definition(tasks[0]) is first  # cached
+    for task in tasks[1:]:
+        client.task_definition(task)
+    assert len(client._definitions) == 2  # the oldest were dropped
+    newest = client.task_definition(tasks[-1])
+    time.sleep(0.6)
+    assert client.task_definition(tasks[-1]) is not newest  # read again once too old

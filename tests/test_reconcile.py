@@ -118,8 +118,9 @@ def test_duplicate_actions_give_one_step_each():
         ("running", {"instance_id": 7}, True, "watch"),
         ("running", {"instance_id": 7}, False, "watch"),  # the watch sees it gone
         ("finishing", {"instance_id": 7, "final_state": "completed"}, True, "publish_logs"),
-        ("destroying", {"instance_id": 7}, True, "destroy_instance"),
-        ("destroying", {"instance_id": 7, "instance_destroyed": True}, False, "report_state"),
+        # The final state is reported before the instance is destroyed.
+        ("destroying", {"instance_id": 7}, True, "report_state"),
+        ("destroying", {"instance_id": 7, "final_reported": True}, True, "destroy_instance"),
         ("retrying", {"instance_id": 7}, False, "retry_attempt"),
     ],
 )

@@ -1,0 +1,232 @@
+"""The agent decides on evidence: regression tests for the defects where it took an
+irreversible step (a final state, a destroy, a second run) on missing evidence, or where a
+fault made it lose or overwrite something. Steps run in-process (tests/agent_harness.py)
+against the simulators over HTTP and a real Redis; faults come from the simulators' knobs.
+"""
+
+import contextlib
+import threading
+import time
+
+import pytest
+
+from ponos_tasks import steps
+from ponos_tasks.lifecycle import Phase
+from ponos_tasks.models import Next, StepName
+from tests.agent_harness import Harness, wipe
+
+# The fixtures of test_steps (one stack for this module); ruff: F401/F811 ignored here.
+from tests.test_steps import (
+    admin,
+    contexts,
+    scripted,
+    stack,
+    start_and_finish,
+)
+
+
+def created_labels(admin, task_id: str) -> list[str]:
+    return [row["label"] for row in admin.rows_for(task_id)]
+
+
+def test_an_unreadable_log_is_read_again_not_taken_for_no_marker(contexts, admin):
+    """Vast.ai's log service fails for a while after the task ended with exit code 0: the
+    agent keeps the instance and reads again, so the task ends completed, once."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    # Each agent-level read makes up to 4 tries (the client's own retries): 10 failures
+    # make at least two reads fail.
+    admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503, "times": 10})
+    harness = start_and_finish(ctx, task_id, timeout=60)
+    record = ctx.store.get(task_id)
+    assert record.final_state == "completed", record.reason
+    assert admin.accepted_agent_states(task_id) == ["running", "completed"]
+    assert len(created_labels(admin, task_id)) == 1  # never rented and run a second time
+    log = admin.task_log(task_id)
+    assert "PONOS_EXIT_CODE=0" in log
+    assert "its log could not be read" in log  # says why it waited
+    assert harness.steps_of(task_id).count(StepName.CREATE_INSTANCE) == 1
+
+
+def test_a_log_unreadable_past_the_deadline_gives_error_with_the_reason(contexts, admin):
+    ctx = contexts(vast_api={"log_read_deadline": 1.0})
+    task_id = admin.one_task(env=scripted(0))
+    admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503})
+    start_and_finish(ctx, task_id, timeout=60)
+    admin.clear_faults()
+    record = ctx.store.get(task_id)
+    assert record.final_state == "error"
+    assert "could not be read" in record.reason
+    assert len(created_labels(admin, task_id)) == 1
+    assert admin.task(task_id)["state"] == "error"
+
+
+def test_a_stop_after_the_outcome_still_ends_the_task(contexts, admin):
+    """The user stops a task whose outcome is decided (finishing): Arkindex then waits for
+    `stopped`; the task must not stay `stopping`."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def finishing():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.FINISHING
+
+    harness.run(until=finishing, timeout=30)
+    admin.stop_task(task_id)
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=30)
+    assert admin.task(task_id)["state"] == "stopped"  # not left `stopping`
+    accepted = admin.accepted_agent_states(task_id)
+    assert accepted[-1] == "stopped" and accepted.count("stopped") == 1, accepted
+    assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
+
+
+def test_the_final_state_is_reported_before_the_instance_is_destroyed(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = start_and_finish(ctx, task_id)
+    trace = harness.steps_of(task_id)
+    assert trace.index(StepName.REPORT_STATE) < trace.index(StepName.DESTROY_INSTANCE)
+
+
+def test_losing_redis_between_report_and_destroy_still_ends_everything(contexts, admin):
+    """Redis lost right after the final report: the instance is the only trace left; the
+    next sync sees its task terminal on Arkindex and destroys it."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def reported():
+        record = ctx.store.get(task_id)
+        return record is not None and record.final_reported
+
+    harness.run(until=reported, timeout=30)
+    wipe(ctx)  # every record, lock and queued message of the agent is gone
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    again = Harness(reborn)
+
+    def no_live_instance():
+        return all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+
+    again.sync()
+    again.run(until=no_live_instance, sync_every=0.2, timeout=30)
+    assert admin.task(task_id)["state"] == "completed"
+    assert admin.accepted_agent_states(task_id) == ["running", "completed"]
+    assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
+
+
+def test_late_resumes_never_multiply_watch_chains(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="600"))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def running():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.RUNNING
+
+    harness.run(until=running, timeout=30)
+    for _ in range(3):  # three resumes by the sync of a chain it thought stalled
+        harness.push(task_id, [Next(StepName.WATCH)])
+    for _ in range(40):
+        harness.step_once()
+    queued = [q for q in harness.queue if q.task_id == task_id and q.next.step == StepName.WATCH]
+    assert len(queued) == 1
+    harness.push(task_id, steps.run_step(ctx, task_id, StepName.STOP_TASK))
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=30)
+
+
+def test_a_periodic_upload_in_flight_never_overwrites_the_final_log(stack, contexts, admin):
+    """A periodic upload reads the instance log (slow), the task ends meanwhile and its
+    final log is published: the periodic one must not land on top of it."""
+    ctx = contexts(logs_interval=3600)
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="200"))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def running():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.RUNNING
+
+    harness.run(until=running, timeout=30)
+    # The periodic upload's log read takes 4 s; the task ends after 2 s and its final log
+    # reuses the ended log.
+    admin.faults({"fault": "slow", "endpoint": "logs", "delay": 4.0, "times": 1})
+    late = threading.Thread(target=steps.publish_logs, args=(ctx, task_id), kwargs={"final": False})
+    late.start()
+    time.sleep(0.5)  # the periodic upload is now reading the log
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=60)
+    final_published_at = time.time()
+    late.join(timeout=30)
+    s3 = stack.s3.client()
+    objects = [
+        (bucket, obj)
+        for bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+        if task_id in obj["Key"]
+    ]
+    assert len(objects) == 1
+    # Nothing was written after the final upload (the late one would land ~2 s later).
+    assert objects[0][1]["LastModified"].timestamp() <= final_published_at + 0.5
+    assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
+
+
+def test_a_log_that_cannot_be_published_does_not_keep_the_instance(stack, contexts, admin):
+    """S3 refuses every upload (its bucket is gone): after a bounded number of tries the
+    task goes on, its state is reported and its instance destroyed; the log is kept."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def finishing():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.FINISHING
+
+    harness.run(until=finishing, timeout=30)
+    s3 = stack.s3.client()
+    saved = {}
+    for bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            saved[(bucket, obj["Key"])] = s3.get_object(Bucket=bucket, Key=obj["Key"])[
+                "Body"
+            ].read()
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
+    try:
+        harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=120)
+        record = ctx.store.get(task_id)
+        assert record.publish_failures == ctx.settings.publish_tries
+        assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+        assert admin.task(task_id)["state"] == "completed"
+        assert "PONOS_EXIT_CODE=0" in ctx.store.ended_log(task_id, record.attempt)
+    finally:
+        for bucket in {b for b, _ in saved} or {"ponos"}:
+            with contextlib.suppress(Exception):
+                s3.create_bucket(Bucket=bucket)
+        for (bucket, key), body in saved.items():
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_a_create_whose_lock_lapsed_is_never_sent(contexts, admin):
+    """The create lock can lapse during one create call (a long rate-limiter wait): the
+    ownership is checked right before the request is sent, so nothing is sent."""
+    from redis.exceptions import LockNotOwnedError
+
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    offer = admin.offers()[0]
+    mine = ctx.store.create_lock(task_id, timeout=0.2)
+    assert mine.acquire()
+    time.sleep(0.3)  # lapsed...
+    theirs = ctx.store.create_lock(task_id, timeout=60)
+    assert theirs.acquire()  # ...and another worker took it over
+    label = f"ponos-{ctx.agent_short_id()}-{task_id}-1"
+    with pytest.raises(LockNotOwnedError):
+        ctx.vast.create_instance(
+            offer["id"], image="img:1", label=label, env={}, disk=16, before_send=mine.reacquire
+        )
+    theirs.release()
+    assert admin.rows_for(task_id) == []
