@@ -230,3 +230,60 @@ def test_a_create_whose_lock_lapsed_is_never_sent(contexts, admin):
         )
     theirs.release()
     assert admin.rows_for(task_id) == []
+
+
+def test_the_sync_lock_outlives_the_sync_time_limit():
+    """Two syncs must never overlap (they would over-ask Arkindex for tasks)."""
+    from ponos_tasks.settings import SYNC_TIME_LIMIT
+    from ponos_tasks.tasks import sync as sync_task
+    from tests.settings_helper import settings_with
+
+    assert sync_task.time_limit == SYNC_TIME_LIMIT
+    for interval in (0.5, 10.0, 60.0):
+        assert settings_with(sync_interval=interval).sync_lock_timeout > SYNC_TIME_LIMIT
+
+
+def test_a_snapshot_is_stamped_when_its_listing_starts(contexts, admin):
+    """An instance created while the pages are read may be missing from the snapshot; the
+    snapshot must look older than it, so that a watcher does not take it for gone."""
+    ctx = contexts()
+    ctx.agent_short_id()
+    admin.faults({"fault": "slow", "endpoint": "list", "delay": 1.5, "times": 1})
+    before = ctx.now()
+    assert steps.sync(ctx).ran
+    snapshot = ctx.store.load_snapshot()
+    assert snapshot.taken_at - before < 1.0  # before the slow listing, not after it
+
+
+def test_an_adopted_unwrapped_instance_is_still_judged_by_how_it_ends(contexts, admin):
+    """After a total loss of memory, an instance that runs its image unwrapped (no
+    registry answered) is adopted as such: its outcome is inferred, not retried."""
+    ctx = contexts()
+    task_id = admin.one_task(
+        image="127.0.0.1:9/teklia/worker:1.0",
+        command=None,
+        env={
+            **scripted(0),
+            "SIM_DURATION": "300",
+            "SIM_SELF_STOP": "true",
+            "SIM_FINAL_LINES": "done",
+        },
+    )
+    harness = Harness(ctx)
+    harness.sync()
+
+    def has_instance():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase in (Phase.LOADING, Phase.RUNNING)
+
+    harness.run(until=has_instance, timeout=30)
+    assert ctx.store.get(task_id).inferred is True
+    wipe(ctx)
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    again = Harness(reborn)
+    again.sync()
+    again.run(until=lambda: again.done(task_id), sync_every=0.2, timeout=60)
+    record = reborn.store.get(task_id)
+    assert record.adopted and record.inferred
+    assert record.final_state == "completed" and record.attempt == 1
+    assert len(created_labels(admin, task_id)) == 1
