@@ -159,7 +159,8 @@ def instance_command(
             )
             return None, None, True
         _note(ctx, task_id, f"image command from the registry: {argv}")
-    onstart, args = wrap_command(argv)
+    # The marker's nonce names this attempt (its label, set when the attempt was claimed).
+    onstart, args = wrap_command(argv, nonce=ctx.marker_nonce(ctx.store.get(task_id).label))
     return onstart, args, False
 
 
@@ -443,7 +444,7 @@ def watch(ctx: AgentContext, task_id: str) -> list[Next]:
             instance,
             now,
             settings,
-            exit_code=parse_exit_marker(text),
+            exit_code=parse_exit_marker(text, ctx.marker_nonce(record.label)),
             logs_read=True,
             log_tail=text[-4000:],
             snapshot_taken_at=snapshot.taken_at,
@@ -583,7 +584,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     now = ctx.now()
     ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()), heartbeat_at=now)
     if not final:
-        code = parse_exit_marker(instance_log)
+        code = parse_exit_marker(instance_log, ctx.marker_nonce(record.label))
         if code is not None and record.exit_code is None:
             ctx.store.touch(task_id, exit_code=code)  # the next watch finishes the task
         return None
