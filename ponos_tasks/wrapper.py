@@ -33,8 +33,8 @@ What this protects against: a task's ordinary output, including a task that prin
 marker line, its environment, its argv or ``ps`` output. What it does not: a task that
 deliberately attacks its wrapper, by reading the shell's memory (``/proc/1/mem``, possible
 for the same uid when the host's Yama ``ptrace_scope`` is 0), by asking Vast.ai for its own
-instance's ``onstart``/``image_args`` with the ``CONTAINER_API_KEY`` it is given (if that key may read it), or by
-writing the restart file and killing the container. The wrapper runs in the task's container
+instance's ``onstart``/``image_args`` with the ``CONTAINER_API_KEY`` it is given (if that key
+may read them), or by writing the restart file and killing the container. The wrapper runs in the task's container
 as the task's user: nothing it knows is out of a determined task's reach. Such a task can
 only lie about its own exit code, which its author controls anyway.
 
