@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import ArkindexError, TransitionRefused
 from ponos_tasks.lifecycle import ARKINDEX_ACTIVE_STATES, Phase, make_label, offer_wait_expired
-from ponos_tasks.logs import build_task_log
+from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
@@ -108,6 +108,7 @@ def task_secrets(ctx: AgentContext, env: dict | None) -> list[str]:
     for name, value in (env or {}).items():
         if value and any(word in name.upper() for word in SECRET_ENV_WORDS):
             values.append(value)
+    remember_secrets(values)  # for the Sentry scrubber of this process
     return values
 
 
@@ -327,6 +328,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         lock.reacquire()  # a full timeout for this call, however long the previous ones took
         try:
             created = ctx.vast.create_instance(offer.id, **request)
+            ctx.store.remember_instance_key(task_id, record.attempt, created.instance_api_key)
         except OfferUnavailable:
             _note(
                 ctx,
@@ -577,9 +579,8 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
             "the image ran unwrapped: this final state was inferred from how its instance ended",
             "WARNING",
         )
-    text = build_task_log(
-        ctx.logbook.lines(task_id), instance_log, task_secrets(ctx, definition.env)
-    )
+    secrets = [*task_secrets(ctx, definition.env), *ctx.store.instance_keys(task_id)]
+    text = build_task_log(ctx.logbook.lines(task_id), instance_log, secrets)
     ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     now = ctx.now()
     ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()), heartbeat_at=now)
