@@ -33,6 +33,7 @@ from ponos_tasks.state import (
     TaskStore,
 )
 from ponos_tasks.vast import VastClient
+from ponos_tasks.wrapper import marker_nonce
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,11 @@ class AgentContext:
             self.arkindex.register(force=True)
             agent_id = self.arkindex.agent_id
         return agent_short_id(agent_id)
+
+    def marker_nonce(self, label: str | None) -> str:
+        """The exit marker's nonce of the attempt `label` names ("" when there is no label:
+        no marker is accepted then)."""
+        return marker_nonce(self.config.seed, label) if label else ""
 
     def label_prefix(self) -> str:
         return f"ponos-{self.agent_short_id()}-"

@@ -51,16 +51,34 @@ def _require_config():
         os._exit(2)
     logging.getLogger("ponos_tasks").setLevel(_config.logging.level)
     if _config.sentry.dsn:
-        import sentry_sdk
-        from sentry_sdk.integrations.celery import CeleryIntegration
-
-        sentry_sdk.init(
-            dsn=_config.sentry.dsn,
-            environment=_config.sentry.environment,
-            integrations=[CeleryIntegration()],
-            send_default_pii=False,
-        )
+        init_sentry(_config)
     return _config
+
+
+def init_sentry(config, **options) -> None:
+    """Sentry for worker and beat, without any secret (issue 8, §2.10).
+
+    The clients' frames hold task tokens, pre-signed URLs and registry passwords in local
+    variables: none is sent (include_local_variables=False). Every event then goes through a
+    scrubber that replaces each secret the process knows (the configuration's, the task tokens
+    and instance keys it handled) and strips URL query strings. `options` are for tests (a
+    local transport)."""
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+
+    from ponos_tasks.logs import sentry_before_send
+
+    scrub = sentry_before_send(config.secrets)
+    sentry_sdk.init(
+        dsn=config.sentry.dsn,
+        environment=config.sentry.environment,
+        integrations=[CeleryIntegration()],
+        send_default_pii=False,
+        include_local_variables=False,
+        before_send=scrub,
+        before_send_transaction=scrub,
+        **options,
+    )
 
 
 @signals.beat_init.connect

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import requests
 from arkindex import ArkindexClient
@@ -47,6 +47,7 @@ from tenacity import (
 )
 
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES
+from ponos_tasks.logs import redact, strip_url_queries
 
 logger = logging.getLogger(__name__)
 
@@ -723,8 +724,10 @@ class ArkindexAgentClient:
             )
             raise ArkindexError(f"log upload to {host} failed: {reason}") from None
         if resp.status_code >= 400:
+            # S3's 403 body quotes the request (SignatureProvided, the canonical query).
+            signature = [value for _, value in parse_qsl(urlsplit(put_url).query)]
+            body = strip_url_queries(redact(" ".join(resp.text.split()), signature))
             raise ArkindexError(
-                f"log upload to {host} refused: HTTP {resp.status_code} "
-                f"{' '.join(resp.text.split())[:200]}"
+                f"log upload to {host} refused: HTTP {resp.status_code} {body[:200]}"
             )
         logger.debug("Uploaded %d bytes of logs to %s", len(data), host)

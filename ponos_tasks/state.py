@@ -16,6 +16,8 @@ the only code that touches Redis. Layout, under the prefix:
                                                          the outcome (kept for the final upload;
                                                          7 days when that upload gave up)
     tasklog:<id>, tasklog:<id>:dropped  list/int 14 days  the agent's own lines about a task
+    instkeys:<id>                    hash     14 days    attempt -> the instance's own API key
+                                                         (secret: redacted from its log)
     once:<name>                      string   given      SET NX claims: enqueue de-duplication,
                                                          offer claims (once:offer:<offer id>)
     lock:create:<id>, lock:upload:<id>, lock:sync, lock:snapshot
@@ -90,6 +92,9 @@ class Keyspace:
 
     def task_log(self, task_id: str) -> str:
         return f"{self.prefix}tasklog:{task_id}"
+
+    def instance_keys(self, task_id: str) -> str:
+        return f"{self.prefix}instkeys:{task_id}"
 
     def task_log_dropped(self, task_id: str) -> str:
         return f"{self.prefix}tasklog:{task_id}:dropped"
@@ -369,6 +374,25 @@ class TaskStore:
 
     def drop_ended_log(self, task_id: str, attempt: int) -> None:
         self.redis.delete(self.keys.ended_log(task_id, attempt))
+
+    # The instance's own API key (Vast.ai's `instance_api_key`, CONTAINER_API_KEY inside it)
+    # can reach the task's log; kept apart from the record, which `status --json` shows, for
+    # as long as the agent's lines (the log can be published again until then).
+    INSTANCE_KEYS_TTL = 14 * 24 * 3600
+
+    def remember_instance_key(self, task_id: str, attempt: int, api_key: str | None) -> None:
+        if not api_key:
+            return
+        key = self.keys.instance_keys(task_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, str(attempt), api_key)
+        pipe.expire(key, self.INSTANCE_KEYS_TTL)
+        pipe.execute()
+
+    def instance_keys(self, task_id: str) -> list[str]:
+        """Every attempt's instance key (a task's log may quote an earlier attempt's)."""
+        raw = self.redis.hvals(self.keys.instance_keys(task_id))
+        return [value.decode() for value in raw]
 
     # ------------------------------------------------------------------ locks, de-duplication
 

@@ -29,7 +29,7 @@ from ponos_tasks.lifecycle import (
     make_label,
     offer_wait_expired,
 )
-from ponos_tasks.logs import build_task_log
+from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
@@ -116,6 +116,7 @@ def task_secrets(ctx: AgentContext, env: dict | None) -> list[str]:
     for name, value in (env or {}).items():
         if value and any(word in name.upper() for word in SECRET_ENV_WORDS):
             values.append(value)
+    remember_secrets(values)  # for the Sentry scrubber of this process
     return values
 
 
@@ -167,7 +168,8 @@ def instance_command(
             )
             return None, None, True
         _note(ctx, task_id, f"image command from the registry: {argv}")
-    onstart, args = wrap_command(argv)
+    # The marker's nonce names this attempt (its label, set when the attempt was claimed).
+    onstart, args = wrap_command(argv, nonce=ctx.marker_nonce(ctx.store.get(task_id).label))
     return onstart, args, False
 
 
@@ -337,6 +339,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             # rate limiter's wait, however long): a worker whose lock lapsed meanwhile, and
             # was taken over, sends nothing (LockNotOwnedError).
             created = ctx.vast.create_instance(offer.id, before_send=lock.reacquire, **request)
+            ctx.store.remember_instance_key(task_id, record.attempt, created.instance_api_key)
         except LockNotOwnedError:
             _note(
                 ctx,
@@ -491,7 +494,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             instance,
             now,
             settings,
-            exit_code=parse_exit_marker(text or ""),
+            exit_code=parse_exit_marker(text or "", ctx.marker_nonce(record.label)),
             logs_read=True,
             log_unreadable=text is None,
             log_tail=(text or "")[-4000:],
@@ -640,7 +643,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     try:
         definition = ctx.arkindex.task_definition(task_id)
         text = build_task_log(
-            ctx.logbook.lines(task_id), instance_log or "", task_secrets(ctx, definition.env)
+            ctx.logbook.lines(task_id), instance_log or "", _log_secrets(ctx, task_id, definition)
         )
         with ctx.store.upload_lock(task_id, timeout=settings.upload_lock_timeout):
             ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
@@ -691,6 +694,12 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     return None
 
 
+def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
+    """Every secret a task's published log must not show: the agent's and the task's, and
+    the per-instance API keys of its attempts (the instance's own env has them)."""
+    return [*task_secrets(ctx, definition.env), *ctx.store.instance_keys(task_id)]
+
+
 def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     """The periodic upload while the task runs (never over the final one)."""
     task_id = record.task_id
@@ -699,7 +708,7 @@ def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     if instance_log is None:
         return None  # nothing new to show; the next period tries again
     text = build_task_log(
-        ctx.logbook.lines(task_id), instance_log, task_secrets(ctx, definition.env)
+        ctx.logbook.lines(task_id), instance_log, _log_secrets(ctx, task_id, definition)
     )
     with ctx.store.upload_lock(
         task_id, timeout=ctx.settings.upload_lock_timeout, wait=False
@@ -710,7 +719,7 @@ def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
         ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     now = ctx.now()
     ctx.store.touch(task_id, logs_published_at=now, log_size=len(text.encode()), heartbeat_at=now)
-    code = parse_exit_marker(instance_log)
+    code = parse_exit_marker(instance_log, ctx.marker_nonce(record.label))
     if code is not None and record.exit_code is None:
         ctx.store.touch(task_id, exit_code=code)  # the next watch finishes the task
     return None
@@ -832,7 +841,7 @@ def _publish_kept_log(ctx: AgentContext, record: TaskRecord) -> None:
         ctx.arkindex.forget(task_id)  # a fresh definition: a fresh pre-signed URL
         definition = ctx.arkindex.task_definition(task_id)
         text = build_task_log(
-            ctx.logbook.lines(task_id), instance_log or "", task_secrets(ctx, definition.env)
+            ctx.logbook.lines(task_id), instance_log or "", _log_secrets(ctx, task_id, definition)
         )
         ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     except ArkindexError as error:

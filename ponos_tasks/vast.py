@@ -33,6 +33,7 @@ import tenacity
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from ponos_tasks import __version__ as _version
+from ponos_tasks.logs import strip_url_queries
 from ponos_tasks.models import Instance, Offer, _float, _int, _str
 
 log = logging.getLogger(__name__)
@@ -572,15 +573,17 @@ class VastClient:
         wait = retry_state.next_action.sleep if retry_state.next_action else 0
         log.warning(
             "Vast.ai call failed (%s), attempt %d/%d, retrying in %.2fs",
-            exc,
+            strip_url_queries(str(exc)),
             retry_state.attempt_number,
             self.max_attempts,
             wait,
         )
 
     def _scrub(self, text: str) -> str:
-        # a server (or proxy) could echo the key back: never let it into a message
-        return text.replace(self._api_key, "***") if self._api_key else text
+        # a server (or proxy) could echo the key back: never let it into a message; nor the
+        # query string of a URL (a result_url's signature), which requests quotes in its errors
+        text = text.replace(self._api_key, "***") if self._api_key else text
+        return strip_url_queries(text)
 
 
 def instances_by_label(instances: Iterable[Instance]) -> dict[str, list[Instance]]:

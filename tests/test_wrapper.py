@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from ponos_tasks.wrapper import (
+    NONCE_LENGTH,
     VAST_ARGS_LIMIT,
     WrapperTooLong,
+    marker_nonce,
     parse_exit_marker,
     split_command,
     wrap_command,
@@ -27,6 +30,11 @@ SHELLS = [path for path in ("/bin/sh", shutil.which("dash"), shutil.which("bash"
 SHELLS = list(dict.fromkeys(os.path.realpath(p) for p in SHELLS))  # /bin/sh is often dash
 SLEEP = shutil.which("sleep")
 PYTHON = os.path.realpath(sys.executable)
+NONCE = marker_nonce("test-seed", "ponos-abc-task-1")
+
+
+def parse(text, nonce=NONCE):
+    return parse_exit_marker(text, nonce)
 
 
 class StopServer:
@@ -80,6 +88,7 @@ def bin_dir(tmp_path, name: str, **tools: str) -> str:
 
 
 FULL_PATH = "/usr/local/bin:/usr/bin:/bin"
+SH_DIRS: dict[str, str] = {}  # shell -> a directory holding only `sh` -> that shell
 END_LINES = ("asked Vast.ai to stop", "could not stop this instance", "not running it again")
 
 
@@ -90,7 +99,8 @@ def run_wrapped(
     path=FULL_PATH,
     server=None,
     container_id="4242",
-    nonce=None,
+    nonce=NONCE,
+    run_id=None,
     attempts=2,
     delay=0,
     during=None,
@@ -101,11 +111,17 @@ def run_wrapped(
     It must still be alive then (sleeping so Vast.ai does not restart it); it is killed after.
     `during(proc)` is called once the process started.
     """
-    # "test..." nonces: the state files they leave in /tmp are removed after each test.
-    nonce = nonce or f"test{uuid.uuid4().hex}"
-    onstart, args = wrap_command(argv, stop_attempts=attempts, retry_delay=delay, nonce=nonce)
+    # "test..." run ids: the state files they leave in /tmp are removed after each test.
+    run_id = run_id or f"test{uuid.uuid4().hex}"
+    onstart, args = wrap_command(
+        argv, stop_attempts=attempts, retry_delay=delay, nonce=nonce, run_id=run_id
+    )
     assert onstart == "sh"
-    env = {"PATH": path, "CONTAINER_API_KEY": "inst-key-123"}
+    # The first stage re-executes `sh` from PATH (as Vast.ai ran `onstart`): this shell.
+    sh_dir = SH_DIRS.setdefault(shell, tempfile.mkdtemp(prefix="ponos-sh-"))
+    if not os.path.exists(os.path.join(sh_dir, "sh")):
+        os.symlink(shell, os.path.join(sh_dir, "sh"))
+    env = {"PATH": f"{sh_dir}:{path}", "CONTAINER_API_KEY": "inst-key-123"}
     if server is not None:
         env["VAST_URL"] = server.url
     if container_id is not None:
@@ -167,7 +183,7 @@ def test_exit_codes_marker_and_stop_call(shell, script, code, server):
     out, err = run_wrapped(shell, ["/bin/sh", "-c", f"echo working; {script}"], server=server)
     assert "working\n" in out
     assert out.count("PONOS_EXIT_CODE=") == 1
-    assert parse_exit_marker(out) == code
+    assert parse(out) == code
     assert "asked Vast.ai to stop instance 4242" in err
     assert len(server.calls) == 1
     call = server.calls[0]
@@ -185,12 +201,12 @@ def test_arguments_reach_the_command_unchanged(shell, server):
     code = "import sys, json; print(json.dumps(sys.argv[1:]))"
     out, _ = run_wrapped(shell, [PYTHON, "-c", code, *ODD_ARGS], server=server)
     assert json.loads(out.splitlines()[0]) == ODD_ARGS
-    assert parse_exit_marker(out) == 0
+    assert parse(out) == 0
 
 
 def test_builtin_as_command_cannot_end_the_wrapper(server):
     out, err = run_wrapped("/bin/sh", ["exit", "7"], server=server)
-    assert parse_exit_marker(out) == 7
+    assert parse(out) == 7
     assert len(server.calls) == 1
 
 
@@ -199,12 +215,12 @@ def test_marker_after_output_without_final_newline(server):
     out, _ = run_wrapped(
         "/bin/sh", ["/bin/sh", "-c", "printf PONOS_EXIT_CODE=0; exit 4"], server=server
     )
-    assert parse_exit_marker(out) == 4
+    assert parse(out) == 4
 
 
 def test_command_not_found_is_127(server):
     out, _ = run_wrapped("/bin/sh", ["/nonexistent/worker", "--flag"], server=server)
-    assert parse_exit_marker(out) == 127
+    assert parse(out) == 127
 
 
 @pytest.mark.parametrize(
@@ -222,7 +238,7 @@ def test_each_http_tool_alone_can_stop(tools, agent, server, tmp_path):
         pytest.skip(f"{list(tools)} not installed here")
     path = bin_dir(tmp_path, "bin", **tools)
     out, err = run_wrapped("/bin/sh", ["exit", "3"], path=path, server=server)
-    assert parse_exit_marker(out) == 3
+    assert parse(out) == 3
     assert len(server.calls) == 1, err
     call = server.calls[0]
     assert call["headers"]["User-Agent"].startswith(agent)
@@ -244,7 +260,7 @@ def test_a_failing_tool_falls_through_to_the_next(server, tmp_path):
 def test_no_http_tool_sleeps_forever(server, tmp_path):
     path = bin_dir(tmp_path, "bin")
     out, err = run_wrapped("/bin/sh", ["exit", "2"], path=path, server=server)
-    assert parse_exit_marker(out) == 2
+    assert parse(out) == 2
     assert server.calls == []
     assert "could not stop this instance" in err
 
@@ -253,14 +269,14 @@ def test_failed_stop_is_retried_then_sleeps(server, tmp_path):
     server.status = 500
     path = bin_dir(tmp_path, "bin", curl=shutil.which("curl"))
     out, err = run_wrapped("/bin/sh", ["exit", "0"], path=path, server=server, attempts=3)
-    assert parse_exit_marker(out) == 0
+    assert parse(out) == 0
     assert len(server.calls) == 3
     assert "could not stop this instance" in err
 
 
 def test_no_container_id_makes_no_call(server):
     out, err = run_wrapped("/bin/sh", ["exit", "0"], server=server, container_id=None)
-    assert parse_exit_marker(out) == 0
+    assert parse(out) == 0
     assert server.calls == []
     assert "could not stop this instance" in err
 
@@ -273,7 +289,7 @@ def test_unreachable_vast_url_then_sleeps(tmp_path):
 
     path = bin_dir(tmp_path, "bin", curl=shutil.which("curl"))
     out, err = run_wrapped("/bin/sh", ["exit", "0"], path=path, server=Nowhere, attempts=1)
-    assert parse_exit_marker(out) == 0
+    assert parse(out) == 0
     assert "could not stop this instance" in err
 
 
@@ -288,35 +304,51 @@ def test_stop_signal_during_the_command_still_gives_its_code(shell, server):
     out, _ = run_wrapped(
         shell, ["/bin/sh", "-c", "sleep 0.6; exit 5"], server=server, during=send_term
     )
-    assert parse_exit_marker(out) == 5
+    assert parse(out) == 5
 
 
 def test_restarted_container_does_not_run_the_task_again(server, tmp_path):
     runs = tmp_path / "runs"
     argv = ["/bin/sh", "-c", f"echo run >> {runs}; exit 3"]
-    nonce = f"test{os.getpid()}"
-    first, _ = run_wrapped("/bin/sh", argv, server=server, nonce=nonce)
-    second, err = run_wrapped("/bin/sh", argv, server=server, nonce=nonce)
+    run_id = f"test{os.getpid()}"
+    first, _ = run_wrapped("/bin/sh", argv, server=server, run_id=run_id)
+    second, err = run_wrapped("/bin/sh", argv, server=server, run_id=run_id)
     assert runs.read_text() == "run\n"
-    assert parse_exit_marker(first) == parse_exit_marker(second) == 3
+    assert parse(first) == parse(second) == 3
     assert "not running it again" in err
     assert len(server.calls) == 2  # the stop is asked again
 
 
 def test_fits_vast_limit_and_rejects_too_long():
-    onstart, args = wrap_command(["worker"])
+    onstart, args = wrap_command(["worker"], nonce=NONCE)
     assert len(onstart) + sum(map(len, args)) < 2000  # room left for the task's own argv
     with pytest.raises(WrapperTooLong):
-        wrap_command(["x" * VAST_ARGS_LIMIT])
+        wrap_command(["x" * VAST_ARGS_LIMIT], nonce=NONCE)
     with pytest.raises(ValueError):
-        wrap_command([])
+        wrap_command([], nonce=NONCE)
     with pytest.raises(ValueError):
         wrap_command(["x"], nonce="../etc")
+    with pytest.raises(ValueError):
+        wrap_command(["x"], nonce=NONCE, run_id="../etc")
+    with pytest.raises(TypeError):
+        wrap_command(["x"])  # no marker without a nonce
 
 
-def test_nonce_differs_per_call():
-    assert wrap_command(["w"])[1][1] != wrap_command(["w"])[1][1]
-    assert wrap_command(["w"], nonce="n1")[1][1] == wrap_command(["w"], nonce="n1")[1][1]
+def test_run_id_differs_per_call_and_the_nonce_is_only_in_the_first_stage():
+    first, second = wrap_command(["w"], nonce=NONCE)[1], wrap_command(["w"], nonce=NONCE)[1]
+    assert first[3] != second[3]  # MAIN names a fresh restart file
+    assert wrap_command(["w"], nonce=NONCE, run_id="r1") == wrap_command(
+        ["w"], nonce=NONCE, run_id="r1"
+    )
+    # What stays in the process's argv once the first stage has exec'd: no nonce.
+    assert NONCE in first[1] and all(NONCE not in arg for arg in first[2:])
+
+
+def test_marker_nonce_is_per_attempt_and_keyed_by_the_seed():
+    nonce = marker_nonce("seed-1", "ponos-abc-7-1")
+    assert len(nonce) == NONCE_LENGTH and nonce == marker_nonce("seed-1", "ponos-abc-7-1")
+    assert nonce != marker_nonce("seed-1", "ponos-abc-7-2")
+    assert nonce != marker_nonce("seed-2", "ponos-abc-7-1")
 
 
 @pytest.mark.parametrize(
@@ -324,21 +356,32 @@ def test_nonce_differs_per_call():
     [
         ("", None),
         (None, None),
-        ("hello\nPONOS_EXIT_CODE=0\n", 0),
-        ("PONOS_EXIT_CODE=1\nmore\nPONOS_EXIT_CODE=2\n", 2),
-        ("PONOS_EXIT_CODE=137\r\n", 137),
-        (b"\xff\xfe junk\nPONOS_EXIT_CODE=9", 9),
-        ("echo PONOS_EXIT_CODE=0\n", None),
-        ("xPONOS_EXIT_CODE=0\n", None),
-        ("PONOS_EXIT_CODE=0 and more\n", None),
-        ("PONOS_EXIT_CODE=\n", None),
-        ("PONOS_EXIT_CODE=-1\n", None),
-        ("\x1b[32mPONOS_EXIT_CODE=0\x1b[0m\n", None),
-        ("PONOS_EXIT_CODE=4\nprinted by the task: PONOS_EXIT_CODE=0\n", 4),
+        ("hello\nPONOS_EXIT_CODE=0 N\n", 0),
+        ("PONOS_EXIT_CODE=1 N\nmore\nPONOS_EXIT_CODE=2 N\n", 2),
+        ("PONOS_EXIT_CODE=137 N\r\n", 137),
+        (b"\xff\xfe junk\nPONOS_EXIT_CODE=9 N", 9),
+        ("echo PONOS_EXIT_CODE=0 N\n", None),
+        ("xPONOS_EXIT_CODE=0 N\n", None),
+        ("PONOS_EXIT_CODE=0 N and more\n", None),
+        ("PONOS_EXIT_CODE= N\n", None),
+        ("PONOS_EXIT_CODE=-1 N\n", None),
+        ("\x1b[32mPONOS_EXIT_CODE=0 N\x1b[0m\n", None),
+        ("PONOS_EXIT_CODE=4 N\nprinted by the task: PONOS_EXIT_CODE=0 N\n", 4),
+        # The task's own markers: without the nonce, with another one, or a prefix of it.
+        ("PONOS_EXIT_CODE=0\n", None),
+        ("PONOS_EXIT_CODE=3 N\nPONOS_EXIT_CODE=0\n", 3),
+        ("PONOS_EXIT_CODE=3 N\nPONOS_EXIT_CODE=0 0123456789abcdef0123456789abcdef\n", 3),
+        ("PONOS_EXIT_CODE=0 N[:8]\n", None),
+        ("PONOS_EXIT_CODE=0 NN\n", None),
     ],
 )
 def test_parse_exit_marker(text, code):
-    assert parse_exit_marker(text) == code
+    if isinstance(text, str):
+        text = text.replace("N[:8]", NONCE[:8]).replace(" N", " " + NONCE)
+    elif isinstance(text, bytes):
+        text = text.replace(b" N", b" " + NONCE.encode())
+    assert parse(text) == code
+    assert parse_exit_marker(text, "") is None
 
 
 def test_split_command():
@@ -371,7 +414,8 @@ def test_wrapped_task_under_the_vast_simulator_local_mode():
                 "$X",
             ],
             retry_delay=1,
-            nonce=f"test{uuid.uuid4().hex}",
+            nonce=NONCE,
+            run_id=f"test{uuid.uuid4().hex}",
         )
         created = client.create_instance(
             offer.id,
@@ -392,5 +436,73 @@ def test_wrapped_task_under_the_vast_simulator_local_mode():
         assert instance is not None and instance.intended_status == "stopped", instance
         log = client.request_logs(created.id, wait=10)
         assert "task output [\"it's\", '$X']" in log
-        assert parse_exit_marker(log) == 3
+        assert parse(log) == 3
         client.destroy_instance(created.id)
+
+
+# A task that reads every ancestor's argv and environment, and its own, as ordinary output.
+SNOOP = r"""
+import os
+pid = os.getpid()
+while pid > 1:
+    for name in ("cmdline", "environ"):
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                print(name, pid, f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    with open(f"/proc/{pid}/stat") as f:
+        pid = int(f.read().rsplit(")", 1)[1].split()[1])
+print("env", dict(os.environ))
+"""
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_task_cannot_read_the_nonce_from_argv_or_environment(shell, server):
+    out, _ = run_wrapped(shell, [PYTHON, "-c", SNOOP], server=server)
+    assert "cmdline" in out and "environ" in out and "env {" in out
+    # Only the wrapper's own marker line holds it, after the task ended.
+    assert out.count(NONCE) == 1 and out.rstrip().endswith(f"PONOS_EXIT_CODE=0 {NONCE}")
+    assert parse(out) == 0
+
+
+def test_eval_as_command_cannot_read_the_nonce(server):
+    # A builtin as argv[0] runs inside the wrapper's subshell: the variable is unset there.
+    out, _ = run_wrapped("/bin/sh", ["eval", 'echo "PONOS_EXIT_CODE=0 $n"; exit 3'], server=server)
+    assert parse(out) == 3
+
+
+def test_spoofed_marker_under_the_vast_simulator_local_mode():
+    """Issue 8 §2.6: `echo PONOS_EXIT_CODE=0; sleep; exit 3` in a simulated instance (a real
+    local process). Read while it runs and after, the agent's parsing never gives 0."""
+    from ponos_tasks.simulators.vast import VastSimulator
+    from ponos_tasks.vast import VastClient
+
+    with VastSimulator(time_scale=50.0, run_mode="local", log_delay=0.5, rate_limits=False) as sim:
+        client = VastClient(sim.url, "sim-key")
+        offer = client.search_offers({"num_gpus": {"eq": 1}, "limit": 1})[0]
+        spoof = f"echo PONOS_EXIT_CODE=0; echo PONOS_EXIT_CODE=0 {NONCE[:-1]}x; sleep 1; exit 3"
+        onstart, args = wrap_command(
+            ["/bin/sh", "-c", spoof], retry_delay=1, nonce=NONCE, run_id=f"test{uuid.uuid4().hex}"
+        )
+        created = client.create_instance(
+            offer.id,
+            image="example/worker:1",
+            label="spoof",
+            env={"SIM_PULL_SECONDS": "1"},
+            disk=10,
+            onstart=onstart,
+            args=args,
+        )
+        codes, logs = [], []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stopped = client.get_instance(created.id).intended_status == "stopped"
+            logs.append(client.request_logs(created.id, wait=10))
+            codes.append(parse(logs[-1]))
+            if stopped:
+                break
+        client.destroy_instance(created.id)
+    assert any("PONOS_EXIT_CODE=0" in log for log in logs[:-1]), "the spoof was never read"
+    assert 0 not in codes, codes
+    assert codes[-1] == 3, codes

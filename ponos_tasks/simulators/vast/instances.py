@@ -10,6 +10,7 @@ from create to destroy except while offline (as Vast.ai bills, docs/reference.md
 import heapq
 import itertools
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -105,6 +106,25 @@ class Instance:
         for proc in ([self.proc] if self.proc is not None else []) + self.dying:
             lines += proc.lines()
         return [text for _, text in sorted(lines, key=lambda entry: entry[0])]
+
+
+# A scripted instance plays an image run under ponos-vast's exit-code wrapper: a bare marker
+# line `PONOS_EXIT_CODE=<n>` in SIM_FINAL_LINES stands for the one that wrapper prints, which
+# ends with a nonce its first-stage script holds in a here-document (`<<'E'`, nonce, `E`).
+# As `sh` would, the simulator reads the nonce from the instance's args (no agent import).
+_HEREDOC_NONCE = re.compile(r"<<'E'\n([A-Za-z0-9_-]{1,64})\nE\n")
+_BARE_MARKER = re.compile(r"PONOS_EXIT_CODE=\d+")
+
+
+def wrapper_line(line: str, args) -> str:
+    """`line` as the wrapper prints it: a bare marker gets the wrapper's nonce, if any."""
+    if not _BARE_MARKER.fullmatch(line):
+        return line
+    for arg in args or ():
+        found = _HEREDOC_NONCE.search(str(arg))
+        if found:
+            return f"{line} {found.group(1)}"
+    return line
 
 
 class Fleet:
@@ -294,7 +314,7 @@ class Fleet:
                     (t + duration * (index + 1) / (count + 1), f"sim log line {index + 1}/{count}")
                 )
             for line in knobs["final_lines"].splitlines():
-                inst.log.append((t + duration, line))
+                inst.log.append((t + duration, wrapper_line(line, inst.args)))
             self._schedule(inst, t + duration, "run_end")
         crash = inst.faults.get("unexpected_exit")
         if crash is not None:
