@@ -367,6 +367,18 @@ class ArkindexState:
                 "refresh": agent.refresh_token,
             }
 
+    def access_token_valid(self, token: str) -> bool:
+        with self.lock:
+            entry = self.access_tokens.get(token)
+            return entry is not None and self.clock() < entry[1]
+
+    def expire_access_token(self, token: str) -> None:
+        """This access token expires now (the `token_expired` fault)."""
+        with self.lock:
+            entry = self.access_tokens.get(token)
+            if entry is not None:
+                self.access_tokens[token] = (entry[0], self.clock())
+
     def authenticate(self, header: str | None) -> tuple[str, object]:
         """('agent', Agent) or ('task', Task) from an Authorization header, else 401."""
         if not header:
@@ -539,13 +551,14 @@ class ArkindexState:
             ):
                 task.record("pending", accepted=True, source="scheduler")
 
-    def actions(self, agent: Agent, capacity: int | None) -> dict:
+    def actions(self, agent: Agent, capacity: int | None, hidden=lambda _task_id: False) -> dict:
+        """`hidden(task_id)`: tasks that are gone for the agent (deleted), never listed."""
         with self.lock:
             if capacity is not None and capacity < 0:
                 raise validation_error("capacity", "min_value", "capacity must be >= 0.")
             assigned = 0
             for task in sorted(self.tasks.values(), key=lambda t: t.order):
-                if task.state != "pending" or task.agent_id is not None:
+                if task.state != "pending" or task.agent_id is not None or hidden(task.id):
                     continue
                 if capacity is not None and assigned >= capacity:
                     break
@@ -555,7 +568,7 @@ class ArkindexState:
                 assigned += 1
             result = []
             for task in sorted(self.tasks.values(), key=lambda t: t.order):
-                if task.agent_id != agent.id:
+                if task.agent_id != agent.id or hidden(task.id):
                     continue
                 if task.state == "pending":
                     result.append({"action": "start_task", "task_id": task.id})
