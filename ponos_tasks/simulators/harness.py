@@ -63,10 +63,13 @@ class SimAdmin:
         *,
         vast_url: str | None = None,
         arkindex_url: str | None = None,
+        s3_url: str | None = None,
         timeout: float = 10.0,
     ):
         self.vast_url = vast_url or (stack.vast_url if stack is not None else None)
         self.arkindex_url = arkindex_url or (stack.arkindex_url if stack is not None else None)
+        # The S3 server's chaos knobs (s3_* methods), when its URL is known.
+        self.s3_url = s3_url or (getattr(stack, "s3_url", None) if stack is not None else None)
         if not self.vast_url or not self.arkindex_url:
             raise ValueError("SimAdmin needs a started stack, or both simulator URLs")
         self.timeout = timeout
@@ -211,6 +214,23 @@ class SimAdmin:
     def rows_for(self, task_id: str) -> list[dict]:
         """Ledger rows of every instance whose label names this task."""
         return [row for row in self.ledger() if task_id in (row.get("label") or "")]
+
+    # ------------------------------------------------------------------ S3 (simulators/s3.py)
+
+    def s3_down(self, seconds: float) -> None:
+        """Every S3 request gets 503 ServiceUnavailable for `seconds`."""
+        self._json("POST", self.s3_url + "/_sim/down", json={"seconds": seconds})
+
+    def s3_up(self) -> None:
+        self._json("DELETE", self.s3_url + "/_sim/down")
+
+    def s3_advance_clock(self, seconds: float) -> None:
+        """Move the clock pre-signed URLs are checked against (expire them sooner)."""
+        self._json("POST", self.s3_url + "/_sim/clock", json={"advance": seconds})
+
+    def s3_stats(self) -> dict:
+        """Requests seen and refused (expired, signature, down, other) by the S3 proxy."""
+        return self._json("GET", self.s3_url + "/_sim/stats")
 
     # ------------------------------------------------------------------ Arkindex faults
     # One method per knob of simulators/arkindex/faults.py. `scope`: operation= (an
