@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 # Flask view name -> the operationId fault rules name (openapi.py); the task-id parameter.
 OPERATIONS = {
+    "get_public_key": "GetPublicKey",
     "create_agent": "CreateAgent",
     "refresh_agent_token": "RefreshAgentToken",
     "agent_actions": "RetrieveAgentActions",
@@ -161,6 +162,10 @@ def create_app(sim: ArkindexSimulator) -> Flask:
     @app.get("/api/v1/openapi/")
     def openapi():
         return jsonify(build_document(sim.public_url))
+
+    @app.get("/api/v1/public-key/")
+    def get_public_key():
+        return Response(state().server_public_pem, mimetype="application/x-pem-file")
 
     @app.post("/api/v1/agent/")
     def create_agent():
