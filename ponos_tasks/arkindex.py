@@ -18,6 +18,7 @@ logged nor put in exception messages.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -38,6 +39,9 @@ from urllib.parse import parse_qsl, urljoin, urlsplit
 import requests
 from arkindex import ArkindexClient
 from arkindex.exceptions import ErrorResponse, SchemaError
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -221,9 +225,53 @@ class MemoryReportedStates:
 # --------------------------------------------------------------------------- helpers
 
 
-def derivation(seed: str, farm_id: str, public_key: str) -> str:
-    """Proof of the farm seed sent to CreateAgent: hex(HMAC-SHA256(seed, "farm:public_key"))."""
-    return hmac.new(seed.encode(), f"{farm_id}:{public_key}".encode(), hashlib.sha256).hexdigest()
+# Registration (CreateAgent). Arkindex's GetPublicKey returns the server's EC public key as a
+# PEM (a P-384 key in its published schema); CreateAgent takes the agent's own public key
+# (PEM) and a `derivation` proving the agent knows the farm seed without sending it.
+AGENT_CURVE = ec.SECP384R1()
+# The order of P-384's base point (SEC 2 / FIPS 186-4): private scalars lie in [1, n - 1].
+P384_ORDER = int(
+    "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973",
+    16,
+)
+KEY_LABEL = b"ponos-vast agent key P-384"
+
+
+def agent_private_key(identity: str) -> ec.EllipticCurvePrivateKey:
+    """The agent's key pair, derived deterministically from its identity (hex material that
+    agent.py derives from the seed, farm and agent name, or a random one kept in the
+    credential store): an agent that lost all memory registers again with the same public
+    key, so Arkindex recognises the same agent. HMAC-SHA512 gives 512 bits, reduced into
+    [1, n - 1] (the bias is below 2^-128)."""
+    digest = hmac.new(identity.encode(), KEY_LABEL, hashlib.sha512).digest()
+    scalar = int.from_bytes(digest, "big") % (P384_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, AGENT_CURVE)
+
+
+def public_key_pem(private_key: ec.EllipticCurvePrivateKey) -> str:
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def derivation(seed: str, private_key: ec.EllipticCurvePrivateKey, server_public_pem: str) -> str:
+    """The proof of the farm seed sent to CreateAgent, the one place the scheme lives.
+
+    The shape Ponos agents are described to use: an ECDH shared secret between the agent's
+    private key and the server's public key, through HKDF-SHA256 (32 bytes, no salt) with
+    the farm seed as `info`, base64-encoded. The server recomputes it from its private key
+    and the agent's public key; a wrong seed gives another value. (The real agent is closed
+    source: replace this function, and its twin in the simulator, if Arkindex differs.)"""
+    server_key = serialization.load_pem_public_key(server_public_pem.encode())
+    if not isinstance(server_key, ec.EllipticCurvePublicKey):
+        raise RegistrationError("Arkindex's public key (GetPublicKey) is not an EC key")
+    shared = private_key.exchange(ec.ECDH(), server_key)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=seed.encode()).derive(
+        shared
+    )
+    return base64.b64encode(derived).decode()
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -321,9 +369,11 @@ class ArkindexAgentClient:
         self._seed = seed
         self.store = store
         self.hostname = hostname or _hostname()
-        # A fixed nonce (derived by the caller from the seed) makes re-registration after a
-        # total loss of memory yield the same agent; None draws one and keeps it in the store.
-        self.public_key = public_key
+        # `public_key`: the identity the agent's key pair is derived from (agent_private_key;
+        # the name is historical). A fixed one (derived by the caller from the seed) makes
+        # re-registration after a total loss of memory yield the same agent; None draws one
+        # and keeps it in the store.
+        self.identity = public_key
         self.gpu_count = gpu_count
         self.gpu_names = gpu_names
         # Which states were sent already: state.ReportedStates shares it between the agent's
@@ -520,18 +570,20 @@ class ArkindexAgentClient:
                 return self._register_locked()
 
     def _register_locked(self) -> dict:
-        # The nonce is kept with the credentials and sent again on a re-registration (refresh
-        # token refused), so that Arkindex recognises the same agent and keeps its tasks.
+        # The identity is kept with the credentials and used again on a re-registration
+        # (refresh token refused), so that Arkindex recognises the same agent (same public
+        # key) and keeps its tasks.
         stored = self.store.load() or {}
-        public_key = (
-            self.public_key
-            or (
-                stored.get("public_key")
-                if stored.get("url") == self.url and stored.get("farm") == self.farm_id
-                else None
-            )
+        same_target = stored.get("url") == self.url and stored.get("farm") == self.farm_id
+        identity = (
+            self.identity
+            or (stored.get("identity") if same_target else None)
+            # Credentials written before the key pair: their nonce is the identity.
+            or (stored.get("public_key") if same_target and not stored.get("identity") else None)
             or secrets.token_hex(32)
         )
+        private_key = agent_private_key(identity)
+        public_key = public_key_pem(private_key)
         body = {
             "farm": self.farm_id,
             "hostname": self.hostname,
@@ -540,7 +592,7 @@ class ArkindexAgentClient:
             "gpu_count": self.gpu_count,
             "gpu_names": self.gpu_names,
             "public_key": public_key,
-            "derivation": derivation(self._seed, self.farm_id, public_key),
+            "derivation": derivation(self._seed, private_key, self._server_public_key()),
         }
         self.api.session.auth.token = None  # CreateAgent is anonymous
         try:
@@ -555,6 +607,8 @@ class ArkindexAgentClient:
             "farm": self.farm_id,
             "agent_id": str(resp["id"]),
             "public_key": public_key,
+            # Only a drawn identity needs keeping: a fixed one is derived again.
+            "identity": None if self.identity else identity,
             "access_token": resp["access_token"],
             "refresh_token": resp.get("refresh_token"),
             "agent": agent,
@@ -564,6 +618,33 @@ class ArkindexAgentClient:
         self._set_token(creds)
         logger.info("Registered on Arkindex as agent %s (farm %s)", creds["agent_id"], self.farm_id)
         return dict(agent)
+
+    def _server_public_key(self) -> str:
+        """Arkindex's public key (GetPublicKey, anonymous, a PEM file): fetched with our own
+        GET, since arkindex-client would save a non-JSON answer to a temporary file."""
+        link = self.api.document.links.get("GetPublicKey")
+        if link is None:
+            raise RegistrationError(
+                f"Arkindex URL {self.url}: its API has no GetPublicKey (needed to register)"
+            )
+        url = urljoin(self.url, link.url)
+        try:
+            for attempt in self._retrying():
+                with attempt:
+                    resp = requests.get(url, timeout=HTTP_TIMEOUT)
+                    if resp.status_code >= 500 or resp.status_code == 429:
+                        raise _TransientHTTPError(resp.status_code)
+        except (requests.RequestException, _TransientHTTPError) as exc:
+            raise ArkindexUnavailable(
+                f"Arkindex {self.url}: GetPublicKey failed {self.max_attempts} times "
+                f"({type(exc).__name__})"
+            ) from None
+        if resp.status_code != 200 or "BEGIN PUBLIC KEY" not in resp.text:
+            raise RegistrationError(
+                f"Arkindex {self.url}: GetPublicKey did not return a PEM public key "
+                f"(HTTP {resp.status_code})"
+            )
+        return resp.text
 
     def _registration_error(self, exc: ErrorResponse) -> ArkindexError:
         detail = error_detail(exc)

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ponos_tasks.arkindex import (
     Action,
@@ -133,6 +135,42 @@ def test_register_stores_credentials_in_redis_and_never_logs_tokens(
     assert store.load()["access_token"] != stored["access_token"]
     # new_identity=True makes a new agent.
     assert other.register(new_identity=True)["id"] != agent["id"]
+
+
+def test_registration_key_pair_is_p384_and_derived_from_the_identity(sim):
+    """An agent that lost all memory (a fresh store) registers again as the same agent: its
+    EC P-384 key pair comes from its identity; another identity is another agent."""
+    identity = secrets.token_hex(32)
+    first = ArkindexAgentClient(sim.url, FARM, SEED, MemoryCredentialStore(), public_key=identity)
+    agent_id = first.register()["id"]
+    reborn = ArkindexAgentClient(sim.url, FARM, SEED, MemoryCredentialStore(), public_key=identity)
+    assert reborn.register()["id"] == agent_id
+    other = ArkindexAgentClient(
+        sim.url, FARM, SEED, MemoryCredentialStore(), public_key=secrets.token_hex(32)
+    )
+    assert other.register()["id"] != agent_id
+    pem = first.store.load()["public_key"]
+    assert pem == reborn.store.load()["public_key"]
+    key = serialization.load_pem_public_key(pem.encode())
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    # A fixed identity is derived again, never stored; a drawn one is kept to be reused.
+    assert first.store.load()["identity"] is None
+    drawn = ArkindexAgentClient(sim.url, FARM, SEED, MemoryCredentialStore())
+    drawn.register()
+    assert len(drawn.store.load()["identity"]) == 64
+
+
+def test_agent_survives_expired_token_and_stale_bearer_refresh(sim, client, store):
+    """The simulator refuses a refresh that carries the expired Bearer: the agent still gets
+    a working token (here by registering again as the same agent)."""
+    agent_id = client.register()["id"]
+    sim.faults.set([{"fault": "token_expired", "times": 1}, {"fault": "stale_bearer_refresh"}])
+    try:
+        assert client.actions() == []
+        assert client.agent_id == agent_id
+        assert sim.faults.snapshot()["hits"].get("token_expired") == 1
+    finally:
+        sim.faults.clear()
 
 
 def test_wrong_url_nothing_answers():

@@ -63,10 +63,13 @@ class SimAdmin:
         *,
         vast_url: str | None = None,
         arkindex_url: str | None = None,
+        s3_url: str | None = None,
         timeout: float = 10.0,
     ):
         self.vast_url = vast_url or (stack.vast_url if stack is not None else None)
         self.arkindex_url = arkindex_url or (stack.arkindex_url if stack is not None else None)
+        # The S3 server's chaos knobs (s3_* methods), when its URL is known.
+        self.s3_url = s3_url or (getattr(stack, "s3_url", None) if stack is not None else None)
         if not self.vast_url or not self.arkindex_url:
             raise ValueError("SimAdmin needs a started stack, or both simulator URLs")
         self.timeout = timeout
@@ -211,6 +214,61 @@ class SimAdmin:
     def rows_for(self, task_id: str) -> list[dict]:
         """Ledger rows of every instance whose label names this task."""
         return [row for row in self.ledger() if task_id in (row.get("label") or "")]
+
+    # ------------------------------------------------------------------ S3 (simulators/s3.py)
+
+    def s3_down(self, seconds: float) -> None:
+        """Every S3 request gets 503 ServiceUnavailable for `seconds`."""
+        self._json("POST", self.s3_url + "/_sim/down", json={"seconds": seconds})
+
+    def s3_up(self) -> None:
+        self._json("DELETE", self.s3_url + "/_sim/down")
+
+    def s3_advance_clock(self, seconds: float) -> None:
+        """Move the clock pre-signed URLs are checked against (expire them sooner)."""
+        self._json("POST", self.s3_url + "/_sim/clock", json={"advance": seconds})
+
+    def s3_stats(self) -> dict:
+        """Requests seen and refused (expired, signature, down, other) by the S3 proxy."""
+        return self._json("GET", self.s3_url + "/_sim/stats")
+
+    # ------------------------------------------------------------------ Arkindex faults
+    # One method per knob of simulators/arkindex/faults.py. `scope`: operation= (an
+    # operationId), path= (a regex), task= (a task id), times= (default unlimited).
+
+    def arkindex_faults(self, *rules: dict) -> None:
+        self._json("POST", self.arkindex_url + "/_sim/faults", json={"rules": list(rules)})
+
+    def arkindex_fault_state(self) -> dict:
+        """{"rules": the active rules, "hits": {fault: how often it fired}}."""
+        return self._json("GET", self.arkindex_url + "/_sim/faults")
+
+    def clear_arkindex_faults(self) -> None:
+        self._json("DELETE", self.arkindex_url + "/_sim/faults")
+
+    def arkindex_5xx(self, status: int = 500, **scope) -> None:
+        self.arkindex_faults({"fault": "http_5xx", "status": status, **scope})
+
+    def arkindex_html_502(self, status: int = 502, **scope) -> None:
+        self.arkindex_faults({"fault": "html_502", "status": status, **scope})
+
+    def arkindex_slow(self, seconds: float, **scope) -> None:
+        self.arkindex_faults({"fault": "slow", "seconds": seconds, **scope})
+
+    def arkindex_rate_limit(self, retry_after: float = 1, **scope) -> None:
+        self.arkindex_faults({"fault": "rate_limit", "retry_after": retry_after, **scope})
+
+    def arkindex_delete_task(self, task_id: str, **scope) -> None:
+        """The task is gone, as if deleted while it runs (404 on every call naming it)."""
+        self.arkindex_faults({"fault": "task_deleted", "task": task_id, **scope})
+
+    def arkindex_expire_token(self, **scope) -> None:
+        """The access token of the next matching agent call expires (401 from then on)."""
+        self.arkindex_faults({"fault": "token_expired", **scope})
+
+    def arkindex_stale_bearer_refresh(self, **scope) -> None:
+        """RefreshAgentToken refuses a request carrying an expired Bearer (401)."""
+        self.arkindex_faults({"fault": "stale_bearer_refresh", **scope})
 
 
 # ---------------------------------------------------------------------- local run

@@ -137,6 +137,7 @@ class LocalStack:
         vast_run_mode: str = "scripted",
         vast_seed: int = 0,
         token_ttl: int = 3600,
+        url_lifetime: float = 3600,
         data_dir: str | Path | None = None,
         start_redis: bool = True,
         farm_id: str | None = None,
@@ -150,6 +151,8 @@ class LocalStack:
         self.vast_run_mode = vast_run_mode
         self.vast_seed = vast_seed
         self.token_ttl = token_ttl
+        # Lifetime of the pre-signed S3 URLs the Arkindex simulator hands out (boto3's 1 h).
+        self.url_lifetime = url_lifetime
         self.data_dir = Path(data_dir) if data_dir else None
         self.start_redis = start_redis
         self.farm_id = farm_id or str(uuid.uuid4())
@@ -187,7 +190,7 @@ class LocalStack:
                 host=HOST,
                 port=0,
                 token_ttl=self.token_ttl,
-                **self.arkindex_options,
+                **{"url_lifetime": self.url_lifetime, **self.arkindex_options},
             )
             self.arkindex.start()
             self.vast = VastSimulator(
@@ -362,7 +365,14 @@ class LocalStack:
     default=None,
     help="Also write the agent config (YAML) to this file.",
 )
-def command(time_scale, vast_run_mode, redis_url, data_dir, env_file, config_file):
+@click.option(
+    "--url-lifetime",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Lifetime of the pre-signed S3 URLs (seconds; boto3's default).",
+)
+def command(time_scale, vast_run_mode, redis_url, data_dir, env_file, config_file, url_lifetime):
     """Run S3, the Arkindex and Vast.ai simulators (and Redis if needed) until Ctrl-C."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -376,7 +386,11 @@ def command(time_scale, vast_run_mode, redis_url, data_dir, env_file, config_fil
     # in the main thread, whatever the signal.
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     stack = LocalStack(
-        redis_url, time_scale=time_scale, vast_run_mode=vast_run_mode, data_dir=data_dir
+        redis_url,
+        time_scale=time_scale,
+        vast_run_mode=vast_run_mode,
+        data_dir=data_dir,
+        url_lifetime=url_lifetime,
     )
     try:
         stack.start()

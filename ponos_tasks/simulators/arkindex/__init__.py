@@ -8,8 +8,8 @@ with ArkindexSimulator(farms={farm_id: seed}) as sim:   # starts its own S3 when
 from ponos_tasks.simulators.arkindex.models import (
     AGENT_TRANSITIONS,
     TERMINAL_STATES,
-    derivation_for,
+    expected_derivation,
 )
 from ponos_tasks.simulators.arkindex.server import ArkindexSimulator
 
-__all__ = ["AGENT_TRANSITIONS", "TERMINAL_STATES", "ArkindexSimulator", "derivation_for"]
+__all__ = ["AGENT_TRANSITIONS", "TERMINAL_STATES", "ArkindexSimulator", "expected_derivation"]

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import signal
 import threading
 import uuid
 
 import click
+
+from ponos_tasks.simulators.arkindex.faults import FaultError, parse_flag, validate
+
+
+def _fault(_ctx, _param, values):
+    rules = []
+    for value in values:
+        try:
+            rules.append(
+                validate(json.loads(value)) if value.lstrip().startswith("{") else parse_flag(value)
+            )
+        except (FaultError, ValueError) as exc:
+            raise click.BadParameter(str(exc)) from None
+    return rules
 
 
 @click.command("arkindex")
@@ -23,14 +38,35 @@ import click
     type=float,
     help="Lifetime of agent access tokens, in seconds.",
 )
-def command(host, port, s3_url, farm_id, seed, token_ttl):
+@click.option(
+    "--url-lifetime",
+    default=3600.0,
+    show_default=True,
+    type=float,
+    help="Lifetime of the pre-signed S3 URLs it hands out, in seconds (boto3's default).",
+)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    callback=_fault,
+    help="Fault rule, JSON or NAME[,key=value...], e.g. "
+    "'http_5xx,operation=PartialUpdateTask,times=2'. Repeatable.",
+)
+def command(host, port, s3_url, farm_id, seed, token_ttl, url_lifetime, faults):
     """Run the Arkindex simulator (agents, tasks, artifacts, models) until Ctrl-C."""
     from ponos_tasks.simulators.arkindex import ArkindexSimulator
 
     farm_id = farm_id or str(uuid.uuid4())
     seed = seed or secrets.token_hex(32)
     sim = ArkindexSimulator(
-        s3_url=s3_url, farms={farm_id: seed}, host=host, port=port, token_ttl=token_ttl
+        s3_url=s3_url,
+        farms={farm_id: seed},
+        host=host,
+        port=port,
+        token_ttl=token_ttl,
+        url_lifetime=url_lifetime,
+        faults=faults,
     )
     sim.start()
     stopped = threading.Event()

@@ -4,14 +4,18 @@ Everything here is plain Python guarded by one lock; the Flask layer (server.py)
 parses requests and renders what these methods return. S3 is reached through a `storage`
 object (storage.py) so this module stays free of HTTP.
 
-Agent registration (CreateAgent) proves knowledge of the farm seed without sending it:
+Agent registration, in the shape of the published Ponos API: GetPublicKey returns the
+server's EC P-384 public key (PEM, `application/x-pem-file`); CreateAgent takes the agent's
+own public key (PEM, an EC P-384 key) and a `derivation` proving it knows the farm seed
+without sending it:
 
-    public_key = a random nonce, 64 hex characters, chosen by the agent
-    derivation = hex(HMAC-SHA256(key=seed.encode(), msg=f"{farm}:{public_key}".encode()))
+    derivation = base64(HKDF-SHA256(ECDH(agent key, server key), length=32, salt=None,
+                                    info=seed))
 
-The simulator recomputes the HMAC with the seed it knows for that farm. (Real Arkindex used an
-ECDH exchange keyed with the seed; the reference calls any scheme with the same two
-properties enough: farm + proof of seed in, agent id + bearer token out.)
+The simulator recomputes it from its private key and the agent's public key
+(`expected_derivation`, the one function to replace if Arkindex's scheme differs: the real
+agent is closed source; this is the ECDH + seed-keyed KDF shape it is described to use).
+The same public key registering again is the same agent (same id, same tasks).
 
 State table (docs/reference.md §2.2). Server-side moves: unscheduled → pending when every
 parent is completed; user stop: unscheduled → stopped, pending (unassigned) → stopped, pending
@@ -27,6 +31,7 @@ recorded in the task's history with accepted=False.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -36,6 +41,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 TERMINAL_STATES = frozenset({"completed", "failed", "error", "stopped", "cancelled"})
 ALL_STATES = frozenset({"unscheduled", "pending", "running", "stopping"}) | TERMINAL_STATES
 AGENT_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -44,7 +53,6 @@ AGENT_TRANSITIONS: dict[str, frozenset[str]] = {
     "stopping": frozenset({"stopped", "error"}),
 }
 HOSTNAME_RE = re.compile(r"^[-a-zA-Z0-9_.]{1,64}$")
-NONCE_RE = re.compile(r"^[0-9a-f]{64}$")
 SLUG_RE = re.compile(r"^[-a-zA-Z0-9_.]{1,100}$")
 
 LOGS_BUCKET = "ponos-logs"
@@ -76,10 +84,32 @@ def validation_error(attr: str, code: str, detail: str) -> ApiError:
     return ApiError(400, code, detail, attr=[attr], kind="validation_error")
 
 
-def derivation_for(seed: str, farm: str, public_key: str) -> str:
-    """The proof an agent sends with CreateAgent (see the module docstring)."""
-    message = f"{farm}:{public_key}".encode()
-    return hmac.new(seed.encode(), message, hashlib.sha256).hexdigest()
+def expected_derivation(
+    seed: str, server_key: ec.EllipticCurvePrivateKey, agent_key: ec.EllipticCurvePublicKey
+) -> str:
+    """The derivation an agent knowing `seed` sends with `agent_key` (module docstring)."""
+    shared = server_key.exchange(ec.ECDH(), agent_key)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=seed.encode()).derive(
+        shared
+    )
+    return base64.b64encode(derived).decode()
+
+
+def load_agent_key(pem: str) -> ec.EllipticCurvePublicKey | None:
+    """The agent's public key from its PEM, or None unless it is an EC P-384 key."""
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        return None
+    return key
+
+
+def pem_of(key) -> str:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
 
 
 def _now() -> float:
@@ -250,6 +280,9 @@ class ArkindexState:
 
     def __init__(self, farms: dict[str, str], storage, *, token_ttl: float = 3600.0, clock=_now):
         self.farms = dict(farms)
+        # The server's key pair (GetPublicKey): one per simulated Arkindex.
+        self.server_key = ec.generate_private_key(ec.SECP384R1())
+        self.server_public_pem = pem_of(self.server_key.public_key())
         self.storage = storage
         self.token_ttl = token_ttl
         self.clock = clock
@@ -293,19 +326,18 @@ class ArkindexState:
             raise validation_error(
                 "farm", "does_not_exist", f'Invalid pk "{farm}" - farm does not exist.'
             )
-        if not NONCE_RE.match(public_key):
+        agent_key = load_agent_key(public_key)
+        if agent_key is None:
             raise validation_error(
-                "public_key",
-                "invalid",
-                "The public key must be a random nonce of 64 lowercase hex digits.",
+                "public_key", "invalid", "The public key must be a PEM-encoded EC P-384 key."
             )
-        expected = derivation_for(self.farms[farm], farm, public_key)
-        if not hmac.compare_digest(expected, derivation.lower()):
+        public_key = pem_of(agent_key)  # one spelling per key, to recognise the agent
+        expected = expected_derivation(self.farms[farm], self.server_key, agent_key)
+        if not hmac.compare_digest(expected.encode(), derivation.strip().encode()):
             raise validation_error(
                 "derivation",
                 "invalid",
-                "The derivation does not prove knowledge of this farm's seed "
-                "(expected hex HMAC-SHA256(key=seed, msg='<farm>:<public_key>')).",
+                "The derivation does not prove knowledge of this farm's seed.",
             )
         with self.lock:
             # The same agent registering again (same farm and key) keeps its id and tasks.
@@ -366,6 +398,18 @@ class ArkindexState:
                 "refresh_token": agent.refresh_token,
                 "refresh": agent.refresh_token,
             }
+
+    def access_token_valid(self, token: str) -> bool:
+        with self.lock:
+            entry = self.access_tokens.get(token)
+            return entry is not None and self.clock() < entry[1]
+
+    def expire_access_token(self, token: str) -> None:
+        """This access token expires now (the `token_expired` fault)."""
+        with self.lock:
+            entry = self.access_tokens.get(token)
+            if entry is not None:
+                self.access_tokens[token] = (entry[0], self.clock())
 
     def authenticate(self, header: str | None) -> tuple[str, object]:
         """('agent', Agent) or ('task', Task) from an Authorization header, else 401."""
@@ -539,13 +583,14 @@ class ArkindexState:
             ):
                 task.record("pending", accepted=True, source="scheduler")
 
-    def actions(self, agent: Agent, capacity: int | None) -> dict:
+    def actions(self, agent: Agent, capacity: int | None, hidden=lambda _task_id: False) -> dict:
+        """`hidden(task_id)`: tasks that are gone for the agent (deleted), never listed."""
         with self.lock:
             if capacity is not None and capacity < 0:
                 raise validation_error("capacity", "min_value", "capacity must be >= 0.")
             assigned = 0
             for task in sorted(self.tasks.values(), key=lambda t: t.order):
-                if task.state != "pending" or task.agent_id is not None:
+                if task.state != "pending" or task.agent_id is not None or hidden(task.id):
                     continue
                 if capacity is not None and assigned >= capacity:
                     break
@@ -555,7 +600,7 @@ class ArkindexState:
                 assigned += 1
             result = []
             for task in sorted(self.tasks.values(), key=lambda t: t.order):
-                if task.agent_id != agent.id:
+                if task.agent_id != agent.id or hidden(task.id):
                     continue
                 if task.state == "pending":
                     result.append({"action": "start_task", "task_id": task.id})

@@ -98,11 +98,22 @@ TASK_STATES = [
 def build_document(server_url: str) -> dict:
     """The whole OpenAPI document; `server_url` is the simulator's base URL."""
     paths = {
+        "/api/v1/public-key/": {
+            "get": _operation(
+                "GetPublicKey",
+                "The server's EC P-384 public key (PEM), for the CreateAgent derivation.",
+                response={
+                    "description": "PEM public key",
+                    "content": {"application/x-pem-file": {"schema": STRING}},
+                },
+            ),
+        },
         "/api/v1/agent/": {
             "post": _operation(
                 "CreateAgent",
-                "Register a Ponos agent on a farm, proving it knows the farm seed "
-                "(derivation = hex HMAC-SHA256(key=seed, msg='<farm>:<public_key>')).",
+                "Register a Ponos agent on a farm with its EC P-384 public key (PEM), proving "
+                "it knows the farm seed: derivation = base64(HKDF-SHA256(ECDH(agent key, "
+                "server key), 32 bytes, no salt, info=seed)).",
                 body=_body(
                     AGENT_REGISTRATION,
                     [

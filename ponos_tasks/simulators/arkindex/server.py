@@ -18,6 +18,8 @@ tests, benchmarks and the demo):
     POST /_sim/tasks/<id>/stop       user stop
     GET  /_sim/tasks/<id>/logs       the published log text, read back from S3 (404 if none)
     GET  /_sim/agents                -> {"agents": [...]}
+    GET  /_sim/faults                -> {"rules": [...], "hits": {fault: count}}
+    POST /_sim/faults {"rules": [rule]}   add fault rules (faults.py); DELETE clears them
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 import uuid
 
 from flask import Flask, Response, jsonify, redirect, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
+from ponos_tasks.simulators.arkindex.faults import FaultBook, FaultError
 from ponos_tasks.simulators.arkindex.models import (
     ARTIFACTS_BUCKET,
     LOGS_BUCKET,
@@ -41,9 +45,36 @@ from ponos_tasks.simulators.arkindex.models import (
     validation_error,
 )
 from ponos_tasks.simulators.arkindex.openapi import build_document
-from ponos_tasks.simulators.arkindex.storage import Storage
+from ponos_tasks.simulators.arkindex.storage import URL_LIFETIME, Storage
 
 logger = logging.getLogger(__name__)
+
+# Flask view name -> the operationId fault rules name (openapi.py); the task-id parameter.
+OPERATIONS = {
+    "get_public_key": "GetPublicKey",
+    "create_agent": "CreateAgent",
+    "refresh_agent_token": "RefreshAgentToken",
+    "agent_actions": "RetrieveAgentActions",
+    "task_definition": "RetrieveTaskDefinition",
+    "retrieve_task": "RetrieveTask",
+    "partial_update_task": "PartialUpdateTask",
+    "list_artifacts": "ListArtifacts",
+    "create_artifact": "CreateArtifact",
+    "download_artifact": "DownloadArtifact",
+    "retrieve_model_version": "RetrieveModelVersion",
+    "retrieve_worker_run": "RetrieveWorkerRun",
+    "retrieve_worker_run_configuration": "RetrieveWorkerRunConfiguration",
+}
+
+# What nginx serves when its upstream is down: HTML, whatever the client asked for.
+HTML_502 = """<html>
+<head><title>{status} Bad Gateway</title></head>
+<body>
+<center><h1>{status} Bad Gateway</h1></center>
+<hr><center>nginx</center>
+</body>
+</html>
+"""
 
 
 def create_app(sim: ArkindexSimulator) -> Flask:
@@ -69,6 +100,39 @@ def create_app(sim: ArkindexSimulator) -> Flask:
                 400, "parse_error", "The body must be a JSON object.", kind="validation_error"
             )
         return data
+
+    @app.before_request
+    def injected_faults():
+        """The fault rules (faults.py) around every public API call; None: no fault."""
+        if not request.path.startswith("/api/") or request.url_rule is None:
+            return None
+        operation = OPERATIONS.get(request.url_rule.endpoint)
+        if operation is None:
+            return None
+        task_id = (request.view_args or {}).get("task_id")
+        scope = {"operation": operation, "path": request.path, "task": task_id}
+        faults = sim.faults
+        slow = faults.take({"slow"}, **scope)
+        if slow is not None:
+            time.sleep(slow.get("seconds") or 1.0)
+        rule = faults.take({"http_5xx", "html_502", "rate_limit"}, **scope)
+        if rule is not None:
+            return _http_fault(rule)
+        if task_id is not None and faults.take({"task_deleted"}, **scope) is not None:
+            raise ApiError(404, "not_found", "No Task matches the given query.")
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer":
+            return None  # the token faults only concern calls that carry an agent token
+        if operation == "RefreshAgentToken":
+            # DRF authenticates before the view: a Bearer that is not a live token fails
+            # the call, whatever refresh token the body holds.
+            if not state().access_token_valid(token.strip()) and faults.take(
+                {"stale_bearer_refresh"}, **scope
+            ):
+                raise ApiError(401, "token_not_valid", "Given token not valid for any token type")
+        elif faults.take({"token_expired"}, **scope) is not None:
+            state().expire_access_token(token.strip())
+        return None
 
     @app.errorhandler(ApiError)
     def api_error(error: ApiError):
@@ -99,6 +163,10 @@ def create_app(sim: ArkindexSimulator) -> Flask:
     def openapi():
         return jsonify(build_document(sim.public_url))
 
+    @app.get("/api/v1/public-key/")
+    def get_public_key():
+        return Response(state().server_public_pem, mimetype="application/x-pem-file")
+
     @app.post("/api/v1/agent/")
     def create_agent():
         return jsonify(state().register_agent(body()))
@@ -120,7 +188,7 @@ def create_app(sim: ArkindexSimulator) -> Flask:
                 raise validation_error(
                     "capacity", "invalid", "A valid integer is required."
                 ) from None
-        return jsonify(state().actions(agent, capacity))
+        return jsonify(state().actions(agent, capacity, hidden=sim.faults.deleted))
 
     @app.get("/api/v1/task/<task_id>/definition/")
     def task_definition(task_id):
@@ -303,6 +371,18 @@ def create_app(sim: ArkindexSimulator) -> Flask:
             return jsonify({"error": "no logs published for this task"}), 404
         return Response(data, mimetype="text/plain", content_type="text/plain; charset=utf-8")
 
+    @app.route("/_sim/faults", methods=["GET", "POST", "DELETE"])
+    def admin_faults():
+        if request.method == "DELETE":
+            sim.faults.clear()
+        elif request.method == "POST":
+            data = request.get_json(silent=True)
+            try:
+                sim.faults.set(data.get("rules", []) if isinstance(data, dict) else [])
+            except FaultError as error:
+                return jsonify({"error": str(error)}), 400
+        return jsonify(sim.faults.snapshot())
+
     @app.get("/_sim/agents")
     def admin_agents():
         with state().lock:
@@ -316,6 +396,30 @@ def create_app(sim: ArkindexSimulator) -> Flask:
             )
 
     return app
+
+
+def _http_fault(rule: dict) -> Response:
+    if rule["fault"] == "rate_limit":
+        wait = rule.get("retry_after") or 1.0
+        seconds = max(1, round(wait))
+        body = {"detail": f"Request was throttled. Expected available in {seconds} seconds."}
+        response = jsonify(body)
+        response.status_code = 429
+        # Retry-After is whole seconds (RFC 9110 delay-seconds), as DRF sends it.
+        response.headers["Retry-After"] = str(seconds)
+        return response
+    if rule["fault"] == "html_502":
+        status = rule.get("status") or 502
+        return Response(HTML_502.format(status=status), status=status, mimetype="text/html")
+    status = rule.get("status") or 500
+    response = jsonify(
+        {
+            "type": "server_error",
+            "errors": [{"attr": None, "code": "error", "detail": "A server error occurred."}],
+        }
+    )
+    response.status_code = status
+    return response
 
 
 def _check_related(st: ArkindexState, who, matches) -> None:
@@ -345,6 +449,8 @@ class ArkindexSimulator:
     `farms` maps farm ids to seeds (one random farm when omitted: see `farm_id`, `seed`).
     Without `s3_url`, it starts and owns an `S3Server`. `public_url` is the base URL written
     into task environments and the OpenAPI servers list (default: the listening URL).
+    `url_lifetime`: seconds the pre-signed S3 URLs live (default 1 h, boto3's). `faults`:
+    fault rules active from the start (faults.py; none by default).
     """
 
     def __init__(
@@ -355,6 +461,8 @@ class ArkindexSimulator:
         port: int = 0,
         token_ttl: float = 3600,
         public_url: str | None = None,
+        faults: list[dict] | None = None,
+        url_lifetime: float = URL_LIFETIME,
     ):
         self.s3_url = s3_url
         self.farms = dict(farms) if farms else {str(uuid.uuid4()): secrets.token_hex(32)}
@@ -362,6 +470,9 @@ class ArkindexSimulator:
         self.port = port
         self.token_ttl = token_ttl
         self._public_url = public_url
+        self.url_lifetime = url_lifetime
+        # Injected faults (faults.py): none unless given here or through /_sim/faults.
+        self.faults = FaultBook(faults or ())
         self._own_s3 = None
         self._server = None
         self._thread = None
@@ -392,7 +503,11 @@ class ArkindexSimulator:
 
             self._own_s3 = S3Server(host=self.host).start()
             self.s3_url = self._own_s3.url
-        self.storage = Storage(self.s3_url, [LOGS_BUCKET, ARTIFACTS_BUCKET, MODELS_BUCKET])
+        self.storage = Storage(
+            self.s3_url,
+            [LOGS_BUCKET, ARTIFACTS_BUCKET, MODELS_BUCKET],
+            url_lifetime=self.url_lifetime,
+        )
         self.state = ArkindexState(self.farms, self.storage, token_ttl=self.token_ttl)
         self._server = make_server(self.host, self.port, create_app(self), threaded=True)
         # A short poll interval: shutdown() waits for it (0.5 s by default, per test).

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from ponos_tasks.simulators.s3 import ensure_bucket, s3_client
 
-# Pre-signed URLs live as long as SigV4 allows (7 days): the agent caches a task's
-# definition, and with it the logs URL, for the whole life of the task.
-URL_LIFETIME = 7 * 24 * 3600
+# How long the pre-signed URLs handed out live by default: one hour, boto3's default for
+# generate_presigned_url (ExpiresIn=3600), what a Django backend presigning with boto3 gets
+# unless it asks otherwise. The S3 server in front of moto (simulators/s3.py) refuses an
+# expired URL with S3's 403 AccessDenied "Request has expired", so a client that keeps a
+# definition (and its logs URL) longer than this must fetch a fresh one.
+URL_LIFETIME = 3600
 
 
 class Storage:
-    def __init__(self, endpoint_url: str, buckets: list[str]):
+    def __init__(self, endpoint_url: str, buckets: list[str], url_lifetime: float = URL_LIFETIME):
         self.endpoint_url = endpoint_url
+        # SigV4 allows 1 s to 7 days.
+        self.url_lifetime = max(1, min(int(url_lifetime), 7 * 24 * 3600))
         self.client = s3_client(endpoint_url)
         for bucket in buckets:
             ensure_bucket(self.client, bucket)
@@ -32,7 +37,7 @@ class Storage:
     def presign_put(self, bucket: str, key: str) -> str:
         # No ContentType in the signed parameters: the uploader may send any Content-Type.
         return self.client.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=URL_LIFETIME
+            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.url_lifetime
         )
 
     def presign_get(self, bucket: str, key: str, content_type: str | None = None) -> str:
@@ -42,5 +47,5 @@ class Storage:
             # that a model archive is served as application/zstd whatever it was stored as.
             params["ResponseContentType"] = content_type
         return self.client.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=URL_LIFETIME
+            "get_object", Params=params, ExpiresIn=self.url_lifetime
         )

@@ -1,15 +1,35 @@
 """Helpers shared by the Arkindex simulator tests (agents, workers, admin calls)."""
 
-import secrets
+import base64
 
 import requests
 from arkindex import ArkindexClient
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ponos_tasks.simulators.arkindex import derivation_for
+
+def agent_derivation(url, seed, private_key):
+    """The CreateAgent proof computed on the agent's side, written here independently of the
+    simulator: base64(HKDF-SHA256(ECDH(agent key, server key), 32, salt=None, info=seed))."""
+    pem = requests.get(f"{url}/api/v1/public-key/", timeout=10)
+    assert pem.status_code == 200 and pem.headers["Content-Type"] == "application/x-pem-file"
+    server_key = serialization.load_pem_public_key(pem.content)
+    shared = private_key.exchange(ec.ECDH(), server_key)
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=seed.encode())
+    return base64.b64encode(derived.derive(shared)).decode()
 
 
-def registration(sim, *, gpu_count=1, hostname="agent-1", nonce=None, seed=None, farm=None):
-    nonce = nonce or secrets.token_hex(32)
+def public_pem(private_key):
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def registration(sim, *, gpu_count=1, hostname="agent-1", key=None, seed=None, farm=None):
+    key = key or ec.generate_private_key(ec.SECP384R1())
     farm = farm or sim.farm_id
     return {
         "farm": farm,
@@ -18,8 +38,8 @@ def registration(sim, *, gpu_count=1, hostname="agent-1", nonce=None, seed=None,
         "cpu_frequency": 2000,
         "gpu_count": gpu_count,
         "gpu_names": "RTX 4090" if gpu_count else None,
-        "public_key": nonce,
-        "derivation": derivation_for(seed or sim.seed, farm, nonce),
+        "public_key": public_pem(key),
+        "derivation": agent_derivation(sim.url, seed or sim.seed, key),
     }
 
 

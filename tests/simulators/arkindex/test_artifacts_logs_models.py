@@ -213,6 +213,10 @@ def test_every_operation_through_arkindex_client(sim):
             {"slug": "task", "image": "img", "parents": ["parent"], "model": {"files": {"m": "x"}}},
         ],
     )
+    # GetPublicKey answers a PEM file, which arkindex-client saves to a temporary file.
+    with anonymous.request("GetPublicKey") as pem:
+        assert b"BEGIN PUBLIC KEY" in pem.read()
+    called.add("GetPublicKey")
     agent = anonymous.request("CreateAgent", body=registration(sim))
     called.add("CreateAgent")
     refreshed = anonymous.request("RefreshAgentToken", body={"refresh": agent["refresh_token"]})

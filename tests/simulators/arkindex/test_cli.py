@@ -40,6 +40,8 @@ def test_sim_arkindex_command(tmp_path):
             farm,
             "--seed",
             "cafe" * 16,
+            "--fault",
+            "html_502,operation=CreateAgent,times=1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -55,6 +57,11 @@ def test_sim_arkindex_command(tmp_path):
         class Sim:  # what registration() reads
             farm_id, seed = farm, "cafe" * 16
 
+        Sim.url = url
+
+        # The --fault rule answers the first registration with a load balancer's page.
+        response = requests.post(f"{url}/api/v1/agent/", json=registration(Sim), timeout=10)
+        assert response.status_code == 502 and "Bad Gateway" in response.text
         response = requests.post(f"{url}/api/v1/agent/", json=registration(Sim), timeout=10)
         assert response.status_code == 200, response.text
         proc.send_signal(signal.SIGTERM)

@@ -6,12 +6,15 @@ import pytest
 import requests
 from arkindex import ArkindexClient
 from arkindex.exceptions import ArkindexClientError, ArkindexValidationError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ponos_tasks.simulators.arkindex import ArkindexSimulator
 
-from .helpers import agent_client, create_process, registration, worker_client
+from .helpers import agent_client, create_process, public_pem, registration, worker_client
 
 EXPECTED_OPERATIONS = {
+    "GetPublicKey",
     "CreateAgent",
     "RefreshAgentToken",
     "RetrieveAgentActions",
@@ -144,3 +147,35 @@ def test_task_token_cannot_act_as_agent(sim):
         with pytest.raises(ArkindexClientError) as caught:
             worker.request(operation, **kwargs)
         assert caught.value.status_code == 403, operation
+
+
+def test_get_public_key_is_an_ec_p384_pem(sim):
+    response = requests.get(f"{sim.url}/api/v1/public-key/", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/x-pem-file"
+    key = serialization.load_pem_public_key(response.content)
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    assert ArkindexClient(base_url=sim.url).lookup_operation("GetPublicKey").url == (
+        "/api/v1/public-key/"
+    )
+
+
+def test_registration_needs_a_p384_key_and_its_own_derivation(sim):
+    url = f"{sim.url}/api/v1/agent/"
+    # Another curve: refused on public_key.
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    body = registration(sim)
+    body["public_key"] = public_pem(p256)
+    response = requests.post(url, json=body, timeout=10)
+    assert response.status_code == 400 and response.json()["errors"][0]["attr"] == ["public_key"]
+    # Another agent's key with this derivation: the proof is bound to the key.
+    body = registration(sim)
+    body["public_key"] = public_pem(ec.generate_private_key(ec.SECP384R1()))
+    response = requests.post(url, json=body, timeout=10)
+    assert response.status_code == 400 and response.json()["errors"][0]["attr"] == ["derivation"]
+    # The right key and seed: accepted; the same key spelt differently is the same agent.
+    key = ec.generate_private_key(ec.SECP384R1())
+    first = requests.post(url, json=registration(sim, key=key), timeout=10).json()
+    again = registration(sim, key=key)
+    again["public_key"] = again["public_key"].replace("\n", "\r\n")
+    assert requests.post(url, json=again, timeout=10).json()["id"] == first["id"]
