@@ -526,6 +526,9 @@ class ArkindexAgentClient:
             if not creds or not creds.get("refresh_token"):
                 self._register_locked()
                 return
+            # The refresh is authenticated by the refresh token alone: the expired Bearer
+            # must not travel with it (Arkindex may refuse the call for it).
+            self.api.session.auth.token = None
             try:
                 resp = self._send("RefreshAgentToken", body={"refresh": creds["refresh_token"]})
             except ErrorResponse as exc:

@@ -556,6 +556,15 @@ def watch_decision(
         return WatchDecision(
             A.WAIT, "snapshot older than the instance", Condition.PROVISIONING, record.offline_since
         )
+    if (
+        instance is None
+        and record.instance_created_at is not None
+        and now - record.instance_created_at < settings.visibility_grace
+    ):
+        # Vast.ai's reads lag a create by a few seconds: not listed yet is not gone.
+        return WatchDecision(
+            A.WAIT, "new instance not listed yet", Condition.PROVISIONING, record.offline_since
+        )
     offline_since = (record.offline_since or now) if condition is Condition.OFFLINE else None
 
     def decide(action: WatchAction, reason: str, outcome: Outcome | None = None) -> WatchDecision:

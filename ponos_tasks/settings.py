@@ -36,6 +36,7 @@ class Settings:
     creating_stale: float  # the same for `creating` (a create call can take long)
     sync_lock_timeout: float  # the sync loop's single-flight lock
     snapshot_max_age: float  # a watcher lists again itself when the sync's list is older
+    visibility_grace: float  # s after a create during which an unlisted instance is not gone
     create_lock_timeout: float
     create_unknown_delay: float  # s before looking up the label of a create with no answer
     offer_claim_seconds: float
@@ -69,6 +70,9 @@ class Settings:
             creating_stale=stale,
             sync_lock_timeout=max(SYNC_TIME_LIMIT + 10.0, 3 * sync),
             snapshot_max_age=1.5 * sync,
+            # Vast.ai's reads lag a create by a few seconds; a minute covers that with room
+            # (never more than the loading deadline, which bounds a start anyway).
+            visibility_grace=min(60.0, float(vast.loading_deadline)),
             # Renewed right before each create try is sent (after the rate limiter's wait), it
             # must outlive one request (the client's connect + read timeouts, 35 s) with a
             # margin; a worker killed while holding it delays the task's next try by at most

@@ -468,6 +468,15 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
     instance = snapshot.find(record.instance_id)
     now = ctx.now()
+    if (
+        instance is None
+        and record.instance_id is not None
+        and snapshot.taken_at >= (record.instance_created_at or 0.0)
+        and now - (record.instance_created_at or 0.0) >= settings.visibility_grace
+    ):
+        # Missing from the listing: ask for it by id before calling it gone (a listing can
+        # miss a row). An error here raises: unknown is retried, never taken for gone.
+        instance = ctx.vast.get_instance(record.instance_id)
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)

@@ -173,6 +173,20 @@ def test_agent_survives_expired_token_and_stale_bearer_refresh(sim, client, stor
         sim.faults.clear()
 
 
+def test_an_expired_token_is_refreshed_without_the_stale_bearer(sim, client, caplog):
+    """The refresh carries only the refresh token: refused when the expired Bearer travels
+    with it, it must succeed as a refresh (not a new registration)."""
+    caplog.set_level(logging.INFO)
+    client.register()
+    sim.faults.set([{"fault": "token_expired", "times": 1}, {"fault": "stale_bearer_refresh"}])
+    try:
+        assert client.actions() == []
+        assert "token refreshed" in caplog.text
+        assert "registering again" not in caplog.text
+    finally:
+        sim.faults.clear()
+
+
 def test_wrong_url_nothing_answers():
     url = f"http://127.0.0.1:{free_port()}/"
     client = ArkindexAgentClient(url, FARM, SEED, MemoryCredentialStore(), max_wait=0.05)
