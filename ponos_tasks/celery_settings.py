@@ -19,6 +19,9 @@ from kombu import Queue
 from ponos_tasks.models import QUEUES, SYNC_QUEUE
 
 broker_connection_retry_on_startup = True
+# kombu's Redis transport with the fix that keeps a worker alive through a Redis restart
+# (Celery 5.7 closes a lost connection twice; see ponos_tasks/broker.py).
+broker_transport = "ponos_tasks.broker:Transport"
 broker_transport_options = {"visibility_timeout": 3600}
 
 task_queues = tuple(Queue(name) for name in QUEUES)

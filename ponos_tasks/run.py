@@ -66,7 +66,8 @@ def shielded():
 )
 @click.pass_context
 def run_command(ctx, log_dir, flower_port):
-    """Run the agent (worker, beat, Flower) for $PONOS_CONFIG until Ctrl-C or SIGTERM.
+    """Run the agent (worker, beat, Flower) for $PONOS_CONFIG until Ctrl-C or SIGTERM,
+    restarting (with backoff) any of them that dies.
 
     Without PONOS_CONFIG it says so and runs `ponos-vast demo` on the local stack.
     """
@@ -99,14 +100,16 @@ def run_command(ctx, log_dir, flower_port):
                     f"Agent running: worker, beat and Flower (http://127.0.0.1:"
                     f"{flower_port}/); logs in {log_dir}. Ctrl-C stops it."
                 )
-                while not (dead := agent.check_alive()):
+                # A process that dies (a worker after a broker failure, say) is started
+                # again with backoff, as the Procfile's platform and compose's `restart:`
+                # do; each restart is said on stderr.
+                while True:
+                    for event in agent.supervise():
+                        click.echo(f"ponos-vast run: {event}", err=True)
                     time.sleep(1)
-                click.echo("agent process exited: " + ", ".join(dead), err=True)
             finally:
                 click.echo("Stopping the agent...")
                 with shielded():
                     agent.stop()
     except KeyboardInterrupt:
         click.echo("Agent stopped.")
-        return
-    sys.exit(1)

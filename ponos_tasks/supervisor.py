@@ -54,9 +54,30 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
+# Restart backoff of `supervise()`: the first restart of a process that died comes after
+# RESTART_DELAY seconds, each further one waits twice as long, up to RESTART_DELAY_MAX; a
+# process that then stays up RESTART_RESET seconds starts again from RESTART_DELAY. (A worker
+# that dies on every start, e.g. a Redis that stays unreachable, is retried once a minute
+# instead of in a tight loop.)
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 60.0
+RESTART_RESET = 120.0
+
+
+@dataclass
+class _Restarts:
+    command: list[str]
+    started_at: float = 0.0
+    failures: int = 0  # consecutive deaths without RESTART_RESET seconds of uptime
+    due_at: float | None = None  # when a dead process is started again
+
+
 @dataclass
 class AgentProcesses:
-    """The agent's processes for one configuration file; logs go to `log_dir`."""
+    """The agent's processes for one configuration file; logs go to `log_dir`.
+
+    `supervise()` restarts the ones that died (with backoff), like a platform's process
+    manager; the tests and the demo use `check_alive()` instead, to see any death."""
 
     config_path: Path
     log_dir: Path
@@ -67,6 +88,7 @@ class AgentProcesses:
     flower_port: int | None = None
     extra_env: dict = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    restarts: dict[str, _Restarts] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -89,6 +111,8 @@ class AgentProcesses:
         )
         log.close()
         self.processes[name] = process
+        restarts = self.restarts.setdefault(name, _Restarts(command))
+        restarts.command, restarts.started_at, restarts.due_at = command, time.monotonic(), None
         return process
 
     def start_worker(self, index: int) -> subprocess.Popen:
@@ -113,6 +137,34 @@ class AgentProcesses:
             for name, p in self.processes.items()
             if p.poll() is not None
         ]
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restart the processes that exited, each after its backoff delay; returns what
+        was done, one line per event (to be shown: a restart is never silent)."""
+        now = time.monotonic() if now is None else now
+        events = []
+        for name, process in list(self.processes.items()):
+            status = process.poll()
+            if status is None:
+                continue
+            restarts = self.restarts[name]
+            if restarts.due_at is None:
+                # Just seen dead: sweep what is left of its session (pool children), then
+                # schedule the restart.
+                _signal_group(process, signal.SIGKILL)
+                if now - restarts.started_at >= RESTART_RESET:
+                    restarts.failures = 0
+                delay = min(RESTART_DELAY * 2**restarts.failures, RESTART_DELAY_MAX)
+                restarts.failures += 1
+                restarts.due_at = now + delay
+                events.append(
+                    f"{name} exited with status {status}; restarting it in {delay:g} s "
+                    f"(restart {restarts.failures} in a row; log: {self.log_dir / name}.log)"
+                )
+            elif now >= restarts.due_at:
+                self._spawn(name, restarts.command)
+                events.append(f"{name} restarted (pid {self.processes[name].pid})")
+        return events
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a process and its children (its whole session: Celery's pool too)."""

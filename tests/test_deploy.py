@@ -344,6 +344,14 @@ def test_compose_redis_is_persistent_and_private(compose):
     assert any(str(v).endswith(":/data") for v in redis.get("volumes", []))
 
 
+def test_compose_restarts_a_crashed_worker_beat_or_redis(compose):
+    """A process that dies (a worker after a broker failure, Redis itself) is started again
+    by Docker, as `ponos-vast run` and Heroku-style platforms do (README "Deploy")."""
+    services = compose["services"]
+    for name in ("redis", "worker", "beat", "stack"):
+        assert services[name]["restart"] in ("unless-stopped", "always"), name
+
+
 def test_agent_services_read_a_mounted_config_and_shut_down_softly(compose):
     services = compose["services"]
     for name in ("worker", "beat", "flower"):

@@ -277,7 +277,7 @@ class SimAdmin:
 class LocalRun:
     """A private Redis, the local stack on it, and the agent's processes.
 
-    `redis`: "private" (a `redis-server` of its own, needed), "private-or-env" (one of its own
+    `redis`: "private" (a `redis-server` of its own, needed; with AOF if `redis_appendonly`), "private-or-env" (one of its own
     when `redis-server` is installed, else $REDIS_URL, else redis://127.0.0.1:6379/0), or a
     Redis URL to use. `workdir`: where Redis, the config and (by default) the logs go; a
     temporary folder removed on stop when not given. `agent_env`: set in the agent's
@@ -295,6 +295,7 @@ class LocalRun:
         vast_options: dict | None = None,
         redis: str = "private",
         redis_new_session: bool = False,
+        redis_appendonly: bool = False,
         workdir: Path | None = None,
         logs_dir: Path | None = None,
         agent_env: dict | None = None,
@@ -306,6 +307,7 @@ class LocalRun:
         self.vast_options = dict(vast_options or {})
         self.redis_mode = redis
         self.redis_new_session = redis_new_session
+        self.redis_appendonly = redis_appendonly
         self.own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ponos-run-"))
         self.logs_dir = Path(logs_dir) if logs_dir else self.workdir / "logs"
@@ -340,7 +342,9 @@ class LocalRun:
                 return self.redis_url
             workdir = self.workdir / "redis"
             workdir.mkdir(parents=True, exist_ok=True)
-            self.redis = RedisProcess(workdir, new_session=self.redis_new_session).start()
+            self.redis = RedisProcess(
+                workdir, new_session=self.redis_new_session, appendonly=self.redis_appendonly
+            ).start()
             self.redis_url = self.redis.url
         else:
             self.redis_url = mode

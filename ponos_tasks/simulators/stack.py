@@ -53,14 +53,16 @@ def redis_answers(url: str) -> bool:
 
 
 class RedisProcess:
-    """A private `redis-server` on a free loopback port, no persistence, for one stack.
+    """A private `redis-server` on a free loopback port for one stack; no persistence unless
+    `appendonly` (AOF in `workdir`, fsync every write, like a production Redis with AOF).
 
     `new_session`: start it in its own session, so that a terminal's Ctrl-C does not kill it
     before the agent's processes using it are stopped."""
 
-    def __init__(self, workdir: Path, *, new_session: bool = False):
+    def __init__(self, workdir: Path, *, new_session: bool = False, appendonly: bool = False):
         self.workdir = workdir
         self.new_session = new_session
+        self.appendonly = appendonly
         self.port = free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -76,7 +78,9 @@ class RedisProcess:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
             ],
@@ -116,6 +120,15 @@ class RedisProcess:
     def restart_empty(self) -> None:
         """Kill it and start it again, empty, on the same port (the same URL)."""
         self.kill()
+        self.start()
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop it (SIGTERM: a clean shutdown that writes its AOF), wait `down_for` seconds
+        and start it again on the same port, with its data when it has `appendonly`, like a
+        Redis restarted by its platform (an upgrade, a host move)."""
+        self.stop()
+        if down_for:
+            time.sleep(down_for)
         self.start()
 
 
