@@ -45,7 +45,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
@@ -439,13 +441,33 @@ class TaskStore:
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
 
 
-def release(lock: Lock) -> None:
+def release(lock: Lock, *, retry_for: float = 15.0) -> None:
     """Release a lock that may have expired meanwhile (then another holder may have it now,
-    and there is nothing to undo)."""
-    try:
-        lock.release()
-    except Exception:
-        logging.getLogger(__name__).debug("lock %s had expired", lock.name)
+    and there is nothing to undo). Through a Redis blip it tries again for up to `retry_for`
+    seconds: a lock left behind (a Redis with AOF brings it back) would stall its work —
+    every sync, for the sync lock — until it expires."""
+    deadline = time.monotonic() + retry_for
+    # redis-py's Lock.release() forgets its token before the call that may fail: keep it, so
+    # that a retry still releases (do_release is the part that talks to Redis).
+    token = lock.local.token
+    if token is None:
+        return
+    lock.local.token = None
+    while True:
+        try:
+            lock.do_release(token)
+            return
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() >= deadline:
+                logging.getLogger(__name__).warning(
+                    "could not release lock %s (Redis unreachable); it expires by itself",
+                    lock.name,
+                )
+                return
+            time.sleep(0.5)
+        except Exception:
+            logging.getLogger(__name__).debug("lock %s had expired", lock.name)
+            return
 
 
 # --------------------------------------------------------------------------- small stores

@@ -2,6 +2,7 @@
 
 import multiprocessing
 import threading
+import time
 
 import pytest
 import redis
@@ -277,3 +278,27 @@ def test_concurrent_cas_processes_exactly_one_wins_each_attempt(redis_url, key_p
     assert sum(wins) == rounds * 3  # every (task, attempt) claimed exactly once
     for round_ in range(rounds):
         assert setup.get(f"proc-{round_}").attempt == 3
+
+
+@pytest.mark.stack
+def test_a_lock_is_released_through_a_redis_restart(tmp_path):
+    """A sync whose Redis restarts under it must not leave its lock behind: with AOF the
+    lock would come back and stall every sync until it expires."""
+    from ponos_tasks.simulators.stack import RedisProcess
+    from ponos_tasks.state import release
+
+    server = RedisProcess(tmp_path, appendonly=True).start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        store = TaskStore(client, Keyspace("t:"))
+        lock = store.sync_lock(timeout=300)
+        assert lock.acquire()
+        restarting = threading.Thread(target=server.restart, kwargs={"down_for": 1.5})
+        restarting.start()
+        time.sleep(0.5)  # Redis is down now
+        release(lock, retry_for=20)
+        restarting.join(timeout=30)
+        assert client.exists(Keyspace("t:").sync_lock) == 0
+        assert store.sync_lock(timeout=300).acquire()  # the next sync runs at once
+    finally:
+        server.stop()

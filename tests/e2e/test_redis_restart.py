@@ -87,12 +87,12 @@ def test_worker_survives_redis_restart(tmp_path, appendonly):
             what="syncs processed after the Redis restart",
         )
         # ...and a whole task submitted after the restart, through the chain's steps. The
-        # sync that was in flight failed when Redis went, so it could not release the sync
-        # lock: with AOF the lock comes back with Redis and the syncs are skipped until it
-        # expires (sync_lock_timeout, 60 s), hence the long wait.
+        # sync that was in flight when Redis went releases its lock once Redis is back
+        # (state.release retries through the blip): with AOF a lock left behind would come
+        # back and skip every sync until it expires (over 2 minutes).
         ids = run.admin.process("after", admin_tasks("after", [Spec("a0", command("a0", 1.0))]))
         submitted = time.monotonic()
-        tasks = wait_all_terminal(run.admin, ids.values(), timeout=120, agent=agent)
+        tasks = wait_all_terminal(run.admin, ids.values(), timeout=60, agent=agent)
         print(f"redis restart: task done {time.monotonic() - submitted:.1f} s after submission")
         for task_id in ids.values():
             assert_terminal_once(tasks[task_id], "completed")
