@@ -131,6 +131,9 @@ class VastConfig(_Section):
     loading_deadline: float = Field(default=1200, gt=0, description="s from create to running")
     start_attempts: int = Field(default=3, ge=1, description="instances tried per task")
     offline_grace: float = Field(default=600, gt=0, description="s a host may stay offline")
+    machine_cooldown: float = Field(
+        default=3600, ge=0, description="s every task avoids a machine that failed a start"
+    )
     early_exit_window: float = Field(
         default=120, ge=0, description="s after running in which an exit is a failed start"
     )
@@ -183,6 +186,7 @@ class AgentConfig(_Section):
     vast_api: VastConfig
     sync_interval: float = Field(default=10, gt=0, description="s between two syncs")
     logs_interval: float = Field(default=60, gt=0, description="s between log uploads")
+    logs_max_mb: float = Field(default=64, gt=0, description="MB of an instance log kept")
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     @field_validator("url")

@@ -30,6 +30,7 @@ class Settings:
     offline_grace: float
     early_exit_window: float
     log_read_deadline: float  # s to keep reading an ended instance's log before deciding
+    machine_cooldown: float  # s every task avoids a machine that failed a start
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
     heartbeat_stale: float  # s without progress before the sync loop resumes a chain
@@ -42,6 +43,8 @@ class Settings:
     offer_claim_seconds: float
     offers_tried_per_create: int
     log_read_wait: float  # s to wait for Vast.ai's log result_url
+    log_tail_lines: int  # lines asked of Vast.ai (it sends 1000 without `tail`)
+    max_log_bytes: int  # the tail of an instance log kept (memory bound)
     ended_log_ttl: float
     publish_tries: int  # final log uploads tried before going on without it
     upload_lock_timeout: float
@@ -65,6 +68,7 @@ class Settings:
             offline_grace=float(vast.offline_grace),
             early_exit_window=float(vast.early_exit_window),
             log_read_deadline=float(vast.log_read_deadline),
+            machine_cooldown=float(vast.machine_cooldown),
             watch_interval=watch,
             heartbeat_stale=stale,
             creating_stale=stale,
@@ -84,6 +88,9 @@ class Settings:
             offer_claim_seconds=30.0,
             offers_tried_per_create=5,  # offers that vanished under us before giving up
             log_read_wait=20.0,
+            # As many lines as any task writes: max_log_bytes bounds what is kept.
+            log_tail_lines=10_000_000,
+            max_log_bytes=int(config.logs_max_mb * 1024 * 1024),
             ended_log_ttl=3600.0,
             # A log upload that keeps failing (expired URL, deleted task, S3 down) must not keep
             # the instance billing: a few tries (about 1.5 min in all), then the task goes on.

@@ -12,6 +12,8 @@ the only code that touches Redis. Layout, under the prefix:
     snapshot                         string   none       JSON Snapshot: the latest instance list
     last_sync                        string   none       agent time of the last sync that ran
     counters:destroyed               hash     none       cause -> instances the sync destroyed
+    machines:avoided                 zset     none       machine id -> end of its cooldown
+                                                         (pruned on read)
     endlog:<id>:<attempt>            string   1 h        the ended instance's log that decided
                                                          the outcome (kept for the final upload;
                                                          7 days when that upload gave up)
@@ -84,6 +86,10 @@ class Keyspace:
     @property
     def last_sync(self) -> str:
         return self.prefix + "last_sync"
+
+    @property
+    def avoided_machines(self) -> str:
+        return self.prefix + "machines:avoided"
 
     @property
     def destroyed_counts(self) -> str:
@@ -358,6 +364,16 @@ class TaskStore:
     def last_sync(self) -> float | None:
         raw = self.redis.get(self.keys.last_sync)
         return None if raw is None else float(_text(raw))
+
+    def avoid_machine(self, machine_id: int, seconds: float) -> None:
+        """Every task avoids this machine for `seconds` (it failed a start)."""
+        if machine_id is not None and seconds > 0:
+            self.redis.zadd(self.keys.avoided_machines, {str(machine_id): self.clock() + seconds})
+
+    def avoided_machines(self) -> set[int]:
+        now = self.clock()
+        self.redis.zremrangebyscore(self.keys.avoided_machines, "-inf", now)
+        return {int(m) for m in self.redis.zrangebyscore(self.keys.avoided_machines, now, "+inf")}
 
     def count_destroyed(self, cause: str, amount: int = 1) -> None:
         self.redis.hincrby(self.keys.destroyed_counts, cause, amount)

@@ -124,7 +124,8 @@ def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
     vast = ctx.config.vast_api
     query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
     offers = ctx.vast.search_offers(query)
-    failed = set(record.failed_machines)
+    # This task's own failed machines, and those every task avoids for a while.
+    failed = set(record.failed_machines) | ctx.store.avoided_machines()
     # The user's filters are checked again here: a server that ignored one must not make us
     # rent what the configuration excludes.
     return [
@@ -378,6 +379,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             )
             ctx.vast.destroy_instance(created.id)
             ctx.store.touch(task_id, failed_machines=[*record.failed_machines, offer.machine_id])
+            ctx.store.avoid_machine(offer.machine_id, ctx.settings.machine_cooldown)
             record = ctx.store.get(task_id)
             continue
         return _record_instance(ctx, record, None, created=created, offer=offer, inferred=inferred)
@@ -545,6 +547,8 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
                 f"task ended: {outcome.state} ({outcome.reason})",
                 "INFO" if outcome.state == "completed" else "WARNING",
             )
+            if action == WatchAction.GIVE_UP:  # the last start failed there too
+                ctx.store.avoid_machine(record.machine_id, settings.machine_cooldown)
             return [Next(StepName.PUBLISH_LOGS)]
         return []
     if action == WatchAction.RETRY_ATTEMPT:
@@ -557,6 +561,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             failed_machines=[*record.failed_machines, record.machine_id],
             attempt_reasons=[*record.attempt_reasons, decision.reason],
         ):
+            ctx.store.avoid_machine(record.machine_id, settings.machine_cooldown)
             _note(
                 ctx,
                 task_id,
@@ -605,7 +610,13 @@ def _instance_log(ctx: AgentContext, record: TaskRecord) -> str | None:
     if record.instance_id is None or record.instance_destroyed:
         return ""
     try:
-        return ctx.vast.request_logs(record.instance_id, wait=ctx.settings.log_read_wait)
+        settings = ctx.settings
+        return ctx.vast.request_logs(
+            record.instance_id,
+            tail=settings.log_tail_lines,
+            wait=settings.log_read_wait,
+            max_bytes=settings.max_log_bytes,
+        )
     except VastError as error:
         logger.warning(
             "task %s: could not read the logs of instance %s: %s",

@@ -195,6 +195,26 @@ class CreatedInstance:
     started: bool
 
 
+def _bounded_text(response: requests.Response, max_bytes: int | None) -> str:
+    """The body as text, keeping only its last `max_bytes` (streamed: a log of hundreds of MB
+    never sits in memory whole)."""
+    kept = bytearray()
+    total = 0
+    for chunk in response.iter_content(chunk_size=1 << 16):
+        total += len(chunk)
+        kept += chunk
+        if max_bytes is not None and len(kept) > 2 * max_bytes:
+            del kept[: len(kept) - max_bytes]
+    if max_bytes is not None and len(kept) > max_bytes:
+        del kept[: len(kept) - max_bytes]
+    text = kept.decode("utf-8", errors="replace")
+    if total > len(kept):
+        # Start at a line boundary, and say what is missing.
+        text = text.split("\n", 1)[-1]
+        text = f"[log cut: the first {total - len(kept):,} bytes are not kept]\n" + text
+    return text
+
+
 # --------------------------------------------------------------------------- client
 
 
@@ -374,9 +394,20 @@ class VastClient:
             row = row[0] if row else None
         return Instance.from_dict(row) if isinstance(row, dict) else None
 
-    def request_logs(self, instance_id: int, *, tail: int | None = None, wait: float = 30.0) -> str:
+    def request_logs(
+        self,
+        instance_id: int,
+        *,
+        tail: int | None = None,
+        wait: float = 30.0,
+        max_bytes: int | None = None,
+    ) -> str:
         """Ask Vast to upload the instance's logs, then poll result_url until it can be read
-        (403/404 until the upload lands) for up to ``wait`` seconds; return the text."""
+        (403/404 until the upload lands) for up to ``wait`` seconds; return the text.
+
+        Without ``tail`` Vast.ai sends only the last 1000 lines. ``max_bytes`` bounds the
+        memory: the log is streamed and only its last ``max_bytes`` kept, after a first line
+        saying how much was cut."""
         payload = {} if tail is None else {"tail": str(int(tail))}
         path = f"/api/v0/instances/request_logs/{int(instance_id)}/"
         body = self._call("PUT", path, "logs", body=payload)
@@ -384,7 +415,7 @@ class VastClient:
         if not result_url:
             error, msg = body.get("error"), body.get("msg") or "no result_url in the answer"
             raise VastError(_squash(str(msg)), status=200, error=_str(error), context=f"PUT {path}")
-        return self._fetch_result(result_url, wait)
+        return self._fetch_result(result_url, wait, max_bytes)
 
     def stop_instance(self, instance_id: int) -> None:
         self._update(instance_id, {"state": "stopped"})
@@ -531,7 +562,7 @@ class VastClient:
             context=f"{method} {path}",
         )
 
-    def _fetch_result(self, url: str, wait: float) -> str:
+    def _fetch_result(self, url: str, wait: float, max_bytes: int | None = None) -> str:
         # result_url is an object store: it answers 403 (or 404) until the host's upload lands.
         deadline = time.monotonic() + wait
         delay = 0.3
@@ -539,12 +570,12 @@ class VastClient:
         netloc = urlsplit(url).netloc
         while True:
             try:
-                response = self._plain.get(url, timeout=self.timeout)
+                response = self._plain.get(url, timeout=self.timeout, stream=True)
+                if response.status_code == 200:
+                    return _bounded_text(response, max_bytes)
             except requests.RequestException as exc:
                 last = type(exc).__name__
             else:
-                if response.status_code == 200:
-                    return response.text
                 if response.status_code not in (403, 404) and response.status_code < 500:
                     _, msg = parse_error_body(
                         response.text, response.headers.get("Content-Type", "")

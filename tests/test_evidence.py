@@ -287,3 +287,49 @@ def test_an_adopted_unwrapped_instance_is_still_judged_by_how_it_ends(contexts, 
     assert record.adopted and record.inferred
     assert record.final_state == "completed" and record.attempt == 1
     assert len(created_labels(admin, task_id)) == 1
+
+
+def test_a_long_log_is_published_whole(contexts, admin):
+    """Vast.ai sends only the last 1000 lines of a log unless asked for more: the agent
+    asks for all of it."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_LOG_LINES="3000"))
+    start_and_finish(ctx, task_id)
+    log = admin.task_log(task_id)
+    assert "sim log line 1/3000" in log and "sim log line 3000/3000" in log
+    assert "PONOS_EXIT_CODE=0" in log and "[log cut" not in log
+
+
+def test_a_huge_log_keeps_its_tail_within_the_bound(contexts, admin):
+    """Memory is bounded: past logs_max_mb only the end of the log is kept, with a line
+    saying how much was cut (the exit marker, at the end, is always kept)."""
+    ctx = contexts(logs_max_mb=0.02)  # 20 KiB
+    task_id = admin.one_task(env=scripted(0, SIM_LOG_LINES="5000"))
+    start_and_finish(ctx, task_id)
+    record = ctx.store.get(task_id)
+    assert record.final_state == "completed"
+    log = admin.task_log(task_id)
+    assert "[log cut: the first" in log
+    assert "sim log line 5000/5000" in log and "sim log line 1/5000" not in log
+    assert len(log.encode()) < 0.02 * 1024 * 1024 + 8192  # the bound, plus the agent's lines
+
+
+def test_a_machine_that_failed_a_start_is_avoided_by_every_task(contexts, admin):
+    """A start failed on a machine (OCI failure): not only that task but every task of the
+    agent avoids the machine for machine_cooldown."""
+    from tests.test_steps import first_attempt
+
+    ctx = contexts(vast_api={"loading_deadline": 1.0})
+    first = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "oci_failure", "label": first_attempt(ctx, first), "times": 1})
+    start_and_finish(ctx, first)
+    failed_row = min(admin.rows_for(first), key=lambda r: r["id"])
+    bad = failed_row["machine_id"]
+    assert ctx.store.get(first).failed_machines == [bad]
+    assert bad in ctx.store.avoided_machines()
+    # The first task's 30 s claim on that offer is over (it would hide the machine anyway).
+    ctx.redis.delete(ctx.keys.once(f"offer:{failed_row['offer_id']}"))
+    second = admin.one_task(env=scripted(0), command="worker")
+    start_and_finish(ctx, second)
+    assert [r["machine_id"] for r in admin.rows_for(second)] != [bad]
+    assert ctx.store.get(second).final_state == "completed"
