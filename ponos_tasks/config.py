@@ -128,7 +128,12 @@ class VastConfig(_Section):
     disk_gb: float = Field(default=32, ge=8, description="disk of each instance, GB")
     max_dph: float | None = Field(default=None, gt=0, description="max $/h per instance")
     max_instances: int = Field(default=4, ge=1, description="max concurrent instances")
-    loading_deadline: float = Field(default=1200, gt=0, description="s from create to running")
+    loading_deadline: float = Field(
+        default=7200, gt=0, description="s from create to running, at most (the ceiling)"
+    )
+    pull_stall_timeout: float = Field(
+        default=600, gt=0, description="s a start may show no progress before it is given up"
+    )
     start_attempts: int = Field(default=3, ge=1, description="instances tried per task")
     offline_grace: float = Field(default=600, gt=0, description="s a host may stay offline")
     machine_cooldown: float = Field(

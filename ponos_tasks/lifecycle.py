@@ -269,9 +269,15 @@ def start_failure(
     *,
     offline_grace: float,
     early_exit_window: float,
+    pull_stall_timeout: float | None = None,
     status_msg: str | None = None,
 ) -> str | None:
     """Why the current attempt must be abandoned (destroy + new attempt), or None.
+
+    `loading_deadline` is the ceiling of a start (image pull included). Within it, a start
+    that shows progress (its status_msg changes: docker pull's progress lines;
+    record.progress_at, kept by the watch step) goes on, and one with no progress for
+    `pull_stall_timeout` seconds is given up: a slow pull of a big image is not a stuck one.
 
     `offline_grace`: seconds a host may stay offline (record.offline_since, kept by the watch
     step) before the attempt is given up. `early_exit_window`: an exit without exit code
@@ -306,6 +312,12 @@ def start_failure(
             return (
                 f"stuck {condition} for {now - started:.0f}s "
                 f"(loading deadline {loading_deadline:.0f}s)"
+            )
+        last_progress = max(started, record.progress_at or started)
+        if pull_stall_timeout is not None and now - last_progress > pull_stall_timeout:
+            return (
+                f"{condition} with no progress for {now - last_progress:.0f}s "
+                f"(pull stall timeout {pull_stall_timeout:.0f}s)"
             )
         return None
     if condition is Condition.GONE:

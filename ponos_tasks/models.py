@@ -229,6 +229,8 @@ class TaskRecord:
     log_unread_since: float | None = None  # the ended instance's log could not be read since
     publish_failures: int = 0  # final log uploads that failed (bounded: settings)
     watch_chain: int = 0  # the one live watch chain of this attempt (older chains stop)
+    start_status: str | None = None  # the instance's last status_msg while it starts
+    progress_at: float | None = None  # when that status_msg last changed (pull progress)
 
     @classmethod
     def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:

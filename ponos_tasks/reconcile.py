@@ -595,6 +595,7 @@ def watch_decision(
         settings.loading_deadline,
         offline_grace=settings.offline_grace,
         early_exit_window=settings.early_exit_window,
+        pull_stall_timeout=settings.pull_stall_timeout,
         status_msg=None if instance is None else instance.status_msg,
     )
     if failure is not None:

@@ -31,6 +31,7 @@ class Settings:
     early_exit_window: float
     log_read_deadline: float  # s to keep reading an ended instance's log before deciding
     machine_cooldown: float  # s every task avoids a machine that failed a start
+    pull_stall_timeout: float  # s a start may show no progress before it is given up
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
     heartbeat_stale: float  # s without progress before the sync loop resumes a chain
@@ -69,6 +70,7 @@ class Settings:
             early_exit_window=float(vast.early_exit_window),
             log_read_deadline=float(vast.log_read_deadline),
             machine_cooldown=float(vast.machine_cooldown),
+            pull_stall_timeout=float(vast.pull_stall_timeout),
             watch_interval=watch,
             heartbeat_stale=stale,
             creating_stale=stale,

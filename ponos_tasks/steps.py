@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import LockNotOwnedError
 
@@ -479,6 +479,15 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         # Missing from the listing: ask for it by id before calling it gone (a listing can
         # miss a row). An error here raises: unknown is retried, never taken for gone.
         instance = ctx.vast.get_instance(record.instance_id)
+    if (
+        record.phase == Phase.LOADING
+        and instance is not None
+        and instance.status_msg is not None
+        and instance.status_msg != record.start_status
+    ):
+        # The start shows progress (docker pull's lines change): a slow pull is not stalled.
+        ctx.store.touch(task_id, start_status=instance.status_msg, progress_at=now)
+        record = replace(record, start_status=instance.status_msg, progress_at=now)
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)

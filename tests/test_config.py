@@ -47,7 +47,7 @@ def test_minimal_file_and_defaults(tmp_path):
     assert vast.url == "https://console.vast.ai"
     assert vast.offer_filters == {}
     assert (vast.disk_gb, vast.max_dph, vast.max_instances) == (32, None, 4)
-    assert (vast.loading_deadline, vast.start_attempts, vast.offer_wait) == (1200, 3, 3600)
+    assert (vast.loading_deadline, vast.start_attempts, vast.offer_wait) == (7200, 3, 3600)
     assert vast.rate_limit_scale == 1.0
     assert (config.sync_interval, config.logs_interval) == (10, 60)
     assert config.redis_url == "redis://127.0.0.1:6379/0"

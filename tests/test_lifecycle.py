@@ -1,6 +1,7 @@
 """Pure lifecycle rules: labels, phase table, instance conditions, outcomes, start failures."""
 
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -367,3 +368,29 @@ def test_attempts_and_offer_wait():
     assert not offer_wait_expired(waiting, 100.0 + 600, 600)
     assert offer_wait_expired(waiting, 100.0 + 601, 600)
     assert not offer_wait_expired(rec("waiting_offer"), 1e9, 600)
+
+
+def test_a_start_that_shows_progress_goes_on_a_stalled_one_is_given_up():
+    """A big image pulls for a long time: as long as its progress lines change it goes on
+    (up to the loading deadline, the ceiling); no progress for pull_stall_timeout: given up."""
+    kwargs = dict(offline_grace=600.0, early_exit_window=120.0, pull_stall_timeout=300.0)
+    started = 1000.0
+    pulling = TaskRecord(
+        task_id="t",
+        phase="loading",
+        attempt=1,
+        phase_changed_at=started,
+        progress_at=started + 1500,
+    )  # the last progress line changed then
+    assert start_failure(pulling, Condition.LOADING, started + 1700, 7200.0, **kwargs) is None
+    reason = start_failure(pulling, Condition.LOADING, started + 1801, 7200.0, **kwargs)
+    assert reason is not None and "no progress for 301s" in reason
+    # Progress or not, the ceiling holds.
+    busy = replace(pulling, progress_at=started + 7199)
+    assert "loading deadline" in start_failure(
+        busy, Condition.LOADING, started + 7201, 7200.0, **kwargs
+    )
+    # Without any progress line since the create, the stall counts from the create.
+    silent = replace(pulling, progress_at=None)
+    assert start_failure(silent, Condition.PROVISIONING, started + 299, 7200.0, **kwargs) is None
+    assert start_failure(silent, Condition.PROVISIONING, started + 301, 7200.0, **kwargs)
