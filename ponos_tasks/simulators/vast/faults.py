@@ -9,7 +9,16 @@ import re
 import threading
 
 CREATE_FAULTS = {"offer_vanished", "double_rent", "create_lost", "create_stopped"}
-LIFECYCLE_FAULTS = {"stuck_loading", "oci_failure", "unexpected_exit", "offline", "outbid"}
+# pull_stall: the image pull makes no progress from fraction `at` (default 0.3) of it, for
+# `duration` simulated seconds (default: forever); its status_msg stops changing.
+LIFECYCLE_FAULTS = {
+    "stuck_loading",
+    "pull_stall",
+    "oci_failure",
+    "unexpected_exit",
+    "offline",
+    "outbid",
+}
 HTTP_FAULTS = {"rate_limit", "http_5xx", "html_error", "slow"}
 ALL_FAULTS = CREATE_FAULTS | LIFECYCLE_FAULTS | HTTP_FAULTS
 RATE_LIMIT_SHAPES = ("text", "detail", "json")
