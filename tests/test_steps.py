@@ -8,6 +8,7 @@ to one task by a label regex. Tests that empty the market use a private stack.
 
 import json
 import re
+import time
 
 import pytest
 
@@ -23,8 +24,14 @@ FAST = {"SIM_DURATION": "20", "SIM_PULL_SECONDS": "5", "SIM_LOG_LINES": "3"}
 
 
 def scripted(code: int = 0, **extra) -> dict:
-    """Env knobs of a scripted instance that ends with the wrapper's marker line."""
-    return {**FAST, "SIM_FINAL_LINES": f"PONOS_EXIT_CODE={code}", **extra}
+    """Env knobs of a scripted instance that behaves like the wrapper: it ends with the
+    marker line and stops its own instance."""
+    return {
+        **FAST,
+        "SIM_FINAL_LINES": f"PONOS_EXIT_CODE={code}",
+        "SIM_SELF_STOP": "true",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,14 @@ def agent_lines(ctx, log: str) -> list[str]:
     """The published lines formatted with logging.task_format (agent lines)."""
     head = ctx.config.logging.task_format.split("%(", 1)[0]  # e.g. "[agent "
     return [line for line in log.splitlines() if line.startswith(head)]
+
+
+def wait_visible(stack, instance_id: int, timeout: float = 5.0) -> None:
+    """Until the simulator's reads show a new instance (in-process: no rate-limited call)."""
+    deadline = time.monotonic() + timeout
+    while stack.vast.state.show(instance_id)[1]["instances"] is None:
+        assert time.monotonic() < deadline, f"instance {instance_id} never became visible"
+        time.sleep(0.01)
 
 
 def live_labels(admin: Admin, task_id: str) -> list[str]:
@@ -546,6 +561,8 @@ def test_sync_destroys_orphan_of_done_task(stack, contexts, admin):
         onstart="sh",
         args=["-c", "sleep 1"],
     )
+    # Vast.ai's reads lag a create by a few seconds: the sync can only see it after that.
+    wait_visible(stack, created.id)
     harness = Harness(ctx)
     result = harness.sync()
     destroys = [s for s in result.steps if type(s).__name__ == "DestroyInstance"]
