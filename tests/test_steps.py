@@ -343,6 +343,26 @@ def test_failed_start_retries_on_another_machine(contexts, admin, fault):
     assert "attempt 1 failed on machine" in log
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="agent defect (§2, unknown read as gone): a new instance missing from Vast.ai's "
+    "reads for a few seconds after its create is judged 'disappeared before the task ran' "
+    "(lifecycle.attempt_failure, Condition.GONE in phase loading), destroyed and rented again",
+)
+def test_read_lag_after_create_is_not_a_vanished_instance(contexts, admin):
+    """Vast.ai's reads lag a create: a new instance can be missing from show/list for a few
+    seconds (here 20, the fault pins it). One instance, completed, no retry."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "read_lag", "label": first_attempt(ctx, task_id), "seconds": 20})
+    harness = Harness(ctx)
+    harness.sync()
+    # The sync loop lists every sync_interval: snapshots taken during the lag miss it.
+    harness.run(until=lambda: harness.done(task_id), timeout=30, sync_every=0.02)
+    assert ctx.store.get(task_id).final_state == "completed"
+    assert [parse_label(r["label"]).attempt for r in admin.rows_for(task_id)] == [1]
+
+
 def test_attempts_exhausted_error_with_reason(contexts, admin):
     ctx = contexts(vast_api={"loading_deadline": 0.8, "start_attempts": 2})
     task_id = admin.one_task(env=scripted(0), command="worker")

@@ -264,6 +264,8 @@ class Fleet:
             doomed_msg=PORT_CONFLICT_MESSAGE if doomed else None,
             visible_at=now + self.rng.uniform(0.0, self.read_lag),
         )
+        if "read_lag" in faults:
+            inst.visible_at = now + float(faults["read_lag"].get("seconds", READ_LAG))
         self.instances[inst.id] = inst
         self.on_event(
             {
