@@ -482,13 +482,15 @@ def test_stop_without_record(contexts, admin):
 
 
 @pytest.mark.parametrize("lost_in", [Phase.LOADING, Phase.RUNNING])
-def test_total_memory_loss_readopts_instance(contexts, admin, lost_in):
+def test_total_memory_loss_readopts_instance(stack, contexts, admin, lost_in):
     ctx = contexts()
     task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "150"}, command="worker")
     harness = Harness(ctx)
     harness.sync()
     harness.run(until=lambda: ctx.store.get(task_id).phase == lost_in)
     instance_id = ctx.store.get(task_id).instance_id
+    # Adoption lists instances: wait out the create's read lag (tested on its own above).
+    wait_visible(stack, instance_id)
     assert wipe(ctx) > 0  # Redis lost: records, credentials, snapshot, logs, locks
     assert list(ctx.redis.scan_iter(match=ctx.prefix + "*")) == []
 

