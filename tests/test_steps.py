@@ -8,6 +8,7 @@ to one task by a label regex. Tests that empty the market use a private stack.
 
 import json
 import re
+import time
 
 import pytest
 
@@ -23,8 +24,14 @@ FAST = {"SIM_DURATION": "20", "SIM_PULL_SECONDS": "5", "SIM_LOG_LINES": "3"}
 
 
 def scripted(code: int = 0, **extra) -> dict:
-    """Env knobs of a scripted instance that ends with the wrapper's marker line."""
-    return {**FAST, "SIM_FINAL_LINES": f"PONOS_EXIT_CODE={code}", **extra}
+    """Env knobs of a scripted instance that behaves like the wrapper: it ends with the
+    marker line and stops its own instance."""
+    return {
+        **FAST,
+        "SIM_FINAL_LINES": f"PONOS_EXIT_CODE={code}",
+        "SIM_SELF_STOP": "true",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +103,14 @@ def agent_lines(ctx, log: str) -> list[str]:
     """The published lines formatted with logging.task_format (agent lines)."""
     head = ctx.config.logging.task_format.split("%(", 1)[0]  # e.g. "[agent "
     return [line for line in log.splitlines() if line.startswith(head)]
+
+
+def wait_visible(stack, instance_id: int, timeout: float = 5.0) -> None:
+    """Until the simulator's reads show a new instance (in-process: no rate-limited call)."""
+    deadline = time.monotonic() + timeout
+    while stack.vast.state.show(instance_id)[1]["instances"] is None:
+        assert time.monotonic() < deadline, f"instance {instance_id} never became visible"
+        time.sleep(0.01)
 
 
 def live_labels(admin: Admin, task_id: str) -> list[str]:
@@ -328,6 +343,20 @@ def test_failed_start_retries_on_another_machine(contexts, admin, fault):
     assert "attempt 1 failed on machine" in log
 
 
+def test_read_lag_after_create_is_not_a_vanished_instance(contexts, admin):
+    """Vast.ai's reads lag a create: a new instance can be missing from show/list for a few
+    seconds (here 20, the fault pins it). One instance, completed, no retry."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "read_lag", "label": first_attempt(ctx, task_id), "seconds": 20})
+    harness = Harness(ctx)
+    harness.sync()
+    # The sync loop lists every sync_interval: snapshots taken during the lag miss it.
+    harness.run(until=lambda: harness.done(task_id), timeout=30, sync_every=0.02)
+    assert ctx.store.get(task_id).final_state == "completed"
+    assert [parse_label(r["label"]).attempt for r in admin.rows_for(task_id)] == [1]
+
+
 def test_attempts_exhausted_error_with_reason(contexts, admin):
     ctx = contexts(vast_api={"loading_deadline": 0.8, "start_attempts": 2})
     task_id = admin.one_task(env=scripted(0), command="worker")
@@ -447,13 +476,15 @@ def test_stop_without_record(contexts, admin):
 
 
 @pytest.mark.parametrize("lost_in", [Phase.LOADING, Phase.RUNNING])
-def test_total_memory_loss_readopts_instance(contexts, admin, lost_in):
+def test_total_memory_loss_readopts_instance(stack, contexts, admin, lost_in):
     ctx = contexts()
     task_id = admin.one_task(env={**scripted(0), "SIM_DURATION": "150"}, command="worker")
     harness = Harness(ctx)
     harness.sync()
     harness.run(until=lambda: ctx.store.get(task_id).phase == lost_in)
     instance_id = ctx.store.get(task_id).instance_id
+    # Adoption lists instances: wait out the create's read lag (tested on its own above).
+    wait_visible(stack, instance_id)
     assert wipe(ctx) > 0  # Redis lost: records, credentials, snapshot, logs, locks
     assert list(ctx.redis.scan_iter(match=ctx.prefix + "*")) == []
 
@@ -546,6 +577,8 @@ def test_sync_destroys_orphan_of_done_task(stack, contexts, admin):
         onstart="sh",
         args=["-c", "sleep 1"],
     )
+    # Vast.ai's reads lag a create by a few seconds: the sync can only see it after that.
+    wait_visible(stack, created.id)
     harness = Harness(ctx)
     result = harness.sync()
     destroys = [s for s in result.steps if type(s).__name__ == "DestroyInstance"]

@@ -93,6 +93,9 @@ def create(client, label=None, env=None, offer=None):
     created = client.create_instance(
         offer.id, image=IMAGE, label=label or new_label(), env=env or {}, disk=10
     )
+    # Vast.ai's reads lag a create by a few seconds: wait until show has it, as a careful
+    # client does before relying on a read.
+    wait_for(lambda: client.get_instance(created.id) is not None, timeout=5.0)
     return created
 
 
@@ -177,8 +180,11 @@ def test_create_show_list_label_stop_start_destroy(client):
     assert client.get_instance(created.id).label == label + "-renamed"
 
     client.stop_instance(created.id)
-    stopped = wait_for(status_is(client, created.id, intended_status="stopped"))
-    assert stopped.cur_state == "stopped"
+    # The stop is taken at once and carried out by the host a few seconds later.
+    stopped = wait_for(
+        status_is(client, created.id, intended_status="stopped", cur_state="stopped")
+    )
+    assert stopped.actual_status == "exited"
     assert client.start_instance(created.id) in (True, False)  # False = queued (scheduling)
     assert client.get_instance(created.id).intended_status == "running"
 

@@ -17,6 +17,7 @@ import yaml
 
 from ponos_tasks.simulators.harness import LocalRun
 from ponos_tasks.simulators.stack import LocalStack
+from tests.e2e.workloads import IMAGE, IMAGE_SIZE_GB
 
 TIME_SCALE = 40.0  # simulated Vast.ai seconds per real second
 
@@ -35,7 +36,11 @@ def local_run(tmp_path):
     run = LocalRun(
         time_scale=TIME_SCALE,
         vast_run_mode="local",
-        vast_options={"churn": False, "log_delay": 1.0},
+        vast_options={
+            "churn": False,
+            "image_sizes": {IMAGE: IMAGE_SIZE_GB},
+            "cached_images": [IMAGE],
+        },
         workdir=tmp_path,
         logs_dir=tmp_path / "logs",
     )

@@ -39,6 +39,9 @@ MARKET = {90_000 + i: round(0.10 + 0.03 * i, 2) for i in range(12)}
 AGENT_LINE = "[agent "  # the default logging.task_format of the agent's own lines
 
 
+# Not strict: the defect shows only when a sync's list lands inside a new instance's read lag
+# (random, 0-5 simulated s), which hit 2 of the 30 tasks in the runs seen; its deterministic
+# regression test is tests/test_steps.py::test_read_lag_after_create_is_not_a_vanished_instance.
 def test_thirty_tasks_end_to_end(stack, sim, agent_config, agent_processes):
     """30 tasks in 6 processes (diamonds of 5 with parents): 3 leaves fail with their exit
     code, 1 leaf is stopped by the user once it runs, and 3 tasks hit a Vast.ai fault on

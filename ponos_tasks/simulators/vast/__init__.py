@@ -12,7 +12,10 @@ under one lock), server (Flask routes and /_sim/ admin API), simulator (VastSimu
 cli (`ponos-vast sim vast`).
 
 Scripted instances read SIM_DURATION, SIM_LOG_LINES, SIM_EXIT_CODE, SIM_FINAL_LINES,
-SIM_SELF_STOP, SIM_PULL_SECONDS and SIM_RUN_MODE from their env (see instances.py).
+SIM_SELF_STOP, SIM_PULL_SECONDS, SIM_IMAGE_SIZE_GB and SIM_RUN_MODE from their env (see
+instances.py). The defaults are as slow and strict as Vast.ai (simulator.py lists the knobs;
+docs/reference.md §1.5 gives each default and the public fact behind it); images (image sizes,
+host caches, pull times) is in images.py.
 """
 
 from ponos_tasks.simulators.vast.simulator import VastSimulator

@@ -21,6 +21,17 @@ def _fault(_ctx, _param, values):
     return rules
 
 
+def _sizes(values) -> dict:
+    sizes = {}
+    for value in values:
+        image, _, size = value.rpartition("=")
+        try:
+            sizes[image] = float(size)
+        except ValueError:
+            raise click.BadParameter(f"--image-size wants IMAGE=GB, not {value!r}") from None
+    return sizes
+
+
 @click.command("vast")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8741, show_default=True, type=int)
@@ -46,7 +57,34 @@ def _fault(_ctx, _param, values):
     default=3.0,
     show_default=True,
     type=float,
-    help="Simulated seconds before a requested log appears at its result_url.",
+    help="Median simulated seconds before a requested log appears at its result_url "
+    "(a long tail of minutes comes on top, see --log-tail-p).",
+)
+@click.option(
+    "--log-tail-p",
+    default=0.05,
+    show_default=True,
+    type=float,
+    help="Probability that a log upload takes minutes (30-300 simulated s).",
+)
+@click.option(
+    "--read-lag",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Simulated seconds a new instance may be missing from show/list.",
+)
+@click.option(
+    "--cached-image",
+    "cached_images",
+    multiple=True,
+    help="An image every host has already pulled (repeatable).",
+)
+@click.option(
+    "--image-size",
+    "image_sizes",
+    multiple=True,
+    help="IMAGE=GB: the size of an image for the pull-time model (repeatable).",
 )
 @click.option("--churn", is_flag=True, help="Offers change ids and machines come and go.")
 @click.option(
@@ -58,7 +96,20 @@ def _fault(_ctx, _param, values):
     "'rate_limit,endpoint=create,shape=json,retry_after=1'. Repeatable.",
 )
 def command(
-    host, port, seed, time_scale, api_key, run_mode, no_rate_limits, log_delay, churn, faults
+    host,
+    port,
+    seed,
+    time_scale,
+    api_key,
+    run_mode,
+    no_rate_limits,
+    log_delay,
+    log_tail_p,
+    read_lag,
+    cached_images,
+    image_sizes,
+    churn,
+    faults,
 ):
     """Run the Vast.ai simulator in the foreground (Ctrl-C or SIGTERM stops it)."""
     from ponos_tasks.simulators.vast import VastSimulator
@@ -72,6 +123,10 @@ def command(
         rate_limits=not no_rate_limits,
         run_mode=run_mode,
         log_delay=log_delay,
+        log_tail_p=log_tail_p,
+        read_lag=read_lag,
+        cached_images=cached_images,
+        image_sizes=_sizes(image_sizes),
         churn=churn,
         faults=faults,
         access_log=True,

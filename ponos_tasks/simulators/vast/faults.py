@@ -9,7 +9,19 @@ import re
 import threading
 
 CREATE_FAULTS = {"offer_vanished", "double_rent", "create_lost", "create_stopped"}
-LIFECYCLE_FAULTS = {"stuck_loading", "oci_failure", "unexpected_exit", "offline", "outbid"}
+# pull_stall: the image pull makes no progress from fraction `at` (default 0.3) of it, for
+# `duration` simulated seconds (default: forever); its status_msg stops changing.
+# read_lag: the new instance is missing from show/list for exactly `seconds` (default 5)
+# after its create, instead of the usual random 0..read_lag.
+LIFECYCLE_FAULTS = {
+    "read_lag",
+    "stuck_loading",
+    "pull_stall",
+    "oci_failure",
+    "unexpected_exit",
+    "offline",
+    "outbid",
+}
 HTTP_FAULTS = {"rate_limit", "http_5xx", "html_error", "slow"}
 ALL_FAULTS = CREATE_FAULTS | LIFECYCLE_FAULTS | HTTP_FAULTS
 RATE_LIMIT_SHAPES = ("text", "detail", "json")

@@ -5,21 +5,56 @@ applied in order whenever the simulator looks at it (every request, and a backgr
 A run number invalidates the timers of a run that was stopped or replaced.
 Billing accrues between transitions: GPU while `running` (and the host online), storage
 from create to destroy except while offline (as Vast.ai bills, docs/reference.md §1.4).
+
+An instance lives as its command does (docs/reference.md §1.5). A scripted instance's
+"command" is its SIM_* knobs: without SIM_DURATION it runs until it is stopped or destroyed;
+with it, the command ends after that many simulated seconds and the container shows
+`exited` with `intended_status` still `running` (and Vast.ai restarts it after
+`restart_delay`), unless SIM_SELF_STOP=true: then the command, like the agent's wrapper or
+base-worker, calls stop on its own instance. Only that call, a user's stop, an outbid or a
+failed start set `intended_status` to `stopped`.
+
+Per-instance knobs, read from the instance's env (strings, simulated seconds):
+
+| knob | default | meaning |
+|---|---|---|
+| SIM_DURATION | unset: forever | seconds the scripted command runs |
+| SIM_LOG_LINES | 5 | lines it prints (spread over SIM_DURATION, else one per 10 s) |
+| SIM_EXIT_CODE | 0 | its exit code |
+| SIM_FINAL_LINES | "" | lines printed when it ends |
+| SIM_SELF_STOP | false | it stops its own instance when it ends |
+| SIM_PULL_SECONDS | unset: images.py's model | fixed loading time (still with progress) |
+| SIM_IMAGE_SIZE_GB | per-image default | size of the image for the pull model |
+| SIM_RUN_MODE | the simulator's | scripted, or local (the command runs for real) |
 """
 
 import heapq
 import itertools
 import os
+import random
 import re
 import secrets
 from dataclasses import dataclass, field
 
+from ponos_tasks.simulators.vast import images as pulls
 from ponos_tasks.simulators.vast.localrun import LocalProcess
 
 PROVISION_SECONDS = 2.0  # null -> created
 CREATED_SECONDS = 2.0  # created -> loading
-RESTART_DELAY = 10.0  # exited (intent running) -> loading again, as Vast restarts containers
-RESTART_PULL = 5.0  # loading after a restart: the image is cached
+# exited (intent running) -> loading again. Vast.ai restarts a container whose command ended
+# (docs/reference.md §1.4: "Vast may restart it"); it publishes no delay. Docker's restart
+# policy doubles its delay at each restart in a row: so do we, from 20 s up to 5 minutes.
+RESTART_DELAY = 20.0
+RESTART_DELAY_MAX = 300.0
+# A stop is a request the host's daemon carries out: the API answers at once, the container
+# receives its SIGTERM some seconds later (inferred; observed as a lag of a few seconds
+# between the call and `actual_status` leaving `running`). Drawn uniformly, simulated s.
+STOP_DELAY = (2.0, 8.0)
+# A new instance is missing from show/list for up to this long after its create answered
+# (reads come from a replica that lags the write; observed by SkyPilot, whose provisioner
+# retries a read-only visibility check so that a slow show never causes a second create).
+READ_LAG = 5.0
+SCRIPTED_LINE_SPACING = 10.0  # seconds between scripted log lines when the command never ends
 STOP_SIGNAL_DELAY = 0.2  # real seconds between a stop/destroy and SIGTERM to a local process
 OCI_MESSAGE = (
     "Error response from daemon: failed to create task for container: failed to "
@@ -34,9 +69,12 @@ PORT_CONFLICT_MESSAGE = (
 )
 
 
-def _env_float(env: dict, name: str, default: float) -> float:
+def _env_float(env: dict, name: str, default: float | None) -> float | None:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
     try:
-        return float(env.get(name, default))
+        return float(raw)
     except (TypeError, ValueError):
         return default
 
@@ -67,8 +105,11 @@ class Instance:
     intended_status: str = "running"
     cur_state: str = "running"
     next_state: str = "running"
-    status_msg: str | None = None
+    status_msg: str = ""  # always a string, as clients read it
     offline: bool = False
+    visible_at: float = 0.0  # show/list include it from then on (read lag)
+    pull: dict | None = None  # the pull in progress: phases (images.plan), start, stall
+    restarts_in_row: int = 0
     destroyed_at: float | None = None
     timers: list = field(default_factory=list)
     run_seq: int = 0
@@ -93,12 +134,12 @@ class Instance:
     def knobs(self) -> dict:
         env = self.env
         return {
-            "duration": _env_float(env, "SIM_DURATION", 60.0),
+            "duration": _env_float(env, "SIM_DURATION", None),
             "log_lines": int(_env_float(env, "SIM_LOG_LINES", 5)),
             "exit_code": int(_env_float(env, "SIM_EXIT_CODE", 0)),
             "final_lines": str(env.get("SIM_FINAL_LINES", "")),
-            "self_stop": str(env.get("SIM_SELF_STOP", "true")).lower() not in ("false", "0", "no"),
-            "pull_seconds": _env_float(env, "SIM_PULL_SECONDS", 30.0),
+            "self_stop": str(env.get("SIM_SELF_STOP", "false")).lower() in ("true", "1", "yes"),
+            "pull_seconds": _env_float(env, "SIM_PULL_SECONDS", None),
         }
 
     def log_lines(self, now: float) -> list[str]:
@@ -130,9 +171,27 @@ def wrapper_line(line: str, args) -> str:
 class Fleet:
     """All instances ever created, their transitions, billing and event timeline."""
 
-    def __init__(self, clock, market, *, url_getter, run_mode="scripted", on_event=None):
+    def __init__(
+        self,
+        clock,
+        market,
+        *,
+        url_getter,
+        run_mode="scripted",
+        on_event=None,
+        rng=None,
+        images=None,
+        read_lag=READ_LAG,
+        stop_delay=STOP_DELAY,
+        restart_delay=RESTART_DELAY,
+    ):
         self.clock = clock
         self.market = market
+        self.rng = rng or random.Random(0)
+        self.images = images or pulls.Images()
+        self.read_lag = float(read_lag)
+        self.stop_delay = tuple(stop_delay)
+        self.restart_delay = float(restart_delay)
         self.url_getter = url_getter
         self.run_mode = run_mode
         self.on_event = on_event or (lambda event: None)
@@ -223,7 +282,10 @@ class Fleet:
             faults=faults,
             last_accrual=now,
             doomed_msg=PORT_CONFLICT_MESSAGE if doomed else None,
+            visible_at=now + self.rng.uniform(0.0, self.read_lag),
         )
+        if "read_lag" in faults:
+            inst.visible_at = now + float(faults["read_lag"].get("seconds", READ_LAG))
         self.instances[inst.id] = inst
         self.on_event(
             {
@@ -263,6 +325,8 @@ class Fleet:
             getattr(self, f"_on_{action}")(inst, t)
         if inst.live and inst.proc is not None and inst.proc.finished():
             self._process_ended(inst, now)
+        if inst.live:
+            self._refresh_pull(inst, now)
         for proc in [p for p in inst.dying if p.finished()]:
             inst.dying.remove(proc)
             inst.log.extend(proc.lines())
@@ -284,17 +348,54 @@ class Fleet:
         if inst.doomed_msg:
             self._set(inst, t, actual_status="created", status_msg=inst.doomed_msg)
             return
-        self._set(inst, t, actual_status="created", status_msg=None)
+        self._set(inst, t, actual_status="created", status_msg="")
         self._schedule(inst, t + CREATED_SECONDS, "loading")
 
-    def _on_loading(self, inst: Instance, t: float, pull: float | None = None) -> None:
+    def _on_loading(self, inst: Instance, t: float) -> None:
         self._set(inst, t, actual_status="loading", status_msg=f"Pulling image {inst.image}")
         if "stuck_loading" in inst.faults:
+            inst.pull = None
             return
-        pull = inst.knobs()["pull_seconds"] if pull is None else pull
-        self._schedule(inst, t + pull, "running")
+        cached = self.images.cached(inst.machine_id, inst.image)
+        size = self.images.size_gb(inst.image, inst.env)
+        plan = pulls.plan(size, float(inst.offer_row.get("inet_down") or 100.0), cached, self.rng)
+        fixed = inst.knobs()["pull_seconds"]
+        if fixed is not None:
+            # SIM_PULL_SECONDS: the same phases, rescaled to that total.
+            total = sum(plan[k] for k in ("download", "extract", "create")) or 1.0
+            for key in ("download", "extract", "create"):
+                plan[key] *= fixed / total
+        plan.update(start=t, stall_at=None, stall_for=0.0)
+        stall = inst.faults.pop("pull_stall", None)  # one stall: the first pull only
+        if stall is not None:
+            work = plan["download"] + plan["extract"] or plan["create"]
+            plan["stall_at"] = float(stall.get("at", 0.3)) * work
+            duration = stall.get("duration")
+            plan["stall_for"] = float("inf") if duration is None else float(duration)
+        inst.pull = plan
+        total = plan["download"] + plan["extract"] + plan["create"] + plan["stall_for"]
+        if total != float("inf"):
+            self._schedule(inst, t + total, "running")
+
+    def _pull_elapsed(self, pull: dict, now: float) -> float:
+        """Seconds of progress made, a stall counting for none."""
+        elapsed = now - pull["start"]
+        stall_at = pull["stall_at"]
+        if stall_at is None or elapsed < stall_at:
+            return elapsed
+        return max(stall_at, elapsed - pull["stall_for"])
+
+    def _refresh_pull(self, inst: Instance, now: float) -> None:
+        if inst.actual_status != "loading" or inst.pull is None:
+            return
+        # Not an event: progress changes every read, as docker pull's output does.
+        inst.status_msg = pulls.progress_message(
+            inst.image, inst.pull, self._pull_elapsed(inst.pull, now)
+        )
 
     def _on_running(self, inst: Instance, t: float) -> None:
+        inst.pull = None
+        self.images.remember(inst.machine_id, inst.image)
         inst.runs += 1
         inst.exit_code = None
         inst.running_since = t
@@ -310,12 +411,16 @@ class Fleet:
         else:
             count, duration = knobs["log_lines"], knobs["duration"]
             for index in range(count):
-                inst.log.append(
-                    (t + duration * (index + 1) / (count + 1), f"sim log line {index + 1}/{count}")
+                at = (
+                    t + duration * (index + 1) / (count + 1)
+                    if duration is not None
+                    else t + SCRIPTED_LINE_SPACING * (index + 1)
                 )
-            for line in knobs["final_lines"].splitlines():
-                inst.log.append((t + duration, wrapper_line(line, inst.args)))
-            self._schedule(inst, t + duration, "run_end")
+                inst.log.append((at, f"sim log line {index + 1}/{count}"))
+            if duration is not None:  # without SIM_DURATION the command never ends
+                for line in knobs["final_lines"].splitlines():
+                    inst.log.append((t + duration, wrapper_line(line, inst.args)))
+                self._schedule(inst, t + duration, "run_end")
         crash = inst.faults.get("unexpected_exit")
         if crash is not None:
             self._schedule(inst, t + float(crash.get("after", 10.0)), "crash")
@@ -327,7 +432,8 @@ class Fleet:
         knobs = inst.knobs()
         inst.exit_code = knobs["exit_code"]
         if knobs["self_stop"]:
-            # What base-worker does at the end of a task: stop its own instance.
+            # What base-worker and the agent's wrapper do at the end of a task: stop their
+            # own instance (and wait for it), which sets intended_status to stopped.
             self.stop(inst, t)
         else:
             self._container_exited(inst, t, f"exited with code {inst.exit_code}")
@@ -339,11 +445,13 @@ class Fleet:
         inst.running_since = None
         self._set(inst, t, actual_status="exited", status_msg=message)
         if restart and inst.intended_status == "running":
-            self._schedule(inst, t + RESTART_DELAY, "restart")
+            delay = min(self.restart_delay * 2**inst.restarts_in_row, RESTART_DELAY_MAX)
+            inst.restarts_in_row += 1
+            self._schedule(inst, t + delay, "restart")
 
     def _on_restart(self, inst: Instance, t: float) -> None:
         if inst.intended_status == "running" and inst.actual_status == "exited":
-            self._on_loading(inst, t, pull=RESTART_PULL)
+            self._on_loading(inst, t)
 
     def _on_crash(self, inst: Instance, t: float) -> None:
         rule = inst.faults["unexpected_exit"]
@@ -441,29 +549,37 @@ class Fleet:
 
     # -- API actions ---------------------------------------------------------------------
     def stop(self, inst: Instance, now: float) -> None:
-        self._kill(inst, now)
+        """The stop request: intended_status changes at once, the container later."""
+        if inst.intended_status == "stopped" and inst.cur_state == "stopped":
+            return
+        self._set(inst, now, intended_status="stopped", next_state="stopped")
+        self._schedule(inst, now + self.rng.uniform(*self.stop_delay), "stop_effect", run=False)
+
+    def _on_stop_effect(self, inst: Instance, t: float) -> None:
+        if inst.intended_status != "stopped" or inst.cur_state == "stopped":
+            return  # started again before the host acted, or already stopped
+        self._kill(inst, t)
         inst.run_seq += 1
         inst.running_since = None
+        inst.pull = None
         actual = inst.actual_status if inst.actual_status in (None, "created") else "exited"
-        self._set(
-            inst,
-            now,
-            intended_status="stopped",
-            cur_state="stopped",
-            next_state="stopped",
-            actual_status=actual,
-        )
+        self._set(inst, t, cur_state="stopped", next_state="stopped", actual_status=actual)
 
     def start(self, inst: Instance, now: float) -> None:
         if inst.intended_status == "running" and inst.actual_status not in ("exited", "stopped"):
             return
+        if inst.cur_state == "running" and inst.actual_status in ("running", "loading"):
+            # A stop the host has not carried out yet: cancelled, the container goes on.
+            self._set(inst, now, intended_status="running", next_state="running")
+            return
         inst.run_seq += 1
+        inst.restarts_in_row = 0
         self._set(inst, now, intended_status="running", cur_state="running", next_state="running")
         if "oci_failure" in inst.faults or inst.doomed_msg or inst.actual_status is None:
             if inst.actual_status is None:
                 self._schedule(inst, now + PROVISION_SECONDS, "created")
             return
-        self._on_loading(inst, now, pull=RESTART_PULL)
+        self._on_loading(inst, now)
 
     def destroy(self, inst: Instance, now: float) -> None:
         self._kill(inst, now)

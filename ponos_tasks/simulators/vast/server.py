@@ -1,6 +1,6 @@
 """Flask routes: Vast.ai's REST endpoints (docs/reference.md §1), the fake S3 log bucket
-and the admin API under /_sim/ (faults, ledger, stats, events, instances, offers; not rate
-limited). JSON answers carry exactly
+and the admin API under /_sim/ (faults, ledger, stats, events, instances, offers, images;
+not rate limited). JSON answers carry exactly
 `Content-Type: application/json`, which the official CLI insists on.
 """
 
@@ -111,10 +111,24 @@ def create_app(state) -> Flask:
                             "msg": "This API key lacks the permission for this endpoint.",
                         },
                     )
-                threshold = state.rate_check(key or request.remote_addr or "anonymous", name)
+                identity = key or request.remote_addr or "anonymous"
+                threshold = state.rate_check(identity, name)
                 if threshold is not None:
                     text, mimetype = body_for(SHAPES.get(name, "text"), threshold)
                     return Response(text, status=429, mimetype=mimetype)
+                if name == "search":
+                    reset = state.search_quota(identity)
+                    if reset is not None:
+                        response = json_response(
+                            429,
+                            {
+                                "success": False,
+                                "error": "search_quota_exceeded",
+                                "msg": "Daily search quota exceeded.",
+                            },
+                        )
+                        response.headers["X-RateLimit-Reset"] = str(int(reset))
+                        return response
                 try:
                     return view(who=who, key=key, **kwargs)
                 except _BadBody:
@@ -286,6 +300,14 @@ def create_app(state) -> Flask:
     @app.route("/_sim/instances", methods=["GET"])
     def admin_instances():
         return json_response(200, state.admin_instances())
+
+    @app.route("/_sim/images", methods=["GET", "POST"])
+    def admin_images():
+        try:
+            body = _body() if request.method == "POST" else None
+            return json_response(200, state.admin_images(body if isinstance(body, dict) else None))
+        except (_BadBody, AttributeError, TypeError, ValueError) as exc:
+            return json_response(400, {"success": False, "msg": str(exc)})
 
     @app.route("/_sim/offers", methods=["GET", "POST", "DELETE"])
     def admin_offers():

@@ -1,4 +1,20 @@
-"""VastSimulator: the HTTP server in a thread plus a ticker for local processes and events."""
+"""VastSimulator: the HTTP server in a thread plus a ticker for local processes and events.
+
+Every knob defaults to how Vast.ai behaves (docs/reference.md §1.5 gives each default and the
+public fact behind it); tests speed the clock up (`time_scale`) or pick a short but realistic
+value, they do not switch the behaviour off:
+
+- `log_delay` (3 s): median delay before a request_logs result_url can be read; with
+  probability `log_tail_p` (0.05) the delay is minutes instead (30–300 s).
+- `read_lag` (5 s): a new instance is missing from show/list for up to this long.
+- `stop_delay` ((2, 8) s): a stop takes effect that long after the call.
+- `restart_delay` (20 s): an exited container (intended running) restarts after it, doubling
+  at each restart in a row up to 5 minutes.
+- `image_sizes` ({}): image -> GB for the pull model (else images.py's per-image default);
+  `cached_images` (()): images every host already has (a ~30 s start instead of a pull).
+- `search_quota` (10 000): searches per key per simulated UTC day.
+- `rate_limits` (True): minimum intervals, create's penalty, search's burst and quota.
+"""
 
 import threading
 
@@ -28,6 +44,13 @@ class VastSimulator:
         rate_limits: bool = True,
         run_mode: str = "scripted",
         log_delay: float = 3.0,
+        log_tail_p: float = 0.05,
+        read_lag: float = 5.0,
+        stop_delay: tuple = (2.0, 8.0),
+        restart_delay: float = 20.0,
+        image_sizes: dict | None = None,
+        cached_images: tuple | list = (),
+        search_quota: int | None = 10_000,
         churn: bool = False,
         faults: list[dict] | tuple = (),
         access_log: bool = False,
@@ -44,6 +67,13 @@ class VastSimulator:
             rate_limits=rate_limits,
             run_mode=run_mode,
             log_delay=log_delay,
+            log_tail_p=log_tail_p,
+            read_lag=read_lag,
+            stop_delay=stop_delay,
+            restart_delay=restart_delay,
+            image_sizes=image_sizes,
+            cached_images=cached_images,
+            search_quota=search_quota,
             churn=churn,
             faults=faults,
             url_getter=lambda: self.url,

@@ -6,21 +6,40 @@ Every operation returns (HTTP status, JSON-able body); server.py only maps HTTP 
 import base64
 import binascii
 import json
+import math
+import random
 import threading
 import uuid
 from collections import Counter
 
+from ponos_tasks.simulators.vast import instances as lifecycle
 from ponos_tasks.simulators.vast import query as queries
 from ponos_tasks.simulators.vast.clock import SimClock
 from ponos_tasks.simulators.vast.faults import LIFECYCLE_FAULTS, FaultBook
+from ponos_tasks.simulators.vast.images import Images
 from ponos_tasks.simulators.vast.instances import Fleet
 from ponos_tasks.simulators.vast.market import Market, Offer
-from ponos_tasks.simulators.vast.ratelimit import MinIntervalLimiter
+from ponos_tasks.simulators.vast.ratelimit import (
+    SEARCH_QUOTA_PER_DAY,
+    MinIntervalLimiter,
+    SearchQuota,
+)
 from ponos_tasks.simulators.vast.render import COMPUTED_COLUMNS, instance_object
 
 V1_PAGE_MAX = 25
 CHURN_INTERVAL = 60.0  # simulated seconds between two churn steps
 LOGS_BUCKET_MSG = "Log upload requested; the file appears at result_url in a few seconds."
+# request_logs without `tail`: the last 1000 lines (the official CLI documents that default).
+DEFAULT_LOG_TAIL = 1000
+# The upload's delay: usually seconds (log-normal around `log_delay`, the median; Vast.ai's
+# docs: "normally within a few seconds", the official SDK polls 30 × 0.3 s), and with
+# probability `log_tail_p` a long tail of minutes (log-uniform in LOG_TAIL_RANGE): third-party
+# clients report result_urls that stay 403 well past their polling.
+LOG_DELAY_MEDIAN = 3.0
+LOG_DELAY_SIGMA = 0.6
+LOG_TAIL_P = 0.05
+LOG_TAIL_RANGE = (30.0, 300.0)
+NEVER = math.inf
 
 
 def error(status: int, code: str | None, msg: str, **extra) -> tuple[int, dict]:
@@ -39,7 +58,14 @@ class VastState:
         api_key="sim-key",
         rate_limits=True,
         run_mode="scripted",
-        log_delay=3.0,
+        log_delay=LOG_DELAY_MEDIAN,
+        log_tail_p=LOG_TAIL_P,
+        read_lag=lifecycle.READ_LAG,
+        stop_delay=lifecycle.STOP_DELAY,
+        restart_delay=lifecycle.RESTART_DELAY,
+        image_sizes=None,
+        cached_images=(),
+        search_quota=SEARCH_QUOTA_PER_DAY,
         churn=False,
         faults=(),
         url_getter=None,
@@ -49,19 +75,31 @@ class VastState:
         self.api_key = api_key
         self.market = Market(seed=seed)
         self.events: list[dict] = []
+        # Delays (logs, read lag, pulls, stops) draw from their own seeded generator, so that
+        # the market stays the same whatever the traffic.
+        self.rng = random.Random(f"vast-sim-delays-{seed}")
+        self.images = Images(image_sizes, cached_images)
         self.fleet = Fleet(
             self.clock,
             self.market,
             url_getter=url_getter or (lambda: ""),
             run_mode=run_mode,
             on_event=self.events.append,
+            rng=self.rng,
+            images=self.images,
+            read_lag=read_lag,
+            stop_delay=stop_delay,
+            restart_delay=restart_delay,
         )
         self.faults = FaultBook(faults)
         self.limiter = MinIntervalLimiter(enabled=rate_limits)
+        self.quota = SearchQuota(search_quota if rate_limits else None)
         self.log_delay = float(log_delay)
+        self.log_tail_p = float(log_tail_p)
         self.churn = churn
         self._last_churn = 0.0
-        self.logs: dict[str, dict] = {}  # uuid -> {"ready_at", "text"}
+        self.logs: dict[str, dict] = {}  # uuid -> {"asked_at", "ready_at", "text", "inst"}
+        self._pending_logs: set[str] = set()  # uploads not done yet, not known to be lost
         self.calls: Counter = Counter()
         self.rate_limited: Counter = Counter()
         self.max_live_per_label: dict[str, int] = {}
@@ -73,6 +111,14 @@ class VastState:
             now = self.clock.now()
             for inst in self.fleet.instances.values():
                 self.fleet.advance(inst, now)
+            for key in list(self._pending_logs):
+                # A host that goes offline before its upload never uploads it.
+                entry = self.logs.get(key)
+                if entry is None or entry["ready_at"] <= now:
+                    self._pending_logs.discard(key)
+                elif entry["inst"].offline:
+                    entry["ready_at"] = NEVER
+                    self._pending_logs.discard(key)
             while self.churn and now - self._last_churn >= CHURN_INTERVAL:
                 self._last_churn += CHURN_INTERVAL
                 self.market.churn()
@@ -111,6 +157,18 @@ class VastState:
             if threshold is not None:
                 self.rate_limited[endpoint] += 1
             return threshold
+
+    def search_quota(self, identity: str) -> float | None:
+        """None if a search may go, else the wall-clock second the daily quota resets."""
+        with self.lock:
+            now = self.clock.now()
+            # The simulated calendar: wall time at start + simulated seconds since.
+            wall0 = self.clock.epoch(0.0)
+            reset = self.quota.check(identity, wall0 + now)
+            if reset is None:
+                return None
+            self.rate_limited["search_quota"] += 1
+            return self.clock.epoch(reset - wall0)
 
     # -- search --------------------------------------------------------------------------
     def search(self, body, caller_key: str | None) -> tuple[int, dict]:
@@ -298,8 +356,12 @@ class VastState:
         return None
 
     # -- instances -----------------------------------------------------------------------
-    def _visible(self):
-        return [inst for inst in self.fleet.instances.values() if inst.live]
+    def _visible(self, now: float | None = None):
+        """Live instances that reads show: a new one only after its read lag."""
+        now = self.clock.now() if now is None else now
+        return [
+            inst for inst in self.fleet.instances.values() if inst.live and inst.visible_at <= now
+        ]
 
     def _object(self, inst, now) -> dict:
         return instance_object(
@@ -310,14 +372,16 @@ class VastState:
         with self.lock:
             now = self.tick()
             inst = self.fleet.instances.get(instance_id)
-            if inst is None or not inst.live:
+            if inst is None or not inst.live or inst.visible_at > now:
                 return 200, {"instances": None}
             return 200, {"instances": self._object(inst, now)}
 
     def list_v0(self) -> tuple[int, dict]:
         with self.lock:
             now = self.tick()
-            rows = [self._object(inst, now) for inst in sorted(self._visible(), key=lambda i: i.id)]
+            rows = [
+                self._object(inst, now) for inst in sorted(self._visible(now), key=lambda i: i.id)
+            ]
         return 200, {"instances_found": len(rows), "instances": rows}
 
     def filters(self) -> tuple[int, dict]:
@@ -325,7 +389,7 @@ class VastState:
             now = self.tick()
             combos = {
                 (self.fleet.actual(i), i.offer_row["verification"], i.offer_row["gpu_name"])
-                for i in self._visible()
+                for i in self._visible(now)
             }
         del now
         return 200, {
@@ -352,7 +416,7 @@ class VastState:
             )
         with self.lock:
             now = self.tick()
-            rows = [self._object(inst, now) for inst in self._visible()]
+            rows = [self._object(inst, now) for inst in self._visible(now)]
         known = set(rows[0]) if rows else set(instance_columns())
         for col, cond in select_filters.items():
             if col in COMPUTED_COLUMNS or col not in known:
@@ -478,22 +542,33 @@ class VastState:
             if pattern:
                 lines = [line for line in lines if str(pattern) in line]
             try:
-                tail = int(body["tail"]) if body.get("tail") not in (None, "") else None
+                tail = int(body["tail"]) if body.get("tail") not in (None, "") else DEFAULT_LOG_TAIL
             except (TypeError, ValueError):
                 return error(400, "invalid_args", "tail must be an integer")
-            if tail is not None:
-                lines = lines[-tail:] if tail > 0 else []
+            lines = lines[-tail:] if tail > 0 else []
             key = uuid.uuid4().hex
-            # Forget uploads nobody fetched for a simulated day (a long-running sim stays small).
-            for old in [k for k, v in self.logs.items() if v["ready_at"] < now - 86400]:
+            # Forget uploads for a simulated day old (a long-running sim stays small).
+            for old in [k for k, v in self.logs.items() if v["asked_at"] < now - 86400]:
                 del self.logs[old]
             text = "\n".join(lines) + ("\n" if lines else "")
-            self.logs[key] = {"ready_at": now + self.log_delay, "text": text}
+            # The host uploads the text: an offline host never does, and a container that
+            # never started has nothing the host would upload.
+            never = inst.offline or inst.runs == 0
+            ready_at = NEVER if never else now + self._log_delay()
+            self.logs[key] = {"asked_at": now, "ready_at": ready_at, "text": text, "inst": inst}
+            if not never:
+                self._pending_logs.add(key)
         return 200, {
             "success": True,
             "result_url": f"{base_url}/s3/instance_logs/{key}.log",
             "msg": LOGS_BUCKET_MSG,
         }
+
+    def _log_delay(self) -> float:
+        if self.rng.random() < self.log_tail_p:
+            low, high = LOG_TAIL_RANGE
+            return math.exp(self.rng.uniform(math.log(low), math.log(high)))
+        return self.log_delay * math.exp(self.rng.gauss(0.0, LOG_DELAY_SIGMA))
 
     def log_object(self, key: str) -> str | None:
         """The uploaded text, or None while the upload is still pending (or never was)."""
@@ -537,7 +612,7 @@ class VastState:
                 "calls": dict(self.calls),
                 "rate_limited": dict(self.rate_limited),
                 "max_live_per_label": dict(self.max_live_per_label),
-                "live_instances": len(self._visible()),
+                "live_instances": sum(1 for i in self.fleet.instances.values() if i.live),
             }
 
     def admin_instances(self) -> dict:
@@ -564,6 +639,19 @@ class VastState:
                 )
                 rows.append(row)
         return {"instances": rows}
+
+    def admin_images(self, body: dict | None = None) -> dict:
+        """GET: sizes and caches; POST {"sizes_gb": {image: GB}, "cached": [image, ...],
+        "cached_on": {machine_id: [image, ...]}}: set sizes, seed caches."""
+        with self.lock:
+            if body:
+                for image, size in (body.get("sizes_gb") or {}).items():
+                    self.images.sizes[str(image)] = float(size)
+                self.images.everywhere.update(str(i) for i in body.get("cached") or [])
+                for machine, names in (body.get("cached_on") or {}).items():
+                    for image in names:
+                        self.images.remember(int(machine), str(image))
+            return self.images.snapshot()
 
     def admin_offers(self) -> dict:
         with self.lock:

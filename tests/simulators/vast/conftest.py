@@ -55,6 +55,18 @@ class Api:
         body.setdefault("disk", 10)
         return self("PUT", f"/api/v0/asks/{offer_id}/", json=body)
 
+    def create_visible(self, offer_id=None, **body) -> requests.Response:
+        """create, then wait out the read lag: reads show a new instance a few seconds after
+        its create answered (test_instances tests the lag itself)."""
+        response = self.create(offer_id, **body)
+        iid = response.json().get("new_contract") if response.status_code == 200 else None
+        if iid is not None:
+            deadline = time.monotonic() + 10
+            while self.show(iid) is None:
+                assert time.monotonic() < deadline, f"instance {iid} never became visible"
+                time.sleep(0.01)
+        return response
+
     def show(self, instance_id: int) -> dict | None:
         response = self("GET", f"/api/v0/instances/{instance_id}/")
         assert response.status_code == 200, response.text
@@ -64,7 +76,8 @@ class Api:
         deadline = time.monotonic() + timeout
         while True:
             row = self.show(instance_id)
-            if predicate(row):
+            # None: not visible yet (a new instance is missing from reads for a few seconds).
+            if row is not None and predicate(row):
                 return row
             if time.monotonic() > deadline:
                 raise AssertionError(

@@ -9,7 +9,9 @@ the simulator itself uses, so it cannot drift from it.
 
 A call is recorded as made when its answer came back (the server recorded it before), and the
 next one waits until `interval / time_scale + margin` after that: the gap the server measures
-is then at least the interval whatever the request's latency.
+is then at least the interval whatever the request's latency. Burst limits (at most N calls
+in any period, BURSTS) are kept the same way: a call waits until the N-th last one it made is
+a period (plus the margin) old.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ponos_tasks.simulators.vast.ratelimit import MIN_INTERVALS
+from ponos_tasks.simulators.vast.ratelimit import BURSTS, MIN_INTERVALS
 
 # (method, path pattern, endpoint name), as the routes of ponos_tasks/simulators/vast/server.py
 # name them. Anything else (/_sim/ admin, the fake S3 bucket, gpu_names) is not rate limited.
@@ -49,13 +51,14 @@ def endpoint_for(method: str, path: str) -> str | None:
 
 
 class Pacer:
-    """Spaces calls per (identity, endpoint) by the simulator's minimum intervals."""
+    """Spaces calls per (identity, endpoint) by the simulator's minimum intervals and bursts."""
 
     def __init__(
         self,
         time_scale: float,
         intervals: dict[str, float] | None = None,
         *,
+        bursts: dict[str, tuple[int, float]] | None = None,
         enabled: bool = True,
         margin: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
@@ -65,6 +68,11 @@ class Pacer:
             raise ValueError("time_scale must be > 0")
         table = MIN_INTERVALS if intervals is None else intervals
         self.real_intervals = {name: seconds / time_scale for name, seconds in table.items()}
+        self.real_bursts = {
+            name: (int(calls), period / time_scale)
+            for name, (calls, period) in (BURSTS if bursts is None else bursts).items()
+        }
+        self._history: dict[tuple[str, str], list[float]] = {}
         self.enabled = enabled
         self.margin = margin
         self.clock = clock
@@ -76,7 +84,13 @@ class Pacer:
     def for_sim(cls, sim, **kwargs) -> Pacer:
         """A pacer matching a running VastSimulator (a no-op when its limits are off)."""
         limiter = sim.state.limiter
-        return cls(sim.state.clock.time_scale, limiter.intervals, enabled=limiter.enabled, **kwargs)
+        return cls(
+            sim.state.clock.time_scale,
+            limiter.intervals,
+            bursts=limiter.bursts,
+            enabled=limiter.enabled,
+            **kwargs,
+        )
 
     def delay(self, identity: str, endpoint: str) -> float:
         """Real seconds to wait before this identity may call this endpoint."""
@@ -85,9 +99,13 @@ class Pacer:
             return 0.0
         with self._lock:
             last = self._last.get((identity, endpoint))
-        if last is None:
-            return 0.0
-        return max(0.0, last + interval + self.margin - self.clock())
+            history = list(self._history.get((identity, endpoint), ()))
+        now = self.clock()
+        wait = 0.0 if last is None else last + interval + self.margin - now
+        burst = self.real_bursts.get(endpoint)
+        if burst is not None and len(history) >= burst[0]:
+            wait = max(wait, history[-burst[0]] + burst[1] + self.margin - now)
+        return max(0.0, wait)
 
     def wait(self, identity: str, endpoint: str) -> None:
         delay = self.delay(identity, endpoint)
@@ -103,7 +121,13 @@ class Pacer:
     def done(self, identity: str, endpoint: str) -> None:
         """Record that a call has just been answered."""
         with self._lock:
-            self._last[(identity, endpoint)] = self.clock()
+            now = self.clock()
+            self._last[(identity, endpoint)] = now
+            burst = self.real_bursts.get(endpoint)
+            if burst is not None:
+                history = self._history.setdefault((identity, endpoint), [])
+                history.append(now)
+                del history[: -burst[0]]
 
     def paced_command(
         self, identity: str, run: Callable[[], object], calls: Callable[[], dict[str, int]]

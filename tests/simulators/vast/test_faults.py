@@ -28,19 +28,19 @@ def test_faults_admin_set_list_clear_and_validation(api):
 def test_offer_vanished_between_search_and_create(api):
     offer = _cheapest(api)
     _faults(api, {"fault": "offer_vanished", "label": "^vanish", "times": 1})
-    response = api.create(offer, label="vanish-1")
+    response = api.create_visible(offer, label="vanish-1")
     assert response.status_code == 404 and response.json()["error"] == "no_such_ask"
     assert offer not in {o["id"] for o in api.search({"limit": 5000})}
-    assert api.create(label="vanish-2").status_code == 200  # times=1: used up
+    assert api.create_visible(label="vanish-2").status_code == 200  # times=1: used up
 
 
 def test_double_rent_is_accepted_and_the_second_never_starts(api):
     offer = _cheapest(api)
     _faults(api, {"fault": "double_rent", "label": "^dup", "times": 1})
-    first = api.create(offer, label="dup-a", env=FAST_ENV)
+    first = api.create_visible(offer, label="dup-a", env=FAST_ENV)
     assert first.status_code == 200
     assert offer in {o["id"] for o in api.search({"limit": 5000, "rented": {"eq": True}})}
-    second = api.create(offer, label="other", env=FAST_ENV)
+    second = api.create_visible(offer, label="other", env=FAST_ENV)
     assert second.status_code == 200 and second.json()["success"] is True
     a, b = first.json()["new_contract"], second.json()["new_contract"]
     api.wait_for(a, lambda r: r["actual_status"] == "running")
@@ -48,14 +48,14 @@ def test_double_rent_is_accepted_and_the_second_never_starts(api):
     assert "port is already allocated" in doomed["status_msg"]
     assert api.show(b)["machine_id"] == api.show(a)["machine_id"]
     # Without the knob a rented offer is simply gone.
-    assert api.create(offer, label="third").status_code == 404
+    assert api.create_visible(offer, label="third").status_code == 404
 
 
 def test_double_rent_of_an_already_rented_offer(api):
     offer = _cheapest(api)
-    assert api.create(offer, label="x").status_code == 200
+    assert api.create_visible(offer, label="x").status_code == 200
     _faults(api, {"fault": "double_rent", "label": "^race"})
-    again = api.create(offer, label="race-1")
+    again = api.create_visible(offer, label="race-1")
     assert again.status_code == 200 and again.json()["new_contract"]
 
 
@@ -63,15 +63,19 @@ def test_create_lost_takes_effect_but_the_answer_never_comes(api):
     _faults(api, {"fault": "create_lost", "label": "^lost", "times": 1})
     with pytest.raises(requests.ConnectionError):
         api.create(label="lost-1")
-    rows = api(
-        "GET", "/api/v1/instances/", params={"select_filters": '{"label": {"eq": "lost-1"}}'}
-    ).json()["instances"]
+    deadline = time.monotonic() + 5  # the list shows it once its read lag is over
+    while True:
+        rows = api(
+            "GET", "/api/v1/instances/", params={"select_filters": '{"label": {"eq": "lost-1"}}'}
+        ).json()["instances"]
+        if rows or time.monotonic() > deadline:
+            break
     assert len(rows) == 1 and rows[0]["intended_status"] == "running"
 
 
 def test_create_stopped_answers_200_success_false(api):
     _faults(api, {"fault": "create_stopped", "label": "^cold"})
-    response = api.create(label="cold-1")
+    response = api.create_visible(label="cold-1")
     assert response.status_code == 200
     body = response.json()
     assert body["success"] is False and body["new_contract"]
@@ -82,21 +86,21 @@ def test_create_stopped_answers_200_success_false(api):
 def test_bid_below_min_bid_is_created_stopped_or_410_with_cancel_unavail(api):
     offer = api.search({"num_gpus": {"eq": 1}, "type": "bid", "order": [["min_bid", "desc"]]})[0]
     low = offer["min_bid"] / 2
-    refused = api.create(offer["id"], price=low, cancel_unavail=True)
+    refused = api.create_visible(offer["id"], price=low, cancel_unavail=True)
     assert refused.status_code == 410 and refused.json()["error"] == "no_such_ask"
-    stopped = api.create(offer["id"], price=low)
+    stopped = api.create_visible(offer["id"], price=low)
     assert stopped.status_code == 200 and stopped.json()["success"] is False
     row = api.show(stopped.json()["new_contract"])
     assert row["is_bid"] and row["intended_status"] == "stopped"
     offer = api.search({"num_gpus": {"eq": 1}, "type": "bid", "order": [["min_bid", "asc"]]})[0]
-    ok = api.create(offer["id"], price=offer["min_bid"] * 1.5)
+    ok = api.create_visible(offer["id"], price=offer["min_bid"] * 1.5)
     assert ok.json()["success"] is True
     assert api.show(ok.json()["new_contract"])["dph_base"] == pytest.approx(offer["min_bid"] * 1.5)
 
 
 def test_stuck_loading(api):
     _faults(api, {"fault": "stuck_loading", "label": "stuck"})
-    iid = api.create(label="stuck", env={**FAST_ENV, "SIM_PULL_SECONDS": "5"}).json()[
+    iid = api.create_visible(label="stuck", env={**FAST_ENV, "SIM_PULL_SECONDS": "5"}).json()[
         "new_contract"
     ]
     api.wait_for(iid, lambda r: r["actual_status"] == "loading")
@@ -106,7 +110,7 @@ def test_stuck_loading(api):
 
 def test_oci_failure(api):
     _faults(api, {"fault": "oci_failure", "label": "oci"})
-    iid = api.create(label="oci", env=FAST_ENV).json()["new_contract"]
+    iid = api.create_visible(label="oci", env=FAST_ENV).json()["new_contract"]
     row = api.wait_for(iid, lambda r: r["actual_status"] == "created" and r["status_msg"])
     assert ": OCI runtime create failed:" in row["status_msg"] and row["status_msg"] == OCI_MESSAGE
     assert (row["intended_status"], row["cur_state"], row["next_state"]) == ("stopped",) * 3
@@ -114,7 +118,9 @@ def test_oci_failure(api):
 
 def test_unexpected_exit(api):
     _faults(api, {"fault": "unexpected_exit", "label": "crash", "after": 5})
-    iid = api.create(label="crash", env={**FAST_ENV, "SIM_DURATION": "1000"}).json()["new_contract"]
+    iid = api.create_visible(label="crash", env={**FAST_ENV, "SIM_DURATION": "1000"}).json()[
+        "new_contract"
+    ]
     row = api.wait_for(iid, lambda r: r["actual_status"] == "exited")
     assert row["intended_status"] == "running" and "137" in row["status_msg"]
     time.sleep(0.3)
@@ -123,7 +129,9 @@ def test_unexpected_exit(api):
 
 def test_offline_then_back_and_not_billed(api):
     _faults(api, {"fault": "offline", "label": "net", "after": 20, "duration": 40})
-    iid = api.create(label="net", env={**FAST_ENV, "SIM_DURATION": "1000"}).json()["new_contract"]
+    iid = api.create_visible(label="net", env={**FAST_ENV, "SIM_DURATION": "1000"}).json()[
+        "new_contract"
+    ]
     api.wait_for(iid, lambda r: r["actual_status"] == "offline")
     api.wait_for(iid, lambda r: r["actual_status"] == "running")
     api("DELETE", f"/api/v0/instances/{iid}/")
@@ -134,7 +142,9 @@ def test_offline_then_back_and_not_billed(api):
 
 def test_outbid_sets_three_state_fields_stopped(api):
     _faults(api, {"fault": "outbid", "label": "spot", "after": 5})
-    iid = api.create(label="spot", env={**FAST_ENV, "SIM_DURATION": "1000"}).json()["new_contract"]
+    iid = api.create_visible(label="spot", env={**FAST_ENV, "SIM_DURATION": "1000"}).json()[
+        "new_contract"
+    ]
     row = api.wait_for(iid, lambda r: r["cur_state"] == "stopped")
     assert row["cur_state"] == row["intended_status"] == row["next_state"] == "stopped"
 

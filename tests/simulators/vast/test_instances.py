@@ -11,7 +11,7 @@ from tests.simulators.vast.conftest import API_KEY, FAST_ENV, Api
 
 
 def _created(api, **body):
-    response = api.create(**body)
+    response = api.create_visible(**body)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["success"] is True and len(answer["instance_api_key"]) == 64
@@ -68,8 +68,11 @@ def test_lifecycle_with_status_fields_and_object(api):
     assert running["label"] == "life" and running["gpu_name"] and running["machine_id"]
     assert running["start_date"] == pytest.approx(time.time(), abs=5)
     assert running["dph_total"] > 0
-    stopped = api.wait_for(iid, lambda r: r["intended_status"] == "stopped")
-    assert (stopped["actual_status"], stopped["cur_state"], stopped["next_state"]) == (
+    # The command stops its own instance: intended_status at once, the container later.
+    stopping = api.wait_for(iid, lambda r: r["intended_status"] == "stopped")
+    assert stopping["next_state"] == "stopped"
+    stopped = api.wait_for(iid, lambda r: r["cur_state"] == "stopped")
+    assert (stopped["actual_status"], stopped["intended_status"], stopped["next_state"]) == (
         "exited",
         "stopped",
         "stopped",
@@ -96,11 +99,14 @@ def test_stop_start_label_and_errors(api):
     response = api("PUT", f"/api/v0/instances/{iid}/", json={"state": "stopped"})
     assert response.status_code == 200 and response.json() == {"success": True}
     row = api.show(iid)
-    assert (row["actual_status"], row["intended_status"], row["cur_state"]) == (
-        "exited",
+    # The request is taken at once; the host carries it out a few seconds later.
+    assert (row["actual_status"], row["intended_status"], row["next_state"]) == (
+        "running",
         "stopped",
         "stopped",
     )
+    row = api.wait_for(iid, lambda r: r["cur_state"] == "stopped")
+    assert (row["actual_status"], row["intended_status"]) == ("exited", "stopped")
     assert api("PUT", f"/api/v0/instances/{iid}", json={"state": "running"}).json()["success"]
     assert api.show(iid)["intended_status"] == "running"
     api.wait_for(iid, lambda r: r["actual_status"] == "running")
@@ -253,6 +259,18 @@ def test_v1_pagination_filters_order_and_columns(api):
     assert base64.urlsafe_b64decode(desc["next_token"])
 
 
+def _fetch_log(url: str, timeout: float = 5.0) -> requests.Response:
+    """Polls a result_url until it answers 200 (5 real s = 500 simulated s at x100, more than
+    the longest upload delay)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = requests.get(url, timeout=5)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            assert response.status_code == 200, response.text
+            return response
+        time.sleep(0.02)
+
+
 def test_logs_result_url_is_403_then_text_with_tail(make_sim):
     sim = make_sim(time_scale=100.0, log_delay=30.0)  # 0.3 real seconds
     api = Api(sim.url)
@@ -263,6 +281,7 @@ def test_logs_result_url_is_403_then_text_with_tail(make_sim):
             "SIM_LOG_LINES": "4",
             "SIM_DURATION": "20",
             "SIM_FINAL_LINES": "all done\nexit 0",
+            "SIM_SELF_STOP": "true",
         },
     )
     api.wait_for(iid, lambda r: r["intended_status"] == "stopped")
@@ -272,25 +291,26 @@ def test_logs_result_url_is_403_then_text_with_tail(make_sim):
     assert url.startswith(sim.url + "/s3/instance_logs/") and url.endswith(".log")
     pending = requests.get(url, timeout=5)
     assert pending.status_code == 403 and "<Code>AccessDenied</Code>" in pending.text
-    time.sleep(0.35)
-    ready = requests.get(url, timeout=5)
-    assert ready.status_code == 200
+    ready = _fetch_log(url)
     assert ready.text == "sim log line 4/4\nall done\nexit 0\n"
     full = api("PUT", f"/api/v0/instances/request_logs/{iid}/", json={}).json()["result_url"]
-    time.sleep(0.35)
-    assert requests.get(full, timeout=5).text.count("\n") == 6
+    assert _fetch_log(full).text.count("\n") == 6
     missing = api("PUT", "/api/v0/instances/request_logs/5/", json={})
     assert missing.status_code == 404 and missing.json()["error"] == "invalid_id"
 
 
 def test_ledger_bills_gpu_while_running_and_storage_until_destroy(api):
-    iid, _ = _created(api, env={**FAST_ENV, "SIM_PULL_SECONDS": "20", "SIM_DURATION": "50"})
-    api.wait_for(iid, lambda r: r["intended_status"] == "stopped")
+    iid, _ = _created(
+        api,
+        env={**FAST_ENV, "SIM_PULL_SECONDS": "20", "SIM_DURATION": "50", "SIM_SELF_STOP": "true"},
+    )
+    api.wait_for(iid, lambda r: r["cur_state"] == "stopped")
     time.sleep(0.2)
     assert api("DELETE", f"/api/v0/instances/{iid}/").status_code == 200
     ledger = api.admin("GET", "ledger")
     row = next(r for r in ledger["instances"] if r["id"] == iid)
-    assert row["gpu_seconds"] == pytest.approx(50, abs=0.01)
+    # 50 s of command, then the self-stop takes effect 2-8 s later: GPU billed until then.
+    assert 52 - 0.01 <= row["gpu_seconds"] <= 58 + 0.01
     assert row["storage_seconds"] == pytest.approx(row["destroyed_at"] - row["created_at"])
     assert row["storage_seconds"] > 50 + 20 + 4
     assert row["cost"] == pytest.approx(row["gpu_cost"] + row["storage_cost"])

@@ -39,18 +39,21 @@ def _alive(pid: int) -> bool:
 def test_local_process_env_log_and_self_stop(make_sim):
     sim = make_sim(run_mode="local", time_scale=100.0, log_delay=1.0)
     api = Api(sim.url)
-    iid = api.create(
+    iid = api.create_visible(
         label="local",
         runtype="args",
         onstart=sys.executable,
         args=["-c", SELF_STOP],
         env={"MY_VAR": "hello world", "SIM_PULL_SECONDS": "5", "-p 8000:8000": "1"},
     ).json()["new_contract"]
-    row = api.wait_for(iid, lambda r: r["intended_status"] == "stopped", timeout=20)
-    assert (row["actual_status"], row["cur_state"]) == ("exited", "stopped")
+    row = api.wait_for(iid, lambda r: r["cur_state"] == "stopped", timeout=20)
+    assert (row["actual_status"], row["intended_status"]) == ("exited", "stopped")
     url = api("PUT", f"/api/v0/instances/request_logs/{iid}/", json={}).json()["result_url"]
-    time.sleep(0.05)
-    text = Api(sim.url, key=None)("GET", url.removeprefix(sim.url)).text
+    deadline = time.monotonic() + 5  # the upload's delay, up to 300 simulated s
+    while (got := Api(sim.url, key=None)("GET", url.removeprefix(sim.url))).status_code != 200:
+        assert time.monotonic() < deadline, got.text
+        time.sleep(0.02)
+    text = got.text
     assert f"id {iid} var hello world\nurl {sim.url}\nstop 200\n" == text
     info = _info(api, iid)
     assert info["command"] == [sys.executable, "-c", SELF_STOP] and info["process_pid"] is None
@@ -59,7 +62,7 @@ def test_local_process_env_log_and_self_stop(make_sim):
 def test_local_exit_is_restarted_unless_stopped(make_sim):
     sim = make_sim(time_scale=100.0)
     api = Api(sim.url)
-    iid = api.create(
+    iid = api.create_visible(
         runtype="args",
         onstart="sh",
         args=["-c", "echo run $CONTAINER_ID; exit 3"],
@@ -73,8 +76,9 @@ def test_local_exit_is_restarted_unless_stopped(make_sim):
         time.sleep(0.05)
     assert _info(api, iid)["exit_code"] in (None, 3)
     api("PUT", f"/api/v0/instances/{iid}/", json={"state": "stopped"})
+    api.wait_for(iid, lambda r: r["cur_state"] == "stopped")
     runs = _info(api, iid)["runs"]
-    time.sleep(0.3)  # 30 simulated seconds: longer than the restart delay
+    time.sleep(1.0)  # 100 simulated seconds: longer than the restart delay (20 s, then 40 s)
     assert _info(api, iid)["runs"] == runs
     assert _info(api, iid)["log"][:2] == [f"run {iid}", f"run {iid}"]
 
@@ -83,8 +87,10 @@ def test_destroy_and_simulator_stop_kill_processes(make_sim):
     sim = make_sim(run_mode="local", time_scale=100.0)
     api = Api(sim.url)
     env = {"SIM_PULL_SECONDS": "1"}
-    first = api.create(runtype="args", onstart="sleep", args=["60"], env=env).json()["new_contract"]
-    second = api.create(runtype="args", onstart="sleep", args=["60"], env=env).json()[
+    first = api.create_visible(runtype="args", onstart="sleep", args=["60"], env=env).json()[
+        "new_contract"
+    ]
+    second = api.create_visible(runtype="args", onstart="sleep", args=["60"], env=env).json()[
         "new_contract"
     ]
     pids = {}
@@ -117,7 +123,7 @@ def test_local_unexpected_exit_kills_the_container_at_once(make_sim):
         json={"rules": [{"fault": "unexpected_exit", "label": "crashing", "after": 100}]},
     )
     script = "trap 'echo got-term; exit 143' TERM; echo started; while :; do sleep 0.05; done"
-    iid = api.create(
+    iid = api.create_visible(
         label="crashing",
         runtype="args",
         onstart="sh",
@@ -128,6 +134,9 @@ def test_local_unexpected_exit_kills_the_container_at_once(make_sim):
     assert row is not None and row["intended_status"] == "running"
     time.sleep(0.5)  # a SIGTERM trap would have printed by now
     url = api("PUT", f"/api/v0/instances/request_logs/{iid}/", json={}).json()["result_url"]
-    time.sleep(0.05)
-    text = Api(sim.url, key=None)("GET", url.removeprefix(sim.url)).text
+    deadline = time.monotonic() + 5  # the upload's delay, up to 300 simulated s
+    while (got := Api(sim.url, key=None)("GET", url.removeprefix(sim.url))).status_code != 200:
+        assert time.monotonic() < deadline, got.text
+        time.sleep(0.02)
+    text = got.text
     assert "started" in text and "got-term" not in text

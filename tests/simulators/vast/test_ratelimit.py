@@ -46,8 +46,43 @@ def test_create_interval_scales_with_time(make_sim):
     second = api.create(offers[1]["id"])
     assert second.status_code == 429
     assert second.json() == {"detail": "API requests too frequent endpoint threshold=4.5"}
+    # A refused create adds create's published penalty (12 s): 4.5 s is no longer enough...
     time.sleep(0.11)
+    assert api.create(offers[1]["id"]).status_code == 429
+    # ...12 s after the last refused one is.
+    time.sleep(12.5 / 45)
     assert api.create(offers[1]["id"]).status_code == 200
+
+
+def test_search_burst_limit(make_sim):
+    """At most 10 searches in any minute, even spaced by search's 2 s interval."""
+    sim = make_sim(time_scale=100.0, rate_limits=True)  # 2 s = 0.02 real s, 60 s = 0.6 s
+    api = Api(sim.url, paced=False)
+    start = time.monotonic()
+    for _ in range(10):
+        assert api("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 200
+        time.sleep(0.025)
+    refused = api("POST", "/api/v0/bundles/", json={"limit": 1})
+    assert refused.status_code == 429 and "threshold=2.0" in refused.text
+    time.sleep(max(0.0, start + 0.62 - time.monotonic()))
+    assert api("POST", "/api/v0/bundles/", json={"limit": 1}).status_code == 200
+
+
+def test_daily_search_quota(make_sim):
+    sim = make_sim(time_scale=100.0, rate_limits=True, search_quota=3)
+    api = Api(sim.url)
+    for _ in range(3):
+        api.search({"limit": 1})
+    api.pacer.wait(api.identity, "search")
+    spent = api("POST", "/api/v0/bundles/", json={"limit": 1})
+    assert spent.status_code == 429
+    assert spent.json()["error"] == "search_quota_exceeded"
+    # UTC midnight of the simulated calendar, as a wall-clock instant.
+    reset = int(spent.headers["X-RateLimit-Reset"])
+    clock = sim.state.clock
+    sim_wall_reset = clock.epoch(0) + (reset - clock.epoch(0)) * clock.time_scale
+    assert abs(sim_wall_reset % 86400) < 100 or abs(sim_wall_reset % 86400 - 86400) < 100
+    assert time.time() < reset <= time.time() + 86400 / clock.time_scale + 1
 
 
 def test_paced_api_back_to_back_gets_no_429(make_sim):
