@@ -231,6 +231,7 @@ class TaskRecord:
     watch_chain: int = 0  # the one live watch chain of this attempt (older chains stop)
     start_status: str | None = None  # the instance's last status_msg while it starts
     progress_at: float | None = None  # when that status_msg last changed (pull progress)
+    create_unknown_at: float | None = None  # a create of this attempt got no answer then
 
     @classmethod
     def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:

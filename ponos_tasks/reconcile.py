@@ -580,7 +580,10 @@ def watch_decision(
             final_state(code, condition, False, record.inferred, log_tail),
         )
     ended = condition in _ENDED
-    if ended and not logs_read and condition is not Condition.GONE:
+    # A start that failed before the task was ever seen running (an OCI error: the container
+    # could not be created) has no log of the task to read: its command never ran.
+    never_ran = condition is Condition.START_FAILED and record.phase == Phase.LOADING
+    if ended and not logs_read and condition is not Condition.GONE and not never_ran:
         return decide(A.READ_LOGS, f"instance {condition}: look for the exit code")
     if ended and log_unreadable:
         reason = (

@@ -297,6 +297,7 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
             phase=Phase.CREATING,
             attempt=attempt,
             label=label,
+            create_unknown_at=None,
             heartbeat_at=ctx.now(),
         )
     return record if record.phase == Phase.CREATING else None
@@ -311,6 +312,15 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     existing = ctx.vast.list_instances(label=record.label)
     if existing:
         return _record_instance(ctx, record, min(existing, key=lambda i: i.id), adopted=True)
+    now = ctx.now()
+    if (
+        record.create_unknown_at is not None
+        and now - record.create_unknown_at < ctx.settings.visibility_grace
+    ):
+        # A create of this attempt got no answer: Vast.ai's reads lag a create, so "not
+        # listed" is no proof it did not happen. Look again until the grace has passed.
+        ctx.store.touch(task_id, heartbeat_at=now)
+        return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
 
     definition = ctx.arkindex.task_definition(task_id)
     if record.stop_requested:
@@ -367,7 +377,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 "label up before anything else",
                 "WARNING",
             )
-            ctx.store.touch(task_id, heartbeat_at=ctx.now())
+            ctx.store.touch(task_id, create_unknown_at=ctx.now(), heartbeat_at=ctx.now())
             return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
         if not created.started:
             _note(

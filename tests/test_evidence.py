@@ -277,7 +277,12 @@ def test_an_adopted_unwrapped_instance_is_still_judged_by_how_it_ends(contexts, 
         return record is not None and record.phase in (Phase.LOADING, Phase.RUNNING)
 
     harness.run(until=has_instance, timeout=30)
-    assert ctx.store.get(task_id).inferred is True
+    record = ctx.store.get(task_id)
+    assert record.inferred is True
+    deadline = time.monotonic() + 10
+    while not ctx.vast.list_instances(label=record.label):  # Vast.ai's reads lag a create
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     wipe(ctx)
     reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
     again = Harness(reborn)
