@@ -118,6 +118,15 @@ class RegistrationError(ArkindexError):
     """CreateAgent refused: wrong seed, unknown farm, invalid body."""
 
 
+class TaskGone(ArkindexError):
+    """Arkindex answered 404 for the task: it was deleted. A positive fact: nothing is left to
+    run or report for it."""
+
+    def __init__(self, task_id: str):
+        self.task_id = task_id
+        super().__init__(f"task {task_id} no longer exists on Arkindex (HTTP 404)")
+
+
 class TransitionRefused(ArkindexError):
     """Arkindex answered 400 to a state update: the state table forbids it. Never retried."""
 
@@ -697,7 +706,13 @@ class ArkindexAgentClient:
             if cached is not None and now - cached[0] < self.DEFINITION_TTL:
                 self._definitions.move_to_end(task_id)
                 return cached[1]
-        definition = TaskDefinition.from_api(self._call("RetrieveTaskDefinition", id=task_id))
+        try:
+            answer = self._call("RetrieveTaskDefinition", id=task_id)
+        except ErrorResponse as exc:
+            if exc.status_code == 404:
+                raise TaskGone(task_id) from None
+            raise
+        definition = TaskDefinition.from_api(answer)
         with self._lock:
             self._definitions[task_id] = (now, definition)
             self._definitions.move_to_end(task_id)
@@ -753,6 +768,9 @@ class ArkindexAgentClient:
         try:
             self._call("PartialUpdateTask", id=task_id, body={"state": state})
         except ErrorResponse as exc:
+            if exc.status_code == 404:
+                self.reported.release(task_id, state)
+                raise TaskGone(task_id) from None
             if exc.status_code == 400:
                 detail = error_detail(exc)
                 # A retried request whose first try reached the server gets a 400 "already in

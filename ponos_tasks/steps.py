@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from redis.exceptions import LockNotOwnedError
 
 from ponos_tasks.agent import AgentContext
-from ponos_tasks.arkindex import ArkindexError, ReportInFlight, TransitionRefused
+from ponos_tasks.arkindex import ArkindexError, ReportInFlight, TaskGone, TransitionRefused
 from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
     ARKINDEX_TERMINAL_STATES,
@@ -322,7 +322,10 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         ctx.store.touch(task_id, heartbeat_at=now)
         return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
 
-    definition = ctx.arkindex.task_definition(task_id)
+    try:
+        definition = ctx.arkindex.task_definition(task_id)
+    except TaskGone:
+        return _task_deleted(ctx, record)
     if record.stop_requested:
         return None
     onstart, args, inferred = instance_command(ctx, task_id, definition)
@@ -689,7 +692,10 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     except ArkindexError as error:
         # A fresh definition next time: its pre-signed URL may have expired.
         ctx.arkindex.forget(task_id)
-        failures = record.publish_failures + 1
+        # A deleted task has nowhere to publish: no more tries.
+        failures = (
+            settings.publish_tries if isinstance(error, TaskGone) else (record.publish_failures + 1)
+        )
         now = ctx.now()
         if failures < settings.publish_tries:
             ctx.store.touch(task_id, publish_failures=failures, heartbeat_at=now)
@@ -733,6 +739,23 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     return None
 
 
+def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
+    """Arkindex says the task no longer exists: stop spending on it (finish, destroy)."""
+    reason = "the task was deleted on Arkindex"
+    if ctx.store.cas(
+        record.task_id,
+        expect_phase=record.phase,
+        expect_attempt=record.attempt,
+        phase=Phase.FINISHING,
+        final_state="error",
+        reason=reason,
+        heartbeat_at=ctx.now(),
+    ):
+        _note(ctx, record.task_id, f"{reason}: stopping it", "WARNING")
+        return Next(StepName.PUBLISH_LOGS)
+    return None
+
+
 def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
     """Every secret a task's published log must not show: the agent's and the task's, and
     the per-instance API keys of its attempts (the instance's own env has them)."""
@@ -742,7 +765,10 @@ def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
 def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     """The periodic upload while the task runs (never over the final one)."""
     task_id = record.task_id
-    definition = ctx.arkindex.task_definition(task_id)
+    try:
+        definition = ctx.arkindex.task_definition(task_id)
+    except TaskGone:
+        return _task_deleted(ctx, record)
     instance_log = _instance_log(ctx, record)
     if instance_log is None:
         return None  # nothing new to show; the next period tries again
@@ -775,6 +801,8 @@ def _report_running(ctx: AgentContext, task_id: str) -> None:
         logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
     except ReportInFlight:
         pass  # another worker sends it (or its lease lapses and a later call does)
+    except TaskGone:
+        pass  # deleted on Arkindex: the chain ends it (the final report says so)
 
 
 @step(StepName.REPORT_STATE)
@@ -807,6 +835,8 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
         ctx.arkindex.update_state(task_id, state)
     except TransitionRefused as error:
         _report_refused(ctx, task_id, state, error)
+    except TaskGone:
+        _note(ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING")
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.DESTROYING,
@@ -883,6 +913,9 @@ def _publish_kept_log(ctx: AgentContext, record: TaskRecord) -> None:
             ctx.logbook.lines(task_id), instance_log or "", _log_secrets(ctx, task_id, definition)
         )
         ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    except TaskGone:
+        ctx.store.drop_ended_log(task_id, record.attempt)  # nowhere to publish it any more
+        return
     except ArkindexError as error:
         logger.error(
             "task %s: the kept log still cannot be published (%s); its instance "

@@ -338,3 +338,46 @@ def test_a_machine_that_failed_a_start_is_avoided_by_every_task(contexts, admin)
     start_and_finish(ctx, second)
     assert [r["machine_id"] for r in admin.rows_for(second)] != [bad]
     assert ctx.store.get(second).final_state == "completed"
+
+
+def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(contexts, admin):
+    """Arkindex answers 404 for a task deleted while it runs: a positive fact. The agent
+    stops spending on it; nothing is left billing, no record stays open."""
+    ctx = contexts(logs_interval=0.5)
+    ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def running():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.RUNNING
+
+    harness.run(until=running, timeout=30)
+    admin.arkindex_delete_task(task_id)
+    try:
+        harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=30)
+    finally:
+        admin.clear_arkindex_faults()
+    record = ctx.store.get(task_id)
+    assert record.final_state == "error" and "deleted" in record.reason
+    assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+
+
+def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def destroying():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.DESTROYING
+
+    harness.run(until=destroying, timeout=30)
+    admin.arkindex_delete_task(task_id)
+    try:
+        harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=30)
+    finally:
+        admin.clear_arkindex_faults()
+    assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))

@@ -171,8 +171,8 @@ def cheapest_violations(
     cheaper alternative to an instance created at t only if it was free during the whole
     [t - slack, t] (the agent searched a moment before it created: a machine released in
     that moment may not have been in its search, one rented by a concurrent create in that
-    moment was legitimately lost), is not among the machines where this task's earlier
-    attempts failed (never retried there), and did not vanish (offer_vanished fault).
+    moment was legitimately lost), is not among the machines where a start failed before
+    (every task avoids those for a while), and did not vanish (offer_vanished fault).
     """
     busy: dict[int, list[tuple[float, float]]] = defaultdict(list)
     rows = {row["id"]: row for row in ledger}
@@ -187,15 +187,20 @@ def cheapest_violations(
         return all(b_end <= start or b_start >= end for b_start, b_end in busy[machine_id])
 
     by_task = instances_by_task(ledger)
+    # A start that failed (its task went on to another attempt) makes every task avoid that
+    # machine for machine_cooldown (an hour: longer than any test run).
+    failed_starts = [
+        (created_at.get(r["id"], float("inf")), r["machine_id"])
+        for task_rows in by_task.values()
+        for r in task_rows
+        if any(
+            parse_label(o["label"]).attempt > parse_label(r["label"]).attempt for o in task_rows
+        )
+    ]
     problems = []
     for instance_id, t in sorted(created_at.items(), key=lambda item: item[1]):
         row = rows[instance_id]
-        info = parse_label(row["label"])
-        failed_before = {
-            r["machine_id"]
-            for r in by_task[info.task_id]
-            if parse_label(r["label"]).attempt < info.attempt
-        }
+        failed_before = {machine for started, machine in failed_starts if started < t}
         chosen = prices[row["machine_id"]]
         cheaper = [
             m
