@@ -441,6 +441,12 @@ def _unwanted_instances(record: TaskRecord, found: list[_Ours]) -> list[DestroyI
     steps: list[DestroyInstance] = []
     current = []
     for o in found:
+        if o.instance_id == record.kept_instance_id and phase in (
+            Phase.RETRYING,
+            Phase.WAITING_OFFER,
+            Phase.CREATING,
+        ):
+            continue  # the failed attempt's stopped instance, kept as the task's trace
         if o.info.attempt != record.attempt:
             steps.append(
                 _destroy(

@@ -42,7 +42,7 @@ from ponos_tasks.reconcile import (
 )
 from ponos_tasks.registry_client import ImageConfigUnavailable
 from ponos_tasks.state import release
-from ponos_tasks.vast import CreateOutcomeUnknown, OfferUnavailable, VastError
+from ponos_tasks.vast import CreateOutcomeUnknown, InstanceNotFound, OfferUnavailable, VastError
 from ponos_tasks.wrapper import is_wrapped, parse_exit_marker, split_command, wrap_command
 
 logger = logging.getLogger(__name__)
@@ -450,6 +450,10 @@ def _record_instance(
         # Someone else moved the record on: what we created is nobody's; destroy it.
         ctx.vast.destroy_instance(values["instance_id"])
         return None
+    if updated.kept_instance_id is not None:
+        # The new attempt has its instance: the failed one's kept trace can go.
+        ctx.vast.destroy_instance(updated.kept_instance_id)
+        ctx.store.touch(record.task_id, kept_instance_id=None)
     verb = "adopted existing" if adopted else "created"
     _note(
         ctx,
@@ -607,18 +611,33 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
 
 @step(StepName.RETRY_ATTEMPT)
 def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
-    """Destroy the failed attempt's instance, then look for an offer again."""
+    """Stop the failed attempt's instance, then look for an offer again.
+
+    Stopped, not destroyed, until the next attempt's instance exists: a task that Arkindex
+    already shows `running` is listed by no Arkindex action, so between two attempts its
+    labelled instance is its only trace outside Redis; lost Redis, the next sync adopts it
+    and goes on (a destroyed one would leave the task `running` forever). Stopped, it runs
+    nothing more and bills only its storage.
+    """
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.RETRYING:
         return None
+    kept = record.kept_instance_id
     if record.instance_id is not None:
-        ctx.vast.destroy_instance(record.instance_id)
+        if kept is not None and kept != record.instance_id:
+            ctx.vast.destroy_instance(kept)  # an older trace: the newer one suffices
+        try:
+            ctx.vast.stop_instance(record.instance_id)
+            kept = record.instance_id
+        except InstanceNotFound:
+            pass  # already gone: nothing to keep
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.RETRYING,
         expect_attempt=record.attempt,
         phase=Phase.WAITING_OFFER,
         instance_id=None,
+        kept_instance_id=kept,
         offline_since=None,
         waiting_since=None,
         heartbeat_at=ctx.now(),
@@ -881,6 +900,8 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.DESTROYING or not record.final_reported:
         return None
+    if record.kept_instance_id is not None:  # a failed attempt's trace, if still kept
+        ctx.vast.destroy_instance(record.kept_instance_id)
     if record.instance_id is not None and not record.instance_destroyed:
         gone_before = not ctx.vast.destroy_instance(record.instance_id)
         _note(
@@ -1014,7 +1035,10 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         adopted=True,
         # An image run unwrapped (no wrapper in its onstart) is judged by how it ends, as
         # when it was created; unknown (not in the snapshot) counts as wrapped.
-        inferred=instance is not None and not is_wrapped(instance.raw.get("onstart")),
+        inferred=instance is not None
+        and not is_wrapped(
+            instance.raw.get("onstart"), instance.raw.get("image_args") or instance.raw.get("args")
+        ),
     )
     if step.from_phase is None:
         done = ctx.store.create_if_absent(TaskRecord.new(step.task_id, now, **values))

@@ -194,6 +194,8 @@ def split_command(command: str) -> list[str]:
     return shlex.split(command)
 
 
-def is_wrapped(onstart: str | None) -> bool:
-    """Whether an instance's onstart script is this wrapper (it prints the exit marker)."""
-    return MARKER in (onstart or "")
+def is_wrapped(onstart: str | None, args=None) -> bool:
+    """Whether an instance runs this wrapper (which prints the exit marker): it is in its
+    onstart script or its arguments."""
+    parts = [onstart or "", *(str(a) for a in (args or ()))]
+    return any(MARKER in part for part in parts)

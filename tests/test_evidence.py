@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ponos_tasks import steps
-from ponos_tasks.lifecycle import Phase
+from ponos_tasks.lifecycle import Phase, parse_label
 from ponos_tasks.models import Next, StepName
 from tests.agent_harness import Harness, wipe
 
@@ -381,3 +381,39 @@ def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(cont
     finally:
         admin.clear_arkindex_faults()
     assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+
+
+def test_losing_redis_between_two_attempts_of_a_running_task_still_ends_it(contexts, admin):
+    """The task is `running` on Arkindex (no action lists it any more) and its first attempt
+    failed: between two attempts its stopped instance is its only trace. Redis lost then,
+    the next agent adopts that trace, tries again and ends the task."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="2000"))
+    # Attempt 1 crashes 300 sim s (3 s) after it runs: an early exit, retried.
+    admin.faults({"fault": "unexpected_exit", "label": f"{task_id}-1$", "after": 300})
+    harness = Harness(ctx)
+    harness.sync()
+
+    def between_attempts():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.WAITING_OFFER and record.attempt == 1
+
+    harness.run(until=between_attempts, timeout=60, sync_every=0.5)
+    assert admin.task(task_id)["state"] == "running"
+    kept = ctx.store.get(task_id).kept_instance_id
+    assert [r["id"] for r in admin.rows_for(task_id) if r["destroyed_at"] is None] == [kept]
+    wipe(ctx)
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    again = Harness(reborn)
+    again.sync()
+    again.run(until=lambda: again.done(task_id), sync_every=0.3, timeout=90)
+    record = reborn.store.get(task_id)
+    assert record.adopted and not record.inferred  # the wrapper's marker decides
+    assert admin.task(task_id)["state"] == "completed", record.reason
+    assert [parse_label(r["label"]).attempt for r in admin.rows_for(task_id)] == [1, 2]
+    assert admin.refused_agent_states(task_id) == []
+    deadline = time.monotonic() + 20
+    while any(r["destroyed_at"] is None for r in admin.rows_for(task_id)):
+        assert time.monotonic() < deadline, "an instance was left behind"
+        again.sync()
+        time.sleep(0.3)

@@ -193,9 +193,7 @@ def cheapest_violations(
         (created_at.get(r["id"], float("inf")), r["machine_id"])
         for task_rows in by_task.values()
         for r in task_rows
-        if any(
-            parse_label(o["label"]).attempt > parse_label(r["label"]).attempt for o in task_rows
-        )
+        if any(parse_label(o["label"]).attempt > parse_label(r["label"]).attempt for o in task_rows)
     ]
     problems = []
     for instance_id, t in sorted(created_at.items(), key=lambda item: item[1]):
