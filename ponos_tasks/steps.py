@@ -339,8 +339,14 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         args=args,
         image_login=_image_login(ctx, definition.image),
     )
+    offers = _ranked_offers(ctx, record)
+    if offers and record.kept_instance_id is not None:
+        # The failed attempt's kept instance goes right before the new one is created: never
+        # two instances of one task at once, and a trace outside Redis until the last moment.
+        ctx.vast.destroy_instance(record.kept_instance_id)
+        ctx.store.touch(task_id, kept_instance_id=None)
     tried = 0
-    for offer in _ranked_offers(ctx, record):
+    for offer in offers:
         if tried == ctx.settings.offers_tried_per_create:
             break
         # Claim the offer for a short while, so that workers creating at the same moment
@@ -450,10 +456,6 @@ def _record_instance(
         # Someone else moved the record on: what we created is nobody's; destroy it.
         ctx.vast.destroy_instance(values["instance_id"])
         return None
-    if updated.kept_instance_id is not None:
-        # The new attempt has its instance: the failed one's kept trace can go.
-        ctx.vast.destroy_instance(updated.kept_instance_id)
-        ctx.store.touch(record.task_id, kept_instance_id=None)
     verb = "adopted existing" if adopted else "created"
     _note(
         ctx,
@@ -613,7 +615,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
 def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     """Stop the failed attempt's instance, then look for an offer again.
 
-    Stopped, not destroyed, until the next attempt's instance exists: a task that Arkindex
+    Stopped, not destroyed, until the next attempt is about to be created: a task that Arkindex
     already shows `running` is listed by no Arkindex action, so between two attempts its
     labelled instance is its only trace outside Redis; lost Redis, the next sync adopts it
     and goes on (a destroyed one would leave the task `running` forever). Stopped, it runs
