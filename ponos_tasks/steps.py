@@ -838,6 +838,13 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     if record is None or record.phase != Phase.DESTROYING or record.final_reported:
         return None
     state = record.final_state or "error"
+    if not record.stop_requested and state != "stopped":
+        # A user may have stopped it since the outcome was decided, before any sync saw it:
+        # Arkindex then accepts only `stopped` (one read saves two refused updates).
+        current = ctx.arkindex.task_state(task_id)  # unknown raises: retried
+        if current == "stopping":
+            ctx.store.touch(task_id, stop_requested=True)
+            record = replace(record, stop_requested=True)
     if record.stop_requested and state != "stopped":
         # The stop arrived after the outcome was decided: Arkindex now waits for `stopped`.
         _note(

@@ -417,3 +417,22 @@ def test_losing_redis_between_two_attempts_of_a_running_task_still_ends_it(conte
         assert time.monotonic() < deadline, "an instance was left behind"
         again.sync()
         time.sleep(0.3)
+
+
+def test_a_stop_no_sync_saw_before_the_report_is_reported_without_refusals(contexts, admin):
+    """The user stops the task while its outcome is being published and no sync runs before
+    the report: the agent reads the task's state first and reports `stopped` at once."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = Harness(ctx)
+    harness.sync()
+
+    def finishing():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.FINISHING
+
+    harness.run(until=finishing, timeout=30)
+    admin.stop_task(task_id)
+    harness.run(until=lambda: harness.done(task_id), timeout=30)  # no sync
+    assert admin.task(task_id)["state"] == "stopped"
+    assert admin.refused_agent_states(task_id) == []
