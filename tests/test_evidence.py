@@ -29,6 +29,19 @@ def created_labels(admin, task_id: str) -> list[str]:
     return [row["label"] for row in admin.rows_for(task_id)]
 
 
+def run_until_phase(ctx, task_id: str, phase: Phase, timeout: float = 30.0) -> Harness:
+    """Sync until Arkindex hands us the task, then run its chain until it reaches `phase`."""
+    harness = Harness(ctx)
+    harness.sync()
+
+    def reached():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == phase
+
+    harness.run(until=reached, timeout=timeout)
+    return harness
+
+
 def test_an_unreadable_log_is_read_again_not_taken_for_no_marker(contexts, admin):
     """Vast.ai's log service fails for a while after the task ended with exit code 0: the
     agent keeps the instance and reads again, so the task ends completed, once."""
@@ -66,14 +79,7 @@ def test_a_stop_after_the_outcome_still_ends_the_task(contexts, admin):
     `stopped`; the task must not stay `stopping`."""
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def finishing():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.FINISHING
-
-    harness.run(until=finishing, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.FINISHING)
     admin.stop_task(task_id)
     harness.run(until=lambda: harness.done(task_id), sync_every=0.2, timeout=30)
     assert admin.task(task_id)["state"] == "stopped"  # not left `stopping`
@@ -120,14 +126,7 @@ def test_losing_redis_between_report_and_destroy_still_ends_everything(contexts,
 def test_late_resumes_never_multiply_watch_chains(contexts, admin):
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="600"))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def running():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.RUNNING
-
-    harness.run(until=running, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     for _ in range(3):  # three resumes by the sync of a chain it thought stalled
         harness.push(task_id, [Next(StepName.WATCH)])
     for _ in range(40):
@@ -143,14 +142,7 @@ def test_a_periodic_upload_in_flight_never_overwrites_the_final_log(stack, conte
     final log is published: the periodic one must not land on top of it."""
     ctx = contexts(logs_interval=3600)
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="200"))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def running():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.RUNNING
-
-    harness.run(until=running, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     # The periodic upload's log read takes 4 s; the task ends after 2 s and its final log
     # reuses the ended log.
     admin.faults({"fault": "slow", "endpoint": "logs", "delay": 4.0, "times": 1})
@@ -178,14 +170,7 @@ def test_a_log_that_cannot_be_published_does_not_keep_the_instance(stack, contex
     task goes on, its state is reported and its instance destroyed; the log is kept."""
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def finishing():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.FINISHING
-
-    harness.run(until=finishing, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.FINISHING)
     s3 = stack.s3.client()
     saved = {}
     for bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
@@ -346,14 +331,7 @@ def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(cont
     ctx = contexts(logs_interval=0.5)
     ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def running():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.RUNNING
-
-    harness.run(until=running, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     admin.arkindex_delete_task(task_id)
     try:
         harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=30)
@@ -367,14 +345,7 @@ def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(cont
 def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(contexts, admin):
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def destroying():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.DESTROYING
-
-    harness.run(until=destroying, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.DESTROYING)
     admin.arkindex_delete_task(task_id)
     try:
         harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=30)
@@ -424,14 +395,7 @@ def test_a_stop_no_sync_saw_before_the_report_is_reported_without_refusals(conte
     the report: the agent reads the task's state first and reports `stopped` at once."""
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0))
-    harness = Harness(ctx)
-    harness.sync()
-
-    def finishing():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.FINISHING
-
-    harness.run(until=finishing, timeout=30)
+    harness = run_until_phase(ctx, task_id, Phase.FINISHING)
     admin.stop_task(task_id)
     harness.run(until=lambda: harness.done(task_id), timeout=30)  # no sync
     assert admin.task(task_id)["state"] == "stopped"
