@@ -224,6 +224,10 @@ class SimAdmin:
     def s3_up(self) -> None:
         self._json("DELETE", self.s3_url + "/_sim/down")
 
+    def s3_slow(self, seconds: float, times: int = 1) -> None:
+        """The next `times` PUTs are stored, then answered `seconds` late."""
+        self._json("POST", self.s3_url + "/_sim/slow", json={"seconds": seconds, "times": times})
+
     def s3_advance_clock(self, seconds: float) -> None:
         """Move the clock pre-signed URLs are checked against (expire them sooner)."""
         self._json("POST", self.s3_url + "/_sim/clock", json={"advance": seconds})

@@ -17,7 +17,10 @@ Chaos knobs (admin API on the same port, under `/_sim/`, which no bucket name ca
 with): `down(seconds)` answers every S3 request with 503 `ServiceUnavailable` for that
 long (POST /_sim/down {"seconds"}, DELETE /_sim/down); `advance(seconds)` moves the clock
 the proxy checks expiry with (POST /_sim/clock {"advance"}), so a test can expire URLs
-without waiting an hour; GET /_sim/stats counts requests and refusals.
+without waiting an hour; `slow(seconds, times)` answers the next `times` PUTs `seconds` late
+*after* the object is stored (POST /_sim/slow {"seconds", "times"}): an uploader that dies in
+that window never learns its upload took; GET /_sim/stats counts requests, refusals and
+slow answers started (`slow_answers`).
 
 Honest limits of moto, which the callers must know:
 - moto keeps objects **in memory**, and its state is global to the Python process: two
@@ -254,7 +257,10 @@ class CheckingProxy:
         self.lock = threading.Lock()
         self.down_until = 0.0
         self.clock_offset = 0.0
+        self.slow_seconds = 0.0
+        self.slow_left = 0  # PUTs still to answer late
         self.stats = {
+            "slow_answers": 0,
             "requests": 0,
             "refused_expired": 0,
             "refused_signature": 0,
@@ -300,9 +306,15 @@ class CheckingProxy:
             body = b"" if request.method == "HEAD" else refusal.xml(parts.path)
             response = Response(body, status=refusal.status, content_type="application/xml")
             return response(environ, start_response)
-        return self._forward(request, raw_uri)(environ, start_response)
+        late = 0.0
+        if request.method == "PUT":
+            with self.lock:
+                if self.slow_left > 0:
+                    self.slow_left -= 1
+                    late = self.slow_seconds
+        return self._forward(request, raw_uri, late)(environ, start_response)
 
-    def _forward(self, request, raw_uri: str):
+    def _forward(self, request, raw_uri: str, late: float = 0.0):
         from werkzeug.wrappers import Response
 
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -315,6 +327,11 @@ class CheckingProxy:
             allow_redirects=False,
             timeout=(5, 120),
         )
+        if late:
+            # The object is stored (moto answered); only the answer is late.
+            with self.lock:
+                self.stats["slow_answers"] += 1
+            time.sleep(late)
         out_headers = [
             (k, v)
             for k, v in upstream.raw.headers.items()
@@ -340,6 +357,9 @@ class CheckingProxy:
                 self.down_until = time.monotonic() + float(data.get("seconds", 60))
             elif path == "/_sim/down" and request.method == "DELETE":
                 self.down_until = 0.0
+            elif path == "/_sim/slow" and request.method == "POST":
+                self.slow_seconds = float(data.get("seconds", 5))
+                self.slow_left = int(data.get("times", 1))
             elif path == "/_sim/clock" and request.method == "POST":
                 self.clock_offset += float(data.get("advance", 0))
             elif path != "/_sim/stats" or request.method != "GET":

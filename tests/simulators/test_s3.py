@@ -192,3 +192,21 @@ def test_signature_check_is_sigv4_of_the_reference():
         "host",
     )
     assert signature == "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+
+
+def test_slow_knob_stores_the_object_then_answers_late(s3):
+    key, url = _presigned_put(s3)
+    admin = SimAdmin(
+        vast_url="http://127.0.0.1:9", arkindex_url="http://127.0.0.1:9", s3_url=s3.url
+    )
+    before = admin.s3_stats()["slow_answers"]
+    admin.s3_slow(1.5, times=1)
+    with pytest.raises(requests.ReadTimeout):
+        requests.put(url, data=b"stored anyway", timeout=0.5)
+    assert admin.s3_stats()["slow_answers"] == before + 1
+    body = s3.client().get_object(Bucket="test-bucket", Key=key)["Body"].read()
+    assert body == b"stored anyway"
+    started = time.monotonic()
+    assert requests.put(url, data=b"x", timeout=10).status_code == 200  # times=1: used up
+    assert time.monotonic() - started < 1.0
+    admin.close()

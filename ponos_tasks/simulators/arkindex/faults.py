@@ -18,6 +18,8 @@ Faults (and why each exists: what a client of a real Arkindex sees):
 - `html_502` (`status`, default 502): the HTML page a load balancer (nginx, a cloud LB)
   serves when the backend is restarting: not JSON, `text/html`.
 - `slow` (`seconds`, default 1): the answer comes, late (a loaded backend, a slow query).
+  With `after: true` the call takes effect first and only its answer is late: a client
+  that dies in that window never learns that its update was applied.
 - `rate_limit` (`retry_after`, default 1): 429 with `Retry-After` and DRF's throttling
   body ("Request was throttled. Expected available in N seconds.").
 - `task_deleted`: the task is gone (its process deleted by a user while it runs): 404 on

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 
-from flask import Flask, Response, jsonify, redirect, request
+from flask import Flask, Response, g, jsonify, redirect, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
@@ -114,7 +114,10 @@ def create_app(sim: ArkindexSimulator) -> Flask:
         faults = sim.faults
         slow = faults.take({"slow"}, **scope)
         if slow is not None:
-            time.sleep(slow.get("seconds") or 1.0)
+            if slow.get("after"):
+                g.slow_after = slow.get("seconds") or 1.0  # slept in answered_late()
+            else:
+                time.sleep(slow.get("seconds") or 1.0)
         rule = faults.take({"http_5xx", "html_502", "rate_limit"}, **scope)
         if rule is not None:
             return _http_fault(rule)
@@ -133,6 +136,13 @@ def create_app(sim: ArkindexSimulator) -> Flask:
         elif faults.take({"token_expired"}, **scope) is not None:
             state().expire_access_token(token.strip())
         return None
+
+    @app.after_request
+    def answered_late(response):
+        """`slow` with `after`: the call took effect; its answer leaves late."""
+        if g.get("slow_after"):
+            time.sleep(g.slow_after)
+        return response
 
     @app.errorhandler(ApiError)
     def api_error(error: ApiError):

@@ -22,6 +22,9 @@ LIFECYCLE_FAULTS = {
     "offline",
     "outbid",
 }
+# slow: the answer comes `delay` seconds late (default 1); with `after: true` the delay comes
+# after the call took effect (a create that rented, a destroy that destroyed, answered late),
+# the window in which a client that dies never learns what it did.
 HTTP_FAULTS = {"rate_limit", "http_5xx", "html_error", "slow"}
 ALL_FAULTS = CREATE_FAULTS | LIFECYCLE_FAULTS | HTTP_FAULTS
 RATE_LIMIT_SHAPES = ("text", "detail", "json")

@@ -10,7 +10,7 @@ import socket
 import time
 from functools import wraps
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 
 from ponos_tasks.simulators.vast.faults import FaultError
 from ponos_tasks.simulators.vast.market import GPU_CATALOG
@@ -61,7 +61,12 @@ def create_app(state) -> Flask:
     def http_fault(endpoint: str):
         slow = state.faults.take({"slow"}, endpoint=endpoint)
         if slow is not None:
-            time.sleep(float(slow.get("delay", 1.0)))
+            if slow.get("after"):
+                # Answered late *after* the call took effect (see faults.py): remembered for
+                # the wrapper, which sleeps once the view has run.
+                g.slow_after = float(slow.get("delay", 1.0))
+            else:
+                time.sleep(float(slow.get("delay", 1.0)))
         rule = state.faults.take({"rate_limit", "http_5xx", "html_error"}, endpoint=endpoint)
         if rule is None:
             return None
@@ -130,7 +135,10 @@ def create_app(state) -> Flask:
                         response.headers["X-RateLimit-Reset"] = str(int(reset))
                         return response
                 try:
-                    return view(who=who, key=key, **kwargs)
+                    answer = view(who=who, key=key, **kwargs)
+                    if g.get("slow_after"):
+                        time.sleep(g.slow_after)
+                    return answer
                 except _BadBody:
                     return json_response(
                         400, {"error": "invalid_request", "msg": "Invalid json body"}

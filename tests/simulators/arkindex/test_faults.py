@@ -176,3 +176,25 @@ def test_parse_flag_and_constructor_rules(s3_server):
         parse_flag("unknown_fault")
     with ArkindexSimulator(s3_url=s3_server.url, faults=[rule]) as sim:
         assert sim.faults.snapshot()["rules"] == [rule]
+
+
+def test_slow_after_the_effect_applies_the_update_then_answers_late(admin, sim, world):
+    """`slow` with `after`: the state update is recorded although its client gave up waiting
+    for the answer (a worker killed inside a report leaves exactly this)."""
+    agent, _, ids = world
+    admin.arkindex_faults(
+        {
+            "fault": "slow",
+            "seconds": 1.5,
+            "after": True,
+            "operation": "PartialUpdateTask",
+            "times": 1,
+        }
+    )
+    url = f"{sim.url}/api/v1/task/{ids['a']}/"
+    with pytest.raises(requests.ReadTimeout):
+        requests.patch(url, json={"state": "running"}, headers=_bearer(agent), timeout=0.5)
+    assert admin.task(ids["a"])["state"] == "running"
+    started = time.monotonic()
+    assert requests.get(url, headers=_bearer(agent), timeout=10).status_code == 200
+    assert time.monotonic() - started < 1.0

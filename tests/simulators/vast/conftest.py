@@ -36,7 +36,8 @@ class Api:
         if endpoint is not None:
             self.pacer.wait(self.identity, endpoint)
         try:
-            return self.session.request(method, self.url + path, timeout=10, **kwargs)
+            kwargs.setdefault("timeout", 10)
+            return self.session.request(method, self.url + path, **kwargs)
         finally:
             if endpoint is not None:
                 self.pacer.done(self.identity, endpoint)

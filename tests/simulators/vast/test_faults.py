@@ -211,3 +211,19 @@ def test_slow_answers(api):
 def test_faults_given_at_construction(make_sim):
     sim = make_sim(faults=[{"fault": "http_5xx", "endpoint": "account", "status": 500}])
     assert Api(sim.url)("GET", "/api/v0/users/current/").status_code == 500
+
+
+def test_slow_after_the_effect_a_create_rents_while_its_answer_is_late(api):
+    """`slow` with `after`: the create took effect (the ledger has the instance) while its
+    client, which gave up waiting, never saw the answer (the window a worker can die in)."""
+    _faults(api, {"fault": "slow", "endpoint": "create", "delay": 1.5, "after": True, "times": 1})
+    before = len(api.admin("GET", "ledger")["instances"])
+    offer = _cheapest(api)
+    body = {"image": "alpine:3", "disk": 10, "label": "late-answer"}
+    with pytest.raises(requests.ReadTimeout):
+        api("PUT", f"/api/v0/asks/{offer}/", json=body, timeout=0.5)
+    assert len(api.admin("GET", "ledger")["instances"]) == before + 1
+    assert api.admin("GET", "faults")["rules"] == []  # times=1: used up
+    started = time.monotonic()
+    assert api.create(label="prompt").status_code == 200
+    assert time.monotonic() - started < 1.0
