@@ -180,6 +180,10 @@ class SimAdmin:
         data = self._json("GET", self.arkindex_url + "/_sim/tasks")
         return {task["id"]: task for task in data["tasks"]}
 
+    def agents(self) -> list[dict]:
+        """The agents registered with Arkindex, each with every token it was given."""
+        return self._json("GET", self.arkindex_url + "/_sim/agents")["agents"]
+
     def task(self, task_id: str) -> dict:
         return self._json("GET", f"{self.arkindex_url}/_sim/tasks/{task_id}")
 
@@ -297,6 +301,7 @@ class LocalRun:
         time_scale: float = 20.0,
         vast_run_mode: str = "scripted",
         vast_options: dict | None = None,
+        stack_options: dict | None = None,
         redis: str = "private",
         redis_new_session: bool = False,
         redis_appendonly: bool = False,
@@ -309,6 +314,7 @@ class LocalRun:
         self.time_scale = time_scale
         self.vast_run_mode = vast_run_mode
         self.vast_options = dict(vast_options or {})
+        self.stack_options = dict(stack_options or {})  # more LocalStack keywords
         self.redis_mode = redis
         self.redis_new_session = redis_new_session
         self.redis_appendonly = redis_appendonly
@@ -362,6 +368,7 @@ class LocalRun:
             vast_run_mode=self.vast_run_mode,
             start_redis=False,
             vast_options=self.vast_options,
+            **self.stack_options,
         ).start()
         if not self.stack.redis_url:
             raise RuntimeError(f"no Redis answers at {self.redis_url}")

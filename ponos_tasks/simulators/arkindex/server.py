@@ -399,7 +399,18 @@ def create_app(sim: ArkindexSimulator) -> Flask:
             return jsonify(
                 {
                     "agents": [
-                        {**a.to_json(), "registered_at": a.registered_at, "last_seen": a.last_seen}
+                        {
+                            **a.to_json(),
+                            "registered_at": a.registered_at,
+                            "last_seen": a.last_seen,
+                            # Every token it was given: what a leak check looks for.
+                            "tokens": [a.refresh_token]
+                            + [
+                                token
+                                for token, (owner, _expiry) in state().access_tokens.items()
+                                if owner == a.id
+                            ],
+                        }
                         for a in state().agents.values()
                     ]
                 }
