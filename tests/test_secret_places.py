@@ -14,9 +14,9 @@ pre-signed URL Arkindex issued, and Flower's generated password.
 PLACES is the list of places, one check each (`find_secrets`, ponos_tasks/simulators/
 harness.py, which the chaos benchmarks use too). Each place also names a value it must hold
 (its `proof`: a task id, the canary a task printed...): the same check with that value listed
-as a secret fails, so no check passes because it read nothing. Two places are also shown to
-catch a real secret sent through them (a task argument in the broker and in Flower, an
-`api_key` query in a request URL).
+as a secret fails, so no check passes because it read nothing. Three places are also shown
+to catch a secret really sent through them: a task argument in the broker and in Flower, an
+`api_key` query in a request URL.
 """
 
 from __future__ import annotations
