@@ -216,16 +216,15 @@ class Demo:
             self.local.start()
         except RuntimeError as error:
             raise DemoFailed(str(error)) from None
-        flower_port = free_port()
-        self.local.start_agent(
-            config=demo_config(self.stack, self.time_scale), flower_port=flower_port
+        agent = self.local.start_agent(
+            config=demo_config(self.stack, self.time_scale), flower_port=free_port()
         )
         self.say(
             f"Local stack: Arkindex {self.stack.arkindex_url}, Vast.ai "
             f"{self.stack.vast_url} (x{self.time_scale:g}), Redis {self.stack.redis_url}"
         )
         self.say(f"Agent: worker, beat and Flower started; logs in {self.logs_dir}")
-        self.say(f"Flower: http://127.0.0.1:{flower_port}/")
+        self.say(agent.flower.notice())
 
     def stop(self) -> None:
         self.local.stop()

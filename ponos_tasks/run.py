@@ -81,7 +81,7 @@ def run_command(ctx, log_dir, flower_port):
 
         ctx.invoke(demo_command)
         return
-    from ponos_tasks.supervisor import AgentProcesses
+    from ponos_tasks.supervisor import AgentProcesses, FlowerAuthError
 
     try:
         config = load_config(path)
@@ -93,13 +93,21 @@ def run_command(ctx, log_dir, flower_port):
         click.echo(line)
     agent = AgentProcesses(Path(path).resolve(), log_dir, config.redis_url, flower_port=flower_port)
     try:
+        flower = agent.setup_flower()
+    except FlowerAuthError as error:
+        click.echo(f"ponos-vast run: {error}", err=True)
+        sys.exit(2)
+    try:
         with sigterm_as_interrupt():
             try:
                 agent.start()
                 click.echo(
-                    f"Agent running: worker, beat and Flower (http://127.0.0.1:"
-                    f"{flower_port}/); logs in {log_dir}. Ctrl-C stops it."
+                    f"Agent running: worker, beat and Flower ({flower.url}); logs in "
+                    f"{log_dir}. Ctrl-C stops it."
                 )
+                # Where the credentials are (never the password itself: stdout may be
+                # captured by a service manager's journal).
+                click.echo(f"ponos-vast run: {flower.notice()}", err=True)
                 # A process that dies (a worker after a broker failure, say) is started
                 # again with backoff, as the Procfile's platform and compose's `restart:`
                 # do; each restart is said on stderr.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -47,6 +48,97 @@ def beat_command(schedule_file: Path) -> list[str]:
 
 def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
     return celery_command("flower", f"--address={address}", f"--port={port}")
+
+
+# ---------------------------------------------------------------------- Flower's credentials
+
+# Flower can show every task and (unless read-only) revoke tasks and shut workers down, and a
+# loopback port is reachable by every local user: it never starts without basic auth. The
+# operator's FLOWER_BASIC_AUTH when set (the Procfile's and compose's variable), else a
+# password generated for this run.
+FLOWER_AUTH_VARIABLE = "FLOWER_BASIC_AUTH"
+# Flower 2.x serves its /api/* without auth when this is set: never passed on.
+FLOWER_OPEN_API_VARIABLE = "FLOWER_UNAUTHENTICATED_API"
+FLOWER_USER = "ponos"
+FLOWER_CREDENTIALS_FILE = "flower-credentials"
+
+
+class FlowerAuthError(ValueError):
+    """FLOWER_BASIC_AUTH is set but is not `user:password[,user2:password2]`."""
+
+
+def parse_basic_auth(value: str) -> list[str]:
+    """The user names of a FLOWER_BASIC_AUTH value; FlowerAuthError when malformed (the
+    message never quotes the value: it holds passwords)."""
+    users = []
+    for index, entry in enumerate(value.split(","), start=1):
+        user, sep, password = entry.partition(":")
+        if not (sep and user.strip() and password):
+            raise FlowerAuthError(
+                f"{FLOWER_AUTH_VARIABLE}: entry {index} is not user:password "
+                f"(expected user:password[,user2:password2])"
+            )
+        users.append(user)
+    return users
+
+
+@dataclass(frozen=True)
+class FlowerAccess:
+    """How Flower is reached: `basic_auth` goes to Flower's environment only (never its
+    command line, which `ps` shows); `credentials_file` is set when the password was
+    generated for this run."""
+
+    port: int
+    basic_auth: str = field(repr=False)
+    users: tuple[str, ...]
+    credentials_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def notice(self) -> str:
+        """One line for stderr: where Flower is and how to log in (never the password)."""
+        if self.credentials_file is None:
+            return (
+                f"Flower: {self.url} (basic auth from {FLOWER_AUTH_VARIABLE}, "
+                f"user {', '.join(self.users)})"
+            )
+        return (
+            f"Flower: {self.url} (user {FLOWER_USER}; password generated for this run, in "
+            f"{self.credentials_file} as user:password, readable by you only; set "
+            f"{FLOWER_AUTH_VARIABLE}=user:password to choose your own)"
+        )
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable and writable by the owner only (0600) from the first
+    byte: created under a temporary name with that mode, then renamed over any older file
+    (whose mode may have been wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def flower_access(port: int, environ: dict[str, str], log_dir: Path) -> FlowerAccess:
+    """Flower's credentials for this run: FLOWER_BASIC_AUTH from `environ` when set (an empty
+    value counts as unset), else user `ponos` and a random password written to
+    `log_dir/flower-credentials` (0600)."""
+    given = environ.get(FLOWER_AUTH_VARIABLE, "")
+    if given:
+        return FlowerAccess(port, given, tuple(parse_basic_auth(given)))
+    basic_auth = f"{FLOWER_USER}:{secrets.token_urlsafe(24)}"
+    path = log_dir / FLOWER_CREDENTIALS_FILE
+    write_private_file(path, basic_auth + "\n")
+    return FlowerAccess(port, basic_auth, (FLOWER_USER,), path)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
@@ -89,21 +181,39 @@ class AgentProcesses:
     extra_env: dict = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: dict[str, _Restarts] = field(default_factory=dict)
+    flower: FlowerAccess | None = None  # set by setup_flower() (start() calls it)
 
-    def env(self) -> dict[str, str]:
+    def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
+        return env
+
+    def env(self, name: str = "") -> dict[str, str]:
+        """The environment of process `name`. Flower's credentials reach Flower only, and
+        FLOWER_UNAUTHENTICATED_API nobody."""
+        env = self._base_env()
         env["PONOS_CONFIG"] = str(self.config_path)
         env["REDIS_URL"] = self.redis_url
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.pop(FLOWER_AUTH_VARIABLE, None)
+        env.pop(FLOWER_OPEN_API_VARIABLE, None)
+        if name == "flower" and self.flower is not None:
+            env[FLOWER_AUTH_VARIABLE] = self.flower.basic_auth
         return env
+
+    def setup_flower(self) -> FlowerAccess | None:
+        """Flower's credentials (see flower_access), once per run, so that a restarted
+        Flower keeps them; None without flower_port. Raises FlowerAuthError."""
+        if self.flower_port and self.flower is None:
+            self.flower = flower_access(self.flower_port, self._base_env(), self.log_dir)
+        return self.flower
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
         process = subprocess.Popen(
             command,
-            env=self.env(),
+            env=self.env(name),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -122,6 +232,7 @@ class AgentProcesses:
         return self._spawn(f"beat{index}", beat_command(self.log_dir / f"beat{index}-schedule"))
 
     def start(self) -> AgentProcesses:
+        self.setup_flower()  # first: a malformed FLOWER_BASIC_AUTH starts nothing
         for index in range(1, self.workers + 1):
             self.start_worker(index)
         for index in range(1, self.beats + 1):
@@ -188,6 +299,10 @@ class AgentProcesses:
         # Children of a killed main process (pool workers) share its session: sweep it.
         for process in self.processes.values():
             _signal_group(process, signal.SIGKILL)
+        # A generated password is good for this run only: no stale secret left behind.
+        if self.flower is not None and self.flower.credentials_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.flower.credentials_file.unlink()
 
     def __enter__(self) -> AgentProcesses:
         return self.start()

@@ -124,6 +124,7 @@ STACK_MODULES = {
     "test_offers_vastai_parity.py",
     "test_ratelimit.py",
     "test_registry_client.py",
+    "test_secret_places.py",
     "test_secrets.py",
     "test_sim_extra.py",
     "test_steps.py",

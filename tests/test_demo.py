@@ -152,7 +152,7 @@ vast_api:
 def test_run_with_a_config_runs_the_agent_and_never_the_simulators(tmp_path):
     """The simulators, the demo and the `sim` extra cannot be imported (here and in the
     worker, beat and Flower it starts): `run` still starts the agent for the config."""
-    env = {**os.environ, "PONOS_CONFIG": unreachable_config(tmp_path)}
+    env = {**os.environ, "PONOS_CONFIG": unreachable_config(tmp_path), "FLOWER_BASIC_AUTH": ""}
     blocked = (*SIM_EXTRA, "ponos_tasks.simulators", "ponos_tasks.demo")
     logs = tmp_path / "logs"
     process = subprocess.Popen(
@@ -185,6 +185,9 @@ def test_run_with_a_config_runs_the_agent_and_never_the_simulators(tmp_path):
         stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "Agent running: worker, beat and Flower" in stdout and "Agent stopped." in stdout
+    # Where Flower's password is, on stderr; never the password (the file is gone by now).
+    assert f"(user ponos; password generated for this run, in {logs}/flower-credentials" in stderr
+    assert not (logs / "flower-credentials").exists()
     assert NO_CONFIG_MESSAGE not in stderr and "demo" not in stdout + stderr
     for path in logs.glob("*.log"):
         text = path.read_text()

@@ -332,6 +332,174 @@ def test_flower_takes_basic_auth_from_its_environment_variable(monkeypatch):
         options.basic_auth = before
 
 
+# ---------------------------------------------------------------------------- Flower of `run`
+
+SOURCE_DIRS = ("ponos_tasks", "scripts", "benchmarks")
+
+
+def calls_naming_flower() -> set[tuple[str, str]]:
+    """(module, callee) of every call, in the project's own code, with a "flower" argument:
+    the places that could start a Flower process outside the Procfile and compose."""
+    import ast
+
+    found = set()
+    for folder in SOURCE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and any(
+                    isinstance(arg, ast.Constant) and arg.value == "flower" for arg in node.args
+                ):
+                    found.add((str(path.relative_to(ROOT)), ast.unparse(node.func)))
+    return found
+
+
+def test_every_place_that_starts_flower_requires_auth(tmp_path, procfile, compose_commands):
+    """Procfile and compose refuse to start Flower without FLOWER_BASIC_AUTH (tests above);
+    the only other place is the supervisor (`ponos-vast run`, the demo, the harness), which
+    always hands Flower credentials, in its environment only, and binds it to loopback."""
+    assert set(flower_lines(procfile, compose_commands)) == {"Procfile flower", "compose flower"}
+    assert calls_naming_flower() == {
+        ("ponos_tasks/supervisor.py", "celery_command"),  # flower_command()
+        ("ponos_tasks/supervisor.py", "self._spawn"),  # AgentProcesses.start()
+    }
+    agent = supervisor.AgentProcesses(
+        tmp_path / "agent.yml",
+        tmp_path / "logs",
+        "redis://127.0.0.1:1/0",
+        flower_port=5999,
+        extra_env={"FLOWER_BASIC_AUTH": "", "FLOWER_UNAUTHENTICATED_API": "true"},
+    )
+    access = agent.setup_flower()
+    env = agent.env("flower")
+    assert supervisor.parse_basic_auth(env["FLOWER_BASIC_AUTH"]) == ["ponos"]
+    assert "FLOWER_UNAUTHENTICATED_API" not in env
+    argv = supervisor.flower_command(agent.flower_port)
+    assert subcommand(argv) == "flower"
+    assert option_values(argv, "--address") == ["127.0.0.1"]
+    password = env["FLOWER_BASIC_AUTH"].split(":", 1)[1]
+    assert not any(password in word for word in argv)  # never on the command line (ps)
+    for other in ("worker1", "beat1"):  # the credentials reach Flower only
+        assert "FLOWER_BASIC_AUTH" not in agent.env(other)
+    assert password not in access.notice() and str(access.credentials_file) in access.notice()
+
+
+@pytest.mark.parametrize("value", ["alice", "alice:", ":pw", "alice:pw,bob", "alice:pw,"])
+def test_a_malformed_flower_basic_auth_starts_nothing(tmp_path, value):
+    agent = supervisor.AgentProcesses(
+        tmp_path / "agent.yml",
+        tmp_path / "logs",
+        "redis://127.0.0.1:1/0",
+        flower_port=5999,
+        extra_env={"FLOWER_BASIC_AUTH": value},
+    )
+    with pytest.raises(supervisor.FlowerAuthError) as raised:
+        agent.start()
+    assert agent.processes == {}
+    assert "user:password" in str(raised.value)
+    assert value not in str(raised.value)  # never quotes the value (it holds passwords)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port` (Linux /proc/net/tcp{,6})."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
+def start_flower(tmp_path, redis_url, **extra_env) -> supervisor.AgentProcesses:
+    """Flower alone (no worker or beat), through the supervisor, on a free loopback port."""
+    config = tmp_path / "agent.yml"
+    config.write_text(
+        "url: http://127.0.0.1:9\nfarm_id: 00000000-0000-0000-0000-000000000001\n"
+        f'seed: "{"ab" * 32}"\nredis_url: {redis_url}\n'
+        "vast_api: {url: 'http://127.0.0.1:9', api_key: not-a-key, offer_filters: {}}\n"
+    )
+    agent = supervisor.AgentProcesses(
+        config,
+        tmp_path / "logs",
+        redis_url,
+        workers=0,
+        beats=0,
+        flower_port=free_port(),
+        extra_env=extra_env,
+    ).start()
+    url = agent.flower.url
+    deadline = time.monotonic() + 60
+    while True:
+        assert agent.check_alive() == [], (tmp_path / "logs" / "flower.log").read_text()
+        try:
+            if requests.get(url + "healthcheck", timeout=2).status_code == 200:
+                return agent
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "Flower did not answer in 60 s"
+        time.sleep(0.3)
+
+
+def flower_status(agent, path: str, auth=None) -> int:
+    return requests.get(agent.flower.url + path, auth=auth, timeout=10).status_code
+
+
+@pytest.mark.timeout(120)
+def test_flower_started_by_the_supervisor_requires_a_generated_password(tmp_path, redis_url):
+    """No FLOWER_BASIC_AUTH: user `ponos` and a password of this run, in a 0600 file of the
+    log dir; 401 without it, 200 with it; loopback only; the password in no argv or log."""
+    agent = start_flower(tmp_path, redis_url, FLOWER_BASIC_AUTH="")
+    try:
+        access = agent.flower
+        path = tmp_path / "logs" / "flower-credentials"
+        assert access.credentials_file == path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        user, _, password = path.read_text().strip().partition(":")
+        assert user == "ponos" and len(password) >= 32
+        for page in ("", "api/tasks", "api/workers", "tasks"):
+            assert flower_status(agent, page) == 401, page
+            assert flower_status(agent, page, (user, password + "x")) == 401, page
+            assert flower_status(agent, page, (user, password)) == 200, page
+        assert listening_addresses(agent.flower_port) <= LOOPBACK
+        assert listening_addresses(agent.flower_port)
+        pid = agent.processes["flower"].pid
+        assert password not in Path(f"/proc/{pid}/cmdline").read_text()
+        assert f"FLOWER_BASIC_AUTH={user}:{password}" in Path(f"/proc/{pid}/environ").read_text(
+            errors="replace"
+        )
+    finally:
+        agent.stop()
+    assert password not in (tmp_path / "logs" / "flower.log").read_text()
+    assert not path.exists()  # the run's password goes with the run
+
+
+@pytest.mark.timeout(120)
+def test_flower_started_by_the_supervisor_takes_the_operators_credentials(tmp_path, redis_url):
+    """FLOWER_BASIC_AUTH wins (no file written); FLOWER_UNAUTHENTICATED_API opens nothing."""
+    agent = start_flower(
+        tmp_path,
+        redis_url,
+        FLOWER_BASIC_AUTH="alice:first-pw,bob:second:pw",
+        FLOWER_UNAUTHENTICATED_API="true",
+    )
+    try:
+        assert agent.flower.credentials_file is None
+        assert not (tmp_path / "logs" / "flower-credentials").exists()
+        assert "alice, bob" in agent.flower.notice() and "pw" not in agent.flower.notice()
+        assert flower_status(agent, "api/tasks") == 401
+        assert flower_status(agent, "api/tasks", ("alice", "first-pw")) == 200
+        assert flower_status(agent, "api/tasks", ("bob", "second:pw")) == 200
+        assert flower_status(agent, "api/tasks", ("ponos", "first-pw")) == 401
+    finally:
+        agent.stop()
+
+
 # ---------------------------------------------------------------------------- Redis, env
 
 

@@ -9,6 +9,10 @@ local run (a private Redis, the local stack on it, the agent's processes) that s
 Used by `ponos-vast demo`, the benchmarks and the tests (end-to-end fixtures, the steps
 harness), so that there is one copy of each admin call. Part of the `sim` extra.
 
+`find_secrets(text, secrets)` and `broker_dump(redis_client)` scan for known secrets where
+none may show (logs, Celery messages in Redis, Flower's pages, the metrics page): for
+tests/test_secret_places.py and the chaos benchmarks.
+
 Unlike the simulators (independent oracles: they import nothing from the agent), this
 module starts the agent's processes, through ponos_tasks.supervisor only: the same
 commands as the Procfile.
@@ -16,11 +20,18 @@ commands as the Procfile.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import html
+import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import requests
 import yaml
@@ -458,3 +469,102 @@ class LocalRun:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------- secret scanning
+# For the tests and the chaos benchmarks: is any known secret visible where it must not be
+# (logs, broker messages, Flower's pages, the metrics page, `status --json`)?
+
+# Shorter values would match by chance (the agent does not redact them either: logs.py).
+MIN_SCANNED_LENGTH = 4
+
+
+def _forms(value: str) -> set[str]:
+    """How a value may be written in a log line, a URL, a JSON document or an HTML page."""
+    return {
+        value,
+        quote(value, safe=""),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+        html.escape(value),
+    }
+
+
+def find_secrets(
+    text: str | bytes | None, secrets: Mapping[str, str | None] | Iterable[str | None]
+) -> list[str]:
+    """Which of `secrets` appear in `text`: their names (for a mapping name -> value), or a
+    masked form of each value found (first 4 characters + "…"), never the whole value, so
+    that a failure message does not leak it in turn. Also finds the URL-quoted, JSON- and
+    HTML-escaped forms. None and "" are skipped; a shorter value than MIN_SCANNED_LENGTH is a
+    ValueError (it would match by chance)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = text or ""
+    named = (
+        secrets.items()
+        if isinstance(secrets, Mapping)
+        else ((f"{value[:4]}…", value) for value in secrets if value)
+    )
+    found = []
+    for name, value in named:
+        if not value:
+            continue
+        if len(value) < MIN_SCANNED_LENGTH:
+            raise ValueError(f"secret {name!r} is too short to scan for")
+        if any(form in text for form in _forms(value)):
+            found.append(name)
+    return found
+
+
+def celery_message_bodies(node) -> list[str]:
+    """The decoded bodies of the kombu messages inside a JSON value (kombu stores each
+    message's body base64-encoded in Redis: scanned as stored, a secret would be missed)."""
+    bodies = []
+    if isinstance(node, dict):
+        encoding = (node.get("properties") or {}).get("body_encoding")
+        if encoding == "base64" and isinstance(node.get("body"), str):
+            with contextlib.suppress(binascii.Error, ValueError):  # not a real message
+                bodies.append(base64.b64decode(node["body"]).decode("utf-8", errors="replace"))
+        for value in node.values():
+            bodies.extend(celery_message_bodies(value))
+    elif isinstance(node, list):
+        for value in node:
+            bodies.extend(celery_message_bodies(value))
+    return bodies
+
+
+def broker_dump(client, *, skip_prefix: str | None = "ponos:") -> str:
+    """Everything a Redis broker holds, as text to scan: every key (queues, `unacked`,
+    bindings, ...) with its values, and the decoded body of each Celery message in them.
+
+    `skip_prefix`: the agent's own keys (state.DEFAULT_PREFIX), which keep what the agent
+    needs to redact and authenticate (instance keys, Arkindex tokens) and are no broker
+    message; None scans them too."""
+    lines = []
+    for key in sorted(client.scan_iter(count=1000)):
+        name = key.decode("utf-8", errors="replace")
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
+        kind = client.type(key).decode()
+        if kind == "string":
+            items = [client.get(key)]
+        elif kind == "list":
+            items = client.lrange(key, 0, -1)
+        elif kind == "hash":
+            items = [part for pair in client.hgetall(key).items() for part in pair]
+        elif kind == "set":
+            items = sorted(client.smembers(key))
+        elif kind == "zset":
+            items = client.zrange(key, 0, -1)
+        else:  # streams and others: Celery does not use them
+            items = []
+        for item in items:
+            text = item.decode("utf-8", errors="replace") if isinstance(item, bytes) else item
+            lines.append(f"{name}: {text}")
+            try:
+                decoded = json.loads(text)
+            except ValueError:
+                continue
+            lines.extend(f"{name} (body): {body}" for body in celery_message_bodies(decoded))
+    return "\n".join(lines)
