@@ -8,8 +8,8 @@ import uuid
 
 from benchmarks.chaos_checks import (
     Records,
-    blocked_tasks,
     bill,
+    blocked_tasks,
     commands_run_once,
     logs_whole,
     no_secret_shown,
