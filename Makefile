@@ -65,5 +65,12 @@ bench: install
 	$(BIN)/python -m benchmarks.cost
 	$(BIN)/python -m benchmarks.scale
 
+# The chaos suite (about 40 minutes): three seeds of 60 tasks and one run of 200, each with a
+# fault-free run of the same workload for the bill; writes RELIABILITY.md. The quick variant
+# (12 tasks) is part of `make test`.
+.PHONY: chaos
+chaos: install
+	$(BIN)/python -m benchmarks.chaos --seeds 1,2,3 --tasks 60 --big 200 --write
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from benchmarks.chaos_checks import (
 )
 from benchmarks.chaos_plan import LABEL_FAULTS, ChaosPlan, ChaosTask, Injection, build_plan
 from benchmarks.common import command_line, machine
-from ponos_tasks.simulators.harness import OVERRIDING_ENV, LocalRun
+from ponos_tasks.simulators.harness import OVERRIDING_ENV, LocalRun, broker_dump
 from ponos_tasks.simulators.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,6 +307,15 @@ class ChaosRun:
         elif kind == "arkindex_token_expiry":
             admin.arkindex_expire_token(times=1)
             self.note("Arkindex access token expired")
+        elif kind == "s3_urls_expire":
+            # S3's clock runs ahead: a URL the agent has held for more than 3 s has expired
+            # (a long task outliving its URL), while a freshly issued one still works.
+            ahead = URL_LIFETIME - 3.0
+            admin.s3_advance_clock(ahead)
+            self.later.append(
+                (time.monotonic() + p["seconds"], lambda: admin.s3_advance_clock(-ahead))
+            )
+            self.note(f"pre-signed URLs held over 3 s expire, for {p['seconds']:g} s")
         elif kind == "s3_down":
             admin.s3_down(p["seconds"])
             self.note(f"S3 down for {p['seconds']:g} s")
@@ -350,12 +360,11 @@ class ChaosRun:
     # -- the loop
 
     def sample_broker(self) -> None:
-        """What the broker holds right now (queued and unacknowledged messages)."""
+        """What the broker holds right now (queues, unacknowledged messages, their decoded
+        bodies), capped: the secret check scans it."""
         try:
             client = redis.Redis.from_url(self.local.redis_url, socket_timeout=2)
-            parts = [raw for queue in QUEUES for raw in client.lrange(queue, 0, 200)]
-            parts += list(client.hvals("unacked"))[:200]
-            self.broker_samples.append(b"\n".join(parts).decode("utf-8", "replace"))
+            self.broker_samples.append(broker_dump(client)[:200_000])
         except redis.RedisError:
             pass  # Redis is being restarted: the next sample will see it
 
@@ -374,7 +383,7 @@ class ChaosRun:
         acted: set[str] = set()
         names = {v: k for k, v in self.ids.items()}
         by_key = {t.key: t for t in self.plan.tasks}
-        last_sample = 0.0
+        last_sample = last_status = 0.0
         all_ended_at = drained_at = deleted_gone_at = None
         ended_at: dict[str, float] = {}  # task key -> when first seen terminal
         deleted = {self.ids[t.key] for t in self.plan.tasks if t.role == "delete"}
@@ -412,6 +421,13 @@ class ChaosRun:
             if now - last_sample >= 2.0:
                 self.sample_broker()
                 last_sample = now
+            if now - last_status >= 15.0:
+                counts = Counter(tasks[i]["state"] for i in self.ids.values())
+                self.say(
+                    f"[{self.elapsed():6.1f}s] "
+                    + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                )
+                last_status = now
             states = {key: tasks[task_id]["state"] for key, task_id in self.ids.items()}
             for key, state in states.items():
                 if state in TERMINAL:
@@ -464,6 +480,26 @@ class ChaosRun:
         return owners
 
     # -- the records
+
+    def fired(self) -> dict:
+        """What the services saw of the faults: aimed Vast.ai faults that never fired (their
+        rule is still there: the task's first attempt never reached that point), S3 and
+        Arkindex refusals, Vast.ai 429s."""
+        rules = self.admin._json("GET", self.admin.vast_url + "/_sim/faults")["rules"]
+        names = {v: k for k, v in self.ids.items()}
+        unfired = sorted(
+            f"{rule['fault']} on {names.get(rule['label'][1:37], rule['label'])}"
+            for rule in rules
+            if rule.get("label") and rule["fault"] in LABEL_FAULTS
+        )
+        s3 = self.admin.s3_stats()
+        return {
+            "aimed_unfired": unfired,
+            "s3_expired_urls_refused": s3["refused_expired"],
+            "s3_refused_while_down": s3["refused_down"],
+            "vast_rate_limited": sum(self.admin.stats()["rate_limited"].values()),
+            "arkindex_fault_hits": self.admin.arkindex_fault_state()["hits"],
+        }
 
     def flower_pages(self) -> str:
         user, password = FLOWER_AUTH.split(":")
@@ -546,6 +582,7 @@ def run_once(
         outcome = run.run()
         time.sleep(2 * SYNC_INTERVAL)
         records = run.records(outcome, baseline_bill)
+        fired = run.fired()
         if workdir is not None:  # kept for a post-mortem: what the simulators recorded
             dump = {k: getattr(records, k) for k in ("ids", "tasks", "logs", "ledger", "events")}
             dump["instances"] = records.instances
@@ -566,6 +603,7 @@ def run_once(
         "injected": run.injected,
         "untriggered": run.untriggered,
         "fault_counts": plan.fault_counts(),
+        "fired": fired,
         "verdicts": [v.__dict__ for v in verdicts],
         "holds": (not outcome.get("timed_out")) and all(v.holds for v in verdicts) and not dead,
     }
@@ -666,12 +704,24 @@ def markdown(results: list[dict], command: str) -> str:
         out.append(
             f"| {kind} | " + " | ".join(str(r["fault_counts"].get(kind, 0)) for r in results) + " |"
         )
+    seen = [
+        ("aimed Vast.ai faults that never fired", lambda f: len(f["aimed_unfired"])),
+        ("Vast.ai answers 429 (injected and earned)", lambda f: f["vast_rate_limited"]),
+        ("S3: expired pre-signed URLs refused", lambda f: f["s3_expired_urls_refused"]),
+        ("S3: requests refused while down", lambda f: f["s3_refused_while_down"]),
+        ("Arkindex: faulty answers", lambda f: sum(f["arkindex_fault_hits"].values())),
+    ]
+    for label, figure in seen:
+        out.append(f"| *{label}* | " + " | ".join(str(figure(r["fired"])) for r in results) + " |")
     for r in results:
         problems = [p for v in r["verdicts"] for p in v["problems"]]
-        if problems or r["untriggered"]:
+        if problems or r["untriggered"] or r["fired"]["aimed_unfired"]:
             out += ["", f"### Seed {r['seed']} ({r['tasks']} tasks): notes", ""]
             out += [f"- {p}" for p in problems]
             out += [f"- injection not triggered: {u}" for u in r["untriggered"]]
+        if r["fired"]["aimed_unfired"]:
+            out += ["", f"Seed {r['seed']} ({r['tasks']} tasks), aimed faults that never fired:"]
+            out += [f"- {line}" for line in r["fired"]["aimed_unfired"]]
     return "\n".join(out) + "\n"
 
 

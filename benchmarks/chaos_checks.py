@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from benchmarks.chaos_plan import ChaosPlan, ChaosTask
+from ponos_tasks.simulators.harness import MIN_SCANNED_LENGTH, find_secrets
 
 TERMINAL = {"completed", "failed", "error", "stopped", "cancelled"}
 # A pre-signed URL's signature, whatever URL it was cut from.
@@ -247,9 +248,9 @@ def _ran(rec: Records, task: ChaosTask) -> bool:
 def no_secret_shown(rec: Records) -> Verdict:
     problems = []
     for place, text in sorted(rec.places.items()):
-        for what, value in sorted(rec.secrets.items()):
-            if value and len(value) >= 6 and value in text:
-                problems.append(f"{what} shown in {place}")
+        scanned = {k: v for k, v in rec.secrets.items() if v and len(v) >= MIN_SCANNED_LENGTH}
+        for what in find_secrets(text, scanned):
+            problems.append(f"{what} shown in {place}")
         for match in SIGNATURE.finditer(text):
             problems.append(f"a pre-signed URL signature ({match[1][:8]}…) shown in {place}")
     n_places, n_secrets = len(rec.places), len(rec.secrets)

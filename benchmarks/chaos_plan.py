@@ -191,6 +191,7 @@ FULL_INJECTIONS = {
     "arkindex_slow": 1,
     "arkindex_token_expiry": 1,
     "s3_down": 1,  # 30 s of 503 from S3
+    "s3_urls_expire": 1,  # for 30 s every pre-signed URL held over 3 s is expired
 }
 QUICK_INJECTIONS = {
     "kill_worker": 1,
@@ -205,6 +206,7 @@ QUICK_INJECTIONS = {
     "arkindex_html_502": 1,
     "arkindex_token_expiry": 1,
     "s3_down": 1,
+    "s3_urls_expire": 1,
 }
 
 
@@ -221,7 +223,7 @@ def _params(kind: str, rng: random.Random, window: float) -> dict:
         return {"endpoint": rng.choice(("list", "logs")), "delay": 3.0, "times": 5}
     if kind == "vast_429_storm":
         return {"times": 5}
-    if kind in ("arkindex_5xx", "arkindex_html_502", "s3_down"):
+    if kind in ("arkindex_5xx", "arkindex_html_502", "s3_down", "s3_urls_expire"):
         return {"seconds": window}
     if kind == "arkindex_slow":
         return {"seconds": 3.0, "times": 10}
