@@ -126,6 +126,7 @@ STACK_MODULES = {
     "test_registry_client.py",
     "test_secrets.py",
     "test_sim_extra.py",
+    "test_startup.py",
     "test_steps.py",
     "test_vast_client.py",
     "test_wrapper.py",
