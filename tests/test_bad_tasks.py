@@ -110,7 +110,7 @@ def test_the_simulator_refuses_a_command_longer_than_vast_accepts(stack):
             args=["-c", "x" * MAX_COMMAND_CHARS],
         )
     assert refused.value.status == 400 and refused.value.error == "invalid_args"
-    assert "more than 4096" in refused.value.msg
+    assert "onstart + args longer than 4096 characters" in refused.value.msg
 
 
 def test_a_create_vast_refuses_ends_error_without_an_instance(contexts, admin):
