@@ -17,7 +17,7 @@ from functools import cached_property
 
 import redis
 
-from ponos_tasks.arkindex import ArkindexAgentClient
+from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError
 from ponos_tasks.config import AgentConfig, current_config
 from ponos_tasks.lifecycle import agent_short_id
 from ponos_tasks.ratelimit import RedisRateLimiter
@@ -32,7 +32,7 @@ from ponos_tasks.state import (
     TaskLogBook,
     TaskStore,
 )
-from ponos_tasks.vast import VastClient
+from ponos_tasks.vast import VastClient, VastError
 from ponos_tasks.wrapper import marker_nonce
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,35 @@ class AgentContext:
 
     def now(self) -> float:
         return time.time()
+
+
+def service_problem(
+    context: AgentContext, *, arkindex: bool = True, vast: bool = True
+) -> str | None:
+    """The first service of the configuration that cannot be used, as one line starting with
+    the key to look at; None when every one answers. Redis first: everything else keeps its
+    state there. `arkindex` registers the agent (as the worker does at start), `vast` makes
+    one authenticated Vast.ai call."""
+    config = context.config
+    probe = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        probe.ping()
+    except redis.RedisError as error:
+        # redis-py's messages name host and port, never the password.
+        return f"redis_url: no usable Redis at {config.redis_location()} ({error})"
+    finally:
+        probe.close()
+    try:
+        if arkindex:
+            context.agent_short_id()  # registers (or reuses the stored credentials)
+    except ArkindexError as error:
+        return f"url: {error}"
+    try:
+        if vast:
+            context.vast.check_auth()
+    except VastError as error:
+        return f"vast_api: {error}"
+    return None
 
 
 _contexts: dict[int, AgentContext] = {}

@@ -42,12 +42,16 @@ else:
     app.conf.broker_url = redis_url_from_environment()
 
 
+# The real stderr: beat redirects sys.stderr into its log (a "WARNING" line) by then.
+_STDERR = sys.__stderr__
+
+
 def _require_config():
     """The configuration, or exit 2 with its problems (worker and beat only)."""
     if _config_error is not None:
         for problem in _config_error.problems:
-            print(problem, file=sys.stderr)
-        sys.stderr.flush()
+            print(problem, file=_STDERR)
+        _STDERR.flush()
         os._exit(2)
     logging.getLogger("ponos_tasks").setLevel(_config.logging.level)
     if _config.sentry.dsn:
@@ -81,27 +85,32 @@ def init_sentry(config, **options) -> None:
     )
 
 
+def _require_services(**checks) -> None:
+    """Exit 1 with one line naming the service that cannot be used (instead of Celery retrying
+    an unreachable broker forever, or a traceback)."""
+    from ponos_tasks.agent import get_context, service_problem
+
+    problem = service_problem(get_context(), **checks)
+    if problem is not None:
+        print(f"ponos-vast: cannot start: {problem}", file=_STDERR)
+        _STDERR.flush()
+        os._exit(1)
+
+
 @signals.beat_init.connect
 def _check_beat(**_):
     _require_config()
+    _require_services(arkindex=False, vast=False)  # beat only talks to Redis
 
 
 @signals.worker_init.connect
 def _set_up_worker(**_):
-    """Set-up: configuration, Arkindex registration, one authenticated Vast.ai call."""
+    """Set-up: configuration, Redis, Arkindex registration, one authenticated Vast.ai call."""
     _require_config()
     from ponos_tasks.agent import get_context
-    from ponos_tasks.arkindex import ArkindexError
-    from ponos_tasks.vast import VastError
 
+    _require_services()
     context = get_context()
-    try:
-        context.agent_short_id()  # registers (or reuses the stored credentials)
-        context.vast.check_auth()
-    except (ArkindexError, VastError) as error:
-        print(f"ponos-vast: cannot start: {error}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(1)
     logger.info(
         "agent %s ready: %s", context.config.agent_name, "; ".join(context.config.summary())
     )

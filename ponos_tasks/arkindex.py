@@ -82,23 +82,50 @@ class TaskDefinition:
     parents: dict[str, str]  # parent task id -> slug (the TASK_PARENTS mapping)
     s3_logs_put_url: str | None = field(repr=False)
     requires_gpu: bool = False
+    # What makes this definition impossible to run (a field of the wrong type, a malformed
+    # parent): the task is refused before anything is rented, with these in its log.
+    problems: tuple[str, ...] = ()
 
     @classmethod
-    def from_api(cls, data: dict) -> TaskDefinition:
+    def from_api(cls, data: dict, task_id: str = "") -> TaskDefinition:
+        """Tolerant: a field of the wrong type is a problem of the definition (kept in
+        `problems`), not an exception, so that the task can still be ended and its log
+        published (the pre-signed log URL is in the same answer)."""
+        problems: list[str] = []
+        image = data.get("image")
+        if image is not None and not isinstance(image, str):
+            problems.append(f"image is a {type(image).__name__}, not a string")
+        command = data.get("command")
+        if command is not None and not isinstance(command, str):
+            problems.append(f"command is a {type(command).__name__}, not a string")
+            command = None
+        env = data.get("env")
+        if env is not None and not isinstance(env, dict):
+            problems.append(f"env is a {type(env).__name__}, not a mapping")
+            env = None
         parents = data.get("parents") or []
+        parent_map: dict[str, str] = {}
         if isinstance(parents, dict):
             parent_map = {str(k): str(v) for k, v in parents.items()}
+        elif isinstance(parents, list):
+            for parent in parents:
+                if isinstance(parent, dict) and parent.get("id") and parent.get("slug"):
+                    parent_map[str(parent["id"])] = str(parent["slug"])
+                else:
+                    problems.append(f"parent {json.dumps(parent)[:60]} has no id and slug")
         else:
-            parent_map = {str(p["id"]): str(p["slug"]) for p in parents}
+            problems.append(f"parents is a {type(parents).__name__}, not a list")
+        url = data.get("s3_logs_put_url")
         return cls(
-            id=str(data["id"]),
+            id=str(data.get("id") or task_id),
             slug=str(data.get("slug") or ""),
-            image=data["image"],
-            command=data.get("command") or None,
-            env={str(k): str(v) for k, v in (data.get("env") or {}).items()},
+            image=image if isinstance(image, str) else "",
+            command=command or None,
+            env={str(k): "" if v is None else str(v) for k, v in (env or {}).items()},
             parents=parent_map,
-            s3_logs_put_url=data.get("s3_logs_put_url"),
+            s3_logs_put_url=url if isinstance(url, str) else None,
             requires_gpu=bool(data.get("requires_gpu", False)),
+            problems=tuple(problems),
         )
 
 
@@ -283,8 +310,13 @@ def derivation(seed: str, private_key: ec.EllipticCurvePrivateKey, server_public
     return base64.b64encode(derived).decode()
 
 
+class _BadAnswer(Exception):
+    """A 2xx answer that is not JSON (an HTML page, a cut body): retried like a 5xx, since a
+    later answer may be whole."""
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+    if isinstance(exc, requests.ConnectionError | requests.Timeout | _BadAnswer):
         return True
     if isinstance(exc, ErrorResponse):
         return exc.status_code >= 500 or exc.status_code == 429
@@ -479,11 +511,15 @@ class ArkindexAgentClient:
         try:
             for attempt in self._retrying():
                 with attempt:
-                    return self.api.single_request(operation_id, **params)
+                    return self._decoded(operation_id, **params)
         except requests.RequestException as exc:
             raise ArkindexUnavailable(
                 f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
                 f"({type(exc).__name__})"
+            ) from None
+        except _BadAnswer as exc:
+            raise ArkindexUnavailable(
+                f"Arkindex {self.url}: {operation_id} answered {exc} {self.max_attempts} times"
             ) from None
         except ErrorResponse as exc:
             if _is_transient(exc):
@@ -492,6 +528,18 @@ class ArkindexAgentClient:
                     f"(HTTP {exc.status_code})"
                 ) from None
             raise
+
+    def _decoded(self, operation_id: str, **params) -> Any:
+        """One request; its answer must be JSON. arkindex-client raises a bare ValueError on
+        a cut JSON body and returns the text of an HTML page (status 200): both are bad
+        answers here, never data."""
+        try:
+            result = self.api.single_request(operation_id, **params)
+        except ValueError:
+            raise _BadAnswer("invalid JSON (a cut or garbled body)") from None
+        if result is not None and not isinstance(result, dict | list):
+            raise _BadAnswer(f"a {type(result).__name__} instead of JSON (an HTML page?)")
+        return result
 
     def _set_token(self, creds: dict) -> None:
         self._creds = creds
@@ -690,8 +738,17 @@ class ArkindexAgentClient:
             if any(f.name == "capacity" for f in link.get_query_fields()):
                 params["capacity"] = capacity
         resp = self._call("RetrieveAgentActions", **params) or {}
-        items = resp.get("actions", []) if isinstance(resp, dict) else resp
-        return [Action(kind=str(a["action"]), task_id=str(a["task_id"])) for a in items]
+        items = resp.get("actions") if isinstance(resp, dict) else resp
+        if not isinstance(items, list):
+            raise ArkindexUnavailable(f"RetrieveAgentActions: actions is {json.dumps(items)[:40]}")
+        actions = []
+        for item in items:
+            # An action without a kind or a task is nothing to act on: skipped, said once.
+            if isinstance(item, dict) and item.get("action") and item.get("task_id"):
+                actions.append(Action(kind=str(item["action"]), task_id=str(item["task_id"])))
+            else:
+                logger.warning("RetrieveAgentActions: ignoring %s", json.dumps(item)[:80])
+        return actions
 
     DEFINITIONS_KEPT = 256
     DEFINITION_TTL = 600.0  # s; well under a pre-signed URL's lifetime
@@ -712,7 +769,9 @@ class ArkindexAgentClient:
             if exc.status_code == 404:
                 raise TaskGone(task_id) from None
             raise
-        definition = TaskDefinition.from_api(answer)
+        if not isinstance(answer, dict):
+            raise ArkindexUnavailable(f"the definition of task {task_id} is not a JSON object")
+        definition = TaskDefinition.from_api(answer, task_id)
         with self._lock:
             self._definitions[task_id] = (now, definition)
             self._definitions.move_to_end(task_id)

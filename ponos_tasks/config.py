@@ -56,11 +56,44 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+def _port_problem(value: str) -> str | None:
+    """Why the URL's port is unusable (urlsplit only checks it when asked), or None."""
+    try:
+        _ = urlsplit(value).port
+    except ValueError as error:
+        return str(error).lower()  # "port out of range 0-65535", "port could not be cast..."
+    return None
+
+
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not a valid http(s) URL")
+    port = _port_problem(value)
+    if port:
+        raise ValueError(f"not a valid http(s) URL ({port})")
     return value.rstrip("/")
+
+
+def _redis_url(value: str) -> str:
+    """A Redis URL redis-py can use as it is meant: redis-py silently ignores a database that
+    is not a number (and uses 0), and fails only at the first connection on a bad port."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("not a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis.sock)")
+        return value
+    if not parts.hostname:
+        raise ValueError(f"no host in the URL (write {parts.scheme}://HOST:PORT/DB)")
+    port = _port_problem(value)
+    if port:
+        raise ValueError(port)
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"the database must be a number (/0, /1...), not {database!r}")
+    return value
 
 
 class _Section(BaseModel):
@@ -202,9 +235,7 @@ class AgentConfig(_Section):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("not a redis://, rediss:// or unix:// URL")
-        return value
+        return _redis_url(value)
 
     def secrets(self) -> list[str]:
         """Every secret value held (for redaction), longest first, no empty ones."""
@@ -215,15 +246,19 @@ class AgentConfig(_Section):
         values += [dsn_key, redis_password]
         return sorted({v for v in values if v}, key=len, reverse=True)
 
+    def redis_location(self) -> str:
+        """The Redis URL without its password (for messages)."""
+        parts = urlsplit(self.redis_url)
+        return (
+            f"{parts.scheme}://{parts.hostname or ''}"
+            + (f":{parts.port}" if parts.port else "")
+            + (parts.path or "")
+        )
+
     def summary(self) -> list[str]:
         """Human lines describing the config, without any secret."""
         vast = self.vast_api
-        redis_parts = urlsplit(self.redis_url)
-        redis_where = (
-            f"{redis_parts.scheme}://{redis_parts.hostname or ''}"
-            + (f":{redis_parts.port}" if redis_parts.port else "")
-            + (redis_parts.path or "")
-        )
+        redis_where = self.redis_location()
         filters = (
             " ".join(
                 f"{field}.{op}={value!r}"
@@ -294,14 +329,15 @@ def _key_name(location: tuple) -> str:
     return name
 
 
-def _known_keys(location: tuple) -> list[str]:
+def _section_model(location: tuple) -> Any:
+    """The model holding the key at `location` (None when it is not a model's key)."""
     model: Any = AgentConfig
     for part in location[:-1]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
         if field is None:
-            return []
+            return None
         annotation = field.annotation
         args = getattr(annotation, "__args__", ())
         model = next(
@@ -309,8 +345,17 @@ def _known_keys(location: tuple) -> list[str]:
             None,
         )
         if model is None:
-            return []
-    return list(model.model_fields)
+            return None
+    return model
+
+
+def _known_keys(location: tuple) -> list[str]:
+    model = _section_model(location)
+    return list(model.model_fields) if model is not None else []
+
+
+# pydantic's error types for a value that is not the number a key takes.
+_NUMBER_ERRORS = {"float_parsing", "float_type", "int_parsing", "int_type", "int_from_float"}
 
 
 def _problem(error: dict) -> str:
@@ -331,24 +376,37 @@ def _problem(error: dict) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         if message.startswith(prefix):
             message = message[len(prefix) :]
+    if kind in _NUMBER_ERRORS and location and isinstance(error.get("input"), str):
+        # "50GB", "10s", "1h": say which unit the key takes, so the fix is obvious.
+        model = _section_model(location)
+        field = model.model_fields.get(str(location[-1])) if model is not None else None
+        if field is not None and field.description:
+            message += (
+                f" (got {error.get('input')!r}; {field.description}: a plain number, no unit)"
+            )
     return f"{key}: {message}"
 
 
 def load_config(path: str | None, environ: Mapping[str, str] = os.environ) -> AgentConfig:
     """Read `path` (optional: everything may come from the environment) and validate."""
     data: Any = {}
+    empty_file = False
     if path is not None:
         try:
             with open(path, encoding="utf-8") as handle:
                 data = yaml.safe_load(handle)
         except OSError as error:
             raise ConfigError([f"{path}: cannot read ({error.strerror or error})"]) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                [f"{path}: not UTF-8 text (byte {error.start}); is it the right file?"]
+            ) from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError([f"{path}: not valid YAML{where}"]) from None
         if data is None:
-            data = {}
+            data, empty_file = {}, True
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of keys"])
     _apply_environment(data, environ)
@@ -356,6 +414,13 @@ def load_config(path: str | None, environ: Mapping[str, str] = os.environ) -> Ag
         return AgentConfig.model_validate(data)
     except ValidationError as error:
         problems = list(dict.fromkeys(_problem(e) for e in error.errors()))
+        if empty_file:
+            # Most likely the wrong file (or one truncated by an editor): one line, not one
+            # per missing key.
+            missing = [line.split(":", 1)[0] for line in problems]
+            problems = [
+                f"{path}: the file is empty, and the environment does not give {', '.join(missing)}"
+            ]
         raise ConfigError(problems) from None
 
 
@@ -379,8 +444,16 @@ def redis_url_from_environment(environ: Mapping[str, str] = os.environ) -> str:
 
 
 @click.command("check-config")
-@click.argument("file", type=click.Path(dir_okay=False))
-def check_config_command(file: str):
+# A plain path: load_config says in one line what is wrong with it (missing, a directory,
+# unreadable), where click would print its usage text.
+@click.argument("file", type=click.Path())
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also check that Redis, Arkindex (registering the agent, as the worker does) and "
+    "Vast.ai (one authenticated call) answer: exit status 1 and one line if one does not.",
+)
+def check_config_command(file: str, connect: bool):
     """Validate an agent configuration FILE (and the environment overrides).
 
     Prints OK and a summary without secrets, or one line per problem and exits with 2.
@@ -391,6 +464,16 @@ def check_config_command(file: str):
         for problem in error.problems:
             click.echo(problem, err=True)
         sys.exit(2)
+    if connect:
+        # Imported here: a plain check-config must not need the clients.
+        from ponos_tasks.agent import AgentContext, service_problem
+
+        # The clients log each retry; here only the verdict is wanted, on one line.
+        logging.getLogger().addHandler(logging.NullHandler())
+        problem = service_problem(AgentContext(config))
+        if problem is not None:
+            click.echo(problem, err=True)
+            sys.exit(1)
     click.echo("OK")
     for line in config.summary():
         click.echo(f"  {line}")

@@ -51,6 +51,11 @@ class ImageConfigUnavailable(Exception):
         super().__init__(reason)
 
 
+class ImageNotFound(ImageConfigUnavailable):
+    """The registry answered that the image does not exist (404 on its manifest): no instance
+    could ever pull it."""
+
+
 @dataclass(frozen=True)
 class ImageReference:
     registry: str  # as written by users: "docker.io", "127.0.0.1:5000", "ghcr.io"
@@ -288,7 +293,7 @@ class RegistryClient:
     def _manifest(self, ref: ImageReference, reference: str) -> tuple[str, str, dict]:
         response = self._get(ref, f"manifests/{reference}", headers={"Accept": ACCEPT})
         if response.status_code == 404:
-            raise ImageConfigUnavailable(f"image {ref} not found in registry {ref.registry}")
+            raise ImageNotFound(f"image {ref} not found in registry {ref.registry}")
         if response.status_code != 200:
             raise ImageConfigUnavailable(
                 f"{ref}: registry {ref.registry} answered HTTP {response.status_code}"

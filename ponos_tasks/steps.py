@@ -22,6 +22,7 @@ from redis.exceptions import LockNotOwnedError
 
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import ArkindexError, ReportInFlight, TaskGone, TransitionRefused
+from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
     ARKINDEX_TERMINAL_STATES,
@@ -40,10 +41,28 @@ from ponos_tasks.reconcile import (
     plan,
     watch_decision,
 )
-from ponos_tasks.registry_client import ImageConfigUnavailable
+from ponos_tasks.registry_client import (
+    ImageConfigUnavailable,
+    ImageNotFound,
+    parse_image_reference,
+)
 from ponos_tasks.state import release
-from ponos_tasks.vast import CreateOutcomeUnknown, InstanceNotFound, OfferUnavailable, VastError
-from ponos_tasks.wrapper import is_wrapped, parse_exit_marker, split_command, wrap_command
+from ponos_tasks.vast import (
+    CreateOutcomeUnknown,
+    InstanceNotFound,
+    OfferUnavailable,
+    VastAuthError,
+    VastError,
+    VastRateLimited,
+)
+from ponos_tasks.wrapper import (
+    UnsplittableCommand,
+    WrapperTooLong,
+    is_wrapped,
+    parse_exit_marker,
+    split_command,
+    wrap_command,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +177,8 @@ def instance_command(
     else:
         try:
             argv = ctx.registry.image_command(definition.image)
+        except ImageNotFound:
+            raise  # the image does not exist: the caller refuses the task
         except ImageConfigUnavailable as error:
             _note(
                 ctx,
@@ -328,11 +349,25 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         return _task_deleted(ctx, record)
     if record.stop_requested:
         return None
-    onstart, args, inferred = instance_command(ctx, task_id, definition)
+    problem = definition_problem(definition)
+    if problem is not None:
+        return _refuse_task(ctx, record, problem)
+    try:
+        onstart, args, inferred = instance_command(ctx, task_id, definition)
+    except ImageNotFound as error:
+        return _refuse_task(ctx, record, f"its image does not exist ({error.reason})")
+    except WrapperTooLong as error:
+        return _refuse_task(ctx, record, f"its command is too long: the {error}")
+    except UnsplittableCommand as error:
+        return _refuse_task(ctx, record, f"its command is not valid: {error}")
+    env = instance_environment(ctx, definition)
+    problem = create_request_problem(definition.image, env, onstart, args)
+    if problem is not None:
+        return _refuse_task(ctx, record, problem)
     request = dict(
         image=definition.image,
         label=record.label,
-        env=instance_environment(ctx, definition),
+        env=env,
         disk=ctx.config.vast_api.disk_gb,
         runtype="args",
         onstart=onstart,
@@ -346,6 +381,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         ctx.vast.destroy_instance(record.kept_instance_id)
         ctx.store.touch(task_id, kept_instance_id=None)
     tried = 0
+    refusals: list[str] = []  # Vast.ai's answers to creates it refused (4xx)
     for offer in offers:
         if tried == ctx.settings.offers_tried_per_create:
             break
@@ -388,6 +424,19 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             )
             ctx.store.touch(task_id, create_unknown_at=ctx.now(), heartbeat_at=ctx.now())
             return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
+        except VastError as error:
+            # A refusal (400 invalid_args...) is a definite answer: nothing was created. It
+            # may be this offer's (a host's rule): the next offer is tried; when every
+            # offer tried refused, the task is refused below.
+            if (
+                error.status is None
+                or not 400 <= error.status < 500
+                or isinstance(error, VastAuthError | VastRateLimited)
+            ):
+                raise
+            refusals.append(error.msg)
+            _note(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
+            continue
         if not created.started:
             _note(
                 ctx,
@@ -402,6 +451,8 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             record = ctx.store.get(task_id)
             continue
         return _record_instance(ctx, record, None, created=created, offer=offer, inferred=inferred)
+    if refusals and len(refusals) == tried:
+        return _refuse_task(ctx, record, f"Vast.ai refused to create its instance ({refusals[-1]})")
     # Nothing could be rented: give the attempt number back and wait for an offer.
     if ctx.store.cas(
         task_id,
@@ -413,6 +464,37 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         heartbeat_at=ctx.now(),
     ):
         return Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
+    return None
+
+
+def definition_problem(definition) -> str | None:
+    """Why a task definition can never run, in one line (None when it can)."""
+    if definition.problems:
+        return "its definition is malformed: " + "; ".join(definition.problems)
+    if not definition.image.strip():
+        return "its definition has no image"
+    try:
+        parse_image_reference(definition.image)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _refuse_task(ctx: AgentContext, record: TaskRecord, problem: str) -> Next | None:
+    """The task cannot run as defined: it ends `error` with the reason in its log, and
+    nothing is rented (publish_logs, report_state and destroy_instance find no instance)."""
+    reason = f"the task cannot run: {problem}; no instance was rented for it"
+    if ctx.store.cas(
+        record.task_id,
+        expect_phase=Phase.CREATING,
+        expect_attempt=record.attempt,
+        phase=Phase.FINISHING,
+        final_state="error",
+        reason=reason,
+        heartbeat_at=ctx.now(),
+    ):
+        _note(ctx, record.task_id, reason, "ERROR")
+        return Next(StepName.PUBLISH_LOGS)
     return None
 
 

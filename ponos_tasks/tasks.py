@@ -18,7 +18,7 @@ from ponos_tasks.models import SYNC_QUEUE, Next, StepName
 from ponos_tasks.settings import SYNC_SOFT_TIME_LIMIT, SYNC_TIME_LIMIT
 from ponos_tasks.steps import STEPS, Step, run_step
 from ponos_tasks.steps import sync as sync_step
-from ponos_tasks.vast import VastRateLimited, VastServerError, VastTransportError
+from ponos_tasks.vast import VastBadAnswer, VastRateLimited, VastServerError, VastTransportError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ TRANSIENT = (
     VastRateLimited,
     VastServerError,
     VastTransportError,
+    VastBadAnswer,
     ArkindexUnavailable,
     redis.ConnectionError,
     redis.TimeoutError,

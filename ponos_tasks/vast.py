@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 USER_AGENT = f"ponos-vast/{_version} (+https://gitlab.teklia.com/arkindex/ponos)"
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After means "give up now" (official client's rule)
 PAGE_SIZE = 25  # v1 list maximum
+# A listing that has not ended after this many pages (10 000 instances, hundreds of times
+# max_instances), or after this many pages in a row without a new instance, is broken: it is
+# abandoned with an error rather than followed forever.
+MAX_PAGES = 400
+MAX_IDLE_PAGES = 3
 
 
 # --------------------------------------------------------------------------- errors
@@ -99,6 +104,14 @@ class VastServerError(VastError):
 
 class VastTransportError(VastError):
     """No usable answer: connection refused/reset, timeout, truncated body."""
+
+    retryable = True
+
+
+class VastBadAnswer(VastError):
+    """A 2xx answer that is not what the call returns: an HTML page (a proxy's), truncated
+    or invalid JSON, a field of the wrong type, a listing that does not end. Retried for reads
+    (a later answer may be whole); never taken for an answer ("no instance", "no offer")."""
 
     retryable = True
 
@@ -294,7 +307,17 @@ class VastClient:
     def search_offers(self, query: Mapping[str, Any]) -> list[Offer]:
         """POST /bundles/ with a query object (offers.build_query) -> offers as Vast orders them."""
         body = self._call("POST", "/api/v0/bundles/", "search", body=dict(query))
-        return [Offer.from_dict(row) for row in body.get("offers") or () if isinstance(row, dict)]
+        rows = body.get("offers")
+        if not isinstance(rows, list):  # null is no "no offer": Vast.ai answers [] for that
+            raise VastBadAnswer(
+                f"offers is a {type(rows).__name__}, not a list", context="POST /api/v0/bundles/"
+            )
+        # A row without a numeric id cannot be rented: skipped (the others are still offers).
+        return [
+            Offer.from_dict(row)
+            for row in rows
+            if isinstance(row, dict) and _int(row.get("id")) is not None
+        ]
 
     def create_instance(
         self,
@@ -367,19 +390,48 @@ class VastClient:
         }
         if label is not None:
             params["select_filters"] = json.dumps({"label": {"eq": label}})
-        instances: list[Instance] = []
+        # A partial listing is never returned: the label lookup before a create takes "not
+        # listed" for "does not exist", so a listing cut short could rent a second instance.
+        context = "GET /api/v1/instances/"
+        found: dict[int, Instance] = {}
         seen_tokens: set[str] = set()
-        while True:
+        idle = 0
+        for _page in range(MAX_PAGES):
             body = self._call("GET", "/api/v1/instances/", "list", params=params)
-            for row in body.get("instances") or ():
+            rows = body.get("instances")
+            if not isinstance(rows, list):
+                raise VastBadAnswer(
+                    f"instances is {json.dumps(rows)[:40]}, not a list", context=context
+                )
+            new = 0
+            for row in rows:
                 # A row without an id is nothing this agent could act on: skipped, not fatal.
-                if isinstance(row, dict) and _int(row.get("id")) is not None:
-                    instances.append(Instance.from_dict(row))
+                instance_id = _int(row.get("id")) if isinstance(row, dict) else None
+                if instance_id is not None and instance_id not in found:
+                    found[instance_id] = Instance.from_dict(row)
+                    new += 1
             token = body.get("next_token")
-            if not token or token in seen_tokens:  # a repeated token would loop forever
+            if token is None or token == "":
                 break
+            if not isinstance(token, str | int) or isinstance(token, bool):
+                raise VastBadAnswer(f"next_token is a {type(token).__name__}", context=context)
+            token = str(token)
+            if token in seen_tokens:
+                raise VastBadAnswer(
+                    f"the listing repeats next_token {token[:40]!r}: it would never end",
+                    context=context,
+                )
+            idle = 0 if new else idle + 1
+            if idle >= MAX_IDLE_PAGES:
+                raise VastBadAnswer(
+                    f"{idle} pages in a row without a new instance: the listing does not end",
+                    context=context,
+                )
             seen_tokens.add(token)
             params["after_token"] = token
+        else:
+            raise VastBadAnswer(f"the listing did not end after {MAX_PAGES} pages", context=context)
+        instances = sorted(found.values(), key=lambda i: i.id)
         if label_prefix is not None:
             instances = [i for i in instances if (i.label or "").startswith(label_prefix)]
         return instances
@@ -392,7 +444,15 @@ class VastClient:
         row = body.get("instances")
         if isinstance(row, list):  # tolerate a list-shaped answer
             row = row[0] if row else None
-        return Instance.from_dict(row) if isinstance(row, dict) else None
+        if row is None:
+            return None  # Vast.ai's answer for an instance that is gone (or not ours)
+        if not isinstance(row, dict) or _int(row.get("id")) != int(instance_id):
+            # Not "gone": an answer we cannot read says nothing about the instance.
+            raise VastBadAnswer(
+                f"instances is {json.dumps(row)[:60]}, not instance {int(instance_id)}",
+                context=f"GET /api/v0/instances/{int(instance_id)}/",
+            )
+        return Instance.from_dict(row)
 
     def request_logs(
         self,
@@ -412,6 +472,10 @@ class VastClient:
         path = f"/api/v0/instances/request_logs/{int(instance_id)}/"
         body = self._call("PUT", path, "logs", body=payload)
         result_url = body.get("result_url")
+        if result_url is not None and not isinstance(result_url, str):
+            raise VastBadAnswer(
+                f"result_url is a {type(result_url).__name__}", context=f"PUT {path}"
+            )
         if not result_url:
             error, msg = body.get("error"), body.get("msg") or "no result_url in the answer"
             raise VastError(_squash(str(msg)), status=200, error=_str(error), context=f"PUT {path}")
@@ -465,10 +529,7 @@ class VastClient:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        response = retrying(
-            self._attempt, method, path, endpoint, body, params, create, before_send
-        )
-        return self._json(response, method, path, create)
+        return retrying(self._attempt, method, path, endpoint, body, params, create, before_send)
 
     def _attempt(
         self,
@@ -479,7 +540,7 @@ class VastClient:
         params: Mapping[str, str] | None,
         create: bool,
         before_send: Callable[[], None] | None = None,
-    ) -> requests.Response:
+    ) -> dict:
         if self.rate_limiter is not None:
             self.rate_limiter.acquire(endpoint, timeout=self.limiter_timeout)
         if before_send is not None:
@@ -514,7 +575,8 @@ class VastClient:
         log.debug("%s -> %s in %.3fs", context, response.status_code, time.monotonic() - started)
         if response.status_code >= 400:
             raise self._error(response, context, create)
-        return response
+        # Parsed inside the attempt, so that an unreadable answer to a read is retried.
+        return self._json(response, method, path, create)
 
     def _error(self, response: requests.Response, context: str, create: bool) -> VastError:
         status = response.status_code
@@ -554,8 +616,14 @@ class VastClient:
             body = None
         if isinstance(body, dict):
             return body
-        _, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
-        cls = CreateOutcomeUnknown if create else VastError
+        text = response.text
+        if text.lstrip()[:1] in ("{", "[") or body is not None:
+            # Not quoted: a cut instance row may hold its env (task tokens).
+            msg = f"not a JSON object ({len(response.content)} bytes: cut, or of another shape)"
+        else:
+            _, msg = parse_error_body(text, response.headers.get("Content-Type", ""))
+        # A create whose answer cannot be read may still have created the instance.
+        cls = CreateOutcomeUnknown if create else VastBadAnswer
         raise cls(
             f"unexpected answer: {self._scrub(msg)}",
             status=response.status_code,
@@ -634,6 +702,7 @@ __all__ = [
     "Offer",
     "OfferUnavailable",
     "VastAuthError",
+    "VastBadAnswer",
     "VastClient",
     "VastError",
     "VastRateLimited",

@@ -189,9 +189,16 @@ def parse_exit_marker(log_text: str | bytes | None, nonce: str) -> int | None:
     return int(matches[-1]) if matches else None
 
 
+class UnsplittableCommand(ValueError):
+    """A command a POSIX shell could not split into words (an unclosed quote)."""
+
+
 def split_command(command: str) -> list[str]:
     """Split a task definition's command string like a POSIX shell would (no expansion)."""
-    return shlex.split(command)
+    try:
+        return shlex.split(command)
+    except ValueError as error:
+        raise UnsplittableCommand(f"the shell could not split it ({error})") from None
 
 
 def is_wrapped(onstart: str | None, args=None) -> bool:

@@ -116,6 +116,7 @@ STACK_MARKERS = {"e2e", "vastai_cli", "base_worker"}
 # fixtures or inline (the socket/process guard below finds any that is missing here).
 STACK_MODULES = {
     "test_arkindex_client.py",
+    "test_bad_tasks.py",
     "test_commands.py",
     "test_demo.py",
     "test_deploy.py",
@@ -127,6 +128,7 @@ STACK_MODULES = {
     "test_secret_places.py",
     "test_secrets.py",
     "test_sim_extra.py",
+    "test_startup.py",
     "test_steps.py",
     "test_vast_client.py",
     "test_wrapper.py",

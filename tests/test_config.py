@@ -247,11 +247,6 @@ def test_unreadable_files(tmp_path, text, expected):
         load_config(str(tmp_path / "missing.yml"), {})
 
 
-def test_empty_file_means_everything_missing(tmp_path):
-    found = problems(tmp_path, "")
-    assert [line.split(":")[0] for line in found] == ["url", "farm_id", "seed", "vast_api"]
-
-
 def test_check_config_command_ok_and_no_secret(tmp_path):
     path = write(tmp_path, MINIMAL)
     result = CliRunner().invoke(
@@ -282,3 +277,137 @@ def test_check_config_command_exits_2_one_line_per_problem(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.splitlines() == ["url: not a valid http(s) URL"]
+
+
+# ------------------------------------------------------------------ bad input, one line each
+
+FILTERS = MINIMAL + "  offer_filters: "
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # wrong key
+        (
+            MINIMAL + "  urll: https://console.vast.ai\n",
+            "vast_api.urll: unknown key (did you mean 'url'?)",
+        ),
+        (
+            MINIMAL + "sync_intervall: 5\n",
+            "sync_intervall: unknown key (did you mean 'sync_interval'?)",
+        ),
+        # wrong type
+        (
+            MINIMAL + "  max_instances: [1]\n",
+            "vast_api.max_instances: Input should be a valid integer",
+        ),
+        (MINIMAL + "logging: 5\n", "logging: Input should be a valid dictionary"),
+        (
+            MINIMAL + "  extra_environment: [A]\n",
+            "vast_api.extra_environment: Input should be a valid dictionary",
+        ),
+        (
+            FILTERS + "5\n",
+            "vast_api.offer_filters: offer filters must be a string or a mapping, not int",
+        ),
+        # wrong unit: the message says which unit the key takes
+        (
+            MINIMAL + "  disk_gb: 50GB\n",
+            "vast_api.disk_gb: Input should be a valid number, unable to parse string as a number (got '50GB'; disk of each instance, GB: a plain number, no unit)",
+        ),
+        (
+            MINIMAL + "sync_interval: 10s\n",
+            "sync_interval: Input should be a valid number, unable to parse string as a number (got '10s'; s between two syncs: a plain number, no unit)",
+        ),
+        (
+            MINIMAL + "  loading_deadline: 2h\n",
+            "vast_api.loading_deadline: Input should be a valid number, unable to parse string as a number (got '2h'; s from create to running, at most (the ceiling): a plain number, no unit)",
+        ),
+        # offer filters: unknown operator, unknown field, a value of the wrong type
+        (FILTERS + "{gpu_ram: {gtx: 3}}\n", "vast_api.offer_filters: unknown operator 'gtx'"),
+        (
+            FILTERS + "gpu_nme=RTX_4090\n",
+            "vast_api.offer_filters: unknown offer field 'gpu_nme' (did you mean 'gpu_name'",
+        ),
+        (
+            FILTERS + "'gpu_ram>=lots'\n",
+            "vast_api.offer_filters: offer field 'gpu_ram' needs a number, got 'lots'",
+        ),
+        # malformed Redis URLs (redis-py would ignore the database, or fail only when used)
+        (
+            MINIMAL + "redis_url: http://127.0.0.1:6379\n",
+            "redis_url: not a redis://, rediss:// or unix:// URL",
+        ),
+        (
+            MINIMAL + "redis_url: redis://127.0.0.1:port/0\n",
+            "redis_url: port could not be cast to integer value as 'port'",
+        ),
+        (
+            MINIMAL + "redis_url: redis://127.0.0.1:99999/0\n",
+            "redis_url: port out of range 0-65535",
+        ),
+        (
+            MINIMAL + "redis_url: redis://127.0.0.1:6379/zero\n",
+            "redis_url: the database must be a number (/0, /1...), not 'zero'",
+        ),
+        (
+            MINIMAL + "redis_url: redis:///0\n",
+            "redis_url: no host in the URL (write redis://HOST:PORT/DB)",
+        ),
+        (
+            MINIMAL + "redis_url: 'unix://'\n",
+            "redis_url: a unix:// URL needs the socket's path (unix:///run/redis.sock)",
+        ),
+        # malformed service URLs
+        (
+            MINIMAL + "  url: http://127.0.0.1:99999\n",
+            "vast_api.url: not a valid http(s) URL (port out of range 0-65535)",
+        ),
+        (
+            MINIMAL.replace("https://arkindex.example.com/", "arkindex.example.com"),
+            "url: not a valid http(s) URL",
+        ),
+    ],
+)
+def test_each_bad_value_is_one_line_naming_its_key(tmp_path, text, expected):
+    found = problems(tmp_path, text)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"",
+            "agent.yml: the file is empty, and the environment does not give url, farm_id, seed, vast_api",
+        ),
+        (b"\n# only a comment\n", "agent.yml: the file is empty"),
+        (b"\xff\xfeurl: x\n", "agent.yml: not UTF-8 text (byte 0); is it the right file?"),
+        (b"url: [unclosed\n", "agent.yml: not valid YAML at line 2"),
+        (b"- a\n", "agent.yml: the top level must be a mapping of keys"),
+        (None, "agent.yml: cannot read (No such file or directory)"),
+        ("dir", "agent.yml: cannot read (Is a directory)"),
+    ],
+)
+def test_unusable_files_are_one_line_with_status_2(tmp_path, monkeypatch, content, expected):
+    monkeypatch.chdir(tmp_path)
+    if content == "dir":
+        (tmp_path / "agent.yml").mkdir()
+    elif content is not None:
+        (tmp_path / "agent.yml").write_bytes(content)
+    result = CliRunner().invoke(check_config_command, ["agent.yml"], env={"PONOS_SEED": None})
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert result.stdout == ""
+
+
+def test_an_empty_file_is_fine_when_the_environment_gives_everything(tmp_path):
+    environ = {
+        "ARKINDEX_URL": "http://127.0.0.1:8000",
+        "PONOS_FARM_ID": FARM,
+        "PONOS_SEED": "env-seed-value",
+        "VAST_API_KEY": "env-vast-key",
+    }
+    assert load_config(write(tmp_path, ""), environ).seed == "env-seed-value"

@@ -6,6 +6,7 @@ where the client runs through the Redis rate limiter scaled to the simulator's c
 """
 
 import http.server
+import json
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from ponos_tasks.vast import (
     Offer,
     OfferUnavailable,
     VastAuthError,
+    VastBadAnswer,
     VastClient,
     VastError,
     VastRateLimited,
@@ -519,3 +521,185 @@ def test_every_call_through_the_rate_limiter_gets_no_429(limited_sim, redis_url,
     for instance_id in ids:
         assert vast.destroy_instance(instance_id)
     assert not any(stats(limited_sim)["rate_limited"].values())
+
+
+# ------------------------------------------------------------------ answers that are not answers
+
+
+def test_truncated_or_html_answer_to_a_read_is_retried(client, sim):
+    label = new_label()
+    created = create(client, label)
+    fault(sim, fault="malformed", endpoint="list", shape="truncated", times=1)
+    fault(sim, fault="malformed", endpoint="show", shape="html", times=1)
+    calls = stats(sim)["calls"]
+    assert [i.id for i in client.list_instances(label=label)] == [created.id]
+    assert client.get_instance(created.id).id == created.id
+    after = stats(sim)["calls"]
+    assert after["list"] - calls.get("list", 0) == 2 and after["show"] - calls["show"] == 2
+
+
+def test_a_garbled_answer_to_a_create_is_outcome_unknown_never_resent(client, sim):
+    label = new_label()
+    fault(sim, fault="malformed", endpoint="create", shape="truncated", times=1)
+    with pytest.raises(CreateOutcomeUnknown, match="unexpected answer"):
+        create(client, label)
+    assert stats(sim)["calls"]["create"] == 1
+    # the instance exists: the caller's label lookup finds it
+    assert len(wait_for(lambda: client.list_instances(label=label), timeout=5)) == 1
+
+
+def test_a_listing_that_repeats_its_token_is_an_error_not_a_loop(client, sim):
+    create(client)
+    fault(sim, fault="malformed", endpoint="list", shape="repeat_token")
+    with pytest.raises(VastBadAnswer, match="repeats next_token"):
+        client.list_instances()
+    assert stats(sim)["calls"]["list"] == 2  # two pages, then it stops
+
+
+@pytest.mark.parametrize(("endpoint", "call"), [("list", "list"), ("search", "search")])
+def test_null_where_a_list_is_expected_is_an_error_not_an_empty_answer(client, sim, endpoint, call):
+    """`instances: null` is not "no instance" (a label lookup would then create a second
+    one), nor `offers: null` "no offer"."""
+    fault(sim, fault="malformed", endpoint=endpoint, shape="wrong_types")
+    with pytest.raises(VastBadAnswer, match="not a list"):
+        if call == "list":
+            client.list_instances()
+        else:
+            client.search_offers({"num_gpus": {"eq": 1}, "limit": 5})
+    # Raised at once (VastBadAnswer is retryable: the step that called is retried by Celery).
+    assert stats(sim)["calls"][endpoint] == 1
+
+
+def test_strings_where_numbers_are_expected_are_read(client, sim):
+    created = create(client)
+    fault(sim, fault="malformed", endpoint="show", shape="wrong_types")
+    instance = client.get_instance(created.id)
+    assert instance.id == created.id and isinstance(instance.dph_total, float)
+
+
+class _Pages(http.server.BaseHTTPRequestHandler):
+    """A v1 listing scripted page by page: `pages[after_token]` is (rows, next_token)."""
+
+    pages: dict = {}
+    calls = 0
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).calls += 1
+        query = dict(
+            part.split("=", 1) for part in self.path.split("?", 1)[-1].split("&") if "=" in part
+        )
+        rows, token = self.pages(query.get("after_token"))
+        body = json.dumps({"instances": rows, "next_token": token}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def row(instance_id):
+    return {"id": instance_id, "label": f"ponos-x-{instance_id}", "actual_status": "hibernating"}
+
+
+@pytest.mark.parametrize(
+    ("pages", "expected", "calls"),
+    [
+        # an empty page in the middle, and a page repeating rows already seen: tolerated
+        (
+            {
+                None: ([row(1)], "a"),
+                "a": ([], "b"),
+                "b": ([row(1), row(2)], "c"),
+                "c": ([row(3)], None),
+            },
+            [1, 2, 3],
+            4,
+        ),
+        # an unknown actual_status is kept as it is
+        ({None: ([row(7)], "")}, [7], 1),
+        # fresh tokens forever, never a new row: abandoned after MAX_IDLE_PAGES
+        ("endless-empty", VastBadAnswer, 3),
+        ("endless-same-rows", VastBadAnswer, 4),
+        # a token of the wrong type
+        ({None: ([row(1)], ["t"])}, VastBadAnswer, 1),
+    ],
+)
+def test_v1_pages_empty_repeated_or_endless(pages, expected, calls):
+    if pages == "endless-empty":
+        script = lambda token: ([], f"t{int((token or 't0')[1:]) + 1}")  # noqa: E731
+    elif pages == "endless-same-rows":
+        script = lambda token: ([row(1)], f"t{int((token or 't0')[1:]) + 1}")  # noqa: E731
+    else:
+        script = lambda token: pages[token]  # noqa: E731
+    handler = type("Pages", (_Pages,), {"pages": staticmethod(script), "calls": 0})
+    server = serve(handler)
+    try:
+        vast = make_client(f"http://127.0.0.1:{server.server_address[1]}", max_attempts=1)
+        if isinstance(expected, type):
+            with pytest.raises(expected):
+                vast.list_instances()
+        else:
+            found = vast.list_instances()
+            assert [i.id for i in found] == expected
+            assert {i.actual_status for i in found} == {"hibernating"}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.calls == calls
+
+
+class _HugeLog(http.server.BaseHTTPRequestHandler):
+    """request_logs, then a log of SIZE bytes streamed line by line (never built in memory)."""
+
+    SIZE = 200 * 1024 * 1024
+
+    def do_PUT(self):  # noqa: N802
+        port = self.server.server_address[1]
+        body = json.dumps({"success": True, "result_url": f"http://127.0.0.1:{port}/log"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        line = b"x" * 1023 + b"\n"
+        chunk = line * 1024  # 1 MiB
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(self.SIZE + 12))
+        self.end_headers()
+        for _ in range(self.SIZE // len(chunk)):
+            self.wfile.write(chunk)
+        self.wfile.write(b"THE END\nEOF\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_log_of_hundreds_of_mb_keeps_its_tail_in_bounded_memory():
+    import tracemalloc
+
+    server = serve(_HugeLog)
+    try:
+        vast = make_client(f"http://127.0.0.1:{server.server_address[1]}", timeout=(2, 30))
+        tracemalloc.start()
+        text = vast.request_logs(1, max_bytes=1024 * 1024, wait=30)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert text.endswith("THE END\nEOF\n")
+    assert text.startswith("[log cut: the first ")
+    assert len(text) <= 1024 * 1024 + 100
+    assert peak < 8 * 1024 * 1024, peak  # a few MiB, not 200

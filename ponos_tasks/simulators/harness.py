@@ -271,6 +271,10 @@ class SimAdmin:
     def arkindex_html_502(self, status: int = 502, **scope) -> None:
         self.arkindex_faults({"fault": "html_502", "status": status, **scope})
 
+    def arkindex_malformed(self, shape: str = "truncated", **scope) -> None:
+        """200 answers spoiled: `truncated` JSON or an `html` page."""
+        self.arkindex_faults({"fault": "malformed", "shape": shape, **scope})
+
     def arkindex_slow(self, seconds: float, **scope) -> None:
         self.arkindex_faults({"fault": "slow", "seconds": seconds, **scope})
 

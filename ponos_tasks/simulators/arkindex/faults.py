@@ -22,6 +22,10 @@ Faults (and why each exists: what a client of a real Arkindex sees):
   that dies in that window never learns that its update was applied.
 - `rate_limit` (`retry_after`, default 1): 429 with `Retry-After` and DRF's throttling
   body ("Request was throttled. Expected available in N seconds.").
+- `malformed` (`shape`: `truncated`, default, or `html`): the call does its work, then its
+  200 answer is spoiled: the JSON cut in half (a connection cut by a proxy, still
+  `application/json`), or a proxy's HTML page with status 200 (a captive portal, a
+  maintenance page).
 - `task_deleted`: the task is gone (its process deleted by a user while it runs): 404 on
   every call naming it (definition, RetrieveTask, PartialUpdateTask, artifacts), and it
   leaves the agent's actions. Scope it with `task`.
@@ -40,7 +44,14 @@ import re
 import threading
 
 HTTP_FAULTS = {"http_5xx", "html_502", "rate_limit"}
-ALL_FAULTS = HTTP_FAULTS | {"slow", "task_deleted", "token_expired", "stale_bearer_refresh"}
+ALL_FAULTS = HTTP_FAULTS | {
+    "slow",
+    "malformed",
+    "task_deleted",
+    "token_expired",
+    "stale_bearer_refresh",
+}
+MALFORMED_SHAPES = ("truncated", "html")
 SCOPES = ("operation", "path", "task")
 
 
@@ -65,6 +76,8 @@ def validate(rule: dict) -> dict:
             rule[name] = float(rule[name])
     if rule.get("status") is not None and not 500 <= rule["status"] <= 599:
         raise FaultError(f"status must be a 5xx, not {rule['status']}")
+    if rule["fault"] == "malformed" and rule.get("shape", "truncated") not in MALFORMED_SHAPES:
+        raise FaultError(f"malformed shape must be one of {MALFORMED_SHAPES}")
     if rule.get("times") is not None and rule["times"] < 1:
         raise FaultError("times must be at least 1")
     return rule

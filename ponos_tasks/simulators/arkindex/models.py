@@ -53,7 +53,7 @@ AGENT_TRANSITIONS: dict[str, frozenset[str]] = {
     "stopping": frozenset({"stopped", "error"}),
 }
 HOSTNAME_RE = re.compile(r"^[-a-zA-Z0-9_.]{1,64}$")
-SLUG_RE = re.compile(r"^[-a-zA-Z0-9_.]{1,100}$")
+SLUG_RE = re.compile(r"^[-\w.]{1,100}$")  # Unicode letters too: slugs come from worker names
 
 LOGS_BUCKET = "ponos-logs"
 ARTIFACTS_BUCKET = "ponos-artifacts"
@@ -207,7 +207,7 @@ class Task:
     id: str
     process_id: str
     slug: str
-    image: str
+    image: str | None
     command: str | None
     env: dict[str, str]
     parent_ids: list[str]
@@ -221,6 +221,8 @@ class Task:
     state: str = "unscheduled"
     agent_id: str | None = None
     history: list[dict] = field(default_factory=list)
+    # Fields of the served definition replaced as given (admin "definition"): for tests.
+    definition_overrides: dict = field(default_factory=dict)
 
     def record(
         self,
@@ -461,8 +463,12 @@ class ArkindexState:
         if len(set(slugs)) != len(slugs):
             raise ValueError("task slugs must be unique within a process")
         for task_spec in specs:
-            if not isinstance(task_spec.get("image"), str) or not task_spec["image"]:
-                raise ValueError(f"task {task_spec['slug']!r} needs an 'image'")
+            # An empty or missing image is allowed: a task Arkindex hands out without one
+            # (a worker version whose image was never built) is the agent's to refuse.
+            if task_spec.get("image") is not None and not isinstance(task_spec["image"], str):
+                raise ValueError(f"task {task_spec['slug']!r}: 'image' must be a string or null")
+            if not isinstance(task_spec.get("definition", {}), dict):
+                raise ValueError(f"task {task_spec['slug']!r}: 'definition' must be an object")
             command = task_spec.get("command")
             if command is not None and not isinstance(command, str):
                 raise ValueError(f"task {task_spec['slug']!r}: 'command' must be a string or null")
@@ -518,7 +524,7 @@ class ArkindexState:
             id=task_id,
             process_id=process_id,
             slug=spec["slug"],
-            image=spec["image"],
+            image=spec.get("image"),
             command=spec.get("command"),
             env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
             parent_ids=[by_slug[p].id for p in spec.get("parents", [])],
@@ -531,6 +537,7 @@ class ArkindexState:
             model_dir=(spec.get("model") or {}).get("dir", "/data/model")
             if model_version_id
             else None,
+            definition_overrides=dict(spec.get("definition") or {}),
         )
         self.tasks[task_id] = task
         self.task_tokens[task.token] = task_id

@@ -7,7 +7,11 @@ tests, benchmarks and the demo):
                                    "env"?, "parents"?: [slug], "requires_gpu"?,
                                    "artifacts"?: [{"path", "content", "content_type"?}],
                                    "model"?: {"files": {name: text}, "configuration"?, "dir"?},
-                                   "configuration"?: {key: value}, "state"?: terminal state}]}
+                                   "configuration"?: {key: value}, "state"?: terminal state,
+                                   "definition"?: {field: value}}]}
+                                  ("image" may be "" or null, and "definition" replaces fields
+                                  of the served task definition, wrong types included: a
+                                  definition Arkindex should never serve, to test the agent)
                                   -> 201 {"id", "name", "corpus", "tasks": [{"id", "slug", "state"}]}
     GET  /_sim/processes, /_sim/processes/<id>
     POST /_sim/processes/<id>/stop   user stop of every task of the process
@@ -136,6 +140,26 @@ def create_app(sim: ArkindexSimulator) -> Flask:
         elif faults.take({"token_expired"}, **scope) is not None:
             state().expire_access_token(token.strip())
         return None
+
+    @app.after_request
+    def malformed_answers(response: Response) -> Response:
+        """The `malformed` fault (faults.py): a 200 answer of the public API, spoiled."""
+        if response.status_code != 200 or not request.path.startswith("/api/"):
+            return response
+        if request.url_rule is None or request.url_rule.endpoint not in OPERATIONS:
+            return response
+        scope = {
+            "operation": OPERATIONS[request.url_rule.endpoint],
+            "path": request.path,
+            "task": (request.view_args or {}).get("task_id"),
+        }
+        rule = sim.faults.take({"malformed"}, **scope)
+        if rule is None:
+            return response
+        if rule.get("shape", "truncated") == "html":
+            return Response(HTML_502.format(status=200), status=200, mimetype="text/html")
+        text = response.get_data(as_text=True)
+        return Response(text[: len(text) // 2], status=200, mimetype="application/json")
 
     @app.after_request
     def answered_late(response):
@@ -607,6 +631,7 @@ class ArkindexSimulator:
                 "worker_run_id": task.worker_run_id,
                 "model_version_id": task.model_version_id,
                 "agent_id": task.agent_id,
+                **task.definition_overrides,
             }
 
     def admin_task_json(self, task: Task) -> dict:

@@ -25,9 +25,15 @@ LIFECYCLE_FAULTS = {
 # slow: the answer comes `delay` seconds late (default 1); with `after: true` the delay comes
 # after the call took effect (a create that rented, a destroy that destroyed, answered late),
 # the window in which a client that dies never learns what it did.
-HTTP_FAULTS = {"rate_limit", "http_5xx", "html_error", "slow"}
+HTTP_FAULTS = {"rate_limit", "http_5xx", "html_error", "slow", "malformed"}
 ALL_FAULTS = CREATE_FAULTS | LIFECYCLE_FAULTS | HTTP_FAULTS
 RATE_LIMIT_SHAPES = ("text", "detail", "json")
+# malformed: the endpoint does its work, then its 200 answer is spoiled, as a proxy, a cut
+# connection or a server bug would: `truncated` (the JSON cut in half, still
+# application/json), `html` (a maintenance page, text/html, status 200), `wrong_types`
+# (every number a string, every list null), `repeat_token` (list v1: the same page again
+# with the next_token the request sent, so a client following tokens never ends).
+MALFORMED_SHAPES = ("truncated", "html", "wrong_types", "repeat_token")
 
 
 class FaultError(ValueError):
@@ -45,6 +51,8 @@ def validate(rule: dict) -> dict:
             raise FaultError(f"bad label regex {rule['label']!r}: {exc}") from None
     if rule["fault"] == "rate_limit" and rule.get("shape", "text") not in RATE_LIMIT_SHAPES:
         raise FaultError(f"rate_limit shape must be one of {RATE_LIMIT_SHAPES}")
+    if rule["fault"] == "malformed" and rule.get("shape", "truncated") not in MALFORMED_SHAPES:
+        raise FaultError(f"malformed shape must be one of {MALFORMED_SHAPES}")
     if rule.get("times") is not None:
         rule["times"] = int(rule["times"])
     return rule

@@ -28,8 +28,46 @@ HTML_ERROR = (
 )
 
 
+MAINTENANCE_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>Vast.ai - Down for maintenance</title></head>"
+    "<body><h1>We'll be back soon</h1></body></html>\n"
+)
+
+
 def json_response(status: int, body) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def _wrong_types(value):
+    """Every number turned into a string and every list into null (faults.MALFORMED_SHAPES)."""
+    if isinstance(value, dict):
+        return {key: _wrong_types(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+# The next_token of the `repeat_token` fault: list v1 answers it with the first page.
+REPEAT_TOKEN = "sim-repeat-token"
+
+
+def spoil(response: Response, shape: str) -> Response:
+    """A 200 answer spoiled as the `malformed` fault says (faults.py)."""
+    if response.status_code != 200:
+        return response
+    if shape == "html":
+        return Response(MAINTENANCE_PAGE, status=200, mimetype="text/html")
+    text = response.get_data(as_text=True)
+    if shape == "truncated":
+        return Response(text[: len(text) // 2], status=200, mimetype="application/json")
+    body = json.loads(text)
+    if shape == "wrong_types":
+        return json_response(200, _wrong_types(body))
+    # repeat_token: a token that leads to the first page again, with the same token
+    body["next_token"] = REPEAT_TOKEN
+    return json_response(200, body)
 
 
 class _BadBody(Exception):
@@ -135,14 +173,18 @@ def create_app(state) -> Flask:
                         response.headers["X-RateLimit-Reset"] = str(int(reset))
                         return response
                 try:
-                    answer = view(who=who, key=key, **kwargs)
+                    response = view(who=who, key=key, **kwargs)
                     if g.get("slow_after"):
                         time.sleep(g.slow_after)
-                    return answer
                 except _BadBody:
                     return json_response(
                         400, {"error": "invalid_request", "msg": "Invalid json body"}
                     )
+                malformed = state.faults.take({"malformed"}, endpoint=name)
+                if malformed is not None:
+                    shape = malformed.get("shape", "truncated")
+                    return spoil(response, shape)
+                return response
 
             return wrapper
 
@@ -205,7 +247,10 @@ def create_app(state) -> Flask:
     @app.route("/api/v1/instances/", methods=["GET"])
     @vast_endpoint("list")
     def list_v1(who, key):
-        return json_response(*state.list_v1(request.args))
+        args = request.args
+        if args.get("after_token") == REPEAT_TOKEN:  # the `repeat_token` fault's loop
+            args = {name: value for name, value in args.items() if name != "after_token"}
+        return json_response(*state.list_v1(args))
 
     @app.route("/api/v0/instances/", methods=["GET"])
     @vast_endpoint("list_v0")

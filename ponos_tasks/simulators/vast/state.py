@@ -341,6 +341,8 @@ class VastState:
             isinstance(args, list) and all(isinstance(a, str) for a in args)
         ):
             return error(400, "invalid_args", "args must be a list of strings")
+        # Vast.ai's documented create limits (docs/reference.md §1.6): the command is stored
+        # with the contract as the container's entrypoint and CMD, the env likewise.
         total = (
             len(body.get("onstart") or "")
             + len(body.get("args_str") or "")

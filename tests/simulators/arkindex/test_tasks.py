@@ -233,7 +233,9 @@ def test_stop_flow(sim):
 def test_admin_rejects_bad_processes(sim):
     for tasks, message in [
         ([], "tasks"),
-        ([{"slug": "a"}], "image"),
+        # a task without an image is allowed (the agent refuses it), not one of another type
+        ([{"slug": "a", "image": 5}], "image"),
+        ([{"slug": "a", "image": "i", "definition": "x"}], "definition"),
         ([{"slug": "a", "image": "i", "parents": ["zz"]}], "unknown parent"),
         ([{"slug": "a", "image": "i"}, {"slug": "a", "image": "i"}], "unique"),
         (
