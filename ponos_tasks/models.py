@@ -226,6 +226,7 @@ class TaskRecord:
     log_size: int = 0
     instance_destroyed: bool = False
     final_reported: bool = False  # the final state is on Arkindex: the instance may go now
+    task_gone: bool = False  # Arkindex answered 404 for the task: nothing to report, ever
     log_unread_since: float | None = None  # the ended instance's log could not be read since
     publish_failures: int = 0  # final log uploads that failed (bounded: settings)
     watch_chain: int = 0  # the one live watch chain of this attempt (older chains stop)

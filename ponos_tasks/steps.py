@@ -491,6 +491,7 @@ def _refuse_task(ctx: AgentContext, record: TaskRecord, problem: str) -> Next | 
         phase=Phase.FINISHING,
         final_state="error",
         reason=reason,
+        task_gone=True,
         heartbeat_at=ctx.now(),
     ):
         _note(ctx, record.task_id, reason, "ERROR")
@@ -852,6 +853,7 @@ def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
         phase=Phase.FINISHING,
         final_state="error",
         reason=reason,
+        task_gone=True,
         heartbeat_at=ctx.now(),
     ):
         _note(ctx, record.task_id, f"{reason}: stopping it", "WARNING")
@@ -919,6 +921,26 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.DESTROYING or record.final_reported:
         return None
+    if record.task_gone:
+        # Arkindex answered 404 for the task (a positive fact): there is no state to send,
+        # and no report in flight (a lease a killed worker left) may keep its instance.
+        _note(ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING")
+    else:
+        _send_final_state(ctx, record)
+    if ctx.store.cas(
+        task_id,
+        expect_phase=Phase.DESTROYING,
+        expect_attempt=record.attempt,
+        final_reported=True,
+        heartbeat_at=ctx.now(),
+    ):
+        return Next(StepName.DESTROY_INSTANCE)
+    return None
+
+
+def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
+    """The final state, as Arkindex's state table accepts it (raises when unknown: retried)."""
+    task_id = record.task_id
     state = record.final_state or "error"
     if not record.stop_requested and state != "stopped":
         # A user may have stopped it since the outcome was decided, before any sync saw it:
@@ -946,16 +968,8 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     except TransitionRefused as error:
         _report_refused(ctx, task_id, state, error)
     except TaskGone:
+        ctx.store.touch(task_id, task_gone=True)
         _note(ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING")
-    if ctx.store.cas(
-        task_id,
-        expect_phase=Phase.DESTROYING,
-        expect_attempt=record.attempt,
-        final_reported=True,
-        heartbeat_at=ctx.now(),
-    ):
-        return Next(StepName.DESTROY_INSTANCE)
-    return None
 
 
 def _report_refused(ctx: AgentContext, task_id: str, state: str, error) -> None:

@@ -342,6 +342,26 @@ def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(cont
     assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
 
 
+def test_a_deleted_task_is_not_held_by_a_report_a_killed_worker_left(contexts, admin):
+    """A worker killed inside the final report of a deleted task leaves a lease on that
+    report (120 s). Arkindex said 404: there is nothing to report, so the instance goes at
+    once instead of billing until the lease lapses (found by the chaos suite, seed 4). No
+    sync runs here: the chain alone must destroy it."""
+    ctx = contexts(logs_interval=0.5)
+    ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
+    harness = run_until_phase(ctx, task_id, Phase.RUNNING)
+    reported = ctx.arkindex.reported
+    assert reported.claim(task_id, "error") == reported.CLAIMED  # then the worker died
+    admin.arkindex_delete_task(task_id)
+    try:
+        harness.run(until=lambda: harness.done(task_id), timeout=20)
+    finally:
+        admin.clear_arkindex_faults()
+    assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+    assert ctx.store.get(task_id).task_gone
+
+
 def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(contexts, admin):
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0))
