@@ -49,7 +49,7 @@ LOGS_INTERVAL = 5.0
 URL_LIFETIME = 30.0  # real seconds a pre-signed S3 URL lives: long tasks outlive theirs
 REGISTRY_PASSWORD = "chaos-registry-password-5e1f"
 FLOWER_AUTH = "chaos:flower-password-8c2d"
-QUEUES = ("sync", "vast", "arkindex")
+FINDINGS = "## Bugs the suite found"
 
 
 class RunFailed(Exception):
@@ -783,7 +783,12 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     if args.write:
-        REPORT.write_text(markdown(results, command_line()))
+        # The hand-written part (the bugs the suite found, each with its regression test)
+        # is kept from the file as it was.
+        kept = ""
+        if REPORT.exists() and FINDINGS in REPORT.read_text():
+            kept = REPORT.read_text()[REPORT.read_text().index(FINDINGS) :]
+        REPORT.write_text(markdown(results, command_line()) + ("\n" + kept if kept else ""))
         say(f"written {REPORT}")
     return 0 if all(r["holds"] for r in results) else 1
 
