@@ -484,19 +484,27 @@ def _refuse_task(ctx: AgentContext, record: TaskRecord, problem: str) -> Next | 
     """The task cannot run as defined: it ends `error` with the reason in its log, and
     nothing is rented (publish_logs, report_state and destroy_instance find no instance)."""
     reason = f"the task cannot run: {problem}; no instance was rented for it"
-    if ctx.store.cas(
+    if _end_in_error(ctx, record, reason, expect_phase=Phase.CREATING):
+        _note(ctx, record.task_id, reason, "ERROR")
+        return Next(StepName.PUBLISH_LOGS)
+    return None
+
+
+def _end_in_error(
+    ctx: AgentContext, record: TaskRecord, reason: str, *, expect_phase: str, gone: bool = False
+) -> bool:
+    """CAS the attempt to `finishing` with the final state `error` and why; `gone`: Arkindex
+    answered 404 for the task, so there will be nothing to report."""
+    return ctx.store.cas(
         record.task_id,
-        expect_phase=Phase.CREATING,
+        expect_phase=expect_phase,
         expect_attempt=record.attempt,
         phase=Phase.FINISHING,
         final_state="error",
         reason=reason,
-        task_gone=True,
+        task_gone=gone,
         heartbeat_at=ctx.now(),
-    ):
-        _note(ctx, record.task_id, reason, "ERROR")
-        return Next(StepName.PUBLISH_LOGS)
-    return None
+    )
 
 
 def _record_instance(
@@ -846,16 +854,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
 def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
     """Arkindex says the task no longer exists: stop spending on it (finish, destroy)."""
     reason = "the task was deleted on Arkindex"
-    if ctx.store.cas(
-        record.task_id,
-        expect_phase=record.phase,
-        expect_attempt=record.attempt,
-        phase=Phase.FINISHING,
-        final_state="error",
-        reason=reason,
-        task_gone=True,
-        heartbeat_at=ctx.now(),
-    ):
+    if _end_in_error(ctx, record, reason, expect_phase=record.phase, gone=True):
         _note(ctx, record.task_id, f"{reason}: stopping it", "WARNING")
         return Next(StepName.PUBLISH_LOGS)
     return None
