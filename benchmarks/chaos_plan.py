@@ -19,6 +19,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ponos_tasks.workload import leaves_of, random_dag
+
 MAX_PROCESS_SIZE = 5
 STOPPED_RUNS_FOR = 900  # real seconds a stopped task would run: it is always stopped first
 
@@ -124,22 +126,11 @@ def _process_sizes(n_tasks: int, rng: random.Random) -> list[int]:
 
 
 def _workload(n_tasks: int, rng: random.Random) -> list[ChaosTask]:
-    shapes: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = []
-    for p_index, size in enumerate(_process_sizes(n_tasks, rng)):
-        tasks: list[tuple[str, tuple[str, ...]]] = [("t1", ())]
-        for t_index in range(2, size + 1):
-            earlier = [slug for slug, _ in tasks]
-            parents = {rng.choice(earlier)}
-            if len(earlier) >= 2 and rng.random() < 0.3:
-                parents.add(rng.choice(earlier))
-            tasks.append((f"t{t_index}", tuple(sorted(parents, key=earlier.index))))
-        shapes.append((f"c{p_index + 1:03d}", tasks))
-    leaves = [
-        (process, slug)
-        for process, tasks in shapes
-        for slug, _ in tasks
-        if not any(slug in parents for _, parents in tasks)
+    shapes = [
+        (f"c{p_index + 1:03d}", random_dag([f"t{i}" for i in range(1, size + 1)], rng))
+        for p_index, size in enumerate(_process_sizes(n_tasks, rng))
     ]
+    leaves = leaves_of(shapes)
     rng.shuffle(leaves)
     deleted = {leaves.pop()} if len(leaves) > 4 else set()
     n_stopped = max(1, n_tasks // 20) if len(leaves) > 3 else 0

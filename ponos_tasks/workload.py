@@ -89,6 +89,29 @@ def _sizes(n_tasks: int) -> list[int]:
     return [n_tasks // count + (1 if i < n_tasks % count else 0) for i in range(count)]
 
 
+def random_dag(slugs: list[str], rng: random.Random) -> list[tuple[str, tuple[str, ...]]]:
+    """[(slug, parents)]: each task after the first depends on one earlier task, sometimes
+    two (a small DAG rooted at the first)."""
+    tasks: list[tuple[str, tuple[str, ...]]] = [(slugs[0], ())]
+    for slug in slugs[1:]:
+        earlier = [s for s, _ in tasks]
+        parents = {rng.choice(earlier)}
+        if len(earlier) >= 2 and rng.random() < 0.3:
+            parents.add(rng.choice(earlier))
+        tasks.append((slug, tuple(sorted(parents, key=earlier.index))))
+    return tasks
+
+
+def leaves_of(shapes: list[tuple[str, list[tuple[str, tuple[str, ...]]]]]) -> list[tuple[str, str]]:
+    """(process, slug) of every task without a child in its process."""
+    return [
+        (process, slug)
+        for process, tasks in shapes
+        for slug, _ in tasks
+        if not any(slug in parents for _, parents in tasks)
+    ]
+
+
 def build_workload(
     n_tasks: int = 20,
     seed: int = 0,
@@ -108,24 +131,14 @@ def build_workload(
     rng = random.Random(seed)
     shapes = []  # per process: [(slug, parents)]
     for p_index, size in enumerate(_sizes(n_tasks)):
-        tasks: list[tuple[str, tuple[str, ...]]] = [("prepare", ())]
         names = rng.sample(STEP_NAMES, k=min(size - 1, len(STEP_NAMES)))
-        for t_index in range(1, size):
-            slug = names[t_index - 1] if t_index - 1 < len(names) else f"step-{t_index}"
-            earlier = [s for s, _ in tasks]
-            parents = {rng.choice(earlier)}
-            if len(earlier) >= 2 and rng.random() < 0.3:
-                parents.add(rng.choice(earlier))
-            tasks.append((slug, tuple(sorted(parents, key=earlier.index))))
-        shapes.append((f"demo-{p_index + 1}", tasks))
+        slugs = ["prepare"] + [
+            names[i - 1] if i - 1 < len(names) else f"step-{i}" for i in range(1, size)
+        ]
+        shapes.append((f"demo-{p_index + 1}", random_dag(slugs, rng)))
 
     # Leaves (no child in their process) are the only tasks allowed to fail or be stopped.
-    leaves = [
-        (p, slug)
-        for p, tasks in shapes
-        for slug, _ in tasks
-        if not any(slug in parents for _, parents in tasks)
-    ]
+    leaves = leaves_of(shapes)
     rng.shuffle(leaves)
     stopped = {leaves.pop()} if n_tasks >= 3 and leaves else set()
     n_failing = max(1, n_tasks // 8) if n_tasks >= 2 else 0
