@@ -323,6 +323,19 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TransientHTTPError)
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
+def _never_applied(exc: BaseException) -> bool:
+    """A failure after which the request surely did not take effect: safe to send again even
+    when sending twice would be wrong (a state update). A read timeout, a 5xx or a garbled
+    answer may come *after* the server applied it."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    return isinstance(exc, ErrorResponse) and exc.status_code == 429
+
+
 class _TransientHTTPError(Exception):
     def __init__(self, status: int):
         self.status = status
@@ -431,9 +444,9 @@ class ArkindexAgentClient:
 
     # ---------------------------------------------------------------- plumbing
 
-    def _retrying(self) -> Retrying:
+    def _retrying(self, retry_on=_is_transient) -> Retrying:
         return Retrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(retry_on),
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_exponential(multiplier=0.5, max=self.max_wait),
             reraise=True,
@@ -505,26 +518,28 @@ class ArkindexAgentClient:
             )
         return api
 
-    def _send(self, operation_id: str, **params) -> Any:
+    def _send(self, operation_id: str, *, retry_on=_is_transient, **params) -> Any:
         """One operation with our retry policy and no auth handling. 4xx answers are raised
-        as arkindex-client's ErrorResponse for the caller to interpret."""
+        as arkindex-client's ErrorResponse for the caller to interpret. `retry_on`: which
+        failures are tried again (`_never_applied` for a call that must not apply twice)."""
+        tries = 0
         try:
-            for attempt in self._retrying():
+            for attempt in self._retrying(retry_on):
                 with attempt:
+                    tries += 1
                     return self._decoded(operation_id, **params)
         except requests.RequestException as exc:
             raise ArkindexUnavailable(
-                f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
-                f"({type(exc).__name__})"
+                f"Arkindex {self.url}: {operation_id} failed {_times(tries)} ({type(exc).__name__})"
             ) from None
         except _BadAnswer as exc:
             raise ArkindexUnavailable(
-                f"Arkindex {self.url}: {operation_id} answered {exc} {self.max_attempts} times"
+                f"Arkindex {self.url}: {operation_id} answered {exc} {_times(tries)}"
             ) from None
         except ErrorResponse as exc:
             if _is_transient(exc):
                 raise ArkindexUnavailable(
-                    f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
+                    f"Arkindex {self.url}: {operation_id} failed {_times(tries)} "
                     f"(HTTP {exc.status_code})"
                 ) from None
             raise
@@ -547,7 +562,8 @@ class ArkindexAgentClient:
         self.api.session.auth.token = creds["access_token"]
 
     def _call(self, operation_id: str, **params) -> Any:
-        """An authenticated operation; on 401 renew the token once and retry once."""
+        """An authenticated operation; on 401 (refused before anything was applied) renew the
+        token once and retry once."""
         creds = self._ensure_credentials()
         try:
             return self._send(operation_id, **params)
@@ -803,16 +819,17 @@ class ArkindexAgentClient:
         return state
 
     def update_state(self, task_id: str, state: str) -> bool:
-        """Report a task's state once. True when this call reported it; False when nothing
-        was sent because this state, or a terminal state, was reported already.
+        """Report a task's state once. True when the state is on Arkindex through this call
+        (sent now, or found there: an earlier send whose answer was lost); False when nothing
+        was sent because this state, or another terminal state, was reported already.
         Raises TransitionRefused (after logging the server's message) on a 400: never retried.
+
+        Never sent twice: the task's state is read first, and the update itself is retried
+        only after failures that prove it was not applied (a read timeout, a 5xx or a garbled
+        answer may follow an applied update: the caller's retry reads the state again).
         """
         task_id = str(task_id)
         claim = self.reported.claim(task_id, state)
-        if claim == self.reported.IN_FLIGHT:
-            # Another worker is sending it, or died while sending it: unknown, so neither
-            # "reported" nor "send now". Retried later; a dead worker's lease lapses.
-            raise ReportInFlight(f"state {state} of task {task_id} is being reported already")
         if claim == self.reported.OTHER_TERMINAL:
             logger.warning(
                 "Not reporting %s for task %s: terminal state %s already reported",
@@ -825,25 +842,34 @@ class ArkindexAgentClient:
             logger.debug("State %s of task %s already reported", state, task_id)
             return False
         try:
-            self._call("PartialUpdateTask", id=task_id, body={"state": state})
-        except ErrorResponse as exc:
-            if exc.status_code == 404:
+            current = self.task_state(task_id)
+        except BaseException:
+            if claim == self.reported.CLAIMED:
                 self.reported.release(task_id, state)
+            raise  # unknown: the caller retries
+        if current is None:
+            if claim == self.reported.CLAIMED:
+                self.reported.release(task_id, state)
+            raise TaskGone(task_id)
+        if current == state:
+            # Applied already (a worker killed inside its report, an answer lost): on
+            # Arkindex's word, whatever lease a dead worker left.
+            self.reported.mark(task_id, state)
+            return True
+        if claim == self.reported.IN_FLIGHT:
+            # Another worker is sending it, or died before it reached Arkindex: retried later
+            # (a dead worker's lease lapses).
+            raise ReportInFlight(f"state {state} of task {task_id} is being reported already")
+        try:
+            self._call(
+                "PartialUpdateTask", id=task_id, body={"state": state}, retry_on=_never_applied
+            )
+        except ErrorResponse as exc:
+            self.reported.release(task_id, state)
+            if exc.status_code == 404:
                 raise TaskGone(task_id) from None
             if exc.status_code == 400:
                 detail = error_detail(exc)
-                # A retried request whose first try reached the server gets a 400 "already in
-                # that state": the state is reported, keep the guard.
-                try:
-                    already = self.task_state(task_id) == state
-                except ArkindexError:
-                    self.reported.release(task_id, state)  # unknown: send it again later
-                    raise
-                if already:
-                    logger.info("Task %s was already %s on Arkindex", task_id, state)
-                    self.reported.confirm(task_id, state)
-                    return True
-                self.reported.release(task_id, state)
                 logger.warning(
                     "Arkindex refused state %s for task %s (not retried): %s",
                     state,
@@ -851,13 +877,12 @@ class ArkindexAgentClient:
                     detail,
                 )
                 raise TransitionRefused(task_id, state, detail) from None
-            self.reported.release(task_id, state)
             raise ArkindexError(
                 f"state {state} for task {task_id} not reported: HTTP {exc.status_code} "
                 f"{error_detail(exc)}"
             ) from None
         except BaseException:
-            self.reported.release(task_id, state)
+            self.reported.release(task_id, state)  # unknown: the next try reads it first
             raise
         self.reported.confirm(task_id, state)
         logger.info("Reported state %s for task %s", state, task_id)

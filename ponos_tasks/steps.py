@@ -18,10 +18,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import redis
 from redis.exceptions import LockNotOwnedError
 
 from ponos_tasks.agent import AgentContext
-from ponos_tasks.arkindex import ArkindexError, ReportInFlight, TaskGone, TransitionRefused
+from ponos_tasks.arkindex import (
+    ArkindexError,
+    ArkindexUnavailable,
+    ReportInFlight,
+    TaskGone,
+    TransitionRefused,
+)
 from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
@@ -52,8 +59,11 @@ from ponos_tasks.vast import (
     InstanceNotFound,
     OfferUnavailable,
     VastAuthError,
+    VastBadAnswer,
     VastError,
     VastRateLimited,
+    VastServerError,
+    VastTransportError,
 )
 from ponos_tasks.wrapper import (
     UnsplittableCommand,
@@ -71,6 +81,20 @@ Follow = Next | list[Next] | None
 
 
 # --------------------------------------------------------------------------- the registry
+
+
+# Transient failures worth a retry of the whole step (the clients already retried a few times
+# inside): Celery's autoretry in tasks.py, and the tests' in-process harness.
+TRANSIENT = (
+    redis.exceptions.LockError,
+    VastRateLimited,
+    VastServerError,
+    VastTransportError,
+    VastBadAnswer,
+    ArkindexUnavailable,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
 
 
 @dataclass(frozen=True)
