@@ -399,6 +399,17 @@ def _hostname() -> str:
 # --------------------------------------------------------------------------- client
 
 
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Sends every request of a session with our timeout, whatever its caller set."""
+
+    def __init__(self, timeout: tuple[float, float]):
+        super().__init__()
+        self.timeout = timeout
+
+    def send(self, request, timeout=None, **kwargs):
+        return super().send(request, timeout=self.timeout, **kwargs)
+
+
 class ArkindexAgentClient:
     """One Ponos agent's view of Arkindex (Bearer auth), safe to share between threads
     of one process; several processes share the agent through the credential store."""
@@ -417,8 +428,10 @@ class ArkindexAgentClient:
         max_attempts: int = 4,
         max_wait: float = 4.0,
         public_key: str | None = None,
+        timeout: tuple[float, float] = HTTP_TIMEOUT,
     ):
         self.url = url.rstrip("/") + "/"
+        self.timeout = timeout  # (connect, read) s of every request
         self.farm_id = str(farm_id)
         self._seed = seed
         self.store = store
@@ -472,7 +485,7 @@ class ArkindexAgentClient:
                     resp = requests.get(
                         schema_url,
                         headers={"Accept": "application/vnd.oai.openapi+json, application/json"},
-                        timeout=HTTP_TIMEOUT,
+                        timeout=self.timeout,
                     )
                     if resp.status_code >= 500:
                         raise _TransientHTTPError(resp.status_code)
@@ -502,6 +515,11 @@ class ArkindexAgentClient:
             json.dump(schema, tmp)
         try:
             api = ArkindexClient(base_url=self.url, schema_url=tmp.name, auth_scheme="Bearer")
+            # arkindex-client waits up to 60 s for an answer, tried `max_attempts` times: a
+            # stalled Arkindex would hold a step for minutes. Ours is the one timeout.
+            adapter = _TimeoutAdapter(self.timeout)
+            api.session.mount("http://", adapter)
+            api.session.mount("https://", adapter)
         except SchemaError as exc:
             raise ArkindexError(
                 f"{not_arkindex}: the schema is invalid: {exc.__cause__})"
@@ -707,7 +725,7 @@ class ArkindexAgentClient:
         try:
             for attempt in self._retrying():
                 with attempt:
-                    resp = requests.get(url, timeout=HTTP_TIMEOUT)
+                    resp = requests.get(url, timeout=self.timeout)
                     if resp.status_code >= 500 or resp.status_code == 429:
                         raise _TransientHTTPError(resp.status_code)
         except (requests.RequestException, _TransientHTTPError) as exc:
@@ -899,7 +917,7 @@ class ArkindexAgentClient:
                         put_url,
                         data=data,
                         headers={"Content-Type": "text/plain; charset=utf-8"},
-                        timeout=HTTP_TIMEOUT,
+                        timeout=self.timeout,
                     )
                     if resp.status_code >= 500 or resp.status_code == 429:
                         raise _TransientHTTPError(resp.status_code)

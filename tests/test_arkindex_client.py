@@ -607,3 +607,21 @@ def test_definition_cache_is_bounded_and_short_lived(sim, client):
     newest = client.task_definition(tasks[-1])
     time.sleep(0.6)
     assert client.task_definition(tasks[-1]) is not newest  # read again once too old
+
+
+def test_a_stalled_arkindex_does_not_hold_a_worker(sim, store):
+    """arkindex-client waits 60 s for an answer: every call of the agent's client uses the
+    client's own timeout, so an Arkindex that answers late is unknown, not a held worker."""
+    client = ArkindexAgentClient(
+        sim.url, FARM, SEED, store, max_attempts=2, max_wait=0.05, timeout=(2, 0.5)
+    )
+    task = one_task(sim)
+    start_task(client, task)
+    sim.faults.set([{"fault": "slow", "seconds": 3, "operation": "RetrieveTask"}])
+    try:
+        started = time.monotonic()
+        with pytest.raises(ArkindexUnavailable, match="RetrieveTask failed 2 times"):
+            client.task_state(task)
+        assert time.monotonic() - started < 2.5
+    finally:
+        sim.faults.clear()
