@@ -298,8 +298,9 @@ class ChaosRun:
             self.note(f"Vast.ai {p['endpoint']} answers {p['delay']} s late x{p['times']}")
         elif kind in ("arkindex_5xx", "arkindex_html_502"):
             fault = "http_5xx" if kind == "arkindex_5xx" else "html_502"
-            admin.arkindex_faults({"fault": fault, "status": 500 if fault == "http_5xx" else 502})
-            self.later.append((time.monotonic() + p["seconds"], admin.clear_arkindex_faults))
+            rule = {"fault": fault, "status": 500 if fault == "http_5xx" else 502}
+            admin.arkindex_faults(rule)
+            self.later.append((time.monotonic() + p["seconds"], lambda: self._end_window(rule)))
             self.note(f"Arkindex {fault} for {p['seconds']:g} s")
         elif kind == "arkindex_slow":
             admin.arkindex_slow(p["seconds"], times=p["times"])
@@ -339,6 +340,14 @@ class ChaosRun:
                 self.armed.remove(item)
                 self.untriggered.append(what)
                 self.note(f"no {what} within 60 s: nothing killed")
+
+    def _end_window(self, rule: dict) -> None:
+        """Remove one Arkindex rule, keeping the others (a deleted task stays deleted)."""
+        rules = self.admin.arkindex_fault_state()["rules"]
+        self.admin.clear_arkindex_faults()
+        kept = [r for r in rules if {k: r.get(k) for k in rule} != rule]
+        if kept:
+            self.admin.arkindex_faults(*kept)
 
     def _stop_second_beat(self) -> None:
         if "beat2" in self.agent.processes:

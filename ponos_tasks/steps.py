@@ -893,6 +893,9 @@ def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
 def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     """The periodic upload while the task runs (never over the final one)."""
     task_id = record.task_id
+    # A fresh definition each period: a task deleted on Arkindex shows (404) within one
+    # logs_interval, and a long task never uploads with a pre-signed URL it held too long.
+    ctx.arkindex.forget(task_id)
     try:
         definition = ctx.arkindex.task_definition(task_id)
     except TaskGone:

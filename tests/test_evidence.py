@@ -329,7 +329,6 @@ def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(cont
     """Arkindex answers 404 for a task deleted while it runs: a positive fact. The agent
     stops spending on it; nothing is left billing, no record stays open."""
     ctx = contexts(logs_interval=0.5)
-    ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
     harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     admin.arkindex_delete_task(task_id)
@@ -348,7 +347,6 @@ def test_a_deleted_task_is_not_held_by_a_report_a_killed_worker_left(contexts, a
     once instead of billing until the lease lapses (found by the chaos suite, seed 4). No
     sync runs here: the chain alone must destroy it."""
     ctx = contexts(logs_interval=0.5)
-    ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
     harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     reported = ctx.arkindex.reported
