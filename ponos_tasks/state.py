@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -419,8 +420,11 @@ class TaskStore:
         return self.redis.lock(self.keys.create_lock(task_id), timeout=timeout, blocking=False)
 
     def sync_lock(self, timeout: float) -> Lock:
-        """The single-flight lock of the sync loop (non-blocking, expires after `timeout` s)."""
-        return self.redis.lock(self.keys.sync_lock, timeout=timeout, blocking=False)
+        """The single-flight lock of the sync loop (non-blocking, expires after `timeout` s
+        unless renewed: see kept_alive; its token is shared with the renewing thread)."""
+        return self.redis.lock(
+            self.keys.sync_lock, timeout=timeout, blocking=False, thread_local=False
+        )
 
     @contextmanager
     def upload_lock(self, task_id: str, timeout: float, *, wait: bool = True):
@@ -455,6 +459,33 @@ class TaskStore:
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
+
+
+@contextmanager
+def kept_alive(lock: Lock, every: float):
+    """Renew a held `lock` to its full timeout every `every` s while the block runs (redis-py
+    renews nothing by itself): the lock lives exactly as long as its holder's process, so a
+    long run keeps it, and a holder killed with SIGKILL frees it within one timeout instead of
+    within the longest run allowed. The lock must not be thread-local."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(every):
+            try:
+                lock.reacquire()
+            except LockError:  # lost meanwhile (Redis emptied): another may hold it now
+                logging.getLogger(__name__).warning("lock %s was lost while held", lock.name)
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                continue  # a Redis blip: renew at the next tick (the timeout leaves room)
+
+    renewer = threading.Thread(target=renew, name=f"renew {lock.name}", daemon=True)
+    renewer.start()
+    try:
+        yield lock
+    finally:
+        stop.set()
+        renewer.join(timeout=every)
 
 
 def release(lock: Lock, *, retry_for: float = 15.0) -> None:

@@ -53,7 +53,7 @@ from ponos_tasks.registry_client import (
     ImageNotFound,
     parse_image_reference,
 )
-from ponos_tasks.state import release
+from ponos_tasks.state import kept_alive, release
 from ponos_tasks.vast import (
     CreateOutcomeUnknown,
     InstanceNotFound,
@@ -1220,11 +1220,13 @@ class SyncResult:
 
 def sync(ctx: AgentContext) -> SyncResult:
     """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue."""
-    lock = ctx.store.sync_lock(timeout=ctx.settings.sync_lock_timeout)
+    timeout = ctx.settings.sync_lock_timeout
+    lock = ctx.store.sync_lock(timeout=timeout)
     if not lock.acquire():
         return SyncResult(ran=False)
     try:
-        return _sync_locked(ctx)
+        with kept_alive(lock, every=timeout / 3):
+            return _sync_locked(ctx)
     finally:
         release(lock)
 
