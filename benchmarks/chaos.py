@@ -33,6 +33,7 @@ from benchmarks.chaos_checks import (
     Verdict,
     blocked_tasks,
     check_all,
+    final_instances,
     task_of,
 )
 from benchmarks.chaos_plan import LABEL_FAULTS, ChaosPlan, ChaosTask, Injection, build_plan
@@ -523,7 +524,7 @@ class ChaosRun:
                 texts.append(f"flower unreachable: {exc}")
         return "\n".join(texts)
 
-    def records(self, outcome: dict, baseline_bill: float | None) -> Records:
+    def records(self, outcome: dict, baseline: dict | None) -> Records:
         admin = self.admin
         tasks = admin.tasks()
         logs = {task_id: admin.task_log(task_id) for task_id in self.ids.values()}
@@ -564,7 +565,8 @@ class ChaosRun:
             deleted_destroyed_after=outcome.get("deleted_destroyed_after"),
             logs_interval=LOGS_INTERVAL,
             sync_interval=SYNC_INTERVAL,
-            baseline_bill=baseline_bill,
+            baseline_bill=baseline["bill"] if baseline else None,
+            baseline_finals=baseline["finals"] if baseline else None,
         )
 
 
@@ -575,7 +577,7 @@ def run_once(
     quick: bool = False,
     faults: bool = True,
     timeout: float = 900,
-    baseline_bill: float | None = None,
+    baseline: dict | None = None,
     workdir: Path | None = None,
     say=print,
 ) -> dict:
@@ -590,7 +592,7 @@ def run_once(
         run.start()
         outcome = run.run()
         time.sleep(2 * SYNC_INTERVAL)
-        records = run.records(outcome, baseline_bill)
+        records = run.records(outcome, baseline)
         fired = run.fired()
         if workdir is not None:  # kept for a post-mortem: what the simulators recorded
             dump = {k: getattr(records, k) for k in ("ids", "tasks", "logs", "ledger", "events")}
@@ -608,6 +610,7 @@ def run_once(
         "elapsed_s": round(outcome["elapsed"], 1),
         "timed_out": bool(outcome.get("timed_out")),
         "bill": bill,
+        "finals": final_instances(records.ledger, records.ids),
         "instances": len(records.ledger),
         "injected": run.injected,
         "untriggered": run.untriggered,
@@ -649,11 +652,12 @@ def run_seed(
         n_tasks,
         quick=quick,
         timeout=timeout,
-        baseline_bill=base["bill"] if base else None,
+        baseline=base,
         say=say,
         workdir=workdir("chaos"),
     )
     result["baseline"] = base and {k: base[k] for k in ("bill", "elapsed_s", "instances")}
+    result.pop("finals", None)  # the ledger rows were for the comparison only
     return result
 
 
