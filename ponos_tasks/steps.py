@@ -984,12 +984,17 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
             "reporting it stopped, as Arkindex asks",
         )
         state = "stopped"
-    if state in ("completed", "failed"):
-        # Arkindex's table: a task reaches completed/failed only from running (a no-op when
-        # it was reported already). `error` is allowed from pending: a task that never ran
-        # is not reported running.
-        _report_running(ctx, task_id)
+    # Arkindex's table: a task reaches completed/failed only from running (a no-op when it
+    # was reported already). `error` is allowed from pending: a task that never ran is not
+    # reported running. `running` must be *on Arkindex* first: while another worker is still
+    # sending it (ReportInFlight), this step is retried, never sent ahead of it (it would be
+    # refused, and the task end in `error`).
     try:
+        if state in ("completed", "failed"):
+            try:
+                ctx.arkindex.update_state(task_id, "running")
+            except TransitionRefused as error:
+                logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
         ctx.arkindex.update_state(task_id, state)
     except TransitionRefused as error:
         _report_refused(ctx, task_id, state, error)

@@ -374,6 +374,31 @@ def test_a_deleted_task_is_not_held_by_a_report_a_killed_worker_left(contexts, a
     assert ctx.store.get(task_id).task_gone
 
 
+def test_a_final_state_waits_for_the_running_another_worker_is_still_sending(contexts, admin):
+    """Arkindex accepts completed/failed only from running. While another worker is still
+    sending `running` (its lease), the final report must wait for it, not go ahead (it would
+    be refused and the task end `error`: the chaos suite's 200-task run, seed 1)."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    reported = ctx.arkindex.reported
+    harness = Harness(ctx)
+    harness.sync()
+    assert reported.claim(task_id, "running") == reported.CLAIMED  # the other worker's send
+
+    def other_worker_gives_up(h):
+        if h.retries.get((task_id, StepName.REPORT_STATE), 0) >= 2:
+            reported.release(task_id, "running")  # its request failed: unknown again
+
+    harness.run(
+        until=lambda: harness.done(task_id),
+        timeout=60,
+        sync_every=0.5,
+        on_step=other_worker_gives_up,
+    )
+    assert admin.refused_agent_states(task_id) == []
+    assert admin.accepted_agent_states(task_id) == ["running", "completed"]
+
+
 def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(contexts, admin):
     ctx = contexts()
     task_id = admin.one_task(env=scripted(0))
