@@ -664,8 +664,8 @@ def run_seed(
 # ---------------------------------------------------------------------- the report
 
 
-def markdown(results: list[dict], command: str) -> str:
-    info = machine()
+def markdown(results: list[dict], command: str, info: dict) -> str:
+    """RELIABILITY.md's generated part; `info`: the machine and commit, taken at the start."""
     out = [
         "# Reliability",
         "",
@@ -761,6 +761,7 @@ def main(argv=None) -> int:
     n_tasks = 12 if args.quick else args.tasks
     baseline = not (args.quick or args.no_baseline)
     results = []
+    info = machine()  # the commit measured is the one the runs start from
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for seed in seeds:
         results.append(
@@ -801,7 +802,7 @@ def main(argv=None) -> int:
         kept = ""
         if REPORT.exists() and FINDINGS in REPORT.read_text():
             kept = REPORT.read_text()[REPORT.read_text().index(FINDINGS) :]
-        REPORT.write_text(markdown(results, command_line()) + ("\n" + kept if kept else ""))
+        REPORT.write_text(markdown(results, command_line(), info) + ("\n" + kept if kept else ""))
         say(f"written {REPORT}")
     return 0 if all(r["holds"] for r in results) else 1
 
