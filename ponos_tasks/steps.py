@@ -730,11 +730,14 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
 def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     """Stop the failed attempt's instance, then look for an offer again.
 
-    Stopped, not destroyed, until the next attempt is about to be created: a task that Arkindex
-    already shows `running` is listed by no Arkindex action, so between two attempts its
-    labelled instance is its only trace outside Redis; lost Redis, the next sync adopts it
-    and goes on (a destroyed one would leave the task `running` forever). Stopped, it runs
-    nothing more and bills only its storage.
+    Stopped, not destroyed, until the next attempt is about to be created, when Arkindex
+    already shows the task `running`: no Arkindex action lists it any more, so between two
+    attempts its labelled instance is its only trace outside Redis; lost Redis, the next
+    sync adopts it and goes on (a destroyed one would leave the task `running` forever).
+    Stopped, it runs nothing more and bills only its storage. A task still `pending` there
+    (no attempt ever ran) needs no trace: Arkindex's actions list it again after any loss,
+    and a kept instance that never ran could only be adopted as an ended task whose log no
+    one can read (`error`, instead of a new attempt). Its instance is destroyed.
     """
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.RETRYING:
@@ -743,11 +746,14 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     if record.instance_id is not None:
         if kept is not None and kept != record.instance_id:
             ctx.vast.destroy_instance(kept)  # an older trace: the newer one suffices
-        try:
-            ctx.vast.stop_instance(record.instance_id)
-            kept = record.instance_id
-        except InstanceNotFound:
-            pass  # already gone: nothing to keep
+        if ctx.arkindex.task_state(task_id) == "running":  # unknown raises: retried
+            try:
+                ctx.vast.stop_instance(record.instance_id)
+                kept = record.instance_id
+            except InstanceNotFound:
+                pass  # already gone: nothing to keep
+        else:
+            ctx.vast.destroy_instance(record.instance_id)
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.RETRYING,

@@ -447,6 +447,33 @@ def test_losing_redis_between_two_attempts_of_a_running_task_still_ends_it(conte
         time.sleep(0.3)
 
 
+def test_losing_redis_after_a_start_that_never_ran_starts_the_task_again(contexts, admin):
+    """The first attempt never ran (stuck loading, given up): Arkindex still shows the task
+    pending, so its actions list it again after a loss of Redis. The failed instance is not
+    kept as a trace: adopted, it could only end as a task whose log no one can read
+    (`error`, the chaos suite's quick run, seed 1). The task completes on a new attempt."""
+    ctx = contexts(vast_api={"loading_deadline": 1.0})
+    task_id = admin.one_task(env=scripted(0), command="worker")
+    admin.faults({"fault": "stuck_loading", "label": f"{task_id}-1$", "times": 1})
+    harness = Harness(ctx)
+    harness.sync()
+
+    def between_attempts():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == Phase.WAITING_OFFER and record.attempt == 1
+
+    harness.run(until=between_attempts, timeout=60, sync_every=0.5)
+    assert admin.task(task_id)["state"] == "pending"
+    assert all(r["destroyed_at"] is not None for r in admin.rows_for(task_id))
+    wipe(ctx)
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    again = Harness(reborn)
+    again.sync()
+    again.run(until=lambda: again.done(task_id), sync_every=0.3, timeout=90)
+    assert admin.task(task_id)["state"] == "completed", reborn.store.get(task_id).reason
+    assert admin.refused_agent_states(task_id) == []
+
+
 def test_a_stop_no_sync_saw_before_the_report_is_reported_without_refusals(contexts, admin):
     """The user stops the task while its outcome is being published and no sync runs before
     the report: the agent reads the task's state first and reports `stopped` at once."""
