@@ -894,8 +894,10 @@ def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     return None
 
 
-def _report_running(ctx: AgentContext, task_id: str) -> None:
-    """Report `running` (sent once: the Arkindex client's reported-states guard)."""
+def _report_running(ctx: AgentContext, task_id: str, *, in_flight_raises: bool = False) -> None:
+    """Report `running` (sent once: the Arkindex client's reported-states guard).
+    `in_flight_raises`: a report of it another worker holds raises ReportInFlight (the final
+    report needs `running` on Arkindex first) instead of being left to that worker."""
     record = ctx.store.get(task_id)
     if record is None or record.stop_requested:
         return
@@ -904,7 +906,9 @@ def _report_running(ctx: AgentContext, task_id: str) -> None:
     except TransitionRefused as error:
         logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
     except ReportInFlight:
-        pass  # another worker sends it (or its lease lapses and a later call does)
+        if in_flight_raises:
+            raise
+        # another worker sends it (or its lease lapses and a later call does)
     except TaskGone:
         pass  # deleted on Arkindex: the chain ends it (the final report says so)
 
@@ -941,6 +945,7 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
     """The final state, as Arkindex's state table accepts it (raises when unknown: retried)."""
     task_id = record.task_id
     state = record.final_state or "error"
+    current = None
     if not record.stop_requested and state != "stopped":
         # A user may have stopped it since the outcome was decided, before any sync saw it:
         # Arkindex then accepts only `stopped` (one read saves two refused updates).
@@ -961,7 +966,13 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
         # Arkindex's table: a task reaches completed/failed only from running (a no-op when
         # it was reported already). `error` is allowed from pending: a task that never ran
         # is not reported running.
-        _report_running(ctx, task_id)
+        if current == "running":
+            ctx.reported.mark(task_id, "running")  # Arkindex has it (read just above)
+        else:
+            # Not shown running: it must be sent first. A report of it left in flight (a
+            # worker killed while sending it) is unknown, not done: raise (retried once its
+            # lease lapses) rather than send a final state Arkindex refuses from `pending`.
+            _report_running(ctx, task_id, in_flight_raises=True)
     try:
         ctx.arkindex.update_state(task_id, state)
     except TransitionRefused as error:
