@@ -739,8 +739,9 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     return None
 
 
-def _instance_log(ctx: AgentContext, record: TaskRecord) -> str | None:
-    """The instance's log; "" when there is no instance; None when it could not be read."""
+def _instance_log(ctx: AgentContext, record: TaskRecord, *, gone_is_empty=False) -> str | None:
+    """The instance's log; "" when there is no instance (`gone_is_empty`: also when Vast.ai
+    answers 404 for it); None when it could not be read."""
     if record.instance_id is None or record.instance_destroyed:
         return ""
     try:
@@ -752,6 +753,8 @@ def _instance_log(ctx: AgentContext, record: TaskRecord) -> str | None:
             max_bytes=settings.max_log_bytes,
         )
     except VastError as error:
+        if gone_is_empty and error.status == 404:
+            return ""  # a positive fact: the instance is gone, and its log with it
         logger.warning(
             "task %s: could not read the logs of instance %s: %s",
             record.task_id,
@@ -781,9 +784,34 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if not final:
         return _publish_running_log(ctx, record)
+    settings = ctx.settings
     ended_log = ctx.store.ended_log(task_id, record.attempt)
-    instance_log = ended_log if ended_log is not None else _instance_log(ctx, record)
-    if instance_log is None:
+    instance_log = (
+        ended_log if ended_log is not None else _instance_log(ctx, record, gone_is_empty=True)
+    )
+    if instance_log is None and record.running_since is not None:
+        # Unread is not "no log": the instance of a task that ran is the only place its
+        # output lives, and the destroy that follows is irreversible. Keep it and read
+        # again, with backoff, up to log_read_deadline (counted from the first failed read,
+        # the watch's included). (A task never seen running has no output worth the wait:
+        # the log of a container that never started is never readable.)
+        now = ctx.now()
+        since = record.log_unread_since or now
+        waited = now - since
+        if waited < settings.log_read_deadline:
+            if record.log_unread_since is None:
+                _note(
+                    ctx,
+                    task_id,
+                    f"the log of instance {record.instance_id} could not be read; keeping "
+                    f"the instance and reading it again (up to {settings.log_read_deadline:g} s)",
+                    "WARNING",
+                )
+            ctx.store.touch(
+                task_id, expect_attempt=record.attempt, log_unread_since=since, heartbeat_at=now
+            )
+            delay = min(max(settings.watch_interval, waited / 2), 60.0)
+            return Next(StepName.PUBLISH_LOGS, countdown=delay, kwargs={"final": True})
         _note(ctx, task_id, "the instance's log could not be read: it is missing below", "WARNING")
     if record.inferred:
         _note(
@@ -792,7 +820,6 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
             "the image ran unwrapped: this final state was inferred from how its instance ended",
             "WARNING",
         )
-    settings = ctx.settings
     text = None
     try:
         definition = ctx.arkindex.task_definition(task_id)

@@ -82,11 +82,6 @@ def instance_printed(admin, task_id: str) -> bool:
     return bool(found) and any("sim log line" in line for line in found[0]["log"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantees 4 and 6: the final upload of a stopped task takes one failed log "
-    "read for no log, publishes without it and destroys the instance (the log is lost)",
-)
 def test_a_stop_while_the_log_read_fails_still_publishes_the_instance_log(contexts, admin):
     """The user stops a running task while Vast.ai's log service fails for a few seconds:
     the instance is the only place its output lives, so it must not be destroyed on a
@@ -114,12 +109,6 @@ def test_a_stop_while_the_log_read_fails_still_publishes_the_instance_log(contex
     assert "sim log line" in log, log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantees 4 and 6: an exit code found by a periodic upload leaves no ended log; "
-    "one failed read at the final upload replaces the published log (with its marker) by "
-    "one without the instance log, and the instance is destroyed",
-)
 def test_a_marker_found_while_running_survives_a_failed_read_at_the_final_upload(contexts, admin):
     """The periodic upload spots the exit marker (the instance could not stop itself yet)
     and publishes it; then Vast.ai's log service fails for a few seconds. The final upload
