@@ -5,6 +5,8 @@ simulators and a real Redis, like tests/test_evidence.py. A test marked xfail(st
 documents a break that is not fixed yet.
 """
 
+import contextlib
+
 import pytest
 import redis
 
@@ -142,3 +144,46 @@ def test_a_marker_found_while_running_survives_a_failed_read_at_the_final_upload
     assert admin.task(task_id)["state"] == "completed"
     log = admin.task_log(task_id)
     assert "PONOS_EXIT_CODE=0" in log, log
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 2: the failed attempt's kept instance (the task's only trace outside "
+    "Redis) is destroyed before the next create succeeds; no offer then -> no trace, and "
+    "Redis lost leaves the task `running` on Arkindex forever",
+)
+def test_losing_redis_after_a_retry_found_no_offer_still_ends_the_task(contexts, admin):
+    """Attempt 1 of a running task exits early (retried). The retry's create destroys the
+    kept instance, then every offer it tries vanishes (or a 429 penalty, a 5xx...): the task
+    waits for an offer with nothing of it left at Vast.ai. Redis is lost then: the task
+    is `running` on Arkindex (no action lists it) and must still end."""
+    from tests.agent_harness import wipe
+
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="2000"))
+    admin.faults({"fault": "unexpected_exit", "label": f"{task_id}-1$", "after": 300})
+    # Every offer the second attempt's create tries is gone before it lands.
+    admin.faults({"fault": "offer_vanished", "label": f"{task_id}-2$", "times": 5})
+
+    def waiting_again():
+        record = ctx.store.get(task_id)
+        return (
+            record is not None
+            and record.phase == Phase.WAITING_OFFER
+            and record.attempt == 1
+            and record.kept_instance_id is None
+        )
+
+    run_until(ctx, task_id, waiting_again, timeout=60, sync_every=0.5)
+    assert admin.task(task_id)["state"] == "running"
+    wipe(ctx)
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    again = RetryingHarness(reborn, max_sleep=0.2)
+    again.sync()
+
+    def terminal():
+        return admin.task(task_id)["state"] in ("completed", "failed", "error", "stopped")
+
+    with contextlib.suppress(TimeoutError, AssertionError):  # the check is the line below
+        again.run(until=terminal, sync_every=0.3, timeout=20)
+    assert terminal(), admin.task(task_id)["state"]
