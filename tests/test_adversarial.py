@@ -187,3 +187,27 @@ def test_losing_redis_after_a_retry_found_no_offer_still_ends_the_task(contexts,
     with contextlib.suppress(TimeoutError, AssertionError):  # the check is the line below
         again.run(until=terminal, sync_every=0.3, timeout=20)
     assert terminal(), admin.task(task_id)["state"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 2: a state update whose 200 answer is spoiled is sent again blindly; "
+    "Arkindex refuses the repeat (already in that state) and records a refused update",
+)
+@pytest.mark.parametrize("spoiled", [1, 2], ids=["running", "running-and-completed"])
+def test_a_state_update_whose_answer_was_spoiled_is_not_sent_again(contexts, admin, spoiled):
+    """Arkindex applies a state update, then its answer is cut (a proxy, a dropped
+    connection): the outcome is unknown, so the agent must look before sending it again,
+    never repeat an update Arkindex's table refuses."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    # The next `spoiled` answers to this task's state updates are cut in half.
+    admin.arkindex_malformed(operation="PartialUpdateTask", task=task_id, times=spoiled)
+    harness = RetryingHarness(ctx, max_sleep=0.2)
+    harness.sync()
+    try:
+        harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60)
+    finally:
+        admin.clear_arkindex_faults()
+    assert admin.task(task_id)["state"] == "completed"
+    assert admin.refused_agent_states(task_id) == []
