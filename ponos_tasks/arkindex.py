@@ -505,13 +505,21 @@ class ArkindexAgentClient:
             )
         return api
 
-    def _send(self, operation_id: str, **params) -> Any:
+    def _send(self, operation_id: str, *, spoiled_is_done: bool = False, **params) -> Any:
         """One operation with our retry policy and no auth handling. 4xx answers are raised
-        as arkindex-client's ErrorResponse for the caller to interpret."""
+        as arkindex-client's ErrorResponse for the caller to interpret. `spoiled_is_done`:
+        a 2xx answer whose body cannot be read means the call took effect (returns None),
+        for an update that must not be sent twice."""
         try:
             for attempt in self._retrying():
                 with attempt:
-                    return self._decoded(operation_id, **params)
+                    try:
+                        return self._decoded(operation_id, **params)
+                    except _BadAnswer:
+                        if spoiled_is_done:
+                            logger.info("%s took effect; its answer was unreadable", operation_id)
+                            return None
+                        raise
         except requests.RequestException as exc:
             raise ArkindexUnavailable(
                 f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
@@ -546,17 +554,17 @@ class ArkindexAgentClient:
         self.api.session.auth.scheme = "Bearer"
         self.api.session.auth.token = creds["access_token"]
 
-    def _call(self, operation_id: str, **params) -> Any:
+    def _call(self, operation_id: str, *, spoiled_is_done: bool = False, **params) -> Any:
         """An authenticated operation; on 401 renew the token once and retry once."""
         creds = self._ensure_credentials()
         try:
-            return self._send(operation_id, **params)
+            return self._send(operation_id, spoiled_is_done=spoiled_is_done, **params)
         except ErrorResponse as exc:
             if exc.status_code != 401:
                 raise
             logger.info("Arkindex token refused on %s; renewing it", operation_id)
         self._renew(creds["access_token"])
-        return self._send(operation_id, **params)
+        return self._send(operation_id, spoiled_is_done=spoiled_is_done, **params)
 
     def _ensure_credentials(self) -> dict:
         with self._lock:
@@ -825,7 +833,9 @@ class ArkindexAgentClient:
             logger.debug("State %s of task %s already reported", state, task_id)
             return False
         try:
-            self._call("PartialUpdateTask", id=task_id, body={"state": state})
+            # A 200 whose body was cut or replaced (a proxy) is an update Arkindex applied:
+            # sending it again would be refused (already in that state).
+            self._call("PartialUpdateTask", id=task_id, body={"state": state}, spoiled_is_done=True)
         except ErrorResponse as exc:
             if exc.status_code == 404:
                 self.reported.release(task_id, state)

@@ -189,11 +189,6 @@ def test_losing_redis_after_a_retry_found_no_offer_still_ends_the_task(contexts,
     assert terminal(), admin.task(task_id)["state"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantee 2: a state update whose 200 answer is spoiled is sent again blindly; "
-    "Arkindex refuses the repeat (already in that state) and records a refused update",
-)
 @pytest.mark.parametrize("spoiled", [1, 2], ids=["running", "running-and-completed"])
 def test_a_state_update_whose_answer_was_spoiled_is_not_sent_again(contexts, admin, spoiled):
     """Arkindex applies a state update, then its answer is cut (a proxy, a dropped
