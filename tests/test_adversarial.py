@@ -206,3 +206,35 @@ def test_a_state_update_whose_answer_was_spoiled_is_not_sent_again(contexts, adm
         admin.clear_arkindex_faults()
     assert admin.task(task_id)["state"] == "completed"
     assert admin.refused_agent_states(task_id) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 2: a report whose worker was killed after Arkindex applied it is sent "
+    "again blindly once its lease lapses; Arkindex refuses the repeat",
+)
+@pytest.mark.parametrize("state", ["running", "completed"])
+def test_a_report_a_killed_worker_had_applied_is_not_sent_again(contexts, admin, state):
+    """The chaos suite's kill: every worker dies the moment a state update took effect, its
+    answer still on the way. The lease it left lapses; whoever reports next must find the
+    state on Arkindex instead of sending it again (a refused update)."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="300"))
+    phase = Phase.LOADING if state == "running" else Phase.DESTROYING
+
+    def reached():
+        record = ctx.store.get(task_id)
+        return record is not None and record.phase == phase
+
+    harness = run_until(ctx, task_id, reached, timeout=60)
+    reported = ctx.arkindex.reported
+    assert reported.claim(task_id, state) == reported.CLAIMED
+    # The killed worker's request reached Arkindex and was applied.
+    ctx.arkindex._call("PartialUpdateTask", id=task_id, body={"state": state})
+    assert admin.task(task_id)["state"] == state
+    # Its lease (120 s) lapses 2 s from now here.
+    for key in (ctx.keys.reported(task_id, state), ctx.keys.reported(task_id, "terminal")):
+        ctx.redis.pexpire(key, 2000)
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60)
+    assert admin.task(task_id)["state"] == "completed"
+    assert admin.refused_agent_states(task_id) == []
