@@ -198,6 +198,7 @@ class MemoryCredentialStore:
 
 class ReportedStatesLike(Protocol):
     CLAIMED: str
+    CLAIMED_UNKNOWN: str
     REPORTED: str
     IN_FLIGHT: str
     OTHER_TERMINAL: str
@@ -205,7 +206,7 @@ class ReportedStatesLike(Protocol):
     def claim(self, task_id: str, state: str) -> str: ...
     def confirm(self, task_id: str, state: str) -> None: ...
     def mark(self, task_id: str, state: str) -> None: ...
-    def release(self, task_id: str, state: str) -> None: ...
+    def release(self, task_id: str, state: str, *, not_sent: bool = False) -> None: ...
     def terminal(self, task_id: str) -> str | None: ...
 
 
@@ -213,8 +214,9 @@ class MemoryReportedStates:
     """The reported-states guard in process memory (state.ReportedStates is the shared one,
     with leases; here a claim dies with the process, so none is needed)."""
 
-    CLAIMED, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
+    CLAIMED, CLAIMED_UNKNOWN, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
         "claimed",
+        "claimed_unknown",
         "reported",
         "in_flight",
         "other_terminal",
@@ -223,6 +225,7 @@ class MemoryReportedStates:
     def __init__(self):
         self._states: dict[tuple[str, str], str] = {}  # -> "pending" / "done"
         self._terminal: dict[str, tuple[str, bool]] = {}  # task -> (state, confirmed)
+        self._tried: set[tuple[str, str]] = set()  # given back with an unknown outcome
         self._lock = threading.Lock()
 
     def claim(self, task_id: str, state: str) -> str:
@@ -236,6 +239,9 @@ class MemoryReportedStates:
                     return self.IN_FLIGHT if not other[1] else self.OTHER_TERMINAL
                 self._terminal[task_id] = (state, False)
             self._states[(task_id, state)] = "pending"
+            if (task_id, state) in self._tried:
+                return self.CLAIMED_UNKNOWN
+            self._tried.add((task_id, state))
             return self.CLAIMED
 
     def confirm(self, task_id: str, state: str) -> None:
@@ -246,8 +252,10 @@ class MemoryReportedStates:
 
     mark = confirm
 
-    def release(self, task_id: str, state: str) -> None:
+    def release(self, task_id: str, state: str, *, not_sent: bool = False) -> None:
         with self._lock:
+            if not_sent:
+                self._tried.discard((task_id, state))
             if self._states.get((task_id, state)) == "pending":
                 del self._states[(task_id, state)]
             if self._terminal.get(task_id) == (state, False):
@@ -833,12 +841,18 @@ class ArkindexAgentClient:
             logger.debug("State %s of task %s already reported", state, task_id)
             return False
         try:
+            if claim == self.reported.CLAIMED_UNKNOWN and self.task_state(task_id) == state:
+                # An earlier send of it ended without an answer (a worker killed after
+                # Arkindex applied it, a timeout): it is there; sending it again is refused.
+                logger.info("Task %s was already %s on Arkindex", task_id, state)
+                self.reported.confirm(task_id, state)
+                return True
             # A 200 whose body was cut or replaced (a proxy) is an update Arkindex applied:
             # sending it again would be refused (already in that state).
             self._call("PartialUpdateTask", id=task_id, body={"state": state}, spoiled_is_done=True)
         except ErrorResponse as exc:
             if exc.status_code == 404:
-                self.reported.release(task_id, state)
+                self.reported.release(task_id, state, not_sent=True)
                 raise TaskGone(task_id) from None
             if exc.status_code == 400:
                 detail = error_detail(exc)
@@ -853,7 +867,7 @@ class ArkindexAgentClient:
                     logger.info("Task %s was already %s on Arkindex", task_id, state)
                     self.reported.confirm(task_id, state)
                     return True
-                self.reported.release(task_id, state)
+                self.reported.release(task_id, state, not_sent=True)
                 logger.warning(
                     "Arkindex refused state %s for task %s (not retried): %s",
                     state,

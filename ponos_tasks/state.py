@@ -501,12 +501,16 @@ class ReportedStates:
     `mark()` records a state known to be on Arkindex already (seen when adopting).
     """
 
-    CLAIMED, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
+    CLAIMED, CLAIMED_UNKNOWN, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
         "claimed",
+        "claimed_unknown",
         "reported",
         "in_flight",
         "other_terminal",
     )
+    # KEYS[3] ("<state>:tried") outlives the lease: a claim that lapsed (its worker killed,
+    # maybe after Arkindex applied the update) or was given back after an unknown outcome
+    # makes the next claim CLAIMED_UNKNOWN, so that its sender looks before sending again.
     _CLAIM = """
 local v = redis.call('GET', KEYS[1])
 if v == 'pending' then return 'in_flight' end
@@ -521,11 +525,15 @@ if ARGV[3] == '1' then
   redis.call('SET', KEYS[2], 'pending:' .. ARGV[1], 'EX', ARGV[2])
 end
 redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[2])
+local tried = redis.call('GET', KEYS[3])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
+if tried then return 'claimed_unknown' end
 return 'claimed'
 """
     _RELEASE = """
 if redis.call('GET', KEYS[1]) == 'pending' then redis.call('DEL', KEYS[1]) end
 if redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[2]) end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -546,14 +554,22 @@ return 1
         self._release = redis_client.register_script(self._RELEASE)
 
     def _keys(self, task_id: str, state: str) -> list[str]:
-        return [self.keys.reported(task_id, state), self.keys.reported(task_id, "terminal")]
+        return [
+            self.keys.reported(task_id, state),
+            self.keys.reported(task_id, "terminal"),
+            self.keys.reported(task_id, f"{state}:tried"),
+        ]
 
     def claim(self, task_id: str, state: str) -> str:
-        """CLAIMED (send it now), REPORTED, IN_FLIGHT (another worker's lease) or
-        OTHER_TERMINAL (a different terminal state was reported)."""
+        """CLAIMED (send it now), CLAIMED_UNKNOWN (send it, but an earlier claim of it ended
+        without a known outcome: it may be on Arkindex already), REPORTED, IN_FLIGHT
+        (another worker's lease) or OTHER_TERMINAL (a different terminal state was
+        reported)."""
         terminal = "1" if state in ARKINDEX_TERMINAL_STATES else "0"
         return _text(
-            self._claim(keys=self._keys(task_id, state), args=[state, self.lease, terminal])
+            self._claim(
+                keys=self._keys(task_id, state), args=[state, self.lease, terminal, self.ttl]
+            )
         )
 
     def confirm(self, task_id: str, state: str) -> None:
@@ -565,8 +581,11 @@ return 1
 
     mark = confirm
 
-    def release(self, task_id: str, state: str) -> None:
-        self._release(keys=self._keys(task_id, state), args=[state])
+    def release(self, task_id: str, state: str, *, not_sent: bool = False) -> None:
+        """Give a claim back. `not_sent`: Arkindex certainly did not apply it (it refused
+        it, or the task is gone); otherwise its outcome is unknown and the next claim is
+        CLAIMED_UNKNOWN."""
+        self._release(keys=self._keys(task_id, state), args=[state, "1" if not_sent else "0"])
 
     def terminal(self, task_id: str) -> str | None:
         """The terminal state confirmed as reported, if any."""

@@ -208,11 +208,6 @@ def test_a_state_update_whose_answer_was_spoiled_is_not_sent_again(contexts, adm
     assert admin.refused_agent_states(task_id) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantee 2: a report whose worker was killed after Arkindex applied it is sent "
-    "again blindly once its lease lapses; Arkindex refuses the repeat",
-)
 @pytest.mark.parametrize("state", ["running", "completed"])
 def test_a_report_a_killed_worker_had_applied_is_not_sent_again(contexts, admin, state):
     """The chaos suite's kill: every worker dies the moment a state update took effect, its
