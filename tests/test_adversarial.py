@@ -233,3 +233,23 @@ def test_a_report_a_killed_worker_had_applied_is_not_sent_again(contexts, admin,
     harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60)
     assert admin.task(task_id)["state"] == "completed"
     assert admin.refused_agent_states(task_id) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 4: the upload lock (120 s) lapses before one periodic upload with its "
+    "retries is over (4 x 35 s + 3.5 s); the final upload then runs and the late periodic "
+    "try can land on top of it",
+)
+def test_the_upload_lock_outlives_one_upload_with_its_retries():
+    """The periodic upload checks that the task still runs, then PUTs under the upload lock;
+    the final upload waits for that lock. If the lock lapses while the periodic PUT is still
+    being tried (S3 slow or hanging: each try may take its connect + read timeouts), the
+    final log is uploaded meanwhile and the periodic one may land after it."""
+    from ponos_tasks.arkindex import HTTP_TIMEOUT, ArkindexAgentClient, MemoryCredentialStore
+    from tests.settings_helper import settings_with
+
+    client = ArkindexAgentClient("http://127.0.0.1:1", "farm", "seed", MemoryCredentialStore())
+    waits = sum(min(client.max_wait, 0.5 * 2**n) for n in range(client.max_attempts - 1))
+    one_upload = client.max_attempts * sum(HTTP_TIMEOUT) + waits
+    assert settings_with().upload_lock_timeout > one_upload, one_upload
