@@ -312,3 +312,39 @@ def test_losing_redis_while_a_new_instance_is_not_listed_yet_rents_no_second_one
         again.run(until=lambda: not again.queue, timeout=10)
         time.sleep(0.3)
     assert [parse_label(r["label"]).attempt for r in rows] == [1], rows
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 4: a stop for a task without a record (Redis lost) destroys its "
+    "instance at once and publishes a log without the instance's output",
+)
+def test_a_stop_after_losing_redis_still_publishes_what_the_task_printed(contexts, admin):
+    """Redis is lost while a task runs, and the user stops it before the agent adopted its
+    instance again: the instance holds everything the task printed; it must be read before
+    the instance goes."""
+    from tests.agent_harness import wipe
+
+    ctx = contexts()
+    task_id = admin.one_task(
+        env={**scripted(0), "SIM_DURATION": "2000", "SIM_LOG_LINES": "19"}, command="worker"
+    )
+
+    def running_and_printed():
+        record = ctx.store.get(task_id)
+        return (
+            record is not None
+            and record.phase == Phase.RUNNING
+            and instance_printed(admin, task_id)
+        )
+
+    run_until(ctx, task_id, running_and_printed)
+    wipe(ctx)
+    admin.stop_task(task_id)
+    reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
+    again = RetryingHarness(reborn, max_sleep=0.2)
+    again.sync()
+    again.run(until=lambda: again.done(task_id), sync_every=0.3, timeout=30)
+    assert admin.task(task_id)["state"] == "stopped"
+    assert admin.refused_agent_states(task_id) == []
+    assert "sim log line" in (admin.task_log(task_id) or ""), admin.task_log(task_id)
