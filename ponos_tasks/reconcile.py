@@ -371,11 +371,15 @@ def _plan_unknown_task(
     task_id: str, found: list[_Ours], started: bool, stopped: bool
 ) -> list[Step]:
     """A task without a record: a new start, a stop, or instances of ours to adopt."""
+    if stopped and found:
+        # Memory lost, then stopped: the instance holds what the task printed. Adopt it
+        # (adopt_instance sees the task `stopping` and stops it through the chain, which
+        # reads and publishes its log before destroying it), never destroy it unread.
+        return _adopt_best(
+            task_id, found, None, "stop_task for a task without a record, with an instance"
+        )
     if stopped:
-        return [
-            *(_destroy(o, STOPPED, "stop_task for a task without a record") for o in found),
-            StopTask(task_id, False, "stop_task for a task without a record"),
-        ]
+        return [StopTask(task_id, False, "stop_task for a task without a record")]
     if found:
         return _adopt_best(task_id, found, None, "instance of ours without a record (memory lost?)")
     if started:

@@ -314,11 +314,6 @@ def test_losing_redis_while_a_new_instance_is_not_listed_yet_rents_no_second_one
     assert [parse_label(r["label"]).attempt for r in rows] == [1], rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantee 4: a stop for a task without a record (Redis lost) destroys its "
-    "instance at once and publishes a log without the instance's output",
-)
 def test_a_stop_after_losing_redis_still_publishes_what_the_task_printed(contexts, admin):
     """Redis is lost while a task runs, and the user stops it before the agent adopted its
     instance again: the instance holds everything the task printed; it must be read before
