@@ -343,3 +343,92 @@ def test_a_stop_after_losing_redis_still_publishes_what_the_task_printed(context
     assert admin.task(task_id)["state"] == "stopped"
     assert admin.refused_agent_states(task_id) == []
     assert "sim log line" in (admin.task_log(task_id) or ""), admin.task_log(task_id)
+
+
+def reached_phase(ctx, task_id, phase, **fields):
+    def check():
+        record = ctx.store.get(task_id)
+        return (
+            record is not None
+            and record.phase == phase
+            and all(getattr(record, k) == v for k, v in fields.items())
+        )
+
+    return check
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 4: a final log S3 refused in every try is published again once only, "
+    "when the task is done; S3 still down then, it is never published",
+)
+def test_a_log_s3_refused_until_the_end_is_published_once_s3_is_back(contexts, admin):
+    """S3 is down for longer than the final upload's tries and the report and destroy that
+    follow: the log is kept in Redis. Once S3 answers again, it must be published."""
+    import time
+
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = run_until(ctx, task_id, reached_phase(ctx, task_id, Phase.FINISHING))
+    admin.s3_down(3600)
+    try:
+        harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=90)
+        assert ctx.store.get(task_id).publish_failures == ctx.settings.publish_tries
+    finally:
+        admin.s3_up()
+    assert admin.task_log(task_id) is None  # kept in Redis, not published yet
+    deadline = time.monotonic() + 20  # the agent goes on syncing; S3 is back
+    while admin.task_log(task_id) is None and time.monotonic() < deadline:
+        harness.run(until=lambda: not harness.queue, sync_every=0.3, timeout=5)
+        harness.sync()
+        time.sleep(0.3)
+    assert "PONOS_EXIT_CODE=0" in (admin.task_log(task_id) or "")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantee 4: a worker killed between closing the record (done) and the last "
+    "try of the kept log leaves it unpublished for good",
+)
+def test_a_worker_killed_before_the_kept_log_is_published_loses_nothing(
+    contexts, admin, monkeypatch
+):
+    """S3 down during the final upload's tries (the log is kept), back by the end; the worker
+    that destroys the instance is killed right after closing the record, before its last
+    try at the kept log. The log must still be published."""
+    import time
+
+    from ponos_tasks import steps
+
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    harness = run_until(ctx, task_id, reached_phase(ctx, task_id, Phase.FINISHING))
+    admin.s3_down(3600)
+    try:
+        harness.run(
+            until=reached_phase(ctx, task_id, Phase.DESTROYING, final_reported=True), timeout=90
+        )
+    finally:
+        admin.s3_up()
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed("SIGKILL")
+
+    monkeypatch.setattr(steps, "_publish_kept_log", killed)
+    with contextlib.suppress(Killed):
+        harness.run(until=lambda: harness.done(task_id), timeout=30)
+    monkeypatch.undo()
+    assert harness.done(task_id)
+    # The message is delivered again (acks_late); the sync loop goes on.
+    from ponos_tasks.models import Next, StepName
+
+    harness.push(task_id, [Next(StepName.DESTROY_INSTANCE)])
+    deadline = time.monotonic() + 15
+    while admin.task_log(task_id) is None and time.monotonic() < deadline:
+        harness.run(until=lambda: not harness.queue, sync_every=0.3, timeout=5)
+        harness.sync()
+        time.sleep(0.3)
+    assert "PONOS_EXIT_CODE=0" in (admin.task_log(task_id) or "")
