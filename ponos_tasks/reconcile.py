@@ -393,9 +393,20 @@ def _plan_known_task(
     """A task with a record: stop it, clean its instances up, adopt, or resume its chain."""
     task_id, phase = record.task_id, Phase(record.phase)
     if phase is Phase.DONE:
-        return [
+        done: list[Step] = [
             _destroy(o, ORPHAN, f"task is done ({record.final_state or 'finished'})") for o in found
         ]
+        if record.kept_log_pending and is_stalled(record, now, settings):
+            done.append(
+                ResumeStep(
+                    task_id,
+                    StepName.PUBLISH_KEPT_LOG,
+                    record.phase,
+                    record.attempt,
+                    "its final log could not be published yet (kept in Redis)",
+                )
+            )
+        return done
     steps: list[Step] = []
     stopping = record.stop_requested or stop_action
     # Handled once stop_requested is set and the phase has moved to finishing or later;

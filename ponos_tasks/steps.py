@@ -1052,16 +1052,32 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
             f"instance {record.instance_id} "
             + ("was already gone" if gone_before else "destroyed"),
         )
+    # A log that could not be published is marked pending in the same change that closes
+    # the record: a worker killed right after still leaves it to the sync loop.
+    pending = record.publish_failures >= ctx.settings.publish_tries
     ctx.store.cas(
         task_id,
         expect_phase=Phase.DESTROYING,
         expect_attempt=record.attempt,
         phase=Phase.DONE,
         instance_destroyed=True,
+        kept_log_pending=pending,
+        heartbeat_at=ctx.now(),
     )
-    if record.publish_failures >= ctx.settings.publish_tries:
+    if pending:
         _publish_kept_log(ctx, record)
     ctx.arkindex.forget(task_id)
+    return None
+
+
+@step(StepName.PUBLISH_KEPT_LOG)
+def publish_kept_log(ctx: AgentContext, task_id: str) -> None:
+    """Try again to publish a done task's final log that could not be published (the sync
+    loop resumes this while the record says it is pending)."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.DONE or not record.kept_log_pending:
+        return None
+    _publish_kept_log(ctx, record)
     return None
 
 
@@ -1078,16 +1094,19 @@ def _publish_kept_log(ctx: AgentContext, record: TaskRecord) -> None:
         ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     except TaskGone:
         ctx.store.drop_ended_log(task_id, record.attempt)  # nowhere to publish it any more
+        ctx.store.touch(task_id, kept_log_pending=False)
         return
     except ArkindexError as error:
         logger.error(
             "task %s: the kept log still cannot be published (%s); its instance "
-            "log stays in Redis for %g s",
+            "log stays in Redis for %g s and is tried again",
             task_id,
             error,
             ctx.settings.unpublished_log_ttl,
         )
+        ctx.store.touch(task_id, heartbeat_at=ctx.now())  # the sync loop tries again later
         return
+    ctx.store.touch(task_id, kept_log_pending=False, logs_published_at=ctx.now())
     ctx.store.drop_ended_log(task_id, record.attempt)
     logger.info("task %s: the kept log is published", task_id)
 

@@ -357,11 +357,6 @@ def reached_phase(ctx, task_id, phase, **fields):
     return check
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantee 4: a final log S3 refused in every try is published again once only, "
-    "when the task is done; S3 still down then, it is never published",
-)
 def test_a_log_s3_refused_until_the_end_is_published_once_s3_is_back(contexts, admin):
     """S3 is down for longer than the final upload's tries and the report and destroy that
     follow: the log is kept in Redis. Once S3 answers again, it must be published."""
@@ -385,11 +380,6 @@ def test_a_log_s3_refused_until_the_end_is_published_once_s3_is_back(contexts, a
     assert "PONOS_EXIT_CODE=0" in (admin.task_log(task_id) or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guarantee 4: a worker killed between closing the record (done) and the last "
-    "try of the kept log leaves it unpublished for good",
-)
 def test_a_worker_killed_before_the_kept_log_is_published_loses_nothing(
     contexts, admin, monkeypatch
 ):
