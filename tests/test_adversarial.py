@@ -422,3 +422,35 @@ def test_a_worker_killed_before_the_kept_log_is_published_loses_nothing(
         harness.sync()
         time.sleep(0.3)
     assert "PONOS_EXIT_CODE=0" in (admin.task_log(task_id) or "")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guarantees 2 and 6: log_unread_since survives a retry; one failed log read at the "
+    "end of the next attempt then counts from the first attempt and ends the task `error` "
+    "at once",
+)
+def test_an_unread_log_of_a_failed_attempt_does_not_shorten_the_next_attempts_wait(contexts, admin):
+    """Attempt 1 exits early; its log could not be read at first (read again, fine), and the
+    attempt is retried. Attempt 2 runs to exit 0, and one read of its log fails: the agent
+    must read it again (log_read_deadline from *that* failure), not give up at once."""
+    ctx = contexts(logs_interval=3600, vast_api={"log_read_deadline": 5.0})
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="2000"))
+    admin.faults({"fault": "unexpected_exit", "label": f"{task_id}-1$", "after": 300})
+
+    def first_upload_done():
+        record = ctx.store.get(task_id)
+        return record is not None and record.logs_published_at is not None
+
+    harness = run_until(ctx, task_id, first_upload_done, timeout=60)
+    # The next agent-level log read (attempt 1's end) fails: 4 tries.
+    admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503, "times": 4})
+    harness.run(
+        until=reached_phase(ctx, task_id, Phase.RUNNING, attempt=2), timeout=60, sync_every=0.5
+    )
+    assert ctx.store.get(task_id).log_unread_since is not None  # attempt 1's
+    # Attempt 2's end: one read fails, the next would succeed.
+    admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503, "times": 4})
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.5, timeout=90)
+    record = ctx.store.get(task_id)
+    assert record.final_state == "completed", record.reason
