@@ -541,6 +541,7 @@ def _record_instance(
         instance_created_at=now,
         heartbeat_at=now,
         inferred=inferred,
+        log_unread_since=None,  # a new instance: its log has its own read deadline
         **values,
     )
     if updated is None:
@@ -619,6 +620,8 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
                 ctx.store.touch(task_id, log_unread_since=since, heartbeat_at=now)
                 delay = min(max(settings.watch_interval, waited / 2), 60.0)
                 return [Next(StepName.WATCH, countdown=delay, kwargs=again)]
+        elif record.log_unread_since is not None:
+            ctx.store.touch(task_id, expect_attempt=record.attempt, log_unread_since=None)
         decision = watch_decision(
             record,
             instance,
@@ -733,6 +736,7 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
         kept_instance_id=kept,
         offline_since=None,
         waiting_since=None,
+        log_unread_since=None,  # that attempt's: the next one's log has its own deadline
         heartbeat_at=ctx.now(),
     ):
         return Next(StepName.CHOOSE_OFFER)
