@@ -541,7 +541,12 @@ def _record_instance(
         instance_created_at=now,
         heartbeat_at=now,
         inferred=inferred,
-        log_unread_since=None,  # a new instance: its log has its own read deadline
+        # A new instance: what the record says of the last one (seen running, its start's
+        # progress, its unread log) is not true of this one.
+        running_since=None,
+        start_status=None,
+        progress_at=None,
+        log_unread_since=None,
         **values,
     )
     if updated is None:
@@ -793,12 +798,12 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     instance_log = (
         ended_log if ended_log is not None else _instance_log(ctx, record, gone_is_empty=True)
     )
-    if instance_log is None and record.running_since is not None:
+    if instance_log is None and (record.running_since is not None or record.adopted):
         # Unread is not "no log": the instance of a task that ran is the only place its
         # output lives, and the destroy that follows is irreversible. Keep it and read
         # again, with backoff, up to log_read_deadline (counted from the first failed read,
-        # the watch's included). (A task never seen running has no output worth the wait:
-        # the log of a container that never started is never readable.)
+        # the watch's included). (A task never seen running, unless adopted, has no output
+        # worth the wait: the log of a container that never started is never readable.)
         now = ctx.now()
         since = record.log_unread_since or now
         waited = now - since
@@ -1198,6 +1203,10 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         instance_created_at=now,
         heartbeat_at=now,
         adopted=True,
+        running_since=None,
+        start_status=None,
+        progress_at=None,
+        log_unread_since=None,
         # An image run unwrapped (no wrapper in its onstart) is judged by how it ends, as
         # when it was created; unknown (not in the snapshot) counts as wrapped.
         inferred=instance is not None
