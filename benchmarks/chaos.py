@@ -33,6 +33,7 @@ from benchmarks.chaos_checks import (
     Verdict,
     blocked_tasks,
     check_all,
+    final_instances,
     task_of,
 )
 from benchmarks.chaos_plan import LABEL_FAULTS, ChaosPlan, ChaosTask, Injection, build_plan
@@ -298,8 +299,9 @@ class ChaosRun:
             self.note(f"Vast.ai {p['endpoint']} answers {p['delay']} s late x{p['times']}")
         elif kind in ("arkindex_5xx", "arkindex_html_502"):
             fault = "http_5xx" if kind == "arkindex_5xx" else "html_502"
-            admin.arkindex_faults({"fault": fault, "status": 500 if fault == "http_5xx" else 502})
-            self.later.append((time.monotonic() + p["seconds"], admin.clear_arkindex_faults))
+            rule = {"fault": fault, "status": 500 if fault == "http_5xx" else 502}
+            admin.arkindex_faults(rule)
+            self.later.append((time.monotonic() + p["seconds"], lambda: self._end_window(rule)))
             self.note(f"Arkindex {fault} for {p['seconds']:g} s")
         elif kind == "arkindex_slow":
             admin.arkindex_slow(p["seconds"], times=p["times"])
@@ -339,6 +341,14 @@ class ChaosRun:
                 self.armed.remove(item)
                 self.untriggered.append(what)
                 self.note(f"no {what} within 60 s: nothing killed")
+
+    def _end_window(self, rule: dict) -> None:
+        """Remove one Arkindex rule, keeping the others (a deleted task stays deleted)."""
+        rules = self.admin.arkindex_fault_state()["rules"]
+        self.admin.clear_arkindex_faults()
+        kept = [r for r in rules if {k: r.get(k) for k in rule} != rule]
+        if kept:
+            self.admin.arkindex_faults(*kept)
 
     def _stop_second_beat(self) -> None:
         if "beat2" in self.agent.processes:
@@ -514,7 +524,7 @@ class ChaosRun:
                 texts.append(f"flower unreachable: {exc}")
         return "\n".join(texts)
 
-    def records(self, outcome: dict, baseline_bill: float | None) -> Records:
+    def records(self, outcome: dict, baseline: dict | None) -> Records:
         admin = self.admin
         tasks = admin.tasks()
         logs = {task_id: admin.task_log(task_id) for task_id in self.ids.values()}
@@ -555,7 +565,8 @@ class ChaosRun:
             deleted_destroyed_after=outcome.get("deleted_destroyed_after"),
             logs_interval=LOGS_INTERVAL,
             sync_interval=SYNC_INTERVAL,
-            baseline_bill=baseline_bill,
+            baseline_bill=baseline["bill"] if baseline else None,
+            baseline_finals=baseline["finals"] if baseline else None,
         )
 
 
@@ -566,7 +577,7 @@ def run_once(
     quick: bool = False,
     faults: bool = True,
     timeout: float = 900,
-    baseline_bill: float | None = None,
+    baseline: dict | None = None,
     workdir: Path | None = None,
     say=print,
 ) -> dict:
@@ -581,7 +592,7 @@ def run_once(
         run.start()
         outcome = run.run()
         time.sleep(2 * SYNC_INTERVAL)
-        records = run.records(outcome, baseline_bill)
+        records = run.records(outcome, baseline)
         fired = run.fired()
         if workdir is not None:  # kept for a post-mortem: what the simulators recorded
             dump = {k: getattr(records, k) for k in ("ids", "tasks", "logs", "ledger", "events")}
@@ -599,6 +610,7 @@ def run_once(
         "elapsed_s": round(outcome["elapsed"], 1),
         "timed_out": bool(outcome.get("timed_out")),
         "bill": bill,
+        "finals": final_instances(records.ledger, records.ids),
         "instances": len(records.ledger),
         "injected": run.injected,
         "untriggered": run.untriggered,
@@ -640,19 +652,20 @@ def run_seed(
         n_tasks,
         quick=quick,
         timeout=timeout,
-        baseline_bill=base["bill"] if base else None,
+        baseline=base,
         say=say,
         workdir=workdir("chaos"),
     )
     result["baseline"] = base and {k: base[k] for k in ("bill", "elapsed_s", "instances")}
+    result.pop("finals", None)  # the ledger rows were for the comparison only
     return result
 
 
 # ---------------------------------------------------------------------- the report
 
 
-def markdown(results: list[dict], command: str) -> str:
-    info = machine()
+def markdown(results: list[dict], command: str, info: dict) -> str:
+    """RELIABILITY.md's generated part; `info`: the machine and commit, taken at the start."""
     out = [
         "# Reliability",
         "",
@@ -748,6 +761,7 @@ def main(argv=None) -> int:
     n_tasks = 12 if args.quick else args.tasks
     baseline = not (args.quick or args.no_baseline)
     results = []
+    info = machine()  # the commit measured is the one the runs start from
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for seed in seeds:
         results.append(
@@ -788,7 +802,7 @@ def main(argv=None) -> int:
         kept = ""
         if REPORT.exists() and FINDINGS in REPORT.read_text():
             kept = REPORT.read_text()[REPORT.read_text().index(FINDINGS) :]
-        REPORT.write_text(markdown(results, command_line()) + ("\n" + kept if kept else ""))
+        REPORT.write_text(markdown(results, command_line(), info) + ("\n" + kept if kept else ""))
         say(f"written {REPORT}")
     return 0 if all(r["holds"] for r in results) else 1
 

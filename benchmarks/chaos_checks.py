@@ -48,6 +48,7 @@ class Records:
     sync_interval: float = 1.0
     logs_interval: float = 5.0
     baseline_bill: float | None = None  # the same workload without faults
+    baseline_finals: dict[str, dict] | None = None  # its final_instances()
 
 
 def task_of(label: str | None) -> tuple[str, int] | None:
@@ -187,13 +188,14 @@ def nothing_left(rec: Records) -> Verdict:
             f"(more than two sync intervals, {limit:g} s)"
         )
     # A task deleted while it runs has no terminal state: its instance goes once the agent
-    # meets the 404, at its next periodic upload (logs_interval) or sync.
+    # meets the 404, at its next periodic upload (every logs_interval; one more when that
+    # upload failed on a fault and is tried again).
     deleted = rec.deleted_destroyed_after
-    deleted_limit = rec.logs_interval + limit
+    deleted_limit = 2 * rec.logs_interval
     if deleted is not None and deleted > deleted_limit:
         problems.append(
             f"the deleted task's instance went {deleted:.1f} s after the deletion "
-            f"(more than logs_interval + two sync intervals, {deleted_limit:g} s)"
+            f"(more than two logs intervals, {deleted_limit:g} s)"
         )
     figure = f"{len(left)} left"
     if drained is not None:
@@ -258,25 +260,66 @@ def no_secret_shown(rec: Records) -> Verdict:
     return Verdict("no secret shown", not problems, figure, problems)
 
 
+def final_instances(ledger: list[dict], ids: dict[str, str]) -> dict[str, dict]:
+    """Task key -> the ledger row of its last attempt (the instance that ended it)."""
+    names = {task_id: key for key, task_id in ids.items()}
+    finals: dict[str, dict] = {}
+    for task_id, rows in _by_task(ledger).items():
+        if task_id in names:
+            finals[names[task_id]] = max(rows, key=lambda r: (task_of(r["label"])[1], r["id"]))
+    return finals
+
+
+def _rate(cost: float, seconds: float) -> float:
+    return cost / seconds if seconds else 0.0
+
+
 def bill(rec: Records) -> Verdict:
-    """The bill ≤ the bill of the same workload without faults + what the faults cost
-    (every instance but the last of its task: failed starts, killed or duplicated ones)."""
+    """The bill against the same workload without faults, and where the difference went:
+    instances that did not end their task (failed starts, crashes: the faults' own cost),
+    prices (machines avoided after a failed start, others taken meanwhile), storage while
+    decisions waited (outages, kills), stops and the deletion seen later, and GPU time.
+
+    The invariant is on GPU time: a task that completed or failed must not have run its
+    final instance longer than without faults (5 % slack: the simulator's timings vary).
+    An agent that left an instance running after its command ended would break it."""
     total = sum(row["cost"] for row in rec.ledger)
-    fault_cost = 0.0
-    for rows in _by_task(rec.ledger).values():
-        last = max(rows, key=lambda r: (task_of(r["label"])[1], r["id"]))
-        fault_cost += sum(r["cost"] for r in rows if r is not last)
-    if rec.baseline_bill is None:
+    finals = final_instances(rec.ledger, rec.ids)
+    fault_cost = total - sum(row["cost"] for row in finals.values())
+    if rec.baseline_bill is None or rec.baseline_finals is None:
         return Verdict("bill within faults' cost", True, f"${total:.4f} (no baseline run)")
-    allowed = rec.baseline_bill + fault_cost
-    ratio = total / allowed if allowed else 0.0
-    # The market moves (churn) and stops land at slightly different moments: a run may pay
-    # a few percent more for the same work. More than 10 % is a finding.
-    holds = ratio <= 1.10
+    parts = {"price": 0.0, "storage time": 0.0, "stops seen later": 0.0, "GPU time": 0.0}
+    base_gpu = 0.0
+    roles = {t.key: t.role for t in rec.plan.tasks}
+    for key, now in finals.items():
+        then = rec.baseline_finals.get(key)
+        if then is None:
+            continue
+        if roles.get(key) in ("stop", "delete"):
+            parts["stops seen later"] += now["cost"] - then["cost"]
+            continue
+        gpu_now = _rate(now["gpu_cost"], now["gpu_seconds"])
+        st_now = _rate(now["storage_cost"], now["storage_seconds"])
+        gpu_then = _rate(then["gpu_cost"], then["gpu_seconds"])
+        st_then = _rate(then["storage_cost"], then["storage_seconds"])
+        parts["price"] += then["gpu_seconds"] * (gpu_now - gpu_then)
+        parts["price"] += then["storage_seconds"] * (st_now - st_then)
+        parts["storage time"] += (now["storage_seconds"] - then["storage_seconds"]) * st_now
+        parts["GPU time"] += (now["gpu_seconds"] - then["gpu_seconds"]) * gpu_now
+        base_gpu += then["gpu_cost"]
+    ratio = total / rec.baseline_bill if rec.baseline_bill else 0.0
+    limit = 0.05 * base_gpu
+    holds = parts["GPU time"] <= limit
     figure = (
-        f"${total:.4f} vs ${rec.baseline_bill:.4f} + ${fault_cost:.4f} of faults: ratio {ratio:.3f}"
+        f"${total:.4f} vs ${rec.baseline_bill:.4f} without faults (ratio {ratio:.2f}); "
+        f"difference: ${fault_cost:.4f} instances that did not end their task, "
+        + ", ".join(f"${value:+.4f} {name}" for name, value in parts.items())
     )
-    problems = [] if holds else [f"bill ratio {ratio:.3f} > 1.10"]
+    problems = (
+        []
+        if holds
+        else [f"GPU time beyond the fault-free run: ${parts['GPU time']:.4f} > ${limit:.4f}"]
+    )
     return Verdict("bill within faults' cost", holds, figure, problems)
 
 

@@ -239,8 +239,10 @@ def build_plan(
     injections = []
     for kind, count in (QUICK_INJECTIONS if quick else FULL_INJECTIONS).items():
         for _ in range(count):
-            # Targeted kills need calls in flight: early, while most tasks start.
-            top = horizon / 2 if kind.startswith("kill_in_") else horizon
+            # Targeted kills need calls in flight: early, while most tasks start (in a quick
+            # run of 12 tasks, within the first 15 s).
+            early = 15.0 if quick else horizon / 2
+            top = early if kind.startswith("kill_in_") else horizon
             at = round(rng.uniform(5.0, top), 1)
             injections.append(Injection(at, kind, _params(kind, rng, window)))
     if not faults:

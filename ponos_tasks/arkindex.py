@@ -198,7 +198,6 @@ class MemoryCredentialStore:
 
 class ReportedStatesLike(Protocol):
     CLAIMED: str
-    CLAIMED_UNKNOWN: str
     REPORTED: str
     IN_FLIGHT: str
     OTHER_TERMINAL: str
@@ -206,7 +205,7 @@ class ReportedStatesLike(Protocol):
     def claim(self, task_id: str, state: str) -> str: ...
     def confirm(self, task_id: str, state: str) -> None: ...
     def mark(self, task_id: str, state: str) -> None: ...
-    def release(self, task_id: str, state: str, *, not_sent: bool = False) -> None: ...
+    def release(self, task_id: str, state: str) -> None: ...
     def terminal(self, task_id: str) -> str | None: ...
 
 
@@ -214,9 +213,8 @@ class MemoryReportedStates:
     """The reported-states guard in process memory (state.ReportedStates is the shared one,
     with leases; here a claim dies with the process, so none is needed)."""
 
-    CLAIMED, CLAIMED_UNKNOWN, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
+    CLAIMED, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
         "claimed",
-        "claimed_unknown",
         "reported",
         "in_flight",
         "other_terminal",
@@ -225,7 +223,6 @@ class MemoryReportedStates:
     def __init__(self):
         self._states: dict[tuple[str, str], str] = {}  # -> "pending" / "done"
         self._terminal: dict[str, tuple[str, bool]] = {}  # task -> (state, confirmed)
-        self._tried: set[tuple[str, str]] = set()  # given back with an unknown outcome
         self._lock = threading.Lock()
 
     def claim(self, task_id: str, state: str) -> str:
@@ -239,9 +236,6 @@ class MemoryReportedStates:
                     return self.IN_FLIGHT if not other[1] else self.OTHER_TERMINAL
                 self._terminal[task_id] = (state, False)
             self._states[(task_id, state)] = "pending"
-            if (task_id, state) in self._tried:
-                return self.CLAIMED_UNKNOWN
-            self._tried.add((task_id, state))
             return self.CLAIMED
 
     def confirm(self, task_id: str, state: str) -> None:
@@ -252,10 +246,8 @@ class MemoryReportedStates:
 
     mark = confirm
 
-    def release(self, task_id: str, state: str, *, not_sent: bool = False) -> None:
+    def release(self, task_id: str, state: str) -> None:
         with self._lock:
-            if not_sent:
-                self._tried.discard((task_id, state))
             if self._states.get((task_id, state)) == "pending":
                 del self._states[(task_id, state)]
             if self._terminal.get(task_id) == (state, False):
@@ -331,6 +323,19 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, _TransientHTTPError)
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
+def _never_applied(exc: BaseException) -> bool:
+    """A failure after which the request surely did not take effect: safe to send again even
+    when sending twice would be wrong (a state update). A read timeout, a 5xx or a garbled
+    answer may come *after* the server applied it."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    return isinstance(exc, ErrorResponse) and exc.status_code == 429
+
+
 class _TransientHTTPError(Exception):
     def __init__(self, status: int):
         self.status = status
@@ -394,6 +399,17 @@ def _hostname() -> str:
 # --------------------------------------------------------------------------- client
 
 
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Sends every request of a session with our timeout, whatever its caller set."""
+
+    def __init__(self, timeout: tuple[float, float]):
+        super().__init__()
+        self.timeout = timeout
+
+    def send(self, request, timeout=None, **kwargs):
+        return super().send(request, timeout=self.timeout, **kwargs)
+
+
 class ArkindexAgentClient:
     """One Ponos agent's view of Arkindex (Bearer auth), safe to share between threads
     of one process; several processes share the agent through the credential store."""
@@ -412,8 +428,10 @@ class ArkindexAgentClient:
         max_attempts: int = 4,
         max_wait: float = 4.0,
         public_key: str | None = None,
+        timeout: tuple[float, float] = HTTP_TIMEOUT,
     ):
         self.url = url.rstrip("/") + "/"
+        self.timeout = timeout  # (connect, read) s of every request
         self.farm_id = str(farm_id)
         self._seed = seed
         self.store = store
@@ -439,9 +457,9 @@ class ArkindexAgentClient:
 
     # ---------------------------------------------------------------- plumbing
 
-    def _retrying(self) -> Retrying:
+    def _retrying(self, retry_on=_is_transient) -> Retrying:
         return Retrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(retry_on),
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_exponential(multiplier=0.5, max=self.max_wait),
             reraise=True,
@@ -467,7 +485,7 @@ class ArkindexAgentClient:
                     resp = requests.get(
                         schema_url,
                         headers={"Accept": "application/vnd.oai.openapi+json, application/json"},
-                        timeout=HTTP_TIMEOUT,
+                        timeout=self.timeout,
                     )
                     if resp.status_code >= 500:
                         raise _TransientHTTPError(resp.status_code)
@@ -497,6 +515,11 @@ class ArkindexAgentClient:
             json.dump(schema, tmp)
         try:
             api = ArkindexClient(base_url=self.url, schema_url=tmp.name, auth_scheme="Bearer")
+            # arkindex-client waits up to 60 s for an answer, tried `max_attempts` times: a
+            # stalled Arkindex would hold a step for minutes. Ours is the one timeout.
+            adapter = _TimeoutAdapter(self.timeout)
+            api.session.mount("http://", adapter)
+            api.session.mount("https://", adapter)
         except SchemaError as exc:
             raise ArkindexError(
                 f"{not_arkindex}: the schema is invalid: {exc.__cause__})"
@@ -513,34 +536,28 @@ class ArkindexAgentClient:
             )
         return api
 
-    def _send(self, operation_id: str, *, spoiled_is_done: bool = False, **params) -> Any:
+    def _send(self, operation_id: str, *, retry_on=_is_transient, **params) -> Any:
         """One operation with our retry policy and no auth handling. 4xx answers are raised
-        as arkindex-client's ErrorResponse for the caller to interpret. `spoiled_is_done`:
-        a 2xx answer whose body cannot be read means the call took effect (returns None),
-        for an update that must not be sent twice."""
+        as arkindex-client's ErrorResponse for the caller to interpret. `retry_on`: which
+        failures are tried again (`_never_applied` for a call that must not apply twice)."""
+        tries = 0
         try:
-            for attempt in self._retrying():
+            for attempt in self._retrying(retry_on):
                 with attempt:
-                    try:
-                        return self._decoded(operation_id, **params)
-                    except _BadAnswer:
-                        if spoiled_is_done:
-                            logger.info("%s took effect; its answer was unreadable", operation_id)
-                            return None
-                        raise
+                    tries += 1
+                    return self._decoded(operation_id, **params)
         except requests.RequestException as exc:
             raise ArkindexUnavailable(
-                f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
-                f"({type(exc).__name__})"
+                f"Arkindex {self.url}: {operation_id} failed {_times(tries)} ({type(exc).__name__})"
             ) from None
         except _BadAnswer as exc:
             raise ArkindexUnavailable(
-                f"Arkindex {self.url}: {operation_id} answered {exc} {self.max_attempts} times"
+                f"Arkindex {self.url}: {operation_id} answered {exc} {_times(tries)}"
             ) from None
         except ErrorResponse as exc:
             if _is_transient(exc):
                 raise ArkindexUnavailable(
-                    f"Arkindex {self.url}: {operation_id} failed {self.max_attempts} times "
+                    f"Arkindex {self.url}: {operation_id} failed {_times(tries)} "
                     f"(HTTP {exc.status_code})"
                 ) from None
             raise
@@ -562,17 +579,18 @@ class ArkindexAgentClient:
         self.api.session.auth.scheme = "Bearer"
         self.api.session.auth.token = creds["access_token"]
 
-    def _call(self, operation_id: str, *, spoiled_is_done: bool = False, **params) -> Any:
-        """An authenticated operation; on 401 renew the token once and retry once."""
+    def _call(self, operation_id: str, **params) -> Any:
+        """An authenticated operation; on 401 (refused before anything was applied) renew the
+        token once and retry once."""
         creds = self._ensure_credentials()
         try:
-            return self._send(operation_id, spoiled_is_done=spoiled_is_done, **params)
+            return self._send(operation_id, **params)
         except ErrorResponse as exc:
             if exc.status_code != 401:
                 raise
             logger.info("Arkindex token refused on %s; renewing it", operation_id)
         self._renew(creds["access_token"])
-        return self._send(operation_id, spoiled_is_done=spoiled_is_done, **params)
+        return self._send(operation_id, **params)
 
     def _ensure_credentials(self) -> dict:
         with self._lock:
@@ -707,7 +725,7 @@ class ArkindexAgentClient:
         try:
             for attempt in self._retrying():
                 with attempt:
-                    resp = requests.get(url, timeout=HTTP_TIMEOUT)
+                    resp = requests.get(url, timeout=self.timeout)
                     if resp.status_code >= 500 or resp.status_code == 429:
                         raise _TransientHTTPError(resp.status_code)
         except (requests.RequestException, _TransientHTTPError) as exc:
@@ -819,16 +837,17 @@ class ArkindexAgentClient:
         return state
 
     def update_state(self, task_id: str, state: str) -> bool:
-        """Report a task's state once. True when this call reported it; False when nothing
-        was sent because this state, or a terminal state, was reported already.
+        """Report a task's state once. True when the state is on Arkindex through this call
+        (sent now, or found there: an earlier send whose answer was lost); False when nothing
+        was sent because this state, or another terminal state, was reported already.
         Raises TransitionRefused (after logging the server's message) on a 400: never retried.
+
+        Never sent twice: the task's state is read first, and the update itself is retried
+        only after failures that prove it was not applied (a read timeout, a 5xx or a garbled
+        answer may follow an applied update: the caller's retry reads the state again).
         """
         task_id = str(task_id)
         claim = self.reported.claim(task_id, state)
-        if claim == self.reported.IN_FLIGHT:
-            # Another worker is sending it, or died while sending it: unknown, so neither
-            # "reported" nor "send now". Retried later; a dead worker's lease lapses.
-            raise ReportInFlight(f"state {state} of task {task_id} is being reported already")
         if claim == self.reported.OTHER_TERMINAL:
             logger.warning(
                 "Not reporting %s for task %s: terminal state %s already reported",
@@ -841,33 +860,34 @@ class ArkindexAgentClient:
             logger.debug("State %s of task %s already reported", state, task_id)
             return False
         try:
-            if claim == self.reported.CLAIMED_UNKNOWN and self.task_state(task_id) == state:
-                # An earlier send of it ended without an answer (a worker killed after
-                # Arkindex applied it, a timeout): it is there; sending it again is refused.
-                logger.info("Task %s was already %s on Arkindex", task_id, state)
-                self.reported.confirm(task_id, state)
-                return True
-            # A 200 whose body was cut or replaced (a proxy) is an update Arkindex applied:
-            # sending it again would be refused (already in that state).
-            self._call("PartialUpdateTask", id=task_id, body={"state": state}, spoiled_is_done=True)
+            current = self.task_state(task_id)
+        except BaseException:
+            if claim == self.reported.CLAIMED:
+                self.reported.release(task_id, state)
+            raise  # unknown: the caller retries
+        if current is None:
+            if claim == self.reported.CLAIMED:
+                self.reported.release(task_id, state)
+            raise TaskGone(task_id)
+        if current == state:
+            # Applied already (a worker killed inside its report, an answer lost): on
+            # Arkindex's word, whatever lease a dead worker left.
+            self.reported.mark(task_id, state)
+            return True
+        if claim == self.reported.IN_FLIGHT:
+            # Another worker is sending it, or died before it reached Arkindex: retried later
+            # (a dead worker's lease lapses).
+            raise ReportInFlight(f"state {state} of task {task_id} is being reported already")
+        try:
+            self._call(
+                "PartialUpdateTask", id=task_id, body={"state": state}, retry_on=_never_applied
+            )
         except ErrorResponse as exc:
+            self.reported.release(task_id, state)
             if exc.status_code == 404:
-                self.reported.release(task_id, state, not_sent=True)
                 raise TaskGone(task_id) from None
             if exc.status_code == 400:
                 detail = error_detail(exc)
-                # A retried request whose first try reached the server gets a 400 "already in
-                # that state": the state is reported, keep the guard.
-                try:
-                    already = self.task_state(task_id) == state
-                except ArkindexError:
-                    self.reported.release(task_id, state)  # unknown: send it again later
-                    raise
-                if already:
-                    logger.info("Task %s was already %s on Arkindex", task_id, state)
-                    self.reported.confirm(task_id, state)
-                    return True
-                self.reported.release(task_id, state, not_sent=True)
                 logger.warning(
                     "Arkindex refused state %s for task %s (not retried): %s",
                     state,
@@ -875,13 +895,12 @@ class ArkindexAgentClient:
                     detail,
                 )
                 raise TransitionRefused(task_id, state, detail) from None
-            self.reported.release(task_id, state)
             raise ArkindexError(
                 f"state {state} for task {task_id} not reported: HTTP {exc.status_code} "
                 f"{error_detail(exc)}"
             ) from None
         except BaseException:
-            self.reported.release(task_id, state)
+            self.reported.release(task_id, state)  # unknown: the next try reads it first
             raise
         self.reported.confirm(task_id, state)
         logger.info("Reported state %s for task %s", state, task_id)
@@ -898,7 +917,7 @@ class ArkindexAgentClient:
                         put_url,
                         data=data,
                         headers={"Content-Type": "text/plain; charset=utf-8"},
-                        timeout=HTTP_TIMEOUT,
+                        timeout=self.timeout,
                     )
                     if resp.status_code >= 500 or resp.status_code == 429:
                         raise _TransientHTTPError(resp.status_code)

@@ -74,7 +74,9 @@ class Settings:
             watch_interval=watch,
             heartbeat_stale=stale,
             creating_stale=stale,
-            sync_lock_timeout=max(SYNC_TIME_LIMIT + 10.0, 3 * sync),
+            # Renewed while the sync runs (state.kept_alive): a sync whose worker is killed
+            # stalls the loop this long at most, while a slow one keeps it.
+            sync_lock_timeout=max(15.0, 3 * sync),
             snapshot_max_age=1.5 * sync,
             # Vast.ai's reads lag a create by a few seconds; a minute covers that with room
             # (never more than the loading deadline, which bounds a start anyway).

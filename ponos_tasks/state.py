@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -419,8 +420,11 @@ class TaskStore:
         return self.redis.lock(self.keys.create_lock(task_id), timeout=timeout, blocking=False)
 
     def sync_lock(self, timeout: float) -> Lock:
-        """The single-flight lock of the sync loop (non-blocking, expires after `timeout` s)."""
-        return self.redis.lock(self.keys.sync_lock, timeout=timeout, blocking=False)
+        """The single-flight lock of the sync loop (non-blocking, expires after `timeout` s
+        unless renewed: see kept_alive; its token is shared with the renewing thread)."""
+        return self.redis.lock(
+            self.keys.sync_lock, timeout=timeout, blocking=False, thread_local=False
+        )
 
     @contextmanager
     def upload_lock(self, task_id: str, timeout: float, *, wait: bool = True):
@@ -455,6 +459,33 @@ class TaskStore:
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
+
+
+@contextmanager
+def kept_alive(lock: Lock, every: float):
+    """Renew a held `lock` to its full timeout every `every` s while the block runs (redis-py
+    renews nothing by itself): the lock lives exactly as long as its holder's process, so a
+    long run keeps it, and a holder killed with SIGKILL frees it within one timeout instead of
+    within the longest run allowed. The lock must not be thread-local."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(every):
+            try:
+                lock.reacquire()
+            except LockError:  # lost meanwhile (Redis emptied): another may hold it now
+                logging.getLogger(__name__).warning("lock %s was lost while held", lock.name)
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                continue  # a Redis blip: renew at the next tick (the timeout leaves room)
+
+    renewer = threading.Thread(target=renew, name=f"renew {lock.name}", daemon=True)
+    renewer.start()
+    try:
+        yield lock
+    finally:
+        stop.set()
+        renewer.join(timeout=every)
 
 
 def release(lock: Lock, *, retry_for: float = 15.0) -> None:
@@ -501,16 +532,12 @@ class ReportedStates:
     `mark()` records a state known to be on Arkindex already (seen when adopting).
     """
 
-    CLAIMED, CLAIMED_UNKNOWN, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
+    CLAIMED, REPORTED, IN_FLIGHT, OTHER_TERMINAL = (
         "claimed",
-        "claimed_unknown",
         "reported",
         "in_flight",
         "other_terminal",
     )
-    # KEYS[3] ("<state>:tried") outlives the lease: a claim that lapsed (its worker killed,
-    # maybe after Arkindex applied the update) or was given back after an unknown outcome
-    # makes the next claim CLAIMED_UNKNOWN, so that its sender looks before sending again.
     _CLAIM = """
 local v = redis.call('GET', KEYS[1])
 if v == 'pending' then return 'in_flight' end
@@ -525,15 +552,11 @@ if ARGV[3] == '1' then
   redis.call('SET', KEYS[2], 'pending:' .. ARGV[1], 'EX', ARGV[2])
 end
 redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[2])
-local tried = redis.call('GET', KEYS[3])
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
-if tried then return 'claimed_unknown' end
 return 'claimed'
 """
     _RELEASE = """
 if redis.call('GET', KEYS[1]) == 'pending' then redis.call('DEL', KEYS[1]) end
 if redis.call('GET', KEYS[2]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[2]) end
-if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -554,22 +577,14 @@ return 1
         self._release = redis_client.register_script(self._RELEASE)
 
     def _keys(self, task_id: str, state: str) -> list[str]:
-        return [
-            self.keys.reported(task_id, state),
-            self.keys.reported(task_id, "terminal"),
-            self.keys.reported(task_id, f"{state}:tried"),
-        ]
+        return [self.keys.reported(task_id, state), self.keys.reported(task_id, "terminal")]
 
     def claim(self, task_id: str, state: str) -> str:
-        """CLAIMED (send it now), CLAIMED_UNKNOWN (send it, but an earlier claim of it ended
-        without a known outcome: it may be on Arkindex already), REPORTED, IN_FLIGHT
-        (another worker's lease) or OTHER_TERMINAL (a different terminal state was
-        reported)."""
+        """CLAIMED (send it now), REPORTED, IN_FLIGHT (another worker's lease) or
+        OTHER_TERMINAL (a different terminal state was reported)."""
         terminal = "1" if state in ARKINDEX_TERMINAL_STATES else "0"
         return _text(
-            self._claim(
-                keys=self._keys(task_id, state), args=[state, self.lease, terminal, self.ttl]
-            )
+            self._claim(keys=self._keys(task_id, state), args=[state, self.lease, terminal])
         )
 
     def confirm(self, task_id: str, state: str) -> None:
@@ -581,11 +596,8 @@ return 1
 
     mark = confirm
 
-    def release(self, task_id: str, state: str, *, not_sent: bool = False) -> None:
-        """Give a claim back. `not_sent`: Arkindex certainly did not apply it (it refused
-        it, or the task is gone); otherwise its outcome is unknown and the next claim is
-        CLAIMED_UNKNOWN."""
-        self._release(keys=self._keys(task_id, state), args=[state, "1" if not_sent else "0"])
+    def release(self, task_id: str, state: str) -> None:
+        self._release(keys=self._keys(task_id, state), args=[state])
 
     def terminal(self, task_id: str) -> str | None:
         """The terminal state confirmed as reported, if any."""

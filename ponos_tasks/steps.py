@@ -18,10 +18,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import redis
 from redis.exceptions import LockNotOwnedError
 
 from ponos_tasks.agent import AgentContext
-from ponos_tasks.arkindex import ArkindexError, ReportInFlight, TaskGone, TransitionRefused
+from ponos_tasks.arkindex import (
+    ArkindexError,
+    ArkindexUnavailable,
+    ReportInFlight,
+    TaskGone,
+    TransitionRefused,
+)
 from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
@@ -46,14 +53,17 @@ from ponos_tasks.registry_client import (
     ImageNotFound,
     parse_image_reference,
 )
-from ponos_tasks.state import release
+from ponos_tasks.state import kept_alive, release
 from ponos_tasks.vast import (
     CreateOutcomeUnknown,
     InstanceNotFound,
     OfferUnavailable,
     VastAuthError,
+    VastBadAnswer,
     VastError,
     VastRateLimited,
+    VastServerError,
+    VastTransportError,
 )
 from ponos_tasks.wrapper import (
     UnsplittableCommand,
@@ -71,6 +81,20 @@ Follow = Next | list[Next] | None
 
 
 # --------------------------------------------------------------------------- the registry
+
+
+# Transient failures worth a retry of the whole step (the clients already retried a few times
+# inside): Celery's autoretry in tasks.py, and the tests' in-process harness.
+TRANSIENT = (
+    redis.exceptions.LockError,
+    VastRateLimited,
+    VastServerError,
+    VastTransportError,
+    VastBadAnswer,
+    ArkindexUnavailable,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -905,6 +929,9 @@ def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
 def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     """The periodic upload while the task runs (never over the final one)."""
     task_id = record.task_id
+    # A fresh definition each period: a task deleted on Arkindex shows (404) within one
+    # logs_interval, and a long task never uploads with a pre-signed URL it held too long.
+    ctx.arkindex.forget(task_id)
     try:
         definition = ctx.arkindex.task_definition(task_id)
     except TaskGone:
@@ -930,10 +957,8 @@ def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
     return None
 
 
-def _report_running(ctx: AgentContext, task_id: str, *, in_flight_raises: bool = False) -> None:
-    """Report `running` (sent once: the Arkindex client's reported-states guard).
-    `in_flight_raises`: a report of it another worker holds raises ReportInFlight (the final
-    report needs `running` on Arkindex first) instead of being left to that worker."""
+def _report_running(ctx: AgentContext, task_id: str) -> None:
+    """Report `running` (sent once: the Arkindex client's reported-states guard)."""
     record = ctx.store.get(task_id)
     if record is None or record.stop_requested:
         return
@@ -942,9 +967,7 @@ def _report_running(ctx: AgentContext, task_id: str, *, in_flight_raises: bool =
     except TransitionRefused as error:
         logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
     except ReportInFlight:
-        if in_flight_raises:
-            raise
-        # another worker sends it (or its lease lapses and a later call does)
+        pass  # another worker sends it (or its lease lapses and a later call does)
     except TaskGone:
         pass  # deleted on Arkindex: the chain ends it (the final report says so)
 
@@ -981,7 +1004,6 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
     """The final state, as Arkindex's state table accepts it (raises when unknown: retried)."""
     task_id = record.task_id
     state = record.final_state or "error"
-    current = None
     if not record.stop_requested and state != "stopped":
         # A user may have stopped it since the outcome was decided, before any sync saw it:
         # Arkindex then accepts only `stopped` (one read saves two refused updates).
@@ -998,18 +1020,17 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
             "reporting it stopped, as Arkindex asks",
         )
         state = "stopped"
-    if state in ("completed", "failed"):
-        # Arkindex's table: a task reaches completed/failed only from running (a no-op when
-        # it was reported already). `error` is allowed from pending: a task that never ran
-        # is not reported running.
-        if current == "running":
-            ctx.reported.mark(task_id, "running")  # Arkindex has it (read just above)
-        else:
-            # Not shown running: it must be sent first. A report of it left in flight (a
-            # worker killed while sending it) is unknown, not done: raise (retried once its
-            # lease lapses) rather than send a final state Arkindex refuses from `pending`.
-            _report_running(ctx, task_id, in_flight_raises=True)
+    # Arkindex's table: a task reaches completed/failed only from running (a no-op when it
+    # was reported already). `error` is allowed from pending: a task that never ran is not
+    # reported running. `running` must be *on Arkindex* first: while another worker is still
+    # sending it (ReportInFlight), this step is retried, never sent ahead of it (it would be
+    # refused, and the task end in `error`).
     try:
+        if state in ("completed", "failed"):
+            try:
+                ctx.arkindex.update_state(task_id, "running")
+            except TransitionRefused as error:
+                logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
         ctx.arkindex.update_state(task_id, state)
     except TransitionRefused as error:
         _report_refused(ctx, task_id, state, error)
@@ -1263,11 +1284,13 @@ class SyncResult:
 
 def sync(ctx: AgentContext) -> SyncResult:
     """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue."""
-    lock = ctx.store.sync_lock(timeout=ctx.settings.sync_lock_timeout)
+    timeout = ctx.settings.sync_lock_timeout
+    lock = ctx.store.sync_lock(timeout=timeout)
     if not lock.acquire():
         return SyncResult(ran=False)
     try:
-        return _sync_locked(ctx)
+        with kept_alive(lock, every=timeout / 3):
+            return _sync_locked(ctx)
     finally:
         release(lock)
 

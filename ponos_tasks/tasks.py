@@ -8,31 +8,16 @@ what makes acks_late and the retries below safe.
 
 import logging
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ponos_tasks.agent import get_context
 from ponos_tasks.app import app
-from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.models import SYNC_QUEUE, Next, StepName
 from ponos_tasks.settings import SYNC_SOFT_TIME_LIMIT, SYNC_TIME_LIMIT
-from ponos_tasks.steps import STEPS, Step, run_step
+from ponos_tasks.steps import STEPS, TRANSIENT, Step, run_step
 from ponos_tasks.steps import sync as sync_step
-from ponos_tasks.vast import VastBadAnswer, VastRateLimited, VastServerError, VastTransportError
 
 logger = logging.getLogger(__name__)
-
-# Transient failures worth a Celery retry (the clients already retried a few times inside).
-TRANSIENT = (
-    redis.exceptions.LockError,
-    VastRateLimited,
-    VastServerError,
-    VastTransportError,
-    VastBadAnswer,
-    ArkindexUnavailable,
-    redis.ConnectionError,
-    redis.TimeoutError,
-)
 
 
 def enqueue(task_id: str, follow: list[Next]) -> None:

@@ -17,7 +17,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ponos_tasks import steps
 from ponos_tasks.agent import AgentContext
@@ -75,6 +75,9 @@ def wipe(ctx: AgentContext) -> int:
     return len(keys)
 
 
+RETRY_DELAY = 0.2  # s before a step that failed transiently runs again (Celery: backoff)
+
+
 @dataclass(order=True)
 class _Queued:
     due: float
@@ -91,6 +94,7 @@ class Harness:
         self.max_sleep = max_sleep
         self.queue: list[_Queued] = []
         self.trace: list[tuple[str, str]] = []  # (step, task id) in the order they ran
+        self.retries: dict[tuple[str, str], int] = {}  # (task id, step) -> transient failures
         self.syncs: list[steps.SyncResult] = []
         self._seq = itertools.count()
 
@@ -117,14 +121,27 @@ class Harness:
         return steps.run_step(self.ctx, task_id, item.step, **item.kwargs)
 
     def step_once(self) -> bool:
-        """Run the next due step (sleeping until it is due); False when the queue is empty."""
+        """Run the next due step (sleeping until it is due); False when the queue is empty.
+
+        A transient failure (steps.TRANSIENT) runs the step again shortly, as Celery's
+        autoretry does, up to the step's max_retries; then the step is dropped, as Celery
+        drops it (the sync loop repairs a stalled chain)."""
         if not self.queue:
             return False
         queued = heapq.heappop(self.queue)
         delay = queued.due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        self.push(queued.task_id, self.execute(queued.task_id, queued.next))
+        try:
+            follow = self.execute(queued.task_id, queued.next)
+        except steps.TRANSIENT:
+            key = (queued.task_id, queued.next.step)
+            self.retries[key] = self.retries.get(key, 0) + 1
+            if self.retries[key] <= steps.STEPS[queued.next.step].retry.max_retries:
+                follow = [replace(queued.next, countdown=RETRY_DELAY)]
+            else:
+                follow = []
+        self.push(queued.task_id, follow)
         return True
 
     def run(

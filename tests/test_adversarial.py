@@ -8,11 +8,8 @@ documents a break that is not fixed yet.
 import contextlib
 
 import pytest
-import redis
 
-from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.lifecycle import Phase
-from ponos_tasks.vast import VastBadAnswer, VastRateLimited, VastServerError, VastTransportError
 from tests.agent_harness import Harness
 
 # The fixtures of test_steps (one stack for this module); ruff: F401/F811 ignored here.
@@ -23,30 +20,9 @@ from tests.test_steps import (
     stack,
 )
 
-# tasks.TRANSIENT: what Celery retries (tasks.py is not imported here: it builds the app).
-TRANSIENT = (
-    redis.exceptions.LockError,
-    VastRateLimited,
-    VastServerError,
-    VastTransportError,
-    VastBadAnswer,
-    ArkindexUnavailable,
-    redis.ConnectionError,
-    redis.TimeoutError,
-)
-
 
 class RetryingHarness(Harness):
-    """The harness, with Celery's autoretry: a step that raises a transient error is queued
-    again (after `retry_delay` s, compressed like every countdown)."""
-
-    retry_delay = 0.5
-
-    def execute(self, task_id, item):
-        try:
-            return super().execute(task_id, item)
-        except TRANSIENT:
-            return [type(item)(item.step, self.retry_delay, dict(item.kwargs))]
+    """The harness (which retries a step on steps.TRANSIENT, as Celery does)."""
 
 
 def run_until(ctx, task_id, reached, timeout=30.0, **kwargs) -> Harness:
@@ -466,5 +442,4 @@ def test_a_failed_start_after_a_retry_is_retried_again_not_ended_error(contexts,
     harness.sync()
     harness.run(until=lambda: harness.done(task_id), sync_every=0.5, timeout=60)
     record = ctx.store.get(task_id)
-    print("REASONS", record.attempt_reasons, record.running_since, record.phase_changed_at)
     assert record.attempt == 3 and record.final_state == "completed", record.reason

@@ -337,11 +337,13 @@ def test_forbidden_transition_is_logged_and_not_retried(sim, client, caplog):
     assert client.update_state(task, "completed") is True
 
 
-def test_repeated_terminal_state_after_lost_answer_counts_as_reported(
+def test_a_state_already_on_arkindex_is_never_sent_again(
     sim, client, store, redis_client, key_prefix
 ):
-    """A worker that lost its guard (or the answer) sends `completed` again: Arkindex answers
-    400, the client sees the task already completed and does not raise."""
+    """A worker that lost its guard (Redis wiped, or killed after its update was applied)
+    reports `completed` again: the client reads the task's state first, finds it completed and
+    sends nothing, so Arkindex records no refused update (the chaos suite, seed 1, found the
+    refused duplicate the old read-after-400 left in the history)."""
     task = one_task(sim)
     start_task(client, task)
     assert client.update_state(task, "running")
@@ -355,12 +357,26 @@ def test_repeated_terminal_state_after_lost_answer_counts_as_reported(
     )
     assert amnesiac.update_state(task, "completed") is True
     history = agent_updates(sim, task)
-    assert [(h["to"], h["accepted"]) for h in history] == [
-        ("running", True),
-        ("completed", True),
-        ("completed", False),
-    ]
+    assert [(h["to"], h["accepted"]) for h in history] == [("running", True), ("completed", True)]
     assert task_info(sim, task)["state"] == "completed"
+
+
+def test_an_update_applied_but_answered_garbled_is_not_sent_twice(sim, client):
+    """The update took effect, its answer came back garbled (it could as well be a read
+    timeout or a 502 from a proxy): the client must not retry it blindly. It raises
+    (unknown), and the next call finds the state on Arkindex."""
+    task = one_task(sim)
+    start_task(client, task)
+    assert client.update_state(task, "running")
+    sim.faults.set([{"fault": "malformed", "operation": "PartialUpdateTask", "times": 1}])
+    try:
+        with pytest.raises(ArkindexUnavailable):
+            client.update_state(task, "completed")
+    finally:
+        sim.faults.clear()
+    assert client.update_state(task, "completed") is True
+    history = agent_updates(sim, task)
+    assert [(h["to"], h["accepted"]) for h in history] == [("running", True), ("completed", True)]
 
 
 def test_actions_capacity_is_sent(sim, client):
@@ -448,7 +464,8 @@ class _FaultyProxy(BaseHTTPRequestHandler):
         server = self.server
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        if server.match and server.match in self.path:
+        method_matches = getattr(server, "method", None) in (None, self.command)
+        if server.match and server.match in self.path and method_matches:
             server.hits += 1
             if server.failures_left > 0:
                 server.failures_left -= 1
@@ -501,14 +518,17 @@ def proxy(sim):
 
 @pytest.mark.parametrize("mode", ["502", "drop"])
 def test_5xx_and_network_errors_are_retried_a_bounded_number_of_times(sim, proxy, store, mode):
+    """Reads are tried again (a bounded number of times); a state update is not: a 502 or a
+    dropped connection may come after Arkindex applied it, so the update raises (unknown) and
+    the next call reads the state before sending anything."""
     client = ArkindexAgentClient(
         f"http://127.0.0.1:{proxy.server_port}", FARM, SEED, store, max_attempts=3, max_wait=0.05
     )
     task = one_task(sim)
     start_task(client, task)
 
-    proxy.match, proxy.mode, proxy.failures_left = f"/api/v1/task/{task}/", mode, 2
-    assert client.update_state(task, "running") is True  # third try goes through
+    proxy.match, proxy.mode, proxy.method, proxy.failures_left = f"/task/{task}/", mode, "GET", 2
+    assert client.update_state(task, "running") is True  # the read's third try goes through
     assert proxy.hits == 3
     assert [h["to"] for h in agent_updates(sim, task)] == ["running"]
 
@@ -518,9 +538,15 @@ def test_5xx_and_network_errors_are_retried_a_bounded_number_of_times(sim, proxy
     assert "\n" not in str(info.value)
     assert proxy.hits == 3  # max_attempts, not multiplied by arkindex-client's own retries
     assert [h["to"] for h in agent_updates(sim, task)] == ["running"]
-    # The guard was released: once Arkindex answers again, the state is sent.
-    proxy.failures_left = 0
+
+    proxy.hits, proxy.method, proxy.failures_left = 0, "PATCH", 1
+    with pytest.raises(ArkindexUnavailable, match="PartialUpdateTask failed once"):
+        client.update_state(task, "completed")
+    assert proxy.hits == 1  # the update was tried once, never blindly again
+    # The guard was released: once Arkindex answers again, the state is read, then sent.
     assert client.update_state(task, "completed") is True
+    history = agent_updates(sim, task)
+    assert [(h["to"], h["accepted"]) for h in history] == [("running", True), ("completed", True)]
 
 
 def test_task_state_unreadable_is_unknown_never_absent(sim, proxy, store):
@@ -581,3 +607,21 @@ def test_definition_cache_is_bounded_and_short_lived(sim, client):
     newest = client.task_definition(tasks[-1])
     time.sleep(0.6)
     assert client.task_definition(tasks[-1]) is not newest  # read again once too old
+
+
+def test_a_stalled_arkindex_does_not_hold_a_worker(sim, store):
+    """arkindex-client waits 60 s for an answer: every call of the agent's client uses the
+    client's own timeout, so an Arkindex that answers late is unknown, not a held worker."""
+    client = ArkindexAgentClient(
+        sim.url, FARM, SEED, store, max_attempts=2, max_wait=0.05, timeout=(2, 0.5)
+    )
+    task = one_task(sim)
+    start_task(client, task)
+    sim.faults.set([{"fault": "slow", "seconds": 3, "operation": "RetrieveTask"}])
+    try:
+        started = time.monotonic()
+        with pytest.raises(ArkindexUnavailable, match="RetrieveTask failed 2 times"):
+            client.task_state(task)
+        assert time.monotonic() - started < 2.5
+    finally:
+        sim.faults.clear()

@@ -146,7 +146,9 @@ def test_nothing_left_and_drained_in_time():
     rec.drained_after, rec.ledger[0]["destroyed_at"] = 1.0, None
     assert "never destroyed" in nothing_left(rec).problems[0]
     rec.ledger[0]["destroyed_at"], rec.deleted_destroyed_after = 10.0, 9.0
-    assert not nothing_left(rec).holds  # > logs_interval (5) + 2 sync intervals
+    assert nothing_left(rec).holds  # a deletion is seen at a periodic upload (5 s here)
+    rec.deleted_destroyed_after = 11.0
+    assert not nothing_left(rec).holds  # more than two logs intervals
 
 
 def test_logs_whole_needs_the_marker_and_both_ends_of_the_output():
@@ -175,15 +177,30 @@ def test_no_secret_shown_finds_values_and_url_signatures():
     assert len(problems) == 2 and "seed shown in broker messages" in problems
 
 
-def test_bill_counts_what_the_faults_cost_against_the_baseline():
+def test_bill_breaks_the_difference_down_and_holds_gpu_time_to_the_fault_free_run():
     plan = _plan(OK)
-    rec = _records(plan, baseline_bill=1.0)
-    tid = rec.ids[OK.key]
-    rec.ledger = [
-        {"id": 1, "label": _label(tid, 1), "cost": 0.3},  # a failed start: the fault's cost
-        {"id": 2, "label": _label(tid, 2), "cost": 1.05},
-    ]
+    tid = str(uuid.UUID(int=1))
+
+    def row(iid, attempt, gpu_s, rate, st_s=100.0):
+        cost = gpu_s / 3600 * rate + st_s / 3600 * 0.01
+        return {
+            "id": iid,
+            "label": _label(tid, attempt),
+            "gpu_seconds": gpu_s,
+            "gpu_cost": gpu_s / 3600 * rate,
+            "storage_seconds": st_s,
+            "storage_cost": st_s / 3600 * 0.01,
+            "cost": cost,
+        }
+
+    base = row(1, 1, 3600.0, 0.20)
+    rec = _records(plan, baseline_bill=base["cost"], baseline_finals={OK.key: base})
+    # A failed start (the fault's own cost), then the same GPU time on a dearer machine.
+    rec.ledger = [row(5, 1, 0.0, 0.30, st_s=50.0), row(6, 2, 3600.0, 0.30)]
     verdict = bill(rec)
-    assert verdict.holds and "ratio 1.038" in verdict.figure
-    rec.ledger[1]["cost"] = 1.5
-    assert not bill(rec).holds
+    assert verdict.holds, verdict.figure
+    assert "+0.1000 price" in verdict.figure and "+0.0000 GPU time" in verdict.figure
+    # The final instance ran an hour longer than without faults: money the agent wasted.
+    rec.ledger = [row(6, 1, 7200.0, 0.20)]
+    verdict = bill(rec)
+    assert not verdict.holds and "GPU time beyond the fault-free run" in verdict.problems[0]

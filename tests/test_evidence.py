@@ -13,6 +13,7 @@ import pytest
 from ponos_tasks import steps
 from ponos_tasks.lifecycle import Phase, parse_label
 from ponos_tasks.models import Next, StepName
+from ponos_tasks.state import kept_alive
 from tests.agent_harness import Harness, wipe
 
 # The fixtures of test_steps (one stack for this module); ruff: F401/F811 ignored here.
@@ -217,15 +218,28 @@ def test_a_create_whose_lock_lapsed_is_never_sent(contexts, admin):
     assert admin.rows_for(task_id) == []
 
 
-def test_the_sync_lock_outlives_the_sync_time_limit():
-    """Two syncs must never overlap (they would over-ask Arkindex for tasks)."""
-    from ponos_tasks.settings import SYNC_TIME_LIMIT
-    from ponos_tasks.tasks import sync as sync_task
-    from tests.settings_helper import settings_with
+def test_a_sync_keeps_its_lock_while_it_runs_and_a_killed_one_frees_it_soon(contexts):
+    """Two syncs must never overlap (they would over-ask Arkindex for tasks), yet a sync
+    whose worker is SIGKILLed must not stall the loop until its longest allowed run is over
+    (the lock used to live 130 s: the chaos suite saw no sync for two minutes after killing
+    every worker). The lock is renewed while its holder runs, and lapses soon after."""
+    ctx = contexts()
+    lock = ctx.store.sync_lock(timeout=0.6)
+    assert lock.acquire()
+    with kept_alive(lock, every=0.2):
+        time.sleep(1.5)  # a sync longer than the lock's timeout
+        assert not ctx.store.sync_lock(timeout=0.6).acquire()  # still single-flight
+    # The holder is gone without releasing it (SIGKILL): free again within one timeout.
+    time.sleep(0.7)
+    assert ctx.store.sync_lock(timeout=0.6).acquire()
+    # The configured lock: a killed sync stalls the loop 15 s (or 3 intervals) at most.
+    from ponos_tasks.config import AgentConfig
+    from ponos_tasks.settings import Settings
+    from tests.settings_helper import MINIMAL_CONFIG
 
-    assert sync_task.time_limit == SYNC_TIME_LIMIT
-    for interval in (0.5, 10.0, 60.0):
-        assert settings_with(sync_interval=interval).sync_lock_timeout > SYNC_TIME_LIMIT
+    for interval, stall in ((1, 15.0), (10, 30.0)):
+        config = AgentConfig.model_validate({**MINIMAL_CONFIG, "sync_interval": interval})
+        assert Settings.from_config(config).sync_lock_timeout == stall
 
 
 def test_a_snapshot_is_stamped_when_its_listing_starts(contexts, admin):
@@ -329,7 +343,6 @@ def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(cont
     """Arkindex answers 404 for a task deleted while it runs: a positive fact. The agent
     stops spending on it; nothing is left billing, no record stays open."""
     ctx = contexts(logs_interval=0.5)
-    ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
     harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     admin.arkindex_delete_task(task_id)
@@ -348,7 +361,6 @@ def test_a_deleted_task_is_not_held_by_a_report_a_killed_worker_left(contexts, a
     once instead of billing until the lease lapses (found by the chaos suite, seed 4). No
     sync runs here: the chain alone must destroy it."""
     ctx = contexts(logs_interval=0.5)
-    ctx.arkindex.DEFINITION_TTL = 0.0  # read the definition at every periodic upload
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
     harness = run_until_phase(ctx, task_id, Phase.RUNNING)
     reported = ctx.arkindex.reported
@@ -360,6 +372,31 @@ def test_a_deleted_task_is_not_held_by_a_report_a_killed_worker_left(contexts, a
         admin.clear_arkindex_faults()
     assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
     assert ctx.store.get(task_id).task_gone
+
+
+def test_a_final_state_waits_for_the_running_another_worker_is_still_sending(contexts, admin):
+    """Arkindex accepts completed/failed only from running. While another worker is still
+    sending `running` (its lease), the final report must wait for it, not go ahead (it would
+    be refused and the task end `error`: the chaos suite's 200-task run, seed 1)."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0))
+    reported = ctx.arkindex.reported
+    harness = Harness(ctx)
+    harness.sync()
+    assert reported.claim(task_id, "running") == reported.CLAIMED  # the other worker's send
+
+    def other_worker_gives_up(h):
+        if h.retries.get((task_id, StepName.REPORT_STATE), 0) >= 2:
+            reported.release(task_id, "running")  # its request failed: unknown again
+
+    harness.run(
+        until=lambda: harness.done(task_id),
+        timeout=60,
+        sync_every=0.5,
+        on_step=other_worker_gives_up,
+    )
+    assert admin.refused_agent_states(task_id) == []
+    assert admin.accepted_agent_states(task_id) == ["running", "completed"]
 
 
 def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(contexts, admin):
