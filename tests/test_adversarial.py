@@ -161,7 +161,7 @@ def test_losing_redis_after_a_retry_found_no_offer_still_ends_the_task(contexts,
         return admin.task(task_id)["state"] in ("completed", "failed", "error", "stopped")
 
     with contextlib.suppress(TimeoutError, AssertionError):  # the check is the line below
-        again.run(until=terminal, sync_every=0.3, timeout=20)
+        again.run(until=terminal, sync_every=0.3, timeout=12)
     assert terminal(), admin.task(task_id)["state"]
 
 
@@ -277,7 +277,7 @@ def test_losing_redis_while_a_new_instance_is_not_listed_yet_rents_no_second_one
     again = RetryingHarness(reborn, max_sleep=0.2)
     again.sync()
     with contextlib.suppress(TimeoutError, AssertionError):
-        again.run(until=lambda: again.done(task_id), sync_every=0.3, timeout=40)
+        again.run(until=lambda: again.done(task_id), sync_every=0.3, timeout=25)
     rows = admin.rows_for(task_id)
     # Leave nothing behind whatever happened (the duplicate goes by the sync loop).
     deadline = time.monotonic() + 30
