@@ -229,6 +229,9 @@ class TaskRecord:
     task_gone: bool = False  # Arkindex answered 404 for the task: nothing to report, ever
     log_unread_since: float | None = None  # the ended instance's log could not be read since
     publish_failures: int = 0  # final log uploads that failed (bounded: settings)
+    # The final log could not be published before the task was done: it is kept in Redis and
+    # tried again (the sync loop resumes it) until it is.
+    kept_log_pending: bool = False
     watch_chain: int = 0  # the one live watch chain of this attempt (older chains stop)
     start_status: str | None = None  # the instance's last status_msg while it starts
     progress_at: float | None = None  # when that status_msg last changed (pull progress)
@@ -279,6 +282,7 @@ class StepName(StrEnum):
     STOP_TASK = "stop_task"
     ADOPT_INSTANCE = "adopt_instance"
     DESTROY_UNWANTED = "destroy_unwanted"
+    PUBLISH_KEPT_LOG = "publish_kept_log"
 
 
 @dataclass(frozen=True)

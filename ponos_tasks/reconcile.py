@@ -371,11 +371,15 @@ def _plan_unknown_task(
     task_id: str, found: list[_Ours], started: bool, stopped: bool
 ) -> list[Step]:
     """A task without a record: a new start, a stop, or instances of ours to adopt."""
+    if stopped and found:
+        # Memory lost, then stopped: the instance holds what the task printed. Adopt it
+        # (adopt_instance sees the task `stopping` and stops it through the chain, which
+        # reads and publishes its log before destroying it), never destroy it unread.
+        return _adopt_best(
+            task_id, found, None, "stop_task for a task without a record, with an instance"
+        )
     if stopped:
-        return [
-            *(_destroy(o, STOPPED, "stop_task for a task without a record") for o in found),
-            StopTask(task_id, False, "stop_task for a task without a record"),
-        ]
+        return [StopTask(task_id, False, "stop_task for a task without a record")]
     if found:
         return _adopt_best(task_id, found, None, "instance of ours without a record (memory lost?)")
     if started:
@@ -389,9 +393,20 @@ def _plan_known_task(
     """A task with a record: stop it, clean its instances up, adopt, or resume its chain."""
     task_id, phase = record.task_id, Phase(record.phase)
     if phase is Phase.DONE:
-        return [
+        done: list[Step] = [
             _destroy(o, ORPHAN, f"task is done ({record.final_state or 'finished'})") for o in found
         ]
+        if record.kept_log_pending and is_stalled(record, now, settings):
+            done.append(
+                ResumeStep(
+                    task_id,
+                    StepName.PUBLISH_KEPT_LOG,
+                    record.phase,
+                    record.attempt,
+                    "its final log could not be published yet (kept in Redis)",
+                )
+            )
+        return done
     steps: list[Step] = []
     stopping = record.stop_requested or stop_action
     # Handled once stop_requested is set and the phase has moved to finishing or later;

@@ -99,7 +99,11 @@ class Settings:
             # A log upload that keeps failing (expired URL, deleted task, S3 down) must not keep
             # the instance billing: a few tries (about 1.5 min in all), then the task goes on.
             publish_tries=5,
-            upload_lock_timeout=120.0,  # longer than one upload with its retries
+            # Held by the step that uploads: it must not lapse while that step still runs,
+            # or the final upload goes first and a late periodic try lands on top of it.
+            # Longer than one upload with its retries (4 x (5 + 30 s) + 3.5 s of waits) and
+            # than a step's hard time limit (celery_settings.task_time_limit, 180 s).
+            upload_lock_timeout=190.0,
             unpublished_log_ttl=7 * 24 * 3600.0,
             # A done record stays this long so that a late message cannot restart its task.
             tombstone_ttl=3 * 24 * 3600.0,

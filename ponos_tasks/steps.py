@@ -565,6 +565,12 @@ def _record_instance(
         instance_created_at=now,
         heartbeat_at=now,
         inferred=inferred,
+        # A new instance: what the record says of the last one (seen running, its start's
+        # progress, its unread log) is not true of this one.
+        running_since=None,
+        start_status=None,
+        progress_at=None,
+        log_unread_since=None,
         **values,
     )
     if updated is None:
@@ -643,6 +649,8 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
                 ctx.store.touch(task_id, log_unread_since=since, heartbeat_at=now)
                 delay = min(max(settings.watch_interval, waited / 2), 60.0)
                 return [Next(StepName.WATCH, countdown=delay, kwargs=again)]
+        elif record.log_unread_since is not None:
+            ctx.store.touch(task_id, expect_attempt=record.attempt, log_unread_since=None)
         decision = watch_decision(
             record,
             instance,
@@ -763,14 +771,16 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
         kept_instance_id=kept,
         offline_since=None,
         waiting_since=None,
+        log_unread_since=None,  # that attempt's: the next one's log has its own deadline
         heartbeat_at=ctx.now(),
     ):
         return Next(StepName.CHOOSE_OFFER)
     return None
 
 
-def _instance_log(ctx: AgentContext, record: TaskRecord) -> str | None:
-    """The instance's log; "" when there is no instance; None when it could not be read."""
+def _instance_log(ctx: AgentContext, record: TaskRecord, *, gone_is_empty=False) -> str | None:
+    """The instance's log; "" when there is no instance (`gone_is_empty`: also when Vast.ai
+    answers 404 for it); None when it could not be read."""
     if record.instance_id is None or record.instance_destroyed:
         return ""
     try:
@@ -782,6 +792,8 @@ def _instance_log(ctx: AgentContext, record: TaskRecord) -> str | None:
             max_bytes=settings.max_log_bytes,
         )
     except VastError as error:
+        if gone_is_empty and error.status == 404:
+            return ""  # a positive fact: the instance is gone, and its log with it
         logger.warning(
             "task %s: could not read the logs of instance %s: %s",
             record.task_id,
@@ -811,9 +823,34 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if not final:
         return _publish_running_log(ctx, record)
+    settings = ctx.settings
     ended_log = ctx.store.ended_log(task_id, record.attempt)
-    instance_log = ended_log if ended_log is not None else _instance_log(ctx, record)
-    if instance_log is None:
+    instance_log = (
+        ended_log if ended_log is not None else _instance_log(ctx, record, gone_is_empty=True)
+    )
+    if instance_log is None and (record.running_since is not None or record.adopted):
+        # Unread is not "no log": the instance of a task that ran is the only place its
+        # output lives, and the destroy that follows is irreversible. Keep it and read
+        # again, with backoff, up to log_read_deadline (counted from the first failed read,
+        # the watch's included). (A task never seen running, unless adopted, has no output
+        # worth the wait: the log of a container that never started is never readable.)
+        now = ctx.now()
+        since = record.log_unread_since or now
+        waited = now - since
+        if waited < settings.log_read_deadline:
+            if record.log_unread_since is None:
+                _note(
+                    ctx,
+                    task_id,
+                    f"the log of instance {record.instance_id} could not be read; keeping "
+                    f"the instance and reading it again (up to {settings.log_read_deadline:g} s)",
+                    "WARNING",
+                )
+            ctx.store.touch(
+                task_id, expect_attempt=record.attempt, log_unread_since=since, heartbeat_at=now
+            )
+            delay = min(max(settings.watch_interval, waited / 2), 60.0)
+            return Next(StepName.PUBLISH_LOGS, countdown=delay, kwargs={"final": True})
         _note(ctx, task_id, "the instance's log could not be read: it is missing below", "WARNING")
     if record.inferred:
         _note(
@@ -822,7 +859,6 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
             "the image ran unwrapped: this final state was inferred from how its instance ended",
             "WARNING",
         )
-    settings = ctx.settings
     text = None
     try:
         definition = ctx.arkindex.task_definition(task_id)
@@ -1052,16 +1088,32 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
             f"instance {record.instance_id} "
             + ("was already gone" if gone_before else "destroyed"),
         )
+    # A log that could not be published is marked pending in the same change that closes
+    # the record: a worker killed right after still leaves it to the sync loop.
+    pending = record.publish_failures >= ctx.settings.publish_tries
     ctx.store.cas(
         task_id,
         expect_phase=Phase.DESTROYING,
         expect_attempt=record.attempt,
         phase=Phase.DONE,
         instance_destroyed=True,
+        kept_log_pending=pending,
+        heartbeat_at=ctx.now(),
     )
-    if record.publish_failures >= ctx.settings.publish_tries:
+    if pending:
         _publish_kept_log(ctx, record)
     ctx.arkindex.forget(task_id)
+    return None
+
+
+@step(StepName.PUBLISH_KEPT_LOG)
+def publish_kept_log(ctx: AgentContext, task_id: str) -> None:
+    """Try again to publish a done task's final log that could not be published (the sync
+    loop resumes this while the record says it is pending)."""
+    record = ctx.store.get(task_id)
+    if record is None or record.phase != Phase.DONE or not record.kept_log_pending:
+        return None
+    _publish_kept_log(ctx, record)
     return None
 
 
@@ -1078,16 +1130,19 @@ def _publish_kept_log(ctx: AgentContext, record: TaskRecord) -> None:
         ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     except TaskGone:
         ctx.store.drop_ended_log(task_id, record.attempt)  # nowhere to publish it any more
+        ctx.store.touch(task_id, kept_log_pending=False)
         return
     except ArkindexError as error:
         logger.error(
             "task %s: the kept log still cannot be published (%s); its instance "
-            "log stays in Redis for %g s",
+            "log stays in Redis for %g s and is tried again",
             task_id,
             error,
             ctx.settings.unpublished_log_ttl,
         )
+        ctx.store.touch(task_id, heartbeat_at=ctx.now())  # the sync loop tries again later
         return
+    ctx.store.touch(task_id, kept_log_pending=False, logs_published_at=ctx.now())
     ctx.store.drop_ended_log(task_id, record.attempt)
     logger.info("task %s: the kept log is published", task_id)
 
@@ -1175,6 +1230,10 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         instance_created_at=now,
         heartbeat_at=now,
         adopted=True,
+        running_since=None,
+        start_status=None,
+        progress_at=None,
+        log_unread_since=None,
         # An image run unwrapped (no wrapper in its onstart) is judged by how it ends, as
         # when it was created; unknown (not in the snapshot) counts as wrapped.
         inferred=instance is not None

@@ -14,7 +14,6 @@ from ponos_tasks.reconcile import (
     DUPLICATE,
     ORPHAN,
     STALE_ATTEMPT,
-    STOPPED,
     AcceptTask,
     AdoptInstance,
     DestroyInstance,
@@ -246,10 +245,13 @@ def test_stop_of_a_task_we_never_saw():
     assert kinds(run(actions=[("start_task", T1), ("stop_task", T1)])) == [("StopTask", T1)]
 
 
-def test_stop_of_an_unrecorded_task_with_an_instance_destroys_it():
-    steps = run(instances=[inst(T1, 2, 7)], actions=[("stop_task", T1)])
-    assert kinds(steps) == [("StopTask", T1), ("DestroyInstance", T1)]
-    assert steps[1].cause == STOPPED
+def test_stop_of_an_unrecorded_task_with_an_instance_adopts_it_to_read_its_log():
+    """Its instance is not destroyed unread: adopted, then stopped through the chain (which
+    publishes its log and destroys it); older attempts still go at once."""
+    steps = run(instances=[inst(T1, 1, 6), inst(T1, 2, 7)], actions=[("stop_task", T1)])
+    assert kinds(steps) == [("DestroyInstance", T1), ("AdoptInstance", T1)]
+    assert steps[0].instance_id == 6 and steps[0].cause == STALE_ATTEMPT
+    assert steps[1].instance_id == 7 and steps[1].from_phase is None
 
 
 def test_stop_already_handled_is_not_repeated():
