@@ -846,6 +846,8 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
                     f"the instance and reading it again (up to {settings.log_read_deadline:g} s)",
                     "WARNING",
                 )
+                if record.stop_requested:
+                    _stop_while_waiting(ctx, record)
             ctx.store.touch(
                 task_id, expect_attempt=record.attempt, log_unread_since=since, heartbeat_at=now
             )
@@ -1104,6 +1106,20 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         _publish_kept_log(ctx, record)
     ctx.arkindex.forget(task_id)
     return None
+
+
+def _stop_while_waiting(ctx: AgentContext, record: TaskRecord) -> None:
+    """A stopped task whose log must still be read: stop its instance now (the command ends,
+    its log stays, only storage bills) rather than let it run while the log is awaited."""
+    try:
+        ctx.vast.stop_instance(record.instance_id)
+    except VastError as error:  # gone, or unreachable: the destroy that follows settles it
+        logger.warning(
+            "task %s: could not stop instance %s while waiting for its log: %s",
+            record.task_id,
+            record.instance_id,
+            error.msg,
+        )
 
 
 @step(StepName.PUBLISH_KEPT_LOG)

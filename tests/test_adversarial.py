@@ -85,6 +85,13 @@ def test_a_stop_while_the_log_read_fails_still_publishes_the_instance_log(contex
     assert admin.task(task_id)["state"] == "stopped"
     log = admin.task_log(task_id)
     assert "sim log line" in log, log
+    # While its log was awaited the instance was stopped (the user asked it), not left
+    # running the task and billing its GPU.
+    assert any(
+        e.get("intended_status") == "stopped"
+        for e in admin.events()
+        if e["event"] == "status" and task_id in (e.get("label") or "")
+    )
 
 
 def test_a_marker_found_while_running_survives_a_failed_read_at_the_final_upload(contexts, admin):
