@@ -634,20 +634,10 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         if text is None:
             # Unread is not "no exit marker": keep the ended instance and read again, with
             # backoff, up to log_read_deadline; only then decide, saying why.
-            since = record.log_unread_since or now
-            waited = now - since
-            if waited < settings.log_read_deadline:
-                if record.log_unread_since is None:
-                    _note(
-                        ctx,
-                        task_id,
-                        f"instance {record.instance_id} has ended but its log "
-                        "could not be read; keeping the instance and reading it again (up "
-                        f"to {settings.log_read_deadline:g} s)",
-                        "WARNING",
-                    )
-                ctx.store.touch(task_id, log_unread_since=since, heartbeat_at=now)
-                delay = min(max(settings.watch_interval, waited / 2), 60.0)
+            delay = _read_log_again_in(
+                ctx, record, now, f"instance {record.instance_id} has ended but its log"
+            )
+            if delay is not None:
                 return [Next(StepName.WATCH, countdown=delay, kwargs=again)]
         elif record.log_unread_since is not None:
             ctx.store.touch(task_id, expect_attempt=record.attempt, log_unread_since=None)
@@ -834,24 +824,13 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         # again, with backoff, up to log_read_deadline (counted from the first failed read,
         # the watch's included). (A task never seen running, unless adopted, has no output
         # worth the wait: the log of a container that never started is never readable.)
-        now = ctx.now()
-        since = record.log_unread_since or now
-        waited = now - since
-        if waited < settings.log_read_deadline:
-            if record.log_unread_since is None:
-                _note(
-                    ctx,
-                    task_id,
-                    f"the log of instance {record.instance_id} could not be read; keeping "
-                    f"the instance and reading it again (up to {settings.log_read_deadline:g} s)",
-                    "WARNING",
-                )
-                if record.stop_requested:
-                    _stop_while_waiting(ctx, record)
-            ctx.store.touch(
-                task_id, expect_attempt=record.attempt, log_unread_since=since, heartbeat_at=now
-            )
-            delay = min(max(settings.watch_interval, waited / 2), 60.0)
+        first = record.log_unread_since is None
+        delay = _read_log_again_in(
+            ctx, record, ctx.now(), f"the log of instance {record.instance_id}"
+        )
+        if delay is not None:
+            if first and record.stop_requested:
+                _stop_while_waiting(ctx, record)
             return Next(StepName.PUBLISH_LOGS, countdown=delay, kwargs={"final": True})
         _note(ctx, task_id, "the instance's log could not be read: it is missing below", "WARNING")
     if record.inferred:
@@ -1106,6 +1085,31 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         _publish_kept_log(ctx, record)
     ctx.arkindex.forget(task_id)
     return None
+
+
+def _read_log_again_in(
+    ctx: AgentContext, record: TaskRecord, now: float, what: str
+) -> float | None:
+    """A log that could not be read is read again, with backoff, until log_read_deadline
+    after the first failed read: the delay before the next read, or None once the deadline
+    has passed (then the caller decides, saying why). `what` names the log in the note."""
+    settings = ctx.settings
+    since = record.log_unread_since or now
+    waited = now - since
+    if waited >= settings.log_read_deadline:
+        return None
+    if record.log_unread_since is None:
+        _note(
+            ctx,
+            record.task_id,
+            f"{what} could not be read; keeping the instance and reading it again "
+            f"(up to {settings.log_read_deadline:g} s)",
+            "WARNING",
+        )
+    ctx.store.touch(
+        record.task_id, expect_attempt=record.attempt, log_unread_since=since, heartbeat_at=now
+    )
+    return min(max(settings.watch_interval, waited / 2), 60.0)
 
 
 def _stop_while_waiting(ctx: AgentContext, record: TaskRecord) -> None:
