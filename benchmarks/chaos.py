@@ -454,10 +454,17 @@ class ChaosRun:
             if ended and all_ended_at is None:
                 all_ended_at = now
                 self.say(f"[{self.elapsed():6.1f}s] every task ended")
+            # Drained: from the last terminal state of the tasks that have one (the deleted
+            # task has none, and may be deleted later), to no instance of theirs left.
+            normal_ended = all(
+                states[t.key] in TERMINAL
+                for t in self.plan.tasks
+                if t.key not in blocked and t.role != "delete"
+            )
             watching_deleted = self.deleted_at is not None and deleted_gone_at is None
-            if all_ended_at is not None or watching_deleted:
+            if normal_ended or watching_deleted:
                 live = self._live_owners()
-                if all_ended_at is not None and drained_at is None and not live - deleted:
+                if normal_ended and drained_at is None and not live - deleted:
                     drained_at = now
                 if deleted_gone_at is None and not live & deleted:
                     deleted_gone_at = now
