@@ -168,6 +168,7 @@ class ChaosRun:
         self.armed: list = []  # targeted kills waiting for their moment
         self.later: list = []  # (when, what): ends of fault windows
         self.deleted_at: float | None = None
+        self.outages: list[tuple[float, float]] = []  # Arkindex down (injected), real time
         self.flower_port = free_port()
         self.t0 = 0.0
 
@@ -304,6 +305,7 @@ class ChaosRun:
             fault = "http_5xx" if kind == "arkindex_5xx" else "html_502"
             rule = {"fault": fault, "status": 500 if fault == "http_5xx" else 502}
             admin.arkindex_faults(rule)
+            self.outages.append((time.monotonic(), time.monotonic() + p["seconds"]))
             self.later.append((time.monotonic() + p["seconds"], lambda: self._end_window(rule)))
             self.note(f"Arkindex {fault} for {p['seconds']:g} s")
         elif kind == "arkindex_slow":
@@ -476,6 +478,7 @@ class ChaosRun:
                             "deleted_destroyed_after": (
                                 deleted_gone_at - self.deleted_at if self.deleted_at else None
                             ),
+                            "deleted_outage": self._outage_within(self.deleted_at, deleted_gone_at),
                             "elapsed": self.elapsed(),
                         }
                 elif now - all_ended_at > 120:
@@ -489,6 +492,12 @@ class ChaosRun:
                 self.say(f"timeout after {self.timeout:g} s; not ended: {', '.join(waiting)}")
                 return {"drained_after": None, "elapsed": self.elapsed(), "timed_out": True}
             time.sleep(0.2)
+
+    def _outage_within(self, start: float | None, end: float) -> float:
+        """Seconds of injected Arkindex outage between `start` and `end` (real time)."""
+        if start is None:
+            return 0.0
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.outages)
 
     def _live_owners(self) -> set[str]:
         """Ids of the tasks that have a live Vast.ai instance now."""
@@ -573,6 +582,7 @@ class ChaosRun:
             secrets=secrets,
             drained_after=outcome.get("drained_after"),
             deleted_destroyed_after=outcome.get("deleted_destroyed_after"),
+            deleted_outage=outcome.get("deleted_outage") or 0.0,
             logs_interval=LOGS_INTERVAL,
             sync_interval=SYNC_INTERVAL,
             baseline_bill=baseline["bill"] if baseline else None,

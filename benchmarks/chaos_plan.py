@@ -106,6 +106,10 @@ class ChaosPlan:
         fault = self.label_faults.get(task.key)
         return dict(LABEL_FAULTS[fault][1]) if fault else {}
 
+    def vast_log_faults(self) -> bool:
+        """Whether faults aimed at Vast.ai's log endpoint are injected."""
+        return any(i.params.get("endpoint") == "logs" for i in self.injections)
+
     def fault_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for name in self.label_faults.values():

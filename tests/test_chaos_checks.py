@@ -204,3 +204,19 @@ def test_bill_breaks_the_difference_down_and_holds_gpu_time_to_the_fault_free_ru
     rec.ledger = [row(6, 1, 7200.0, 0.20)]
     verdict = bill(rec)
     assert not verdict.holds and "GPU time beyond the fault-free run" in verdict.problems[0]
+
+
+def test_an_unreadable_log_excuses_error_only_when_log_faults_were_injected():
+    from benchmarks.chaos_plan import Injection
+
+    plan = _plan(OK)
+    rec = _records(plan)
+    tid = rec.ids[OK.key]
+    rec.tasks = {tid: {"state": "error", "history": _history("running", "error")}}
+    rec.logs = {
+        tid: "task ended: error (instance stopped, and its log could not be read within 30 s)"
+    }
+    assert not terminal_states(rec).holds  # no fault on Vast.ai's logs: not excused
+    plan.injections.append(Injection(10.0, "vast_5xx", {"endpoint": "logs", "times": 6}))
+    verdict = terminal_states(rec)
+    assert verdict.holds and "1 excused" in verdict.figure
