@@ -468,10 +468,13 @@ class ChaosRun:
                 live = self._live_owners()
                 if normal_ended and drained_at is None and not live - deleted:
                     drained_at = now
-                if deleted_gone_at is None and not live & deleted:
+                # Counted from the deletion, never before it.
+                if watching_deleted and not live & deleted:
                     deleted_gone_at = now
             if all_ended_at is not None:
-                if drained_at is not None and deleted_gone_at is not None:
+                # (a deleted-to-be task whose parent failed is never deleted: nothing to wait)
+                deleted_done = deleted_gone_at is not None or self.deleted_at is None
+                if drained_at is not None and deleted_done:
                     if not pending and not self.armed:
                         return {
                             "drained_after": drained_at - max(ended_at.values(), default=now),
