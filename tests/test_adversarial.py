@@ -60,11 +60,8 @@ def instance_printed(admin, task_id: str) -> bool:
     return bool(found) and any("sim log line" in line for line in found[0]["log"])
 
 
-def test_a_stop_while_the_log_read_fails_still_publishes_the_instance_log(contexts, admin):
-    """The user stops a running task while Vast.ai's log service fails for a few seconds:
-    the instance is the only place its output lives, so it must not be destroyed on a
-    read that failed; the published log must carry what the task printed."""
-    ctx = contexts()
+def _a_long_task_that_printed(ctx, admin):
+    """A task running a long command that has printed its first lines: (task id, harness)."""
     task_id = admin.one_task(
         env={**scripted(0), "SIM_DURATION": "2000", "SIM_LOG_LINES": "19"}, command="worker"
     )
@@ -77,7 +74,15 @@ def test_a_stop_while_the_log_read_fails_still_publishes_the_instance_log(contex
             and instance_printed(admin, task_id)
         )
 
-    harness = run_until(ctx, task_id, running_and_printed)
+    return task_id, run_until(ctx, task_id, running_and_printed)
+
+
+def test_a_stop_while_the_log_read_fails_still_publishes_the_instance_log(contexts, admin):
+    """The user stops a running task while Vast.ai's log service fails for a few seconds:
+    the instance is the only place its output lives, so it must not be destroyed on a
+    read that failed; the published log must carry what the task printed."""
+    ctx = contexts()
+    task_id, harness = _a_long_task_that_printed(ctx, admin)
     # Three agent-level reads fail (each makes up to 4 tries), then the service is back.
     admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503, "times": 12})
     admin.stop_task(task_id)
@@ -304,19 +309,7 @@ def test_a_stop_after_losing_redis_still_publishes_what_the_task_printed(context
     from tests.agent_harness import wipe
 
     ctx = contexts()
-    task_id = admin.one_task(
-        env={**scripted(0), "SIM_DURATION": "2000", "SIM_LOG_LINES": "19"}, command="worker"
-    )
-
-    def running_and_printed():
-        record = ctx.store.get(task_id)
-        return (
-            record is not None
-            and record.phase == Phase.RUNNING
-            and instance_printed(admin, task_id)
-        )
-
-    run_until(ctx, task_id, running_and_printed)
+    task_id, _ = _a_long_task_that_printed(ctx, admin)
     wipe(ctx)
     admin.stop_task(task_id)
     reborn = contexts(agent_name=ctx.config.agent_name, prefix=ctx.prefix)
