@@ -411,14 +411,8 @@ def test_a_task_deleted_before_its_report_still_gets_its_instance_destroyed(cont
     assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
 
 
-def test_losing_redis_between_two_attempts_of_a_running_task_still_ends_it(contexts, admin):
-    """The task is `running` on Arkindex (no action lists it any more) and its first attempt
-    failed: between two attempts its stopped instance is its only trace. Redis lost then,
-    the next agent adopts that trace, tries again and ends the task."""
-    ctx = contexts()
-    task_id = admin.one_task(env=scripted(0, SIM_DURATION="2000"))
-    # Attempt 1 crashes 300 sim s (3 s) after it runs: an early exit, retried.
-    admin.faults({"fault": "unexpected_exit", "label": f"{task_id}-1$", "after": 300})
+def run_until_between_attempts(ctx, task_id: str) -> None:
+    """Drive the task until its first attempt failed and it waits for an offer again."""
     harness = Harness(ctx)
     harness.sync()
 
@@ -427,6 +421,17 @@ def test_losing_redis_between_two_attempts_of_a_running_task_still_ends_it(conte
         return record is not None and record.phase == Phase.WAITING_OFFER and record.attempt == 1
 
     harness.run(until=between_attempts, timeout=60, sync_every=0.5)
+
+
+def test_losing_redis_between_two_attempts_of_a_running_task_still_ends_it(contexts, admin):
+    """The task is `running` on Arkindex (no action lists it any more) and its first attempt
+    failed: between two attempts its stopped instance is its only trace. Redis lost then,
+    the next agent adopts that trace, tries again and ends the task."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="2000"))
+    # Attempt 1 crashes 300 sim s (3 s) after it runs: an early exit, retried.
+    admin.faults({"fault": "unexpected_exit", "label": f"{task_id}-1$", "after": 300})
+    run_until_between_attempts(ctx, task_id)
     assert admin.task(task_id)["state"] == "running"
     kept = ctx.store.get(task_id).kept_instance_id
     assert [r["id"] for r in admin.rows_for(task_id) if r["destroyed_at"] is None] == [kept]
@@ -455,14 +460,7 @@ def test_losing_redis_after_a_start_that_never_ran_starts_the_task_again(context
     ctx = contexts(vast_api={"loading_deadline": 1.0})
     task_id = admin.one_task(env=scripted(0), command="worker")
     admin.faults({"fault": "stuck_loading", "label": f"{task_id}-1$", "times": 1})
-    harness = Harness(ctx)
-    harness.sync()
-
-    def between_attempts():
-        record = ctx.store.get(task_id)
-        return record is not None and record.phase == Phase.WAITING_OFFER and record.attempt == 1
-
-    harness.run(until=between_attempts, timeout=60, sync_every=0.5)
+    run_until_between_attempts(ctx, task_id)
     assert admin.task(task_id)["state"] == "pending"
     assert all(r["destroyed_at"] is not None for r in admin.rows_for(task_id))
     wipe(ctx)
