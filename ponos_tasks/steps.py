@@ -514,11 +514,8 @@ def _refuse_task(ctx: AgentContext, record: TaskRecord, problem: str) -> Next | 
     return None
 
 
-def _end_in_error(
-    ctx: AgentContext, record: TaskRecord, reason: str, *, expect_phase: str, gone: bool = False
-) -> bool:
-    """CAS the attempt to `finishing` with the final state `error` and why; `gone`: Arkindex
-    answered 404 for the task, so there will be nothing to report."""
+def _end_in_error(ctx: AgentContext, record: TaskRecord, reason: str, *, expect_phase: str) -> bool:
+    """CAS the attempt to `finishing` with the final state `error` and why."""
     return ctx.store.cas(
         record.task_id,
         expect_phase=expect_phase,
@@ -526,7 +523,6 @@ def _end_in_error(
         phase=Phase.FINISHING,
         final_state="error",
         reason=reason,
-        task_gone=gone,
         heartbeat_at=ctx.now(),
     )
 
@@ -813,6 +809,8 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if not final:
         return _publish_running_log(ctx, record)
+    if record.task_gone:
+        return _task_deleted(ctx, record)  # nowhere to publish: no log read holds it
     settings = ctx.settings
     ended_log = ctx.store.ended_log(task_id, record.attempt)
     instance_log = (
@@ -848,13 +846,13 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         )
         with ctx.store.upload_lock(task_id, timeout=settings.upload_lock_timeout):
             ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    except TaskGone:
+        ctx.arkindex.forget(task_id)
+        return _task_deleted(ctx, record)  # nowhere to publish, nothing to report
     except ArkindexError as error:
         # A fresh definition next time: its pre-signed URL may have expired.
         ctx.arkindex.forget(task_id)
-        # A deleted task has nowhere to publish: no more tries.
-        failures = (
-            settings.publish_tries if isinstance(error, TaskGone) else (record.publish_failures + 1)
-        )
+        failures = record.publish_failures + 1
         now = ctx.now()
         if failures < settings.publish_tries:
             ctx.store.touch(task_id, publish_failures=failures, heartbeat_at=now)
@@ -899,11 +897,38 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
 
 
 def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
-    """Arkindex says the task no longer exists: stop spending on it (finish, destroy)."""
+    """Arkindex says the task no longer exists (404, a positive fact): stop spending on it.
+
+    Straight on to the destroy: there is no state to report and nowhere to publish a log
+    (its pre-signed URL came with the definition that is gone), so neither a log read nor a
+    report may keep the instance billing. Two changes, each resumable: to `finishing`
+    (marked gone), then to `destroying` with nothing left to report.
+    """
     reason = "the task was deleted on Arkindex"
-    if _end_in_error(ctx, record, reason, expect_phase=record.phase, gone=True):
-        _note(ctx, record.task_id, f"{reason}: stopping it", "WARNING")
-        return Next(StepName.PUBLISH_LOGS)
+    task_id = record.task_id
+    if record.phase != Phase.FINISHING:
+        if not ctx.store.cas(
+            task_id,
+            expect_phase=record.phase,
+            expect_attempt=record.attempt,
+            phase=Phase.FINISHING,
+            final_state="error",
+            reason=reason,
+            task_gone=True,
+            heartbeat_at=ctx.now(),
+        ):
+            return None
+        _note(ctx, task_id, f"{reason}: destroying its instance", "WARNING")
+    if ctx.store.cas(
+        task_id,
+        expect_phase=Phase.FINISHING,
+        expect_attempt=record.attempt,
+        phase=Phase.DESTROYING,
+        task_gone=True,
+        final_reported=True,
+        heartbeat_at=ctx.now(),
+    ):
+        return Next(StepName.DESTROY_INSTANCE)
     return None
 
 

@@ -174,7 +174,8 @@ def test_a_log_that_cannot_be_published_does_not_keep_the_instance(stack, contex
     harness = run_until_phase(ctx, task_id, Phase.FINISHING)
     s3 = stack.s3.client()
     saved = {}
-    for bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+    buckets = [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    for bucket in buckets:
         for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
             saved[(bucket, obj["Key"])] = s3.get_object(Bucket=bucket, Key=obj["Key"])[
                 "Body"
@@ -189,7 +190,7 @@ def test_a_log_that_cannot_be_published_does_not_keep_the_instance(stack, contex
         assert admin.task(task_id)["state"] == "completed"
         assert "PONOS_EXIT_CODE=0" in ctx.store.ended_log(task_id, record.attempt)
     finally:
-        for bucket in {b for b, _ in saved} or {"ponos"}:
+        for bucket in buckets:  # empty ones too: later tests publish there
             with contextlib.suppress(Exception):
                 s3.create_bucket(Bucket=bucket)
         for (bucket, key), body in saved.items():
@@ -353,6 +354,25 @@ def test_a_task_deleted_while_it_runs_is_stopped_and_its_instance_destroyed(cont
     record = ctx.store.get(task_id)
     assert record.final_state == "error" and "deleted" in record.reason
     assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+
+
+def test_a_deleted_task_does_not_wait_for_its_log_before_its_instance_goes(contexts, admin):
+    """A deleted task has nowhere to publish its log: its instance must go at once, not
+    wait up to log_read_deadline for a log that Vast.ai cannot serve (the chaos suite,
+    seed 3: the deletion cost a publish with 5 tries before the destroy)."""
+    ctx = contexts(logs_interval=0.5, vast_api={"log_read_deadline": 600.0})
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="3000"))
+    harness = run_until_phase(ctx, task_id, Phase.RUNNING)
+    admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503})
+    admin.arkindex_delete_task(task_id)
+    try:
+        harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=30)
+    finally:
+        admin.clear_arkindex_faults()
+        admin.clear_faults()
+    # Within the 30 s above, while log_read_deadline would have kept it 600 s.
+    assert all(row["destroyed_at"] is not None for row in admin.rows_for(task_id))
+    assert ctx.store.get(task_id).task_gone
 
 
 def test_a_deleted_task_is_not_held_by_a_report_a_killed_worker_left(contexts, admin):
