@@ -38,6 +38,8 @@ from benchmarks.chaos_checks import (
 )
 from benchmarks.chaos_plan import LABEL_FAULTS, ChaosPlan, ChaosTask, Injection, build_plan
 from benchmarks.common import command_line, machine
+from ponos_tasks.config import AgentConfig
+from ponos_tasks.settings import Settings
 from ponos_tasks.simulators.harness import OVERRIDING_ENV, LocalRun, broker_dump
 from ponos_tasks.simulators.stack import free_port
 
@@ -168,7 +170,12 @@ class ChaosRun:
         self.armed: list = []  # targeted kills waiting for their moment
         self.later: list = []  # (when, what): ends of fault windows
         self.deleted_at: float | None = None
-        self.outages: list[tuple[float, float]] = []  # Arkindex down (injected), real time
+        # When the agent could not act on a deletion, real time: Arkindex down (injected),
+        # no worker alive, destroy calls failing on purpose; and when workers were killed.
+        self.outages: list[tuple[float, float]] = []
+        self.no_worker_since: float | None = None
+        self.destroy_faults: list = []  # (since, taken()) until the rule is used up
+        self.kills: list[float] = []
         self.flower_port = free_port()
         self.t0 = 0.0
 
@@ -206,6 +213,8 @@ class ChaosRun:
         if rules:
             self.admin.faults(*rules)
         config = agent_config(self.local, self.sink.dsn)
+        # The agent's own timings (how long before the sync resumes a killed chain).
+        self.settings = Settings.from_config(AgentConfig.model_validate(config))
         self.local.start_agent(
             config=config, workers=2, beats=1, concurrency=3, flower_port=self.flower_port
         )
@@ -230,6 +239,7 @@ class ChaosRun:
         for name in [n for n in self.agent.processes if n.startswith("worker")]:
             if self.agent.processes[name].poll() is None:
                 self.agent.kill(name)
+        self.kills.append(time.monotonic())
 
     def _vast_rule_taken(self, rule: dict):
         self.admin.faults(rule)
@@ -248,6 +258,7 @@ class ChaosRun:
             name = f"worker{p['worker']}"
             if self.agent.processes[name].poll() is None:
                 self.agent.kill(name)
+                self.kills.append(time.monotonic())
             self.note(f"SIGKILL {name}")
         elif kind == "kill_beat":
             self.agent.kill("beat1")
@@ -286,10 +297,12 @@ class ChaosRun:
             )
             self.note(f"Vast.ai 429 storm ({p['times']} creates, 3 searches)")
         elif kind == "vast_5xx":
-            admin.faults({"fault": "http_5xx", "endpoint": p["endpoint"], "times": p["times"]})
+            rule = {"fault": "http_5xx", "endpoint": p["endpoint"], "times": p["times"]}
+            self._vast_fault_window(rule)
             self.note(f"Vast.ai 500 x{p['times']} on {p['endpoint']}")
         elif kind == "vast_html":
-            admin.faults({"fault": "html_error", "endpoint": p["endpoint"], "times": p["times"]})
+            rule = {"fault": "html_error", "endpoint": p["endpoint"], "times": p["times"]}
+            self._vast_fault_window(rule)
             self.note(f"Vast.ai HTML 502 page x{p['times']} on {p['endpoint']}")
         elif kind == "vast_slow":
             admin.faults(
@@ -328,6 +341,13 @@ class ChaosRun:
             self.note(f"S3 down for {p['seconds']:g} s")
         else:
             raise ValueError(f"unknown injection {kind}")
+
+    def _vast_fault_window(self, rule: dict) -> None:
+        """Set a Vast.ai rule; one on destroy counts as time the agent could not destroy,
+        from now until the rule is used up."""
+        taken = self._vast_rule_taken(rule)
+        if rule["endpoint"] == "destroy":
+            self.destroy_faults.append((time.monotonic(), taken))
 
     def _targeted(self, in_flight, what: str) -> None:
         """Arm a kill: once `in_flight()` says the call took effect while its answer is held
@@ -388,6 +408,7 @@ class ChaosRun:
             self.say(f"[{self.elapsed():6.1f}s] {line}")
         self._fire_armed()
         now = time.monotonic()
+        self._track_impairments(now)
         for item in [item for item in self.later if item[0] <= now]:
             self.later.remove(item)
             item[1]()
@@ -481,7 +502,9 @@ class ChaosRun:
                             "deleted_destroyed_after": (
                                 deleted_gone_at - self.deleted_at if self.deleted_at else None
                             ),
-                            "deleted_outage": self._outage_within(self.deleted_at, deleted_gone_at),
+                            "deleted_excused": self._deletion_excused(
+                                self.deleted_at, deleted_gone_at
+                            ),
                             "elapsed": self.elapsed(),
                         }
                 elif now - all_ended_at > 120:
@@ -496,11 +519,45 @@ class ChaosRun:
                 return {"drained_after": None, "elapsed": self.elapsed(), "timed_out": True}
             time.sleep(0.2)
 
-    def _outage_within(self, start: float | None, end: float) -> float:
-        """Seconds of injected Arkindex outage between `start` and `end` (real time)."""
+    def _track_impairments(self, now: float) -> None:
+        """Turn "no worker alive" and "destroy fault not used up yet" into windows."""
+        alive = any(
+            proc.poll() is None
+            for name, proc in self.agent.processes.items()
+            if name.startswith("worker")
+        )
+        if not alive and self.no_worker_since is None:
+            self.no_worker_since = now
+        elif alive and self.no_worker_since is not None:
+            self.outages.append((self.no_worker_since, now))
+            self.no_worker_since = None
+        for item in list(self.destroy_faults):
+            since, taken = item
+            try:
+                used_up = taken()
+            except requests.RequestException:
+                continue
+            if used_up:
+                self.destroy_faults.remove(item)
+                self.outages.append((since, now))
+
+    def _deletion_excused(self, start: float | None, end: float) -> float:
+        """Seconds the agent could not act on the deletion between `start` and `end`: the
+        windows when it was cut off (Arkindex down, no worker alive, destroys failing on
+        purpose; counted once where they overlap), plus, for each worker kill, the time the
+        sync loop takes by design to resume a killed chain (heartbeat_stale + one sync)."""
         if start is None:
             return 0.0
-        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.outages)
+        clipped = sorted(
+            (max(start, a), min(end, b)) for a, b in self.outages if min(end, b) > max(start, a)
+        )
+        covered, reach = 0.0, start
+        for a, b in clipped:
+            covered += max(0.0, b - max(a, reach))
+            reach = max(reach, b)
+        resume = self.settings.heartbeat_stale + self.settings.sync_interval
+        kills = {round(k, 1) for k in self.kills if start <= k <= end}
+        return covered + resume * len(kills)
 
     def _live_owners(self) -> set[str]:
         """Ids of the tasks that have a live Vast.ai instance now."""
@@ -585,7 +642,7 @@ class ChaosRun:
             secrets=secrets,
             drained_after=outcome.get("drained_after"),
             deleted_destroyed_after=outcome.get("deleted_destroyed_after"),
-            deleted_outage=outcome.get("deleted_outage") or 0.0,
+            deleted_excused=outcome.get("deleted_excused") or 0.0,
             logs_interval=LOGS_INTERVAL,
             sync_interval=SYNC_INTERVAL,
             baseline_bill=baseline["bill"] if baseline else None,

@@ -149,6 +149,8 @@ def test_nothing_left_and_drained_in_time():
     assert nothing_left(rec).holds  # a deletion is seen at a periodic upload (5 s here)
     rec.deleted_destroyed_after = 11.0
     assert not nothing_left(rec).holds  # more than two logs intervals
+    rec.deleted_excused = 1.5  # e.g. Arkindex down or no worker alive for 1.5 s of it
+    assert nothing_left(rec).holds
 
 
 def test_logs_whole_needs_the_marker_and_both_ends_of_the_output():
