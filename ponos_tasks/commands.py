@@ -83,18 +83,18 @@ def _offer_row(rank: int, offer, chosen: bool) -> dict:
 def offers_command(file: str, limit: int, as_json: bool):
     """Show the Vast.ai offers the configuration FILE matches, ranked: a dry run of the choice.
 
-    Builds the agent's search (vast_api.offer_filters, disk_gb, max_dph, plus its fixed
-    conditions: verified, rentable, one GPU, on-demand), sends it to vast_api.url and ranks
-    the answer as the agent does (cheapest dph_total for the configured disk first, then the
-    most reliable). The offer marked * is the one the agent would rent now for a new task.
+    Builds the agent's search (vast_api.offer_filters and disk_gb, budget.max_dph_per_instance,
+    plus its fixed conditions: verified, rentable, one GPU, on-demand), sends it to
+    vast_api.url and ranks the answer as the agent does (cheapest dph_total for the
+    configured disk first, then the most reliable). The offer marked * is the one the agent would rent now for a new task.
     Nothing is rented. Exit 2 on an invalid configuration, 1 when Vast.ai cannot be asked.
     """
     config = _config_or_exit(file)
-    vast = config.vast_api
+    vast, max_dph = config.vast_api, config.budget.max_dph_per_instance
     query = build_query(
         vast.offer_filters,
         disk_gb=vast.disk_gb,
-        max_dph=vast.max_dph,
+        max_dph=max_dph,
         limit=max(limit, AGENT_SEARCH_LIMIT),
     )
     # Two tries, not the agent's four: an operator is waiting at the terminal. No Redis rate
@@ -114,7 +114,7 @@ def offers_command(file: str, limit: int, as_json: bool):
                 {
                     "filters": filters,
                     "disk_gb": vast.disk_gb,
-                    "max_dph": vast.max_dph,
+                    "max_dph_per_instance": max_dph,
                     "query": query,
                     "matched": len(ranked),
                     "offers": rows,
@@ -127,7 +127,7 @@ def offers_command(file: str, limit: int, as_json: bool):
     click.echo(f"Filters: {filters or '(none: any offer)'}")
     click.echo(
         f"Disk {vast.disk_gb:g} GB per instance, "
-        + (f"at most ${vast.max_dph:g}/h" if vast.max_dph else "no price cap")
+        + (f"at most ${max_dph:g}/h" if max_dph else "no price cap")
     )
     click.echo(f"Query sent to {vast.url}: {json.dumps(query, separators=(',', ':'))}")
     if not rows:
