@@ -508,6 +508,19 @@ class Headroom:
         return asdict(self)
 
 
+def status_figures(store: Any, now: float, settings: Any = None) -> dict:
+    """The budget's part of `ponos-vast status --json`: today's spend (and whether its
+    counter was rebuilt after a loss of Redis), each task's spend, and with the agent's
+    settings the headroom."""
+    records = store.tasks.all_records(include_done=True)
+    return {
+        "spent_today": round(spend_today(store, now), 6),
+        "spent_today_rebuilt": store.rebuilt(utc_day(now)),
+        "task_spend": {t: round(v, 6) for t, v in store.task_spent(sorted(records)).items()},
+        "headroom": None if settings is None else headroom(settings, store, now).to_dict(),
+    }
+
+
 def headroom(settings: Any, store: Any, now: float) -> Headroom:
     """The agent's headroom from Redis alone: `settings` (settings.Settings) and the
     state.BudgetStore (its task store reads records and the snapshot)."""
