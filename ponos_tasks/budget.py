@@ -419,16 +419,31 @@ def room_excluding(
     return room_for_new(limits, others, spent_today=spent_today, now=now)
 
 
-def startable(room: Room, cheapest: float | None, slots: int) -> int:
-    """How many new tasks could start now: the free slots, and as many instances at the
-    cheapest price seen as the room holds (one, when no price was seen yet)."""
-    if room.dph is None or slots <= 0:
+def startable(
+    limits: Limits,
+    others: Iterable[Commitment],
+    *,
+    spent_today: float,
+    now: float,
+    cheapest: float | None,
+    slots: int,
+) -> int:
+    """How many new tasks could start now (at most `slots`): one more while the room holds
+    an instance at the cheapest price seen lately, each counted as committing that price
+    (or its max_spend_per_task). One at most while no price was seen yet."""
+    if not limits.rations or slots <= 0:
         return max(0, slots)
-    if room.holds(cheapest):
-        return 0
-    if not cheapest:
-        return min(slots, 1)
-    return min(slots, int(room.dph // cheapest))
+    others = list(others)
+    count = 0
+    while count < slots:
+        room = room_for_new(limits, others, spent_today=spent_today, now=now)
+        if room.holds(cheapest):
+            break
+        count += 1
+        if not cheapest:
+            break
+        others.append(Commitment(f"(new task {count})", cheapest))
+    return count
 
 
 def rebuilt_day_spend(
@@ -533,11 +548,12 @@ def headroom(settings: Any, store: Any, now: float) -> Headroom:
     live = sum(1 for i in instances if classify_instance(i) is not Condition.GONE)
     room = room_for_new(limits, commitments.values(), spent_today=spent, now=now)
     hours = limits.billed_hours(seconds_to_midnight(now))
+    cheapest = store.cheapest()
     dph = sum(c.dph for c in commitments.values())
     held = (
         MAX_INSTANCES
         if live >= settings.max_instances
-        else (room.limit if room.holds(store.cheapest()) else None)
+        else (room.limit if room.holds(cheapest) else None)
     )
     return Headroom(
         spent_today=spent,

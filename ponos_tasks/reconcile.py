@@ -21,7 +21,6 @@ from ponos_tasks.budget import (
     Commitment,
     Spending,
     room_excluding,
-    room_for_new,
     startable,
     task_commitments,
 )
@@ -652,13 +651,14 @@ def capacity(
         for t, r in active.items()
         if r.phase == Phase.ACCEPTED and r.budget_allowance is None
     ]
-    room = room_for_new(
+    return startable(
         settings.budget,
         [*commitments.values(), *queued],
         spent_today=spending.spent_today,
         now=now,
+        cheapest=spending.cheapest,
+        slots=slots,
     )
-    return startable(room, spending.cheapest, slots)
 
 
 # ---------------------------------------------------------------------------- the watch step

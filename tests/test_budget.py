@@ -227,11 +227,19 @@ def test_room_under_max_spend_per_day_without_a_task_cap_guards_later_days():
 
 
 def test_startable_counts_instances_at_the_cheapest_price():
-    assert startable(Room(None), 0.3, slots=4) == 4
-    assert startable(Room(1.0, MAX_DPH_TOTAL), 0.3, slots=4) == 3
-    assert startable(Room(1.0, MAX_DPH_TOTAL), 0.3, slots=2) == 2
-    assert startable(Room(0.2, MAX_DPH_TOTAL), 0.3, slots=4) == 0
-    assert startable(Room(0.2, MAX_DPH_TOTAL), None, slots=4) == 1  # no price seen yet
+    def count(limits, others=(), cheapest=0.3, slots=4, spent=0.0):
+        return startable(
+            limits, others, spent_today=spent, now=NOON, cheapest=cheapest, slots=slots
+        )
+
+    assert count(Limits()) == 4
+    assert count(Limits(max_dph_total=1.0)) == 3
+    assert count(Limits(max_dph_total=1.0), slots=2) == 2
+    assert count(Limits(max_dph_total=1.0), [Commitment("a", 0.8)]) == 0
+    assert count(Limits(max_dph_total=1.0), cheapest=None) == 1  # no price seen yet
+    # Under a daily budget each new task commits its max_spend_per_task: $0.9 holds two.
+    assert count(Limits(max_spend_per_day=0.9, max_spend_per_task=0.4)) == 2
+    assert count(Limits(max_spend_per_day=0.9, max_spend_per_task=0.4), spent=0.2) == 1
 
 
 def test_commitments_count_every_instance_and_allowances_of_tasks_about_to_rent():
