@@ -330,7 +330,8 @@ def about_to_rent(record: TaskRecord) -> bool:
 def exposure(commitment: Commitment, hours: float, limits: Limits) -> float:
     """The most a task can still cost in `hours` billed hours: its $/h all along, or what its
     max_spend_per_task leaves, whichever is less."""
-    worst = commitment.dph * hours
+    # An allowance of any price (math.inf) is bounded by the task's cap alone.
+    worst = commitment.dph * hours if hours > 0 else 0.0
     if limits.max_spend_per_task is not None:
         worst = min(worst, max(0.0, limits.max_spend_per_task - commitment.spent))
     return worst
@@ -549,7 +550,8 @@ def headroom(settings: Any, store: Any, now: float) -> Headroom:
     room = room_for_new(limits, commitments.values(), spent_today=spent, now=now)
     hours = limits.billed_hours(seconds_to_midnight(now))
     cheapest = store.cheapest()
-    dph = sum(c.dph for c in commitments.values())
+    # An allowance of any price (a task the daily budget affords whole) has no $/h to add.
+    dph = sum(c.dph for c in commitments.values() if math.isfinite(c.dph))
     held = (
         MAX_INSTANCES
         if live >= settings.max_instances

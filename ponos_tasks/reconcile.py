@@ -12,6 +12,7 @@ is compared with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -592,15 +593,16 @@ def _plan_budget(
             limits, commitments, record.task_id, spent_today=spending.spent_today, now=now
         )
         current = record.budget_allowance
-        if room.dph is not None and (current is None or room.dph > current + 1e-9):
+        granted = _allowance(room)
+        if current is None or granted > current + 1e-9:
             grants.append(
                 GrantAllowance(
-                    record.task_id, room.dph, room.limit, record.phase, record.attempt, room.why
+                    record.task_id, granted, room.limit, record.phase, record.attempt, room.why
                 )
             )
             held = commitments.get(record.task_id, Commitment(record.task_id, 0.0))
             commitments[record.task_id] = Commitment(
-                record.task_id, max(held.dph, room.dph), held.spent
+                record.task_id, max(held.dph, granted), held.spent
             )
     starts: list[Step] = []
     waits: list[Step] = []
@@ -621,7 +623,7 @@ def _plan_budget(
                 waits.append(WaitForCapacity(task_id, hold[1], hold[0]))
                 continue
             record = records.get(task_id)
-            allowance = max(room.dph, (record.budget_allowance or 0.0) if record else 0.0)
+            allowance = max(_allowance(room), (record.budget_allowance or 0.0) if record else 0.0)
             commitments[task_id] = Commitment(
                 task_id, allowance, spending.task_spent.get(task_id, 0.0)
             )
@@ -629,6 +631,12 @@ def _plan_budget(
         else:
             waits.append(WaitForCapacity(task_id, f"behind earlier tasks; {hold[1]}", hold[0]))
     return grants, starts, waits
+
+
+def _allowance(room) -> float:
+    """The $/h a task may rent at: the room's, or any price when no limit bounds it (a daily
+    budget that affords the task's whole max_spend_per_task: it costs at most that)."""
+    return math.inf if room.dph is None else room.dph
 
 
 def capacity(

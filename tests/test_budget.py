@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -373,3 +374,14 @@ def test_capacity_asks_arkindex_only_for_what_can_start():
     assert capacity(records, running, day, NOON, Spending(spent_today=1.0, cheapest=0.3)) == 0
     # No limit shared by instances: the free slots.
     assert capacity(records, running, settings_with(max_instances=10), NOON, None) == 9
+
+
+def test_plan_under_a_daily_budget_that_affords_whole_tasks():
+    """$0.9 a day, $0.4 a task: the first two start with no $/h ceiling (each costs at most
+    its cap), the third waits for max_spend_per_day."""
+    records = {t: accepted(t, NOON - 10 + i) for i, t in enumerate(["a", "b", "c"])}
+    steps = _plan(records, max_spend_per_day=0.9, max_spend_per_task=0.4)
+    starts = [(s.task_id, s.allowance) for s in steps if isinstance(s, StartChain)]
+    assert starts == [("a", math.inf), ("b", math.inf)]
+    waits = [(w.task_id, w.limit) for w in steps if isinstance(w, WaitForCapacity)]
+    assert waits == [("c", MAX_SPEND_PER_DAY)]
