@@ -365,9 +365,9 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Follow:
         publish = _set_waiting(ctx, record, record.allowance_limit or MAX_DPH_TOTAL, why)
         ctx.store.touch(task_id, waiting_since=None, heartbeat_at=now)
         return [again, *publish]
+    # Its agent line ("waiting: no Vast.ai offer matches the filters") comes from here.
     publish = _set_waiting(ctx, record, NO_OFFER, "no Vast.ai offer matches the filters")
     if record.waiting_since is None:
-        _note(ctx, task_id, "no Vast.ai offer matches the filters yet; waiting", "WARNING")
         ctx.store.touch(task_id, waiting_since=now, heartbeat_at=now)
         return [again, *publish]
     if offer_wait_expired(record, now, ctx.settings.offer_wait):
