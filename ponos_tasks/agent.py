@@ -25,6 +25,7 @@ from ponos_tasks.registry_client import RegistryClient
 from ponos_tasks.settings import Settings
 from ponos_tasks.state import (
     DEFAULT_PREFIX,
+    BudgetStore,
     ImageConfigCache,
     Keyspace,
     RedisCredentialStore,
@@ -72,6 +73,10 @@ class AgentContext:
     @cached_property
     def store(self) -> TaskStore:
         return TaskStore(self.redis, self.keys, tombstone_ttl=self.settings.tombstone_ttl)
+
+    @cached_property
+    def budget(self) -> BudgetStore:
+        return BudgetStore(self.redis, self.keys, self.store)
 
     @cached_property
     def reported(self) -> ReportedStates:

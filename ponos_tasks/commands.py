@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import click
 import redis
 
+from ponos_tasks.budget import status_figures
 from ponos_tasks.config import AgentConfig, ConfigError, load_config
 from ponos_tasks.metrics import AgentState, is_live, read_agent_state, serve_metrics
 from ponos_tasks.offers import build_query, describe_filters, rank_offers
-from ponos_tasks.state import DEFAULT_PREFIX
+from ponos_tasks.settings import Settings
+from ponos_tasks.state import DEFAULT_PREFIX, BudgetStore, Keyspace, TaskStore
 from ponos_tasks.vast import VastClient, VastError
 
 #: The agent searches with this limit (build_query's default) and ranks what comes back.
@@ -83,18 +85,18 @@ def _offer_row(rank: int, offer, chosen: bool) -> dict:
 def offers_command(file: str, limit: int, as_json: bool):
     """Show the Vast.ai offers the configuration FILE matches, ranked: a dry run of the choice.
 
-    Builds the agent's search (vast_api.offer_filters, disk_gb, max_dph, plus its fixed
-    conditions: verified, rentable, one GPU, on-demand), sends it to vast_api.url and ranks
-    the answer as the agent does (cheapest dph_total for the configured disk first, then the
-    most reliable). The offer marked * is the one the agent would rent now for a new task.
+    Builds the agent's search (vast_api.offer_filters and disk_gb, budget.max_dph_per_instance,
+    plus its fixed conditions: verified, rentable, one GPU, on-demand), sends it to
+    vast_api.url and ranks the answer as the agent does (cheapest dph_total for the
+    configured disk first, then the most reliable). The offer marked * is the one the agent would rent now for a new task.
     Nothing is rented. Exit 2 on an invalid configuration, 1 when Vast.ai cannot be asked.
     """
     config = _config_or_exit(file)
-    vast = config.vast_api
+    vast, max_dph = config.vast_api, config.budget.max_dph_per_instance
     query = build_query(
         vast.offer_filters,
         disk_gb=vast.disk_gb,
-        max_dph=vast.max_dph,
+        max_dph=max_dph,
         limit=max(limit, AGENT_SEARCH_LIMIT),
     )
     # Two tries, not the agent's four: an operator is waiting at the terminal. No Redis rate
@@ -114,7 +116,7 @@ def offers_command(file: str, limit: int, as_json: bool):
                 {
                     "filters": filters,
                     "disk_gb": vast.disk_gb,
-                    "max_dph": vast.max_dph,
+                    "max_dph_per_instance": max_dph,
                     "query": query,
                     "matched": len(ranked),
                     "offers": rows,
@@ -127,7 +129,7 @@ def offers_command(file: str, limit: int, as_json: bool):
     click.echo(f"Filters: {filters or '(none: any offer)'}")
     click.echo(
         f"Disk {vast.disk_gb:g} GB per instance, "
-        + (f"at most ${vast.max_dph:g}/h" if vast.max_dph else "no price cap")
+        + (f"at most ${max_dph:g}/h" if max_dph else "no price cap")
     )
     click.echo(f"Query sent to {vast.url}: {json.dumps(query, separators=(',', ':'))}")
     if not rows:
@@ -185,6 +187,17 @@ def _redis_from(config_path: str | None, redis_url: str | None) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
 
 
+def _settings_if_any(config_path: str | None) -> Settings | None:
+    """The budget's limits come from the configuration (headroom); without a usable one,
+    `status` shows the spend only (it reads Redis, and works with --redis-url alone)."""
+    if not config_path:
+        return None
+    try:
+        return Settings.from_config(load_config(config_path))
+    except ConfigError:
+        return None
+
+
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -196,8 +209,9 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
-def status_document(state: AgentState) -> dict:
-    """The data `status` shows (its --json output)."""
+def status_document(state: AgentState, budget: dict | None = None) -> dict:
+    """The data `status` shows (its --json output); `budget`: budget.status_figures."""
+    spend = (budget or {}).get("task_spend", {})
     instances_by_id = {i.id: i for i in state.instances}
     tasks = []
     for task_id, record in sorted(
@@ -217,6 +231,10 @@ def status_document(state: AgentState) -> dict:
                 "age_in_phase_s": state.age(record.phase_changed_at),
                 "final_state": record.final_state,
                 "reason": record.reason,
+                # Why a waiting task waits: the limit (budget.py's names) and in words.
+                "held_by": record.held_by,
+                "waiting_for": record.waiting_for,
+                "spend": spend.get(task_id),
             }
         )
     return {
@@ -240,6 +258,7 @@ def status_document(state: AgentState) -> dict:
             "last_sync_age_s": state.last_sync_age,
             "destroyed_by_cause": state.destroyed,
         },
+        "budget": budget,
     }
 
 
@@ -256,7 +275,8 @@ def _print_status(doc: dict) -> None:
                 _or_dash(t["gpu_name"]),
                 _money(t["dph_total"]),
                 _age(t["age_in_phase_s"]),
-                (t["final_state"] or "") + (f": {t['reason']}" if t["reason"] else ""),
+                (t["final_state"] or "") + (f": {t['reason']}" if t["reason"] else "")
+                or (f"waiting: {t['waiting_for']}" if t.get("waiting_for") else ""),
             ]
             for t in tasks
         ]
@@ -305,6 +325,25 @@ def _print_status(doc: dict) -> None:
         click.echo(f"Destroyed by the sync loop: {destroyed}")
     last = totals["last_sync_age_s"]
     click.echo("Last sync: " + ("never" if last is None else f"{_age(last)} ago"))
+    budget = doc.get("budget")
+    if budget:
+        rebuilt = " (rebuilt after a loss of Redis: the most it can have been)"
+        click.echo(
+            f"Spent today (UTC): ${budget['spent_today']:.4f}"
+            + (rebuilt if budget["spent_today_rebuilt"] else "")
+        )
+        room = budget.get("headroom")
+        if room:
+            click.echo(
+                "New instances: "
+                + (
+                    f"held by {room['held_by']}"
+                    if room["held_by"]
+                    else "no price limit"
+                    if room["new_instance_dph"] is None
+                    else f"up to ${room['new_instance_dph']:.4f}/h"
+                )
+            )
 
 
 _config_option = click.option(
@@ -335,13 +374,17 @@ def status_command(config_path: str | None, redis_url: str | None, prefix: str, 
     their dph_total), age of the last sync. Works while Arkindex and Vast.ai are unreachable.
     """
     client = _redis_from(config_path, redis_url)
+    settings = _settings_if_any(config_path)
     try:
         state = read_agent_state(client, prefix)
+        keys = Keyspace(prefix)
+        store = BudgetStore(client, keys, TaskStore(client, keys))
+        budget = status_figures(store, state.now, settings)
     except redis.RedisError as error:
         raise click.ClickException(f"cannot read Redis: {error}") from None
     finally:
         client.close()
-    doc = status_document(state)
+    doc = status_document(state, budget)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:

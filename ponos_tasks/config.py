@@ -18,6 +18,7 @@ Every problem is reported at once, one line each, starting with the key it is ab
 import difflib
 import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -159,8 +160,6 @@ class VastConfig(_Section):
     api_key: str
     offer_filters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     disk_gb: float = Field(default=32, ge=8, description="disk of each instance, GB")
-    max_dph: float | None = Field(default=None, gt=0, description="max $/h per instance")
-    max_instances: int = Field(default=4, ge=1, description="max concurrent instances")
     loading_deadline: float = Field(
         default=7200, gt=0, description="s from create to running, at most (the ceiling)"
     )
@@ -210,6 +209,61 @@ class VastConfig(_Section):
         return value
 
 
+class BudgetConfig(_Section):
+    """What the agent may spend (README, "Budgets"); prices include the configured disk."""
+
+    max_instances: int = Field(default=4, ge=1, description="max instances alive at once")
+    max_dph_per_instance: float | None = Field(
+        default=None, gt=0, description="max $/h of one instance"
+    )
+    max_dph_total: float | None = Field(
+        default=None, gt=0, description="max $/h of all live instances together"
+    )
+    max_spend_per_task: float | None = Field(default=None, gt=0, description="max $ per task")
+    max_spend_per_day: float | None = Field(default=None, gt=0, description="max $ per UTC day")
+    # Vast.ai bills seconds of its own clock, which is the agent's; the local simulator's
+    # clock runs --time-scale times faster, and its stack config says so here.
+    billing_time_scale: float = Field(
+        default=1.0, gt=0, description="billed seconds per second of the agent's clock"
+    )
+
+
+# Keys that moved to the budget section: old key -> new key. The old spelling still works,
+# with a one-line warning; both set to different values is an error.
+MOVED_KEYS = {
+    ("vast_api", "max_instances"): ("budget", "max_instances"),
+    ("vast_api", "max_dph"): ("budget", "max_dph_per_instance"),
+}
+
+
+def _move_deprecated_keys(data: Any, moved: dict[str, str] | None = None) -> Any:
+    """Move the old keys of MOVED_KEYS to their new home (before validation); `moved` gets
+    new name -> old name for each key moved (a problem with it then names the old one)."""
+    if not isinstance(data, dict):
+        return data
+    for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
+        section = data.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        old_name, new_name = f"{old_section}.{old_key}", f"{new_section}.{new_key}"
+        target = data.get(new_section)
+        if target is None:
+            target = data[new_section] = {}
+        if not isinstance(target, dict):
+            continue  # the new section's own error says what is wrong with it
+        if new_key in target and target[new_key] != value:
+            raise ValueError(
+                f"{old_name}: deprecated, and {new_name} is set to another value "
+                f"({target[new_key]!r}, not {value!r}): keep {new_name} only"
+            )
+        target[new_key] = value
+        if moved is not None:
+            moved[new_name] = old_name
+        logging.getLogger(__name__).warning("%s is deprecated: use %s", old_name, new_name)
+    return data
+
+
 class AgentConfig(_Section):
     url: str
     farm_id: uuid.UUID
@@ -222,6 +276,7 @@ class AgentConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sentry: SentryConfig = Field(default_factory=SentryConfig)
     vast_api: VastConfig
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     sync_interval: float = Field(default=10, gt=0, description="s between two syncs")
     logs_interval: float = Field(default=60, gt=0, description="s between log uploads")
     logs_max_mb: float = Field(default=64, gt=0, description="MB of an instance log kept")
@@ -231,6 +286,11 @@ class AgentConfig(_Section):
     @classmethod
     def _url(cls, value: str) -> str:
         return _http_url(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        return _move_deprecated_keys(data)
 
     @field_validator("redis_url")
     @classmethod
@@ -257,7 +317,7 @@ class AgentConfig(_Section):
 
     def summary(self) -> list[str]:
         """Human lines describing the config, without any secret."""
-        vast = self.vast_api
+        vast, budget = self.vast_api, self.budget
         redis_where = self.redis_location()
         filters = (
             " ".join(
@@ -271,14 +331,29 @@ class AgentConfig(_Section):
             f"Arkindex: {self.url} (farm {self.farm_id})",
             f"Vast.ai: {vast.url}",
             f"Offer filters: {filters}",
-            f"Instances: at most {vast.max_instances}, disk {vast.disk_gb:g} GB, "
-            + (f"max ${vast.max_dph:g}/h" if vast.max_dph else "no price cap"),
+            f"Instances: at most {budget.max_instances}, disk {vast.disk_gb:g} GB",
+            "Budget: " + budget_summary(budget),
             f"Loading deadline {vast.loading_deadline:g} s, {vast.start_attempts} start "
             f"attempts per task, wait up to {vast.offer_wait:g} s for an offer",
             f"Sync every {self.sync_interval:g} s, logs every {self.logs_interval:g} s, "
             f"Redis {redis_where}",
             "Registries: " + (", ".join(r.registry_host for r in vast.registries) or "(none)"),
         ]
+
+
+def budget_summary(budget: BudgetConfig) -> str:
+    """The money limits in force, in one line."""
+    parts = [
+        f"{label} ${value:g}{unit}"
+        for label, value, unit in (
+            ("per instance", budget.max_dph_per_instance, "/h"),
+            ("in all", budget.max_dph_total, "/h"),
+            ("per task", budget.max_spend_per_task, ""),
+            ("per UTC day", budget.max_spend_per_day, ""),
+        )
+        if value is not None
+    ]
+    return ", ".join(parts) if parts else "no money limit"
 
 
 # ------------------------------------------------------------------------------ loading
@@ -363,6 +438,10 @@ def _problem(error: dict) -> str:
         part for part in error["loc"] if not (isinstance(part, str) and "[" in part)
     )  # drop pydantic's union branch names
     key = _key_name(location) or "(top level)"
+    if not location and re.match(
+        r"^[a-z_]+\.[a-z_.]+: ", error["msg"].removeprefix("Value error, ")
+    ):
+        return error["msg"].removeprefix("Value error, ")  # a model-wide check naming its key
     kind = error["type"]
     if kind == "missing":
         names = ENV_VARS.get(key)
@@ -410,10 +489,20 @@ def load_config(path: str | None, environ: Mapping[str, str] = os.environ) -> Ag
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of keys"])
     _apply_environment(data, environ)
+    moved: dict[str, str] = {}
+    try:
+        _move_deprecated_keys(data, moved)
+    except ValueError as error:
+        raise ConfigError([str(error)]) from None
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as error:
         problems = list(dict.fromkeys(_problem(e) for e in error.errors()))
+        for new_name, old_name in moved.items():  # name the key the user wrote
+            problems = [
+                old_name + line[len(new_name) :] if line.startswith(new_name + ":") else line
+                for line in problems
+            ]
         if empty_file:
             # Most likely the wrong file (or one truncated by an editor): one line, not one
             # per missing key.

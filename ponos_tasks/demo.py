@@ -27,6 +27,7 @@ import click
 import requests
 import yaml
 
+from ponos_tasks.config import ConfigError, load_config
 from ponos_tasks.lifecycle import parse_label
 from ponos_tasks.run import shielded, sigterm_as_interrupt
 from ponos_tasks.simulators.harness import LocalRun, SimAdmin
@@ -52,10 +53,12 @@ def summarize(
     events: list[dict],
     stats: dict,
     names: dict[str, str] | None = None,
+    budget: dict | None = None,
 ) -> dict:
     """The --json document from the simulators' admin answers (pure, unit-tested).
 
-    `names`: task id -> "process/slug", shown in the table instead of the bare slug."""
+    `names`: task id -> "process/slug", shown in the table instead of the bare slug.
+    `budget`: the agent's budget section as it ran (environment included), reported."""
     instances_of = defaultdict(list)
     for row in ledger.get("instances", []):
         info = parse_label(row.get("label"))
@@ -64,12 +67,18 @@ def summarize(
 
     live: Counter = Counter()
     peak: Counter = Counter()
-    for event in sorted(events, key=lambda e: e.get("t", 0)):
+    fleet = fleet_peak = 0  # instances of the agent alive at once
+    # At equal times a destroy goes first: an instance replaced in the same instant is not
+    # two alive.
+    for event in sorted(events, key=lambda e: (e.get("t", 0), e.get("event") == "created")):
         info = parse_label(event.get("label"))
         if info is None or event.get("event") not in ("created", "destroyed"):
             continue
-        live[info.task_id] += 1 if event["event"] == "created" else -1
+        step = 1 if event["event"] == "created" else -1
+        live[info.task_id] += step
         peak[info.task_id] = max(peak[info.task_id], live[info.task_id])
+        fleet += step
+        fleet_peak = max(fleet_peak, fleet)
 
     rows = []
     for task in ark_tasks:
@@ -96,11 +105,12 @@ def summarize(
         "unexpected": sum(1 for r in rows if r["expected"] and r["state"] != r["expected"]),
         "cost": round(float(ledger.get("total_cost") or 0.0), 6),
         "instances_left": int(stats.get("live_instances", 0)),
+        "max_live_instances": fleet_peak,
         "max_live_instances_per_task": max(peak.values(), default=0),
         "api_calls": sum((stats.get("calls") or {}).values()),
         "rate_limited": sum((stats.get("rate_limited") or {}).values()),
     }
-    return {"tasks": rows, "totals": totals}
+    return {"tasks": rows, "totals": totals, "budget": budget}
 
 
 def _runtime(history: list[dict]) -> float | None:
@@ -147,8 +157,8 @@ def format_table(document: dict) -> str:
     out.append(
         f"Totals: {t['tasks']} tasks: {t['completed']} completed, {t['failed']} failed, "
         f"{t['error']} error, {t['stopped']} stopped; cost ${t['cost']:.5f}; "
-        f"instances left {t['instances_left']}; max live instances per task "
-        f"{t['max_live_instances_per_task']}; {t['api_calls']} Vast.ai API calls, "
+        f"instances left {t['instances_left']}; max live instances {t['max_live_instances']} "
+        f"(per task {t['max_live_instances_per_task']}); {t['api_calls']} Vast.ai API calls, "
         f"{t['rate_limited']} rate limited"
     )
     return "\n".join(out)
@@ -169,9 +179,10 @@ def demo_config(stack, time_scale: float) -> dict:
             "rate_limit_scale": 1.0 / time_scale,
             "loading_deadline": max(30.0, 1200.0 / time_scale),
             "offer_wait": max(60.0, 3600.0 / time_scale),
-            "max_instances": 6,
         }
     )
+    # The budget section (PONOS__BUDGET__* in the environment wins, as for every agent).
+    config.setdefault("budget", {})["max_instances"] = 6
     return config
 
 
@@ -196,6 +207,7 @@ class Demo:
         self.expected: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.to_stop: str | None = None
+        self.budget: dict | None = None
 
     @property
     def stack(self):
@@ -216,9 +228,13 @@ class Demo:
             self.local.start()
         except RuntimeError as error:
             raise DemoFailed(str(error)) from None
-        agent = self.local.start_agent(
-            config=demo_config(self.stack, self.time_scale), flower_port=free_port()
-        )
+        path = self.local.write_config(demo_config(self.stack, self.time_scale))
+        # The budget as the agent reads it: the file and the environment's PONOS__BUDGET__*.
+        try:
+            self.budget = load_config(str(path)).budget.model_dump()
+        except ConfigError as error:
+            raise DemoFailed("; ".join(error.problems)) from None
+        agent = self.local.start_agent(path, flower_port=free_port())
         self.say(
             f"Local stack: Arkindex {self.stack.arkindex_url}, Vast.ai "
             f"{self.stack.vast_url} (x{self.time_scale:g}), Redis {self.stack.redis_url}"
@@ -340,6 +356,7 @@ class Demo:
             self.vast("events")["events"],
             self.vast("stats"),
             self.names,
+            self.budget,
         )
 
 

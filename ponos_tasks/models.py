@@ -239,6 +239,13 @@ class TaskRecord:
     # The failed attempt's instance, kept *stopped* until the next attempt is created: between
     # two attempts it is the task's only trace outside Redis (see steps.retry_attempt).
     kept_instance_id: int | None = None
+    # The budget (budget.py): the most its next instance may cost ($/h), granted by the sync
+    # loop in arrival order (None: not granted yet, or no limit shared by all instances),
+    # and the limit that set it; why the task waits, when it does (`held_by`: a limit name).
+    budget_allowance: float | None = None
+    allowance_limit: str | None = None
+    held_by: str | None = None
+    waiting_for: str | None = None
 
     @classmethod
     def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:

@@ -12,10 +12,19 @@ is compared with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from ponos_tasks.budget import (
+    MAX_INSTANCES,
+    Commitment,
+    Spending,
+    room_excluding,
+    startable,
+    task_commitments,
+)
 from ponos_tasks.lifecycle import (
     NO_INSTANCE_PHASES,
     SLOT_PHASES,
@@ -70,6 +79,8 @@ class StartChain:
 
     task_id: str
     reason: str
+    allowance: float | None = None  # $/h its instance may cost (budget.py); None: any
+    limit: str | None = None  # the limit that set the allowance
 
     @property
     def key(self) -> str:
@@ -182,11 +193,33 @@ class AdoptInstance:
 
 
 @dataclass(frozen=True)
+class GrantAllowance:
+    """A task about to rent (waiting_offer, retrying) may now rent a dearer instance: the
+    sync loop sets its allowance (CAS on phase and attempt; never lowered)."""
+
+    task_id: str
+    allowance: float
+    limit: str | None
+    phase: str
+    attempt: int
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"grant:{self.task_id}"
+
+    def message(self) -> Next | None:
+        return None  # the sync loop writes it itself
+
+
+@dataclass(frozen=True)
 class WaitForCapacity:
-    """Informational: the task stays `accepted` because max_instances is reached."""
+    """The task stays `accepted`: `limit` (max_instances, or a budget limit) leaves no room
+    for it. The sync loop writes why in its record and its log."""
 
     task_id: str
     reason: str
+    limit: str = MAX_INSTANCES
 
     @property
     def key(self) -> str:
@@ -203,6 +236,7 @@ Step = (
     | StopTask
     | DestroyInstance
     | AdoptInstance
+    | GrantAllowance
     | WaitForCapacity
 )
 
@@ -318,13 +352,15 @@ def plan(
     instances: Sequence[Instance],
     actions: Sequence[tuple[str, str]],
     settings: Settings,
+    spending: Spending | None = None,
 ) -> list[Step]:
     """Steps that move actual state towards desired state; each carries its `reason`.
 
     records: every record (active and done tombstones, TaskStore.all_records()).
     instances: the latest snapshot's instances.
     actions: Arkindex actions as (kind, task_id), kind start_task / stop_task.
-    Order of the result: stops, destroys, adoptions, accepts, resumes, starts, waits.
+    spending: the meter's figures, for the budget's shared limits (None: none planned).
+    Order of the result: stops, destroys, adoptions, accepts, resumes, grants, starts, waits.
     """
     ours = _our_instances(agent_short_id, instances)
     starts, stops = _unique(actions, START_TASK), set(_unique(actions, STOP_TASK))
@@ -336,6 +372,7 @@ def plan(
             AdoptInstance,
             AcceptTask,
             ResumeStep,
+            GrantAllowance,
             StartChain,
             WaitForCapacity,
         )
@@ -364,6 +401,10 @@ def plan(
     queue = [t for _, t in sorted(waiting)] + new_tasks
     for step in _plan_capacity(queue, ours, records, settings.max_instances):
         out[type(step)].append(step)
+    if spending is not None and settings.budget.rations:
+        budgeted = _plan_budget(out, records, instances, now, settings, spending)
+        out[GrantAllowance], out[StartChain], waits = budgeted
+        out[WaitForCapacity] = [*out[WaitForCapacity], *waits]
     return [step for steps in out.values() for step in steps]
 
 
@@ -522,6 +563,110 @@ def _plan_capacity(
                 )
             )
     return steps
+
+
+def _plan_budget(
+    out: Mapping[type, list[Step]],
+    records: Mapping[str, TaskRecord],
+    instances: Sequence[Instance],
+    now: float,
+    settings: Settings,
+    spending: Spending,
+) -> tuple[list[Step], list[Step], list[Step]]:
+    """Allowances, in arrival order (budget.py): the tasks about to rent first (their
+    allowance may grow with the room), then the chains the slots would start, each with
+    what the room leaves it. The first task the room is too small for waits, and every
+    later one behind it: tasks start in the order they came."""
+    limits = settings.budget
+    commitments = task_commitments(records, instances, spending.task_spent)
+    grants: list[Step] = []
+    renting = sorted(
+        (
+            r
+            for r in records.values()
+            if r.phase in (Phase.WAITING_OFFER, Phase.RETRYING) and not r.stop_requested
+        ),
+        key=lambda r: (r.accepted_at or 0.0, r.task_id),
+    )
+    for record in renting:
+        room = room_excluding(
+            limits, commitments, record.task_id, spent_today=spending.spent_today, now=now
+        )
+        current = record.budget_allowance
+        granted = _allowance(room)
+        if current is None or granted > current + 1e-9:
+            grants.append(
+                GrantAllowance(
+                    record.task_id, granted, room.limit, record.phase, record.attempt, room.why
+                )
+            )
+            held = commitments.get(record.task_id, Commitment(record.task_id, 0.0))
+            commitments[record.task_id] = Commitment(
+                record.task_id, max(held.dph, granted), held.spent
+            )
+    starts: list[Step] = []
+    waits: list[Step] = []
+    hold = None
+    for start in out[StartChain]:
+        task_id = start.task_id
+        if hold is None:
+            room = room_excluding(
+                limits, commitments, task_id, spent_today=spending.spent_today, now=now
+            )
+            if room.holds(spending.cheapest):
+                cheapest = (
+                    f"; the cheapest matching offer costs ${spending.cheapest:.4f}/h"
+                    if spending.cheapest is not None
+                    else ""
+                )
+                hold = (room.limit, f"{room.why}{cheapest}")
+                waits.append(WaitForCapacity(task_id, hold[1], hold[0]))
+                continue
+            record = records.get(task_id)
+            allowance = max(_allowance(room), (record.budget_allowance or 0.0) if record else 0.0)
+            commitments[task_id] = Commitment(
+                task_id, allowance, spending.task_spent.get(task_id, 0.0)
+            )
+            starts.append(StartChain(task_id, start.reason, allowance, room.limit))
+        else:
+            waits.append(WaitForCapacity(task_id, f"behind earlier tasks; {hold[1]}", hold[0]))
+    return grants, starts, waits
+
+
+def _allowance(room) -> float:
+    """The $/h a task may rent at: the room's, or any price when no limit bounds it (a daily
+    budget that affords the task's whole max_spend_per_task: it costs at most that)."""
+    return math.inf if room.dph is None else room.dph
+
+
+def capacity(
+    records: Mapping[str, TaskRecord],
+    instances: Sequence[Instance],
+    settings: Settings,
+    now: float,
+    spending: Spending | None = None,
+) -> int:
+    """How many new tasks to ask Arkindex for: as many as could start now. One per free
+    instance slot (every active task holds one), and no more than the budget's room holds
+    at the cheapest price seen, once the tasks already waiting are counted at that price."""
+    active = {t: r for t, r in records.items() if r.phase != Phase.DONE}
+    slots = max(0, settings.max_instances - len(active))
+    if spending is None or not settings.budget.rations:
+        return slots
+    commitments = task_commitments(active, instances, spending.task_spent)
+    queued = [
+        Commitment(t, spending.cheapest or 0.0)
+        for t, r in active.items()
+        if r.phase == Phase.ACCEPTED and r.budget_allowance is None
+    ]
+    return startable(
+        settings.budget,
+        [*commitments.values(), *queued],
+        spent_today=spending.spent_today,
+        now=now,
+        cheapest=spending.cheapest,
+        slots=slots,
+    )
 
 
 # ---------------------------------------------------------------------------- the watch step

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ponos_tasks.budget import Limits
+
 # The sync task's Celery time limits (tasks.py): its single-flight lock must outlive them, or
 # a slow sync and the next one overlap (and over-ask Arkindex for tasks).
 SYNC_SOFT_TIME_LIMIT = 100
@@ -32,6 +34,7 @@ class Settings:
     log_read_deadline: float  # s to keep reading an ended instance's log before deciding
     machine_cooldown: float  # s every task avoids a machine that failed a start
     pull_stall_timeout: float  # s a start may show no progress before it is given up
+    budget: Limits  # the money limits (budget.py)
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
     heartbeat_stale: float  # s without progress before the sync loop resumes a chain
@@ -51,6 +54,7 @@ class Settings:
     upload_lock_timeout: float
     unpublished_log_ttl: float
     tombstone_ttl: float
+    spend_end_margin: float  # s of an instance's price kept in hand below max_spend_per_task
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -62,7 +66,7 @@ class Settings:
         return cls(
             sync_interval=sync,
             logs_interval=float(config.logs_interval),
-            max_instances=vast.max_instances,
+            max_instances=config.budget.max_instances,
             loading_deadline=float(vast.loading_deadline),
             offer_wait=float(vast.offer_wait),
             max_attempts=vast.start_attempts,
@@ -71,6 +75,7 @@ class Settings:
             log_read_deadline=float(vast.log_read_deadline),
             machine_cooldown=float(vast.machine_cooldown),
             pull_stall_timeout=float(vast.pull_stall_timeout),
+            budget=Limits.from_config(config.budget),
             watch_interval=watch,
             heartbeat_stale=stale,
             creating_stale=stale,
@@ -107,6 +112,10 @@ class Settings:
             unpublished_log_ttl=7 * 24 * 3600.0,
             # A done record stays this long so that a late message cannot restart its task.
             tombstone_ttl=3 * 24 * 3600.0,
+            # What ending a task costs after the decision to end it (max_spend_per_task): the
+            # meter lags one sync, the watch one interval, then the stop and the final log
+            # take some seconds; the task is ended this much before its cap is reached.
+            spend_end_margin=2 * sync + watch + 10.0,
         )
 
     def stale_after(self, phase: str) -> float:

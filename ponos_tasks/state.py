@@ -30,6 +30,12 @@ the only code that touches Redis. Layout, under the prefix:
                                      string   30 days    states already reported (idempotence)
     imgcfg:<digest>                  string   30 days    an image's Entrypoint/Cmd
     ratelimit:<endpoint>             string   a few s    the shared Vast.ai rate-limit buckets
+    spend:epoch                      string   none       agent time the meter began in this Redis
+    spend:meter                      hash     none       instance id -> JSON budget.Metered
+    spend:day:<YYYY-MM-DD>           string   8 days     $ metered that UTC day
+    spend:day:<YYYY-MM-DD>:rebuilt   string   8 days     set when that counter was rebuilt
+    spend:task:<id>                  string   14 days    $ metered for the task's instances
+    budget:cheapest                  string   10 min     $/h of the cheapest matching offer seen
 
 Phase changes are atomic Lua scripts checking (phase, attempt): the attempt number is the
 fencing token of the create protocol (README, "How it works"). A record that reaches `done`
@@ -49,9 +55,10 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import LockError
+from redis.exceptions import LockError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ponos_tasks.budget import Metered, MeterPass
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
 from ponos_tasks.models import Snapshot, TaskRecord
@@ -138,6 +145,27 @@ class Keyspace:
 
     def image_config(self, digest: str) -> str:
         return f"{self.prefix}imgcfg:{digest}"
+
+    @property
+    def spend_epoch(self) -> str:
+        return self.prefix + "spend:epoch"
+
+    @property
+    def spend_meter(self) -> str:
+        return self.prefix + "spend:meter"
+
+    def spend_day(self, day: str) -> str:
+        return f"{self.prefix}spend:day:{day}"
+
+    def spend_day_rebuilt(self, day: str) -> str:
+        return f"{self.prefix}spend:day:{day}:rebuilt"
+
+    def spend_task(self, task_id: str) -> str:
+        return f"{self.prefix}spend:task:{task_id}"
+
+    @property
+    def cheapest_offer(self) -> str:
+        return self.prefix + "budget:cheapest"
 
     @property
     def ratelimit_prefix(self) -> str:
@@ -518,6 +546,107 @@ def release(lock: Lock, *, retry_for: float = 15.0) -> None:
 
 
 # --------------------------------------------------------------------------- small stores
+
+
+class BudgetStore:
+    """The spend meter (budget.py does the arithmetic): per UTC day, per task, per instance.
+
+    Only the sync loop meters (`apply_meter`, under WATCH: a second sync whose lock lapsed
+    meters nothing twice); everyone reads."""
+
+    DAY_TTL = 8 * 24 * 3600
+    TASK_TTL = 14 * 24 * 3600
+    CHEAPEST_TTL = 600
+
+    def __init__(self, redis_client: redis.Redis, keys: Keyspace, tasks: TaskStore):
+        self.redis = redis_client
+        self.keys = keys
+        self.tasks = tasks  # records and snapshot, for budget.headroom
+
+    def epoch(self, now: float) -> tuple[float, bool]:
+        """When the meter began in this Redis, and whether it begins now (a new Redis, or
+        one that lost its data)."""
+        fresh = bool(self.redis.set(self.keys.spend_epoch, repr(now), nx=True))
+        return float(_text(self.redis.get(self.keys.spend_epoch) or repr(now))), fresh
+
+    def meter(self) -> dict[int, Metered]:
+        raw = self.redis.hgetall(self.keys.spend_meter)
+        return {int(k): Metered.from_dict(json.loads(v)) for k, v in raw.items()}
+
+    def metered(self, instance_id: int) -> Metered | None:
+        raw = self.redis.hget(self.keys.spend_meter, str(instance_id))
+        return None if raw is None else Metered.from_dict(json.loads(raw))
+
+    def apply_meter(self, compute: Callable[[dict[int, Metered]], MeterPass]) -> MeterPass | None:
+        """Read the meter, `compute` the pass, write it in one transaction; None when the
+        meter changed meanwhile (another sync metered: nothing is counted twice)."""
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(self.keys.spend_meter)
+                raw = pipe.hgetall(self.keys.spend_meter)
+                meter = {int(k): Metered.from_dict(json.loads(v)) for k, v in raw.items()}
+                result = compute(meter)
+                pipe.multi()
+                if result.entries:
+                    pipe.hset(
+                        self.keys.spend_meter,
+                        mapping={
+                            str(k): json.dumps(m.to_dict()) for k, m in result.entries.items()
+                        },
+                    )
+                if result.gone:
+                    pipe.hdel(self.keys.spend_meter, *[str(k) for k in result.gone])
+                for day, amount in result.days.items():
+                    pipe.incrbyfloat(self.keys.spend_day(day), amount)
+                    pipe.expire(self.keys.spend_day(day), self.DAY_TTL)
+                for task_id, amount in result.tasks.items():
+                    pipe.incrbyfloat(self.keys.spend_task(task_id), amount)
+                    pipe.expire(self.keys.spend_task(task_id), self.TASK_TTL)
+                pipe.execute()
+            except WatchError:
+                return None
+        return result
+
+    def spent_on(self, day: str) -> float:
+        raw = self.redis.get(self.keys.spend_day(day))
+        return 0.0 if raw is None else float(_text(raw))
+
+    def task_spent(self, task_ids: list[str]) -> dict[str, float]:
+        if not task_ids:
+            return {}
+        values = self.redis.mget([self.keys.spend_task(t) for t in task_ids])
+        return {t: float(_text(v)) for t, v in zip(task_ids, values, strict=True) if v is not None}
+
+    _AT_LEAST = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return 1
+"""
+
+    def rebuild_day(self, day: str, spent: float) -> None:
+        """The day's counter is at least `spent` from now on, and marked rebuilt."""
+        self.redis.eval(
+            self._AT_LEAST,
+            2,
+            self.keys.spend_day(day),
+            self.keys.spend_day_rebuilt(day),
+            repr(float(spent)),
+            str(self.DAY_TTL),
+        )
+
+    def rebuilt(self, day: str) -> bool:
+        return self.redis.exists(self.keys.spend_day_rebuilt(day)) == 1
+
+    def note_cheapest(self, dph: float | None) -> None:
+        """The $/h of the cheapest offer the filters matched in the latest search."""
+        if dph is not None:
+            self.redis.set(self.keys.cheapest_offer, repr(float(dph)), ex=self.CHEAPEST_TTL)
+
+    def cheapest(self) -> float | None:
+        raw = self.redis.get(self.keys.cheapest_offer)
+        return None if raw is None else float(_text(raw))
 
 
 class ReportedStates:

@@ -29,6 +29,18 @@ from ponos_tasks.arkindex import (
     TaskGone,
     TransitionRefused,
 )
+from ponos_tasks.budget import (
+    MAX_DPH_TOTAL,
+    NO_OFFER,
+    Observation,
+    Spending,
+    meter_pass,
+    over_task_cap,
+    rebuilt_day_spend,
+    spend_now,
+    task_commitments,
+    utc_day,
+)
 from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
@@ -44,7 +56,11 @@ from ponos_tasks.reconcile import (
     AcceptTask,
     AdoptInstance,
     DestroyInstance,
+    GrantAllowance,
+    StartChain,
+    WaitForCapacity,
     WatchAction,
+    capacity,
     plan,
     watch_decision,
 )
@@ -165,17 +181,59 @@ def task_secrets(ctx: AgentContext, env: dict | None) -> list[str]:
 
 def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
     vast = ctx.config.vast_api
-    query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
+    limits = ctx.settings.budget
+    query = build_query(
+        vast.offer_filters, disk_gb=vast.disk_gb, max_dph=limits.max_dph_per_instance
+    )
     offers = ctx.vast.search_offers(query)
-    # This task's own failed machines, and those every task avoids for a while.
-    failed = set(record.failed_machines) | ctx.store.avoided_machines()
     # The user's filters are checked again here: a server that ignored one must not make us
-    # rent what the configuration excludes.
-    return [
+    # rent what the configuration excludes (max_dph_per_instance included).
+    matching = [
         offer
         for offer in rank_offers(offers)
-        if offer.machine_id not in failed and offer_matches(vast.offer_filters, offer)
+        if offer_matches(vast.offer_filters, offer)
+        and not (
+            limits.max_dph_per_instance is not None
+            and (offer.dph_total is None or offer.dph_total > limits.max_dph_per_instance)
+        )
     ]
+    # What the cheapest instance costs: how the sync loop tells a room too small for any.
+    ctx.budget.note_cheapest(matching[0].dph_total if matching else None)
+    # This task's own failed machines, and those every task avoids for a while.
+    failed = set(record.failed_machines) | ctx.store.avoided_machines()
+    return [offer for offer in matching if offer.machine_id not in failed]
+
+
+def _affordable(ctx: AgentContext, record: TaskRecord, offers: list) -> list:
+    """The offers within the task's allowance (budget.py); all of them when no limit is
+    shared by the instances. No allowance granted yet: none (the sync loop grants it)."""
+    if not ctx.settings.budget.rations:
+        return offers
+    allowance = record.budget_allowance
+    if allowance is None:
+        return []
+    return [o for o in offers if o.dph_total is not None and o.dph_total <= allowance + 1e-9]
+
+
+#: Phases in which a task waits for room or an offer: its log is published when the reason
+#: changes (PUBLISH_LOGS with final=False), so that its page on Arkindex says why it waits.
+WAITING_PHASES = (Phase.ACCEPTED, Phase.WAITING_OFFER)
+
+
+def _set_waiting(
+    ctx: AgentContext, record: TaskRecord, held_by: str | None, why: str | None
+) -> list[Next]:
+    """Record why the task waits (`status` shows it). A new reason goes to its log too, and
+    the log is published: the step to run for that is returned."""
+    if record.held_by == held_by and record.waiting_for == why:
+        return []
+    ctx.store.touch(record.task_id, held_by=held_by, waiting_for=why)
+    if held_by is None or held_by == record.held_by:
+        return []
+    _note(ctx, record.task_id, f"waiting: {why}", "WARNING")
+    if ctx.store.once(f"waitlog:{record.task_id}:{held_by}", ctx.settings.logs_interval):
+        return [Next(StepName.PUBLISH_LOGS, kwargs={"final": False})]
+    return []
 
 
 def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
@@ -284,19 +342,34 @@ def start(ctx: AgentContext, task_id: str) -> Next | None:
 
 
 @step(StepName.CHOOSE_OFFER)
-def choose_offer(ctx: AgentContext, task_id: str) -> Next | None:
+def choose_offer(ctx: AgentContext, task_id: str) -> Follow:
     """Wait until an offer matches; error once `offer_wait` has passed without one."""
     record = ctx.store.get(task_id)
     if record is None or record.phase != Phase.WAITING_OFFER:
         return None
     now = ctx.now()
-    if _ranked_offers(ctx, record):
+    offers = _ranked_offers(ctx, record)
+    if offers and _affordable(ctx, record, offers):
+        _set_waiting(ctx, record, None, None)
         ctx.store.touch(task_id, heartbeat_at=now)
         return Next(StepName.CREATE_INSTANCE)
+    again = Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
+    if offers:
+        # Offers match, but the budget leaves too little for them: that is no missing offer
+        # (offer_wait does not run), the task waits for room, however long.
+        allowance = record.budget_allowance
+        why = (
+            f"{record.allowance_limit or 'the budget'} leaves ${allowance or 0:.4f}/h for its "
+            f"instance; the cheapest matching offer costs ${offers[0].dph_total:.4f}/h"
+        )
+        publish = _set_waiting(ctx, record, record.allowance_limit or MAX_DPH_TOTAL, why)
+        ctx.store.touch(task_id, waiting_since=None, heartbeat_at=now)
+        return [again, *publish]
+    # Its agent line ("waiting: no Vast.ai offer matches the filters") comes from here.
+    publish = _set_waiting(ctx, record, NO_OFFER, "no Vast.ai offer matches the filters")
     if record.waiting_since is None:
-        _note(ctx, task_id, "no Vast.ai offer matches the filters yet; waiting", "WARNING")
         ctx.store.touch(task_id, waiting_since=now, heartbeat_at=now)
-        return Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
+        return [again, *publish]
     if offer_wait_expired(record, now, ctx.settings.offer_wait):
         reason = f"no Vast.ai offer matched the filters within {ctx.settings.offer_wait:g} s"
         _note(ctx, task_id, reason, "ERROR")
@@ -398,7 +471,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         args=args,
         image_login=_image_login(ctx, definition.image),
     )
-    offers = _ranked_offers(ctx, record)
+    offers = _affordable(ctx, record, _ranked_offers(ctx, record))
     if offers and record.kept_instance_id is not None:
         # The failed attempt's kept instance goes right before the new one is created: never
         # two instances of one task at once, and a trace outside Redis until the last moment.
@@ -601,6 +674,9 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         return []  # an older chain: the newer one watches this task
     again = {"chain": chain}
     settings = ctx.settings
+    over = _over_spend_cap(ctx, record)
+    if over is not None:
+        return _end_over_budget(ctx, record, over)
     # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
     # is late (sync stalled), so that the `list` rate limit is not spent many times over.
     snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
@@ -720,6 +796,47 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     return follow
 
 
+def _over_spend_cap(ctx: AgentContext, record: TaskRecord) -> str | None:
+    """Why the task must end now to stay within max_spend_per_task, if it must: what the
+    meter counted for it, plus its instance's full price since the meter last charged it and
+    for as long as ending it takes (settings.spend_end_margin)."""
+    limits = ctx.settings.budget
+    if limits.max_spend_per_task is None or record.instance_id is None or record.stop_requested:
+        return None
+    metered = ctx.budget.metered(record.instance_id)
+    dph = record.dph_total or (metered.rates.total if metered else 0.0)
+    until = metered.until if metered is not None else record.instance_created_at
+    spent = ctx.budget.task_spent([record.task_id]).get(record.task_id, 0.0)
+    spend = spend_now(spent, until, dph, now=ctx.now(), limits=limits)
+    return over_task_cap(spend, dph, margin=ctx.settings.spend_end_margin, limits=limits)
+
+
+def _end_over_budget(ctx: AgentContext, record: TaskRecord, reason: str) -> list[Next]:
+    """End the task in `error` for its spending limit: its instance is stopped at once (the
+    GPU stops billing), then its log is published and the instance destroyed, as usual."""
+    if not ctx.store.cas(
+        record.task_id,
+        expect_phase=record.phase,
+        expect_attempt=record.attempt,
+        phase=Phase.FINISHING,
+        final_state="error",
+        reason=reason,
+        heartbeat_at=ctx.now(),
+    ):
+        return []
+    _note(ctx, record.task_id, f"{reason}: stopping its instance; the task ends in error", "ERROR")
+    try:
+        ctx.vast.stop_instance(record.instance_id)
+    except VastError as error:  # gone, or unreachable: the destroy that follows settles it
+        logger.warning(
+            "task %s: could not stop instance %s at its spending limit: %s",
+            record.task_id,
+            record.instance_id,
+            error.msg,
+        )
+    return [Next(StepName.PUBLISH_LOGS)]
+
+
 @step(StepName.RETRY_ATTEMPT)
 def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     """Stop the failed attempt's instance, then look for an offer again.
@@ -805,7 +922,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         return None
     if final and record.phase != Phase.FINISHING:
         return None
-    if not final and record.phase != Phase.RUNNING:
+    if not final and record.phase not in (Phase.RUNNING, *WAITING_PHASES):
         return None
     if not final:
         return _publish_running_log(ctx, record)
@@ -939,7 +1056,7 @@ def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
 
 
 def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
-    """The periodic upload while the task runs (never over the final one)."""
+    """The periodic upload while the task runs, or waits (never over the final one)."""
     task_id = record.task_id
     # A fresh definition each period: a task deleted on Arkindex shows (404) within one
     # logs_interval, and a long task never uploads with a pre-signed URL it held too long.
@@ -958,7 +1075,7 @@ def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
         task_id, timeout=ctx.settings.upload_lock_timeout, wait=False
     ) as held:
         current = ctx.store.get(task_id)
-        if not held or current is None or current.phase != Phase.RUNNING:
+        if not held or current is None or current.phase != record.phase:
             return None  # another upload is under way, or the task has moved on: no overwrite
         ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
     now = ctx.now()
@@ -1347,8 +1464,82 @@ def sync(ctx: AgentContext) -> SyncResult:
 
 
 def _capacity(ctx: AgentContext) -> int:
-    """How many new tasks Arkindex may assign us now: one per free instance slot."""
-    return max(0, ctx.settings.max_instances - len(ctx.store.active_ids()))
+    """How many new tasks Arkindex may assign us now: as many as could start now (one per
+    free instance slot, within the budget's room: reconcile.capacity). Nothing is refused
+    that could run later: what cannot start is not asked for."""
+    if not ctx.settings.budget.rations:
+        return max(0, ctx.settings.max_instances - len(ctx.store.active_ids()))
+    records = ctx.store.all_records(include_done=False)
+    snapshot = ctx.store.load_snapshot()
+    instances = snapshot.instances if snapshot is not None else ()
+    return capacity(records, instances, ctx.settings, ctx.now(), _spending(ctx, records))
+
+
+def _spending(ctx: AgentContext, records) -> Spending:
+    return Spending(
+        spent_today=ctx.budget.spent_on(utc_day(ctx.now())),
+        task_spent=ctx.budget.task_spent(sorted(records)),
+        cheapest=ctx.budget.cheapest(),
+    )
+
+
+def _meter(ctx: AgentContext, instances, now: float) -> None:
+    """Charge what the instances cost since the last sync (budget.meter_pass).
+
+    A meter that begins while instances of ours are alive lost its memory with Redis: today's
+    counter is then rebuilt as the most the day can have cost (budget.rebuilt_day_spend),
+    never less; the instances' own cost is charged from their creation, GPU all along."""
+    limits = ctx.settings.budget
+    epoch, fresh = ctx.budget.epoch(now)
+    observed = [Observation.of(instance) for instance in instances]
+    passed = ctx.budget.apply_meter(
+        lambda meter: meter_pass(
+            meter, observed, now=now, epoch=epoch, scale=limits.billing_time_scale
+        )
+    )
+    if not (fresh and passed is not None and any(o.live for o in observed)):
+        return
+    day = utc_day(now)
+    records = ctx.store.all_records(include_done=False)
+    commitments = task_commitments(records, instances, ctx.budget.task_spent(sorted(passed.tasks)))
+    spent = rebuilt_day_spend(limits, ctx.budget.spent_on(day), commitments.values(), now=now)
+    ctx.budget.rebuild_day(day, spent)
+    logger.warning(
+        "the spend meter starts afresh while %d instance(s) of ours are alive (Redis lost its "
+        "data?): today's spend is taken as $%.4f, the most it can have been",
+        sum(1 for o in observed if o.live),
+        spent,
+    )
+
+
+def _start_with_allowance(ctx: AgentContext, planned: StartChain) -> None:
+    """Before its chain starts: the task's allowance (never lowered) and no waiting reason."""
+    record = ctx.store.get(planned.task_id)
+    if record is None or record.phase != Phase.ACCEPTED:
+        return
+    changes: dict = {}
+    if planned.allowance is not None:
+        allowance = max(planned.allowance, record.budget_allowance or 0.0)
+        if allowance != record.budget_allowance:
+            changes.update(budget_allowance=allowance, allowance_limit=planned.limit)
+    if record.held_by is not None or record.waiting_for is not None:
+        changes.update(held_by=None, waiting_for=None)
+    if changes:
+        ctx.store.cas(
+            planned.task_id, expect_phase=Phase.ACCEPTED, expect_attempt=record.attempt, **changes
+        )
+
+
+def _grant(ctx: AgentContext, planned: GrantAllowance) -> None:
+    """A larger allowance for a task about to rent; lost to a create that began meanwhile
+    (the CAS fails), which then rents within the smaller one."""
+    ctx.store.cas(
+        planned.task_id,
+        expect_phase=planned.phase,
+        expect_attempt=planned.attempt,
+        budget_allowance=planned.allowance,
+        allowance_limit=planned.limit,
+    )
 
 
 def _sync_locked(ctx: AgentContext) -> SyncResult:
@@ -1361,6 +1552,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     now = ctx.now()
     ctx.store.save_snapshot(Snapshot(tuple(instances), listed_at))
     ctx.store.mark_synced(now)
+    _meter(ctx, instances, now)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()
     steps = plan(
@@ -1370,11 +1562,23 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         instances=instances,
         actions=[(a.kind, a.task_id) for a in actions],
         settings=ctx.settings,
+        spending=_spending(ctx, records) if ctx.settings.budget.rations else None,
     )
     result = SyncResult(ran=True, steps=steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):
             accept(ctx, planned.task_id)  # cheap and must precede the StartChain of this plan
+            continue
+        if isinstance(planned, GrantAllowance):
+            _grant(ctx, planned)
+            continue
+        if isinstance(planned, StartChain):
+            _start_with_allowance(ctx, planned)
+        if isinstance(planned, WaitForCapacity):
+            record = ctx.store.get(planned.task_id)
+            if record is not None and record.phase == Phase.ACCEPTED:
+                publish = _set_waiting(ctx, record, planned.limit, planned.reason)
+                result.enqueue += [(planned.task_id, message) for message in publish]
             continue
         message = planned.message()
         if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):

@@ -39,11 +39,15 @@ def make_config(
         "loading_deadline": 30,
         "start_attempts": 3,
         "offer_wait": 30,
-        "max_instances": 4,
         # The simulator's rate limits shrink with its time scale; so do ours.
         "rate_limit_scale": 1.0 / stack.time_scale,
     }
     vast.update(overrides.pop("vast_api", {}))
+    # The simulator bills on its clock (time_scale times the agent's).
+    budget = {"max_instances": 4, "billing_time_scale": stack.time_scale}
+    if "max_instances" in vast:  # the old spelling, still accepted: one home here
+        budget["max_instances"] = vast.pop("max_instances")
+    budget.update(overrides.pop("budget", {}))
     data = {
         "url": stack.arkindex_url,
         "farm_id": stack.farm_id,
@@ -53,6 +57,7 @@ def make_config(
         "sync_interval": 0.5,
         "logs_interval": 60,
         "vast_api": vast,
+        "budget": budget,
     }
     data.update(overrides)
     return AgentConfig.model_validate(data)

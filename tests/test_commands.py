@@ -15,6 +15,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from ponos_tasks.budget import utc_day
 from ponos_tasks.commands import offers_command, status_command
 from ponos_tasks.config import ENV_VARS, GENERIC_ENV_PREFIX
 from ponos_tasks.models import Instance, Snapshot, TaskRecord
@@ -203,7 +204,18 @@ def running_instance(instance_id, label, gpu, dph, status="running"):
 def populate(redis_client, prefix, now):
     """Four tasks in four phases, three snapshot instances (one destroyed), counters."""
     store = TaskStore(redis_client, Keyspace(prefix), clock=lambda: now)
-    assert store.create_if_absent(TaskRecord.new("t-accepted", now - 50, phase_changed_at=now - 40))
+    assert store.create_if_absent(
+        TaskRecord.new(
+            "t-accepted",
+            now - 50,
+            phase_changed_at=now - 40,
+            held_by="max_dph_total",
+            waiting_for="max_dph_total $1/h: the live instances leave $0.25/h",
+        )
+    )
+    # The meter's counters (state.BudgetStore), as the sync loop writes them.
+    redis_client.set(Keyspace(prefix).spend_task("t-running"), "0.125")
+    redis_client.set(Keyspace(prefix).spend_day(utc_day(now)), "0.5")
     assert store.create_if_absent(
         TaskRecord.new(
             "t-running",
@@ -298,6 +310,9 @@ def test_status_json_exact(redis_client, redis_url, key_prefix):
             "dph_total": 1.5,
             "final_state": "failed",
             "reason": "exit code 3",
+            "held_by": None,
+            "waiting_for": None,
+            "spend": None,
         },
         {
             "id": "t-running",
@@ -308,6 +323,9 @@ def test_status_json_exact(redis_client, redis_url, key_prefix):
             "dph_total": 0.5,
             "final_state": None,
             "reason": None,
+            "held_by": None,
+            "waiting_for": None,
+            "spend": 0.125,
         },
         {
             "id": "t-loading",
@@ -318,6 +336,9 @@ def test_status_json_exact(redis_client, redis_url, key_prefix):
             "dph_total": 0.25,
             "final_state": None,
             "reason": None,
+            "held_by": None,
+            "waiting_for": None,
+            "spend": None,
         },
         {
             "id": "t-accepted",
@@ -328,6 +349,9 @@ def test_status_json_exact(redis_client, redis_url, key_prefix):
             "dph_total": None,
             "final_state": None,
             "reason": None,
+            "held_by": "max_dph_total",
+            "waiting_for": "max_dph_total $1/h: the live instances leave $0.25/h",
+            "spend": None,
         },
     ]
     assert [(i["id"], i["actual_status"], i["live"]) for i in doc["instances"]] == [
@@ -343,6 +367,13 @@ def test_status_json_exact(redis_client, redis_url, key_prefix):
         "live_instances": 2,
         "spend_per_hour": 0.75,
         "destroyed_by_cause": {"orphan": 2, "duplicate": 1},
+    }
+    # Without a configuration, the spend (no headroom: the limits are in the configuration).
+    assert doc["budget"] == {
+        "spent_today": 0.5,
+        "spent_today_rebuilt": False,
+        "task_spend": {"t-running": 0.125},
+        "headroom": None,
     }
 
 
@@ -372,6 +403,12 @@ def test_status_text(redis_client, redis_url, key_prefix, tmp_path):
     assert "Live instances: 2, spending $0.7500/h" in out
     assert "Destroyed by the sync loop: duplicate 1, orphan 2" in out
     assert "Last sync: 7s ago" in out or "Last sync: 8s ago" in out
+    accepted = next(line for line in out.splitlines() if line.strip().startswith("t-accepted"))
+    assert accepted.rstrip().endswith(
+        "waiting: max_dph_total $1/h: the live instances leave $0.25/h"
+    )
+    assert "Spent today (UTC): $0.5000\n" in out
+    assert "New instances: no price limit" in out  # the configuration sets none
 
 
 def test_status_empty_prefix_says_never(redis_url, key_prefix):

@@ -46,7 +46,12 @@ def test_minimal_file_and_defaults(tmp_path):
     vast = config.vast_api
     assert vast.url == "https://console.vast.ai"
     assert vast.offer_filters == {}
-    assert (vast.disk_gb, vast.max_dph, vast.max_instances) == (32, None, 4)
+    assert vast.disk_gb == 32
+    budget = config.budget
+    assert budget.max_instances == 4
+    assert (budget.max_dph_per_instance, budget.max_dph_total) == (None, None)
+    assert (budget.max_spend_per_task, budget.max_spend_per_day) == (None, None)
+    assert budget.billing_time_scale == 1.0
     assert (vast.loading_deadline, vast.start_attempts, vast.offer_wait) == (7200, 3, 3600)
     assert vast.rate_limit_scale == 1.0
     assert (config.sync_interval, config.logs_interval) == (10, 60)
@@ -85,9 +90,10 @@ def test_every_problem_is_reported_once_naming_its_key(tmp_path):
         vast_api:
           offer_filters: gpu_nme=RTX_4090
           disk_gb: 4
-          max_dph: 0
-          max_instances: 0
           urll: https://console.vast.ai
+        budget:
+          max_dph_per_instance: 0
+          max_instances: 0
         redis_url: http://localhost
         sync_interval: -1
     """,
@@ -107,8 +113,8 @@ def test_every_problem_is_reported_once_naming_its_key(tmp_path):
     )
     for key in (
         "vast_api.disk_gb",
-        "vast_api.max_dph",
-        "vast_api.max_instances",
+        "budget.max_dph_per_instance",
+        "budget.max_instances",
         "redis_url",
         "sync_interval",
     ):
@@ -411,3 +417,48 @@ def test_an_empty_file_is_fine_when_the_environment_gives_everything(tmp_path):
         "VAST_API_KEY": "env-vast-key",
     }
     assert load_config(write(tmp_path, ""), environ).seed == "env-seed-value"
+
+
+# ------------------------------------------------------------------------------ budget
+
+
+def test_budget_keys_from_the_file_and_the_environment(tmp_path):
+    text = MINIMAL + "budget:\n  max_instances: 6\n  max_dph_total: 2.5\n"
+    config = load_config(write(tmp_path, text), {"PONOS__BUDGET__MAX_INSTANCES": "2"})
+    assert config.budget.max_instances == 2  # the environment wins over the file
+    assert config.budget.max_dph_total == 2.5
+    config = load_config(
+        write(tmp_path, MINIMAL),
+        {"PONOS__BUDGET__MAX_SPEND_PER_DAY": "40", "PONOS__BUDGET__MAX_SPEND_PER_TASK": "1.5"},
+    )
+    assert (config.budget.max_spend_per_day, config.budget.max_spend_per_task) == (40, 1.5)
+    assert "Budget: per task $1.5, per UTC day $40" in config.summary()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [("max_instances", "max_instances", 3), ("max_dph", "max_dph_per_instance", 0.8)],
+)
+def test_old_budget_keys_still_work_with_one_warning_line(tmp_path, caplog, old, new, value):
+    with caplog.at_level("WARNING", logger="ponos_tasks.config"):
+        config = load_config(write(tmp_path, MINIMAL + f"  {old}: {value}\n"), {})
+    assert getattr(config.budget, new) == value
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"vast_api.{old} is deprecated: use budget.{new}"]
+    # The same through the environment, and the same value given both ways is fine.
+    environ = {f"PONOS__VAST_API__{old.upper()}": str(value)}
+    assert getattr(load_config(write(tmp_path, MINIMAL), environ).budget, new) == value
+    both = MINIMAL + f"  {old}: {value}\nbudget:\n  {new}: {value}\n"
+    assert getattr(load_config(write(tmp_path, both), {}).budget, new) == value
+
+
+def test_old_and_new_budget_keys_set_differently_are_an_error(tmp_path):
+    text = MINIMAL + "  max_instances: 3\nbudget:\n  max_instances: 5\n"
+    assert problems(tmp_path, text) == [
+        "vast_api.max_instances: deprecated, and budget.max_instances is set to another value "
+        "(5, not 3): keep budget.max_instances only"
+    ]
+    # A bad value under the old key is reported under the key that was written.
+    assert problems(tmp_path, MINIMAL + "  max_dph: -1\n") == [
+        "vast_api.max_dph: Input should be greater than 0"
+    ]

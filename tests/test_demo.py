@@ -104,6 +104,13 @@ def test_summarize_counts_attempts_cost_and_live_peak():
         {"t": 2, "event": "created", "label": "ponos-0123abcd-t1-2"},
         {"t": 3, "event": "destroyed", "label": "ponos-0123abcd-t1-1"},
         {"t": 4, "event": "destroyed", "label": "ponos-0123abcd-t1-2"},
+        # Another task's instance, alive with both: the fleet's peak is 3.
+        {"t": 2.5, "event": "created", "label": "ponos-0123abcd-t2-1"},
+        {"t": 5, "event": "destroyed", "label": "ponos-0123abcd-t2-1"},
+        # Destroyed and created at the same instant: not alive together.
+        {"t": 6, "event": "created", "label": "ponos-0123abcd-t2-2"},
+        {"t": 7, "event": "destroyed", "label": "ponos-0123abcd-t2-2"},
+        {"t": 7, "event": "created", "label": "ponos-0123abcd-t2-3"},
     ]
     stats = {"calls": {"create": 2, "list": 5}, "rate_limited": {"list": 1}, "live_instances": 0}
     doc = summarize(tasks, {"t1": "completed", "t2": "completed"}, ledger, events, stats)
@@ -118,6 +125,7 @@ def test_summarize_counts_attempts_cost_and_live_peak():
     assert (second["attempts"], second["cost"], second["runtime_s"]) == (0, 0.0, None)
     totals = doc["totals"]
     assert totals["max_live_instances_per_task"] == 2
+    assert totals["max_live_instances"] == 3
     assert (totals["completed"], totals["failed"], totals["unexpected"]) == (1, 1, 1)
     assert (totals["api_calls"], totals["rate_limited"], totals["cost"]) == (7, 1, 9.75)
 
@@ -225,7 +233,9 @@ def test_run_without_config_nor_the_sim_extra(tmp_path):
 @pytest.mark.timeout(240)
 def test_demo_json_end_to_end():
     expected = Counter(t.expect for p in build_workload(6) for t in p.tasks)
-    result = cli("demo", "--tasks", "6", "--json", "--timeout", "150", timeout=220)
+    # A budget key from the environment, as for every agent: at most 2 instances at once.
+    env = {**os.environ, "PONOS__BUDGET__MAX_INSTANCES": "2"}
+    result = cli("demo", "--tasks", "6", "--json", "--timeout", "150", env=env, timeout=220)
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads(result.stdout)  # exactly one JSON document on stdout
     tasks, totals = document["tasks"], document["totals"]
@@ -241,6 +251,8 @@ def test_demo_json_end_to_end():
     }
     assert totals["instances_left"] == 0
     assert totals["max_live_instances_per_task"] == 1
+    assert document["budget"]["max_instances"] == 2
+    assert 1 <= totals["max_live_instances"] <= 2  # from the Vast.ai simulator's timeline
     assert totals["rate_limited"] == 0
     assert totals["cost"] > 0 and totals["api_calls"] > 0
     for task in tasks:

@@ -244,7 +244,9 @@ def test_instance_env_parents_gpu_runtype_label(contexts, admin):
 def _expected_ranking(ctx, admin) -> list[dict]:
     """The market's offers that match the agent's query, ranked with the price at our disk."""
     vast = ctx.config.vast_api
-    query = build_query(vast.offer_filters, disk_gb=vast.disk_gb, max_dph=vast.max_dph)
+    query = build_query(
+        vast.offer_filters, disk_gb=vast.disk_gb, max_dph=ctx.config.budget.max_dph_per_instance
+    )
     filters = {
         k: v for k, v in query.items() if k not in ("order", "type", "allocated_storage", "limit")
     }

@@ -36,6 +36,7 @@ def agent_config_yaml(
     vast_api_key: str,
     redis_url: str,
     sync_interval: float,
+    time_scale: float = 1.0,
 ) -> str:
     """The agent config (YAML) for a stack reachable at these URLs."""
     return "\n".join(
@@ -50,6 +51,9 @@ def agent_config_yaml(
             f"  url: {vast_url}",
             f"  api_key: {vast_api_key}",
             "  offer_filters: {}",
+            "budget:",
+            "  # The simulator bills on its clock, time_scale times faster than the agent's.",
+            f"  billing_time_scale: {time_scale:g}",
             "",
         ]
     )
@@ -165,6 +169,7 @@ class ComposeStack:
             vast_api_key=self.vast_api_key,
             redis_url=redis_url,
             sync_interval=sync_interval,
+            time_scale=self.time_scale,
         )
 
 

@@ -313,6 +313,9 @@ class LocalStack:
             f"  url: {self.vast_url}",
             f"  api_key: {self.vast_api_key}",
             "  offer_filters: {}",
+            "budget:",
+            "  # The simulator bills on its clock, time_scale times faster than the agent's.",
+            f"  billing_time_scale: {self.time_scale:g}",
         ]
         return "\n".join(lines) + "\n"
 

@@ -67,15 +67,26 @@ def sim(local_run):
     return local_run.admin
 
 
+# Keys of the `budget:` section a test may pass among the vast_api overrides.
+BUDGET_KEYS = (
+    "max_instances",
+    "max_dph_per_instance",
+    "max_dph_total",
+    "max_spend_per_task",
+    "max_spend_per_day",
+)
+
+
 def write_agent_config(stack: LocalStack, path: Path, redis_url: str, **vast_overrides) -> Path:
     """The agent's YAML config for this stack (same agent_name every time: the restart test
-    relies on the agent's stable identity)."""
+    relies on the agent's stable identity). Budget keys go to the `budget:` section."""
+    budget = {"max_instances": 6, "billing_time_scale": TIME_SCALE}
+    budget.update({k: vast_overrides.pop(k) for k in BUDGET_KEYS if k in vast_overrides})
     vast = {
         "url": stack.vast_url,
         "api_key": stack.vast_api_key,
         "offer_filters": {},
         "disk_gb": 16,
-        "max_instances": 6,
         "loading_deadline": 8,  # real seconds; a normal start takes ~1 s at TIME_SCALE
         "start_attempts": 3,
         "offer_wait": 60,
@@ -93,6 +104,7 @@ def write_agent_config(stack: LocalStack, path: Path, redis_url: str, **vast_ove
         "logs_interval": 5,
         "logging": {"level": "INFO"},
         "vast_api": vast,
+        "budget": budget,
     }
     path.write_text(yaml.safe_dump(data))
     return path
