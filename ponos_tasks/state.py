@@ -1,8 +1,8 @@
 """The agent's memory in Redis: every key it uses, and the only code that reads or writes them.
 
 Every key name comes from `Keyspace` (prefix default "ponos:", the only copy of that default);
-the stores below and `ratelimit.RedisRateLimiter` (which gets its prefix from the keyspace) are
-the only code that touches Redis. Layout, under the prefix:
+the stores below, `ratelimit.RedisRateLimiter` and `metric_store.MetricStore` (which get their
+keys from the keyspace) are the only code that touches Redis. Layout, under the prefix:
 
     key                              type     TTL        what
     task:<id>                        hash     none while active; `tombstone_ttl` once done
@@ -30,6 +30,8 @@ the only code that touches Redis. Layout, under the prefix:
                                      string   30 days    states already reported (idempotence)
     imgcfg:<digest>                  string   30 days    an image's Entrypoint/Cmd
     ratelimit:<endpoint>             string   a few s    the shared Vast.ai rate-limit buckets
+    metrics:<name>                   hash     none       counters and histograms any process adds
+                                                         to, for Prometheus (metric_store.py)
 
 Phase changes are atomic Lua scripts checking (phase, attempt): the attempt number is the
 fencing token of the create protocol (README, "How it works"). A record that reaches `done`
@@ -138,6 +140,9 @@ class Keyspace:
 
     def image_config(self, digest: str) -> str:
         return f"{self.prefix}imgcfg:{digest}"
+
+    def metric(self, name: str) -> str:
+        return f"{self.prefix}metrics:{name}"
 
     @property
     def ratelimit_prefix(self) -> str:
@@ -282,6 +287,8 @@ class TaskStore:
         changes["phase"] = new_phase
         if new_phase != expect_phase:
             changes.setdefault("phase_changed_at", self.clock())
+            if new_phase == Phase.FINISHING:
+                changes.setdefault("ended_at", changes["phase_changed_at"])
         done = new_phase == Phase.DONE
         expire_at = self.clock() + self.tombstone_ttl
         result = self._cas(
