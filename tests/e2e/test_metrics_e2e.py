@@ -10,6 +10,7 @@ Vast.ai API with the instance's key, a call the simulator counts and the agent d
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -143,6 +144,7 @@ def test_metrics_during_a_run_match_the_simulators_counts(run):
         flower_tasks = requests.get(
             flower.url + "api/tasks", auth=(user, password), timeout=30
         ).json()
+        tasks_page = requests.get(flower.url + "tasks", auth=(user, password), timeout=30).text
         # Stopped (warm shutdown: running steps end): nothing more is sent, so the agent's
         # counters and the simulators' can be compared exactly.
         agent.stop(timeout=30)
@@ -203,3 +205,6 @@ def test_metrics_during_a_run_match_the_simulators_counts(run):
         if task["name"] != "ponos.sync":
             assert task["args"] in {f"('{task_id}',)" for task_id in ids.values()}, task
     assert {"ponos.sync", "ponos.create_instance", "ponos.watch", "ponos.destroy_instance"} <= seen
+    # ... and its task list shows that argument next to the name (--tasks_columns).
+    columns = re.findall(r'<th data-column="([a-z_-]+)"', tasks_page)
+    assert columns[:3] == ["name", "args", "kwargs"], columns
