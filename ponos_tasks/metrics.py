@@ -274,7 +274,7 @@ def spend_families(state: AgentState):
     spend counters in Redis) exports `ponos_spend_dollars_total`, `ponos_spend_today_dollars`
     and `ponos_budget_headroom_dollars{limit}`. The alert rules (deploy/prometheus/alerts.yml)
     and the dashboard (deploy/grafana/ponos-vast.json) already use these names; until they are
-    exported here, tests/test_alerts.py lists them as awaited."""
+    exported here, tests/test_monitoring_files.py lists them as awaited."""
     return iter(())
 
 
