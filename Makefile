@@ -19,13 +19,22 @@ install: $(VENV)/.installed
 # Side virtual environments for the compatibility tests (their pins clash with ours): the
 # official vastai CLI and arkindex-base-worker. Installed here, not by the tests, so that
 # tests only ever talk to 127.0.0.1; a failed install is a warning and those tests skip.
-TOOL_VENVS := .venvs/vastai/.ponos-installed .venvs/base-worker/.ponos-installed
+TOOL_VENVS := .venvs/vastai/.ponos-installed .venvs/base-worker/.ponos-installed .venvs/promtool/.ponos-installed
 .venvs/vastai/.ponos-installed:
 	@$(PYTHON) -m venv --clear .venvs/vastai && .venvs/vastai/bin/pip install --quiet 'vastai>=1.9,<1.10' \
 		&& touch $@ || echo "warning: could not install vastai in .venvs/vastai; its tests will skip"
 .venvs/base-worker/.ponos-installed:
 	@$(PYTHON) -m venv --clear .venvs/base-worker && .venvs/base-worker/bin/pip install --quiet 'arkindex-base-worker>=0.6,<0.7' \
 		&& touch $@ || echo "warning: could not install arkindex-base-worker in .venvs/base-worker; its test will skip"
+# promtool (checks and unit-tests deploy/prometheus/alerts.yml): taken out of Debian's
+# `prometheus` package with apt-get download + dpkg-deb, so that nothing is installed system-wide
+# and no Prometheus server starts; elsewhere its tests skip.
+.venvs/promtool/.ponos-installed:
+	@rm -rf .venvs/promtool && mkdir -p .venvs/promtool/bin && cd .venvs/promtool \
+		&& apt-get download prometheus >/dev/null 2>&1 && dpkg-deb -x prometheus_*.deb deb \
+		&& mv deb/usr/bin/promtool bin/ && rm -rf deb prometheus_*.deb \
+		&& bin/promtool --version >/dev/null && touch .ponos-installed \
+		|| echo "warning: could not get promtool (Debian's prometheus package) into .venvs/promtool; its tests will skip"
 tools: $(TOOL_VENVS)
 
 # Makes sure a Redis answers at REDIS_URL, starting one on loopback if needed.

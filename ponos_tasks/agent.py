@@ -20,6 +20,7 @@ import redis
 from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError
 from ponos_tasks.config import AgentConfig, current_config
 from ponos_tasks.lifecycle import agent_short_id
+from ponos_tasks.metric_store import MetricStore
 from ponos_tasks.ratelimit import RedisRateLimiter
 from ponos_tasks.registry_client import RegistryClient
 from ponos_tasks.settings import Settings
@@ -87,6 +88,10 @@ class AgentContext:
         return TaskLogBook(self.redis, self.keys, task_format=self.config.logging.task_format)
 
     @cached_property
+    def metric_store(self) -> MetricStore:
+        return MetricStore(self.redis, self.keys)
+
+    @cached_property
     def vast(self) -> VastClient:
         vast = self.config.vast_api
         # Scaled down (a simulator's accelerated clock), intervals of tens of ms drown in
@@ -98,7 +103,9 @@ class AgentContext:
             scale=vast.rate_limit_scale,
             margin=0.05 if vast.rate_limit_scale < 1 else 0.0,
         )
-        return VastClient(vast.url, vast.api_key, rate_limiter=limiter)
+        return VastClient(
+            vast.url, vast.api_key, rate_limiter=limiter, on_call=self.metric_store.count_api_call
+        )
 
     @cached_property
     def arkindex(self) -> ArkindexAgentClient:
@@ -114,6 +121,7 @@ class AgentContext:
             hostname=self.config.agent_name,
             public_key=public_key,
             reported=self.reported,
+            on_call=self.metric_store.count_api_call,
         )
 
     @cached_property

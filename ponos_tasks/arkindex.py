@@ -14,6 +14,10 @@ A 401 adds one token renewal and one more round of that policy, no more.
 
 Secrets (seed, access/refresh tokens, task tokens in definitions, pre-signed URLs) are never
 logged nor put in exception messages.
+
+An optional `on_call(api, endpoint, status)` hook is told of every request sent: each
+operation ("arkindex", its operation id) and each log upload ("s3", "upload_logs"), with its
+HTTP status (None when no answer came); the agent counts calls and 429s with it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -429,8 +434,11 @@ class ArkindexAgentClient:
         max_wait: float = 4.0,
         public_key: str | None = None,
         timeout: tuple[float, float] = HTTP_TIMEOUT,
+        on_call: Callable[[str, str, int | None], None] | None = None,
     ):
         self.url = url.rstrip("/") + "/"
+        # Told of every request sent; must not raise (MetricStore.count_api_call does not).
+        self.on_call = on_call
         self.timeout = timeout  # (connect, read) s of every request
         self.farm_id = str(farm_id)
         self._seed = seed
@@ -566,13 +574,36 @@ class ArkindexAgentClient:
         """One request; its answer must be JSON. arkindex-client raises a bare ValueError on
         a cut JSON body and returns the text of an HTML page (status 200): both are bad
         answers here, never data."""
+        status = None  # no answer (or one too garbled to say)
         try:
             result = self.api.single_request(operation_id, **params)
+            status = 200
+        except ErrorResponse as exc:
+            status = exc.status_code
+            raise
         except ValueError:
             raise _BadAnswer("invalid JSON (a cut or garbled body)") from None
+        finally:
+            self._told("arkindex", operation_id, status)
         if result is not None and not isinstance(result, dict | list):
             raise _BadAnswer(f"a {type(result).__name__} instead of JSON (an HTML page?)")
         return result
+
+    def _told(self, api: str, endpoint: str, status: int | None) -> None:
+        if self.on_call is not None:
+            self.on_call(api, endpoint, status)
+
+    def _plain_request(
+        self, method: str, url: str, api: str, endpoint: str, **kwargs
+    ) -> requests.Response:
+        """One request made without arkindex-client, told to the call hook."""
+        status = None
+        try:
+            response = requests.request(method, url, timeout=self.timeout, **kwargs)
+            status = response.status_code
+            return response
+        finally:
+            self._told(api, endpoint, status)
 
     def _set_token(self, creds: dict) -> None:
         self._creds = creds
@@ -725,7 +756,7 @@ class ArkindexAgentClient:
         try:
             for attempt in self._retrying():
                 with attempt:
-                    resp = requests.get(url, timeout=self.timeout)
+                    resp = self._plain_request("GET", url, "arkindex", "GetPublicKey")
                     if resp.status_code >= 500 or resp.status_code == 429:
                         raise _TransientHTTPError(resp.status_code)
         except (requests.RequestException, _TransientHTTPError) as exc:
@@ -913,11 +944,13 @@ class ArkindexAgentClient:
         try:
             for attempt in self._retrying():
                 with attempt:
-                    resp = requests.put(
+                    resp = self._plain_request(
+                        "PUT",
                         put_url,
+                        "s3",
+                        "upload_logs",
                         data=data,
                         headers={"Content-Type": "text/plain; charset=utf-8"},
-                        timeout=self.timeout,
                     )
                     if resp.status_code >= 500 or resp.status_code == 429:
                         raise _TransientHTTPError(resp.status_code)

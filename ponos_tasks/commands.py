@@ -403,10 +403,14 @@ def metrics_command(
     """Serve the agent's Prometheus metrics on http://HOST:PORT/metrics (foreground).
 
     Read from Redis on each scrape: ponos_tasks{phase}, ponos_instances_live,
-    ponos_spend_dollars_per_hour, ponos_instances_destroyed_total{cause},
-    ponos_last_sync_age_seconds, ponos_snapshot_age_seconds, ponos_task_attempts (histogram
-    of the active tasks' attempts), ponos_task_phase_age_max_seconds{phase}, ponos_redis_up.
-    Celery-level metrics (task events, runtimes, workers online) come from Flower's own
+    ponos_instances_orphaned, ponos_spend_dollars_per_hour,
+    ponos_instances_destroyed_total{cause}, ponos_last_sync_age_seconds,
+    ponos_snapshot_age_seconds, ponos_task_attempts (histogram of the active tasks' attempts),
+    ponos_task_phase_age_max_seconds{phase}, ponos_redis_up; and what every worker measured:
+    ponos_api_calls_total and ponos_api_rate_limited_total{api,endpoint},
+    ponos_start_failures_total{reason}, the histograms
+    ponos_task_pending_to_running_seconds, ponos_task_end_to_destroy_seconds and
+    ponos_offers_matched (README.md, "Monitor", says what each means). Celery-level metrics (task events, runtimes, workers online) come from Flower's own
     /metrics endpoint. Ctrl-C stops.
     """
     client = _redis_from(config_path, redis_url)

@@ -333,6 +333,43 @@ def start_failure(
     return None
 
 
+class StartFailureKind(StrEnum):
+    """Why an instance did not start the task, as a small fixed set (a metric's label; the
+    reason text in the task's log has the details)."""
+
+    OFFER_GONE = "offer_gone"  # the offer was rented by someone else first (no_such_ask)
+    CREATE_REFUSED = "create_refused"  # Vast.ai refused the create (a 4xx)
+    CREATED_STOPPED = "created_stopped"  # Vast.ai created the instance stopped
+    START_FAILED = "start_failed"  # the container could not start (OCI runtime, pull error)
+    LOADING_DEADLINE = "loading_deadline"  # not running within loading_deadline
+    PULL_STALLED = "pull_stalled"  # no start progress for pull_stall_timeout
+    HOST_OFFLINE = "host_offline"  # offline past offline_grace
+    EXITED_EARLY = "exited_early"  # the container exited without an exit code
+    STOPPED_BEFORE_RUNNING = "stopped_before_running"  # outbid, the host, a refused create
+    DISAPPEARED = "disappeared"  # no longer (or never) listed by Vast.ai
+
+
+_KIND_OF_CONDITION = {
+    Condition.OFFLINE: StartFailureKind.HOST_OFFLINE,
+    Condition.START_FAILED: StartFailureKind.START_FAILED,
+    Condition.EXITED: StartFailureKind.EXITED_EARLY,
+    Condition.STOPPED: StartFailureKind.STOPPED_BEFORE_RUNNING,
+    Condition.GONE: StartFailureKind.DISAPPEARED,
+}
+
+
+def start_failure_kind(condition: Condition | str, reason: str) -> StartFailureKind:
+    """The kind of a failure start_failure() found, from the instance's condition (and, for an
+    instance still starting, whether the reason is a stall or the deadline)."""
+    kind = _KIND_OF_CONDITION.get(Condition(condition))
+    if kind is not None:
+        return kind
+    # provisioning, loading or unknown: still starting, given up by one of the two clocks.
+    if "no progress" in reason:
+        return StartFailureKind.PULL_STALLED
+    return StartFailureKind.LOADING_DEADLINE
+
+
 def next_attempt_allowed(attempt: int, max_attempts: int) -> bool:
     """Whether attempt `attempt` (the one that just failed, 1-based) may be followed by another."""
     return attempt < max_attempts

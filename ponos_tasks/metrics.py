@@ -2,9 +2,10 @@
 
 Both read what the agent writes, through state.TaskStore: task records (active ones and done
 tombstones), the instance snapshot of the last listing, the time of the last sync that ran
-and the count of instances the sync loop destroyed, per cause. Nothing here calls Arkindex or
-Vast.ai, so both work while those are unreachable, and a scrape costs a handful of Redis
-reads.
+and the count of instances the sync loop destroyed, per cause; and, through
+metric_store.MetricStore, the counters and histograms the workers add to (API calls and 429s,
+start failures, waits). Nothing here calls Arkindex or Vast.ai, so both work while those are
+unreachable, and a scrape costs a handful of Redis reads.
 
 The Prometheus side is a custom collector (prometheus-client's pattern for values that live
 elsewhere): it reads Redis on each scrape instead of keeping gauges up to date in the workers,
@@ -29,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from ponos_tasks.lifecycle import Condition, Phase, classify_instance
+from ponos_tasks.metric_store import HISTOGRAMS, Measurements, MetricStore, cumulative
 from ponos_tasks.models import Instance, TaskRecord
 from ponos_tasks.state import DEFAULT_PREFIX, Keyspace, TaskStore
 
@@ -51,10 +53,20 @@ class AgentState:
     snapshot_taken_at: float | None
     last_sync_at: float | None
     destroyed: dict[str, int] = field(default_factory=dict)
+    measurements: Measurements = field(default_factory=Measurements)
 
     @property
     def live_instances(self) -> list[Instance]:
         return [i for i in self.instances if is_live(i)]
+
+    @property
+    def orphaned_instances(self) -> list[Instance]:
+        """Live instances that no active task holds (neither its instance nor the kept one of
+        a failed attempt). The sync loop destroys them; one that stays is a leak that bills."""
+        held = set()
+        for record in self.active_records:
+            held.update({record.instance_id, record.kept_instance_id})
+        return [i for i in self.live_instances if i.id not in held]
 
     @property
     def spend_per_hour(self) -> float:
@@ -87,7 +99,8 @@ def read_agent_state(
     client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, now: Callable[[], float] = time.time
 ) -> AgentState:
     """Read records, snapshot, last sync time and destroy counters (raises redis errors)."""
-    store = TaskStore(client, Keyspace(prefix))
+    keys = Keyspace(prefix)
+    store = TaskStore(client, keys)
     snapshot = store.load_snapshot()
     return AgentState(
         now=now(),
@@ -96,7 +109,23 @@ def read_agent_state(
         snapshot_taken_at=snapshot.taken_at if snapshot is not None else None,
         last_sync_at=store.last_sync(),
         destroyed=store.destroyed_counts(),
+        measurements=MetricStore(client, keys).read(),
     )
+
+
+def _redis_up(value: float | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "ponos_redis_up", "1 when the agent's Redis answered this scrape, else 0", value=value
+    )
+
+
+def _histogram(name: str, help_text: str, buckets, total: float):
+    """A histogram from cumulative (bound, count) buckets ending with +Inf (its count)."""
+    family = HistogramMetricFamily(name, help_text)
+    family.add_metric(
+        [], [(floatToGoString(bound), value) for bound, value in buckets], sum_value=total
+    )
+    return family
 
 
 class PonosCollector:
@@ -114,20 +143,20 @@ class PonosCollector:
         self.now = now
 
     def describe(self):
-        return []  # no Redis read when the collector is registered
+        """Every family this collector exports, without samples (no Redis read: from an
+        empty state); the alert rules and the dashboard are checked against these names."""
+        yield _redis_up()
+        yield from self.families(
+            AgentState(now=0.0, records={}, instances=[], snapshot_taken_at=None, last_sync_at=None)
+        )
 
     def collect(self):
-        up = GaugeMetricFamily(
-            "ponos_redis_up", "1 when the agent's Redis answered this scrape, else 0"
-        )
         try:
             state = read_agent_state(self.client, self.prefix, now=self.now)
         except redis.RedisError:
-            up.add_metric([], 0)
-            yield up
+            yield _redis_up(0)
             return
-        up.add_metric([], 1)
-        yield up
+        yield _redis_up(1)
         yield from self.families(state)
 
     @staticmethod
@@ -198,6 +227,69 @@ class PonosCollector:
         )
         histogram.add_metric([], buckets, sum_value=sum(attempts))
         yield histogram
+
+        yield GaugeMetricFamily(
+            "ponos_instances_orphaned",
+            "Live instances in the last snapshot that no active task holds (a leak if it stays)",
+            value=len(state.orphaned_instances),
+        )
+        yield from measured_families(state.measurements)
+        yield from spend_families(state)
+
+
+def measured_families(measurements: Measurements):
+    """What the workers measured (metric_store): API calls and 429s, start failures, waits."""
+    calls = CounterMetricFamily(
+        "ponos_api_calls",
+        "Requests sent, per API (vast, arkindex, s3) and endpoint (Arkindex: operation id)",
+        labels=["api", "endpoint"],
+    )
+    for (api, endpoint), count in sorted(measurements.api_calls.items()):
+        calls.add_metric([api, endpoint], count)
+    yield calls
+    limited = CounterMetricFamily(
+        "ponos_api_rate_limited",
+        "429 (rate limited) answers, per API and endpoint",
+        labels=["api", "endpoint"],
+    )
+    for (api, endpoint), count in sorted(measurements.api_rate_limited.items()):
+        limited.add_metric([api, endpoint], count)
+    yield limited
+    failures = CounterMetricFamily(
+        "ponos_start_failures",
+        "Instances that did not start a task (a create refused or an attempt given up), per reason",
+        labels=["reason"],
+    )
+    for kind, count in sorted(measurements.start_failures.items()):
+        failures.add_metric([kind], count)
+    yield failures
+    for spec in HISTOGRAMS:
+        # Never observed yet (or no Redis read: describe()): zeros, so the series exists.
+        value = measurements.histograms.get(spec.name) or cumulative(spec, {})
+        yield _histogram(f"ponos_{spec.name}", spec.help, value.buckets, value.sum)
+
+
+def spend_families(state: AgentState):
+    """Spend and budgets: the place where the budget work (ponos_tasks/budget.py and its
+    spend counters in Redis) exports `ponos_spend_dollars_total`, `ponos_spend_today_dollars`
+    and `ponos_budget_headroom_dollars{limit}`. The alert rules (deploy/prometheus/alerts.yml)
+    and the dashboard (deploy/grafana/ponos-vast.json) already use these names; until they are
+    exported here, tests/test_monitoring_files.py lists them as awaited."""
+    return iter(())
+
+
+def exposed_sample_names(collector: PonosCollector) -> set[str]:
+    """The names PromQL sees for the collector's families: a gauge's own, a counter's with
+    `_total`, a histogram's `_bucket`, `_count` and `_sum`."""
+    names = set()
+    for family in collector.describe():
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+        else:
+            names.add(family.name)
+    return names
 
 
 def make_registry(

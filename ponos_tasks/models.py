@@ -223,6 +223,7 @@ class TaskRecord:
     running_since: float | None = None
     offline_since: float | None = None
     logs_published_at: float | None = None
+    ended_at: float | None = None  # when the outcome was decided (the record entered finishing)
     log_size: int = 0
     instance_destroyed: bool = False
     final_reported: bool = False  # the final state is on Arkindex: the instance may go now

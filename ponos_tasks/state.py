@@ -1,8 +1,8 @@
 """The agent's memory in Redis: every key it uses, and the only code that reads or writes them.
 
 Every key name comes from `Keyspace` (prefix default "ponos:", the only copy of that default);
-the stores below and `ratelimit.RedisRateLimiter` (which gets its prefix from the keyspace) are
-the only code that touches Redis. Layout, under the prefix:
+the stores below, `ratelimit.RedisRateLimiter` and `metric_store.MetricStore` (which get their
+keys from the keyspace) are the only code that touches Redis. Layout, under the prefix:
 
     key                              type     TTL        what
     task:<id>                        hash     none while active; `tombstone_ttl` once done
@@ -36,6 +36,8 @@ the only code that touches Redis. Layout, under the prefix:
     spend:day:<YYYY-MM-DD>:rebuilt   string   8 days     set when that counter was rebuilt
     spend:task:<id>                  string   14 days    $ metered for the task's instances
     budget:cheapest                  string   10 min     $/h of the cheapest matching offer seen
+    metrics:<name>                   hash     none       counters and histograms any process adds
+                                                         to, for Prometheus (metric_store.py)
 
 Phase changes are atomic Lua scripts checking (phase, attempt): the attempt number is the
 fencing token of the create protocol (README, "How it works"). A record that reaches `done`
@@ -145,6 +147,9 @@ class Keyspace:
 
     def image_config(self, digest: str) -> str:
         return f"{self.prefix}imgcfg:{digest}"
+
+    def metric(self, name: str) -> str:
+        return f"{self.prefix}metrics:{name}"
 
     @property
     def spend_epoch(self) -> str:
@@ -310,6 +315,8 @@ class TaskStore:
         changes["phase"] = new_phase
         if new_phase != expect_phase:
             changes.setdefault("phase_changed_at", self.clock())
+            if new_phase == Phase.FINISHING:
+                changes.setdefault("ended_at", changes["phase_changed_at"])
         done = new_phase == Phase.DONE
         expire_at = self.clock() + self.tombstone_ttl
         result = self._cas(

@@ -46,10 +46,13 @@ from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
     ARKINDEX_TERMINAL_STATES,
     Phase,
+    StartFailureKind,
     make_label,
     offer_wait_expired,
+    start_failure_kind,
 )
 from ponos_tasks.logs import build_task_log, remember_secrets
+from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
 from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
@@ -199,6 +202,7 @@ def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
     ]
     # What the cheapest instance costs: how the sync loop tells a room too small for any.
     ctx.budget.note_cheapest(matching[0].dph_total if matching else None)
+    ctx.metric_store.observe(OFFERS_MATCHED, len(matching))
     # This task's own failed machines, and those every task avoids for a while.
     failed = set(record.failed_machines) | ctx.store.avoided_machines()
     return [offer for offer in matching if offer.machine_id not in failed]
@@ -503,6 +507,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             )
             return None
         except OfferUnavailable:
+            ctx.metric_store.count_start_failure(StartFailureKind.OFFER_GONE)
             _note(
                 ctx,
                 task_id,
@@ -532,9 +537,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             ):
                 raise
             refusals.append(error.msg)
+            ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)
             _note(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
             continue
         if not created.started:
+            ctx.metric_store.count_start_failure(StartFailureKind.CREATED_STOPPED)
             _note(
                 ctx,
                 task_id,
@@ -762,6 +769,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             )
             if action == WatchAction.GIVE_UP:  # the last start failed there too
                 ctx.store.avoid_machine(record.machine_id, settings.machine_cooldown)
+                _count_start_failure(ctx, decision)
             return [Next(StepName.PUBLISH_LOGS)]
         return []
     if action == WatchAction.RETRY_ATTEMPT:
@@ -775,6 +783,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             attempt_reasons=[*record.attempt_reasons, decision.reason],
         ):
             ctx.store.avoid_machine(record.machine_id, settings.machine_cooldown)
+            _count_start_failure(ctx, decision)
             _note(
                 ctx,
                 task_id,
@@ -835,6 +844,10 @@ def _end_over_budget(ctx: AgentContext, record: TaskRecord, reason: str) -> list
             error.msg,
         )
     return [Next(StepName.PUBLISH_LOGS)]
+
+
+def _count_start_failure(ctx: AgentContext, decision) -> None:
+    ctx.metric_store.count_start_failure(start_failure_kind(decision.condition, decision.reason))
 
 
 @step(StepName.RETRY_ATTEMPT)
@@ -1092,13 +1105,21 @@ def _report_running(ctx: AgentContext, task_id: str) -> None:
     if record is None or record.stop_requested:
         return
     try:
-        ctx.arkindex.update_state(task_id, "running")
+        if ctx.arkindex.update_state(task_id, "running"):
+            _running_reported(ctx, record)
     except TransitionRefused as error:
         logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
     except ReportInFlight:
         pass  # another worker sends it (or its lease lapses and a later call does)
     except TaskGone:
         pass  # deleted on Arkindex: the chain ends it (the final report says so)
+
+
+def _running_reported(ctx: AgentContext, record: TaskRecord) -> None:
+    """`running` reached Arkindex (once per task): the task waited this long to run. Not
+    measured for an adopted task: its record was made anew, after the wait."""
+    if not record.adopted and record.accepted_at is not None:
+        ctx.metric_store.observe(PENDING_TO_RUNNING, ctx.now() - record.accepted_at)
 
 
 @step(StepName.REPORT_STATE)
@@ -1157,7 +1178,8 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
     try:
         if state in ("completed", "failed"):
             try:
-                ctx.arkindex.update_state(task_id, "running")
+                if ctx.arkindex.update_state(task_id, "running"):
+                    _running_reported(ctx, record)
             except TransitionRefused as error:
                 logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
         ctx.arkindex.update_state(task_id, state)
@@ -1214,7 +1236,7 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     # A log that could not be published is marked pending in the same change that closes
     # the record: a worker killed right after still leaves it to the sync loop.
     pending = record.publish_failures >= ctx.settings.publish_tries
-    ctx.store.cas(
+    closed = ctx.store.cas(
         task_id,
         expect_phase=Phase.DESTROYING,
         expect_attempt=record.attempt,
@@ -1223,6 +1245,9 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         kept_log_pending=pending,
         heartbeat_at=ctx.now(),
     )
+    if closed and record.instance_id is not None and record.ended_at is not None:
+        # Measured once (the CAS succeeds once): how long the ended task's instance billed.
+        ctx.metric_store.observe(END_TO_DESTROY, ctx.now() - record.ended_at)
     if pending:
         _publish_kept_log(ctx, record)
     ctx.arkindex.forget(task_id)

@@ -46,8 +46,14 @@ def beat_command(schedule_file: Path) -> list[str]:
     return celery_command("beat", "--loglevel", "INFO", "--schedule", str(schedule_file))
 
 
+# Flower's task list shows each Celery task's name and uuid by default; with the arguments
+# (the Arkindex task id, ids only: never a secret) a person sees which task each step is for.
+# The Procfile and docker-compose.yml pass the same option (tests/test_deploy.py).
+FLOWER_TASK_COLUMNS = "--tasks_columns=name,args,kwargs,state,received,runtime,worker"
+
+
 def flower_command(port: int, address: str = "127.0.0.1") -> list[str]:
-    return celery_command("flower", f"--address={address}", f"--port={port}")
+    return celery_command("flower", f"--address={address}", f"--port={port}", FLOWER_TASK_COLUMNS)
 
 
 # ---------------------------------------------------------------------- Flower's credentials

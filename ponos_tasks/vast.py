@@ -10,7 +10,9 @@ requests:
   raises ``CreateOutcomeUnknown`` and the caller looks its label up (at most one instance
   per task, docs/reference.md §3);
 - typed, tolerant results (unknown fields and statuses kept in ``raw``);
-- errors parsed from every body shape Vast answers (JSON error/msg/message/detail, text, HTML).
+- errors parsed from every body shape Vast answers (JSON error/msg/message/detail, text, HTML);
+- an optional ``on_call(api, endpoint, status)`` hook told of every request sent (status None
+  when no answer came): the agent counts calls and 429s per endpoint with it (metric_store).
 The API key goes only into the Authorization header: never into a log line or an exception.
 """
 
@@ -268,9 +270,12 @@ class VastClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 10.0,
         limiter_timeout: float = 60.0,
+        on_call: Callable[[str, str, int | None], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.rate_limiter = rate_limiter
+        # Told of every request sent; must not raise (MetricStore.count_api_call does not).
+        self.on_call = on_call
         self.timeout = timeout
         self.max_attempts = max(1, max_attempts)
         self.limiter_timeout = limiter_timeout
@@ -562,6 +567,7 @@ class VastClient:
                 timeout=self.timeout,
             )
         except requests.RequestException as exc:
+            self._told(endpoint, None)
             # str(exc) names host/path, never headers; still drop the exception chain so that
             # nothing of the request object travels with the error.
             reason = type(exc).__name__
@@ -572,11 +578,16 @@ class VastClient:
             raise VastTransportError(
                 f"{reason}: {self._scrub(str(exc))}", context=context
             ) from None
+        self._told(endpoint, response.status_code)
         log.debug("%s -> %s in %.3fs", context, response.status_code, time.monotonic() - started)
         if response.status_code >= 400:
             raise self._error(response, context, create)
         # Parsed inside the attempt, so that an unreadable answer to a read is retried.
         return self._json(response, method, path, create)
+
+    def _told(self, endpoint: str, status: int | None) -> None:
+        if self.on_call is not None:
+            self.on_call("vast", endpoint, status)
 
     def _error(self, response: requests.Response, context: str, create: bool) -> VastError:
         status = response.status_code

@@ -385,6 +385,60 @@ def test_actions_capacity_is_sent(sim, client):
     start_task(client, task)
 
 
+def sim_stats(sim) -> dict:
+    resp = requests.get(f"{sim.url}/_sim/stats", timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def test_every_request_is_told_to_the_call_hook_as_the_simulator_counts_it(
+    sim, store, redis_client, key_prefix
+):
+    """The hook the agent counts calls with sees each operation's requests (a 429 retried,
+    a registration, a token refresh included) as the simulator counted them, and each log
+    upload to S3 apart."""
+    told = []
+    client = ArkindexAgentClient(
+        sim.url,
+        FARM,
+        SEED,
+        store,
+        max_wait=0.2,
+        reported=ReportedStates(redis_client, Keyspace(key_prefix)),
+        on_call=lambda *call: told.append(call),
+    )
+    task = one_task(sim)
+    before = sim_stats(sim)
+    rate_limit = {"fault": "rate_limit", "operation": "RetrieveAgentActions", "times": 2}
+    resp = requests.post(f"{sim.url}/_sim/faults", json={"rules": [rate_limit]}, timeout=10)
+    resp.raise_for_status()
+    start_task(client, task)
+    client.upload_logs(client.task_definition(task).s3_logs_put_url, "a log\n")
+    assert client.update_state(task, "running") is True
+    after = sim_stats(sim)
+
+    told_calls = {}
+    for api, operation, _status in told:
+        told_calls[(api, operation)] = told_calls.get((api, operation), 0) + 1
+    sim_calls = {
+        ("arkindex", op): n - before["calls"].get(op, 0)
+        for op, n in after["calls"].items()
+        if n != before["calls"].get(op, 0)
+    }
+    assert {k: v for k, v in told_calls.items() if k[0] == "arkindex"} == sim_calls
+    assert told_calls[("s3", "upload_logs")] == 1
+    assert ("arkindex", "RetrieveAgentActions", 429) in told
+    limited = [call for call in told if call[2] == 429]
+    assert len(limited) == 2
+    assert (
+        after["rate_limited"]["RetrieveAgentActions"]
+        - before["rate_limited"].get("RetrieveAgentActions", 0)
+        == 2
+    )
+    # What a fresh client does first: register (GetPublicKey, CreateAgent).
+    assert [operation for _, operation, _ in told[:2]] == ["GetPublicKey", "CreateAgent"]
+
+
 def test_upload_logs_read_back_byte_for_byte(sim, s3, client):
     task = one_task(sim)
     start_task(client, task)

@@ -288,6 +288,18 @@ def test_flower_is_never_started_without_auth(procfile, compose, compose_command
         assert str(port).startswith("127.0.0.1:"), f"Flower published beyond loopback: {port}"
 
 
+def test_every_flower_lists_tasks_with_their_arguments(procfile, compose_commands):
+    """Flower's task list shows the arguments (the Arkindex task id) however it is started:
+    `ponos-vast run`'s supervisor, the Procfile, compose."""
+    from ponos_tasks.supervisor import FLOWER_TASK_COLUMNS, flower_command
+
+    assert FLOWER_TASK_COLUMNS in flower_command(5555)
+    columns = FLOWER_TASK_COLUMNS.split("=", 1)[1].split(",")
+    assert columns[:2] == ["name", "args"]
+    for where, line in flower_lines(procfile, compose_commands).items():
+        assert FLOWER_TASK_COLUMNS in tokens(line), where
+
+
 @pytest.mark.parametrize("source", ["Procfile", "compose"])
 def test_the_flower_line_refuses_to_start_without_credentials(
     source, procfile, compose_commands, tmp_path

@@ -11,6 +11,7 @@ from ponos_tasks.lifecycle import (
     LabelInfo,
     Outcome,
     Phase,
+    StartFailureKind,
     TransitionError,
     agent_short_id,
     check_transition,
@@ -22,6 +23,7 @@ from ponos_tasks.lifecycle import (
     offer_wait_expired,
     parse_label,
     start_failure,
+    start_failure_kind,
 )
 from ponos_tasks.models import Instance, TaskRecord
 
@@ -394,3 +396,34 @@ def test_a_start_that_shows_progress_goes_on_a_stalled_one_is_given_up():
     silent = replace(pulling, progress_at=None)
     assert start_failure(silent, Condition.PROVISIONING, started + 299, 7200.0, **kwargs) is None
     assert start_failure(silent, Condition.PROVISIONING, started + 301, 7200.0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "record,condition,now,stall,kind",
+    [
+        (rec(), Condition.LOADING, 1000.0 + 901, None, StartFailureKind.LOADING_DEADLINE),
+        (rec(), Condition.PROVISIONING, 1000.0 + 301, 300.0, StartFailureKind.PULL_STALLED),
+        (rec(), Condition.LOADING, 1000.0 + 901, 300.0, StartFailureKind.LOADING_DEADLINE),
+        (rec(), Condition.START_FAILED, 1001.0, None, StartFailureKind.START_FAILED),
+        (rec(), Condition.GONE, 1001.0, None, StartFailureKind.DISAPPEARED),
+        (rec("creating"), Condition.GONE, 1000.0 + 901, None, StartFailureKind.DISAPPEARED),
+        (rec(), Condition.EXITED, 1100.0, None, StartFailureKind.EXITED_EARLY),
+        (rec(), Condition.STOPPED, 1100.0, None, StartFailureKind.STOPPED_BEFORE_RUNNING),
+        (rec(offline_since=1.0), Condition.OFFLINE, 1000.0, None, StartFailureKind.HOST_OFFLINE),
+        (rec("running", running_since=1000.0), Condition.EXITED, 1010.0, None, "exited_early"),
+    ],
+)
+def test_every_start_failure_has_its_kind(record, condition, now, stall, kind):
+    """The metric's label for each reason start_failure() gives (a reason worded anew must
+    keep its kind: the stall and the deadline differ only by their words)."""
+    reason = start_failure(
+        record,
+        condition,
+        now,
+        loading_deadline=900.0,
+        offline_grace=600.0,
+        early_exit_window=120.0,
+        pull_stall_timeout=stall,
+    )
+    assert reason is not None
+    assert start_failure_kind(condition, reason) == kind

@@ -10,10 +10,11 @@ import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from ponos_tasks.metrics import serve_metrics
+from ponos_tasks.metrics import AgentState, serve_metrics
+from ponos_tasks.models import Instance, TaskRecord
 from ponos_tasks.state import Keyspace, TaskStore
 from tests.conftest import free_port
-from tests.test_commands import populate
+from tests.test_commands import populate, running_instance
 
 NOW = 1_700_000_000.0
 
@@ -69,6 +70,7 @@ def test_metrics_exact_values(redis_client, key_prefix, endpoint):
     }
     assert oldest == {"accepted": 50.0, "loading": 70.0, "running": 130.0}
     assert samples[("ponos_instances_live", ())] == 2
+    assert samples[("ponos_instances_orphaned", ())] == 0  # both held by their tasks
     assert samples[("ponos_spend_dollars_per_hour", ())] == 0.75
     assert samples[("ponos_instances_destroyed_total", (("cause", "orphan"),))] == 2
     assert samples[("ponos_instances_destroyed_total", (("cause", "duplicate"),))] == 1
@@ -164,3 +166,26 @@ def test_metrics_help_points_to_flower():
     )
     assert proc.returncode == 0
     assert "Flower" in proc.stdout and "ponos_spend_dollars_per_hour" in proc.stdout
+
+
+def test_an_instance_no_active_task_holds_is_orphaned():
+    """Held: an active task's instance, and the stopped instance a retrying task keeps until
+    its next attempt. Orphaned: a live instance of a finished task, or of no known task."""
+    stopped = dict(
+        running_instance(7, "ponos-0123abcd-t-retry-1", "A", 0.1), actual_status="exited"
+    )
+    stopped["intended_status"] = "stopped"
+    instances = [
+        Instance.from_dict(running_instance(5, "ponos-0123abcd-t-run-1", "A", 0.1)),
+        Instance.from_dict(stopped),
+        Instance.from_dict(running_instance(8, "ponos-0123abcd-t-done-1", "A", 0.1)),
+        Instance.from_dict(running_instance(9, "ponos-0123abcd-t-unknown-1", "A", 0.1)),
+        Instance.from_dict(dict(running_instance(10, "x", "A", 0.1), actual_status="destroyed")),
+    ]
+    records = {
+        "t-run": TaskRecord("t-run", phase="running", attempt=1, instance_id=5),
+        "t-retry": TaskRecord("t-retry", phase="retrying", attempt=1, kept_instance_id=7),
+        "t-done": TaskRecord("t-done", phase="done", attempt=1, instance_id=8),
+    }
+    state = AgentState(NOW, records, instances, NOW, NOW)
+    assert [i.id for i in state.orphaned_instances] == [8, 9]

@@ -136,6 +136,11 @@ def test_marker_decides_final_state(contexts, admin, code, state):
     rows = admin.rows_for(task_id)
     assert len(rows) == 1 and rows[0]["destroyed_at"] is not None
     assert admin.stats()["max_live_per_label"][rows[0]["label"]] == 1
+    # Measured once each (metric_store): the wait to run, and the bill after the end.
+    waits = ctx.metric_store.read().histograms
+    assert waits["task_pending_to_running_seconds"].count == 1
+    assert waits["task_end_to_destroy_seconds"].count == 1
+    assert ctx.metric_store.read().start_failures == {}
 
 
 def test_ended_instance_log_is_read_once(contexts, admin):
@@ -287,6 +292,7 @@ def test_offer_vanished_takes_next_offer(contexts, admin):
     assert ctx.store.get(task_id).final_state == "completed"
     assert "was taken before we could rent it" in admin.task_log(task_id)
     assert harness.steps_of(task_id).count(StepName.CREATE_INSTANCE) == 1
+    assert ctx.metric_store.read().start_failures == {"offer_gone": 1}
 
 
 def test_create_lost_adopts_by_label_no_duplicate(contexts, admin):
@@ -321,6 +327,14 @@ def test_create_stopped_destroyed_and_other_offer(contexts, admin):
     assert max(admin.stats()["max_live_per_label"][r["label"]] for r in rows) == 1
     assert ctx.store.get(task_id).final_state == "completed"
     assert admin.task(task_id)["state"] == "completed"
+    assert ctx.metric_store.read().start_failures == {"created_stopped": 1}
+
+
+START_FAILURE_KINDS = {
+    "stuck_loading": "loading_deadline",
+    "oci_failure": "start_failed",
+    "unexpected_exit": "exited_early",
+}
 
 
 @pytest.mark.parametrize("fault", ["stuck_loading", "oci_failure", "unexpected_exit"])
@@ -343,6 +357,12 @@ def test_failed_start_retries_on_another_machine(contexts, admin, fault):
     assert admin.accepted_agent_states(task_id) == ["running", "completed"]
     log = admin.task_log(task_id)
     assert "attempt 1 failed on machine" in log
+    measured = ctx.metric_store.read()
+    assert measured.start_failures == {START_FAILURE_KINDS[fault]: 1}
+    # One wait to run (whatever the attempts), one end: the failed attempt's instance is
+    # not the task's end.
+    assert measured.histograms["task_pending_to_running_seconds"].count == 1
+    assert measured.histograms["task_end_to_destroy_seconds"].count == 1
 
 
 def test_read_lag_after_create_is_not_a_vanished_instance(contexts, admin):
@@ -374,6 +394,9 @@ def test_attempts_exhausted_error_with_reason(contexts, admin):
     assert "loading deadline" in log
     # It never ran: Arkindex is told `error`, never `running`.
     assert admin.accepted_agent_states(task_id) == ["error"]
+    measured = ctx.metric_store.read()
+    assert measured.start_failures == {"loading_deadline": 2}
+    assert measured.histograms["task_pending_to_running_seconds"].count == 0
 
 
 def test_no_matching_offer_waits_then_error(contexts, admin):
@@ -388,6 +411,12 @@ def test_no_matching_offer_waits_then_error(contexts, admin):
     assert "no Vast.ai offer matched the filters within 1 s" in log
     assert admin.task(task_id)["state"] == "error"
     assert admin.accepted_agent_states(task_id) == ["error"]
+    # Every search it made matched nothing; with no instance, no end-to-destroy to measure.
+    measured = ctx.metric_store.read().histograms
+    searches = harness.steps_of(task_id).count(StepName.CHOOSE_OFFER)
+    assert measured["offers_matched"].count == searches
+    assert measured["offers_matched"].buckets[0] == (0.0, searches)  # le="0"
+    assert measured["task_end_to_destroy_seconds"].count == 0
 
 
 # --------------------------------------------------------------------------- stop

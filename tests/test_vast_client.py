@@ -485,6 +485,36 @@ def test_unreachable_server_is_a_transport_error():
         vast.list_instances()
 
 
+def test_every_try_is_told_to_the_call_hook_as_the_simulator_counts_it(sim):
+    """The hook the agent counts calls with (metric_store) sees each try with its status:
+    retried 429s and 5xx included, as the simulator counted them."""
+    told = []
+    vast = make_client(sim.url, on_call=lambda *call: told.append(call))
+    fault(sim, fault="rate_limit", endpoint="list", times=2, shape="json", retry_after=None)
+    fault(sim, fault="http_5xx", endpoint="show", times=1, status=503)
+    assert vast.list_instances() == []
+    assert vast.get_instance(1) is None
+    vast.close()
+    assert told == [
+        ("vast", "list", 429),
+        ("vast", "list", 429),
+        ("vast", "list", 200),
+        ("vast", "show", 503),
+        ("vast", "show", 200),
+    ]
+    counted = stats(sim)
+    assert counted["calls"] == {"list": 3, "show": 2}
+    assert counted["rate_limited"] == {"list": 2}
+
+
+def test_a_try_without_an_answer_is_told_with_no_status():
+    told = []
+    vast = make_client("http://127.0.0.1:9", max_attempts=2, on_call=lambda *c: told.append(c))
+    with pytest.raises(VastTransportError):
+        vast.list_instances()
+    assert told == [("vast", "list", None), ("vast", "list", None)]
+
+
 # ------------------------------------------------------------------ with rate limits on
 
 

@@ -251,6 +251,11 @@ class SimAdmin:
         """Requests seen and refused (expired, signature, down, other) by the S3 proxy."""
         return self._json("GET", self.s3_url + "/_sim/stats")
 
+    def arkindex_stats(self) -> dict:
+        """The Arkindex simulator's request counts: {"calls": {operation: n}, "rate_limited":
+        {operation: n}}."""
+        return self._json("GET", self.arkindex_url + "/_sim/stats")
+
     # ------------------------------------------------------------------ Arkindex faults
     # One method per knob of simulators/arkindex/faults.py. `scope`: operation= (an
     # operationId), path= (a regex), task= (a task id), times= (default unlimited).

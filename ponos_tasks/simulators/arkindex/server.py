@@ -23,6 +23,9 @@ tests, benchmarks and the demo):
     GET  /_sim/tasks/<id>/logs       the published log text, read back from S3 (404 if none)
     GET  /_sim/agents                -> {"agents": [...]}
     GET  /_sim/faults                -> {"rules": [...], "hits": {fault: count}}
+    GET  /_sim/stats                 -> {"calls": {operation: requests}, "rate_limited":
+                                        {operation: 429 answers}}: every public API call
+                                        (whatever its answer), by operation id
     POST /_sim/faults {"rules": [rule]}   add fault rules (faults.py); DELETE clears them
 """
 
@@ -33,6 +36,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import Counter
 
 from flask import Flask, Response, g, jsonify, redirect, request
 from werkzeug.exceptions import HTTPException
@@ -113,6 +117,7 @@ def create_app(sim: ArkindexSimulator) -> Flask:
         operation = OPERATIONS.get(request.url_rule.endpoint)
         if operation is None:
             return None
+        sim.count_call(operation)
         task_id = (request.view_args or {}).get("task_id")
         scope = {"operation": operation, "path": request.path, "task": task_id}
         faults = sim.faults
@@ -124,6 +129,8 @@ def create_app(sim: ArkindexSimulator) -> Flask:
                 time.sleep(slow.get("seconds") or 1.0)
         rule = faults.take({"http_5xx", "html_502", "rate_limit"}, **scope)
         if rule is not None:
+            if rule["fault"] == "rate_limit":
+                sim.count_call(operation, rate_limited=True)
             return _http_fault(rule)
         if task_id is not None and faults.take({"task_deleted"}, **scope) is not None:
             raise ApiError(404, "not_found", "No Task matches the given query.")
@@ -417,6 +424,10 @@ def create_app(sim: ArkindexSimulator) -> Flask:
                 return jsonify({"error": str(error)}), 400
         return jsonify(sim.faults.snapshot())
 
+    @app.get("/_sim/stats")
+    def admin_stats():
+        return jsonify(sim.stats())
+
     @app.get("/_sim/agents")
     def admin_agents():
         with state().lock:
@@ -518,6 +529,9 @@ class ArkindexSimulator:
         self.url_lifetime = url_lifetime
         # Injected faults (faults.py): none unless given here or through /_sim/faults.
         self.faults = FaultBook(faults or ())
+        self._counts_lock = threading.Lock()
+        self.calls: Counter = Counter()  # public API requests by operation id
+        self.rate_limited: Counter = Counter()  # 429 answers among them
         self._own_s3 = None
         self._server = None
         self._thread = None
@@ -527,6 +541,15 @@ class ArkindexSimulator:
     @property
     def farm_id(self) -> str:
         return next(iter(self.farms))
+
+    def count_call(self, operation: str, *, rate_limited: bool = False) -> None:
+        """One request to the public API (rate_limited: the 429 it got, counted apart)."""
+        with self._counts_lock:
+            (self.rate_limited if rate_limited else self.calls)[operation] += 1
+
+    def stats(self) -> dict:
+        with self._counts_lock:
+            return {"calls": dict(self.calls), "rate_limited": dict(self.rate_limited)}
 
     @property
     def seed(self) -> str:
