@@ -51,6 +51,7 @@ class Settings:
     upload_lock_timeout: float
     unpublished_log_ttl: float
     tombstone_ttl: float
+    start_note_interval: float  # s between two lines of a start's progress in a task's log
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -107,6 +108,9 @@ class Settings:
             unpublished_log_ttl=7 * 24 * 3600.0,
             # A done record stays this long so that a late message cannot restart its task.
             tombstone_ttl=3 * 24 * 3600.0,
+            # docker pull's progress changes on every look: one line a minute shows a slow
+            # pull moving (or not) without flooding the log (an hour: 60 of its 500 lines).
+            start_note_interval=60.0,
         )
 
     def stale_after(self, phase: str) -> float:

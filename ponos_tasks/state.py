@@ -11,6 +11,9 @@ the only code that touches Redis. Layout, under the prefix:
     tasks:done                       zset     none       id -> tombstone expiry (pruned on read)
     snapshot                         string   none       JSON Snapshot: the latest instance list
     last_sync                        string   none       agent time of the last sync that ran
+    sync:report                      string   none       JSON: what the last sync asked Arkindex
+                                                         for (capacity) and why accepted tasks
+                                                         wait (for `status`)
     counters:destroyed               hash     none       cause -> instances the sync destroyed
     machines:avoided                 zset     none       machine id -> end of its cooldown
                                                          (pruned on read)
@@ -87,6 +90,10 @@ class Keyspace:
     @property
     def last_sync(self) -> str:
         return self.prefix + "last_sync"
+
+    @property
+    def sync_report(self) -> str:
+        return self.prefix + "sync:report"
 
     @property
     def avoided_machines(self) -> str:
@@ -365,6 +372,14 @@ class TaskStore:
     def last_sync(self) -> float | None:
         raw = self.redis.get(self.keys.last_sync)
         return None if raw is None else float(_text(raw))
+
+    def save_sync_report(self, report: Mapping[str, Any]) -> None:
+        """What the last sync decided that no record shows (see sync_report in steps.py)."""
+        self.redis.set(self.keys.sync_report, json.dumps(dict(report)))
+
+    def sync_report(self) -> dict | None:
+        raw = self.redis.get(self.keys.sync_report)
+        return None if raw is None else json.loads(_text(raw))
 
     def avoid_machine(self, machine_id: int, seconds: float) -> None:
         """Every task avoids this machine for `seconds` (it failed a start)."""
@@ -673,17 +688,21 @@ class TaskLogBook:
             pipe.expire(dropped_key, self.ttl)
             pipe.execute()
 
-    def lines(self, task_id: str) -> list[str]:
-        """The formatted lines, oldest first (with a note first when some were dropped)."""
+    def entries(self, task_id: str) -> tuple[list[dict], int]:
+        """The entries ({"t", "level", "msg"}), oldest first, and how many were dropped."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrange(self.keys.task_log(task_id), 0, -1)
         pipe.get(self.keys.task_log_dropped(task_id))
         raw_entries, dropped = pipe.execute()
+        return [json.loads(raw) for raw in raw_entries], int(dropped or 0)
+
+    def lines(self, task_id: str) -> list[str]:
+        """The formatted lines, oldest first (with a note first when some were dropped)."""
+        entries, dropped = self.entries(task_id)
         lines = []
-        if dropped and int(dropped):
-            lines.append(f"[agent] ... {int(dropped)} earlier agent lines dropped ...")
-        for raw in raw_entries:
-            entry = json.loads(raw)
+        if dropped:
+            lines.append(f"[agent] ... {dropped} earlier agent lines dropped ...")
+        for entry in entries:
             lines.append(
                 format_agent_line(entry["level"], entry["msg"], entry["t"], self.task_format)
             )
