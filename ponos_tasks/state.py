@@ -18,8 +18,9 @@ the only code that touches Redis. Layout, under the prefix:
     machines:avoided                 zset     none       machine id -> end of its cooldown
                                                          (pruned on read)
     endlog:<id>:<attempt>            string   1 h        the ended instance's log that decided
-                                                         the outcome (kept for the final upload;
-                                                         7 days when that upload gave up)
+                                                         the outcome (kept for the final upload
+                                                         and the log's last lines after the
+                                                         destroy; 7 days when that upload gave up)
     tasklog:<id>, tasklog:<id>:dropped  list/int 14 days  the agent's own lines about a task
     instkeys:<id>                    hash     14 days    attempt -> the instance's own API key
                                                          (secret: redacted from its log)

@@ -936,10 +936,38 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         phase=Phase.DESTROYING,
         heartbeat_at=now,
     ):
-        if published:
-            ctx.store.drop_ended_log(task_id, record.attempt)
+        if published and ended_log is None:
+            # Kept for the log's last lines, published once the instance is gone.
+            ctx.store.keep_ended_log(
+                task_id, record.attempt, instance_log or "", settings.ended_log_ttl
+            )
         return Next(StepName.REPORT_STATE)
     return None
+
+
+def _publish_last_lines(ctx: AgentContext, record: TaskRecord) -> None:
+    """Publish the final log once more, with the agent's lines written since it went out
+    (the state reported, the instance destroyed), so that the task's log tells its whole
+    story. One try, after the fact: nothing waits on it, and it never publishes less than
+    the final upload did (without that upload's instance log, it publishes nothing)."""
+    task_id = record.task_id
+    instance_log = ctx.store.ended_log(task_id, record.attempt)
+    if instance_log is None or record.task_gone:
+        return
+    try:
+        definition = ctx.arkindex.task_definition(task_id)
+        text = build_task_log(
+            ctx.logbook.lines(task_id), instance_log, _log_secrets(ctx, task_id, definition)
+        )
+        with ctx.store.upload_lock(
+            task_id, timeout=ctx.settings.upload_lock_timeout, wait=False
+        ) as held:
+            if held:
+                ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    except ArkindexError as error:
+        logger.warning("task %s: the log's last lines could not be published: %s", task_id, error)
+    finally:
+        ctx.store.drop_ended_log(task_id, record.attempt)
 
 
 def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
@@ -1130,6 +1158,8 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     )
     if pending:
         _publish_kept_log(ctx, record)
+    else:
+        _publish_last_lines(ctx, record)
     ctx.arkindex.forget(task_id)
     return None
 
