@@ -539,11 +539,21 @@ def rank_offers(offers) -> list:
 # ------------------------------------------------------------------ local re-check
 
 
-def explain_offers(ranked, *, left_out: Mapping[str, int] | None = None, shown: int = 3) -> str:
+def explain_offers(
+    ranked,
+    *,
+    left_out: Mapping[str, int] | None = None,
+    more: bool = False,
+    shown: int = 3,
+) -> str:
     """One line for a task's log: how many offers are candidates and the first few of them,
     in the order the agent tries them (rank_offers), so that the choice can be checked.
-    `left_out`: why -> how many offers Vast.ai returned that the agent will not rent."""
-    head = f"{len(ranked)} offer(s) match the filters" if ranked else "no offer matches the filters"
+    `left_out`: why -> how many offers Vast.ai returned that the agent will not rent;
+    `more`: the search returned as many offers as it asked for (more may match)."""
+    if ranked:
+        head = f"{'at least ' if more else ''}{len(ranked)} offer(s) match the filters"
+    else:
+        head = "no offer matches the filters"
     reasons = [f"{count} {why}" for why, count in (left_out or {}).items() if count]
     if reasons:
         head += " (left out: " + ", ".join(reasons) + ")"

@@ -80,7 +80,7 @@ def header(doc: dict) -> Text:
             text.append(f"the last sync asked Arkindex for up to {asked} more task(s)")
         else:
             text.append("full: the last sync asked Arkindex for no task", style="yellow")
-        text.append(f" ({totals['active_tasks']} active, max_instances {_dash(most)})")
+        text.append(f"; {totals['active_tasks']} active now, max_instances {_dash(most)}")
     phases = ", ".join(f"{p} {n}" for p, n in totals["tasks_per_phase"].items()) or "none"
     text.append(f"\nTasks per phase: {phases}")
     if totals["waiting_tasks"]:

@@ -168,6 +168,7 @@ def task_secrets(ctx: AgentContext, env: dict | None) -> list[str]:
 class OfferSearch:
     ranked: list  # the offers the agent may rent, in the order it tries them
     left_out: dict[str, int]  # why -> offers Vast.ai returned that it will not rent
+    more: bool  # the search returned its limit: more offers may match
 
 
 def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
@@ -187,7 +188,7 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
         else:
             ranked.append(offer)
     left_out = {"on a machine that failed a start": on_failed, "outside the filters": unmatched}
-    return OfferSearch(ranked, left_out)
+    return OfferSearch(ranked, left_out, more=len(offers) >= query["limit"])
 
 
 def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
@@ -419,7 +420,8 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     _note(
         ctx,
         task_id,
-        f"attempt {record.attempt}: " + explain_offers(offers, left_out=search.left_out),
+        f"attempt {record.attempt}: "
+        + explain_offers(offers, left_out=search.left_out, more=search.more),
     )
     if offers and record.kept_instance_id is not None:
         # The failed attempt's kept instance goes right before the new one is created: never

@@ -786,3 +786,6 @@ def test_explain_offers_lists_the_candidates_in_the_order_tried():
         "offer 3 A100 $1.200/h reliability 0.990 machine 30; 1 more"
     )
     assert explain_offers([]) == "no offer matches the filters"
+    assert explain_offers(rank_offers(offers)[:1], more=True).startswith(
+        "at least 1 offer(s) match the filters; cheapest first"
+    )

@@ -317,7 +317,7 @@ def test_status_text(redis_client, redis_url, key_prefix, tmp_path):
     assert "2 waiting" in out
     assert "Live instances: 2, spending $0.7500/h" in out
     assert (
-        "Capacity: full: the last sync asked Arkindex for no task (4 active, max_instances 4)"
+        "Capacity: full: the last sync asked Arkindex for no task; 4 active now, max_instances 4"
         in out
     )
     assert "Destroyed by the sync loop: duplicate 1, orphan 2" in out
