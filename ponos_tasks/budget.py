@@ -530,6 +530,7 @@ def status_figures(store: Any, now: float, settings: Any = None) -> dict:
     settings the headroom."""
     records = store.tasks.all_records(include_done=True)
     return {
+        "metering": store.metering(),  # False: no sync has metered anything in this Redis
         "spent_today": round(spend_today(store, now), 6),
         "spent_today_rebuilt": store.rebuilt(utc_day(now)),
         "task_spend": {t: round(v, 6) for t, v in store.task_spent(sorted(records)).items()},

@@ -13,13 +13,17 @@ from collections.abc import Sequence
 
 import click
 import redis
+from rich.console import Console
 
 from ponos_tasks.budget import status_figures
 from ponos_tasks.config import AgentConfig, ConfigError, load_config
-from ponos_tasks.metrics import AgentState, is_live, read_agent_state, serve_metrics
+from ponos_tasks.logs import DEFAULT_TASK_FORMAT
+from ponos_tasks.metrics import read_agent_state, serve_metrics
 from ponos_tasks.offers import build_query, describe_filters, rank_offers
+from ponos_tasks.overview import resolve_task_id, status_document, task_document
 from ponos_tasks.settings import Settings
-from ponos_tasks.state import DEFAULT_PREFIX, BudgetStore, Keyspace, TaskStore
+from ponos_tasks.state import DEFAULT_PREFIX, BudgetStore, Keyspace, TaskLogBook, TaskStore
+from ponos_tasks.status_view import render_status, render_task, watch
 from ponos_tasks.vast import VastClient, VastError
 
 #: The agent searches with this limit (build_query's default) and ranks what comes back.
@@ -198,160 +202,13 @@ def _settings_if_any(config_path: str | None) -> Settings | None:
         return None
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-
-
-def status_document(state: AgentState, budget: dict | None = None) -> dict:
-    """The data `status` shows (its --json output); `budget`: budget.status_figures."""
-    spend = (budget or {}).get("task_spend", {})
-    instances_by_id = {i.id: i for i in state.instances}
-    tasks = []
-    for task_id, record in sorted(
-        state.records.items(), key=lambda item: (item[1].accepted_at or 0, item[0])
-    ):
-        instance = instances_by_id.get(record.instance_id)
-        tasks.append(
-            {
-                "id": task_id,
-                "phase": record.phase,
-                "attempt": record.attempt,
-                "instance_id": record.instance_id,
-                "gpu_name": record.gpu_name or (instance.gpu_name if instance else None),
-                "dph_total": record.dph_total
-                if record.dph_total is not None
-                else (instance.dph_total if instance else None),
-                "age_in_phase_s": state.age(record.phase_changed_at),
-                "final_state": record.final_state,
-                "reason": record.reason,
-                # Why a waiting task waits: the limit (budget.py's names) and in words.
-                "held_by": record.held_by,
-                "waiting_for": record.waiting_for,
-                "spend": spend.get(task_id),
-            }
-        )
-    return {
-        "tasks": tasks,
-        "instances": [
-            {
-                "id": i.id,
-                "label": i.label,
-                "actual_status": i.actual_status,
-                "gpu_name": i.gpu_name,
-                "dph_total": i.dph_total,
-                "live": is_live(i),
-            }
-            for i in state.instances
-        ],
-        "snapshot_age_s": state.snapshot_age,
-        "totals": {
-            "tasks_per_phase": {p: n for p, n in state.tasks_per_phase.items() if n},
-            "live_instances": len(state.live_instances),
-            "spend_per_hour": round(state.spend_per_hour, 6),
-            "last_sync_age_s": state.last_sync_age,
-            "destroyed_by_cause": state.destroyed,
-        },
-        "budget": budget,
-    }
-
-
-def _print_status(doc: dict) -> None:
-    tasks = doc["tasks"]
-    click.echo(f"Tasks ({len(tasks)})")
-    if tasks:
-        rows = [
-            [
-                t["id"],
-                t["phase"],
-                t["attempt"],
-                _or_dash(t["instance_id"]),
-                _or_dash(t["gpu_name"]),
-                _money(t["dph_total"]),
-                _age(t["age_in_phase_s"]),
-                (t["final_state"] or "") + (f": {t['reason']}" if t["reason"] else "")
-                or (f"waiting: {t['waiting_for']}" if t.get("waiting_for") else ""),
-            ]
-            for t in tasks
-        ]
-        for line in _table(
-            [
-                "task",
-                "phase",
-                "attempt",
-                "instance",
-                "GPU",
-                "$/h",
-                "in phase",
-                "final state / reason",
-            ],
-            rows,
-        ):
-            click.echo("  " + line)
-    click.echo()
-    instances = doc["instances"]
-    click.echo(
-        f"Instances in the last snapshot ({len(instances)}, taken "
-        + (f"{_age(doc['snapshot_age_s'])} ago)" if doc["snapshot_age_s"] is not None else "never)")
-    )
-    if instances:
-        rows = [
-            [
-                _or_dash(i["id"]),
-                _or_dash(i["label"]),
-                _or_dash(i["actual_status"]) + ("" if i["live"] else " (destroyed)"),
-                _or_dash(i["gpu_name"]),
-                _money(i["dph_total"]),
-            ]
-            for i in instances
-        ]
-        for line in _table(["instance", "label", "status", "GPU", "$/h"], rows):
-            click.echo("  " + line)
-    click.echo()
-    totals = doc["totals"]
-    phases = ", ".join(f"{p} {n}" for p, n in totals["tasks_per_phase"].items()) or "none"
-    click.echo(f"Tasks per phase: {phases}")
-    click.echo(
-        f"Live instances: {totals['live_instances']}, spending ${totals['spend_per_hour']:.4f}/h"
-    )
-    destroyed = ", ".join(f"{c} {n}" for c, n in sorted(totals["destroyed_by_cause"].items()))
-    if destroyed:
-        click.echo(f"Destroyed by the sync loop: {destroyed}")
-    last = totals["last_sync_age_s"]
-    click.echo("Last sync: " + ("never" if last is None else f"{_age(last)} ago"))
-    budget = doc.get("budget")
-    if budget:
-        rebuilt = " (rebuilt after a loss of Redis: the most it can have been)"
-        click.echo(
-            f"Spent today (UTC): ${budget['spent_today']:.4f}"
-            + (rebuilt if budget["spent_today_rebuilt"] else "")
-        )
-        room = budget.get("headroom")
-        if room:
-            click.echo(
-                "New instances: "
-                + (
-                    f"held by {room['held_by']}"
-                    if room["held_by"]
-                    else "no price limit"
-                    if room["new_instance_dph"] is None
-                    else f"up to ${room['new_instance_dph']:.4f}/h"
-                )
-            )
-
-
 _config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
     envvar="PONOS_CONFIG",
-    help="Agent configuration (default $PONOS_CONFIG); only its redis_url is used.",
+    help="Agent configuration (default $PONOS_CONFIG): its redis_url (status also redacts "
+    "its secrets).",
 )
 _redis_option = click.option(
     "--redis-url", help="Read this Redis instead of the configuration's redis_url."
@@ -360,35 +217,108 @@ _redis_option = click.option(
 _prefix_option = click.option("--prefix", default=DEFAULT_PREFIX, hidden=True)
 
 
+class StatusReader:
+    """Reads what `status` shows from Redis (one client, several reads in watch mode)."""
+
+    def __init__(
+        self, client: redis.Redis, prefix: str, secrets: list[str], settings: Settings | None
+    ):
+        self.client = client
+        self.prefix = prefix
+        self.store = TaskStore(client, Keyspace(prefix))
+        self.budget = BudgetStore(client, Keyspace(prefix), self.store)
+        self.settings = settings  # the budget's limits (headroom), when a config was given
+        self.logbook = TaskLogBook(client, Keyspace(prefix), task_format=DEFAULT_TASK_FORMAT)
+        self.secrets = secrets  # the configuration's, when one was given
+
+    def overview(self) -> dict:
+        state = read_agent_state(self.client, self.prefix)
+        budget = status_figures(self.budget, state.now, self.settings)
+        return status_document(state, self.store.sync_report(), budget)
+
+    def task(self, wanted: str) -> dict:
+        state = read_agent_state(self.client, self.prefix)
+        task_id = resolve_task_id(wanted, state.records) or wanted
+        entries, dropped = self.logbook.entries(task_id)
+        return task_document(
+            task_id,
+            state,
+            entries,
+            dropped=dropped,
+            sync_report=self.store.sync_report(),
+            # The agent's lines hold no secret by design; the instance keys and the
+            # configuration's secrets are replaced anyway, as in the published log.
+            secrets=[*self.secrets, *self.store.instance_keys(task_id)],
+        )
+
+
+def _status_console() -> Console:
+    # Piped output (a file, a pager) gets no colour and a width that fits the tables.
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
 @click.command("status")
+@click.argument("task_id", required=False)
 @_config_option
 @_redis_option
 @_prefix_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
-def status_command(config_path: str | None, redis_url: str | None, prefix: str, as_json: bool):
-    """Show the agent's tasks and instances, from Redis only.
+@click.option("--watch", "live", is_flag=True, help="A live view, redrawn until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2),
+    default=2.0,
+    show_default=True,
+    help="Seconds between two redraws of --watch.",
+)
+def status_command(
+    task_id: str | None,
+    config_path: str | None,
+    redis_url: str | None,
+    prefix: str,
+    as_json: bool,
+    live: bool,
+    interval: float,
+):
+    """Show the agent's tasks and instances, or one task's timeline, from Redis only.
 
-    Per task: phase, attempt, instance, GPU, $/h, time in its phase, final state and reason
-    (finished tasks stay listed while their tombstone lasts). Instances come from the last
-    snapshot the agent took. Totals: tasks per phase, live instances, current spend (sum of
-    their dph_total), age of the last sync. Works while Arkindex and Vast.ai are unreachable.
+    Per task: phase, attempt, machine, GPU, $/h, age, time in its phase, spend so far (an
+    estimate: the current attempt's price since its create), why it waits (no offer matches,
+    capacity, ...) or what the agent is doing with it, final state and reason (finished tasks
+    stay listed while their tombstone lasts). Instances come from the last snapshot the agent
+    took. Totals: tasks per phase, live instances, burn rate (sum of their dph_total), spend
+    today (estimate), the capacity the last sync asked Arkindex for, age of the last sync.
+
+    With TASK_ID (or the start of one): that task's record and its timeline, every decision
+    the agent took for it with its time (the lines its published log starts with).
+
+    --watch redraws the view every --interval seconds until Ctrl-C. Works while Arkindex and
+    Vast.ai are unreachable.
     """
-    client = _redis_from(config_path, redis_url)
-    settings = _settings_if_any(config_path)
+    if live and as_json:
+        raise click.UsageError("--watch draws a live view; --json prints one document")
+    secrets: list[str] = []
+    if redis_url is None:
+        config = _config_or_exit(config_path)
+        redis_url, secrets = config.redis_url, list(config.secrets())
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
+    reader = StatusReader(client, prefix, secrets, _settings_if_any(config_path))
+    read = reader.overview if task_id is None else lambda: reader.task(task_id)
+    render = render_status if task_id is None else render_task
     try:
-        state = read_agent_state(client, prefix)
-        keys = Keyspace(prefix)
-        store = BudgetStore(client, keys, TaskStore(client, keys))
-        budget = status_figures(store, state.now, settings)
-    except redis.RedisError as error:
-        raise click.ClickException(f"cannot read Redis: {error}") from None
+        if live:
+            watch(read, render, interval=interval, errors=(redis.RedisError,))
+            return
+        try:
+            doc = read()
+        except redis.RedisError as error:
+            raise click.ClickException(f"cannot read Redis: {error}") from None
     finally:
         client.close()
-    doc = status_document(state, budget)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        _print_status(doc)
+        _status_console().print(render(doc))
 
 
 @click.command("metrics")

@@ -539,6 +539,39 @@ def rank_offers(offers) -> list:
 # ------------------------------------------------------------------ local re-check
 
 
+def explain_offers(
+    ranked,
+    *,
+    left_out: Mapping[str, int] | None = None,
+    more: bool = False,
+    shown: int = 3,
+) -> str:
+    """One line for a task's log: how many offers are candidates and the first few of them,
+    in the order the agent tries them (rank_offers), so that the choice can be checked.
+    `left_out`: why -> how many offers Vast.ai returned that the agent will not rent;
+    `more`: the search returned as many offers as it asked for (more may match)."""
+    if ranked:
+        head = f"{'at least ' if more else ''}{len(ranked)} offer(s) match the filters"
+    else:
+        head = "no offer matches the filters"
+    reasons = [f"{count} {why}" for why, count in (left_out or {}).items() if count]
+    if reasons:
+        head += " (left out: " + ", ".join(reasons) + ")"
+    if not ranked:
+        return head
+    rows = []
+    for offer in ranked[:shown]:
+        price, reliability = _get(offer, "dph_total"), _get(offer, "reliability")
+        rows.append(
+            f"offer {_get(offer, 'id')} {_get(offer, 'gpu_name') or '?'} "
+            + ("$?/h" if price is None else f"${float(price):.3f}/h")
+            + ("" if reliability is None else f" reliability {float(reliability):.3f}")
+            + f" machine {_get(offer, 'machine_id')}"
+        )
+    more = f"; {len(ranked) - shown} more" if len(ranked) > shown else ""
+    return f"{head}; cheapest first (then most reliable): " + "; ".join(rows) + more
+
+
 def offer_matches(filters: str | Mapping[str, Any], offer: Any) -> bool:
     """Whether one offer row (dict, or object with a `raw` dict) satisfies the filters.
 

@@ -55,6 +55,7 @@ class Settings:
     unpublished_log_ttl: float
     tombstone_ttl: float
     spend_end_margin: float  # s of an instance's price kept in hand below max_spend_per_task
+    start_note_interval: float  # s between two lines of a start's progress in a task's log
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -116,6 +117,9 @@ class Settings:
             # meter lags one sync, the watch one interval, then the stop and the final log
             # take some seconds; the task is ended this much before its cap is reached.
             spend_end_margin=2 * sync + watch + 10.0,
+            # docker pull's progress changes on every look: one line a minute shows a slow
+            # pull moving (or not) without flooding the log (an hour: 60 of its 500 lines).
+            start_note_interval=60.0,
         )
 
     def stale_after(self, phase: str) -> float:

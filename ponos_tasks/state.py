@@ -11,12 +11,16 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
     tasks:done                       zset     none       id -> tombstone expiry (pruned on read)
     snapshot                         string   none       JSON Snapshot: the latest instance list
     last_sync                        string   none       agent time of the last sync that ran
+    sync:report                      string   none       JSON: what the last sync asked Arkindex
+                                                         for (capacity) and why accepted tasks
+                                                         wait (for `status`)
     counters:destroyed               hash     none       cause -> instances the sync destroyed
     machines:avoided                 zset     none       machine id -> end of its cooldown
                                                          (pruned on read)
     endlog:<id>:<attempt>            string   1 h        the ended instance's log that decided
-                                                         the outcome (kept for the final upload;
-                                                         7 days when that upload gave up)
+                                                         the outcome (kept for the final upload
+                                                         and the log's last lines after the
+                                                         destroy; 7 days when that upload gave up)
     tasklog:<id>, tasklog:<id>:dropped  list/int 14 days  the agent's own lines about a task
     instkeys:<id>                    hash     14 days    attempt -> the instance's own API key
                                                          (secret: redacted from its log)
@@ -96,6 +100,10 @@ class Keyspace:
     @property
     def last_sync(self) -> str:
         return self.prefix + "last_sync"
+
+    @property
+    def sync_report(self) -> str:
+        return self.prefix + "sync:report"
 
     @property
     def avoided_machines(self) -> str:
@@ -401,6 +409,14 @@ class TaskStore:
         raw = self.redis.get(self.keys.last_sync)
         return None if raw is None else float(_text(raw))
 
+    def save_sync_report(self, report: Mapping[str, Any]) -> None:
+        """What the last sync decided that no record shows (see sync_report in steps.py)."""
+        self.redis.set(self.keys.sync_report, json.dumps(dict(report)))
+
+    def sync_report(self) -> dict | None:
+        raw = self.redis.get(self.keys.sync_report)
+        return None if raw is None else json.loads(_text(raw))
+
     def avoid_machine(self, machine_id: int, seconds: float) -> None:
         """Every task avoids this machine for `seconds` (it failed a start)."""
         if machine_id is not None and seconds > 0:
@@ -569,6 +585,10 @@ class BudgetStore:
         self.redis = redis_client
         self.keys = keys
         self.tasks = tasks  # records and snapshot, for budget.headroom
+
+    def metering(self) -> bool:
+        """Whether the meter has begun in this Redis (a read only, for `status`)."""
+        return bool(self.redis.exists(self.keys.spend_epoch))
 
     def epoch(self, now: float) -> tuple[float, bool]:
         """When the meter began in this Redis, and whether it begins now (a new Redis, or
@@ -809,17 +829,21 @@ class TaskLogBook:
             pipe.expire(dropped_key, self.ttl)
             pipe.execute()
 
-    def lines(self, task_id: str) -> list[str]:
-        """The formatted lines, oldest first (with a note first when some were dropped)."""
+    def entries(self, task_id: str) -> tuple[list[dict], int]:
+        """The entries ({"t", "level", "msg"}), oldest first, and how many were dropped."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrange(self.keys.task_log(task_id), 0, -1)
         pipe.get(self.keys.task_log_dropped(task_id))
         raw_entries, dropped = pipe.execute()
+        return [json.loads(raw) for raw in raw_entries], int(dropped or 0)
+
+    def lines(self, task_id: str) -> list[str]:
+        """The formatted lines, oldest first (with a note first when some were dropped)."""
+        entries, dropped = self.entries(task_id)
         lines = []
-        if dropped and int(dropped):
-            lines.append(f"[agent] ... {int(dropped)} earlier agent lines dropped ...")
-        for raw in raw_entries:
-            entry = json.loads(raw)
+        if dropped:
+            lines.append(f"[agent] ... {dropped} earlier agent lines dropped ...")
+        for entry in entries:
             lines.append(
                 format_agent_line(entry["level"], entry["msg"], entry["t"], self.task_format)
             )

@@ -54,7 +54,7 @@ from ponos_tasks.lifecycle import (
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
 from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
-from ponos_tasks.offers import build_query, offer_matches, rank_offers
+from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
     AcceptTask,
     AdoptInstance,
@@ -182,30 +182,51 @@ def task_secrets(ctx: AgentContext, env: dict | None) -> list[str]:
     return values
 
 
-def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
+@dataclass(frozen=True)
+class OfferSearch:
+    ranked: list  # the offers the agent may rent, in the order it tries them
+    left_out: dict[str, int]  # why -> offers Vast.ai returned that it will not rent
+    more: bool  # the search returned its limit: more offers may match
+
+
+def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
     vast = ctx.config.vast_api
     limits = ctx.settings.budget
     query = build_query(
         vast.offer_filters, disk_gb=vast.disk_gb, max_dph=limits.max_dph_per_instance
     )
     offers = ctx.vast.search_offers(query)
-    # The user's filters are checked again here: a server that ignored one must not make us
-    # rent what the configuration excludes (max_dph_per_instance included).
-    matching = [
-        offer
-        for offer in rank_offers(offers)
-        if offer_matches(vast.offer_filters, offer)
-        and not (
-            limits.max_dph_per_instance is not None
-            and (offer.dph_total is None or offer.dph_total > limits.max_dph_per_instance)
-        )
-    ]
+    # This task's own failed machines, and those every task avoids for a while.
+    failed = set(record.failed_machines) | ctx.store.avoided_machines()
+    ranked, on_failed, unmatched, over_cap = [], 0, 0, 0
+    cap = limits.max_dph_per_instance
+    matching = []  # within the filters and the cap, failed machines included
+    for offer in rank_offers(offers):
+        # The user's filters are checked again here: a server that ignored one must not make
+        # us rent what the configuration excludes (max_dph_per_instance included).
+        if not offer_matches(vast.offer_filters, offer):
+            unmatched += 1
+        elif cap is not None and (offer.dph_total is None or offer.dph_total > cap):
+            over_cap += 1
+        else:
+            matching.append(offer)
+            if offer.machine_id in failed:
+                on_failed += 1
+            else:
+                ranked.append(offer)
     # What the cheapest instance costs: how the sync loop tells a room too small for any.
     ctx.budget.note_cheapest(matching[0].dph_total if matching else None)
     ctx.metric_store.observe(OFFERS_MATCHED, len(matching))
-    # This task's own failed machines, and those every task avoids for a while.
-    failed = set(record.failed_machines) | ctx.store.avoided_machines()
-    return [offer for offer in matching if offer.machine_id not in failed]
+    left_out = {
+        "on a machine that failed a start": on_failed,
+        "outside the filters": unmatched,
+        "over budget.max_dph_per_instance": over_cap,
+    }
+    return OfferSearch(ranked, left_out, more=len(offers) >= query["limit"])
+
+
+def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
+    return _search_offers(ctx, record).ranked
 
 
 def _affordable(ctx: AgentContext, record: TaskRecord, offers: list) -> list:
@@ -475,20 +496,30 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         args=args,
         image_login=_image_login(ctx, definition.image),
     )
-    offers = _affordable(ctx, record, _ranked_offers(ctx, record))
+    search = _search_offers(ctx, record)
+    offers = _affordable(ctx, record, search.ranked)
+    _note(
+        ctx,
+        task_id,
+        f"attempt {record.attempt}: "
+        + explain_offers(offers, left_out=search.left_out, more=search.more),
+    )
     if offers and record.kept_instance_id is not None:
         # The failed attempt's kept instance goes right before the new one is created: never
         # two instances of one task at once, and a trace outside Redis until the last moment.
         ctx.vast.destroy_instance(record.kept_instance_id)
         ctx.store.touch(task_id, kept_instance_id=None)
+        _note(ctx, task_id, f"destroyed instance {record.kept_instance_id} of the failed attempt")
     tried = 0
     refusals: list[str] = []  # Vast.ai's answers to creates it refused (4xx)
+    passed: list[str] = []  # offers ranked above the one rented, and why they were not
     for offer in offers:
         if tried == ctx.settings.offers_tried_per_create:
             break
         # Claim the offer for a short while, so that workers creating at the same moment
         # take the next offers instead of all racing for the cheapest one.
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
+            passed.append(f"offer {offer.id} is being rented for another task")
             continue
         tried += 1
         try:
@@ -513,6 +544,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 task_id,
                 f"offer {offer.id} was taken before we could rent it; trying the next one",
             )
+            passed.append(f"offer {offer.id} was taken")
             continue
         except CreateOutcomeUnknown as error:
             # Never re-send: the instance may exist. The next run of this step looks the
@@ -539,6 +571,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             refusals.append(error.msg)
             ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)
             _note(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
+            passed.append(f"offer {offer.id} refused the create")
             continue
         if not created.started:
             ctx.metric_store.count_start_failure(StartFailureKind.CREATED_STOPPED)
@@ -553,8 +586,12 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             ctx.store.touch(task_id, failed_machines=[*record.failed_machines, offer.machine_id])
             ctx.store.avoid_machine(offer.machine_id, ctx.settings.machine_cooldown)
             record = ctx.store.get(task_id)
+            passed.append(f"offer {offer.id} was created stopped")
             continue
-        return _record_instance(ctx, record, None, created=created, offer=offer, inferred=inferred)
+        why = "the cheapest matching offer" + (f" left ({'; '.join(passed)})" if passed else "")
+        return _record_instance(
+            ctx, record, None, created=created, offer=offer, inferred=inferred, why=why
+        )
     if refusals and len(refusals) == tried:
         return _refuse_task(ctx, record, f"Vast.ai refused to create its instance ({refusals[-1]})")
     # Nothing could be rented: give the attempt number back and wait for an offer.
@@ -616,6 +653,7 @@ def _record_instance(
     offer=None,
     adopted=False,
     inferred=False,
+    why: str | None = None,
 ) -> Next | None:
     now = ctx.now()
     if instance is not None:
@@ -654,12 +692,13 @@ def _record_instance(
         ctx.vast.destroy_instance(values["instance_id"])
         return None
     verb = "adopted existing" if adopted else "created"
+    source = f" from offer {offer.id}" if offer is not None else ""
     _note(
         ctx,
         record.task_id,
-        f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']} on "
+        f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']}{source} on "
         f"machine {values['machine_id']} ({values['gpu_name']}, "
-        f"${(values['dph_total'] or 0):.3f}/h)",
+        f"${(values['dph_total'] or 0):.3f}/h)" + (f": {why}" if why else ""),
     )
     return Next(StepName.WATCH, countdown=ctx.settings.watch_interval)
 
@@ -707,6 +746,10 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         # The start shows progress (docker pull's lines change): a slow pull is not stalled.
         ctx.store.touch(task_id, start_status=instance.status_msg, progress_at=now)
         record = replace(record, start_status=instance.status_msg, progress_at=now)
+        if ctx.store.once(f"startnote:{task_id}:{record.attempt}", settings.start_note_interval):
+            _note(
+                ctx, task_id, f"instance {record.instance_id} starting: {instance.status_msg[:200]}"
+            )
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
@@ -874,10 +917,17 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
             try:
                 ctx.vast.stop_instance(record.instance_id)
                 kept = record.instance_id
+                _note(
+                    ctx,
+                    task_id,
+                    f"instance {record.instance_id} stopped; kept (only its storage bills) "
+                    "until the next attempt is created",
+                )
             except InstanceNotFound:
                 pass  # already gone: nothing to keep
         else:
             ctx.vast.destroy_instance(record.instance_id)
+            _note(ctx, task_id, f"instance {record.instance_id} of the failed attempt destroyed")
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.RETRYING,
@@ -1020,10 +1070,38 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         phase=Phase.DESTROYING,
         heartbeat_at=now,
     ):
-        if published:
-            ctx.store.drop_ended_log(task_id, record.attempt)
+        if published and ended_log is None:
+            # Kept for the log's last lines, published once the instance is gone.
+            ctx.store.keep_ended_log(
+                task_id, record.attempt, instance_log or "", settings.ended_log_ttl
+            )
         return Next(StepName.REPORT_STATE)
     return None
+
+
+def _publish_last_lines(ctx: AgentContext, record: TaskRecord) -> None:
+    """Publish the final log once more, with the agent's lines written since it went out
+    (the state reported, the instance destroyed), so that the task's log tells its whole
+    story. One try, after the fact: nothing waits on it, and it never publishes less than
+    the final upload did (without that upload's instance log, it publishes nothing)."""
+    task_id = record.task_id
+    instance_log = ctx.store.ended_log(task_id, record.attempt)
+    if instance_log is None or record.task_gone:
+        return
+    try:
+        definition = ctx.arkindex.task_definition(task_id)
+        text = build_task_log(
+            ctx.logbook.lines(task_id), instance_log, _log_secrets(ctx, task_id, definition)
+        )
+        with ctx.store.upload_lock(
+            task_id, timeout=ctx.settings.upload_lock_timeout, wait=False
+        ) as held:
+            if held:
+                ctx.arkindex.upload_logs(definition.s3_logs_put_url, text)
+    except ArkindexError as error:
+        logger.warning("task %s: the log's last lines could not be published: %s", task_id, error)
+    finally:
+        ctx.store.drop_ended_log(task_id, record.attempt)
 
 
 def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
@@ -1118,6 +1196,7 @@ def _report_running(ctx: AgentContext, task_id: str) -> None:
 def _running_reported(ctx: AgentContext, record: TaskRecord) -> None:
     """`running` reached Arkindex (once per task): the task waited this long to run. Not
     measured for an adopted task: its record was made anew, after the wait."""
+    _note(ctx, record.task_id, "reported `running` to Arkindex")
     if not record.adopted and record.accepted_at is not None:
         ctx.metric_store.observe(PENDING_TO_RUNNING, ctx.now() - record.accepted_at)
 
@@ -1182,7 +1261,8 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
                     _running_reported(ctx, record)
             except TransitionRefused as error:
                 logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
-        ctx.arkindex.update_state(task_id, state)
+        if ctx.arkindex.update_state(task_id, state):
+            _note(ctx, task_id, f"reported `{state}` to Arkindex")
     except TransitionRefused as error:
         _report_refused(ctx, task_id, state, error)
     except TaskGone:
@@ -1211,7 +1291,8 @@ def _report_refused(ctx: AgentContext, task_id: str, state: str, error) -> None:
         "WARNING",
     )
     try:
-        ctx.arkindex.update_state(task_id, fallback)
+        if ctx.arkindex.update_state(task_id, fallback):
+            _note(ctx, task_id, f"reported `{fallback}` to Arkindex")
     except TransitionRefused as second:
         logger.error("task %s: Arkindex refused `%s` too: %s", task_id, fallback, second.detail)
 
@@ -1250,6 +1331,8 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         ctx.metric_store.observe(END_TO_DESTROY, ctx.now() - record.ended_at)
     if pending:
         _publish_kept_log(ctx, record)
+    else:
+        _publish_last_lines(ctx, record)
     ctx.arkindex.forget(task_id)
     return None
 
@@ -1569,7 +1652,8 @@ def _grant(ctx: AgentContext, planned: GrantAllowance) -> None:
 
 def _sync_locked(ctx: AgentContext) -> SyncResult:
     short_id = ctx.agent_short_id()
-    actions = ctx.arkindex.actions(capacity=_capacity(ctx))
+    capacity = _capacity(ctx)
+    actions = ctx.arkindex.actions(capacity=capacity)
     # Stamped when the listing starts: an instance created while the pages are read may be
     # missing, and must not look gone to a watcher that recorded it after this time.
     listed_at = ctx.now()
@@ -1590,6 +1674,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         spending=_spending(ctx, records) if ctx.settings.budget.rations else None,
     )
     result = SyncResult(ran=True, steps=steps)
+    _save_sync_report(ctx, now, capacity, steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):
             accept(ctx, planned.task_id)  # cheap and must precede the StartChain of this plan
@@ -1609,3 +1694,21 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):
             result.enqueue.append((planned.task_id, message))
     return result
+
+
+def _save_sync_report(ctx: AgentContext, now: float, capacity: int, steps: list) -> None:
+    """Keep what this sync decided that no record shows, for `status`: how many new tasks it
+    asked Arkindex for, and why each accepted task still waits (a task's log says it once)."""
+    waiting = {s.task_id: s.reason for s in steps if isinstance(s, WaitForCapacity)}
+    ctx.store.save_sync_report(
+        {
+            "at": now,
+            "asked": capacity,
+            "max_instances": ctx.settings.max_instances,
+            "sync_interval": ctx.settings.sync_interval,
+            "waiting": waiting,
+        }
+    )
+    for task_id, reason in waiting.items():
+        if ctx.store.once(f"waitnote:{task_id}", ctx.settings.tombstone_ttl):
+            _note(ctx, task_id, f"waiting for a capacity slot: {reason}")

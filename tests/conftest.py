@@ -129,6 +129,7 @@ STACK_MODULES = {
     "test_secrets.py",
     "test_sim_extra.py",
     "test_startup.py",
+    "test_status.py",
     "test_steps.py",
     "test_vast_client.py",
     "test_wrapper.py",
@@ -138,6 +139,7 @@ STACK_MODULES = {
 STACK_TESTS = {
     "test_config.py::test_check_config_command_exits_2_one_line_per_problem",
     "test_offers.py::test_module_is_pure",
+    "test_overview.py::test_view_modules_are_pure",
     "test_reconcile.py::test_pure_modules_import_no_redis_celery_or_requests",
     "test_vast_client_units.py::test_never_sent_distinguishes_refused_connections_from_lost_answers",
 }

@@ -1,4 +1,4 @@
-"""`ponos-vast offers` against the Vast.ai simulator; `ponos-vast status` against a real Redis.
+"""`ponos-vast offers` against the Vast.ai simulator (`status`: tests/test_status.py).
 
 The simulator is an independent oracle: the expected ranking is computed from its market
 (GET /_sim/offers) re-priced for the configured disk, filtered with offer_matches and
@@ -9,14 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 from click.testing import CliRunner
 
 from ponos_tasks.budget import utc_day
-from ponos_tasks.commands import offers_command, status_command
+from ponos_tasks.commands import offers_command
 from ponos_tasks.config import ENV_VARS, GENERIC_ENV_PREFIX
 from ponos_tasks.models import Instance, Snapshot, TaskRecord
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
@@ -186,6 +185,7 @@ def test_offers_as_subprocess(sim, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- status
+# (`status` is tested in tests/test_status.py; these records serve tests/test_metrics.py.)
 
 
 def running_instance(instance_id, label, gpu, dph, status="running"):
@@ -284,173 +284,3 @@ def populate(redis_client, prefix, now):
     store.mark_synced(now - 7)
     store.count_destroyed("orphan", 2)
     store.count_destroyed("duplicate", 1)
-
-
-def test_status_json_exact(redis_client, redis_url, key_prefix):
-    now = time.time()
-    populate(redis_client, key_prefix, now)
-    result = CliRunner().invoke(
-        status_command,
-        ["--redis-url", redis_url, "--prefix", key_prefix, "--json"],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
-    ages = {t["id"]: t.pop("age_in_phase_s") for t in doc["tasks"]}
-    assert ages == pytest.approx(
-        {"t-failed": 10, "t-running": 120, "t-loading": 60, "t-accepted": 40}, abs=2
-    )
-    assert doc["tasks"] == [  # oldest accepted first
-        {
-            "id": "t-failed",
-            "phase": "done",
-            "attempt": 1,
-            "instance_id": 1001,
-            "gpu_name": "A100",
-            "dph_total": 1.5,
-            "final_state": "failed",
-            "reason": "exit code 3",
-            "held_by": None,
-            "waiting_for": None,
-            "spend": None,
-        },
-        {
-            "id": "t-running",
-            "phase": "running",
-            "attempt": 2,
-            "instance_id": 1002,
-            "gpu_name": "RTX 4090",
-            "dph_total": 0.5,
-            "final_state": None,
-            "reason": None,
-            "held_by": None,
-            "waiting_for": None,
-            "spend": 0.125,
-        },
-        {
-            "id": "t-loading",
-            "phase": "loading",
-            "attempt": 1,
-            "instance_id": 1003,
-            "gpu_name": "RTX 3090",
-            "dph_total": 0.25,
-            "final_state": None,
-            "reason": None,
-            "held_by": None,
-            "waiting_for": None,
-            "spend": None,
-        },
-        {
-            "id": "t-accepted",
-            "phase": "accepted",
-            "attempt": 0,
-            "instance_id": None,
-            "gpu_name": None,
-            "dph_total": None,
-            "final_state": None,
-            "reason": None,
-            "held_by": "max_dph_total",
-            "waiting_for": "max_dph_total $1/h: the live instances leave $0.25/h",
-            "spend": None,
-        },
-    ]
-    assert [(i["id"], i["actual_status"], i["live"]) for i in doc["instances"]] == [
-        (1002, "running", True),
-        (1003, "loading", True),
-        (1001, "exited", False),
-    ]
-    assert doc["snapshot_age_s"] == pytest.approx(5, abs=2)
-    totals = doc["totals"]
-    assert totals.pop("last_sync_age_s") == pytest.approx(7, abs=2)
-    assert totals == {
-        "tasks_per_phase": {"accepted": 1, "loading": 1, "running": 1, "done": 1},
-        "live_instances": 2,
-        "spend_per_hour": 0.75,
-        "destroyed_by_cause": {"orphan": 2, "duplicate": 1},
-    }
-    # Without a configuration, the spend (no headroom: the limits are in the configuration).
-    assert doc["budget"] == {
-        "spent_today": 0.5,
-        "spent_today_rebuilt": False,
-        "task_spend": {"t-running": 0.125},
-        "headroom": None,
-    }
-
-
-def test_status_text(redis_client, redis_url, key_prefix, tmp_path):
-    now = time.time()
-    populate(redis_client, key_prefix, now)
-    # Through the config file this time (its redis_url); Vast.ai and Arkindex are unreachable.
-    config = write_config(tmp_path, "http://127.0.0.1:9", redis_url=redis_url)
-    result = CliRunner().invoke(
-        status_command, ["--config", config, "--prefix", key_prefix], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-    out = result.output
-    assert "Tasks (4)" in out
-    running = next(line for line in out.splitlines() if line.strip().startswith("t-running"))
-    assert running.split()[:5] == ["t-running", "running", "2", "1002", "RTX"]
-    assert "$0.5000" in running
-    assert "2m00s" in running or "2m01s" in running
-    failed = next(line for line in out.splitlines() if line.strip().startswith("t-failed"))
-    assert failed.rstrip().endswith("failed: exit code 3")
-    assert (
-        "Instances in the last snapshot (3, taken 5s ago)" in out
-        or "Instances in the last snapshot (3, taken 6s ago)" in out
-    )
-    assert "exited (destroyed)" in out
-    assert "Tasks per phase: accepted 1, loading 1, running 1, done 1" in out
-    assert "Live instances: 2, spending $0.7500/h" in out
-    assert "Destroyed by the sync loop: duplicate 1, orphan 2" in out
-    assert "Last sync: 7s ago" in out or "Last sync: 8s ago" in out
-    accepted = next(line for line in out.splitlines() if line.strip().startswith("t-accepted"))
-    assert accepted.rstrip().endswith(
-        "waiting: max_dph_total $1/h: the live instances leave $0.25/h"
-    )
-    assert "Spent today (UTC): $0.5000\n" in out
-    assert "New instances: no price limit" in out  # the configuration sets none
-
-
-def test_status_empty_prefix_says_never(redis_url, key_prefix):
-    result = CliRunner().invoke(
-        status_command, ["--redis-url", redis_url, "--prefix", key_prefix], catch_exceptions=False
-    )
-    assert result.exit_code == 0, result.output
-    assert "Tasks (0)" in result.output
-    assert "(0, taken never)" in result.output
-    assert "Last sync: never" in result.output
-    assert "Live instances: 0, spending $0.0000/h" in result.output
-
-
-def test_status_redis_down_and_bad_config(tmp_path):
-    result = CliRunner().invoke(
-        status_command, ["--redis-url", f"redis://127.0.0.1:{free_port()}/0"]
-    )
-    assert result.exit_code == 1
-    assert "cannot read Redis" in result.stderr
-    config = write_config(tmp_path, "http://127.0.0.1:9", api_key=None)
-    result = CliRunner().invoke(status_command, ["--config", config])
-    assert result.exit_code == 2
-    assert result.stderr.startswith("vast_api.api_key: missing")
-
-
-def test_status_as_subprocess(redis_client, redis_url, key_prefix):
-    populate(redis_client, key_prefix, time.time())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ponos_tasks.cli",
-            "status",
-            "--redis-url",
-            redis_url,
-            "--prefix",
-            key_prefix,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["totals"]["live_instances"] == 2

@@ -12,6 +12,7 @@ from ponos_tasks.offers import (
     OfferFilterError,
     build_query,
     describe_filters,
+    explain_offers,
     offer_matches,
     parse_filters,
     rank_offers,
@@ -762,3 +763,29 @@ def test_module_is_pure():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ a task's log
+
+
+def test_explain_offers_lists_the_candidates_in_the_order_tried():
+    offers = [
+        {"id": 3, "gpu_name": "A100", "dph_total": 1.2, "reliability": 0.99, "machine_id": 30},
+        {"id": 1, "gpu_name": "RTX 4090", "dph_total": 0.4, "reliability": 0.95, "machine_id": 10},
+        {"id": 2, "gpu_name": "RTX 4090", "dph_total": 0.4, "reliability": 0.999, "machine_id": 20},
+        {"id": 4, "gpu_name": None, "dph_total": None, "reliability": None, "machine_id": 40},
+    ]
+    line = explain_offers(
+        rank_offers(offers), left_out={"on a machine that failed a start": 2, "outside": 0}
+    )
+    assert line == (
+        "4 offer(s) match the filters (left out: 2 on a machine that failed a start); "
+        "cheapest first (then most reliable): "
+        "offer 2 RTX 4090 $0.400/h reliability 0.999 machine 20; "
+        "offer 1 RTX 4090 $0.400/h reliability 0.950 machine 10; "
+        "offer 3 A100 $1.200/h reliability 0.990 machine 30; 1 more"
+    )
+    assert explain_offers([]) == "no offer matches the filters"
+    assert explain_offers(rank_offers(offers)[:1], more=True).startswith(
+        "at least 1 offer(s) match the filters; cheapest first"
+    )

@@ -167,9 +167,9 @@ def metrics_page(run: LocalRun, config_path: Path) -> str:
         process.wait(timeout=10)
 
 
-def status_json(run: LocalRun, config_path: Path) -> str:
+def status_json(run: LocalRun, config_path: Path, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "ponos_tasks.cli", "status", "--config", str(config_path)]
+        [sys.executable, "-m", "ponos_tasks.cli", "status", *args, "--config", str(config_path)]
         + ["--json"],
         env=command_env(run),
         capture_output=True,
@@ -356,6 +356,9 @@ def gather(run: LocalRun) -> Evidence:
     evidence.texts["Flower task pages"] = flower_pages(agent.flower.url, (user, password))
     evidence.texts["metrics page"] = metrics_page(run, config_path)
     evidence.texts["status --json"] = status_json(run, config_path)
+    evidence.texts["status TASK_ID --json (timelines)"] = "\n".join(
+        status_json(run, config_path, task_id) for task_id in task_ids.values()
+    )
     evidence.texts["request URLs (Vast.ai, Arkindex)"] = "\n".join(
         f"{r['sim']} {r['method']} {r['url']} {unquote(r['url'])}"
         for recorder in recorders
@@ -394,6 +397,7 @@ PLACES = [
     Place("Flower task pages", a_task_id),
     Place("metrics page", lambda e: 'ponos_tasks{phase="done"} 2.0'),  # the two tasks
     Place("status --json", a_task_id),
+    Place("status TASK_ID --json (timelines)", lambda e: "reported `completed` to Arkindex"),
     Place("request URLs (Vast.ai, Arkindex)", a_task_id),
 ]
 

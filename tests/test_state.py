@@ -175,6 +175,9 @@ def test_snapshot_marks_and_counters(store):
     assert store.last_sync() is None
     store.mark_synced(99.25)
     assert store.last_sync() == 99.25
+    assert store.sync_report() is None
+    store.save_sync_report({"asked": 0, "waiting": {"task-1": "4 instances at most"}})
+    assert store.sync_report() == {"asked": 0, "waiting": {"task-1": "4 instances at most"}}
     store.count_destroyed("orphan")
     store.count_destroyed("orphan")
     store.count_destroyed("duplicate", 0)

@@ -674,3 +674,23 @@ def test_no_command_unreachable_registry_runs_unwrapped_and_infers(
     assert admin.task(task_id)["state"] == state
     log = admin.task_log(task_id)
     assert "running the image unwrapped" in log and "inferred" in log
+
+
+def test_the_log_is_published_again_with_its_last_lines(contexts, admin):
+    """After the destroy, the published log tells the whole story (state reported, instance
+    destroyed), its instance output intact; without the final upload's instance log kept,
+    nothing is published again (never less than was published)."""
+    ctx = contexts(logs_interval=3600)
+    task_id = admin.one_task(env=scripted(0))
+    start_and_finish(ctx, task_id)
+    record = ctx.store.get(task_id)
+    text = admin.task_log(task_id)
+    lines = agent_lines(ctx, text)
+    assert lines[-2].endswith("reported `completed` to Arkindex")
+    assert lines[-1].endswith(f"instance {record.instance_id} destroyed")
+    assert "PONOS_EXIT_CODE=0" in text
+    assert ctx.store.ended_log(task_id, record.attempt) is None  # dropped once published
+
+    ctx.logbook.add(task_id, "INFO", "a line written after everything")
+    steps._publish_last_lines(ctx, record)  # the kept instance log is gone: nothing sent
+    assert admin.task_log(task_id) == text
