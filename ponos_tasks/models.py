@@ -239,6 +239,9 @@ class TaskRecord:
     # The failed attempt's instance, kept *stopped* until the next attempt is created: between
     # two attempts it is the task's only trace outside Redis (see steps.retry_attempt).
     kept_instance_id: int | None = None
+    bid: float | None = None  # the current instance's bid, $/h (None: on-demand)
+    outbid_since: float | None = None  # its instance stopped by an outbid since (bidding.py)
+    on_demand_only: bool = False  # an outbid lasted fallback_after: no more bids for it
 
     @classmethod
     def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:

@@ -637,6 +637,7 @@ class Fleet:
             "offer_id": inst.offer_id,
             "gpu_name": inst.offer_row["gpu_name"],
             "dph_total": inst.dph_total,
+            "is_bid": inst.is_bid,
             "gpu_seconds": inst.gpu_seconds,
             "storage_seconds": inst.storage_seconds,
             "gpu_cost": gpu_cost,
