@@ -5,6 +5,7 @@ import pytest
 from ponos_tasks.bidding import OutbidAction, bid_price, is_outbid, outbid_decision
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Instance, TaskRecord
+from ponos_tasks.offers import OfferFilterError, build_query
 
 OUTBID_MSG = "Instance stopped: outbid by a higher priority rental"
 
@@ -81,3 +82,11 @@ def test_outbid_decision_pauses_waits_falls_back_and_resumes():
     assert outbid_decision(record(stop_requested=True), instance(), 100.0, 60) == (
         OutbidAction.NONE
     )
+
+
+def test_the_search_asks_for_bid_offers_only_when_bidding():
+    assert build_query({}, disk_gb=16)["type"] == "on-demand"
+    query = build_query({}, disk_gb=16, max_dph=0.5, offer_type="bid")
+    assert query["type"] == "bid" and query["dph_total"] == {"lte": 0.5}
+    with pytest.raises(OfferFilterError):
+        build_query({}, disk_gb=16, offer_type="reserved")
