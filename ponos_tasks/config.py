@@ -155,6 +155,16 @@ class RegistryCredential(_Section):
         return value.split("/")[0].lower()
 
 
+class InterruptibleConfig(_Section):
+    """Rent interruptible (bid) instances: cheaper, but stopped when outbid (README)."""
+
+    enabled: bool = False
+    bid_margin: float = Field(default=0.0, ge=0, description="$/h bid above the offer's min_bid")
+    fallback_after: float = Field(
+        default=900, gt=0, description="s outbid before the task moves to an on-demand instance"
+    )
+
+
 class VastConfig(_Section):
     url: str = "https://console.vast.ai"
     api_key: str
@@ -181,6 +191,7 @@ class VastConfig(_Section):
     rate_limit_scale: float = Field(default=1.0, gt=0, description="x Vast.ai's min intervals")
     extra_environment: dict[str, str] = Field(default_factory=dict)
     registries: list[RegistryCredential] = Field(default_factory=list)
+    interruptible: InterruptibleConfig = Field(default_factory=InterruptibleConfig)
 
     @field_validator("url")
     @classmethod

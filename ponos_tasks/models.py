@@ -247,6 +247,9 @@ class TaskRecord:
     allowance_limit: str | None = None
     held_by: str | None = None
     waiting_for: str | None = None
+    bid: float | None = None  # the current instance's bid, $/h (None: on-demand)
+    outbid_since: float | None = None  # its instance stopped by an outbid since (bidding.py)
+    on_demand_only: bool = False  # an outbid lasted fallback_after: no more bids for it
 
     @classmethod
     def new(cls, task_id: str, now: float, **values: Any) -> TaskRecord:

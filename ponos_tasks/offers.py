@@ -486,8 +486,12 @@ def build_query(
     disk_gb: float,
     max_dph: float | None = None,
     limit: int = 64,
+    offer_type: str = "on-demand",
 ) -> dict[str, Any]:
-    """The body of POST /api/v0/bundles/ for the agent: one on-demand GPU, cheapest first."""
+    """The body of POST /api/v0/bundles/ for the agent: one GPU, cheapest first; on-demand,
+    or `offer_type="bid"` for interruptible offers (priced from their min_bid)."""
+    if offer_type not in ("on-demand", "bid"):
+        raise OfferFilterError(f"offer_type must be on-demand or bid, got {offer_type!r}")
     normalized = parse_filters(filters if filters is not None else {})
     if isinstance(disk_gb, bool) or not isinstance(disk_gb, int | float) or not disk_gb > 0:
         raise OfferFilterError(f"disk_gb must be a positive number of GB, got {disk_gb!r}")
@@ -509,7 +513,7 @@ def build_query(
         price = query.setdefault("dph_total", {})
         price["lte"] = min(price.get("lte", max_dph), max_dph)
     query["order"] = [list(pair) for pair in DEFAULT_ORDER]
-    query["type"] = "on-demand"
+    query["type"] = offer_type
     query["allocated_storage"] = float(disk_gb)
     query["limit"] = limit
     return query

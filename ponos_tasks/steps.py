@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import redis
 from redis.exceptions import LockNotOwnedError
 
+from ponos_tasks import bidding
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import (
     ArkindexError,
@@ -48,6 +49,7 @@ from ponos_tasks.lifecycle import (
     Phase,
     StartFailureKind,
     make_label,
+    next_attempt_allowed,
     offer_wait_expired,
     start_failure_kind,
 )
@@ -192,8 +194,12 @@ class OfferSearch:
 def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
     vast = ctx.config.vast_api
     limits = ctx.settings.budget
+    bid = bidding.bids(ctx.config, record)
     query = build_query(
-        vast.offer_filters, disk_gb=vast.disk_gb, max_dph=limits.max_dph_per_instance
+        vast.offer_filters,
+        disk_gb=vast.disk_gb,
+        max_dph=bidding.price_cap(ctx.config),
+        offer_type="bid" if bid else "on-demand",
     )
     offers = ctx.vast.search_offers(query)
     # This task's own failed machines, and those every task avoids for a while.
@@ -259,6 +265,11 @@ def _set_waiting(
     if ctx.store.once(f"waitlog:{record.task_id}:{held_by}", ctx.settings.logs_interval):
         return [Next(StepName.PUBLISH_LOGS, kwargs={"final": False})]
     return []
+
+
+def _bid_for(ctx: AgentContext, offer) -> float | None:
+    margin = ctx.config.vast_api.interruptible.bid_margin
+    return bidding.bid_price(offer, margin, bidding.price_cap(ctx.config))
 
 
 def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
@@ -513,9 +524,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     tried = 0
     refusals: list[str] = []  # Vast.ai's answers to creates it refused (4xx)
     passed: list[str] = []  # offers ranked above the one rented, and why they were not
+    bid = bidding.bids(ctx.config, record)
     for offer in offers:
         if tried == ctx.settings.offers_tried_per_create:
             break
+        price = _bid_for(ctx, offer) if bid else None
         # Claim the offer for a short while, so that workers creating at the same moment
         # take the next offers instead of all racing for the cheapest one.
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
@@ -526,7 +539,9 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             # The lock is renewed to a full timeout right before each try is sent (after the
             # rate limiter's wait, however long): a worker whose lock lapsed meanwhile, and
             # was taken over, sends nothing (LockNotOwnedError).
-            created = ctx.vast.create_instance(offer.id, before_send=lock.reacquire, **request)
+            created = ctx.vast.create_instance(
+                offer.id, before_send=lock.reacquire, price=price, **request
+            )
             ctx.store.remember_instance_key(task_id, record.attempt, created.instance_api_key)
         except LockNotOwnedError:
             _note(
@@ -573,6 +588,19 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             _note(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
             passed.append(f"offer {offer.id} refused the create")
             continue
+        if not created.started and price is not None:
+            # Created stopped: a higher bid arrived since the search (docs/reference.md §3.1).
+            # The machine is not at fault; the stray instance goes at once.
+            _note(
+                ctx,
+                task_id,
+                f"Vast.ai created instance {created.id} stopped on machine {offer.machine_id}: "
+                f"our bid of ${price:.4f}/h is below its minimum now; destroying it and "
+                "trying another offer",
+                "WARNING",
+            )
+            ctx.vast.destroy_instance(created.id)
+            continue
         if not created.started:
             ctx.metric_store.count_start_failure(StartFailureKind.CREATED_STOPPED)
             _note(
@@ -590,7 +618,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             continue
         why = "the cheapest matching offer" + (f" left ({'; '.join(passed)})" if passed else "")
         return _record_instance(
-            ctx, record, None, created=created, offer=offer, inferred=inferred, why=why
+            ctx, record, None, created=created, offer=offer, inferred=inferred, why=why, bid=price
         )
     if refusals and len(refusals) == tried:
         return _refuse_task(ctx, record, f"Vast.ai refused to create its instance ({refusals[-1]})")
@@ -654,6 +682,7 @@ def _record_instance(
     adopted=False,
     inferred=False,
     why: str | None = None,
+    bid=None,
 ) -> Next | None:
     now = ctx.now()
     if instance is not None:
@@ -685,6 +714,8 @@ def _record_instance(
         start_status=None,
         progress_at=None,
         log_unread_since=None,
+        bid=bid,
+        outbid_since=None,
         **values,
     )
     if updated is None:
@@ -693,12 +724,13 @@ def _record_instance(
         return None
     verb = "adopted existing" if adopted else "created"
     source = f" from offer {offer.id}" if offer is not None else ""
+    kind = "" if bid is None else f", interruptible: bid ${bid:.4f}/h"
     _note(
         ctx,
         record.task_id,
         f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']}{source} on "
         f"machine {values['machine_id']} ({values['gpu_name']}, "
-        f"${(values['dph_total'] or 0):.3f}/h)" + (f": {why}" if why else ""),
+        f"${(values['dph_total'] or 0):.3f}/h{kind})" + (f": {why}" if why else ""),
     )
     return Next(StepName.WATCH, countdown=ctx.settings.watch_interval)
 
@@ -750,6 +782,9 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             _note(
                 ctx, task_id, f"instance {record.instance_id} starting: {instance.status_msg[:200]}"
             )
+    follow = _watch_outbid(ctx, record, instance, now, again)
+    if follow is not None:
+        return follow
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
@@ -891,6 +926,93 @@ def _end_over_budget(ctx: AgentContext, record: TaskRecord, reason: str) -> list
 
 def _count_start_failure(ctx: AgentContext, decision) -> None:
     ctx.metric_store.count_start_failure(start_failure_kind(decision.condition, decision.reason))
+
+
+def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, again: dict):
+    """An outbid is a pause (bidding.py): the steps that follow, or None to watch as usual."""
+    settings = ctx.settings
+    fallback_after = ctx.config.vast_api.interruptible.fallback_after
+    action = bidding.outbid_decision(record, instance, now, fallback_after)
+    watch_again = [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
+    if action == bidding.OutbidAction.NONE:
+        return None
+    if action == bidding.OutbidAction.WAIT:
+        ctx.store.heartbeat(record.task_id, expect_attempt=record.attempt)
+        return watch_again
+    if action == bidding.OutbidAction.RESUMED:
+        paused = now - record.outbid_since
+        # progress_at: the time parked is not a stalled pull.
+        ctx.store.touch(
+            record.task_id, expect_attempt=record.attempt, outbid_since=None, progress_at=now
+        )
+        _note(
+            ctx,
+            record.task_id,
+            f"instance {record.instance_id} resumed by Vast.ai after {paused:.0f} s outbid; "
+            "its container starts again from the image",
+        )
+        return None
+    if action == bidding.OutbidAction.PAUSED:
+        # A command seen running may have printed its exit code just before the outbid: then
+        # it ended, and the usual watch reads that. An unreadable log is no such proof: pause.
+        # (Before it was seen running, there is no run to read: a container that never ran
+        # has no log Vast.ai serves, and asking costs the whole log-read deadline.)
+        if record.phase == Phase.RUNNING:
+            text = _instance_log(ctx, record)
+            nonce = ctx.marker_nonce(record.label)
+            if text is not None and parse_exit_marker(text, nonce) is not None:
+                return None
+        ctx.store.touch(
+            record.task_id, expect_attempt=record.attempt, outbid_since=now, heartbeat_at=now
+        )
+        cut = (
+            "the task's command was cut and will run again from its start if the instance resumes"
+            if record.phase == Phase.RUNNING
+            else "the agent had not seen the task's command start (if it had, it was cut, and "
+            "will run again from its start if the instance resumes)"
+        )
+        _note(
+            ctx,
+            record.task_id,
+            f"instance {record.instance_id} was outbid (Vast.ai stopped it for a "
+            f"higher-priority rental): {cut}. Waiting up to {fallback_after:g} s for it to "
+            "resume; its storage still bills meanwhile",
+            "WARNING",
+        )
+        return watch_again
+    # FALLBACK: give the machine up. The paused instance goes first (it could resume and
+    # run the command beside its successor), then an on-demand attempt elsewhere.
+    reason = (
+        f"instance {record.instance_id} outbid for {now - record.outbid_since:.0f} s "
+        f"(fallback_after {fallback_after:g} s)"
+    )
+    if not next_attempt_allowed(record.attempt, settings.max_attempts):
+        reason = f"no instance could run the task in {record.attempt} attempt(s); last: {reason}"
+        if _end_in_error(ctx, record, reason, expect_phase=record.phase):
+            _note(ctx, record.task_id, reason, "ERROR")
+            return [Next(StepName.PUBLISH_LOGS)]
+        return []
+    ctx.vast.destroy_instance(record.instance_id)
+    if ctx.store.cas(
+        record.task_id,
+        expect_phase=record.phase,
+        expect_attempt=record.attempt,
+        phase=Phase.RETRYING,
+        heartbeat_at=now,
+        failed_machines=[*record.failed_machines, record.machine_id],
+        attempt_reasons=[*record.attempt_reasons, reason],
+        on_demand_only=True,
+        outbid_since=None,
+    ):
+        _note(
+            ctx,
+            record.task_id,
+            f"{reason}: destroyed it; the task runs again from its start on an on-demand "
+            "instance on another machine",
+            "WARNING",
+        )
+        return [Next(StepName.RETRY_ATTEMPT)]
+    return []
 
 
 @step(StepName.RETRY_ATTEMPT)

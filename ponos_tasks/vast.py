@@ -336,6 +336,7 @@ class VastClient:
         onstart: str | None = None,
         args: list[str] | None = None,
         image_login: str | None = None,
+        price: float | None = None,
         before_send: Callable[[], None] | None = None,
     ) -> CreatedInstance:
         """PUT /asks/{offer_id}/. Raises OfferUnavailable when the offer is gone and
@@ -358,6 +359,8 @@ class VastClient:
             payload["args"] = list(args)
         if image_login is not None:
             payload["image_login"] = image_login
+        if price is not None:
+            payload["price"] = price  # a bid: the instance is interruptible
         path = f"/api/v0/asks/{int(offer_id)}/"
         try:
             body = self._call(

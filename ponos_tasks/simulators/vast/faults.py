@@ -8,9 +8,16 @@ the endpoint name. `times` (default unlimited) is how often the rule fires befor
 import re
 import threading
 
-CREATE_FAULTS = {"offer_vanished", "double_rent", "create_lost", "create_stopped"}
+# bid_raised: a competing bid lands between the search and this create: the machine's
+# min_bid is multiplied by `factor` (default 2), so a bid priced from the search is too low
+# and the instance is created stopped (or refused 410 with cancel_unavail).
+CREATE_FAULTS = {"offer_vanished", "double_rent", "create_lost", "create_stopped", "bid_raised"}
 # pull_stall: the image pull makes no progress from fraction `at` (default 0.3) of it, for
 # `duration` simulated seconds (default: forever); its status_msg stops changing.
+# outbid: the instance is stopped by a higher-priority rental `after` s into its phase
+# `during` (running, the default, or loading), once; with `resume_after` it is resumed that
+# many s later (the other rental ended) and its container starts again; without, it stays
+# stopped.
 # read_lag: the new instance is missing from show/list for exactly `seconds` (default 5)
 # after its create, instead of the usual random 0..read_lag.
 LIFECYCLE_FAULTS = {

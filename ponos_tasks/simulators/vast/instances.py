@@ -110,6 +110,7 @@ class Instance:
     visible_at: float = 0.0  # show/list include it from then on (read lag)
     pull: dict | None = None  # the pull in progress: phases (images.plan), start, stall
     restarts_in_row: int = 0
+    resume_at: float | None = None  # an outbid instance comes back then (outbid fault)
     destroyed_at: float | None = None
     timers: list = field(default_factory=list)
     run_seq: int = 0
@@ -353,6 +354,7 @@ class Fleet:
 
     def _on_loading(self, inst: Instance, t: float) -> None:
         self._set(inst, t, actual_status="loading", status_msg=f"Pulling image {inst.image}")
+        self._schedule_outbid(inst, t, "loading")
         if "stuck_loading" in inst.faults:
             inst.pull = None
             return
@@ -424,9 +426,7 @@ class Fleet:
         crash = inst.faults.get("unexpected_exit")
         if crash is not None:
             self._schedule(inst, t + float(crash.get("after", 10.0)), "crash")
-        outbid = inst.faults.get("outbid")
-        if outbid is not None:
-            self._schedule(inst, t + float(outbid.get("after", 10.0)), "outbid")
+        self._schedule_outbid(inst, t, "running")
 
     def _on_run_end(self, inst: Instance, t: float) -> None:
         knobs = inst.knobs()
@@ -461,10 +461,25 @@ class Fleet:
             inst, t, f"exited with code {inst.exit_code}", restart=bool(rule.get("restart", False))
         )
 
+    def _schedule_outbid(self, inst: Instance, t: float, phase: str) -> None:
+        """The outbid fault strikes once per instance, `after` s into the phase it names
+        (`during`: running, the default, or loading)."""
+        rule = inst.faults.get("outbid")
+        if rule is None or rule.get("during", "running") != phase:
+            return
+        inst.faults.pop("outbid")
+        self._schedule(inst, t + float(rule.get("after", 10.0)), "outbid")
+        if rule.get("resume_after") is not None:
+            # The higher-priority rental ends: Vast.ai resumes the interruptible instance
+            # (docs/reference.md §1.4), its container starts again from the image.
+            # Not a run timer: the outbid itself starts a new run.
+            inst.resume_at = t + float(rule.get("after", 10.0)) + float(rule["resume_after"])
+
     def _on_outbid(self, inst: Instance, t: float) -> None:
         self._kill(inst, t)
         inst.run_seq += 1
         inst.running_since = None
+        inst.pull = None
         self._set(
             inst,
             t,
@@ -474,6 +489,13 @@ class Fleet:
             next_state="stopped",
             status_msg="Instance stopped: outbid by a higher priority rental",
         )
+        if inst.resume_at is not None:
+            self._schedule(inst, max(t, inst.resume_at), "resume", run=False)
+            inst.resume_at = None
+
+    def _on_resume(self, inst: Instance, t: float) -> None:
+        if inst.intended_status == "stopped" and "outbid" in inst.status_msg:
+            self.start(inst, t)  # only an instance still parked by the outbid comes back
 
     def _on_offline_on(self, inst: Instance, t: float) -> None:
         self._accrue(inst, t)
@@ -615,6 +637,7 @@ class Fleet:
             "offer_id": inst.offer_id,
             "gpu_name": inst.offer_row["gpu_name"],
             "dph_total": inst.dph_total,
+            "is_bid": inst.is_bid,
             "gpu_seconds": inst.gpu_seconds,
             "storage_seconds": inst.storage_seconds,
             "gpu_cost": gpu_cost,

@@ -236,6 +236,13 @@ class VastState:
                 )
                 machine_id = offer.machine_id
             price = body.get("price")
+            raised = self.faults.take({"bid_raised"}, label=label)
+            if raised is not None and not doomed:
+                # Another renter bid on this machine between our search and our create:
+                # its minimum bid is higher from now on, for every later search too.
+                factor = float(raised.get("factor", 2.0))
+                self.market.machines[machine_id].specs["min_bid_per_gpu"] *= factor
+                offer_row["min_bid"] = round(offer_row["min_bid"] * factor, 4)
             below_bid = price is not None and float(price) < offer_row["min_bid"]
             stopped_rule = self.faults.take({"create_stopped"}, label=label)
             if below_bid and body.get("cancel_unavail"):

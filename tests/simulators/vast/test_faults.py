@@ -149,6 +149,42 @@ def test_outbid_sets_three_state_fields_stopped(api):
     assert row["cur_state"] == row["intended_status"] == row["next_state"] == "stopped"
 
 
+def test_outbid_with_resume_after_comes_back_and_runs_its_command_again(api):
+    _faults(api, {"fault": "outbid", "label": "^back", "after": 5, "resume_after": 20})
+    offer = api.search({"num_gpus": {"eq": 1}, "type": "bid", "order": [["min_bid", "asc"]]})[0]
+    iid = api.create_visible(
+        offer["id"], label="back", price=offer["min_bid"], env={**FAST_ENV, "SIM_DURATION": "1000"}
+    ).json()["new_contract"]
+    api.wait_for(iid, lambda r: "outbid" in r["status_msg"] and r["cur_state"] == "stopped")
+    row = api.wait_for(iid, lambda r: r["actual_status"] == "running", timeout=20)
+    assert row["intended_status"] == row["cur_state"] == "running"
+    # Once per instance: it is not outbid again after it came back.
+    time.sleep(0.3)  # 30 simulated s, more than `after`
+    assert api.show(iid)["actual_status"] == "running"
+
+
+def test_outbid_during_loading_without_resume_stays_stopped(api):
+    _faults(api, {"fault": "outbid", "label": "^pull", "during": "loading", "after": 1})
+    iid = api.create_visible(
+        label="pull", env={**FAST_ENV, "SIM_PULL_SECONDS": "60", "SIM_DURATION": "1000"}
+    ).json()["new_contract"]
+    row = api.wait_for(iid, lambda r: r["cur_state"] == "stopped")
+    assert "outbid" in row["status_msg"] and row["actual_status"] == "stopped"
+    time.sleep(0.8)  # 80 simulated s: the pull would have ended by now
+    assert api.show(iid)["actual_status"] == "stopped"
+
+
+def test_bid_raised_between_search_and_create_makes_the_bid_too_low(api):
+    offer = api.search({"num_gpus": {"eq": 1}, "type": "bid", "order": [["min_bid", "asc"]]})[0]
+    _faults(api, {"fault": "bid_raised", "label": "^raised", "factor": 3, "times": 1})
+    answer = api.create_visible(offer["id"], label="raised", price=offer["min_bid"] * 1.5).json()
+    assert answer["success"] is False
+    row = api.show(answer["new_contract"])
+    assert row["intended_status"] == "stopped" and row["min_bid"] == pytest.approx(
+        offer["min_bid"] * 3, rel=1e-3
+    )
+
+
 @pytest.mark.parametrize(
     "shape, retry_after, content_type, marker",
     [
