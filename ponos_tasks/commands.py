@@ -340,11 +340,14 @@ def metrics_command(
     ponos_api_calls_total and ponos_api_rate_limited_total{api,endpoint},
     ponos_start_failures_total{reason}, the histograms
     ponos_task_pending_to_running_seconds, ponos_task_end_to_destroy_seconds and
-    ponos_offers_matched (README.md, "Monitor", says what each means). Celery-level metrics (task events, runtimes, workers online) come from Flower's own
+    ponos_offers_matched; the budget's ponos_spend_dollars_total, ponos_spend_today_dollars
+    and, with --config, ponos_budget_headroom_dollars{limit} (README.md, "Monitor", says
+    what each means). Celery-level metrics (task events, runtimes, workers online) come from Flower's own
     /metrics endpoint. Ctrl-C stops.
     """
     client = _redis_from(config_path, redis_url)
-    server, _thread = serve_metrics(client, prefix, host=host, port=port)
+    settings = _settings_if_any(config_path)  # the budget's limits, for the headroom
+    server, _thread = serve_metrics(client, prefix, host=host, port=port, settings=settings)
     click.echo(
         f"Serving metrics on http://{host}:{server.server_port}/metrics (Ctrl-C stops)", err=True
     )

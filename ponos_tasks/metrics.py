@@ -43,6 +43,28 @@ def is_live(instance: Instance) -> bool:
     return classify_instance(instance) is not Condition.GONE
 
 
+@dataclass(frozen=True)
+class Spend:
+    """What the budget's meter counted (budget.py), for the spend metrics."""
+
+    total: float  # $ since the meter began in this Redis
+    today: float  # $ this UTC day
+    day_left: float | None  # $ under max_spend_per_day (None: no limit, or no settings)
+
+
+def read_spend(client: redis.Redis, prefix: str, now: float, settings=None) -> Spend:
+    # Imported here: budget.py is the pure arithmetic; the collector only reads its figures.
+    from ponos_tasks.budget import headroom, spend_today
+    from ponos_tasks.state import BudgetStore
+
+    keys = Keyspace(prefix)
+    store = BudgetStore(client, keys, TaskStore(client, keys))
+    day_left = None
+    if settings is not None and settings.budget.max_spend_per_day is not None:
+        day_left = headroom(settings, store, now).day_left
+    return Spend(total=store.spent_total(), today=spend_today(store, now), day_left=day_left)
+
+
 @dataclass
 class AgentState:
     """One consistent-enough read of the agent's Redis keys, taken at `now`."""
@@ -54,6 +76,7 @@ class AgentState:
     last_sync_at: float | None
     destroyed: dict[str, int] = field(default_factory=dict)
     measurements: Measurements = field(default_factory=Measurements)
+    spend: Spend | None = None  # the budget's meter (None: not read, as in describe())
 
     @property
     def live_instances(self) -> list[Instance]:
@@ -137,10 +160,12 @@ class PonosCollector:
         prefix: str = DEFAULT_PREFIX,
         *,
         now: Callable[[], float] = time.time,
+        settings=None,
     ):
         self.client = client
         self.prefix = prefix
         self.now = now
+        self.settings = settings  # settings.Settings: the budget's limits (headroom), if given
 
     def describe(self):
         """Every family this collector exports, without samples (no Redis read: from an
@@ -153,6 +178,7 @@ class PonosCollector:
     def collect(self):
         try:
             state = read_agent_state(self.client, self.prefix, now=self.now)
+            state.spend = read_spend(self.client, self.prefix, state.now, self.settings)
         except redis.RedisError:
             yield _redis_up(0)
             return
@@ -270,12 +296,25 @@ def measured_families(measurements: Measurements):
 
 
 def spend_families(state: AgentState):
-    """Spend and budgets: the place where the budget work (ponos_tasks/budget.py and its
-    spend counters in Redis) exports `ponos_spend_dollars_total`, `ponos_spend_today_dollars`
-    and `ponos_budget_headroom_dollars{limit}`. The alert rules (deploy/prometheus/alerts.yml)
-    and the dashboard (deploy/grafana/ponos-vast.json) already use these names; until they are
-    exported here, tests/test_monitoring_files.py lists them as awaited."""
-    return iter(())
+    """Spend as the budget's meter counts it (the Vast.ai ledger's way: GPU while running,
+    storage from create to destroy), and what is left of the day's budget."""
+    spend = state.spend
+    total = CounterMetricFamily(
+        "ponos_spend_dollars", "$ metered since the meter began in this Redis (budget.py)"
+    )
+    today = GaugeMetricFamily("ponos_spend_today_dollars", "$ metered this UTC day")
+    left = GaugeMetricFamily(
+        "ponos_budget_headroom_dollars",
+        "$ left under a spending limit, the live tasks' commitments counted "
+        "(limit=max_spend_per_day; only with --config and that limit set)",
+        labels=["limit"],
+    )
+    if spend is not None:
+        total.add_metric([], spend.total)
+        today.add_metric([], spend.today)
+        if spend.day_left is not None:
+            left.add_metric(["max_spend_per_day"], spend.day_left)
+    yield from (total, today, left)
 
 
 def exposed_sample_names(collector: PonosCollector) -> set[str]:
@@ -293,10 +332,14 @@ def exposed_sample_names(collector: PonosCollector) -> set[str]:
 
 
 def make_registry(
-    client: redis.Redis, prefix: str = DEFAULT_PREFIX, *, now: Callable[[], float] = time.time
+    client: redis.Redis,
+    prefix: str = DEFAULT_PREFIX,
+    *,
+    now: Callable[[], float] = time.time,
+    settings=None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PonosCollector(client, prefix, now=now))
+    registry.register(PonosCollector(client, prefix, now=now, settings=settings))
     return registry
 
 
@@ -307,7 +350,9 @@ def serve_metrics(
     host: str = "127.0.0.1",
     port: int = 9808,
     now: Callable[[], float] = time.time,
+    settings=None,
 ):
     """Serve /metrics in a daemon thread; returns (server, thread). server.server_port is
     the bound port (useful with port 0); server.shutdown() stops it."""
-    return start_http_server(port, addr=host, registry=make_registry(client, prefix, now=now))
+    registry = make_registry(client, prefix, now=now, settings=settings)
+    return start_http_server(port, addr=host, registry=registry)

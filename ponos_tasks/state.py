@@ -37,6 +37,7 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
     spend:epoch                      string   none       agent time the meter began in this Redis
     spend:meter                      hash     none       instance id -> JSON budget.Metered
     spend:day:<YYYY-MM-DD>           string   8 days     $ metered that UTC day
+    spend:total                      string   none       $ metered since the meter began
     spend:day:<YYYY-MM-DD>:rebuilt   string   8 days     set when that counter was rebuilt
     spend:task:<id>                  string   14 days    $ metered for the task's instances
     budget:cheapest                  string   10 min     $/h of the cheapest matching offer seen
@@ -169,6 +170,10 @@ class Keyspace:
 
     def spend_day(self, day: str) -> str:
         return f"{self.prefix}spend:day:{day}"
+
+    @property
+    def spend_total(self) -> str:
+        return self.prefix + "spend:total"
 
     def spend_day_rebuilt(self, day: str) -> str:
         return f"{self.prefix}spend:day:{day}:rebuilt"
@@ -626,6 +631,8 @@ class BudgetStore:
                 for day, amount in result.days.items():
                     pipe.incrbyfloat(self.keys.spend_day(day), amount)
                     pipe.expire(self.keys.spend_day(day), self.DAY_TTL)
+                if result.days:  # Prometheus' counter: never expires, never goes down
+                    pipe.incrbyfloat(self.keys.spend_total, sum(result.days.values()))
                 for task_id, amount in result.tasks.items():
                     pipe.incrbyfloat(self.keys.spend_task(task_id), amount)
                     pipe.expire(self.keys.spend_task(task_id), self.TASK_TTL)
@@ -633,6 +640,11 @@ class BudgetStore:
             except WatchError:
                 return None
         return result
+
+    def spent_total(self) -> float:
+        """$ metered since the meter began in this Redis (all days)."""
+        raw = self.redis.get(self.keys.spend_total)
+        return 0.0 if raw is None else float(_text(raw))
 
     def spent_on(self, day: str) -> float:
         raw = self.redis.get(self.keys.spend_day(day))

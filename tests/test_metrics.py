@@ -189,3 +189,43 @@ def test_an_instance_no_active_task_holds_is_orphaned():
     }
     state = AgentState(NOW, records, instances, NOW, NOW)
     assert [i.id for i in state.orphaned_instances] == [8, 9]
+
+
+def test_spend_metrics_follow_the_budget_meter(redis_client, key_prefix):
+    """The meter's passes add to the day, the task and the all-time counter; the endpoint
+    exports them, and the day's headroom when it has the limits."""
+    from ponos_tasks.budget import MeterPass, headroom, utc_day
+    from ponos_tasks.config import AgentConfig
+    from ponos_tasks.settings import Settings
+    from ponos_tasks.state import BudgetStore
+
+    keys = Keyspace(key_prefix)
+    store = BudgetStore(redis_client, keys, TaskStore(redis_client, keys))
+    day = utc_day(NOW + 10)
+    for amount in (0.25, 0.5):
+        result = store.apply_meter(lambda meter, a=amount: MeterPass({}, [], {day: a}, {"t": a}))
+        assert result is not None
+    config = AgentConfig.model_validate(
+        {
+            "url": "http://127.0.0.1:9",
+            "farm_id": "00000000-0000-4000-8000-000000000000",
+            "seed": "s",
+            "vast_api": {"api_key": "k"},
+            "budget": {"max_spend_per_day": 2.0},
+        }
+    )
+    settings = Settings.from_config(config)
+    server, thread = serve_metrics(
+        redis_client, key_prefix, host="127.0.0.1", port=0, now=lambda: NOW + 10, settings=settings
+    )
+    try:
+        samples = scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert samples[("ponos_spend_dollars_total", ())] == pytest.approx(0.75)
+    assert samples[("ponos_spend_today_dollars", ())] == pytest.approx(0.75)
+    left = samples[("ponos_budget_headroom_dollars", (("limit", "max_spend_per_day"),))]
+    assert left == pytest.approx(headroom(settings, store, NOW + 10).day_left)
+    assert left <= 2.0 - 0.75 + 1e-9
