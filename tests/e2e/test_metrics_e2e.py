@@ -195,6 +195,13 @@ def test_metrics_during_a_run_match_the_simulators_counts(run):
     assert after[("ponos_offers_matched_bucket", (("le", "0.0"),))] == 0
     assert after[("ponos_start_failures_total", (("reason", "start_failed"),))] == 1
     assert after[("ponos_instances_orphaned", ())] == 0
+    # Spend: the budget's meter against the Vast.ai ledger's bill of the same instances. The
+    # meter counts in sync-sized steps and errs on the side of more (README, "Budgets").
+    billed = sum(row["cost"] for row in ledger)
+    metered = after[("ponos_spend_dollars_total", ())]
+    print(f"spend: metered ${metered:.5f}, ledger ${billed:.5f}")
+    assert billed > 0
+    assert billed * 0.98 <= metered <= billed * 2.0
 
     # Flower: every Celery task under its step's name, with the Arkindex task id as argument.
     names = {STEPS[name].task_name for name in STEPS} | {"ponos.sync"}
