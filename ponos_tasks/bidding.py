@@ -58,6 +58,14 @@ def bid_price(offer: Any, margin: float, cap: float | None) -> float | None:
     return bid if bid >= min_bid else None
 
 
+def instance_dph(offer: Any, bid: float) -> float:
+    """What an instance rented on a `type=bid` offer at `bid` costs, $/h: the bid plus the
+    disk's storage (the row's dph_total is priced from min_bid)."""
+    raw = offer.raw if hasattr(offer, "raw") else offer
+    storage = max(0.0, float(raw["dph_total"]) - float(raw["min_bid"]))
+    return bid + storage
+
+
 def is_outbid(instance: Instance | None) -> bool:
     """An interruptible instance stopped because a higher-priority rental took its machine."""
     if instance is None or not instance.raw.get("is_bid"):

@@ -516,6 +516,17 @@ class TaskStore:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
 
+    #: How long an instance stays marked a stray (created stopped, being destroyed).
+    STRAY_TTL = 24 * 3600.0
+
+    def mark_stray(self, instance_id: int) -> None:
+        """An instance created stopped that the create step is destroying: never the
+        task's instance, even when its destroy fails and the step's retry finds it by label."""
+        self.redis.set(self.keys.once(f"stray:{instance_id}"), "1", px=int(self.STRAY_TTL * 1000))
+
+    def is_stray(self, instance_id: int) -> bool:
+        return bool(self.redis.exists(self.keys.once(f"stray:{instance_id}")))
+
 
 @contextmanager
 def kept_alive(lock: Lock, every: float):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -267,9 +268,16 @@ def _set_waiting(
     return []
 
 
-def _bid_for(ctx: AgentContext, offer) -> float | None:
+def _bid_for(ctx: AgentContext, record: TaskRecord, offer) -> float | None:
+    """The bid for this offer, within every cap on the instance's $/h: the per-instance cap
+    and the task's budget allowance (the bid, not the offer's min_bid-based dph_total, is what
+    the instance will cost). None: even min_bid does not fit, and the offer is not rented."""
     margin = ctx.config.vast_api.interruptible.bid_margin
-    return bidding.bid_price(offer, margin, bidding.price_cap(ctx.config))
+    caps = [bidding.price_cap(ctx.config)]
+    if ctx.settings.budget.rations and record.budget_allowance is not None:
+        caps.append(record.budget_allowance)
+    known = [c for c in caps if c is not None and math.isfinite(c)]
+    return bidding.bid_price(offer, margin, min(known) if known else None)
 
 
 def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
@@ -464,6 +472,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     # Resumed or fresh: the label of this attempt may already name an instance (a create
     # whose answer was lost, a worker killed after Vast accepted): adopt it, never re-create.
     existing = ctx.vast.list_instances(label=record.label)
+    for stray in [i for i in existing if ctx.store.is_stray(i.id)]:
+        # Created stopped by an earlier try, whose destroy failed: finish that destroy (an
+        # error raises, and the step is retried), never adopt it as the task's instance.
+        ctx.vast.destroy_instance(stray.id)
+        existing.remove(stray)
     if existing:
         return _record_instance(ctx, record, min(existing, key=lambda i: i.id), adopted=True)
     now = ctx.now()
@@ -528,7 +541,10 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     for offer in offers:
         if tried == ctx.settings.offers_tried_per_create:
             break
-        price = _bid_for(ctx, offer) if bid else None
+        price = _bid_for(ctx, record, offer) if bid else None
+        if bid and price is None:
+            passed.append(f"offer {offer.id}'s min_bid is over the price caps")
+            continue
         # Claim the offer for a short while, so that workers creating at the same moment
         # take the next offers instead of all racing for the cheapest one.
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
@@ -599,6 +615,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 "trying another offer",
                 "WARNING",
             )
+            ctx.store.mark_stray(created.id)  # before the destroy, which may fail
             ctx.vast.destroy_instance(created.id)
             continue
         if not created.started:
@@ -610,6 +627,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 f"{offer.machine_id}; destroying it and trying another offer",
                 "WARNING",
             )
+            ctx.store.mark_stray(created.id)  # before the destroy, which may fail
             ctx.vast.destroy_instance(created.id)
             ctx.store.touch(task_id, failed_machines=[*record.failed_machines, offer.machine_id])
             ctx.store.avoid_machine(offer.machine_id, ctx.settings.machine_cooldown)
@@ -698,7 +716,9 @@ def _record_instance(
             machine_id=offer.machine_id,
             offer_id=offer.id,
             gpu_name=offer.gpu_name,
-            dph_total=offer.dph_total,
+            # A bid instance costs its bid plus the disk's storage, not the offer's
+            # min_bid-based dph_total: the budget's commitments and caps use this price.
+            dph_total=offer.dph_total if bid is None else bidding.instance_dph(offer, bid),
         )
     updated = ctx.store.cas(
         record.task_id,
