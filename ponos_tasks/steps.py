@@ -932,15 +932,7 @@ def _end_over_budget(ctx: AgentContext, record: TaskRecord, reason: str) -> list
     ):
         return []
     _note(ctx, record.task_id, f"{reason}: stopping its instance; the task ends in error", "ERROR")
-    try:
-        ctx.vast.stop_instance(record.instance_id)
-    except VastError as error:  # gone, or unreachable: the destroy that follows settles it
-        logger.warning(
-            "task %s: could not stop instance %s at its spending limit: %s",
-            record.task_id,
-            record.instance_id,
-            error.msg,
-        )
+    _stop_instance(ctx, record, "at its spending limit")
     return [Next(StepName.PUBLISH_LOGS)]
 
 
@@ -1507,13 +1499,19 @@ def _read_log_again_in(
 def _stop_while_waiting(ctx: AgentContext, record: TaskRecord) -> None:
     """A stopped task whose log must still be read: stop its instance now (the command ends,
     its log stays, only storage bills) rather than let it run while the log is awaited."""
+    _stop_instance(ctx, record, "while waiting for its log")
+
+
+def _stop_instance(ctx: AgentContext, record: TaskRecord, when: str) -> None:
+    """Stop the task's instance (the GPU stops billing); a failure is only logged."""
     try:
         ctx.vast.stop_instance(record.instance_id)
     except VastError as error:  # gone, or unreachable: the destroy that follows settles it
         logger.warning(
-            "task %s: could not stop instance %s while waiting for its log: %s",
+            "task %s: could not stop instance %s %s: %s",
             record.task_id,
             record.instance_id,
+            when,
             error.msg,
         )
 
