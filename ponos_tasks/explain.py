@@ -23,6 +23,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 import click
+import redis
 
 from ponos_tasks import bidding, steps
 from ponos_tasks.agent import AgentContext, stable_public_key
@@ -432,6 +433,11 @@ def explain_command(task_id: str, config_path: str | None, as_json: bool, prefix
         doc = explain_task(ctx, task_id)
     except ExplainError as error:
         raise click.ClickException(str(error)) from None
+    except redis.RedisError as error:
+        # redis-py's messages name host and port, never the password.
+        raise click.ClickException(
+            f"no usable Redis at {config.redis_location()} ({error})"
+        ) from None
     finally:
         ctx.vast.close()
     if as_json:

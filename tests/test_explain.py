@@ -4,6 +4,7 @@ does, it writes nothing anywhere, and it names the limit that holds a task."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from ponos_tasks.cli import main
 from ponos_tasks.explain import ExplainError, explain_task, read_only_context, render
 from ponos_tasks.logs import redact
+from ponos_tasks.models import Next, StepName
 from ponos_tasks.wrapper import marker_nonce
 from tests.agent_harness import Admin, Harness, make_context, wipe
 
@@ -167,3 +169,43 @@ def test_explain_never_registers(contexts, admin):
     with pytest.raises(ExplainError, match="no stored Arkindex credentials"):
         explain_task(read_only_context(ctx.config, ctx.prefix), task_id)
     assert admin.agents() == agents and redis_dump(ctx) == {}
+
+
+def test_first_contact_hold_then_run(local_stack, redis_url, admin):
+    """README, First contact: a budget no offer fits lets Arkindex assign one task and rents
+    nothing; restarted with real limits, the agent rents the offer explain then shows."""
+    name, prefix = f"test-{uuid.uuid4().hex[:10]}", f"test-explain-{uuid.uuid4().hex[:10]}:"
+    held = make_context(
+        local_stack,
+        redis_url,
+        prefix=prefix,
+        agent_name=name,
+        budget={"max_instances": 1, "max_dph_total": 0.0002},
+    )
+    try:
+        task_id = admin.one_task(env=SCRIPTED)
+        harness = accepted(held, task_id)
+        harness.run(until=lambda: held.store.get(task_id).held_by is not None, timeout=30)
+        record = held.store.get(task_id)
+        assert record.held_by == "max_dph_total" and record.instance_id is None
+        assert "max_dph_total leaves $0.0002/h" in record.waiting_for
+        assert (
+            explain_task(read_only_context(held.config, prefix), task_id)["budget"]["held_by"]
+            == "max_dph_total"
+        )
+        assert admin.rows_for(task_id) == []
+
+        tight = {"max_instances": 1, "max_spend_per_task": 1, "max_spend_per_day": 5}
+        ctx = make_context(local_stack, redis_url, prefix=prefix, agent_name=name, budget=tight)
+        harness = Harness(ctx)
+        harness.sync()  # the allowance grows: the waiting task may rent now
+        doc = explain_task(read_only_context(ctx.config, prefix), task_id)
+        assert doc["budget"]["held_by"] is None and doc["offers"]["chosen"] is not None
+        harness.push(task_id, [Next(StepName.CHOOSE_OFFER)])
+        harness.run(until=lambda: harness.done(task_id), timeout=60)
+        [row] = admin.rows_for(task_id)
+        assert row["offer_id"] == doc["offers"]["chosen"]["id"]
+        assert row["label"] == doc["request"]["label"]
+    finally:
+        wipe(held)
+        held.redis.close()
