@@ -14,6 +14,7 @@ from ponos_tasks.cli import main
 from ponos_tasks.explain import ExplainError, explain_task, read_only_context, render
 from ponos_tasks.logs import redact
 from ponos_tasks.models import Next, StepName
+from ponos_tasks.simulators.stack import LocalStack
 from ponos_tasks.wrapper import marker_nonce
 from tests.agent_harness import Admin, Harness, make_context, wipe
 
@@ -22,6 +23,16 @@ pytestmark = pytest.mark.timeout(120)
 FAST = {"SIM_DURATION": "20", "SIM_PULL_SECONDS": "5", "SIM_LOG_LINES": "3"}
 SCRIPTED = {**FAST, "SIM_FINAL_LINES": "PONOS_EXIT_CODE=0", "SIM_SELF_STOP": "true"}
 CANARY = "canary-secret-value-0123456789"
+
+
+@pytest.fixture(scope="module")
+def local_stack(redis_url):
+    """A stack of this module's own: Arkindex hands any pending task of the farm to the
+    agent that asks, and these tests leave tasks assigned to agents that never run them."""
+    stack = LocalStack(redis_url, time_scale=20.0, start_redis=False)
+    stack.start()
+    yield stack
+    stack.stop()
 
 
 @pytest.fixture
@@ -154,7 +165,7 @@ def test_explain_command_json_and_unknown_task(contexts, admin, tmp_path):
         main, ["explain", task_id, "--config", config, "--prefix", ctx.prefix, "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["task_id"] == task_id
+    assert json.loads(result.stdout)["task_id"] == task_id
 
     unknown = "0b7c1d4e-0000-4000-8000-000000000000"
     result = runner.invoke(main, ["explain", unknown, "--config", config, "--prefix", ctx.prefix])
@@ -164,10 +175,9 @@ def test_explain_command_json_and_unknown_task(contexts, admin, tmp_path):
 
 def test_explain_never_registers(contexts, admin):
     ctx = contexts()  # never synced: no credentials in its Redis
-    task_id = admin.one_task(env=SCRIPTED)
     agents = admin.agents()
     with pytest.raises(ExplainError, match="no stored Arkindex credentials"):
-        explain_task(read_only_context(ctx.config, ctx.prefix), task_id)
+        explain_task(read_only_context(ctx.config, ctx.prefix), "a-task-of-nobody")
     assert admin.agents() == agents and redis_dump(ctx) == {}
 
 
