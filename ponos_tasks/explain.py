@@ -282,7 +282,7 @@ def explain_task(ctx: AgentContext, task_id: str) -> dict:
     budget = ctx.settings.budget
     doc["offers"] = {
         "query": query,
-        "summary": explain_offers(affordable, left_out=search.left_out, more=search.more),
+        "summary": explain_offers(search.ranked, left_out=search.left_out, more=search.more),
         "ranked": [_offer(o) for o in search.ranked],
         "affordable": [o.id for o in affordable],
         "left_out": search.left_out,
