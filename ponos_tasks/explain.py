@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import click
 import redis
+from arkindex.exceptions import ErrorResponse
 
 from ponos_tasks import bidding, steps
 from ponos_tasks.agent import AgentContext, stable_public_key
@@ -178,14 +179,15 @@ def explain_task(ctx: AgentContext, task_id: str) -> dict:
         raise ExplainError(f"task {task_id} does not exist on Arkindex (HTTP 404)") from None
     except ArkindexError as error:
         raise ExplainError(f"Arkindex: {error}") from None
-    except Exception as error:  # arkindex-client's ErrorResponse: 403 for a task not ours
-        status = getattr(error, "status_code", None)
-        if status == 403:
+    except ErrorResponse as error:
+        if error.status_code == 403:  # an agent reads the definitions of its own tasks only
             raise ExplainError(
                 f"task {task_id} is not assigned to agent {ctx.config.agent_name} "
                 "(Arkindex answers 403): explain reads the tasks this agent has accepted"
             ) from None
-        raise
+        raise ExplainError(
+            f"Arkindex answered HTTP {error.status_code} for the definition of task {task_id}"
+        ) from None
 
     record = ctx.store.get(task_id)
     attempt = (record.attempt if record is not None else 0) + 1

@@ -172,6 +172,13 @@ def test_explain_command_json_and_unknown_task(contexts, admin, tmp_path):
     assert result.exit_code == 1
     assert f"task {unknown} does not exist on Arkindex" in result.output
 
+    other = contexts()  # another agent of the farm, and its task
+    theirs = admin.one_task(env=SCRIPTED)
+    accepted(other, theirs)
+    result = runner.invoke(main, ["explain", theirs, "--config", config, "--prefix", ctx.prefix])
+    assert result.exit_code == 1
+    assert f"task {theirs} is not assigned to agent {ctx.config.agent_name}" in result.output
+
 
 def test_explain_never_registers(contexts, admin):
     ctx = contexts()  # never synced: no credentials in its Redis
