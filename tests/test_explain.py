@@ -226,3 +226,19 @@ def test_first_contact_hold_then_run(local_stack, redis_url, admin):
     finally:
         wipe(held)
         held.redis.close()
+
+
+def test_explain_interruptible_shows_the_bid_the_agent_sends(contexts, admin):
+    ctx = contexts(vast_api={"interruptible": {"enabled": True, "bid_margin": 0.01}})
+    task_id = admin.one_task(env=SCRIPTED)
+    harness = accepted(ctx, task_id)
+    doc = explain_task(read_only_context(ctx.config, ctx.prefix), task_id)
+    assert doc["offers"]["interruptible"] and doc["offers"]["query"]["type"] == "bid"
+    chosen = doc["offers"]["chosen"]
+    assert chosen["bid"] > 0 and "bid $" in "\n".join(render(doc))
+    harness.run(until=lambda: ctx.store.get(task_id).instance_id is not None, timeout=60)
+    record = ctx.store.get(task_id)
+    assert (record.offer_id, record.bid) == (chosen["id"], pytest.approx(chosen["bid"]))
+    [row] = admin.rows_for(task_id)
+    assert row["is_bid"]
+    harness.run(until=lambda: harness.done(task_id), timeout=60)
