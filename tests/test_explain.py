@@ -242,3 +242,14 @@ def test_explain_interruptible_shows_the_bid_the_agent_sends(contexts, admin):
     [row] = admin.rows_for(task_id)
     assert row["is_bid"]
     harness.run(until=lambda: harness.done(task_id), timeout=60)
+
+
+def test_explain_says_the_agent_refuses_a_task_that_cannot_run(contexts, admin):
+    ctx = contexts()
+    task_id = admin.one_task(image="", env=SCRIPTED)
+    harness = accepted(ctx, task_id)
+    doc = explain_task(read_only_context(ctx.config, ctx.prefix), task_id)
+    assert doc["refused"] == "its definition has no image" and doc["request"] is None
+    assert "REFUSED: the task cannot run: its definition has no image" in "\n".join(render(doc))
+    harness.run(until=lambda: harness.done(task_id), timeout=60)
+    assert doc["refused"] in ctx.store.get(task_id).reason and admin.rows_for(task_id) == []
