@@ -34,6 +34,21 @@ KNOWN_ACTUAL_STATUSES = frozenset(
 ACCOUNT_FIELDS = ("balance", "credit")
 OFFER_FIELDS = ("id", "dph_total", "gpu_name", "num_gpus", "machine_id", "reliability")
 INSTANCE_FIELDS = ("id", "label", "actual_status", "intended_status", "machine_id")
+# Every field of an instance row the agent reads (models.Instance, bidding, budget, steps):
+# the others are kept in `raw` untouched, and the doctor lists them.
+INSTANCE_FIELDS_READ = frozenset(
+    {"id", "label", "machine_id", "actual_status", "intended_status", "cur_state",
+     "next_state", "status_msg", "gpu_name", "dph_total", "start_date", "extra_env",
+     "public_ipaddr", "is_bid", "dph_base", "storage_total_cost", "onstart", "image_args",
+     "args"}
+)  # fmt: skip
+
+
+def unread_fields(rows: list[dict], read: frozenset[str]) -> list[str]:
+    """The fields of `rows` the agent never reads, sorted."""
+    return sorted({name for row in rows for name in row} - read)
+
+
 # What the agent reads from a task definition (arkindex.TaskDefinition.from_api).
 TASK_DEFINITION_FIELDS = ("image", "command", "env", "parents", "s3_logs_put_url")
 # request_logs without `tail` answers the last 1000 lines (Vast.ai's CLI documents it).
@@ -201,7 +216,7 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption(
         "vast.log_default_tail",
         f"request_logs without tail answers the last {LOG_DEFAULT_TAIL} lines",
-        ("vast:DEFAULT_LOG_TAIL",),
+        ("vast:log_default_tail",),
         check_log_default_tail,
     ),
     Assumption(

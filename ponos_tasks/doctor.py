@@ -23,7 +23,14 @@ import redis
 import requests
 
 from ponos_tasks import arkindex as arkindex_module
-from ponos_tasks.assumptions import CONTRADICTED, Observations, judge, log_url_lifetime
+from ponos_tasks.assumptions import (
+    CONTRADICTED,
+    INSTANCE_FIELDS_READ,
+    Observations,
+    judge,
+    log_url_lifetime,
+    unread_fields,
+)
 from ponos_tasks.config import AgentConfig, BudgetConfig, ConfigError, load_config
 
 OK, WARNING, FAIL = "ok", "warning", "fail"
@@ -122,7 +129,7 @@ def vast_account(account: dict, budget: BudgetConfig) -> Check:
     return Check("vast.account", OK, detail)
 
 
-def vast_offers(offers: list) -> Check:
+def vast_offers(offers: list, limit: int) -> Check:
     if not offers:
         return Check(
             "vast.offers",
@@ -133,12 +140,17 @@ def vast_offers(offers: list) -> Check:
     prices = [o.dph_total for o in offers if o.dph_total is not None]
     gpus = sorted({o.gpu_name for o in offers if o.gpu_name})
     cheapest = f"cheapest ${min(prices):.3f}/h" if prices else "no price"
-    return Check("vast.offers", OK, f"{len(offers)} offers match, {cheapest}; {', '.join(gpus)}")
+    count = f"{len(offers)}+ (the search's limit)" if len(offers) >= limit else str(len(offers))
+    return Check("vast.offers", OK, f"{count} offers match, {cheapest}; {', '.join(gpus)}")
 
 
 def vast_instances(instances: list, own_prefix: str | None) -> list[Check]:
     pages = max(1, -(-len(instances) // PAGE_SIZE))
-    checks = [Check("vast.instances", OK, f"v1 listing: {len(instances)} instances, {pages} pages")]
+    detail = f"v1 listing: {len(instances)} instances, {pages} pages"
+    unread = unread_fields([i.raw for i in instances], INSTANCE_FIELDS_READ)
+    if unread:
+        detail += f"; fields the agent does not read (kept as they are): {', '.join(unread)}"
+    checks = [Check("vast.instances", OK, detail)]
     labelled = [i for i in instances if (i.label or "").startswith("ponos-")]
     if own_prefix is None:
         checks.append(
@@ -265,7 +277,7 @@ def probe_vast(context, client, seen: Observations, *, redis_ok: bool) -> list[C
             max_dph=config.budget.max_dph_per_instance,
         )
         seen.offers = client.search_offers(query)
-        checks.append(vast_offers(seen.offers))
+        checks.append(vast_offers(seen.offers, query["limit"]))
     except VastError as error:
         checks.append(Check("vast.offers", FAIL, str(error), "retry later"))
     try:
@@ -281,7 +293,29 @@ def probe_vast(context, client, seen: Observations, *, redis_ok: bool) -> list[C
 
         own_prefix = f"ponos-{agent_short_id(agent_id)}-"
     checks += vast_instances(seen.instances, own_prefix)
+    running = [
+        i
+        for i in seen.instances
+        if own_prefix
+        and (i.label or "").startswith(own_prefix)
+        and i.actual_status in ("running", "exited")  # a container that ran has a log
+    ]
+    if running:
+        seen.default_log_lines = default_log_lines(client, running[0].id)
     return checks
+
+
+def default_log_lines(client, instance_id: int) -> int | None:
+    """Lines of the instance's log asked without `tail` (an upload of its log, nothing
+    else); None when it cannot be read."""
+    from ponos_tasks.vast import VastError
+
+    try:
+        text = client.request_logs(instance_id, wait=30.0, max_bytes=16 << 20)
+    except VastError:
+        return None
+    # assumptions.check_log_default_tail compares it with Vast.ai's default tail.
+    return len(text.splitlines()) if text else 0
 
 
 def probe_arkindex(context, seen: Observations, *, register: bool, task: str | None):

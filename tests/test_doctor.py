@@ -5,6 +5,7 @@ fails with what to do; no secret is printed."""
 import inspect
 import json
 import re
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +30,7 @@ from ponos_tasks.doctor import (
     vast_instances,
 )
 from ponos_tasks.models import Instance
+from ponos_tasks.offers import build_query
 from ponos_tasks.simulators.harness import SimAdmin
 from ponos_tasks.simulators.stack import RedisProcess
 from ponos_tasks.state import DEFAULT_PREFIX
@@ -248,3 +250,39 @@ def test_doctor_runs_without_the_simulators(tmp_path):
     )
     assert result.returncode == 1, result.stderr
     assert result.stdout.startswith("fail     config:"), result.stdout
+
+
+def _own_instance_with_a_long_log(stack, redis_url, agent_name: str, lines: int) -> None:
+    """Registers the agent and rents it an instance whose container printed `lines` lines
+    and exited (through the agent's own client: its rate limiter paces the calls)."""
+    context = make_context(stack, redis_url, agent_name=agent_name, prefix=DEFAULT_PREFIX)
+    prefix = context.label_prefix()  # registers
+    offer = context.vast.search_offers(build_query({}, disk_gb=16))[0]
+    created = context.vast.create_instance(
+        offer.id,
+        image="registry.example/worker:1",
+        label=f"{prefix}doctor-1",
+        env={"SIM_LOG_LINES": str(lines), "SIM_DURATION": "60", "SIM_PULL_SECONDS": "5"},
+        disk=16,
+    )
+    admin = SimAdmin(stack)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = [i for i in admin.instances() if i["id"] == created.id]
+        if rows and rows[0]["actual_status"] == "exited":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"instance {created.id} did not exit: {rows}")
+
+
+@pytest.mark.parametrize(("default_tail", "verdict"), [(1000, CONFIRMED), (None, CONTRADICTED)])
+def test_log_default_tail_is_checked_on_an_own_instance(
+    make_local_stack, private_redis, tmp_path, default_tail, verdict
+):
+    stack = make_local_stack(vast_options={"log_default_tail": default_tail})
+    redis_url = private_redis()
+    _own_instance_with_a_long_log(stack, redis_url, "doctor-logs", 1500)
+    code, document, _ = _doctor(stack, redis_url, tmp_path, agent_name="doctor-logs")
+    assert _verdict(document, "vast.log_default_tail") == verdict, document["assumptions"]
+    assert "1 labelled" in _check(document, "vast.own_instances")["detail"]
+    assert code == (0 if verdict == CONFIRMED else 1)
