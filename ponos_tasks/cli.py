@@ -91,6 +91,7 @@ class LazyGroup(click.Group):
         "status": "ponos_tasks.commands:status_command",
         "metrics": "ponos_tasks.commands:metrics_command",
         "explain": "ponos_tasks.explain:explain_command",
+        "doctor": "ponos_tasks.doctor:doctor_command",
     },
 )
 @click.version_option(__version__, prog_name="ponos-vast")

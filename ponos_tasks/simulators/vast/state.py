@@ -60,6 +60,7 @@ class VastState:
         run_mode="scripted",
         log_delay=LOG_DELAY_MEDIAN,
         log_tail_p=LOG_TAIL_P,
+        log_default_tail=DEFAULT_LOG_TAIL,
         read_lag=lifecycle.READ_LAG,
         stop_delay=lifecycle.STOP_DELAY,
         restart_delay=lifecycle.RESTART_DELAY,
@@ -96,6 +97,8 @@ class VastState:
         self.quota = SearchQuota(search_quota if rate_limits else None)
         self.log_delay = float(log_delay)
         self.log_tail_p = float(log_tail_p)
+        # None: the whole log (what `ponos-vast doctor` must then report as contradicted).
+        self.log_default_tail = None if log_default_tail is None else int(log_default_tail)
         self.churn = churn
         self._last_churn = 0.0
         self.logs: dict[str, dict] = {}  # uuid -> {"asked_at", "ready_at", "text", "inst"}
@@ -551,10 +554,12 @@ class VastState:
             if pattern:
                 lines = [line for line in lines if str(pattern) in line]
             try:
-                tail = int(body["tail"]) if body.get("tail") not in (None, "") else DEFAULT_LOG_TAIL
+                asked = body.get("tail") not in (None, "")
+                tail = int(body["tail"]) if asked else self.log_default_tail
             except (TypeError, ValueError):
                 return error(400, "invalid_args", "tail must be an integer")
-            lines = lines[-tail:] if tail > 0 else []
+            if tail is not None:
+                lines = lines[-tail:] if tail > 0 else []
             key = uuid.uuid4().hex
             # Forget uploads for a simulated day old (a long-running sim stays small).
             for old in [k for k, v in self.logs.items() if v["asked_at"] < now - 86400]:
