@@ -29,7 +29,7 @@ from arkindex.exceptions import ErrorResponse
 from ponos_tasks import bidding, steps
 from ponos_tasks.agent import AgentContext, stable_public_key
 from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError, TaskGone
-from ponos_tasks.budget import MAX_DPH_TOTAL, utc_day
+from ponos_tasks.budget import MAX_DPH_TOTAL, NO_OFFER, utc_day
 from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import Phase, agent_short_id, make_label
 from ponos_tasks.logs import redact
@@ -163,6 +163,19 @@ def _limits(ctx: AgentContext, task_id: str, record: TaskRecord | None, short_id
     return limits
 
 
+def _first_rentable(ctx: AgentContext, record: TaskRecord, offers: list, bid: bool):
+    """(offer, bid or None, passed): the first offer the create loop would try, as it does
+    but for the claims and Vast.ai's answers, which only the create itself meets."""
+    passed = []
+    for offer in offers:
+        price = steps._bid_for(ctx, record, offer) if bid else None
+        if bid and price is None:
+            passed.append(f"offer {offer.id}'s min_bid is over the price caps")
+            continue
+        return offer, price, passed
+    return None, None, passed
+
+
 def explain_task(ctx: AgentContext, task_id: str) -> dict:
     """The explanation of one task as a document (secrets redacted); raises ExplainError."""
     task_id = str(task_id)
@@ -264,22 +277,18 @@ def explain_task(ctx: AgentContext, task_id: str) -> dict:
         steps._affordable(ctx, budgeted, search.ranked) if limits["held_by"] is None else []
     )
     bid = bidding.bids(ctx.config, probe)
-    chosen, price, passed = None, None, []
-    for offer in affordable:
-        price = steps._bid_for(ctx, budgeted, offer) if bid else None
-        if bid and price is None:
-            passed.append(f"offer {offer.id}'s min_bid is over the price caps")
-            continue
-        chosen = offer
-        break
-    if limits["held_by"] is None and search.ranked and not affordable:
+    chosen, price, passed = _first_rentable(ctx, budgeted, affordable, bid)
+    if limits["held_by"] is None and affordable and chosen is None:
+        limits["held_by"] = "max_dph_per_instance"
+        limits["reason"] = "every matching offer's min_bid is over the price caps"
+    elif limits["held_by"] is None and search.ranked and not affordable:
         limits["held_by"] = limits["allowance_limit"] or MAX_DPH_TOTAL
         limits["reason"] = (
             f"{limits['allowance_limit'] or 'the budget'} leaves ${allowance or 0:.4f}/h for its "
             f"instance; the cheapest matching offer costs ${search.ranked[0].dph_total:.4f}/h"
         )
     elif limits["held_by"] is None and not search.ranked:
-        limits["held_by"] = "offers"
+        limits["held_by"] = NO_OFFER
         limits["reason"] = "no Vast.ai offer matches the filters"
     budget = ctx.settings.budget
     doc["offers"] = {
