@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import redis
 from redis.exceptions import LockNotOwnedError
 
-from ponos_tasks import bidding
+from ponos_tasks import bidding, view
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import (
     ArkindexError,
@@ -56,7 +56,7 @@ from ponos_tasks.lifecycle import (
 )
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
-from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
+from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
     AcceptTask,
@@ -87,6 +87,7 @@ from ponos_tasks.vast import (
     VastServerError,
     VastTransportError,
 )
+from ponos_tasks.view import PassState
 from ponos_tasks.wrapper import (
     UnsplittableCommand,
     WrapperTooLong,
@@ -349,6 +350,49 @@ def fresh_snapshot(ctx: AgentContext, max_age: float) -> Snapshot:
         return snapshot
     finally:
         release(lock)
+
+
+def _view_record_ids(ctx: AgentContext) -> set[int]:
+    """The instances the agent's records name (view.refresh asks for those it lacks)."""
+    return {
+        r.instance_id
+        for r in ctx.store.all_records(include_done=False).values()
+        if r.instance_id is not None
+    }
+
+
+def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
+    """Refresh the flat instance view (view.py) under the snapshot lock, the one every
+    refresh takes so that no listing's result is written over a later one's; None when
+    another process holds it past `wait` seconds (it is refreshing the same view)."""
+    lock = ctx.store.snapshot_lock(timeout=120)
+    if not lock.acquire(blocking=wait > 0, blocking_timeout=wait or None):
+        return None
+    try:
+        return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
+    finally:
+        release(lock)
+
+
+def view_for_watch(ctx: AgentContext, record: TaskRecord) -> tuple[Instance | None, float]:
+    """A watcher's look at its own instance in the flat view (one hash field), refreshed
+    first with the same filtered calls when the sync's refresh is late. Returns the entry and
+    the time to judge absence by: for an absent instance, the full listing that covered its
+    id at least visibility_grace after its create, or 0.0 when none did yet (absent then
+    means "not seen yet", never gone: watch_decision waits)."""
+    settings = ctx.settings
+    state = ctx.store.load_view_meta()
+    if ctx.now() - state.refreshed_at > settings.snapshot_max_age:
+        state = refresh_view(ctx) or ctx.store.load_view_meta()
+    if record.instance_id is None:
+        return None, state.refreshed_at
+    instance = ctx.store.view_entry(record.instance_id)
+    if instance is not None:
+        return instance, state.refreshed_at
+    seen_at = state.absence_seen_at(
+        record.instance_id, record.instance_created_at or 0.0, settings.visibility_grace
+    )
+    return None, 0.0 if seen_at is None else seen_at
 
 
 # --------------------------------------------------------------------------- the chain
@@ -777,13 +821,16 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         return _end_over_budget(ctx, record, over)
     # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
     # is late (sync stalled), so that the `list` rate limit is not spent many times over.
-    snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
-    instance = snapshot.find(record.instance_id)
+    if settings.instance_reads == "flat":
+        instance, taken_at = view_for_watch(ctx, record)
+    else:
+        snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
+        instance, taken_at = snapshot.find(record.instance_id), snapshot.taken_at
     now = ctx.now()
     if (
         instance is None
         and record.instance_id is not None
-        and snapshot.taken_at >= (record.instance_created_at or 0.0)
+        and taken_at >= (record.instance_created_at or 0.0)
         and now - (record.instance_created_at or 0.0) >= settings.visibility_grace
     ):
         # Missing from the listing: ask for it by id before calling it gone (a listing can
@@ -805,7 +852,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     follow = _watch_outbid(ctx, record, instance, now, again)
     if follow is not None:
         return follow
-    decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
+    decision = watch_decision(record, instance, now, settings, snapshot_taken_at=taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
         if text is None:
@@ -827,7 +874,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             logs_read=True,
             log_unreadable=text is None,
             log_tail=(text or "")[-4000:],
-            snapshot_taken_at=snapshot.taken_at,
+            snapshot_taken_at=taken_at,
         )
         if text is not None and decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
             # The instance has ended: its log will not change. Keep what decided the outcome
@@ -1442,6 +1489,7 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         ctx.vast.destroy_instance(record.kept_instance_id)
     if record.instance_id is not None and not record.instance_destroyed:
         gone_before = not ctx.vast.destroy_instance(record.instance_id)
+        ctx.store.drop_view_entries([record.instance_id])  # destroyed or not found: a fact
         _note(
             ctx,
             task_id,
@@ -1678,6 +1726,7 @@ def destroy_unwanted(ctx: AgentContext, task_id: str, **fields) -> None:
     """Destroy an instance of ours that no task wants (reconcile.DestroyInstance)."""
     step = DestroyInstance(task_id=task_id, **fields)
     gone = not ctx.vast.destroy_instance(step.instance_id)
+    ctx.store.drop_view_entries([step.instance_id])  # destroyed or not found: a fact
     ctx.store.count_destroyed(step.cause, 0 if gone else 1)
     logger.warning(
         "instance %s (%s) %s: %s",
@@ -1797,8 +1846,18 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     # Stamped when the listing starts: an instance created while the pages are read may be
     # missing, and must not look gone to a watcher that recorded it after this time.
     listed_at = ctx.now()
-    instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
+    if ctx.settings.instance_reads == "flat":
+        # The flat view (view.py): a few filtered calls, whatever the fleet's size. A
+        # watcher refreshing it meanwhile is waited for (same lock), then refreshed again.
+        state = refresh_view(ctx, wait=ctx.settings.sync_lock_timeout)
+        if state is None:
+            raise RuntimeError("the instance view's lock stayed held: this sync is skipped")
+        listed_at = state.refreshed_at
+        instances = sorted(ctx.store.view_entries().values(), key=lambda i: i.id)
+    else:
+        instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
     now = ctx.now()
+    # Whole, for status, metrics and adoption (never for a watcher's "gone" in flat mode).
     ctx.store.save_snapshot(Snapshot(tuple(instances), listed_at))
     ctx.store.mark_synced(now)
     _meter(ctx, instances, now)
