@@ -1,4 +1,7 @@
-"""Cost of one `ponos.sync` (steps.sync) at 0, 50, 200 active tasks.
+"""Cost of one `ponos.sync` (steps.sync) at 0, 50, 200 active tasks, for both ways of
+reading the instances (`vast_api.instance_reads`: `full_list`, every instance each sync, and
+`flat`, filtered calls plus a spread full resync, measured at its steady state: after one
+sync that made the first whole pass).
 
     .venv/bin/python -m benchmarks.sync_loop --active 0 --active 50 --active 200
 
@@ -29,6 +32,7 @@ from ponos_tasks.simulators.stack import LocalStack, RedisProcess
 from tests.agent_harness import Harness, make_context
 
 TIME_SCALE = 50.0
+READS = ("full_list", "flat")
 LONG = {"SIM_DURATION": "10000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
 
 
@@ -88,19 +92,36 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def measure(ctx, reps: int, gap: float) -> dict:
-    totals, actions_s, list_s, records_s, plan_s, enqueued = [], [], [], [], [], []
+def list_calls(stack) -> int:
+    """The simulator's count of list calls (in-process: no call of its own)."""
+    return stack.vast.state.stats()["calls"].get("list", 0)
+
+
+def read_instances(ctx):
+    """What the sync's instance reads do, by the configured strategy."""
+    if ctx.settings.instance_reads == "flat":
+        steps.refresh_view(ctx, wait=30)
+        return list(ctx.store.view_entries().values())
+    return ctx.vast.list_instances(label_prefix=ctx.label_prefix())
+
+
+def measure(ctx, stack, reps: int, gap: float) -> dict:
+    totals, actions_s, list_s, records_s, plan_s, enqueued, calls = [], [], [], [], [], [], []
     short_id = ctx.agent_short_id()
+    steps.sync(ctx)  # steady state: the flat view's first whole pass is made here
+    time.sleep(gap)
     for _ in range(reps):
+        before = list_calls(stack)
         elapsed, result = timed(steps.sync, ctx)
         if not result.ran:
             continue
+        calls.append(list_calls(stack) - before)
         totals.append(elapsed)
         enqueued.append(len(result.enqueue))
         time.sleep(gap)
     for _ in range(reps):
         a, actions = timed(ctx.arkindex.actions, capacity=0)
-        li, instances = timed(ctx.vast.list_instances, label_prefix=f"ponos-{short_id}-")
+        li, instances = timed(read_instances, ctx)
         r, records = timed(ctx.store.all_records)
         p, _ = timed(
             reconcile.plan,
@@ -124,6 +145,8 @@ def measure(ctx, reps: int, gap: float) -> dict:
         "plan": spread(plan_s),
         "instances_listed": len(instances),
         "enqueued_max": max(enqueued, default=0),
+        "list_calls_max": max(calls, default=0),
+        "list_calls_p50": sorted(calls)[len(calls) // 2] if calls else 0,
     }
 
 
@@ -135,32 +158,44 @@ def run_level(n: int, redis_url: str, reps: int, timeout: float, say) -> dict:
         up = bring_up(base, stack, n, timeout)
         say(f"{n} active tasks running after {up:.1f} s")
         out = {"active": n, "bring_up_s": round(up, 1)}
-        # Same agent (prefix and name), two rate-limiter settings.
-        for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
-            ctx = make_context(
-                stack,
-                redis_url,
-                prefix=base.prefix,
-                agent_name=base.config.agent_name,
-                sync_interval=10,
-                vast_api={"max_instances": max(1, n + 5), "rate_limit_scale": scale},
-            )
-            time.sleep(gap)  # start with the list bucket free, as after a sync interval
-            out[mode] = measure(ctx, reps if mode == "scaled" else max(2, reps // 3), gap)
-            say(f"  {mode}: sync p50 {out[mode]['sync']['p50']:.3f} s")
+        # Same agent (prefix and name), two reads, two rate-limiter settings.
+        for reads in READS:
+            for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
+                ctx = make_context(
+                    stack,
+                    redis_url,
+                    prefix=base.prefix,
+                    agent_name=base.config.agent_name,
+                    sync_interval=10,
+                    vast_api={
+                        "max_instances": max(1, n + 5),
+                        "rate_limit_scale": scale,
+                        "instance_reads": reads,
+                    },
+                )
+                time.sleep(gap)  # start with the list bucket free, as after a sync interval
+                key = f"{reads}/{mode}"
+                out[key] = measure(ctx, stack, reps if mode == "scaled" else max(2, reps // 3), gap)
+                say(
+                    f"  {key}: sync p50 {out[key]['sync']['p50']:.3f} s, "
+                    f"list calls max {out[key]['list_calls_max']}"
+                )
         return out  # stopping the stack ends its instances
 
 
 def report(results: list[dict]) -> str:
     rows = []
     for r in results:
-        for mode in ("scaled", "real"):
-            m = r[mode]
+        for key in (f"{reads}/{mode}" for reads in READS for mode in ("scaled", "real")):
+            m = r[key]
+            reads, mode = key.split("/")
             rows.append(
                 [
                     r["active"],
+                    reads,
                     mode,
                     m["instances_listed"],
+                    m["list_calls_max"],
                     *(f"{fmt(m['sync'][k], 3)}" for k in ("n", "p50", "p95", "max")),
                     *(
                         fmt(m[part]["p50"] * 1000, 1)
@@ -173,8 +208,10 @@ def report(results: list[dict]) -> str:
             table(
                 [
                     "active tasks",
+                    "instance reads",
                     "rate limiter",
                     "instances listed",
+                    "list calls / sync (max)",
                     "syncs timed",
                     "sync p50 (s)",
                     "sync p95 (s)",
@@ -190,7 +227,10 @@ def report(results: list[dict]) -> str:
             "`scaled`: the agent's limiter scaled by 1/time_scale like the simulator (HTTP, Redis "
             "and plan() cost only); `real`: Vast.ai's published intervals ×1.1 (a list page every "
             "1.1 s, 25 instances a page), i.e. what one sync costs in a real deployment. Parts "
-            "are timed separately (actions with capacity 0). steps.sync called in-process "
+            "are timed separately (actions with capacity 0; list = the reads: a full listing, or "
+            "the flat view's refresh). `flat` is timed at its steady state (after one sync that "
+            "made the first whole pass; full_resync_interval 300 s, sync_interval 10 s). "
+            "steps.sync called in-process "
             f"against a real Redis and the simulators (time_scale {TIME_SCALE:g}).",
         ]
     )

@@ -554,8 +554,11 @@ class TaskStore:
         )
 
     def snapshot_lock(self, timeout: float) -> Lock:
-        """Held by the one process that lists instances for a late snapshot (non-blocking)."""
-        return self.redis.lock(self.keys.snapshot_lock, timeout=timeout, blocking=False)
+        """Held by the one process that lists instances for a late snapshot or refreshes the
+        flat view (non-blocking; renewable by kept_alive, whose thread shares its token)."""
+        return self.redis.lock(
+            self.keys.snapshot_lock, timeout=timeout, blocking=False, thread_local=False
+        )
 
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""

@@ -352,6 +352,14 @@ def fresh_snapshot(ctx: AgentContext, max_age: float) -> Snapshot:
         release(lock)
 
 
+def _destroy(ctx: AgentContext, instance_id: int) -> bool:
+    """DELETE the instance (False: it was not found) and drop it from the flat view: either
+    answer is a fact about it, which the view need not wait for a full listing to learn."""
+    destroyed = ctx.vast.destroy_instance(instance_id)
+    ctx.store.drop_view_entries([instance_id])
+    return destroyed
+
+
 def _view_record_ids(ctx: AgentContext) -> set[int]:
     """The instances the agent's records name (view.refresh asks for those it lacks)."""
     return {
@@ -365,11 +373,12 @@ def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
     """Refresh the flat instance view (view.py) under the snapshot lock, the one every
     refresh takes so that no listing's result is written over a later one's; None when
     another process holds it past `wait` seconds (it is refreshing the same view)."""
-    lock = ctx.store.snapshot_lock(timeout=120)
+    lock = ctx.store.snapshot_lock(timeout=60)
     if not lock.acquire(blocking=wait > 0, blocking_timeout=wait or None):
         return None
     try:
-        return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
+        with kept_alive(lock, every=20):  # a first pass over a big fleet takes minutes
+            return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
     finally:
         release(lock)
 
@@ -519,7 +528,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     for stray in [i for i in existing if ctx.store.is_stray(i.id)]:
         # Created stopped by an earlier try, whose destroy failed: finish that destroy (an
         # error raises, and the step is retried), never adopt it as the task's instance.
-        ctx.vast.destroy_instance(stray.id)
+        _destroy(ctx, stray.id)
         existing.remove(stray)
     if existing:
         return _record_instance(ctx, record, min(existing, key=lambda i: i.id), adopted=True)
@@ -575,7 +584,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if offers and record.kept_instance_id is not None:
         # The failed attempt's kept instance goes right before the new one is created: never
         # two instances of one task at once, and a trace outside Redis until the last moment.
-        ctx.vast.destroy_instance(record.kept_instance_id)
+        _destroy(ctx, record.kept_instance_id)
         ctx.store.touch(task_id, kept_instance_id=None)
         _note(ctx, task_id, f"destroyed instance {record.kept_instance_id} of the failed attempt")
     tried = 0
@@ -660,7 +669,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 "WARNING",
             )
             ctx.store.mark_stray(created.id)  # before the destroy, which may fail
-            ctx.vast.destroy_instance(created.id)
+            _destroy(ctx, created.id)
             continue
         if not created.started:
             ctx.metric_store.count_start_failure(StartFailureKind.CREATED_STOPPED)
@@ -672,7 +681,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 "WARNING",
             )
             ctx.store.mark_stray(created.id)  # before the destroy, which may fail
-            ctx.vast.destroy_instance(created.id)
+            _destroy(ctx, created.id)
             ctx.store.touch(task_id, failed_machines=[*record.failed_machines, offer.machine_id])
             ctx.store.avoid_machine(offer.machine_id, ctx.settings.machine_cooldown)
             record = ctx.store.get(task_id)
@@ -784,7 +793,7 @@ def _record_instance(
     )
     if updated is None:
         # Someone else moved the record on: what we created is nobody's; destroy it.
-        ctx.vast.destroy_instance(values["instance_id"])
+        _destroy(ctx, values["instance_id"])
         return None
     verb = "adopted existing" if adopted else "created"
     source = f" from offer {offer.id}" if offer is not None else ""
@@ -1051,7 +1060,7 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
             _note(ctx, record.task_id, reason, "ERROR")
             return [Next(StepName.PUBLISH_LOGS)]
         return []
-    ctx.vast.destroy_instance(record.instance_id)
+    _destroy(ctx, record.instance_id)
     if ctx.store.cas(
         record.task_id,
         expect_phase=record.phase,
@@ -1093,7 +1102,7 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     kept = record.kept_instance_id
     if record.instance_id is not None:
         if kept is not None and kept != record.instance_id:
-            ctx.vast.destroy_instance(kept)  # an older trace: the newer one suffices
+            _destroy(ctx, kept)  # an older trace: the newer one suffices
         if ctx.arkindex.task_state(task_id) == "running":  # unknown raises: retried
             try:
                 ctx.vast.stop_instance(record.instance_id)
@@ -1107,7 +1116,7 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
             except InstanceNotFound:
                 pass  # already gone: nothing to keep
         else:
-            ctx.vast.destroy_instance(record.instance_id)
+            _destroy(ctx, record.instance_id)
             _note(ctx, task_id, f"instance {record.instance_id} of the failed attempt destroyed")
     if ctx.store.cas(
         task_id,
@@ -1486,10 +1495,9 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     if record is None or record.phase != Phase.DESTROYING or not record.final_reported:
         return None
     if record.kept_instance_id is not None:  # a failed attempt's trace, if still kept
-        ctx.vast.destroy_instance(record.kept_instance_id)
+        _destroy(ctx, record.kept_instance_id)
     if record.instance_id is not None and not record.instance_destroyed:
-        gone_before = not ctx.vast.destroy_instance(record.instance_id)
-        ctx.store.drop_view_entries([record.instance_id])  # destroyed or not found: a fact
+        gone_before = not _destroy(ctx, record.instance_id)
         _note(
             ctx,
             task_id,
@@ -1669,7 +1677,7 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         )
         return None
     if state not in ARKINDEX_ACTIVE_STATES:
-        ctx.vast.destroy_instance(step.instance_id)
+        _destroy(ctx, step.instance_id)
         logger.warning(
             "destroyed instance %s: task %s is %s on Arkindex",
             step.instance_id,
@@ -1725,8 +1733,7 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
 def destroy_unwanted(ctx: AgentContext, task_id: str, **fields) -> None:
     """Destroy an instance of ours that no task wants (reconcile.DestroyInstance)."""
     step = DestroyInstance(task_id=task_id, **fields)
-    gone = not ctx.vast.destroy_instance(step.instance_id)
-    ctx.store.drop_view_entries([step.instance_id])  # destroyed or not found: a fact
+    gone = not _destroy(ctx, step.instance_id)
     ctx.store.count_destroyed(step.cause, 0 if gone else 1)
     logger.warning(
         "instance %s (%s) %s: %s",
