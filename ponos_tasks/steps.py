@@ -1880,6 +1880,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         spending=_spending(ctx, records) if ctx.settings.budget.rations else None,
     )
     result = SyncResult(ran=True, steps=steps)
+    result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
     _save_sync_report(ctx, now, capacity, steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):
@@ -1900,6 +1901,27 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):
             result.enqueue.append((planned.task_id, message))
     return result
+
+
+ENDED_STATUSES = ("exited", "stopped")
+
+
+def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple[str, Next]]:
+    """A watch now for each task whose instance this sync saw ended, once per attempt: its
+    watcher may be up to watch_interval away, and an ended instance is acted on within one
+    sync interval of its end (the watch decides; a new chain takes the old one over)."""
+    by_id = {i.id: i for i in instances}
+    woken = []
+    for task_id, record in records.items():
+        instance = by_id.get(record.instance_id) if record.instance_id is not None else None
+        if (
+            record.phase in (Phase.LOADING, Phase.RUNNING)
+            and instance is not None
+            and instance.actual_status in ENDED_STATUSES
+            and ctx.store.once(f"ended:{task_id}:{record.attempt}", ctx.settings.tombstone_ttl)
+        ):
+            woken.append((task_id, Next(StepName.WATCH)))
+    return woken
 
 
 def _save_sync_report(ctx: AgentContext, now: float, capacity: int, steps: list) -> None:

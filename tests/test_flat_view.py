@@ -284,8 +284,10 @@ def test_an_exited_instance_is_seen_at_the_next_sync_and_acted_on(contexts, admi
         assert time.monotonic() < deadline
         time.sleep(0.05)
     before = list_calls(admin)
-    assert steps.sync(ctx).ran
+    result = steps.sync(ctx)
     assert list_calls(admin) - before <= 3
+    # The sync wakes the watcher at once (it may be half a sync away).
+    assert (task_id, Next(StepName.WATCH)) in result.enqueue
     entry = ctx.store.view_entry(record.instance_id)
     assert entry.actual_status != "running"  # seen by A, whatever the full pass's cursor
     harness.queue.clear()  # this test's own watch below is the one that looks
