@@ -7,6 +7,7 @@ real Redis; the simulator's filter semantics (SQL NULLs, stored status) alongsid
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import requests
@@ -299,12 +300,22 @@ def test_an_exited_instance_is_seen_at_the_next_sync_and_acted_on(contexts, admi
         sim_destroy(stack, i)
 
 
-def test_a_failing_filtered_call_keeps_the_view(contexts, admin):
+def test_a_failing_filtered_call_keeps_the_view(contexts, admin, stack):
+    others = fleet(stack, 60, "stale")
     ctx = contexts(vast_api={"instance_reads": "flat"})
     task_id = admin.one_task(env=scripted(0, SIM_DURATION="1000000"))
     harness = bring_to_running(ctx, task_id)
     record = ctx.store.get(task_id)
     assert ctx.store.view_entry(record.instance_id) is not None
+    # A watcher whose view is stale (the sync stalled) refreshes it with the flat calls,
+    # not a full listing (60 instances and more: 3 pages).
+    ctx.store.save_view_meta(replace(ctx.store.load_view_meta(), refreshed_at=0.0))
+    before = list_calls(admin)
+    watch_once(ctx, task_id)
+    assert 1 <= list_calls(admin) - before <= 2
+    assert ctx.now() - ctx.store.load_view_meta().refreshed_at < 5
+    for i in others:
+        sim_destroy(stack, i)
     admin.faults({"fault": "http_5xx", "endpoint": "list", "status": 503, "times": 40})
     with pytest.raises(VastError):
         steps.refresh_view(ctx)
