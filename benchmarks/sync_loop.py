@@ -33,6 +33,18 @@ from tests.agent_harness import Harness, make_context
 
 TIME_SCALE = 50.0
 READS = ("full_list", "flat")
+MACHINE = {
+    "num_gpus": 1,
+    "machine_gpus": 1,
+    "gpu_name": "RTX 3090",
+    "dph_base": 0.25,
+    "verified": True,
+    "verification": "verified",
+    "external": False,
+    "disk_space": 1000.0,
+    "reliability": 0.99,
+    "reliability2": 0.99,
+}
 LONG = {"SIM_DURATION": "10000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
 
 
@@ -60,18 +72,7 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
     ]
     # The seeded market has ~100 matching single-GPU offers: add one machine per task so that
     # every task gets an instance.
-    machine = {
-        "num_gpus": 1,
-        "machine_gpus": 1,
-        "gpu_name": "RTX 3090",
-        "dph_base": 0.25,
-        "verified": True,
-        "verification": "verified",
-        "external": False,
-        "disk_space": 1000.0,
-        "reliability": 0.99,
-        "reliability2": 0.99,
-    }
+    machine = MACHINE
     requests.post(
         stack.vast_url + "/_sim/offers", json={"offers": [machine] * (n + 10)}, timeout=30
     ).raise_for_status()
@@ -90,6 +91,35 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
     harness.sync()
     harness.run(until=all_running, timeout=timeout, sync_every=1.0)
     return time.monotonic() - start
+
+
+def add_foreign(stack, count: int, timeout: float) -> None:
+    """`count` running instances of another user of the account (labels this agent ignores),
+    rented in-process in the simulator: every full listing pages through them too."""
+    if count == 0:
+        return
+    import requests
+
+    machine = dict(MACHINE, gpu_name="RTX 2080")
+    requests.post(
+        stack.vast_url + "/_sim/offers", json={"offers": [machine] * count}, timeout=30
+    ).raise_for_status()
+    state = stack.vast.state
+    free = [o["id"] for o in state.admin_offers()["offers"] if o.get("gpu_name") == "RTX 2080"]
+    for i, offer_id in enumerate(free[:count]):
+        status, body, _ = state.create(
+            offer_id,
+            {"image": "example.org/other:1", "label": f"other-{i}", "env": LONG, "disk": 16},
+        )
+        assert status == 200, body
+    deadline = time.monotonic() + timeout
+    while state.stats()["live_instances"] < count or any(
+        r["label"].startswith("other-") and r["actual_status"] != "running"
+        for r in state.admin_instances()["instances"]
+        if r.get("live") and r.get("label")
+    ):
+        assert time.monotonic() < deadline, "the foreign fleet never ran"
+        time.sleep(0.5)
 
 
 def list_calls(stack) -> int:
@@ -150,14 +180,15 @@ def measure(ctx, stack, reps: int, gap: float) -> dict:
     }
 
 
-def run_level(n: int, redis_url: str, reps: int, timeout: float, say) -> dict:
+def run_level(n: int, redis_url: str, reps: int, timeout: float, say, foreign: int = 0) -> dict:
     with LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False) as stack:
         base = make_context(
             stack, redis_url, sync_interval=10, vast_api={"max_instances": max(1, n + 5)}
         )
         up = bring_up(base, stack, n, timeout)
         say(f"{n} active tasks running after {up:.1f} s")
-        out = {"active": n, "bring_up_s": round(up, 1)}
+        add_foreign(stack, foreign, timeout)
+        out = {"active": n, "foreign": foreign, "bring_up_s": round(up, 1)}
         # Same agent (prefix and name), two reads, two rate-limiter settings.
         for reads in READS:
             for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
@@ -191,7 +222,7 @@ def report(results: list[dict]) -> str:
             reads, mode = key.split("/")
             rows.append(
                 [
-                    r["active"],
+                    f"{r['active']} + {r['foreign']} foreign" if r.get("foreign") else r["active"],
                     reads,
                     mode,
                     m["instances_listed"],
@@ -246,10 +277,17 @@ def report(results: list[dict]) -> str:
     show_default=True,
     help="Active task counts (repeatable).",
 )
+@click.option(
+    "--foreign",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Running instances of another user of the account, added at every level.",
+)
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--timeout", type=float, default=240.0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
-def main(levels, reps, timeout, no_write):
+def main(levels, foreign, reps, timeout, no_write):
     """Duration of one sync (and its parts) at several numbers of active tasks."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     machine_info = machine()
@@ -259,7 +297,9 @@ def main(levels, reps, timeout, no_write):
     try:
         for n in levels:
             results.append(
-                run_level(n, redis_process.url, reps, timeout, lambda s: click.echo(s, err=True))
+                run_level(
+                    n, redis_process.url, reps, timeout, lambda s: click.echo(s, err=True), foreign
+                )
             )
             click.echo(json.dumps(results[-1]))
     finally:
