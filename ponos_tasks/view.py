@@ -45,7 +45,8 @@ Why no decision taken on this view is one a full listing would contradict:
   raises and the view keeps what it had). The watcher then still asks for the instance by id
   before calling it gone, as with a full listing.
 - Bound: an instance that vanishes behind the agent's back leaves the view at the latest one
-  full pass after it vanished: `full_resync_interval` + one sync interval.
+  full pass after it vanished: `full_resync_interval` + one sync interval. Until then the
+  budget's meter charges it as alive: an overcount, the safe side of a spending limit.
 """
 
 from __future__ import annotations
