@@ -428,7 +428,12 @@ class VastState:
             )
         with self.lock:
             now = self.tick()
-            rows = [self._object(inst, now) for inst in self._visible(now)]
+            # Filters see the stored contract: `offline` is computed when a row is shown
+            # (the stored actual_status stays what the host last reported), so a filter on
+            # actual_status does not see it (docs/reference.md, instance statuses).
+            pairs = [(self._object(inst, now), inst.actual_status) for inst in self._visible(now)]
+        rows = [row for row, _stored in pairs]
+        stored_rows = {id(row): {**row, "actual_status": stored} for row, stored in pairs}
         known = set(rows[0]) if rows else set(instance_columns())
         for col, cond in select_filters.items():
             if col in COMPUTED_COLUMNS or col not in known:
@@ -458,7 +463,10 @@ class VastState:
             selected = [
                 row
                 for row in rows
-                if all(queries.matches(row, col, cond) for col, cond in select_filters.items())
+                if all(
+                    queries.matches(stored_rows[id(row)], col, cond, sql_nulls=True)
+                    for col, cond in select_filters.items()
+                )
             ]
         except queries.QueryError as exc:
             return error(400, "invalid_request", f"Error in query parameters: {exc}")
