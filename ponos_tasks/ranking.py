@@ -18,11 +18,20 @@ The model, for one offer at `price` $/h:
 - **Start success.** The chance a start on this machine succeeds: its `reliability` (Vast.ai's
   own figure; `UNKNOWN_RELIABILITY` when missing), halved for each start this agent saw fail
   on that machine recently, never below `MIN_SUCCESS`.
-- **A failed start** bills the pull (the instance is billed until the agent sees it fail) and
-  then the task starts again. Assuming the next try costs what this one did, the number of
-  pulls is geometric with mean 1/p, and the run is paid once:
+- **Billing.** Vast.ai bills the GPU only while the instance is `running`; storage bills from
+  the create to the destroy. So the pull costs the storage part of the price
+  (`storage_total_cost`, else `dph_total − dph_base`, else, not knowing, the whole price) and
+  the run costs the whole price.
+- **A failed start** bills the pull (storage, until the agent sees it fail) and then the task
+  starts again. Assuming the next try costs what this one did, the number of pulls is
+  geometric with mean 1/p, and the run is paid once:
 
-      expected bill = price × (pull / p + run)        expected time = pull / p + run
+      expected bill = storage $/h × pull / p + price × run
+      expected time = pull / p + run
+
+  A slow host therefore costs little money while it pulls, but much time; an unreliable one
+  costs the storage of its failed pulls, and time. (What a start that fails after `running`
+  bills, the early-exit case, is not modelled: it is rarer than a failed pull.)
 
 Offers are ranked by expected bill, then $/h, then reliability (higher first), then offer id:
 the order is deterministic. With the `cheapest_hourly` policy the estimates are still computed
@@ -52,6 +61,7 @@ MIN_SUCCESS = 0.05  # a floor, so that the estimate stays finite
 class Estimate:
     offer: Any
     price: float  # $/h the instance would cost (the bid for interruptible)
+    loading_price: float  # $/h billed while it pulls (its storage)
     pull_s: float
     run_s: float
     success: float  # probability that a start succeeds
@@ -65,7 +75,7 @@ class Estimate:
 
     @property
     def expected_bill(self) -> float:
-        return self.price * (self.pull_s / self.success + self.run_s) / 3600.0
+        return (self.loading_price * self.pull_s / self.success + self.price * self.run_s) / 3600
 
     def explain(self) -> str:
         """One line for the task's log, e.g. "offer 12 $0.400/h: pull ~3 min (8.1 GB at
@@ -79,7 +89,7 @@ class Estimate:
             )
         return (
             f"offer {_get(self.offer, 'id')} ${self.price:.3f}/h: {pull}, "
-            f"run ~{_duration(self.run_s)}, start {self.success * 100:.0f} %: "
+            f"run ~{_duration(self.run_s)}, start {self.success * 100:.3g} %: "
             f"expected ${self.expected_bill:.4f}"
         )
 
@@ -91,6 +101,17 @@ def pull_seconds(image_bytes: float | None, inet_down_mbit: float | None, cached
     line = UNKNOWN_INET_DOWN_MBIT if not inet_down_mbit else max(1.0, float(inet_down_mbit))
     download = size / (line * 1e6 / 8.0 * PULL_EFFICIENCY)
     return download + size / EXTRACT_BYTES_S + CACHED_START_S
+
+
+def storage_price(offer: Any, price: float) -> float:
+    """$/h the offer bills while the instance is not running (its disk)."""
+    storage = _float(_get(offer, "storage_total_cost"))
+    if storage is None:
+        total, base = _float(_get(offer, "dph_total")), _float(_get(offer, "dph_base"))
+        storage = None if total is None or base is None else total - base
+    if storage is None or storage < 0:
+        return price  # not knowing: as if the whole price billed (pessimistic)
+    return min(storage, price)
 
 
 def success_probability(reliability: float | None, failed_starts: int) -> float:
@@ -118,6 +139,7 @@ def estimate(
     return Estimate(
         offer=offer,
         price=float(price),
+        loading_price=storage_price(offer, float(price)),
         pull_s=pull_seconds(image_bytes, inet, cached),
         run_s=max(0.0, float(run_s)),
         success=success_probability(

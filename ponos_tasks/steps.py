@@ -922,7 +922,10 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
                     image, record.machine_id, settings.image_cache_seconds
                 )
                 if record.running_since is not None:
-                    ctx.store.remember_run_seconds(image, now - record.running_since)
+                    # In Vast.ai's seconds, as the pull estimates are (the same as the
+                    # agent's but for the local simulator's accelerated clock).
+                    ran = (now - record.running_since) * settings.budget.billing_time_scale
+                    ctx.store.remember_run_seconds(image, ran)
             return [Next(StepName.PUBLISH_LOGS)]
         return []
     if action == WatchAction.RETRY_ATTEMPT:

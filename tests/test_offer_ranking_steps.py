@@ -10,7 +10,7 @@ SLOW, FAST = 93_001, 93_002  # machine ids
 IMAGE_BYTES = [4_000_000_000, 4_000_000_000]  # 8 GB of layers in the manifest
 
 
-def machine(machine_id: int, price: float, inet_down: float) -> dict:
+def machine(machine_id: int, price: float, inet_down: float, reliability: float) -> dict:
     return {
         "machine_id": machine_id,
         "num_gpus": 1,
@@ -19,8 +19,8 @@ def machine(machine_id: int, price: float, inet_down: float) -> dict:
         "verification": "verified",
         "vericode": 1,
         "external": False,
-        "reliability": 0.99,
-        "reliability2": 0.99,
+        "reliability": reliability,
+        "reliability2": reliability,
         "inet_down": inet_down,
         "storage_cost": 0.1,
         "gpu_name": "RTX 3090",
@@ -32,8 +32,9 @@ def machine(machine_id: int, price: float, inet_down: float) -> dict:
 @pytest.fixture
 def slow_cheap_market(admin):  # noqa: F811
     admin.clear_offers()
-    # The cheapest host pulls 8 GB at 30 Mbit/s (about an hour); the other at 2 Gbit/s.
-    admin.add_offers([machine(SLOW, 0.20, 30.0), machine(FAST, 0.30, 2000.0)])
+    # The same price; the slow host is the more reliable (cheapest_hourly's tie-break), but
+    # pulls 8 GB at 30 Mbit/s (about an hour of storage billed) where the other takes 2 min.
+    admin.add_offers([machine(SLOW, 0.20, 30.0, 0.995), machine(FAST, 0.20, 2000.0, 0.99)])
     with RegistrySimulator() as registry:
         registry.add_image("team/big", "1", entrypoint=["worker"], layer_sizes=IMAGE_BYTES)
         yield f"{registry.host}/team/big:1"
@@ -66,7 +67,7 @@ def test_expected_cost_rents_the_fast_host_and_says_why(contexts, admin, slow_ch
     assert len(ctx.store.recent_run_seconds(slow_cheap_market)) == 1
 
 
-def test_cheapest_hourly_rents_the_cheapest_host(contexts, admin, slow_cheap_market):  # noqa: F811
+def test_cheapest_hourly_rents_the_cheapest_then_most_reliable_host(contexts, admin, slow_cheap_market):  # noqa: F811
     ctx = contexts(vast_api={"offer_ranking": "cheapest_hourly"})
     task_id = run_one(ctx, admin, slow_cheap_market)
     assert rented_machine(admin, task_id) == SLOW
@@ -76,7 +77,7 @@ def test_cheapest_hourly_rents_the_cheapest_host(contexts, admin, slow_cheap_mar
 
 def test_a_host_that_ran_the_image_recently_wins(contexts, admin, slow_cheap_market):  # noqa: F811
     ctx = contexts()
-    # This agent ran the image on the slow host: no pull there, and it is the cheaper one.
+    # This agent ran the image on the slow host: no pull there at all.
     ctx.store.remember_image_host(slow_cheap_market, SLOW, 3600)
     task_id = run_one(ctx, admin, slow_cheap_market)
     assert rented_machine(admin, task_id) == SLOW

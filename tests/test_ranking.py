@@ -60,17 +60,23 @@ def test_failed_starts_and_low_reliability_lower_the_chance_of_success():
     assert [e.offer.id for e in ranked] == [2, 1]
 
 
-def test_the_bill_pays_the_pull_once_per_try_and_the_run_once():
+def test_the_pull_bills_storage_once_per_try_and_the_run_the_whole_price_once():
     e = ranking.estimate(
-        offer(1, 0.36, reliability=0.5),
+        offer(1, 0.36, reliability=0.5, storage_total_cost=0.06),
         image_bytes=0,
         cached_machines={10},
         run_s=3600,
         failed_starts={},
     )
-    # pull 30 s / 0.5 = 60 s, run 3600 s, at $0.36/h.
-    assert e.expected_bill == pytest.approx(0.36 * 3660 / 3600)
+    # pull 30 s / 0.5 = 60 s at the storage's $0.06/h, run 3600 s at $0.36/h.
+    assert e.expected_bill == pytest.approx((0.06 * 60 + 0.36 * 3600) / 3600)
     assert e.expected_s == pytest.approx(3660)
+
+
+def test_the_storage_price_comes_from_the_row_else_the_whole_price():
+    assert ranking.storage_price({"storage_total_cost": 0.02}, 0.5) == 0.02
+    assert ranking.storage_price({"dph_total": 0.5, "dph_base": 0.45}, 0.5) == pytest.approx(0.05)
+    assert ranking.storage_price({}, 0.5) == 0.5  # unknown: pessimistic
 
 
 def test_unknown_size_and_line_count_pessimistically():
