@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures imported from test_steps are parameters here)
 """The create step orders offers by the configured policy (ranking.py), with the image's size
 from its registry manifest, and records where an image ran and how long its tasks run."""
 
@@ -30,7 +31,7 @@ def machine(machine_id: int, price: float, inet_down: float, reliability: float)
 
 
 @pytest.fixture
-def slow_cheap_market(admin):  # noqa: F811
+def slow_cheap_market(admin):
     admin.clear_offers()
     # The same price; the slow host is the more reliable (cheapest_hourly's tie-break), but
     # pulls 8 GB at 30 Mbit/s (about an hour of storage billed) where the other takes 2 min.
@@ -40,7 +41,7 @@ def slow_cheap_market(admin):  # noqa: F811
         yield f"{registry.host}/team/big:1"
 
 
-def run_one(ctx, admin, image: str) -> str:  # noqa: F811
+def run_one(ctx, admin, image: str) -> str:
     # The simulator's pull takes a fixed 20 s here: the test is about the agent's choice.
     task_id = admin.one_task(
         image=image, command=None, env=scripted(0, SIM_PULL_SECONDS="20", SIM_DURATION="300")
@@ -49,12 +50,12 @@ def run_one(ctx, admin, image: str) -> str:  # noqa: F811
     return task_id
 
 
-def rented_machine(admin, task_id: str) -> int:  # noqa: F811
+def rented_machine(admin, task_id: str) -> int:
     [row] = admin.rows_for(task_id)
     return row["machine_id"]
 
 
-def test_expected_cost_rents_the_fast_host_and_says_why(contexts, admin, slow_cheap_market):  # noqa: F811
+def test_expected_cost_rents_the_fast_host_and_says_why(contexts, admin, slow_cheap_market):
     ctx = contexts()
     task_id = run_one(ctx, admin, slow_cheap_market)
     assert rented_machine(admin, task_id) == FAST
@@ -67,7 +68,9 @@ def test_expected_cost_rents_the_fast_host_and_says_why(contexts, admin, slow_ch
     assert len(ctx.store.recent_run_seconds(slow_cheap_market)) == 1
 
 
-def test_cheapest_hourly_rents_the_cheapest_then_most_reliable_host(contexts, admin, slow_cheap_market):  # noqa: F811
+def test_cheapest_hourly_rents_the_cheapest_then_most_reliable_host(
+    contexts, admin, slow_cheap_market
+):
     ctx = contexts(vast_api={"offer_ranking": "cheapest_hourly"})
     task_id = run_one(ctx, admin, slow_cheap_market)
     assert rented_machine(admin, task_id) == SLOW
@@ -75,7 +78,7 @@ def test_cheapest_hourly_rents_the_cheapest_then_most_reliable_host(contexts, ad
     assert "the cheapest matching offer" in admin.task_log(task_id)
 
 
-def test_a_host_that_ran_the_image_recently_wins(contexts, admin, slow_cheap_market):  # noqa: F811
+def test_a_host_that_ran_the_image_recently_wins(contexts, admin, slow_cheap_market):
     ctx = contexts()
     # This agent ran the image on the slow host: no pull there at all.
     ctx.store.remember_image_host(slow_cheap_market, SLOW, 3600)
