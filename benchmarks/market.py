@@ -184,6 +184,14 @@ def report(result: dict) -> str:
         f"time_scale {p['time_scale']:g}; market seed {result['seed']}, slow_cheap_hosts "
         f"{result['slow_cheap_hosts']:g}, reliability_failures 1.",
         "",
+        "Reading it: the simulator bills as Vast.ai does, the GPU only while `running` and "
+        "storage from create to destroy, so a slow pull costs storage (cents a day) and time, "
+        "not the GPU's price; the expected bill is then dominated by $/h x run time and the "
+        "expected-cost policy mostly rents what cheapest-hourly rents, departing from it only "
+        "where prices are close. Tasks start at once and in parallel (creates race for the "
+        "same offers), so which task gets which host varies from run to run: compare the "
+        "totals, and run twice to see the noise.",
+        "",
         "Per task (instances rented in order: inet_down Mbit/s, $/h):",
         "",
     ]
