@@ -17,8 +17,8 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
     counters:destroyed               hash     none       cause -> instances the sync destroyed
     machines:avoided                 zset     none       machine id -> end of its cooldown
                                                          (pruned on read)
-    machines:start_failures          zset     none       "<machine>:<time>" -> time of a failed
-                                                         start (pruned to a day on write)
+    machines:start_failures          zset     none       "<machine>:<time>:<nonce>" -> time of a
+                                                         failed start (pruned to a day on write)
     image:hosts:<image>              zset     image_cache_seconds  machine id -> last time an
                                                          instance of the image ran there
     image:runs:<image>               list     30 days    the image's last 20 run times, s
@@ -61,6 +61,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -464,7 +465,8 @@ class TaskStore:
         now = self.clock()
         key = self.keys.start_failures
         pipe = self.redis.pipeline()
-        pipe.zadd(key, {f"{machine_id}:{now!r}": now})
+        # A unique member per failure: two at the same instant must count twice.
+        pipe.zadd(key, {f"{machine_id}:{now!r}:{uuid.uuid4().hex[:8]}": now})
         pipe.zremrangebyscore(key, "-inf", now - self.START_FAILURE_MEMORY)
         pipe.execute()
 
