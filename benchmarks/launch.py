@@ -85,7 +85,8 @@ def run_burst(
 ) -> dict:
     """Submit `tasks` tasks at once and measure their launches (see the module's doc).
 
-    `timeout` (real s) defaults to twice the time the bound allows, plus a minute."""
+    `timeout` (real s) defaults to twice the time the bound allows, plus a minute; a run
+    that reaches it stops and reports the launches so far (`launched` < `tasks`)."""
     if timeout is None:
         timeout = 60.0 + 2 * tasks * CREATE_INTERVAL / time_scale
     with AgentRun(
@@ -109,8 +110,9 @@ def run_burst(
                 if event.get("event") == "created" and label and label.task_id in ids:
                     created.setdefault(label.task_id, event["t"])
             elapsed = time.monotonic() - start
-            if elapsed > timeout:
-                raise BenchFailed(f"only {len(created)}/{tasks} launched after {timeout:g} s")
+            if elapsed > timeout:  # reported as it stands: a slow agent is a figure too
+                say(f"only {len(created)}/{tasks} launched after {timeout:g} s: stopping")
+                break
             say(f"  [{elapsed:5.1f}s] {len(created)}/{tasks} launched")
             time.sleep(1.0)
         stats = run.vast("stats")
@@ -197,7 +199,7 @@ def report(results: dict[str, dict], commits: dict[str, str], commands: dict[str
         rows.append(
             [
                 f"{label} ({commits.get(label, '?')})",
-                r["tasks"],
+                f"{r['launched']} of {r['tasks']}",
                 f"{fmt(r['launches_per_min'])} / {fmt(r['bound_per_min'])}",
                 fmt(r["launch_rate_vs_bound"], 3),
                 f"{fmt(r['pending_to_create_p50_s'])} / {fmt(r['pending_to_create_p95_s'])}",
@@ -213,7 +215,7 @@ def report(results: dict[str, dict], commits: dict[str, str], commands: dict[str
         table(
             [
                 "run (commit)",
-                "tasks",
+                "launched",
                 "launches/min (sim) / bound",
                 "vs bound",
                 "pending→create p50/p95 (real s)",
@@ -237,6 +239,7 @@ def report(results: dict[str, dict], commits: dict[str, str], commands: dict[str
 @click.option("--tasks", type=int, default=200, show_default=True)
 @click.option("--time-scale", type=float, default=3.0, show_default=True)
 @click.option("--concurrency", type=int, default=4, show_default=True)
+@click.option("--timeout", type=float, default=None, help="Real seconds (default: 2x the bound).")
 @click.option(
     "--label",
     default="after",
@@ -251,7 +254,7 @@ def report(results: dict[str, dict], commits: dict[str, str], commands: dict[str
     help="Keep the worker and beat logs under this folder.",
 )
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
-def main(tasks, time_scale, concurrency, label, keep_logs, no_write):
+def main(tasks, time_scale, concurrency, timeout, label, keep_logs, no_write):
     """Launch rate of a burst against Vast.ai's create bound, pending → create, wasted creates."""
     from benchmarks.common import command_line
 
@@ -261,6 +264,7 @@ def main(tasks, time_scale, concurrency, label, keep_logs, no_write):
             tasks,
             time_scale=time_scale,
             concurrency=concurrency,
+            timeout=timeout,
             say=lambda s: click.echo(s, err=True),
             keep_logs=keep_logs,
         )
