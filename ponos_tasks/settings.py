@@ -42,6 +42,8 @@ class Settings:
     sync_lock_timeout: float  # the sync loop's single-flight lock
     snapshot_max_age: float  # a watcher lists again itself when the sync's list is older
     visibility_grace: float  # s after a create during which an unlisted instance is not gone
+    instance_reads: str  # "flat" (view.py) or "full_list" (every instance each sync)
+    full_resync_interval: float  # s a whole pass of the flat view's full listing takes
     create_lock_timeout: float
     create_unknown_delay: float  # s before looking up the label of a create with no answer
     offer_claim_seconds: float
@@ -88,6 +90,8 @@ class Settings:
             # Vast.ai's reads lag a create by a few seconds; a minute covers that with room
             # (never more than the loading deadline, which bounds a start anyway).
             visibility_grace=min(60.0, float(vast.loading_deadline)),
+            instance_reads=vast.instance_reads,
+            full_resync_interval=float(vast.full_resync_interval),
             # Renewed right before each create try is sent (after the rate limiter's wait), it
             # must outlive one request (the client's connect + read timeouts, 35 s) with a
             # margin; a worker killed while holding it delays the task's next try by at most

@@ -68,7 +68,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ponos_tasks.budget import Metered, MeterPass
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
-from ponos_tasks.models import Snapshot, TaskRecord
+from ponos_tasks.models import Instance, Snapshot, TaskRecord
+from ponos_tasks.view import PassState
 
 if TYPE_CHECKING:  # the client is passed in
     import redis
@@ -145,6 +146,14 @@ class Keyspace:
     @property
     def snapshot_lock(self) -> str:
         return self.prefix + "lock:snapshot"
+
+    @property
+    def view(self) -> str:
+        return self.prefix + "view:instances"
+
+    @property
+    def view_meta(self) -> str:
+        return self.prefix + "view:meta"
 
     @property
     def credentials(self) -> str:
@@ -410,6 +419,42 @@ class TaskStore:
         raw = self.redis.get(self.keys.snapshot)
         return None if raw is None else Snapshot.from_dict(json.loads(_text(raw)))
 
+    # The flat instance view (view.py): one hash field per instance, so that a watcher reads
+    # its own instance only; the full-resync cursor and its evidence beside it.
+
+    def view_entries(self) -> dict[int, Instance]:
+        raw = self.redis.hgetall(self.keys.view)
+        return {
+            int(_text(key)): Instance.from_dict(json.loads(_text(value))["instance"])
+            for key, value in raw.items()
+        }
+
+    def view_entry(self, instance_id: int) -> Instance | None:
+        raw = self.redis.hget(self.keys.view, str(int(instance_id)))
+        return None if raw is None else Instance.from_dict(json.loads(_text(raw))["instance"])
+
+    def put_view_entries(self, instances, seen_at: float) -> None:
+        if instances:
+            self.redis.hset(
+                self.keys.view,
+                mapping={
+                    str(i.id): json.dumps(
+                        {"seen_at": seen_at, "instance": i.to_dict()}, default=str
+                    )
+                    for i in instances
+                },
+            )
+
+    def drop_view_entries(self, instance_ids) -> None:
+        if instance_ids:
+            self.redis.hdel(self.keys.view, *[str(int(i)) for i in instance_ids])
+
+    def load_view_meta(self) -> PassState:
+        return PassState.from_json(self.redis.get(self.keys.view_meta))
+
+    def save_view_meta(self, state: PassState) -> None:
+        self.redis.set(self.keys.view_meta, state.to_json())
+
     def mark_synced(self, at: float) -> None:
         self.redis.set(self.keys.last_sync, repr(at))
 
@@ -512,8 +557,11 @@ class TaskStore:
         )
 
     def snapshot_lock(self, timeout: float) -> Lock:
-        """Held by the one process that lists instances for a late snapshot (non-blocking)."""
-        return self.redis.lock(self.keys.snapshot_lock, timeout=timeout, blocking=False)
+        """Held by the one process that lists instances for a late snapshot or refreshes the
+        flat view (non-blocking; renewable by kept_alive, whose thread shares its token)."""
+        return self.redis.lock(
+            self.keys.snapshot_lock, timeout=timeout, blocking=False, thread_local=False
+        )
 
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
