@@ -47,6 +47,7 @@ class Settings:
     create_lock_timeout: float
     create_unknown_delay: float  # s before looking up the label of a create with no answer
     offer_claim_seconds: float
+    offer_search_reuse: float  # s one search's answer serves every task (steps._shared_search)
     offers_tried_per_create: int
     log_read_wait: float  # s to wait for Vast.ai's log result_url
     log_tail_lines: int  # lines asked of Vast.ai (it sends 1000 without `tail`)
@@ -100,6 +101,9 @@ class Settings:
             # Workers creating at the same moment would all pick the same cheapest offer and
             # all but one get no_such_ask, wasting the create rate limit (BENCHMARKS.md).
             offer_claim_seconds=30.0,
+            # Five search intervals (11 s unscaled): a burst then searches about 5 times a
+            # minute, under Vast.ai's 10 a minute, whatever its launch rate (BENCHMARKS.md).
+            offer_search_reuse=5 * 2.2 * float(vast.rate_limit_scale),
             offers_tried_per_create=5,  # offers that vanished under us before giving up
             log_read_wait=20.0,
             # As many lines as any task writes: max_log_bytes bounds what is kept.

@@ -130,6 +130,9 @@ class Keyspace:
     def once(self, name: str) -> str:
         return f"{self.prefix}once:{name}"
 
+    def offer_search(self, digest: str) -> str:
+        return f"{self.prefix}offers:search:{digest}"
+
     def create_lock(self, task_id: str) -> str:
         return f"{self.prefix}lock:create:{task_id}"
 
@@ -563,6 +566,18 @@ class TaskStore:
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
+
+    def claimed(self, name: str) -> bool:
+        """Whether `name` is claimed (by `once`) right now."""
+        return self.redis.exists(self.keys.once(name)) == 1
+
+    def load_offer_search(self, digest: str) -> list[dict] | None:
+        """The offers (Vast.ai's rows) a recent search answered for this query, or None."""
+        raw = self.redis.get(self.keys.offer_search(digest))
+        return None if raw is None else json.loads(raw)
+
+    def save_offer_search(self, digest: str, rows: list[dict], ttl: float) -> None:
+        self.redis.set(self.keys.offer_search(digest), json.dumps(rows), px=max(1, int(ttl * 1000)))
 
     #: How long an instance stays marked a stray (created stopped, being destroyed).
     STRAY_TTL = 24 * 3600.0

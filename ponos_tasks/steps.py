@@ -13,6 +13,7 @@ each entry, and the test harness runs them from the same registry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -56,7 +57,7 @@ from ponos_tasks.lifecycle import (
 )
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
-from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Snapshot, StepName, TaskRecord
+from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Offer, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
     AcceptTask,
@@ -203,7 +204,7 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
         max_dph=bidding.price_cap(ctx.config),
         offer_type="bid" if bid else "on-demand",
     )
-    offers = ctx.vast.search_offers(query)
+    offers = _shared_search(ctx, query)
     # This task's own failed machines, and those every task avoids for a while.
     failed = set(record.failed_machines) | ctx.store.avoided_machines()
     ranked, on_failed, unmatched, over_cap = [], 0, 0, 0
@@ -231,6 +232,23 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
         "over budget.max_dph_per_instance": over_cap,
     }
     return OfferSearch(ranked, left_out, more=len(offers) >= query["limit"])
+
+
+def _shared_search(ctx: AgentContext, query: dict) -> list[Offer]:
+    """Vast.ai's answer to this query, shared by every task for `offer_search_reuse` s.
+
+    A burst launches a task per create slot (4.5 s). One search per task and step (choose_offer,
+    then the create) made about four a launch against a search bucket of one per 2 s and ten a
+    minute: the search, not the create, bounded launches (BENCHMARKS.md, bench:launch). Offers
+    of a shared answer that were rented since are passed over by their claims (the create loop);
+    one gone anyway costs a no_such_ask and the next offer, as with a fresh answer."""
+    digest = hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
+    rows = ctx.store.load_offer_search(digest)
+    if rows is not None:
+        return [Offer.from_dict(row) for row in rows]
+    offers = ctx.vast.search_offers(query)
+    ctx.store.save_offer_search(digest, [o.raw for o in offers], ctx.settings.offer_search_reuse)
+    return offers
 
 
 def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
@@ -603,6 +621,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
             passed.append(f"offer {offer.id} is being rented for another task")
             continue
+        # Renting one offer of a machine replaces its other offers by new ids: those a shared
+        # search answer still lists would only earn a no_such_ask (a create slot wasted).
+        if ctx.store.claimed(f"rented-machine:{offer.machine_id}"):
+            passed.append(f"offer {offer.id}'s machine was rented from since the search")
+            continue
         tried += 1
         try:
             # The lock is renewed to a full timeout right before each try is sent (after the
@@ -687,6 +710,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             record = ctx.store.get(task_id)
             passed.append(f"offer {offer.id} was created stopped")
             continue
+        ctx.store.once(f"rented-machine:{offer.machine_id}", ctx.settings.offer_search_reuse)
         why = "the cheapest matching offer" + (f" left ({'; '.join(passed)})" if passed else "")
         return _record_instance(
             ctx, record, None, created=created, offer=offer, inferred=inferred, why=why, bid=price
