@@ -34,6 +34,9 @@ class Settings:
     log_read_deadline: float  # s to keep reading an ended instance's log before deciding
     machine_cooldown: float  # s every task avoids a machine that failed a start
     pull_stall_timeout: float  # s a start may show no progress before it is given up
+    offer_ranking: str  # expected_cost | cheapest_hourly (ranking.py)
+    expected_run_seconds: float  # a task's run time before any record of its image
+    image_cache_seconds: float  # s a host is assumed to keep an image this agent ran on it
     budget: Limits  # the money limits (budget.py)
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
@@ -79,6 +82,9 @@ class Settings:
             log_read_deadline=float(vast.log_read_deadline),
             machine_cooldown=float(vast.machine_cooldown),
             pull_stall_timeout=float(vast.pull_stall_timeout),
+            offer_ranking=vast.offer_ranking,
+            expected_run_seconds=float(vast.expected_run_seconds),
+            image_cache_seconds=float(vast.image_cache_seconds),
             budget=Limits.from_config(config.budget),
             watch_interval=watch,
             heartbeat_stale=stale,
