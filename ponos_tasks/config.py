@@ -184,6 +184,15 @@ class VastConfig(_Section):
     early_exit_window: float = Field(
         default=120, ge=0, description="s after running in which an exit is a failed start"
     )
+    offer_ranking: Literal["expected_cost", "cheapest_hourly"] = Field(
+        default="expected_cost", description="how offers are ordered (ranking.py)"
+    )
+    expected_run_seconds: float = Field(
+        default=1800, ge=0, description="s a task is expected to run, before any record"
+    )
+    image_cache_seconds: float = Field(
+        default=6 * 3600, ge=0, description="s a host is assumed to keep an image it ran"
+    )
     offer_wait: float = Field(default=3600, ge=0, description="s to wait for a matching offer")
     log_read_deadline: float = Field(
         default=900, gt=0, description="s to keep reading an ended instance's log"

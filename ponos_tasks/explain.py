@@ -26,14 +26,14 @@ import click
 import redis
 from arkindex.exceptions import ErrorResponse
 
-from ponos_tasks import bidding, steps
+from ponos_tasks import bidding, ranking, steps
 from ponos_tasks.agent import AgentContext, stable_public_key
 from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError, TaskGone
 from ponos_tasks.budget import MAX_DPH_TOTAL, NO_OFFER, utc_day
 from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import Phase, agent_short_id, make_label
 from ponos_tasks.logs import redact
-from ponos_tasks.models import TaskRecord
+from ponos_tasks.models import Offer, TaskRecord
 from ponos_tasks.offers import explain_offers
 from ponos_tasks.reconcile import START_TASK, GrantAllowance, StartChain, WaitForCapacity, plan
 from ponos_tasks.registry_client import ImageNotFound, RegistryClient
@@ -172,6 +172,9 @@ def _first_rentable(ctx: AgentContext, record: TaskRecord, offers: list, bid: bo
         if bid and price is None:
             passed.append(f"offer {offer.id}'s min_bid is over the price caps")
             continue
+        if ctx.store.claimed(f"rented-machine:{offer.machine_id}"):
+            passed.append(f"offer {offer.id}'s machine was rented from since the search")
+            continue
         return offer, price, passed
     return None, None, passed
 
@@ -265,7 +268,13 @@ def explain_task(ctx: AgentContext, task_id: str) -> dict:
     probe = record or TaskRecord.new(task_id, ctx.now())
     query = steps.offer_query(ctx.config, probe)
     try:
-        offers = ctx.vast.search_offers(query)
+        # The answer the agent's creates share for a while, when there is one (read only).
+        rows = ctx.store.load_offer_search(steps.offer_search_digest(query))
+        offers = (
+            [Offer.from_dict(row) for row in rows]
+            if rows is not None
+            else ctx.vast.search_offers(query)
+        )
     except VastError as error:
         raise ExplainError(f"Vast.ai search failed at {ctx.config.vast_api.url}: {error}") from None
     failed = set(probe.failed_machines) | ctx.store.avoided_machines(prune=False)
@@ -276,6 +285,12 @@ def explain_task(ctx: AgentContext, task_id: str) -> dict:
     affordable = (
         steps._affordable(ctx, budgeted, search.ranked) if limits["held_by"] is None else []
     )
+    # The budget decided which offers may be rented; the policy decides their order.
+    estimates = steps._rank_by_policy(ctx, budgeted, definition.image, affordable)
+    by_cost = ctx.settings.offer_ranking == ranking.EXPECTED_COST
+    if by_cost:
+        affordable = [estimate.offer for estimate in estimates]
+    reasons = {estimate.offer.id: estimate.explain() for estimate in estimates}
     bid = bidding.bids(ctx.config, probe)
     chosen, price, passed = _first_rentable(ctx, budgeted, affordable, bid)
     if limits["held_by"] is None and affordable and chosen is None:
@@ -293,8 +308,17 @@ def explain_task(ctx: AgentContext, task_id: str) -> dict:
     budget = ctx.settings.budget
     doc["offers"] = {
         "query": query,
-        "summary": explain_offers(search.ranked, left_out=search.left_out, more=search.more),
-        "ranked": [_offer(o) for o in search.ranked],
+        "ranking": ctx.settings.offer_ranking,
+        "summary": explain_offers(
+            affordable or search.ranked,
+            left_out=search.left_out,
+            more=search.more,
+            estimates=estimates if by_cost and affordable else None,
+        ),
+        "reasons": {str(k): v for k, v in reasons.items()},
+        # In the order the create tries them (the policy's), then those over the allowance.
+        "ranked": [_offer(o) for o in affordable]
+        + [_offer(o) for o in search.ranked if o.id not in {a.id for a in affordable}],
         "affordable": [o.id for o in affordable],
         "left_out": search.left_out,
         "more": search.more,
@@ -355,7 +379,8 @@ def render(doc: dict) -> list[str]:
             "and rents nothing",
         ]
     o = doc["offers"]
-    lines += ["", f"offers ({'bid' if o['interruptible'] else 'on-demand'}): {o['summary']}"]
+    kind = "bid" if o["interruptible"] else "on-demand"
+    lines += ["", f"offers ({kind}, ranked by {o['ranking']}): {o['summary']}"]
     affordable = set(o["affordable"])
     chosen_id = o["chosen"]["id"] if o["chosen"] else None
     for rank, offer in enumerate(o["ranked"][:SHOWN_OFFERS], start=1):
@@ -377,6 +402,8 @@ def render(doc: dict) -> list[str]:
             f"{_money(c['dph_total'])}/h{bid}): the first the agent's ranking keeps "
             "(a create racing for it passes to the next)"
         )
+        if o["reasons"].get(str(c["id"])):
+            lines.append(f"  why: {o['reasons'][str(c['id'])]}")
     lines += ["", "limits:"]
     if b["held_by"]:
         lines.append(f"  HELD by {b['held_by']}: {b['reason']}")

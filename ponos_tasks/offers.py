@@ -549,11 +549,14 @@ def explain_offers(
     left_out: Mapping[str, int] | None = None,
     more: bool = False,
     shown: int = 3,
+    estimates=None,
 ) -> str:
     """One line for a task's log: how many offers are candidates and the first few of them,
     in the order the agent tries them (rank_offers), so that the choice can be checked.
     `left_out`: why -> how many offers Vast.ai returned that the agent will not rent;
-    `more`: the search returned as many offers as it asked for (more may match)."""
+    `more`: the search returned as many offers as it asked for (more may match);
+    `estimates`: the expected-cost ranking's (ranking.Estimate, in the order tried): each row
+    then gives its reasons (pull, run, chance of a start, expected bill)."""
     if ranked:
         head = f"{'at least ' if more else ''}{len(ranked)} offer(s) match the filters"
     else:
@@ -563,6 +566,10 @@ def explain_offers(
         head += " (left out: " + ", ".join(reasons) + ")"
     if not ranked:
         return head
+    if estimates is not None:
+        rows = [estimate.explain() for estimate in estimates[:shown]]
+        more = f"; {len(estimates) - shown} more" if len(estimates) > shown else ""
+        return f"{head}; lowest expected bill first: " + "; ".join(rows) + more
     rows = []
     for offer in ranked[:shown]:
         price, reliability = _get(offer, "dph_total"), _get(offer, "reliability")

@@ -126,6 +126,8 @@ class ImageConfig:
     entrypoint: list[str] | None
     cmd: list[str] | None
     manifest_digest: str  # of the image manifest for linux/amd64
+    # Sum of the manifest's layers[].size: the compressed bytes a host pulls (None: unknown).
+    size_bytes: int | None = None
 
     @property
     def command(self) -> list[str]:
@@ -179,6 +181,7 @@ class RegistryClient:
         self.insecure_hosts = {h.lower() for h in insecure_hosts}
         self.platform = platform
         self._cache: OrderedDict[str, ImageConfig] = OrderedDict()
+        self._sizes: dict[str, int | None] = {}  # image reference -> size, last read here
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._basic_registries: set[str] = set()  # answered a Basic challenge once
         self._lock = threading.Lock()
@@ -202,11 +205,22 @@ class RegistryClient:
         except ValueError as error:
             raise ImageConfigUnavailable(str(error)) from None
         try:
-            return self._lookup(ref)
+            config = self._lookup(ref)
         except requests.RequestException as error:
             raise ImageConfigUnavailable(
                 f"registry {ref.registry} unreachable ({type(error).__name__})"
             ) from None
+        with self._lock:
+            self._sizes[image] = config.size_bytes
+            while len(self._sizes) > self.cache_size:
+                self._sizes.pop(next(iter(self._sizes)))
+        return config
+
+    def known_size(self, image: str) -> int | None:
+        """The compressed size of `image` as last read by this process (no registry call);
+        None when it was not read, or its manifest did not say."""
+        with self._lock:
+            return self._sizes.get(image)
 
     def image_command(self, image: str) -> list[str]:
         """Entrypoint + Cmd of `image`; ImageConfigUnavailable if it has neither."""
@@ -225,7 +239,12 @@ class RegistryClient:
         if self.shared_cache is not None:
             data = self.shared_cache.get(digest)
             if data:
-                config = ImageConfig(data["entrypoint"], data["cmd"], data["manifest_digest"])
+                config = ImageConfig(
+                    data["entrypoint"],
+                    data["cmd"],
+                    data["manifest_digest"],
+                    data.get("size_bytes"),  # absent from entries cached by older versions
+                )
                 self._remember(digest, config, to_redis=False)
                 return config
         return None
@@ -243,6 +262,7 @@ class RegistryClient:
                     "entrypoint": config.entrypoint,
                     "cmd": config.cmd,
                     "manifest_digest": config.manifest_digest,
+                    "size_bytes": config.size_bytes,
                 },
             )
 
@@ -284,6 +304,7 @@ class RegistryClient:
             _string_list(container.get("Entrypoint")),
             _string_list(container.get("Cmd")),
             manifest_digest,
+            _layers_size(document),
         )
         self._remember(top_digest, result)
         if manifest_digest != top_digest:
@@ -400,3 +421,14 @@ def _string_list(value) -> list[str] | None:
     if isinstance(value, str):  # not valid per spec, but seen in hand-made configs
         return [value]
     return [str(item) for item in value]
+
+
+def _layers_size(manifest: dict) -> int | None:
+    """The compressed size of the image's layers, from its manifest; None if any is missing."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None
+    sizes = [layer.get("size") if isinstance(layer, dict) else None for layer in layers]
+    if not all(isinstance(size, int) and size >= 0 for size in sizes):
+        return None
+    return sum(sizes)

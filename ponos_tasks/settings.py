@@ -34,6 +34,9 @@ class Settings:
     log_read_deadline: float  # s to keep reading an ended instance's log before deciding
     machine_cooldown: float  # s every task avoids a machine that failed a start
     pull_stall_timeout: float  # s a start may show no progress before it is given up
+    offer_ranking: str  # expected_cost | cheapest_hourly (ranking.py)
+    expected_run_seconds: float  # a task's run time before any record of its image
+    image_cache_seconds: float  # s a host is assumed to keep an image this agent ran on it
     budget: Limits  # the money limits (budget.py)
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
@@ -47,6 +50,7 @@ class Settings:
     create_lock_timeout: float
     create_unknown_delay: float  # s before looking up the label of a create with no answer
     offer_claim_seconds: float
+    offer_search_reuse: float  # s one search's answer serves every task (steps._shared_search)
     offers_tried_per_create: int
     log_read_wait: float  # s to wait for Vast.ai's log result_url
     log_tail_lines: int  # lines asked of Vast.ai (it sends 1000 without `tail`)
@@ -78,6 +82,9 @@ class Settings:
             log_read_deadline=float(vast.log_read_deadline),
             machine_cooldown=float(vast.machine_cooldown),
             pull_stall_timeout=float(vast.pull_stall_timeout),
+            offer_ranking=vast.offer_ranking,
+            expected_run_seconds=float(vast.expected_run_seconds),
+            image_cache_seconds=float(vast.image_cache_seconds),
             budget=Limits.from_config(config.budget),
             watch_interval=watch,
             heartbeat_stale=stale,
@@ -100,6 +107,9 @@ class Settings:
             # Workers creating at the same moment would all pick the same cheapest offer and
             # all but one get no_such_ask, wasting the create rate limit (BENCHMARKS.md).
             offer_claim_seconds=30.0,
+            # Five search intervals (11 s unscaled): a burst then searches about 5 times a
+            # minute, under Vast.ai's 10 a minute, whatever its launch rate (BENCHMARKS.md).
+            offer_search_reuse=5 * 2.2 * float(vast.rate_limit_scale),
             offers_tried_per_create=5,  # offers that vanished under us before giving up
             log_read_wait=20.0,
             # As many lines as any task writes: max_log_bytes bounds what is kept.

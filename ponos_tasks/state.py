@@ -17,6 +17,11 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
     counters:destroyed               hash     none       cause -> instances the sync destroyed
     machines:avoided                 zset     none       machine id -> end of its cooldown
                                                          (pruned on read)
+    machines:start_failures          zset     none       "<machine>:<time>:<nonce>" -> time of a
+                                                         failed start (pruned to a day on write)
+    image:hosts:<image>              zset     image_cache_seconds  machine id -> last time an
+                                                         instance of the image ran there
+    image:runs:<image>               list     30 days    the image's last 20 run times, s
     endlog:<id>:<attempt>            string   1 h        the ended instance's log that decided
                                                          the outcome (kept for the final upload
                                                          and the log's last lines after the
@@ -56,6 +61,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -112,6 +118,16 @@ class Keyspace:
         return self.prefix + "machines:avoided"
 
     @property
+    def start_failures(self) -> str:
+        return self.prefix + "machines:start_failures"
+
+    def image_hosts(self, image: str) -> str:
+        return f"{self.prefix}image:hosts:{image}"
+
+    def image_runs(self, image: str) -> str:
+        return f"{self.prefix}image:runs:{image}"
+
+    @property
     def destroyed_counts(self) -> str:
         return self.prefix + "counters:destroyed"
 
@@ -129,6 +145,9 @@ class Keyspace:
 
     def once(self, name: str) -> str:
         return f"{self.prefix}once:{name}"
+
+    def offer_search(self, digest: str) -> str:
+        return f"{self.prefix}offers:search:{digest}"
 
     def create_lock(self, task_id: str) -> str:
         return f"{self.prefix}lock:create:{task_id}"
@@ -468,7 +487,9 @@ class TaskStore:
         return None if raw is None else json.loads(_text(raw))
 
     def avoid_machine(self, machine_id: int, seconds: float) -> None:
-        """Every task avoids this machine for `seconds` (it failed a start)."""
+        """Every task avoids this machine for `seconds` (it failed a start), and the offer
+        ranking counts the failure against it for a day."""
+        self.count_start_failure(machine_id)
         if machine_id is not None and seconds > 0:
             self.redis.zadd(self.keys.avoided_machines, {str(machine_id): self.clock() + seconds})
 
@@ -478,6 +499,65 @@ class TaskStore:
         if prune:
             self.redis.zremrangebyscore(self.keys.avoided_machines, "-inf", now)
         return {int(m) for m in self.redis.zrangebyscore(self.keys.avoided_machines, now, "+inf")}
+
+    #: How long a failed start counts against its machine in the offer ranking.
+    START_FAILURE_MEMORY = 24 * 3600.0
+    #: Run times kept per image (their median is the image's expected run time).
+    IMAGE_RUNS_KEPT = 20
+    IMAGE_RUNS_TTL = 30 * 24 * 3600.0
+    #: Machines kept per image (the most recent): a bound on the key's size.
+    IMAGE_HOSTS_KEPT = 1000
+
+    def count_start_failure(self, machine_id: int | None) -> None:
+        """A start failed on this machine (ranking.py lowers its chance of success)."""
+        if machine_id is None:
+            return
+        now = self.clock()
+        key = self.keys.start_failures
+        pipe = self.redis.pipeline()
+        # A unique member per failure: two at the same instant must count twice.
+        pipe.zadd(key, {f"{machine_id}:{now!r}:{uuid.uuid4().hex[:8]}": now})
+        pipe.zremrangebyscore(key, "-inf", now - self.START_FAILURE_MEMORY)
+        pipe.execute()
+
+    def start_failures(self) -> dict[int, int]:
+        """Machine id -> its failed starts within START_FAILURE_MEMORY."""
+        since = self.clock() - self.START_FAILURE_MEMORY
+        counts: dict[int, int] = {}
+        for member in self.redis.zrangebyscore(self.keys.start_failures, since, "+inf"):
+            machine = int(_text(member).split(":", 1)[0])
+            counts[machine] = counts.get(machine, 0) + 1
+        return counts
+
+    def remember_image_host(self, image: str | None, machine_id: int | None, ttl: float) -> None:
+        """An instance of `image` ran on this machine now: its host has the image cached."""
+        if machine_id is None or not image or ttl <= 0:
+            return
+        key = self.keys.image_hosts(image)
+        pipe = self.redis.pipeline()
+        pipe.zadd(key, {str(machine_id): self.clock()})
+        pipe.zremrangebyrank(key, 0, -self.IMAGE_HOSTS_KEPT - 1)
+        pipe.expire(key, max(1, int(ttl)))
+        pipe.execute()
+
+    def image_hosts(self, image: str, ttl: float) -> set[int]:
+        """Machines on which an instance of `image` ran within `ttl` seconds."""
+        since = self.clock() - ttl
+        members = self.redis.zrangebyscore(self.keys.image_hosts(image), since, "+inf")
+        return {int(_text(m)) for m in members}
+
+    def remember_run_seconds(self, image: str | None, seconds: float) -> None:
+        if not image or seconds < 0:
+            return
+        key = self.keys.image_runs(image)
+        pipe = self.redis.pipeline()
+        pipe.lpush(key, repr(float(seconds)))
+        pipe.ltrim(key, 0, self.IMAGE_RUNS_KEPT - 1)
+        pipe.expire(key, int(self.IMAGE_RUNS_TTL))
+        pipe.execute()
+
+    def recent_run_seconds(self, image: str) -> list[float]:
+        return [float(_text(v)) for v in self.redis.lrange(self.keys.image_runs(image), 0, -1)]
 
     def count_destroyed(self, cause: str, amount: int = 1) -> None:
         self.redis.hincrby(self.keys.destroyed_counts, cause, amount)
@@ -565,6 +645,18 @@ class TaskStore:
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
+
+    def claimed(self, name: str) -> bool:
+        """Whether `name` is claimed (by `once`) right now."""
+        return self.redis.exists(self.keys.once(name)) == 1
+
+    def load_offer_search(self, digest: str) -> list[dict] | None:
+        """The offers (Vast.ai's rows) a recent search answered for this query, or None."""
+        raw = self.redis.get(self.keys.offer_search(digest))
+        return None if raw is None else json.loads(raw)
+
+    def save_offer_search(self, digest: str, rows: list[dict], ttl: float) -> None:
+        self.redis.set(self.keys.offer_search(digest), json.dumps(rows), px=max(1, int(ttl * 1000)))
 
     #: How long an instance stays marked a stray (created stopped, being destroyed).
     STRAY_TTL = 24 * 3600.0

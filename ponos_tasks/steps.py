@@ -13,6 +13,7 @@ each entry, and the test harness runs them from the same registry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import redis
 from redis.exceptions import LockNotOwnedError
 
-from ponos_tasks import bidding, view
+from ponos_tasks import bidding, ranking, view
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import (
     ArkindexError,
@@ -56,7 +57,7 @@ from ponos_tasks.lifecycle import (
 )
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
-from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Snapshot, StepName, TaskRecord
+from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Offer, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
     AcceptTask,
@@ -236,7 +237,7 @@ def sort_offers(config, offers: list, failed: set, *, limit: int) -> OfferSearch
 
 def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
     query = offer_query(ctx.config, record)
-    offers = ctx.vast.search_offers(query)
+    offers = _shared_search(ctx, query)
     # This task's own failed machines, and those every task avoids for a while.
     failed = set(record.failed_machines) | ctx.store.avoided_machines()
     search = sort_offers(ctx.config, offers, failed, limit=query["limit"])
@@ -244,6 +245,28 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
     ctx.budget.note_cheapest(search.matching[0].dph_total if search.matching else None)
     ctx.metric_store.observe(OFFERS_MATCHED, len(search.matching))
     return search
+
+
+def offer_search_digest(query: dict) -> str:
+    """The key of a shared search answer (`_shared_search`; explain reads it too)."""
+    return hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shared_search(ctx: AgentContext, query: dict) -> list[Offer]:
+    """Vast.ai's answer to this query, shared by every task for `offer_search_reuse` s.
+
+    A burst launches a task per create slot (4.5 s). One search per task and step (choose_offer,
+    then the create) made about four a launch against a search bucket of one per 2 s and ten a
+    minute: the search, not the create, bounded launches (BENCHMARKS.md, bench:launch). Offers
+    of a shared answer that were rented since are passed over by their claims (the create loop);
+    one gone anyway costs a no_such_ask and the next offer, as with a fresh answer."""
+    digest = offer_search_digest(query)
+    rows = ctx.store.load_offer_search(digest)
+    if rows is not None:
+        return [Offer.from_dict(row) for row in rows]
+    offers = ctx.vast.search_offers(query)
+    ctx.store.save_offer_search(digest, [o.raw for o in offers], ctx.settings.offer_search_reuse)
+    return offers
 
 
 def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
@@ -280,6 +303,33 @@ def _set_waiting(
     if ctx.store.once(f"waitlog:{record.task_id}:{held_by}", ctx.settings.logs_interval):
         return [Next(StepName.PUBLISH_LOGS, kwargs={"final": False})]
     return []
+
+
+def _rank_by_policy(ctx: AgentContext, record: TaskRecord, image: str, offers: list) -> list:
+    """Each offer's estimate (ranking.py), in the order the configured policy tries them:
+    lowest expected bill first, or the search's own order (cheapest first) for
+    `cheapest_hourly`. The image's size is the one read from its registry for its entrypoint
+    (None when that was not read: the ranking then assumes a typical GPU image)."""
+    settings = ctx.settings
+    bid = bidding.bids(ctx.config, record)
+
+    def price_of(offer):
+        price = _bid_for(ctx, record, offer) if bid else None
+        return offer.dph_total if price is None else bidding.instance_dph(offer, price)
+
+    facts = dict(
+        image_bytes=ctx.registry.known_size(image),
+        cached_machines=ctx.store.image_hosts(image, settings.image_cache_seconds),
+        run_s=ranking.expected_run_seconds(
+            ctx.store.recent_run_seconds(image), settings.expected_run_seconds
+        ),
+        failed_starts=ctx.store.start_failures(),
+        price_of=price_of,
+    )
+    if settings.offer_ranking == ranking.EXPECTED_COST:
+        return ranking.rank(offers, **facts)
+    estimates = (ranking.estimate(offer, **facts) for offer in offers)
+    return [estimate for estimate in estimates if estimate is not None]
 
 
 def _bid_for(ctx: AgentContext, record: TaskRecord, offer) -> float | None:
@@ -604,11 +654,22 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     request = create_request(ctx.config, definition, record.label, command, env)
     search = _search_offers(ctx, record)
     offers = _affordable(ctx, record, search.ranked)
+    # The budget decided which offers may be rented; the policy decides their order.
+    estimates = _rank_by_policy(ctx, record, definition.image, offers)
+    by_cost = ctx.settings.offer_ranking == ranking.EXPECTED_COST
+    if by_cost:
+        offers = [estimate.offer for estimate in estimates]
+    chosen_because = {id(e.offer): e.explain() for e in estimates}
     _note(
         ctx,
         task_id,
         f"attempt {record.attempt}: "
-        + explain_offers(offers, left_out=search.left_out, more=search.more),
+        + explain_offers(
+            offers,
+            left_out=search.left_out,
+            more=search.more,
+            estimates=estimates if by_cost else None,
+        ),
     )
     if offers and record.kept_instance_id is not None:
         # The failed attempt's kept instance goes right before the new one is created: never
@@ -631,6 +692,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         # take the next offers instead of all racing for the cheapest one.
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
             passed.append(f"offer {offer.id} is being rented for another task")
+            continue
+        # Renting one offer of a machine replaces its other offers by new ids: those a shared
+        # search answer still lists would only earn a no_such_ask (a create slot wasted).
+        if ctx.store.claimed(f"rented-machine:{offer.machine_id}"):
+            passed.append(f"offer {offer.id}'s machine was rented from since the search")
             continue
         tried += 1
         try:
@@ -716,7 +782,12 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             record = ctx.store.get(task_id)
             passed.append(f"offer {offer.id} was created stopped")
             continue
-        why = "the cheapest matching offer" + (f" left ({'; '.join(passed)})" if passed else "")
+        ctx.store.once(f"rented-machine:{offer.machine_id}", ctx.settings.offer_search_reuse)
+        why = (
+            ("the lowest expected bill" if by_cost else "the cheapest matching offer")
+            + (f" left ({'; '.join(passed)})" if passed else "")
+            + (f" [{chosen_because[id(offer)]}]" if by_cost and id(offer) in chosen_because else "")
+        )
         return _record_instance(
             ctx, record, None, created=created, offer=offer, inferred=inferred, why=why, bid=price
         )
@@ -931,6 +1002,10 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             heartbeat_at=now,
         ):
             _note(ctx, task_id, f"instance {record.instance_id} is running")
+            # Its host now has the image cached: the offer ranking counts a near-zero pull.
+            ctx.store.remember_image_host(
+                _instance_image(instance), record.machine_id, settings.image_cache_seconds
+            )
             _report_running(ctx, task_id)
         return [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
     if action in (WatchAction.FINISH, WatchAction.GIVE_UP):
@@ -953,6 +1028,18 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             if action == WatchAction.GIVE_UP:  # the last start failed there too
                 ctx.store.avoid_machine(record.machine_id, settings.machine_cooldown)
                 _count_start_failure(ctx, decision)
+            elif outcome.state in ("completed", "failed"):
+                # The task's command ran there (a marker, or an inferred status): its host
+                # has the image, and how long it ran refines the ranking's expected run time.
+                image = _instance_image(instance)
+                ctx.store.remember_image_host(
+                    image, record.machine_id, settings.image_cache_seconds
+                )
+                if record.running_since is not None:
+                    # In Vast.ai's seconds, as the pull estimates are (the same as the
+                    # agent's but for the local simulator's accelerated clock).
+                    ran = (now - record.running_since) * settings.budget.billing_time_scale
+                    ctx.store.remember_run_seconds(image, ran)
             return [Next(StepName.PUBLISH_LOGS)]
         return []
     if action == WatchAction.RETRY_ATTEMPT:
@@ -1019,6 +1106,10 @@ def _end_over_budget(ctx: AgentContext, record: TaskRecord, reason: str) -> list
     _note(ctx, record.task_id, f"{reason}: stopping its instance; the task ends in error", "ERROR")
     _stop_instance(ctx, record, "at its spending limit")
     return [Next(StepName.PUBLISH_LOGS)]
+
+
+def _instance_image(instance) -> str | None:
+    return None if instance is None else instance.raw.get("image_uuid")
 
 
 def _count_start_failure(ctx: AgentContext, decision) -> None:

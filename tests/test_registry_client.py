@@ -251,3 +251,30 @@ def test_credentials_from_agent_config(tmp_path):
         config = load_config(str(path), {"REG": "tok"})
         client = RegistryClient(config.vast_api.registries)
         assert client.image_command(f"{sim.host}/w:1") == ["ok"]
+
+
+@pytest.mark.parametrize("oci", [True, False], ids=["oci", "docker"])
+def test_image_size_is_the_sum_of_the_chosen_platforms_layers(
+    registry, redis_client, key_prefix, oci
+):
+    registry.add_image(
+        "big",
+        "1",
+        cmd=["x"],
+        oci=oci,
+        platforms=[("linux", "arm64"), ("linux", "amd64")],
+        layer_sizes=[3_000_000_000, 1_500_000_000, 12_345],
+    )
+    cache = ImageConfigCache(redis_client, Keyspace(key_prefix))
+    config = RegistryClient(shared_cache=cache).image_config(f"{registry.host}/big:1")
+    assert config.size_bytes == 4_500_012_345
+    # The size is cached with the command: another process reads it without a manifest GET.
+    before = count(registry, "/manifests/", "GET")
+    again = RegistryClient(shared_cache=cache).image_config(f"{registry.host}/big:1")
+    assert again.size_bytes == 4_500_012_345
+    assert count(registry, "/manifests/", "GET") == before
+
+
+def test_image_without_layers_has_no_known_size(registry):
+    registry.add_image("empty", "1", cmd=["x"])
+    assert RegistryClient().image_config(f"{registry.host}/empty:1").size_bytes is None

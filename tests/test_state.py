@@ -305,3 +305,27 @@ def test_a_lock_is_released_through_a_redis_restart(tmp_path):
         assert store.sync_lock(timeout=300).acquire()  # the next sync runs at once
     finally:
         server.stop()
+
+
+def test_offer_ranking_records_expire_and_stay_bounded(store, clock):
+    """What the offer ranking reads: failed starts per machine for a day, the machines that
+    ran an image within the cache window, the image's last 20 run times."""
+    store.avoid_machine(7, 60)
+    store.avoid_machine(7, 60)
+    store.avoid_machine(8, 0)  # no cooldown configured: the failure still counts
+    assert store.start_failures() == {7: 2, 8: 1}
+    clock.now += store.START_FAILURE_MEMORY + 1
+    assert store.start_failures() == {}
+
+    store.remember_image_host("img:1", 7, ttl=100)
+    clock.now += 50
+    store.remember_image_host("img:1", 8, ttl=100)
+    assert store.image_hosts("img:1", 100) == {7, 8}
+    clock.now += 60
+    assert store.image_hosts("img:1", 100) == {8}  # 7 ran it 110 s ago
+    assert store.image_hosts("img:2", 100) == set()
+
+    for seconds in range(30):
+        store.remember_run_seconds("img:1", float(seconds))
+    assert store.recent_run_seconds("img:1") == [float(s) for s in range(29, 9, -1)]
+    store.remember_run_seconds(None, 5.0)  # an instance whose image is unknown: nothing

@@ -141,7 +141,9 @@ class SimAdmin:
         self._json("POST", self.vast_url + "/_sim/offers", json={"offers": offers})
 
     def set_market(self, prices: dict[int, float], *, storage_cost: float = 0.1) -> None:
-        """Replace the market by one single-GPU, verified machine per (machine id, $/h)."""
+        """Replace the market by one single-GPU, verified machine per (machine id, $/h), all
+        alike but for the price (same line, same reliability): the cheapest has the lowest
+        expected bill too, whatever the agent's offer_ranking policy."""
         self.clear_offers()
         self.add_offers(
             [
@@ -155,6 +157,7 @@ class SimAdmin:
                     "external": False,
                     "reliability": 0.99,
                     "reliability2": 0.99,
+                    "inet_down": 1000.0,
                     "storage_cost": storage_cost,
                     "gpu_name": "RTX 3090",
                     "gpu_ram": 24576,

@@ -107,13 +107,16 @@ class RegistrySimulator:
         oci: bool = False,
         platforms: list[tuple[str, str]] | None = None,
         attestation: bool = False,
+        layer_sizes: list[int] | tuple = (),
     ) -> str:
         """Seed an image; returns the digest of what `tag` points to.
 
         Without `platforms`: a single manifest. With `platforms` (e.g. [("linux", "arm64"),
         ("linux", "amd64")]): an index (OCI or Docker list) with one manifest per platform, all
         with the same config except that `Cmd` gets "#<os>/<arch>" appended for every platform
-        but linux/amd64 (so a test can see which one was picked).
+        but linux/amd64 (so a test can see which one was picked). `layer_sizes`: the
+        compressed size of each layer listed in the manifests (their blobs are not served:
+        an image-config lookup never fetches a layer).
         """
         manifest_type, config_type, index_type = (
             (OCI_MANIFEST, OCI_CONFIG, OCI_INDEX)
@@ -142,7 +145,16 @@ class RegistrySimulator:
                     "digest": config_digest,
                     "size": len(config_body),
                 },
-                "layers": [],
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"
+                        if oci
+                        else "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                        "digest": _digest(f"{name}#{arch}#{index}".encode()),
+                        "size": int(size),
+                    }
+                    for index, size in enumerate(layer_sizes)
+                ],
             }
             digest = self._put_manifest(name, manifest_type, document)
             return digest, len(_dumps(document))

@@ -24,18 +24,23 @@ PULLED_IMAGE = "registry.example.com/ponos/e2e-pulled:1"
 # Each kind of entry, in the order it happens. `{n}` is the attempt.
 KINDS = [
     ("accepted", r"task accepted by agent e2e-agent"),
-    ("offers considered (1)", r"attempt 1: 4 offer\(s\) match the filters; cheapest first"),
+    (
+        "offers considered (1)",
+        r"attempt 1: 4 offer\(s\) match the filters; lowest expected bill first: offer \d+"
+        r" \$0\.\d+/h: pull ~",
+    ),
     (
         "created (1), and why",
         r"attempt 1: created Vast\.ai instance \d+ from offer \d+ on machine"
-        r" 91000 \(.*\$0\.\d+/h\): the cheapest matching offer$",
+        r" 91000 \(.*\$0\.\d+/h\): the lowest expected bill \[offer \d+ .*: expected"
+        r" \$0\.\d+\]$",
     ),
     ("failed start", r"attempt 1 failed on machine 91000: .*; trying another machine"),
     ("failed instance gone", r"instance \d+ of the failed attempt destroyed"),
     (
         "offers considered (2)",
         r"attempt 2: 3 offer\(s\) match the filters \(left out: 1 on a "
-        r"machine that failed a start\); cheapest first",
+        r"machine that failed a start\); lowest expected bill first",
     ),
     ("created (2)", r"attempt 2: created Vast\.ai instance \d+ from offer \d+ on machine 91001"),
     ("pull progress", r"instance \d+ starting: .*(Downloading|Extracting|Pulling)"),

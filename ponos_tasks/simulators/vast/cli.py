@@ -88,6 +88,22 @@ def _sizes(values) -> dict:
 )
 @click.option("--churn", is_flag=True, help="Offers change ids and machines come and go.")
 @click.option(
+    "--slow-cheap-hosts",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of the machines, the cheapest ones, given a slow line (inet_down 20-100 "
+    "Mbit/s) and a reliability of 0.70-0.90.",
+)
+@click.option(
+    "--reliability-failures",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="A start fails with probability this x (1 - the machine's reliability); 1 reads "
+    "reliability as the chance a start works.",
+)
+@click.option(
     "--fault",
     "faults",
     multiple=True,
@@ -109,6 +125,8 @@ def command(
     cached_images,
     image_sizes,
     churn,
+    slow_cheap_hosts,
+    reliability_failures,
     faults,
 ):
     """Run the Vast.ai simulator in the foreground (Ctrl-C or SIGTERM stops it)."""
@@ -130,6 +148,8 @@ def command(
         churn=churn,
         faults=faults,
         access_log=True,
+        slow_cheap_hosts=slow_cheap_hosts,
+        reliability_failures=reliability_failures,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -183,6 +183,25 @@ class Market:
         }
         return Machine(id=machine_id, host_id=specs["host_id"], num_gpus=num_gpus, specs=specs)
 
+    def make_cheap_hosts_slow(self, fraction: float, rng: random.Random) -> list[int]:
+        """The `slow_cheap_hosts` knob: the cheapest `fraction` of the machines (by $/GPU/h)
+        get a slow line (inet_down 20–100 Mbit/s) and a poor record (reliability 0.70–0.90),
+        as on Vast.ai, where the lowest prices are often home hosts on consumer links.
+        Returns their ids."""
+        if fraction <= 0:
+            return []
+        by_price = sorted(self.machines.values(), key=lambda m: m.specs["dph_base_per_gpu"])
+        slow = by_price[: int(round(len(by_price) * min(1.0, fraction)))]
+        for machine in slow:
+            reliability = round(rng.uniform(0.70, 0.90), 4)
+            machine.specs.update(
+                inet_down=round(rng.uniform(20, 100), 1),
+                reliability=reliability,
+                reliability2=reliability,
+                reliability_mult=round(reliability**2, 4),
+            )
+        return [m.id for m in slow]
+
     def refresh_machine(self, machine_id: int) -> None:
         """Replace the machine's offers by fresh ids for 1..free GPUs (or none if unlisted)."""
         for offer_id in [

@@ -15,6 +15,13 @@ value, they do not switch the behaviour off:
   `cached_images` (()): images every host already has (a ~30 s start instead of a pull).
 - `search_quota` (10 000): searches per key per simulated UTC day.
 - `rate_limits` (True): minimum intervals, create's penalty, search's burst and quota.
+- `slow_cheap_hosts` (0): the cheapest fraction of the machines ($/GPU/h) get a slow line
+  (inet_down 20–100 Mbit/s) and a reliability of 0.70–0.90: a market where the cheapest
+  hosts pull slowly and fail often (benchmarks/market.py).
+- `reliability_failures` (0): a start fails with probability this × (1 − the machine's
+  reliability) (an OCI error at once, or a pull that stalls part way); 1 reads Vast.ai's
+  reliability as the chance a start works. Off by default so that a test's outcome does not
+  depend on the draw; a test of start failures injects its faults by label instead.
 """
 
 import threading
@@ -56,6 +63,8 @@ class VastSimulator:
         churn: bool = False,
         faults: list[dict] | tuple = (),
         access_log: bool = False,
+        slow_cheap_hosts: float = 0.0,
+        reliability_failures: float = 0.0,
     ):
         if run_mode not in ("scripted", "local"):
             raise ValueError("run_mode must be 'scripted' or 'local'")
@@ -80,6 +89,8 @@ class VastSimulator:
             churn=churn,
             faults=faults,
             url_getter=lambda: self.url,
+            slow_cheap_hosts=slow_cheap_hosts,
+            reliability_failures=reliability_failures,
         )
         self.app = create_app(self.state)
         self._server = None

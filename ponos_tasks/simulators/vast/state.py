@@ -70,6 +70,8 @@ class VastState:
         churn=False,
         faults=(),
         url_getter=None,
+        slow_cheap_hosts=0.0,
+        reliability_failures=0.0,
     ):
         self.lock = threading.RLock()
         self.clock = SimClock(time_scale)
@@ -80,6 +82,13 @@ class VastState:
         # the market stays the same whatever the traffic.
         self.rng = random.Random(f"vast-sim-delays-{seed}")
         self.images = Images(image_sizes, cached_images)
+        # Market knobs (simulator.py): drawn from their own generator, so that the market
+        # and the delays stay the same whatever they are.
+        self.market.make_cheap_hosts_slow(
+            float(slow_cheap_hosts), random.Random(f"vast-sim-slow-hosts-{seed}")
+        )
+        self.reliability_failures = float(reliability_failures)
+        self.failure_rng = random.Random(f"vast-sim-start-failures-{seed}")
         self.fleet = Fleet(
             self.clock,
             self.market,
@@ -260,6 +269,8 @@ class VastState:
                 rule = self.faults.take({name}, label=label)
                 if rule is not None:
                     lifecycle[name] = rule
+            if not doomed and not lifecycle:
+                lifecycle.update(self._host_failure(machine_id))
             start_stopped = below_bid or stopped_rule is not None
             inst = self.fleet.create(
                 offer_row=offer_row,
@@ -287,6 +298,21 @@ class VastState:
                     "are currently unavailable.",
                 )
             return 200, answer, lost
+
+    def _host_failure(self, machine_id: int) -> dict:
+        """The `reliability_failures` knob: a start fails with probability
+        reliability_failures × (1 − the machine's reliability), half of the time at once (OCI
+        error at create), half of the time as a pull that stalls part way (only a watcher's
+        pull_stall_timeout notices it, and the host bills meanwhile)."""
+        if self.reliability_failures <= 0:
+            return {}
+        reliability = float(self.market.machines[machine_id].specs.get("reliability") or 1.0)
+        chance = min(1.0, self.reliability_failures * max(0.0, 1.0 - reliability))
+        if self.failure_rng.random() >= chance:
+            return {}
+        if self.failure_rng.random() < 0.5:
+            return {"oci_failure": {"fault": "oci_failure"}}
+        return {"pull_stall": {"fault": "pull_stall", "at": self.failure_rng.uniform(0.1, 0.9)}}
 
     def _rented_row(self, offer_id: int, machine_id: int, body: dict) -> dict:
         for inst in self.fleet.instances.values():
