@@ -493,9 +493,11 @@ class TaskStore:
         if machine_id is not None and seconds > 0:
             self.redis.zadd(self.keys.avoided_machines, {str(machine_id): self.clock() + seconds})
 
-    def avoided_machines(self) -> set[int]:
+    def avoided_machines(self, *, prune: bool = True) -> set[int]:
+        """`prune=False` reads without removing the expired entries (explain writes nothing)."""
         now = self.clock()
-        self.redis.zremrangebyscore(self.keys.avoided_machines, "-inf", now)
+        if prune:
+            self.redis.zremrangebyscore(self.keys.avoided_machines, "-inf", now)
         return {int(m) for m in self.redis.zrangebyscore(self.keys.avoided_machines, now, "+inf")}
 
     #: How long a failed start counts against its machine in the offer ranking.

@@ -93,6 +93,7 @@ from ponos_tasks.wrapper import (
     UnsplittableCommand,
     WrapperTooLong,
     is_wrapped,
+    marker_nonce,
     parse_exit_marker,
     split_command,
     wrap_command,
@@ -192,23 +193,26 @@ class OfferSearch:
     ranked: list  # the offers the agent may rent, in the order it tries them
     left_out: dict[str, int]  # why -> offers Vast.ai returned that it will not rent
     more: bool  # the search returned its limit: more offers may match
+    matching: list = field(default_factory=list)  # within filters and cap, failed ones too
 
 
-def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
-    vast = ctx.config.vast_api
-    limits = ctx.settings.budget
-    bid = bidding.bids(ctx.config, record)
-    query = build_query(
+def offer_query(config, record: TaskRecord) -> dict:
+    """The Vast.ai search the agent sends for this task's next instance."""
+    vast = config.vast_api
+    return build_query(
         vast.offer_filters,
         disk_gb=vast.disk_gb,
-        max_dph=bidding.price_cap(ctx.config),
-        offer_type="bid" if bid else "on-demand",
+        max_dph=bidding.price_cap(config),
+        offer_type="bid" if bidding.bids(config, record) else "on-demand",
     )
-    offers = _shared_search(ctx, query)
-    # This task's own failed machines, and those every task avoids for a while.
-    failed = set(record.failed_machines) | ctx.store.avoided_machines()
+
+
+def sort_offers(config, offers: list, failed: set, *, limit: int) -> OfferSearch:
+    """Vast.ai's answer to `offer_query`, ranked, without what the agent will not rent (pure:
+    the agent and `ponos-vast explain` share it). `failed`: machines to avoid."""
+    vast = config.vast_api
+    cap = bidding.price_cap(config)
     ranked, on_failed, unmatched, over_cap = [], 0, 0, 0
-    cap = limits.max_dph_per_instance
     matching = []  # within the filters and the cap, failed machines included
     for offer in rank_offers(offers):
         # The user's filters are checked again here: a server that ignored one must not make
@@ -223,15 +227,29 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
                 on_failed += 1
             else:
                 ranked.append(offer)
-    # What the cheapest instance costs: how the sync loop tells a room too small for any.
-    ctx.budget.note_cheapest(matching[0].dph_total if matching else None)
-    ctx.metric_store.observe(OFFERS_MATCHED, len(matching))
     left_out = {
         "on a machine that failed a start": on_failed,
         "outside the filters": unmatched,
         "over budget.max_dph_per_instance": over_cap,
     }
-    return OfferSearch(ranked, left_out, more=len(offers) >= query["limit"])
+    return OfferSearch(ranked, left_out, more=len(offers) >= limit, matching=matching)
+
+
+def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
+    query = offer_query(ctx.config, record)
+    offers = _shared_search(ctx, query)
+    # This task's own failed machines, and those every task avoids for a while.
+    failed = set(record.failed_machines) | ctx.store.avoided_machines()
+    search = sort_offers(ctx.config, offers, failed, limit=query["limit"])
+    # What the cheapest instance costs: how the sync loop tells a room too small for any.
+    ctx.budget.note_cheapest(search.matching[0].dph_total if search.matching else None)
+    ctx.metric_store.observe(OFFERS_MATCHED, len(search.matching))
+    return search
+
+
+def offer_search_digest(query: dict) -> str:
+    """The key of a shared search answer (`_shared_search`; explain reads it too)."""
+    return hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _shared_search(ctx: AgentContext, query: dict) -> list[Offer]:
@@ -242,7 +260,7 @@ def _shared_search(ctx: AgentContext, query: dict) -> list[Offer]:
     minute: the search, not the create, bounded launches (BENCHMARKS.md, bench:launch). Offers
     of a shared answer that were rented since are passed over by their claims (the create loop);
     one gone anyway costs a no_such_ask and the next offer, as with a fresh answer."""
-    digest = hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
+    digest = offer_search_digest(query)
     rows = ctx.store.load_offer_search(digest)
     if rows is not None:
         return [Offer.from_dict(row) for row in rows]
@@ -340,39 +358,61 @@ def instance_environment(ctx: AgentContext, definition) -> dict[str, str]:
     return env
 
 
-def instance_command(
-    ctx: AgentContext, task_id: str, definition
-) -> tuple[str | None, list | None, bool]:
-    """(onstart, args, inferred): the wrapped command, or the image run as it is."""
+@dataclass(frozen=True)
+class InstanceCommand:
+    onstart: str | None  # the wrapper (None: the image runs as it is)
+    args: list | None
+    inferred: bool  # no wrapper: the exit status is inferred from how the instance ends
+    notes: tuple[tuple[str, str], ...] = ()  # (level, agent line) about how it was found
+
+
+def build_instance_command(registry, seed: str, definition, label: str | None) -> InstanceCommand:
+    """The command of the attempt `label` names: the task's, or its image's entrypoint from
+    the registry, wrapped (its exit marker's nonce derives from the seed and the label). Pure
+    but for the registry read: the agent and `ponos-vast explain` share it."""
     if definition.command:
         argv = split_command(definition.command)
+        notes: tuple = ()
     else:
         try:
-            argv = ctx.registry.image_command(definition.image)
+            argv = registry.image_command(definition.image)
         except ImageNotFound:
             raise  # the image does not exist: the caller refuses the task
         except ImageConfigUnavailable as error:
-            _note(
-                ctx,
-                task_id,
+            note = (
                 f"cannot read the entrypoint of {definition.image} "
                 f"({error.reason}): running the image unwrapped; the exit status will be "
-                "inferred from how the instance ends",
-                "WARNING",
+                "inferred from how the instance ends"
             )
-            return None, None, True
-        _note(ctx, task_id, f"image command from the registry: {argv}")
+            return InstanceCommand(None, None, True, (("WARNING", note),))
+        notes = (("INFO", f"image command from the registry: {argv}"),)
     # The marker's nonce names this attempt (its label, set when the attempt was claimed).
-    onstart, args = wrap_command(argv, nonce=ctx.marker_nonce(ctx.store.get(task_id).label))
-    return onstart, args, False
+    onstart, args = wrap_command(argv, nonce=marker_nonce(seed, label) if label else "")
+    return InstanceCommand(onstart, args, False, notes)
 
 
-def _image_login(ctx: AgentContext, image: str) -> str | None:
+def image_login(config, image: str) -> str | None:
+    """The create's `image_login` for the image's registry (None: a public image)."""
     host = image.split("/", 1)[0].lower() if "/" in image else ""
-    for registry in ctx.config.vast_api.registries:
+    for registry in config.vast_api.registries:
         if registry.registry_host == host:
             return f"-u {registry.username} -p {registry.password} {host}"
     return None
+
+
+def create_request(config, definition, label: str, command: InstanceCommand, env: dict) -> dict:
+    """The create call's body (but the offer and the bid): the agent sends this, and
+    `ponos-vast explain` shows it."""
+    return dict(
+        image=definition.image,
+        label=label,
+        env=env,
+        disk=config.vast_api.disk_gb,
+        runtype="args",
+        onstart=command.onstart,
+        args=command.args,
+        image_login=image_login(config, definition.image),
+    )
 
 
 def fresh_snapshot(ctx: AgentContext, max_age: float) -> Snapshot:
@@ -597,27 +637,21 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if problem is not None:
         return _refuse_task(ctx, record, problem)
     try:
-        onstart, args, inferred = instance_command(ctx, task_id, definition)
+        command = build_instance_command(ctx.registry, ctx.config.seed, definition, record.label)
     except ImageNotFound as error:
         return _refuse_task(ctx, record, f"its image does not exist ({error.reason})")
     except WrapperTooLong as error:
         return _refuse_task(ctx, record, f"its command is too long: the {error}")
     except UnsplittableCommand as error:
         return _refuse_task(ctx, record, f"its command is not valid: {error}")
+    for level, line in command.notes:
+        _note(ctx, task_id, line, level)
+    inferred = command.inferred
     env = instance_environment(ctx, definition)
-    problem = create_request_problem(definition.image, env, onstart, args)
+    problem = create_request_problem(definition.image, env, command.onstart, command.args)
     if problem is not None:
         return _refuse_task(ctx, record, problem)
-    request = dict(
-        image=definition.image,
-        label=record.label,
-        env=env,
-        disk=ctx.config.vast_api.disk_gb,
-        runtype="args",
-        onstart=onstart,
-        args=args,
-        image_login=_image_login(ctx, definition.image),
-    )
+    request = create_request(ctx.config, definition, record.label, command, env)
     search = _search_offers(ctx, record)
     offers = _affordable(ctx, record, search.ranked)
     # The budget decided which offers may be rented; the policy decides their order.

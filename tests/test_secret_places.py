@@ -180,6 +180,24 @@ def status_json(run: LocalRun, config_path: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+def explain_output(run: LocalRun, config_path: Path, task_id: str) -> str:
+    """`ponos-vast explain TASK_ID`, as text and as JSON (the task has ended: it shows what
+    a retry would send, its definition and environment included)."""
+    out = []
+    for extra in ([], ["--json"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ponos_tasks.cli", "explain", task_id]
+            + ["--config", str(config_path), *extra],
+            env=command_env(run),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        out.append(result.stdout + result.stderr)
+    return "\n".join(out)
+
+
 class ListHandler(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -359,6 +377,9 @@ def gather(run: LocalRun) -> Evidence:
     evidence.texts["status TASK_ID --json (timelines)"] = "\n".join(
         status_json(run, config_path, task_id) for task_id in task_ids.values()
     )
+    evidence.texts["explain TASK_ID (text and --json)"] = "\n".join(
+        explain_output(run, config_path, task_id) for task_id in task_ids.values()
+    )
     evidence.texts["request URLs (Vast.ai, Arkindex)"] = "\n".join(
         f"{r['sim']} {r['method']} {r['url']} {unquote(r['url'])}"
         for recorder in recorders
@@ -398,6 +419,7 @@ PLACES = [
     Place("metrics page", lambda e: 'ponos_tasks{phase="done"} 2.0'),  # the two tasks
     Place("status --json", a_task_id),
     Place("status TASK_ID --json (timelines)", lambda e: "reported `completed` to Arkindex"),
+    Place("explain TASK_ID (text and --json)", lambda e: "TASK_BOOTSTRAP=true"),
     Place("request URLs (Vast.ai, Arkindex)", a_task_id),
 ]
 
