@@ -1,0 +1,81 @@
+"""The fleet benchmark's quick variant (benchmarks/fleet.py --quick --json, N = 10) as a
+test: run as a subprocess like an operator would, its JSON document checked for its shape
+and for what could break: the agent's strategies never draw a 429, act on an ended instance
+and notice a vanished one within a bound set by the sync interval, and the flat sync lists
+no more than the full listing; dstack's per-instance polling does hit the limit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.common import ROOT
+
+pytestmark = pytest.mark.e2e
+
+AGENT_STRATEGIES = ("full_list", "flat")
+
+
+@pytest.fixture(scope="module")
+def document():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet", "--quick", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.timeout(420)
+def test_document_shape(document):
+    assert set(document["strategies"]) == {"per_instance", "full_list", "flat"}
+    assert "launch_rate_vs_bound" in document
+    for figures in document["strategies"].values():
+        assert {"vast_calls_per_min", "rate_limited", "end_to_action_p95_s"} <= set(figures)
+
+
+def _ran(document) -> list[tuple[str, dict]]:
+    strategies = document["strategies"]
+    return [(s, strategies[s]) for s in AGENT_STRATEGIES if strategies[s].get("available", True)]
+
+
+@pytest.mark.timeout(420)
+def test_agent_strategies_respect_the_limits_and_act_within_two_syncs(document):
+    for name, figures in _ran(document):
+        assert figures["rate_limited"] == 0, (name, figures)
+        # Every short task's end was acted on, every vanished instance noticed.
+        assert figures["ends_measured"] >= 3 and figures["ends_missed"] == 0, (name, figures)
+        assert figures["vanished_measured"] >= 1 and figures["vanished_missed"] == 0
+        # The snapshot is at most one sync old, the watcher looks every half sync; the
+        # rest is slack for a loaded machine (the agent's CPU time counts time_scale-fold).
+        bound = 2 * figures["sync_interval_s"]
+        assert figures["end_to_action_p95_s"] <= bound, (name, figures)
+        assert figures["vanished_to_noticed_max_s"] <= bound + figures["sync_interval_s"]
+
+
+@pytest.mark.timeout(420)
+def test_flat_lists_no_more_than_the_full_listing(document):
+    strategies = document["strategies"]
+    if not strategies["flat"].get("available", True):
+        pytest.skip("the agent does not know vast_api.instance_reads (flat) yet")
+    assert strategies["flat"]["list_calls_per_min"] <= strategies["full_list"]["list_calls_per_min"]
+
+
+@pytest.mark.timeout(420)
+def test_per_instance_polling_hits_the_show_limit(document):
+    # Ten instances read every 7 s against one `GET /instances/ID/` per 2 s: most are refused.
+    figures = document["strategies"]["per_instance"]
+    assert figures["kept_up"]
+    calls = figures["vast_calls_per_min"]["show"]
+    assert calls > 60
+    assert figures["rate_limited"] > 0
+    assert figures["end_to_action_p95_s"] is not None
