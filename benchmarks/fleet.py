@@ -770,7 +770,7 @@ SCALES = {10: 10.0, 100: 4.0, 1000: 4.0}
     "--time-scale",
     type=float,
     default=None,
-    help="Sim s per real s (default per N: 10 → 10, 100 → 20, 1000 → 50).",
+    help="Sim s per real s (default per N: 10 → 10, 100 and 1000 → 4).",
 )
 @click.option(
     "--window",
