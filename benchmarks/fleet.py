@@ -50,8 +50,6 @@ from benchmarks.common import (
 from ponos_tasks.lifecycle import parse_label
 
 STRATEGIES = ("per_instance", "full_list", "flat")
-# The agent's config overrides per agent strategy (per_instance is the emulated poller).
-AGENT_OVERRIDES = {"full_list": {}, "flat": {"vast_api": {"instance_reads": "flat"}}}
 SYNC_INTERVAL = 10.0  # sim s: the config default of sync_interval
 LOGS_INTERVAL = 60.0  # sim s: the config default of logs_interval
 DSTACK_POLL = 7.0  # sim s between two polls of one instance by dstack
@@ -79,6 +77,14 @@ def flat_available() -> bool:
     from ponos_tasks.config import VastConfig
 
     return "instance_reads" in VastConfig.model_fields
+
+
+def agent_overrides(strategy: str) -> dict:
+    """The agent's config overrides for an agent strategy (per_instance is the emulated
+    poller). Before the flat sync, full_list is the agent as it is (no key to set)."""
+    if strategy == "full_list" and not flat_available():
+        return {}
+    return {"vast_api": {"instance_reads": strategy}}
 
 
 def task_spec(slug: str, env: dict) -> dict:
@@ -494,7 +500,7 @@ def run_strategy(
     the dstack poller on the same fleet. Returns {strategy: figures}."""
     out: dict[str, dict] = {}
     with FleetRun(
-        AGENT_OVERRIDES[strategy],
+        agent_overrides(strategy),
         time_scale=time_scale,
         max_instances=n + 2 * ends + 5,
         sync_interval=SYNC_INTERVAL / time_scale,
