@@ -48,6 +48,7 @@ from benchmarks.common import (
     write_section,
 )
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.state import Keyspace
 
 STRATEGIES = ("per_instance", "full_list", "flat")
 SYNC_INTERVAL = 10.0  # sim s: the config default of sync_interval
@@ -299,8 +300,9 @@ def agent_acted(run: AgentRun, events: list[dict], instance_id: int, after: floa
 
 
 def task_noticed(run: AgentRun, task: dict, events: list[dict], after: float) -> float | None:
-    """Sim time the agent acted on a task whose instance vanished: a state reported to
-    Arkindex or a new instance created for it, after `after`."""
+    """Sim time the agent acted on a task whose instance vanished: a line in the task's
+    agent log, a state reported to Arkindex or a new instance created for it, after
+    `after`."""
     reports = [
         run.epoch_to_sim(h["t"])
         for h in task.get("history", [])
@@ -314,7 +316,10 @@ def task_noticed(run: AgentRun, task: dict, events: list[dict], after: float) ->
         and (parse_label(e.get("label")) or None) is not None
         and parse_label(e["label"]).task_id == task["id"]
     ]
-    times = reports + created
+    # The agent's own note in the task's log (Redis): it says what it saw when it saw it.
+    raw = run.sampler.redis.lrange(Keyspace().task_log(task["id"]), 0, -1) if task else []
+    notes = [run.epoch_to_sim(json.loads(r)["t"]) for r in raw]
+    times = reports + created + [t for t in notes if t >= after]
     return min(times) if times else None
 
 
@@ -451,7 +456,7 @@ def wait_sim(run: AgentRun, seconds: float) -> None:
 
 
 def summarize(
-    n: int, window: dict, lat: dict, *, calls: dict, limited: int, sync_interval: float
+    n: int, window: dict, lat: dict, *, calls: dict, limited: dict, sync_interval: float
 ) -> dict:
     minutes = window["sim_minutes"]
     list_calls = calls.get("list", 0) + calls.get("list_v0", 0)
@@ -461,7 +466,8 @@ def summarize(
         "n": n,
         "vast_calls_per_min": {k: round(v / minutes, 1) for k, v in sorted(calls.items())},
         "list_calls_per_min": round(list_calls / minutes, 1),
-        "rate_limited": limited,
+        "rate_limited": sum(limited.values()),
+        "rate_limited_by_endpoint": dict(limited),
         "syncs": syncs,
         "list_calls_per_sync": round(per_sync, 2) if per_sync is not None else None,
         "sync_real_s_p50": percentile(window["syncs"], 50),
@@ -516,13 +522,12 @@ def run_strategy(
         plan = disturb(run, ends, vanish, "a", window_sim, say)
         figures = window.close()
         lat = latencies(run, window.sim0, plan, None)
-        agent_limited = sum(figures["limited"].values())
         result = summarize(
             n,
             figures,
             lat,
             calls=figures["calls"],
-            limited=agent_limited,
+            limited=figures["limited"],
             sync_interval=SYNC_INTERVAL,
         )
         peaks = run.sampler.peak_rss_kb
@@ -554,7 +559,7 @@ def run_strategy(
                 {**figures, "syncs": []},
                 lat,
                 calls={"show": poller.calls},
-                limited=poller.limited,
+                limited={"show": poller.limited},
                 sync_interval=DSTACK_POLL,
             )
             poll_result.update(
@@ -641,6 +646,7 @@ ROWS = (
     ("list calls/min", lambda s: s.get("list_calls_per_min")),
     ("instance GETs/min", lambda s: (s.get("vast_calls_per_min") or {}).get("show")),
     ("429s in the window", lambda s: s.get("rate_limited")),
+    ("429s by endpoint", lambda s: _calls(s.get("rate_limited_by_endpoint"))),
     ("list calls per sync", lambda s: s.get("list_calls_per_sync")),
     ("sync at real limits (s)", lambda s: s.get("sync_at_real_limits_s")),
     ("sync measured p50 / p95 (real s)", lambda s: _pair(s, "sync_real_s_p50", "sync_real_s_p95")),
@@ -655,6 +661,10 @@ ROWS = (
     ("peak RSS per task (KiB, worker + beat)", lambda s: s.get("peak_rss_kib_per_task")),
     ("Redis used_memory per task (bytes)", lambda s: s.get("redis_bytes_per_task")),
 )
+
+
+def _calls(calls):
+    return ", ".join(f"{k} {v}" for k, v in sorted(calls.items()) if v) or "0" if calls else None
 
 
 def _total(calls):
