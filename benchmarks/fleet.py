@@ -54,7 +54,7 @@ STRATEGIES = ("per_instance", "full_list", "flat")
 SYNC_INTERVAL = 10.0  # sim s: the config default of sync_interval
 LOGS_INTERVAL = 60.0  # sim s: the config default of logs_interval
 DSTACK_POLL = 7.0  # sim s between two polls of one instance by dstack
-GRACE_REAL_S = 10.0  # the agent's loading_deadline here, real s (see FleetRun.config)
+LOADING_DEADLINE = 300.0  # sim s: the agent's loading deadline here (see FleetRun)
 LIST_INTERVAL = 1.0 * 1.1  # s: Vast.ai's list threshold, with the agent limiter's margin
 PAGE = 25  # instances per list page
 LONG_ENV = {"SIM_DURATION": "100000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
@@ -221,14 +221,17 @@ class FleetRun(AgentRun):
     def __init__(self, overrides: dict, **kwargs):
         super().__init__(**kwargs)
         self.overrides = overrides
+        self.loading_deadline = max(10.0, LOADING_DEADLINE / self.time_scale)
+        # The agent waits min(60, loading_deadline) real s (not scaled) before it takes an
+        # unlisted new instance for gone (Vast.ai's reads lag a create): the instances
+        # destroyed behind its back are older than that (vanish_oldest).
+        self.visibility_grace = min(60.0, self.loading_deadline)
 
     def config(self) -> dict:
         config = super().config()
-        # The agent waits min(60, loading_deadline) real s before it takes an unlisted new
-        # instance for gone (Vast.ai's reads lag a create): real seconds, not scaled. A short
-        # deadline keeps that wait short (starts here take 30 sim s of pull), and the
-        # instances destroyed behind its back are older than it (see disturb).
-        config["vast_api"]["loading_deadline"] = GRACE_REAL_S
+        # The loading deadline is real seconds: LOADING_DEADLINE sim s at least (a start takes
+        # 30 sim s of pull), else the agent gives up on instances still loading.
+        config["vast_api"]["loading_deadline"] = self.loading_deadline
         for key, value in self.overrides.items():
             if isinstance(value, dict):
                 config.setdefault(key, {}).update(value)
@@ -358,7 +361,7 @@ def start_short(run: AgentRun, ends: int, tag: str) -> list[str]:
     return run.submit(f"ends-{tag}", specs)
 
 
-def vanish_oldest(run: AgentRun, count: int) -> list[dict]:
+def vanish_oldest(run: FleetRun, count: int) -> list[dict]:
     """Destroy the `count` oldest running long-task instances with their own instance key
     (behind the agent's back), once they are older than the agent's visibility grace."""
     rows = sorted(
@@ -381,7 +384,9 @@ def vanish_oldest(run: AgentRun, count: int) -> list[dict]:
         ),
         default=min(created, default=0.0),
     )
-    wait_sim(run, newest + 1.5 * GRACE_REAL_S * run.time_scale - run.stack.vast.state.clock.now())
+    wait_sim(
+        run, newest + 1.2 * run.visibility_grace * run.time_scale - run.stack.vast.state.clock.now()
+    )
     gone = []
     for row in rows:
         answer = requests.delete(
