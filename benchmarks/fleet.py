@@ -38,6 +38,7 @@ import click
 import requests
 
 from benchmarks.common import (
+    TERMINAL,
     AgentRun,
     BenchFailed,
     fmt,
@@ -451,6 +452,30 @@ def latencies(run: AgentRun, since: float, plan: dict, poller: DstackPoller | No
     return {"end": ends, "end_missed": misses, "vanished": vanished, "vanished_missed": vmisses}
 
 
+def settle(run: AgentRun, plan: dict, limit_sim: float, poller=None) -> None:
+    """Wait (at most `limit_sim` sim s) until the window's short tasks are terminal and its
+    vanished instances noticed: what happens late in the window ends after it; their
+    latencies count, not their calls."""
+    wanted = set(plan["short_tasks"])
+    deadline = run.stack.vast.state.clock.now() + limit_sim
+    while run.stack.vast.state.clock.now() < deadline:
+        tasks = {t["id"]: t for t in run.ark_tasks()}
+        events = run.vast("events")["events"]
+        ended = all(tasks[i]["state"] in TERMINAL for i in wanted if i in tasks)
+        noticed = all(
+            (
+                poller.noticed(g["instance"], g["at"], gone=True)
+                if poller
+                else task_noticed(run, tasks.get(g["task"], {}), events, g["at"])
+            )
+            is not None
+            for g in plan["vanished"]
+        )
+        if ended and noticed:
+            return
+        wait_sim(run, min(10.0, limit_sim))
+
+
 def wait_sim(run: AgentRun, seconds: float) -> None:
     end = run.stack.vast.state.clock.now() + seconds
     while run.stack.vast.state.clock.now() < end:
@@ -461,7 +486,14 @@ def wait_sim(run: AgentRun, seconds: float) -> None:
 
 
 def summarize(
-    n: int, window: dict, lat: dict, *, calls: dict, limited: dict, sync_interval: float
+    n: int,
+    window: dict,
+    lat: dict,
+    *,
+    calls: dict,
+    limited: dict,
+    sync_interval: float,
+    watch_interval: float | None = None,
 ) -> dict:
     minutes = window["sim_minutes"]
     list_calls = calls.get("list", 0) + calls.get("list_v0", 0)
@@ -487,6 +519,7 @@ def summarize(
         "vanished_measured": len(lat["vanished"]),
         "vanished_missed": lat["vanished_missed"],
         "sync_interval_s": sync_interval,
+        "watch_interval_s": watch_interval,
     }
 
 
@@ -526,6 +559,7 @@ def run_strategy(
         window = Window(run)
         plan = disturb(run, ends, vanish, "a", window_sim, say)
         figures = window.close()
+        settle(run, plan, window_sim)
         lat = latencies(run, window.sim0, plan, None)
         result = summarize(
             n,
@@ -534,6 +568,9 @@ def run_strategy(
             calls=figures["calls"],
             limited=figures["limited"],
             sync_interval=SYNC_INTERVAL,
+            # The agent's watch interval: half a sync, at least 0.5 real s (ponos_tasks
+            # settings), so at least 0.5 x time_scale sim s here.
+            watch_interval=max(SYNC_INTERVAL / 2, 0.5 * time_scale),
         )
         peaks = run.sampler.peak_rss_kb
         result.update(
@@ -555,8 +592,9 @@ def run_strategy(
             poller = DstackPoller(run, run.stack.vast.state.api_key, max_rps)
             poller.start()
             plan = disturb(run, ends, vanish, "b", window_sim, say)
-            poller.stop()
             figures = window.close()
+            settle(run, plan, window_sim, poller)
+            poller.stop()
             lat = latencies(run, window.sim0, plan, poller)
             minutes = figures["sim_minutes"]
             poll_result = summarize(

@@ -1,7 +1,7 @@
 """The fleet benchmark's quick variant (benchmarks/fleet.py --quick --json, N = 10) as a
 test: run as a subprocess like an operator would, its JSON document checked for its shape
 and for what could break: the agent's strategies never draw a 429, act on an ended instance
-and notice a vanished one within a bound set by the sync interval, and the flat sync lists
+and notice a vanished one within a bound set by the sync and watch intervals, and the flat sync lists
 no more than the full listing; dstack's per-instance polling does hit the limit."""
 
 from __future__ import annotations
@@ -49,15 +49,16 @@ def _ran(document) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.timeout(420)
-def test_agent_strategies_respect_the_limits_and_act_within_two_syncs(document):
+def test_agent_strategies_respect_the_limits_and_act_within_a_bound(document):
     for name, figures in _ran(document):
         assert figures["rate_limited"] == 0, (name, figures)
         # Every short task's end was acted on, every vanished instance noticed.
         assert figures["ends_measured"] >= 3 and figures["ends_missed"] == 0, (name, figures)
         assert figures["vanished_measured"] >= 1 and figures["vanished_missed"] == 0
-        # The snapshot is at most one sync old, the watcher looks every half sync; the
-        # rest is slack for a loaded machine (the agent's CPU time counts time_scale-fold).
-        bound = 2 * figures["sync_interval_s"]
+        # The snapshot is at most one sync old, then the watcher's next look; one more sync
+        # is slack for a loaded machine (the agent's CPU time counts time_scale-fold, and
+        # rate-limiter waits of starting tasks hold worker slots).
+        bound = 2 * figures["sync_interval_s"] + figures["watch_interval_s"]
         assert figures["end_to_action_p95_s"] <= bound, (name, figures)
         assert figures["vanished_to_noticed_max_s"] <= bound + figures["sync_interval_s"]
 
