@@ -428,7 +428,10 @@ def latencies(run: AgentRun, since: float, plan: dict, poller: DstackPoller | No
         if event.get("event") != "created" or label is None or label.task_id not in short:
             continue
         end = ended_at(events, event["instance_id"])
-        if end is None or end < since:
+        if end is None:  # not ended by the end of settle(): counted as missed
+            misses += 1
+            continue
+        if end < since:
             continue
         acted = (
             poller.noticed(event["instance_id"], end, gone=False)
@@ -559,7 +562,7 @@ def run_strategy(
         window = Window(run)
         plan = disturb(run, ends, vanish, "a", window_sim, say)
         figures = window.close()
-        settle(run, plan, window_sim)
+        settle(run, plan, 3 * window_sim)
         lat = latencies(run, window.sim0, plan, None)
         result = summarize(
             n,
@@ -593,7 +596,7 @@ def run_strategy(
             poller.start()
             plan = disturb(run, ends, vanish, "b", window_sim, say)
             figures = window.close()
-            settle(run, plan, window_sim, poller)
+            settle(run, plan, 3 * window_sim, poller)
             poller.stop()
             lat = latencies(run, window.sim0, plan, poller)
             minutes = figures["sim_minutes"]
