@@ -1,4 +1,7 @@
-"""Cost of one `ponos.sync` (steps.sync) at 0, 50, 200 active tasks.
+"""Cost of one `ponos.sync` (steps.sync) at 0, 50, 200 active tasks, for both ways of
+reading the instances (`vast_api.instance_reads`: `full_list`, every instance each sync, and
+`flat`, filtered calls plus a spread full resync, measured at its steady state: after one
+sync that made the first whole pass).
 
     .venv/bin/python -m benchmarks.sync_loop --active 0 --active 50 --active 200
 
@@ -29,6 +32,19 @@ from ponos_tasks.simulators.stack import LocalStack, RedisProcess
 from tests.agent_harness import Harness, make_context
 
 TIME_SCALE = 50.0
+READS = ("full_list", "flat")
+MACHINE = {
+    "num_gpus": 1,
+    "machine_gpus": 1,
+    "gpu_name": "RTX 3090",
+    "dph_base": 0.25,
+    "verified": True,
+    "verification": "verified",
+    "external": False,
+    "disk_space": 1000.0,
+    "reliability": 0.99,
+    "reliability2": 0.99,
+}
 LONG = {"SIM_DURATION": "10000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
 
 
@@ -56,18 +72,7 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
     ]
     # The seeded market has ~100 matching single-GPU offers: add one machine per task so that
     # every task gets an instance.
-    machine = {
-        "num_gpus": 1,
-        "machine_gpus": 1,
-        "gpu_name": "RTX 3090",
-        "dph_base": 0.25,
-        "verified": True,
-        "verification": "verified",
-        "external": False,
-        "disk_space": 1000.0,
-        "reliability": 0.99,
-        "reliability2": 0.99,
-    }
+    machine = MACHINE
     requests.post(
         stack.vast_url + "/_sim/offers", json={"offers": [machine] * (n + 10)}, timeout=30
     ).raise_for_status()
@@ -88,19 +93,65 @@ def bring_up(ctx, stack, n: int, timeout: float) -> float:
     return time.monotonic() - start
 
 
-def measure(ctx, reps: int, gap: float) -> dict:
-    totals, actions_s, list_s, records_s, plan_s, enqueued = [], [], [], [], [], []
+def add_foreign(stack, count: int, timeout: float) -> None:
+    """`count` running instances of another user of the account (labels this agent ignores),
+    rented in-process in the simulator: every full listing pages through them too."""
+    if count == 0:
+        return
+    import requests
+
+    machine = dict(MACHINE, gpu_name="RTX 2080")
+    requests.post(
+        stack.vast_url + "/_sim/offers", json={"offers": [machine] * count}, timeout=30
+    ).raise_for_status()
+    state = stack.vast.state
+    free = [o["id"] for o in state.admin_offers()["offers"] if o.get("gpu_name") == "RTX 2080"]
+    for i, offer_id in enumerate(free[:count]):
+        status, body, _ = state.create(
+            offer_id,
+            {"image": "example.org/other:1", "label": f"other-{i}", "env": LONG, "disk": 16},
+        )
+        assert status == 200, body
+    deadline = time.monotonic() + timeout
+    while state.stats()["live_instances"] < count or any(
+        r["label"].startswith("other-") and r["actual_status"] != "running"
+        for r in state.admin_instances()["instances"]
+        if r.get("live") and r.get("label")
+    ):
+        assert time.monotonic() < deadline, "the foreign fleet never ran"
+        time.sleep(0.5)
+
+
+def list_calls(stack) -> int:
+    """The simulator's count of list calls (in-process: no call of its own)."""
+    return stack.vast.state.stats()["calls"].get("list", 0)
+
+
+def read_instances(ctx):
+    """What the sync's instance reads do, by the configured strategy."""
+    if ctx.settings.instance_reads == "flat":
+        steps.refresh_view(ctx, wait=30)
+        return list(ctx.store.view_entries().values())
+    return ctx.vast.list_instances(label_prefix=ctx.label_prefix())
+
+
+def measure(ctx, stack, reps: int, gap: float) -> dict:
+    totals, actions_s, list_s, records_s, plan_s, enqueued, calls = [], [], [], [], [], [], []
     short_id = ctx.agent_short_id()
+    steps.sync(ctx)  # steady state: the flat view's first whole pass is made here
+    time.sleep(gap)
     for _ in range(reps):
+        before = list_calls(stack)
         elapsed, result = timed(steps.sync, ctx)
         if not result.ran:
             continue
+        calls.append(list_calls(stack) - before)
         totals.append(elapsed)
         enqueued.append(len(result.enqueue))
         time.sleep(gap)
     for _ in range(reps):
         a, actions = timed(ctx.arkindex.actions, capacity=0)
-        li, instances = timed(ctx.vast.list_instances, label_prefix=f"ponos-{short_id}-")
+        li, instances = timed(read_instances, ctx)
         r, records = timed(ctx.store.all_records)
         p, _ = timed(
             reconcile.plan,
@@ -124,43 +175,58 @@ def measure(ctx, reps: int, gap: float) -> dict:
         "plan": spread(plan_s),
         "instances_listed": len(instances),
         "enqueued_max": max(enqueued, default=0),
+        "list_calls_max": max(calls, default=0),
+        "list_calls_p50": sorted(calls)[len(calls) // 2] if calls else 0,
     }
 
 
-def run_level(n: int, redis_url: str, reps: int, timeout: float, say) -> dict:
+def run_level(n: int, redis_url: str, reps: int, timeout: float, say, foreign: int = 0) -> dict:
     with LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False) as stack:
         base = make_context(
             stack, redis_url, sync_interval=10, vast_api={"max_instances": max(1, n + 5)}
         )
         up = bring_up(base, stack, n, timeout)
         say(f"{n} active tasks running after {up:.1f} s")
-        out = {"active": n, "bring_up_s": round(up, 1)}
-        # Same agent (prefix and name), two rate-limiter settings.
-        for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
-            ctx = make_context(
-                stack,
-                redis_url,
-                prefix=base.prefix,
-                agent_name=base.config.agent_name,
-                sync_interval=10,
-                vast_api={"max_instances": max(1, n + 5), "rate_limit_scale": scale},
-            )
-            time.sleep(gap)  # start with the list bucket free, as after a sync interval
-            out[mode] = measure(ctx, reps if mode == "scaled" else max(2, reps // 3), gap)
-            say(f"  {mode}: sync p50 {out[mode]['sync']['p50']:.3f} s")
+        add_foreign(stack, foreign, timeout)
+        out = {"active": n, "foreign": foreign, "bring_up_s": round(up, 1)}
+        # Same agent (prefix and name), two reads, two rate-limiter settings.
+        for reads in READS:
+            for mode, scale, gap in (("scaled", 1.0 / TIME_SCALE, 0.05), ("real", 1.0, 1.2)):
+                ctx = make_context(
+                    stack,
+                    redis_url,
+                    prefix=base.prefix,
+                    agent_name=base.config.agent_name,
+                    sync_interval=10,
+                    vast_api={
+                        "max_instances": max(1, n + 5),
+                        "rate_limit_scale": scale,
+                        "instance_reads": reads,
+                    },
+                )
+                time.sleep(gap)  # start with the list bucket free, as after a sync interval
+                key = f"{reads}/{mode}"
+                out[key] = measure(ctx, stack, reps if mode == "scaled" else max(2, reps // 3), gap)
+                say(
+                    f"  {key}: sync p50 {out[key]['sync']['p50']:.3f} s, "
+                    f"list calls max {out[key]['list_calls_max']}"
+                )
         return out  # stopping the stack ends its instances
 
 
 def report(results: list[dict]) -> str:
     rows = []
     for r in results:
-        for mode in ("scaled", "real"):
-            m = r[mode]
+        for key in (f"{reads}/{mode}" for reads in READS for mode in ("scaled", "real")):
+            m = r[key]
+            reads, mode = key.split("/")
             rows.append(
                 [
-                    r["active"],
+                    f"{r['active']} + {r['foreign']} foreign" if r.get("foreign") else r["active"],
+                    reads,
                     mode,
                     m["instances_listed"],
+                    m["list_calls_max"],
                     *(f"{fmt(m['sync'][k], 3)}" for k in ("n", "p50", "p95", "max")),
                     *(
                         fmt(m[part]["p50"] * 1000, 1)
@@ -173,8 +239,10 @@ def report(results: list[dict]) -> str:
             table(
                 [
                     "active tasks",
+                    "instance reads",
                     "rate limiter",
                     "instances listed",
+                    "list calls / sync (max)",
                     "syncs timed",
                     "sync p50 (s)",
                     "sync p95 (s)",
@@ -190,7 +258,10 @@ def report(results: list[dict]) -> str:
             "`scaled`: the agent's limiter scaled by 1/time_scale like the simulator (HTTP, Redis "
             "and plan() cost only); `real`: Vast.ai's published intervals ×1.1 (a list page every "
             "1.1 s, 25 instances a page), i.e. what one sync costs in a real deployment. Parts "
-            "are timed separately (actions with capacity 0). steps.sync called in-process "
+            "are timed separately (actions with capacity 0; list = the reads: a full listing, or "
+            "the flat view's refresh). `flat` is timed at its steady state (after one sync that "
+            "made the first whole pass; full_resync_interval 300 s, sync_interval 10 s). "
+            "steps.sync called in-process "
             f"against a real Redis and the simulators (time_scale {TIME_SCALE:g}).",
         ]
     )
@@ -206,10 +277,17 @@ def report(results: list[dict]) -> str:
     show_default=True,
     help="Active task counts (repeatable).",
 )
+@click.option(
+    "--foreign",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Running instances of another user of the account, added at every level.",
+)
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--timeout", type=float, default=240.0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
-def main(levels, reps, timeout, no_write):
+def main(levels, foreign, reps, timeout, no_write):
     """Duration of one sync (and its parts) at several numbers of active tasks."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     machine_info = machine()
@@ -219,7 +297,9 @@ def main(levels, reps, timeout, no_write):
     try:
         for n in levels:
             results.append(
-                run_level(n, redis_process.url, reps, timeout, lambda s: click.echo(s, err=True))
+                run_level(
+                    n, redis_process.url, reps, timeout, lambda s: click.echo(s, err=True), foreign
+                )
             )
             click.echo(json.dumps(results[-1]))
     finally:

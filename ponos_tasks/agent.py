@@ -96,7 +96,7 @@ class AgentContext:
         vast = self.config.vast_api
         # Scaled down (a simulator's accelerated clock), intervals of tens of ms drown in
         # scheduling jitter: 50 ms more keeps calls from arriving early (BENCHMARKS.md).
-        # Unscaled, DEFAULT_INTERVALS already carry a 10 % margin.
+        # Unscaled, DEFAULT_INTERVALS already carry their margin (ratelimit.py).
         limiter = RedisRateLimiter(
             self.redis,
             prefix=self.keys.ratelimit_prefix,

@@ -828,21 +828,26 @@ class ArkindexAgentClient:
             if cached is not None and now - cached[0] < self.DEFINITION_TTL:
                 self._definitions.move_to_end(task_id)
                 return cached[1]
-        try:
-            answer = self._call("RetrieveTaskDefinition", id=task_id)
-        except ErrorResponse as exc:
-            if exc.status_code == 404:
-                raise TaskGone(task_id) from None
-            raise
-        if not isinstance(answer, dict):
-            raise ArkindexUnavailable(f"the definition of task {task_id} is not a JSON object")
-        definition = TaskDefinition.from_api(answer, task_id)
+        definition = TaskDefinition.from_api(self.definition_answer(task_id), task_id)
         with self._lock:
             self._definitions[task_id] = (now, definition)
             self._definitions.move_to_end(task_id)
             while len(self._definitions) > self.DEFINITIONS_KEPT:
                 self._definitions.popitem(last=False)
         return definition
+
+    def definition_answer(self, task_id: str) -> dict:
+        """RetrieveTaskDefinition's answer as Arkindex gave it (not cached; `ponos-vast
+        doctor` checks its fields). TaskGone on 404."""
+        try:
+            answer = self._call("RetrieveTaskDefinition", id=str(task_id))
+        except ErrorResponse as exc:
+            if exc.status_code == 404:
+                raise TaskGone(str(task_id)) from None
+            raise
+        if not isinstance(answer, dict):
+            raise ArkindexUnavailable(f"the definition of task {task_id} is not a JSON object")
+        return answer
 
     def forget(self, task_id: str) -> None:
         """Drop a task's cached definition (finished, or its log URL was refused)."""

@@ -90,6 +90,7 @@ class LazyGroup(click.Group):
         "offers": "ponos_tasks.commands:offers_command",
         "status": "ponos_tasks.commands:status_command",
         "metrics": "ponos_tasks.commands:metrics_command",
+        "doctor": "ponos_tasks.doctor:doctor_command",
     },
 )
 @click.version_option(__version__, prog_name="ponos-vast")

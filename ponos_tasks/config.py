@@ -189,6 +189,14 @@ class VastConfig(_Section):
         default=900, gt=0, description="s to keep reading an ended instance's log"
     )
     rate_limit_scale: float = Field(default=1.0, gt=0, description="x Vast.ai's min intervals")
+    instance_reads: Literal["flat", "full_list"] = Field(
+        default="flat",
+        description="flat: a few filtered list calls per sync plus a spread full resync; "
+        "full_list: every instance listed each sync",
+    )
+    full_resync_interval: float = Field(
+        default=300, gt=0, description="s a whole pass of the flat view's full resync takes"
+    )
     extra_environment: dict[str, str] = Field(default_factory=dict)
     registries: list[RegistryCredential] = Field(default_factory=list)
     interruptible: InterruptibleConfig = Field(default_factory=InterruptibleConfig)

@@ -42,9 +42,12 @@ class Settings:
     sync_lock_timeout: float  # the sync loop's single-flight lock
     snapshot_max_age: float  # a watcher lists again itself when the sync's list is older
     visibility_grace: float  # s after a create during which an unlisted instance is not gone
+    instance_reads: str  # "flat" (view.py) or "full_list" (every instance each sync)
+    full_resync_interval: float  # s a whole pass of the flat view's full listing takes
     create_lock_timeout: float
     create_unknown_delay: float  # s before looking up the label of a create with no answer
     offer_claim_seconds: float
+    offer_search_reuse: float  # s one search's answer serves every task (steps._shared_search)
     offers_tried_per_create: int
     log_read_wait: float  # s to wait for Vast.ai's log result_url
     log_tail_lines: int  # lines asked of Vast.ai (it sends 1000 without `tail`)
@@ -87,6 +90,8 @@ class Settings:
             # Vast.ai's reads lag a create by a few seconds; a minute covers that with room
             # (never more than the loading deadline, which bounds a start anyway).
             visibility_grace=min(60.0, float(vast.loading_deadline)),
+            instance_reads=vast.instance_reads,
+            full_resync_interval=float(vast.full_resync_interval),
             # Renewed right before each create try is sent (after the rate limiter's wait), it
             # must outlive one request (the client's connect + read timeouts, 35 s) with a
             # margin; a worker killed while holding it delays the task's next try by at most
@@ -96,6 +101,9 @@ class Settings:
             # Workers creating at the same moment would all pick the same cheapest offer and
             # all but one get no_such_ask, wasting the create rate limit (BENCHMARKS.md).
             offer_claim_seconds=30.0,
+            # Five search intervals (11 s unscaled): a burst then searches about 5 times a
+            # minute, under Vast.ai's 10 a minute, whatever its launch rate (BENCHMARKS.md).
+            offer_search_reuse=5 * 2.2 * float(vast.rate_limit_scale),
             offers_tried_per_create=5,  # offers that vanished under us before giving up
             log_read_wait=20.0,
             # As many lines as any task writes: max_log_bytes bounds what is kept.

@@ -68,7 +68,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ponos_tasks.budget import Metered, MeterPass
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
-from ponos_tasks.models import Snapshot, TaskRecord
+from ponos_tasks.models import Instance, Snapshot, TaskRecord
+from ponos_tasks.view import PassState
 
 if TYPE_CHECKING:  # the client is passed in
     import redis
@@ -129,6 +130,9 @@ class Keyspace:
     def once(self, name: str) -> str:
         return f"{self.prefix}once:{name}"
 
+    def offer_search(self, digest: str) -> str:
+        return f"{self.prefix}offers:search:{digest}"
+
     def create_lock(self, task_id: str) -> str:
         return f"{self.prefix}lock:create:{task_id}"
 
@@ -142,6 +146,14 @@ class Keyspace:
     @property
     def snapshot_lock(self) -> str:
         return self.prefix + "lock:snapshot"
+
+    @property
+    def view(self) -> str:
+        return self.prefix + "view:instances"
+
+    @property
+    def view_meta(self) -> str:
+        return self.prefix + "view:meta"
 
     @property
     def credentials(self) -> str:
@@ -407,6 +419,42 @@ class TaskStore:
         raw = self.redis.get(self.keys.snapshot)
         return None if raw is None else Snapshot.from_dict(json.loads(_text(raw)))
 
+    # The flat instance view (view.py): one hash field per instance, so that a watcher reads
+    # its own instance only; the full-resync cursor and its evidence beside it.
+
+    def view_entries(self) -> dict[int, Instance]:
+        raw = self.redis.hgetall(self.keys.view)
+        return {
+            int(_text(key)): Instance.from_dict(json.loads(_text(value))["instance"])
+            for key, value in raw.items()
+        }
+
+    def view_entry(self, instance_id: int) -> Instance | None:
+        raw = self.redis.hget(self.keys.view, str(int(instance_id)))
+        return None if raw is None else Instance.from_dict(json.loads(_text(raw))["instance"])
+
+    def put_view_entries(self, instances, seen_at: float) -> None:
+        if instances:
+            self.redis.hset(
+                self.keys.view,
+                mapping={
+                    str(i.id): json.dumps(
+                        {"seen_at": seen_at, "instance": i.to_dict()}, default=str
+                    )
+                    for i in instances
+                },
+            )
+
+    def drop_view_entries(self, instance_ids) -> None:
+        if instance_ids:
+            self.redis.hdel(self.keys.view, *[str(int(i)) for i in instance_ids])
+
+    def load_view_meta(self) -> PassState:
+        return PassState.from_json(self.redis.get(self.keys.view_meta))
+
+    def save_view_meta(self, state: PassState) -> None:
+        self.redis.set(self.keys.view_meta, state.to_json())
+
     def mark_synced(self, at: float) -> None:
         self.redis.set(self.keys.last_sync, repr(at))
 
@@ -509,12 +557,27 @@ class TaskStore:
         )
 
     def snapshot_lock(self, timeout: float) -> Lock:
-        """Held by the one process that lists instances for a late snapshot (non-blocking)."""
-        return self.redis.lock(self.keys.snapshot_lock, timeout=timeout, blocking=False)
+        """Held by the one process that lists instances for a late snapshot or refreshes the
+        flat view (non-blocking; renewable by kept_alive, whose thread shares its token)."""
+        return self.redis.lock(
+            self.keys.snapshot_lock, timeout=timeout, blocking=False, thread_local=False
+        )
 
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
+
+    def claimed(self, name: str) -> bool:
+        """Whether `name` is claimed (by `once`) right now."""
+        return self.redis.exists(self.keys.once(name)) == 1
+
+    def load_offer_search(self, digest: str) -> list[dict] | None:
+        """The offers (Vast.ai's rows) a recent search answered for this query, or None."""
+        raw = self.redis.get(self.keys.offer_search(digest))
+        return None if raw is None else json.loads(raw)
+
+    def save_offer_search(self, digest: str, rows: list[dict], ttl: float) -> None:
+        self.redis.set(self.keys.offer_search(digest), json.dumps(rows), px=max(1, int(ttl * 1000)))
 
     #: How long an instance stays marked a stray (created stopped, being destroyed).
     STRAY_TTL = 24 * 3600.0

@@ -13,6 +13,7 @@ each entry, and the test harness runs them from the same registry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import redis
 from redis.exceptions import LockNotOwnedError
 
-from ponos_tasks import bidding
+from ponos_tasks import bidding, view
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import (
     ArkindexError,
@@ -56,7 +57,7 @@ from ponos_tasks.lifecycle import (
 )
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
-from ponos_tasks.models import STEPS_QUEUE, Next, Snapshot, StepName, TaskRecord
+from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Offer, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
 from ponos_tasks.reconcile import (
     AcceptTask,
@@ -87,6 +88,7 @@ from ponos_tasks.vast import (
     VastServerError,
     VastTransportError,
 )
+from ponos_tasks.view import PassState
 from ponos_tasks.wrapper import (
     UnsplittableCommand,
     WrapperTooLong,
@@ -202,7 +204,7 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
         max_dph=bidding.price_cap(ctx.config),
         offer_type="bid" if bid else "on-demand",
     )
-    offers = ctx.vast.search_offers(query)
+    offers = _shared_search(ctx, query)
     # This task's own failed machines, and those every task avoids for a while.
     failed = set(record.failed_machines) | ctx.store.avoided_machines()
     ranked, on_failed, unmatched, over_cap = [], 0, 0, 0
@@ -230,6 +232,23 @@ def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
         "over budget.max_dph_per_instance": over_cap,
     }
     return OfferSearch(ranked, left_out, more=len(offers) >= query["limit"])
+
+
+def _shared_search(ctx: AgentContext, query: dict) -> list[Offer]:
+    """Vast.ai's answer to this query, shared by every task for `offer_search_reuse` s.
+
+    A burst launches a task per create slot (4.5 s). One search per task and step (choose_offer,
+    then the create) made about four a launch against a search bucket of one per 2 s and ten a
+    minute: the search, not the create, bounded launches (BENCHMARKS.md, bench:launch). Offers
+    of a shared answer that were rented since are passed over by their claims (the create loop);
+    one gone anyway costs a no_such_ask and the next offer, as with a fresh answer."""
+    digest = hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
+    rows = ctx.store.load_offer_search(digest)
+    if rows is not None:
+        return [Offer.from_dict(row) for row in rows]
+    offers = ctx.vast.search_offers(query)
+    ctx.store.save_offer_search(digest, [o.raw for o in offers], ctx.settings.offer_search_reuse)
+    return offers
 
 
 def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:
@@ -349,6 +368,58 @@ def fresh_snapshot(ctx: AgentContext, max_age: float) -> Snapshot:
         return snapshot
     finally:
         release(lock)
+
+
+def _destroy(ctx: AgentContext, instance_id: int) -> bool:
+    """DELETE the instance (False: it was not found) and drop it from the flat view: either
+    answer is a fact about it, which the view need not wait for a full listing to learn."""
+    destroyed = ctx.vast.destroy_instance(instance_id)
+    ctx.store.drop_view_entries([instance_id])
+    return destroyed
+
+
+def _view_record_ids(ctx: AgentContext) -> set[int]:
+    """The instances the agent's records name (view.refresh asks for those it lacks)."""
+    return {
+        r.instance_id
+        for r in ctx.store.all_records(include_done=False).values()
+        if r.instance_id is not None
+    }
+
+
+def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
+    """Refresh the flat instance view (view.py) under the snapshot lock, the one every
+    refresh takes so that no listing's result is written over a later one's; None when
+    another process holds it past `wait` seconds (it is refreshing the same view)."""
+    lock = ctx.store.snapshot_lock(timeout=60)
+    if not lock.acquire(blocking=wait > 0, blocking_timeout=wait or None):
+        return None
+    try:
+        with kept_alive(lock, every=20):  # a first pass over a big fleet takes minutes
+            return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
+    finally:
+        release(lock)
+
+
+def view_for_watch(ctx: AgentContext, record: TaskRecord) -> tuple[Instance | None, float]:
+    """A watcher's look at its own instance in the flat view (one hash field), refreshed
+    first with the same filtered calls when the sync's refresh is late. Returns the entry and
+    the time to judge absence by: for an absent instance, the full listing that covered its
+    id at least visibility_grace after its create, or 0.0 when none did yet (absent then
+    means "not seen yet", never gone: watch_decision waits)."""
+    settings = ctx.settings
+    state = ctx.store.load_view_meta()
+    if ctx.now() - state.refreshed_at > settings.snapshot_max_age:
+        state = refresh_view(ctx) or ctx.store.load_view_meta()
+    if record.instance_id is None:
+        return None, state.refreshed_at
+    instance = ctx.store.view_entry(record.instance_id)
+    if instance is not None:
+        return instance, state.refreshed_at
+    seen_at = state.absence_seen_at(
+        record.instance_id, record.instance_created_at or 0.0, settings.visibility_grace
+    )
+    return None, 0.0 if seen_at is None else seen_at
 
 
 # --------------------------------------------------------------------------- the chain
@@ -475,7 +546,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     for stray in [i for i in existing if ctx.store.is_stray(i.id)]:
         # Created stopped by an earlier try, whose destroy failed: finish that destroy (an
         # error raises, and the step is retried), never adopt it as the task's instance.
-        ctx.vast.destroy_instance(stray.id)
+        _destroy(ctx, stray.id)
         existing.remove(stray)
     if existing:
         return _record_instance(ctx, record, min(existing, key=lambda i: i.id), adopted=True)
@@ -531,7 +602,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if offers and record.kept_instance_id is not None:
         # The failed attempt's kept instance goes right before the new one is created: never
         # two instances of one task at once, and a trace outside Redis until the last moment.
-        ctx.vast.destroy_instance(record.kept_instance_id)
+        _destroy(ctx, record.kept_instance_id)
         ctx.store.touch(task_id, kept_instance_id=None)
         _note(ctx, task_id, f"destroyed instance {record.kept_instance_id} of the failed attempt")
     tried = 0
@@ -549,6 +620,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
         # take the next offers instead of all racing for the cheapest one.
         if not ctx.store.once(f"offer:{offer.id}", ctx.settings.offer_claim_seconds):
             passed.append(f"offer {offer.id} is being rented for another task")
+            continue
+        # Renting one offer of a machine replaces its other offers by new ids: those a shared
+        # search answer still lists would only earn a no_such_ask (a create slot wasted).
+        if ctx.store.claimed(f"rented-machine:{offer.machine_id}"):
+            passed.append(f"offer {offer.id}'s machine was rented from since the search")
             continue
         tried += 1
         try:
@@ -616,7 +692,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 "WARNING",
             )
             ctx.store.mark_stray(created.id)  # before the destroy, which may fail
-            ctx.vast.destroy_instance(created.id)
+            _destroy(ctx, created.id)
             continue
         if not created.started:
             ctx.metric_store.count_start_failure(StartFailureKind.CREATED_STOPPED)
@@ -628,12 +704,13 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 "WARNING",
             )
             ctx.store.mark_stray(created.id)  # before the destroy, which may fail
-            ctx.vast.destroy_instance(created.id)
+            _destroy(ctx, created.id)
             ctx.store.touch(task_id, failed_machines=[*record.failed_machines, offer.machine_id])
             ctx.store.avoid_machine(offer.machine_id, ctx.settings.machine_cooldown)
             record = ctx.store.get(task_id)
             passed.append(f"offer {offer.id} was created stopped")
             continue
+        ctx.store.once(f"rented-machine:{offer.machine_id}", ctx.settings.offer_search_reuse)
         why = "the cheapest matching offer" + (f" left ({'; '.join(passed)})" if passed else "")
         return _record_instance(
             ctx, record, None, created=created, offer=offer, inferred=inferred, why=why, bid=price
@@ -740,7 +817,7 @@ def _record_instance(
     )
     if updated is None:
         # Someone else moved the record on: what we created is nobody's; destroy it.
-        ctx.vast.destroy_instance(values["instance_id"])
+        _destroy(ctx, values["instance_id"])
         return None
     verb = "adopted existing" if adopted else "created"
     source = f" from offer {offer.id}" if offer is not None else ""
@@ -777,13 +854,16 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         return _end_over_budget(ctx, record, over)
     # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
     # is late (sync stalled), so that the `list` rate limit is not spent many times over.
-    snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
-    instance = snapshot.find(record.instance_id)
+    if settings.instance_reads == "flat":
+        instance, taken_at = view_for_watch(ctx, record)
+    else:
+        snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
+        instance, taken_at = snapshot.find(record.instance_id), snapshot.taken_at
     now = ctx.now()
     if (
         instance is None
         and record.instance_id is not None
-        and snapshot.taken_at >= (record.instance_created_at or 0.0)
+        and taken_at >= (record.instance_created_at or 0.0)
         and now - (record.instance_created_at or 0.0) >= settings.visibility_grace
     ):
         # Missing from the listing: ask for it by id before calling it gone (a listing can
@@ -805,7 +885,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     follow = _watch_outbid(ctx, record, instance, now, again)
     if follow is not None:
         return follow
-    decision = watch_decision(record, instance, now, settings, snapshot_taken_at=snapshot.taken_at)
+    decision = watch_decision(record, instance, now, settings, snapshot_taken_at=taken_at)
     if decision.action == WatchAction.READ_LOGS:
         text = _instance_log(ctx, record)
         if text is None:
@@ -827,7 +907,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             logs_read=True,
             log_unreadable=text is None,
             log_tail=(text or "")[-4000:],
-            snapshot_taken_at=snapshot.taken_at,
+            snapshot_taken_at=taken_at,
         )
         if text is not None and decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
             # The instance has ended: its log will not change. Keep what decided the outcome
@@ -1004,7 +1084,7 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
             _note(ctx, record.task_id, reason, "ERROR")
             return [Next(StepName.PUBLISH_LOGS)]
         return []
-    ctx.vast.destroy_instance(record.instance_id)
+    _destroy(ctx, record.instance_id)
     if ctx.store.cas(
         record.task_id,
         expect_phase=record.phase,
@@ -1046,7 +1126,7 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     kept = record.kept_instance_id
     if record.instance_id is not None:
         if kept is not None and kept != record.instance_id:
-            ctx.vast.destroy_instance(kept)  # an older trace: the newer one suffices
+            _destroy(ctx, kept)  # an older trace: the newer one suffices
         if ctx.arkindex.task_state(task_id) == "running":  # unknown raises: retried
             try:
                 ctx.vast.stop_instance(record.instance_id)
@@ -1060,7 +1140,7 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
             except InstanceNotFound:
                 pass  # already gone: nothing to keep
         else:
-            ctx.vast.destroy_instance(record.instance_id)
+            _destroy(ctx, record.instance_id)
             _note(ctx, task_id, f"instance {record.instance_id} of the failed attempt destroyed")
     if ctx.store.cas(
         task_id,
@@ -1439,9 +1519,9 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     if record is None or record.phase != Phase.DESTROYING or not record.final_reported:
         return None
     if record.kept_instance_id is not None:  # a failed attempt's trace, if still kept
-        ctx.vast.destroy_instance(record.kept_instance_id)
+        _destroy(ctx, record.kept_instance_id)
     if record.instance_id is not None and not record.instance_destroyed:
-        gone_before = not ctx.vast.destroy_instance(record.instance_id)
+        gone_before = not _destroy(ctx, record.instance_id)
         _note(
             ctx,
             task_id,
@@ -1621,7 +1701,7 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         )
         return None
     if state not in ARKINDEX_ACTIVE_STATES:
-        ctx.vast.destroy_instance(step.instance_id)
+        _destroy(ctx, step.instance_id)
         logger.warning(
             "destroyed instance %s: task %s is %s on Arkindex",
             step.instance_id,
@@ -1677,7 +1757,7 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
 def destroy_unwanted(ctx: AgentContext, task_id: str, **fields) -> None:
     """Destroy an instance of ours that no task wants (reconcile.DestroyInstance)."""
     step = DestroyInstance(task_id=task_id, **fields)
-    gone = not ctx.vast.destroy_instance(step.instance_id)
+    gone = not _destroy(ctx, step.instance_id)
     ctx.store.count_destroyed(step.cause, 0 if gone else 1)
     logger.warning(
         "instance %s (%s) %s: %s",
@@ -1797,8 +1877,18 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     # Stamped when the listing starts: an instance created while the pages are read may be
     # missing, and must not look gone to a watcher that recorded it after this time.
     listed_at = ctx.now()
-    instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
+    if ctx.settings.instance_reads == "flat":
+        # The flat view (view.py): a few filtered calls, whatever the fleet's size. A
+        # watcher refreshing it meanwhile is waited for (same lock), then refreshed again.
+        state = refresh_view(ctx, wait=ctx.settings.sync_lock_timeout)
+        if state is None:
+            raise RuntimeError("the instance view's lock stayed held: this sync is skipped")
+        listed_at = state.refreshed_at
+        instances = sorted(ctx.store.view_entries().values(), key=lambda i: i.id)
+    else:
+        instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
     now = ctx.now()
+    # Whole, for status, metrics and adoption (never for a watcher's "gone" in flat mode).
     ctx.store.save_snapshot(Snapshot(tuple(instances), listed_at))
     ctx.store.mark_synced(now)
     _meter(ctx, instances, now)
@@ -1814,6 +1904,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         spending=_spending(ctx, records) if ctx.settings.budget.rations else None,
     )
     result = SyncResult(ran=True, steps=steps)
+    result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
     _save_sync_report(ctx, now, capacity, steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):
@@ -1834,6 +1925,27 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):
             result.enqueue.append((planned.task_id, message))
     return result
+
+
+ENDED_STATUSES = ("exited", "stopped")
+
+
+def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple[str, Next]]:
+    """A watch now for each task whose instance this sync saw ended, once per attempt: its
+    watcher may be up to watch_interval away, and an ended instance is acted on within one
+    sync interval of its end (the watch decides; a new chain takes the old one over)."""
+    by_id = {i.id: i for i in instances}
+    woken = []
+    for task_id, record in records.items():
+        instance = by_id.get(record.instance_id) if record.instance_id is not None else None
+        if (
+            record.phase in (Phase.LOADING, Phase.RUNNING)
+            and instance is not None
+            and instance.actual_status in ENDED_STATUSES
+            and ctx.store.once(f"ended:{task_id}:{record.attempt}", ctx.settings.tombstone_ttl)
+        ):
+            woken.append((task_id, Next(StepName.WATCH)))
+    return woken
 
 
 def _save_sync_report(ctx: AgentContext, now: float, capacity: int, steps: list) -> None:

@@ -388,16 +388,25 @@ class VastClient:
         )
 
     def list_instances(
-        self, *, label: str | None = None, label_prefix: str | None = None
+        self,
+        *,
+        label: str | None = None,
+        label_prefix: str | None = None,
+        select_filters: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[Instance]:
-        """Every instance of the account (all v1 pages, id ascending). ``label`` filters on the
-        server (exact match); ``label_prefix`` client-side (the API has no prefix operator)."""
+        """Every instance of the account that matches (all v1 pages, id ascending). ``label``
+        and ``select_filters`` ({column: {operator: value}}, filterable columns only: Vast.ai
+        answers 400 to a computed one) filter on the server; ``label_prefix`` client-side
+        (the API has no prefix operator). A refused filter raises: it is never "nothing"."""
         params: dict[str, str] = {
             "limit": str(PAGE_SIZE),
             "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
         }
+        filters = dict(select_filters or {})
         if label is not None:
-            params["select_filters"] = json.dumps({"label": {"eq": label}})
+            filters["label"] = {"eq": label}
+        if filters:
+            params["select_filters"] = json.dumps(filters)
         # A partial listing is never returned: the label lookup before a create takes "not
         # listed" for "does not exist", so a listing cut short could rent a second instance.
         context = "GET /api/v1/instances/"
@@ -443,6 +452,38 @@ class VastClient:
         if label_prefix is not None:
             instances = [i for i in instances if (i.label or "").startswith(label_prefix)]
         return instances
+
+    def list_page_after(self, after_id: int) -> tuple[list[Instance], int | None]:
+        """One v1 page of the account's instances whose id is above ``after_id`` (id
+        ascending): (instances, the highest id the page covers, or None when the page is the
+        last one and so covers every id above ``after_id``). The full resync's cursor."""
+        context = "GET /api/v1/instances/"
+        params = {
+            "limit": str(PAGE_SIZE),
+            "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
+            "select_filters": json.dumps({"id": {"gt": int(after_id)}}),
+        }
+        body = self._call("GET", "/api/v1/instances/", "list", params=params)
+        rows = body.get("instances")
+        if not isinstance(rows, list):
+            raise VastBadAnswer(
+                f"instances is {json.dumps(rows)[:40]}, not a list", context=context
+            )
+        found = [
+            Instance.from_dict(row)
+            for row in rows
+            if isinstance(row, dict) and _int(row.get("id")) is not None
+        ]
+        token = body.get("next_token")
+        if token is None or token == "":
+            return sorted(found, key=lambda i: i.id), None
+        if not found or len(rows) != len(found):
+            # More pages, but this one says up to where it covers nothing we can trust.
+            raise VastBadAnswer("a page with more to come but no readable id", context=context)
+        highest = max(i.id for i in found)
+        if highest <= after_id:
+            raise VastBadAnswer(f"a page after id {after_id} ends at id {highest}", context=context)
+        return sorted(found, key=lambda i: i.id), highest
 
     def get_instance(self, instance_id: int) -> Instance | None:
         """GET /instances/{id}/ -> the instance, or None when Vast answers {"instances": null}."""

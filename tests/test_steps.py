@@ -694,3 +694,24 @@ def test_the_log_is_published_again_with_its_last_lines(contexts, admin):
     ctx.logbook.add(task_id, "INFO", "a line written after everything")
     steps._publish_last_lines(ctx, record)  # the kept instance log is gone: nothing sent
     assert admin.task_log(task_id) == text
+
+
+def test_one_search_answer_serves_the_tasks_that_launch_meanwhile(contexts, admin):
+    # A burst searched once per task and step: the search bucket (2 s, ten a minute), not the
+    # create, bounded the launches. Within offer_search_reuse, one answer serves them all.
+    ctx = contexts()
+    ctx.settings = ctx.settings.but(offer_search_reuse=60.0)
+    first, second = (admin.one_task(env=scripted(0), command="worker") for _ in range(2))
+    searches = admin.stats()["calls"].get("search", 0)
+    harness = Harness(ctx)
+    harness.sync()
+    harness.run(until=lambda: harness.done(first) and harness.done(second), timeout=30.0)
+    assert admin.stats()["calls"].get("search", 0) - searches == 1
+    rows = {t: admin.rows_for(t) for t in (first, second)}
+    assert all(len(r) == 1 for r in rows.values()), rows
+    # The second task passed over the offers of the first one's machine (their ids changed
+    # when it was rented): no create was wasted on a no_such_ask.
+    assert rows[first][0]["offer_id"] != rows[second][0]["offer_id"]
+    for task_id in (first, second):
+        assert "was taken before we could rent it" not in admin.task_log(task_id)
+    assert ctx.metric_store.read().start_failures == {}

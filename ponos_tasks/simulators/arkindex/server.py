@@ -202,7 +202,11 @@ def create_app(sim: ArkindexSimulator) -> Flask:
 
     @app.get("/api/v1/openapi/")
     def openapi():
-        return jsonify(build_document(sim.public_url))
+        document = build_document(sim.public_url)
+        for path in document["paths"].values():
+            for method in [m for m, op in path.items() if op["operationId"] in sim.schema_omits]:
+                del path[method]
+        return jsonify(document)
 
     @app.get("/api/v1/public-key/")
     def get_public_key():
@@ -506,7 +510,9 @@ class ArkindexSimulator:
     Without `s3_url`, it starts and owns an `S3Server`. `public_url` is the base URL written
     into task environments and the OpenAPI servers list (default: the listening URL).
     `url_lifetime`: seconds the pre-signed S3 URLs live (default 1 h, boto3's). `faults`:
-    fault rules active from the start (faults.py; none by default).
+    fault rules active from the start (faults.py; none by default). `schema_omits`:
+    operation ids left out of the served OpenAPI schema, like an Arkindex of another version
+    (none by default; `ponos-vast doctor` must name them).
     """
 
     def __init__(
@@ -519,6 +525,7 @@ class ArkindexSimulator:
         public_url: str | None = None,
         faults: list[dict] | None = None,
         url_lifetime: float = URL_LIFETIME,
+        schema_omits: tuple | list = (),
     ):
         self.s3_url = s3_url
         self.farms = dict(farms) if farms else {str(uuid.uuid4()): secrets.token_hex(32)}
@@ -527,6 +534,7 @@ class ArkindexSimulator:
         self.token_ttl = token_ttl
         self._public_url = public_url
         self.url_lifetime = url_lifetime
+        self.schema_omits = frozenset(schema_omits)
         # Injected faults (faults.py): none unless given here or through /_sim/faults.
         self.faults = FaultBook(faults or ())
         self._counts_lock = threading.Lock()

@@ -93,8 +93,22 @@ def _driver_operand(value):
     return int(float(value))
 
 
-def matches(row: dict, field: str, conditions: dict) -> bool:
-    """Whether `row` satisfies every {op: operand} of `conditions` on `field`."""
+def _sql_null_match(op: str, operand) -> bool:
+    """A condition on a NULL column as SQL sees it: only `eq null` and `in [.., null]` hold
+    (Vast.ai documents `label in [null]` for unlabelled instances); `neq`, `notin` and every
+    comparison are false (SQL's `NULL <> 'x'` is not true)."""
+    if op == "eq":
+        return operand is None
+    if op == "in":
+        return None in operand
+    return False
+
+
+def matches(row: dict, field: str, conditions: dict, sql_nulls: bool = False) -> bool:
+    """Whether `row` satisfies every {op: operand} of `conditions` on `field`.
+
+    `sql_nulls`: a NULL column follows SQL semantics (the v1 instance list filters in the
+    database; see _sql_null_match) rather than Python's `None != x`."""
     for op, operand in conditions.items():
         if op not in OPERATORS:
             raise QueryError(
@@ -102,6 +116,10 @@ def matches(row: dict, field: str, conditions: dict) -> bool:
             )
         if op in ("in", "notin") and not isinstance(operand, list):
             operand = [operand]
+        if sql_nulls and row.get(field) is None:
+            if not _sql_null_match(op, operand):
+                return False
+            continue
         if field == "geolocation":
             actual = row.get("geolocation")
             items = operand if isinstance(operand, list) else [operand]

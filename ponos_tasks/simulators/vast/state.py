@@ -60,6 +60,7 @@ class VastState:
         run_mode="scripted",
         log_delay=LOG_DELAY_MEDIAN,
         log_tail_p=LOG_TAIL_P,
+        log_default_tail=DEFAULT_LOG_TAIL,
         read_lag=lifecycle.READ_LAG,
         stop_delay=lifecycle.STOP_DELAY,
         restart_delay=lifecycle.RESTART_DELAY,
@@ -96,6 +97,8 @@ class VastState:
         self.quota = SearchQuota(search_quota if rate_limits else None)
         self.log_delay = float(log_delay)
         self.log_tail_p = float(log_tail_p)
+        # None: the whole log (what `ponos-vast doctor` must then report as contradicted).
+        self.log_default_tail = None if log_default_tail is None else int(log_default_tail)
         self.churn = churn
         self._last_churn = 0.0
         self.logs: dict[str, dict] = {}  # uuid -> {"asked_at", "ready_at", "text", "inst"}
@@ -425,7 +428,12 @@ class VastState:
             )
         with self.lock:
             now = self.tick()
-            rows = [self._object(inst, now) for inst in self._visible(now)]
+            # Filters see the stored contract: `offline` is computed when a row is shown
+            # (the stored actual_status stays what the host last reported), so a filter on
+            # actual_status does not see it (docs/reference.md, instance statuses).
+            pairs = [(self._object(inst, now), inst.actual_status) for inst in self._visible(now)]
+        rows = [row for row, _stored in pairs]
+        stored_rows = {id(row): {**row, "actual_status": stored} for row, stored in pairs}
         known = set(rows[0]) if rows else set(instance_columns())
         for col, cond in select_filters.items():
             if col in COMPUTED_COLUMNS or col not in known:
@@ -455,7 +463,10 @@ class VastState:
             selected = [
                 row
                 for row in rows
-                if all(queries.matches(row, col, cond) for col, cond in select_filters.items())
+                if all(
+                    queries.matches(stored_rows[id(row)], col, cond, sql_nulls=True)
+                    for col, cond in select_filters.items()
+                )
             ]
         except queries.QueryError as exc:
             return error(400, "invalid_request", f"Error in query parameters: {exc}")
@@ -551,10 +562,12 @@ class VastState:
             if pattern:
                 lines = [line for line in lines if str(pattern) in line]
             try:
-                tail = int(body["tail"]) if body.get("tail") not in (None, "") else DEFAULT_LOG_TAIL
+                asked = body.get("tail") not in (None, "")
+                tail = int(body["tail"]) if asked else self.log_default_tail
             except (TypeError, ValueError):
                 return error(400, "invalid_args", "tail must be an integer")
-            lines = lines[-tail:] if tail > 0 else []
+            if tail is not None:
+                lines = lines[-tail:] if tail > 0 else []
             key = uuid.uuid4().hex
             # Forget uploads for a simulated day old (a long-running sim stays small).
             for old in [k for k, v in self.logs.items() if v["asked_at"] < now - 86400]:

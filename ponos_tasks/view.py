@@ -1,0 +1,173 @@
+"""The flat instance view: this agent's instances kept in Redis, refreshed by a few filtered
+list calls per sync instead of a full listing (`vast_api.instance_reads: flat`).
+
+Each refresh (single-flight, under the snapshot lock) makes, in this order:
+
+1. K pages of the *full resync*: a cursor walks the account's instances in id order, one v1
+   page (25 ids) per call, `id gt <cursor>`; K is chosen so that a whole pass takes at most
+   `full_resync_interval` (all of it while no pass has ever completed: a fresh view decides
+   nothing on absence until then). A page that covers the ids (cursor, highest] (or every id
+   above the cursor, for the last page) lists every instance there: the view's entries in
+   that range that it does not list are removed, and that is the ONLY way an entry leaves
+   the view apart from the agent's own destroy (a positive fact: Vast.ai said destroyed or
+   not found).
+2. A: `actual_status neq running`: every instance whose stored status is not running (SQL
+   semantics: a null status is not listed). An instance that exits, is stopped (its own
+   stop, a user's, an outbid: the host daemon carries the stop out and reports the container
+   exited/stopped a few seconds after `intended_status` changed) or fails to start leaves
+   `running` and shows here at the next refresh. No separate `intended_status` call: an
+   instance whose intended status is stopped but whose container still runs is in the stop's
+   few seconds (seen at the refresh after), or on a host that stopped reporting (seen by the
+   full resync, as an offline host is); one call fewer keeps a steady sync at 3 calls for
+   1000 instances.
+3. B: `id in [...]` for the ids that A cannot vouch for: entries of the view not running and
+   not listed by A (a loading instance that became running, a null status that became
+   loading, an offline one), and the instances of the agent's records that the view does not
+   hold yet (created since the last refresh, or still hidden by Vast.ai's read lag). Empty in
+   a steady state: no call.
+
+At steady state a refresh costs A + K calls whatever the fleet's size N; B appears only
+while instances start. The sync then reads the whole view for plan(), the meter and the
+status; a watcher reads only its own instance's entry (one hash field), never the fleet.
+
+Why no decision taken on this view is one a full listing would contradict:
+- Presence and status: every entry is what one listing (filtered or full) returned, at a
+  time no earlier than the previous refresh for any instance that is not `running`: A lists
+  every non-running instance each refresh and B re-reads every entry that left A. The
+  statuses the agent acts on (exited, stopped, loading, null, offline) are thus at most one
+  refresh old, as with a full listing each sync. A `running` entry can be older only when
+  its stored status is still running, i.e. nothing to act on (a host gone offline keeps its
+  stored status, so it is seen by the full resync, within full_resync_interval, as is a
+  vanished instance: the bound below).
+- Absence ("gone"): decided only when a full-resync page covered the instance's id at least
+  `visibility_grace` after the instance was created (`absence_seen_at`), never from A or B
+  (a filtered call says nothing about what it does not list; a refused or failing one
+  raises and the view keeps what it had). The watcher then still asks for the instance by id
+  before calling it gone, as with a full listing.
+- Bound: an instance that vanishes behind the agent's back leaves the view at the latest one
+  full pass after it vanished: `full_resync_interval` + one sync interval. Until then the
+  budget's meter charges it as alive: an overcount, the safe side of a spending limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+
+from .models import Instance
+
+PAGE_SIZE = 25
+NOT_RUNNING = {"actual_status": {"neq": "running"}}
+
+
+@dataclass(frozen=True)
+class PassState:
+    """Where the full resync stands, and the evidence it gives about absence."""
+
+    cursor: int = 0  # the highest id covered by the pass in progress
+    started_at: float | None = None  # when the pass in progress listed its first page
+    done_started_at: float | None = None  # when the last complete pass listed its first page
+    pages_done: int = 0  # pages of the pass in progress
+    last_pass_pages: int | None = None  # pages of the last complete pass
+    refreshed_at: float = 0.0  # when the last refresh began (agent clock)
+
+    def covered_at(self, instance_id: int) -> float | None:
+        """The latest time (a lower bound) at which a full page covered this id; None when
+        no full page has ever covered it."""
+        if self.started_at is not None and instance_id <= self.cursor:
+            return self.started_at
+        return self.done_started_at
+
+    def absence_seen_at(self, instance_id: int, created_at: float, grace: float) -> float | None:
+        """When a full listing covered the id long enough after the create that not being
+        listed means gone; None when no such listing yet (absent is then not gone)."""
+        covered = self.covered_at(instance_id)
+        return covered if covered is not None and covered >= created_at + grace else None
+
+    def pages_this_refresh(self, every: float, full_resync_interval: float) -> int:
+        """Pages to list now so that a whole pass takes at most full_resync_interval when a
+        refresh comes every `every` seconds; unbounded (one whole pass) before the first."""
+        if self.done_started_at is None or self.last_pass_pages is None:
+            return 1_000_000
+        refreshes = max(1, math.floor(full_resync_interval / max(every, 1e-6)))
+        return max(1, math.ceil(self.last_pass_pages / refreshes))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes | None) -> PassState:
+        if raw is None:
+            return cls()
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def page_removals(entry_ids: Iterable[int], after: int, highest: int | None, listed) -> set[int]:
+    """Entries a full page proves gone: in the range it covers, not listed by it."""
+    listed_ids = {i.id for i in listed}
+    return {
+        i
+        for i in entry_ids
+        if i > after and (highest is None or i <= highest) and i not in listed_ids
+    }
+
+
+def to_check(entries: Mapping[int, Instance], listed_by_a: set[int], record_ids: set[int]):
+    """B's ids: entries not running that A did not list, and record ids the view lacks."""
+    stale = {i for i, inst in entries.items() if inst.actual_status != "running"}
+    missing = {i for i in record_ids if i not in entries}
+    return sorted((stale | missing) - listed_by_a)
+
+
+def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
+    """One refresh (the caller holds the snapshot lock): full-resync pages, A, then B."""
+    store, vast, prefix = ctx.store, ctx.vast, ctx.label_prefix()
+    state = store.load_view_meta()
+    started = ctx.now()
+    entries = store.view_entries()
+
+    def keep(instances: list[Instance], at: float) -> None:
+        # The full pages list the whole account: only this agent's instances are kept.
+        mine = [i for i in instances if (i.label or "").startswith(prefix)]
+        store.put_view_entries(mine, at)
+        entries.update({i.id: i for i in mine})
+
+    budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval)
+    for _ in range(min(budget, 10_000)):
+        at = ctx.now()
+        listed, highest = vast.list_page_after(state.cursor)
+        gone = page_removals(entries, state.cursor, highest, listed)
+        store.drop_view_entries(gone)
+        for i in gone:
+            entries.pop(i, None)
+        keep(listed, at)
+        pass_start = state.started_at if state.started_at is not None else at
+        if highest is None:
+            state = replace(
+                state,
+                cursor=0,
+                started_at=None,
+                done_started_at=pass_start,
+                pages_done=0,
+                last_pass_pages=state.pages_done + 1,
+            )
+            if budget >= 1_000_000:
+                break  # the first pass is whole: enough for this refresh
+        else:
+            state = replace(
+                state, cursor=highest, started_at=pass_start, pages_done=state.pages_done + 1
+            )
+        store.save_view_meta(state)  # each page's evidence is kept even if a later call fails
+    at = ctx.now()
+    not_running = vast.list_instances(label_prefix=prefix, select_filters=NOT_RUNNING)
+    keep(not_running, at)
+    ids = to_check(entries, {i.id for i in not_running}, record_ids)
+    if ids:
+        at = ctx.now()
+        keep(vast.list_instances(label_prefix=prefix, select_filters={"id": {"in": ids}}), at)
+    state = replace(state, refreshed_at=started)
+    store.save_view_meta(state)
+    return state
