@@ -68,13 +68,14 @@ run: install redis
 stack: install redis
 	$(BIN)/ponos-vast stack
 
-# Benchmarks (about 9 minutes; not part of `make test`): results go to BENCHMARKS.md.
+# Benchmarks (about 30 minutes; not part of `make test`): results go to BENCHMARKS.md.
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.sync_loop
 	$(BIN)/python -m benchmarks.cost
 	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.launch
+	$(BIN)/python -m benchmarks.fleet
 
 # The chaos suite (about 40 minutes): three seeds of 60 tasks and one run of 200, each with a
 # fault-free run of the same workload for the bill; writes RELIABILITY.md. The quick variant
