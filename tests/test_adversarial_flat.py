@@ -1,0 +1,65 @@
+"""Adversarial review of the flat instance view (ponos_tasks/view.py, `instance_reads: flat`):
+each test is a way its guarantees were found to break, kept as a regression test. Against
+a private simulator stack (it fills the market) and a real Redis, like test_flat_view.
+"""
+
+import pytest
+import requests
+
+from ponos_tasks import steps
+from ponos_tasks.simulators.stack import LocalStack
+
+# The fixtures of test_steps, over this module's own stack; ruff: F401/F811 ignored here.
+from tests.test_flat_view import MACHINE, TIME_SCALE, bring_to_running, fleet, sim_destroy
+from tests.test_steps import admin, contexts, scripted
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url):
+    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
+    stack.start()
+    requests.post(
+        stack.vast_url + "/_sim/offers", json={"offers": [MACHINE] * 400}, timeout=30
+    ).raise_for_status()
+    yield stack
+    stack.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="K pages a refresh comes from the last pass's page count: a listing that grew "
+    "since makes the pass outlast full_resync_interval (7 syncs for a bound of 4)",
+)
+def test_a_pass_keeps_its_bound_when_the_listing_grows_during_it(contexts, admin, stack):
+    """Bound 4: an instance destroyed behind the agent's back leaves the view within
+    full_resync_interval plus one sync. K (pages a refresh) came from the LAST pass's page
+    count only: a listing that grows after it (a user of the account renting 150 instances)
+    made the pass take one refresh a page, seven refreshes where the bound allows four."""
+    ctx = contexts(vast_api={"instance_reads": "flat"})
+    every = ctx.settings.sync_interval
+    ctx = contexts(vast_api={"instance_reads": "flat", "full_resync_interval": 3 * every})
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="1000000"))
+    harness = bring_to_running(ctx, task_id)  # the first pass: one page
+    record = ctx.store.get(task_id)
+    others = fleet(stack, 150, "grow")  # six more pages, above our id
+    try:
+        # The cursor just covered our id: the worst place to vanish (a whole pass to wait).
+        while True:
+            state = steps.refresh_view(ctx)
+            if state.started_at is not None and state.cursor >= record.instance_id:
+                break
+            assert state.last_pass_pages is not None
+        sim_destroy(stack, record.instance_id)
+        refreshes = 0
+        while ctx.store.view_entry(record.instance_id) is not None:
+            steps.refresh_view(ctx)
+            refreshes += 1
+            assert refreshes <= 20
+        # full_resync_interval (3 syncs) plus one sync.
+        assert refreshes <= 4, f"the vanished instance left the view after {refreshes} syncs"
+    finally:
+        for i in others:
+            sim_destroy(stack, i)
+    admin.stop_task(task_id)
+    harness.sync()
+    harness.run(until=lambda: harness.done(task_id), timeout=30)
