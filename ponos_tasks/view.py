@@ -6,7 +6,8 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
 1. K pages of the *full resync*: a cursor walks the account's instances in id order, one v1
    page (25 ids) per call, `id gt <cursor>`; K is chosen so that a whole pass takes at most
    `full_resync_interval` (all of it while no pass has ever completed: a fresh view decides
-   nothing on absence until then). A page that covers the ids (cursor, highest] (or every id
+   nothing on absence until then; the rest of a pass at once when the next refresh would
+   come after its deadline, as when the listing grew since the last pass sized K). A page that covers the ids (cursor, highest] (or every id
    above the cursor, for the last page) lists every instance there: the view's entries in
    that range that it does not list are removed, and that is the ONLY way an entry leaves
    the view apart from the agent's own destroy (a positive fact: Vast.ai said destroyed or
@@ -86,10 +87,21 @@ class PassState:
         covered = self.covered_at(instance_id)
         return covered if covered is not None and covered >= created_at + grace else None
 
-    def pages_this_refresh(self, every: float, full_resync_interval: float) -> int:
+    def pages_this_refresh(
+        self, every: float, full_resync_interval: float, now: float | None = None
+    ) -> int:
         """Pages to list now so that a whole pass takes at most full_resync_interval when a
-        refresh comes every `every` seconds; unbounded (one whole pass) before the first."""
+        refresh comes every `every` seconds; unbounded (one whole pass) before the first.
+        The spread is sized on the last pass: a pass in progress whose next refresh would
+        come after its deadline (the listing grew since, e.g. a user of the account rented
+        many instances) is finished now, so that the bound does not stretch with the fleet."""
         if self.done_started_at is None or self.last_pass_pages is None:
+            return 1_000_000
+        if (
+            now is not None
+            and self.started_at is not None
+            and now + every > self.started_at + full_resync_interval
+        ):
             return 1_000_000
         refreshes = max(1, math.floor(full_resync_interval / max(every, 1e-6)))
         return max(1, math.ceil(self.last_pass_pages / refreshes))
@@ -135,7 +147,7 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
         store.put_view_entries(mine, at)
         entries.update({i.id: i for i in mine})
 
-    budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval)
+    budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval, started)
     for _ in range(min(budget, 10_000)):
         at = ctx.now()
         listed, highest = vast.list_page_after(state.cursor)
@@ -155,7 +167,7 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
                 last_pass_pages=state.pages_done + 1,
             )
             if budget >= 1_000_000:
-                break  # the first pass is whole: enough for this refresh
+                break  # a whole (first) or finished (late) pass: enough for this refresh
         else:
             state = replace(
                 state, cursor=highest, started_at=pass_start, pages_done=state.pages_done + 1
