@@ -73,3 +73,39 @@ def test_a_pass_keeps_its_bound_when_the_listing_grows_during_it(contexts, admin
     admin.stop_task(task_id)
     harness.sync()
     harness.run(until=lambda: harness.done(task_id), timeout=30)
+
+
+def _refresh_in_child(config, prefix: str) -> None:
+    steps.refresh_view(AgentContext(config, prefix=prefix))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="refresh_view's lock has a fixed 60 s timeout: a worker killed mid-refresh stalls "
+    "every sync (and every watcher's refresh) for 60 s, not sync_lock_timeout",
+)
+def test_a_worker_killed_mid_refresh_stalls_the_view_no_longer_than_a_killed_sync(contexts, admin):
+    """Concurrency (5) and bound 4: the sync waits sync_lock_timeout for the view's lock,
+    then skips; a worker SIGKILLed while it refreshes the view (a deploy, the OOM killer)
+    must free the view as a killed sync frees the loop: within sync_lock_timeout. Until
+    then no sync runs and no exited instance is seen."""
+    ctx = contexts(vast_api={"instance_reads": "flat"})
+    assert steps.refresh_view(ctx) is not None  # the first pass is done
+    admin.faults({"fault": "slow", "endpoint": "list", "delay": 5, "times": 1})
+    child = multiprocessing.get_context("fork").Process(
+        target=_refresh_in_child, args=(ctx.config, ctx.prefix)
+    )
+    child.start()
+    deadline = time.monotonic() + 10
+    while not ctx.redis.exists(ctx.keys.snapshot_lock):
+        assert time.monotonic() < deadline and child.is_alive()
+        time.sleep(0.01)
+    time.sleep(0.3)  # inside its first (slow) list call
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    killed_at = time.monotonic()
+    limit = ctx.settings.sync_lock_timeout
+    while steps.refresh_view(ctx) is None:
+        waited = time.monotonic() - killed_at
+        assert waited <= limit + 1.0, f"the view stayed locked {waited:.0f} s after the kill"
+        time.sleep(ctx.settings.sync_interval)
