@@ -3,12 +3,16 @@ each test is a way its guarantees were found to break, kept as a regression test
 a private simulator stack (it fills the market) and a real Redis, like test_flat_view.
 """
 
+import multiprocessing
+import os
+import signal
 import time
 
 import pytest
 import requests
 
 from ponos_tasks import steps
+from ponos_tasks.agent import AgentContext
 from ponos_tasks.simulators.stack import LocalStack
 
 # The fixtures of test_steps, over this module's own stack; ruff: F401/F811 ignored here.
@@ -79,11 +83,6 @@ def _refresh_in_child(config, prefix: str) -> None:
     steps.refresh_view(AgentContext(config, prefix=prefix))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refresh_view's lock has a fixed 60 s timeout: a worker killed mid-refresh stalls "
-    "every sync (and every watcher's refresh) for 60 s, not sync_lock_timeout",
-)
 def test_a_worker_killed_mid_refresh_stalls_the_view_no_longer_than_a_killed_sync(contexts, admin):
     """Concurrency (5) and bound 4: the sync waits sync_lock_timeout for the view's lock,
     then skips; a worker SIGKILLed while it refreshes the view (a deploy, the OOM killer)
