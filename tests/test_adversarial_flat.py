@@ -16,7 +16,15 @@ from ponos_tasks.agent import AgentContext
 from ponos_tasks.simulators.stack import LocalStack
 
 # The fixtures of test_steps, over this module's own stack; ruff: F401/F811 ignored here.
-from tests.test_flat_view import MACHINE, TIME_SCALE, bring_to_running, fleet, sim_destroy
+from tests.agent_harness import Admin
+from tests.test_flat_view import (
+    MACHINE,
+    TIME_SCALE,
+    bring_to_running,
+    fleet,
+    sim_destroy,
+    steady_list_calls,
+)
 from tests.test_steps import admin, contexts, scripted
 
 
@@ -108,3 +116,32 @@ def test_a_worker_killed_mid_refresh_stalls_the_view_no_longer_than_a_killed_syn
         waited = time.monotonic() - killed_at
         assert waited <= limit + 1.0, f"the view stayed locked {waited:.0f} s after the kill"
         time.sleep(ctx.settings.sync_interval)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A (actual_status neq running) filters on the status only, the label prefix is "
+    "applied client-side: every stopped instance of the account is paged through each sync",
+)
+def test_a_steady_sync_does_not_page_through_the_accounts_stopped_instances(contexts, admin, stack):
+    """The flat sync's point: its list calls do not grow with the account. Another user of
+    the account who keeps 60 stopped instances (a stopped instance keeps its disk, and is
+    kept for it) made call A three pages long, every sync."""
+    ctx = contexts(vast_api={"instance_reads": "flat"})
+    others = fleet(stack, 60, "stopped")
+    state = stack.vast.state
+    who = state.identify(stack.vast_api_key)
+    try:
+        for i in others:
+            assert state.update(i, {"state": "stopped"}, who)[0] == 200
+        deadline = time.monotonic() + 30
+        while any(
+            r["actual_status"] == "running" for r in Admin(stack).instances() if r["id"] in others
+        ):
+            assert time.monotonic() < deadline, "the instances never stopped"
+            time.sleep(0.1)
+        counts = steady_list_calls(ctx, admin)
+        assert max(counts) <= 3, counts
+    finally:
+        for i in others:
+            sim_destroy(stack, i)
