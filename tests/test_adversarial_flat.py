@@ -145,3 +145,31 @@ def test_a_steady_sync_does_not_page_through_the_accounts_stopped_instances(cont
     finally:
         for i in others:
             sim_destroy(stack, i)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a page that lists a view entry's id under another label neither updates nor "
+    "drops the entry (keep() takes our labels only, page_removals drops the unlisted only), "
+    "and A and B filter the label client-side: the entry is frozen while the instance lives",
+)
+def test_an_instance_relabeled_by_a_user_does_not_freeze_its_task(contexts, admin, stack):
+    """Guarantee 3 (no task stuck forever): a user renames the task's instance in the
+    console. A full listing no longer shows it under our labels, so the watcher asks for it
+    by id and sees it end. The view kept its last entry, `running`, for as long as the
+    instance lived: the task never ended."""
+    ctx = contexts(vast_api={"instance_reads": "flat", "loading_deadline": 5})
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="600"))
+    harness = bring_to_running(ctx, task_id)
+    record = ctx.store.get(task_id)
+    state = stack.vast.state
+    who = state.identify(stack.vast_api_key)
+    assert state.update(record.instance_id, {"label": "renamed-by-a-user"}, who)[0] == 200
+    try:
+        harness.run(
+            until=lambda: harness.done(task_id), timeout=40, sync_every=ctx.settings.sync_interval
+        )
+        assert ctx.store.get(task_id).final_state == "completed"
+    finally:
+        if state.show(record.instance_id)[1].get("instances") is not None:
+            sim_destroy(stack, record.instance_id)
