@@ -10,8 +10,9 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    come after its deadline, as when the listing grew since the last pass sized K). A page that covers the ids (cursor, highest] (or every id
    above the cursor, for the last page) lists every instance there: the view's entries in
    that range that it does not list are removed, and that is the ONLY way an entry leaves
-   the view apart from the agent's own destroy (a positive fact: Vast.ai said destroyed or
-   not found).
+   the view on absence; apart from it, only the agent's own destroy (a positive fact:
+   Vast.ai said destroyed or not found) and a listing that shows the id under a label not
+   ours (renamed by a user: no longer ours, as a full listing would say) remove one.
 2. A: `actual_status neq running`: every instance whose stored status is not running (SQL
    semantics: a null status is not listed). An instance that exits, is stopped (its own
    stop, a user's, an outbid: the host daemon carries the stop out and reports the container
@@ -142,8 +143,15 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
     entries = store.view_entries()
 
     def keep(instances: list[Instance], at: float) -> None:
-        # The full pages list the whole account: only this agent's instances are kept.
+        # Every call lists the account's instances (our label prefix has no server-side
+        # operator): only this agent's are kept. An entry listed under another label (a user
+        # renamed it) is no longer ours: it leaves the view, as it left a full listing, so
+        # that the watcher asks for it by id instead of trusting its last entry forever.
         mine = [i for i in instances if (i.label or "").startswith(prefix)]
+        renamed = {i.id for i in instances if i.id in entries} - {i.id for i in mine}
+        store.drop_view_entries(renamed)
+        for i in renamed:
+            entries.pop(i, None)
         store.put_view_entries(mine, at)
         entries.update({i.id: i for i in mine})
 
@@ -174,12 +182,12 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
             )
         store.save_view_meta(state)  # each page's evidence is kept even if a later call fails
     at = ctx.now()
-    not_running = vast.list_instances(label_prefix=prefix, select_filters=NOT_RUNNING)
+    not_running = vast.list_instances(select_filters=NOT_RUNNING)
     keep(not_running, at)
     ids = to_check(entries, {i.id for i in not_running}, record_ids)
     if ids:
         at = ctx.now()
-        keep(vast.list_instances(label_prefix=prefix, select_filters={"id": {"in": ids}}), at)
+        keep(vast.list_instances(select_filters={"id": {"in": ids}}), at)
     state = replace(state, refreshed_at=started)
     store.save_view_meta(state)
     return state

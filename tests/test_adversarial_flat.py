@@ -147,12 +147,6 @@ def test_a_steady_sync_does_not_page_through_the_accounts_stopped_instances(cont
             sim_destroy(stack, i)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a page that lists a view entry's id under another label neither updates nor "
-    "drops the entry (keep() takes our labels only, page_removals drops the unlisted only), "
-    "and A and B filter the label client-side: the entry is frozen while the instance lives",
-)
 def test_an_instance_relabeled_by_a_user_does_not_freeze_its_task(contexts, admin, stack):
     """Guarantee 3 (no task stuck forever): a user renames the task's instance in the
     console. A full listing no longer shows it under our labels, so the watcher asks for it
