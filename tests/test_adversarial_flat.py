@@ -173,12 +173,6 @@ def test_an_instance_relabeled_by_a_user_does_not_freeze_its_task(contexts, admi
             sim_destroy(stack, record.instance_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="list_page_after skips a row without a readable id on the last page and still "
-    "calls the page a cover of every id above the cursor: the full resync drops that "
-    "instance's entry on a page that did not say it is gone",
-)
 def test_a_last_page_with_an_unreadable_row_is_no_proof_of_absence(contexts, admin, stack):
     """Guarantee 3 (absence only from a full page that covered the id): a page whose row
     the agent cannot read says nothing about that row's instance. An instance of ours
