@@ -356,6 +356,8 @@ def _destroy(ctx: AgentContext, instance_id: int) -> bool:
     """DELETE the instance (False: it was not found) and drop it from the flat view: either
     answer is a fact about it, which the view need not wait for a full listing to learn."""
     destroyed = ctx.vast.destroy_instance(instance_id)
+    # Marked first: a refresh in flight, whose listing predates the destroy, drops it again.
+    ctx.store.mark_view_destroyed(instance_id, ctx.now(), ctx.settings.tombstone_ttl)
     ctx.store.drop_view_entries([instance_id])
     return destroyed
 

@@ -203,12 +203,6 @@ def test_a_last_page_with_an_unreadable_row_is_no_proof_of_absence(contexts, adm
         sim_destroy(stack, orphan)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steps._destroy drops the view entry without the view's lock: a refresh whose "
-    "listing was read before the destroy writes the entry back after it (until a full page "
-    "or the plan's next destroy of it, which Vast.ai answers not found, removes it)",
-)
 def test_a_destroyed_instance_is_not_written_back_by_a_refresh_in_flight(contexts, admin, stack):
     """Guarantee 2/3 (stale entries after a vanished instance): the agent's own destroy is a
     fact the view takes at once; a refresh in flight, whose page was listed before the
