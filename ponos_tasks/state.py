@@ -172,6 +172,10 @@ class Keyspace:
         return self.prefix + "view:meta"
 
     @property
+    def view_destroyed(self) -> str:
+        return self.prefix + "view:destroyed"
+
+    @property
     def credentials(self) -> str:
         return self.prefix + "arkindex:agent"
 
@@ -460,6 +464,26 @@ class TaskStore:
                     for i in instances
                 },
             )
+            # A listing read before the agent destroyed one of them must not bring it back:
+            # looked up after the write, and mark_view_destroyed marks before it drops, so
+            # whichever order the two run in, the entry ends up dropped.
+            ids = [str(i.id) for i in instances]
+            pipe = self.redis.pipeline(transaction=False)
+            for i in ids:  # ZSCORE each (ZMSCORE would need Redis 6.2)
+                pipe.zscore(self.keys.view_destroyed, i)
+            scores = pipe.execute()
+            destroyed = [i for i, score in zip(ids, scores, strict=True) if score is not None]
+            if destroyed:
+                self.redis.hdel(self.keys.view, *destroyed)
+
+    def mark_view_destroyed(self, instance_id: int, at: float, keep_for: float) -> None:
+        """The agent destroyed this instance (or Vast.ai said it is not found): no listing
+        read before may write it back into the view. Kept `keep_for` s (longer than any
+        refresh lasts; an instance id is never reused)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.view_destroyed, {str(int(instance_id)): at})
+        pipe.zremrangebyscore(self.keys.view_destroyed, "-inf", at - keep_for)
+        pipe.execute()
 
     def drop_view_entries(self, instance_ids) -> None:
         if instance_ids:

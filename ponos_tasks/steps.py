@@ -441,6 +441,8 @@ def _destroy(ctx: AgentContext, instance_id: int) -> bool:
     """DELETE the instance (False: it was not found) and drop it from the flat view: either
     answer is a fact about it, which the view need not wait for a full listing to learn."""
     destroyed = ctx.vast.destroy_instance(instance_id)
+    # Marked first: a refresh in flight, whose listing predates the destroy, drops it again.
+    ctx.store.mark_view_destroyed(instance_id, ctx.now(), ctx.settings.tombstone_ttl)
     ctx.store.drop_view_entries([instance_id])
     return destroyed
 
@@ -457,12 +459,15 @@ def _view_record_ids(ctx: AgentContext) -> set[int]:
 def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
     """Refresh the flat instance view (view.py) under the snapshot lock, the one every
     refresh takes so that no listing's result is written over a later one's; None when
-    another process holds it past `wait` seconds (it is refreshing the same view)."""
-    lock = ctx.store.snapshot_lock(timeout=60)
+    another process holds it past `wait` seconds (it is refreshing the same view).
+    The lock times out as the sync's own does (sync_lock_timeout, renewed while the refresh
+    runs): a worker killed mid-refresh frees the view, and so the loop, as a killed sync would."""
+    timeout = ctx.settings.sync_lock_timeout
+    lock = ctx.store.snapshot_lock(timeout=timeout)
     if not lock.acquire(blocking=wait > 0, blocking_timeout=wait or None):
         return None
     try:
-        with kept_alive(lock, every=20):  # a first pass over a big fleet takes minutes
+        with kept_alive(lock, every=timeout / 3):  # a first pass over a big fleet takes minutes
             return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
     finally:
         release(lock)

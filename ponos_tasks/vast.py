@@ -474,10 +474,14 @@ class VastClient:
             for row in rows
             if isinstance(row, dict) and _int(row.get("id")) is not None
         ]
+        if len(rows) != len(found):
+            # A row we cannot read may be any instance's: the page is no proof that the ids
+            # it covers and does not list are gone (the view drops those), last page or not.
+            raise VastBadAnswer("a page with a row without a readable id", context=context)
         token = body.get("next_token")
         if token is None or token == "":
             return sorted(found, key=lambda i: i.id), None
-        if not found or len(rows) != len(found):
+        if not found:
             # More pages, but this one says up to where it covers nothing we can trust.
             raise VastBadAnswer("a page with more to come but no readable id", context=context)
         highest = max(i.id for i in found)

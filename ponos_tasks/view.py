@@ -6,11 +6,13 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
 1. K pages of the *full resync*: a cursor walks the account's instances in id order, one v1
    page (25 ids) per call, `id gt <cursor>`; K is chosen so that a whole pass takes at most
    `full_resync_interval` (all of it while no pass has ever completed: a fresh view decides
-   nothing on absence until then). A page that covers the ids (cursor, highest] (or every id
+   nothing on absence until then; the rest of a pass at once when the next refresh would
+   come after its deadline, as when the listing grew since the last pass sized K). A page that covers the ids (cursor, highest] (or every id
    above the cursor, for the last page) lists every instance there: the view's entries in
    that range that it does not list are removed, and that is the ONLY way an entry leaves
-   the view apart from the agent's own destroy (a positive fact: Vast.ai said destroyed or
-   not found).
+   the view on absence; apart from it, only the agent's own destroy (a positive fact:
+   Vast.ai said destroyed or not found) and a listing that shows the id under a label not
+   ours (renamed by a user: no longer ours, as a full listing would say) remove one.
 2. A: `actual_status neq running`: every instance whose stored status is not running (SQL
    semantics: a null status is not listed). An instance that exits, is stopped (its own
    stop, a user's, an outbid: the host daemon carries the stop out and reports the container
@@ -86,10 +88,21 @@ class PassState:
         covered = self.covered_at(instance_id)
         return covered if covered is not None and covered >= created_at + grace else None
 
-    def pages_this_refresh(self, every: float, full_resync_interval: float) -> int:
+    def pages_this_refresh(
+        self, every: float, full_resync_interval: float, now: float | None = None
+    ) -> int:
         """Pages to list now so that a whole pass takes at most full_resync_interval when a
-        refresh comes every `every` seconds; unbounded (one whole pass) before the first."""
+        refresh comes every `every` seconds; unbounded (one whole pass) before the first.
+        The spread is sized on the last pass: a pass in progress whose next refresh would
+        come after its deadline (the listing grew since, e.g. a user of the account rented
+        many instances) is finished now, so that the bound does not stretch with the fleet."""
         if self.done_started_at is None or self.last_pass_pages is None:
+            return 1_000_000
+        if (
+            now is not None
+            and self.started_at is not None
+            and now + every > self.started_at + full_resync_interval
+        ):
             return 1_000_000
         refreshes = max(1, math.floor(full_resync_interval / max(every, 1e-6)))
         return max(1, math.ceil(self.last_pass_pages / refreshes))
@@ -130,12 +143,19 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
     entries = store.view_entries()
 
     def keep(instances: list[Instance], at: float) -> None:
-        # The full pages list the whole account: only this agent's instances are kept.
+        # Every call lists the account's instances (our label prefix has no server-side
+        # operator): only this agent's are kept. An entry listed under another label (a user
+        # renamed it) is no longer ours: it leaves the view, as it left a full listing, so
+        # that the watcher asks for it by id instead of trusting its last entry forever.
         mine = [i for i in instances if (i.label or "").startswith(prefix)]
+        renamed = {i.id for i in instances if i.id in entries} - {i.id for i in mine}
+        store.drop_view_entries(renamed)
+        for i in renamed:
+            entries.pop(i, None)
         store.put_view_entries(mine, at)
         entries.update({i.id: i for i in mine})
 
-    budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval)
+    budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval, started)
     for _ in range(min(budget, 10_000)):
         at = ctx.now()
         listed, highest = vast.list_page_after(state.cursor)
@@ -155,19 +175,19 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
                 last_pass_pages=state.pages_done + 1,
             )
             if budget >= 1_000_000:
-                break  # the first pass is whole: enough for this refresh
+                break  # a whole (first) or finished (late) pass: enough for this refresh
         else:
             state = replace(
                 state, cursor=highest, started_at=pass_start, pages_done=state.pages_done + 1
             )
         store.save_view_meta(state)  # each page's evidence is kept even if a later call fails
     at = ctx.now()
-    not_running = vast.list_instances(label_prefix=prefix, select_filters=NOT_RUNNING)
+    not_running = vast.list_instances(select_filters=NOT_RUNNING)
     keep(not_running, at)
     ids = to_check(entries, {i.id for i in not_running}, record_ids)
     if ids:
         at = ctx.now()
-        keep(vast.list_instances(label_prefix=prefix, select_filters={"id": {"in": ids}}), at)
+        keep(vast.list_instances(select_filters={"id": {"in": ids}}), at)
     state = replace(state, refreshed_at=started)
     store.save_view_meta(state)
     return state

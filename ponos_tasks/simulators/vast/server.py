@@ -65,6 +65,11 @@ def spoil(response: Response, shape: str) -> Response:
     body = json.loads(text)
     if shape == "wrong_types":
         return json_response(200, _wrong_types(body))
+    if shape == "row_without_id":
+        rows = body.get("instances")
+        if isinstance(rows, list) and rows and isinstance(rows[-1], dict):
+            rows[-1].pop("id", None)
+        return json_response(200, body)
     # repeat_token: a token that leads to the first page again, with the same token
     body["next_token"] = REPEAT_TOKEN
     return json_response(200, body)
