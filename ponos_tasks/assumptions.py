@@ -68,6 +68,12 @@ class Observations:
     agent_operations: set[str] = field(default_factory=set)
     task_definition: dict | None = None
     default_log_lines: int | None = None  # lines of a log asked without `tail`
+    # The flat sync's filtered listings, next to the full one (`instances`): what
+    # `actual_status neq running` and `id in [ids_asked]` answered, or the error they got.
+    not_running: list[Instance] | None = None
+    by_id: list[Instance] | None = None
+    ids_asked: list[int] = field(default_factory=list)
+    filter_error: str | None = None
 
 
 Verdict = tuple[str, str]  # (confirmed / contradicted / cannot tell, why)
@@ -130,6 +136,62 @@ def check_listing(seen: Observations) -> Verdict:
     if len(seen.instances) <= 25:
         return CANNOT_TELL, f"{len(seen.instances)} instances fit one page: paging not seen"
     return CONFIRMED, f"{len(seen.instances)} instances read page after page"
+
+
+# Offer fields the expected-cost ranking reads (ranking.py): without them it falls back to
+# pessimistic guesses (a slow line, an unreliable host) and ranks blind.
+RANKING_FIELDS = ("inet_down", "reliability", "dph_base")
+
+
+def check_ranking_fields(seen: Observations) -> Verdict:
+    if not seen.offers:
+        return CANNOT_TELL, "no offer was seen"
+    missing = _missing([o.raw for o in seen.offers], RANKING_FIELDS)
+    if missing:
+        return CONTRADICTED, f"offers lack {', '.join(missing)}: the ranking guesses them"
+    return CONFIRMED, (
+        f"offers carry {', '.join(RANKING_FIELDS)}; how fast hosts really pull and how often "
+        "they fail only starts would show"
+    )
+
+
+# The stored statuses the flat sync's call A (`actual_status neq running`) must list.
+NOT_RUNNING_STATUSES = frozenset({"created", "loading", "exited", "stopped"})
+
+
+def check_instance_filters(seen: Observations) -> Verdict:
+    """The v1 listing applies `select_filters` as the flat sync relies on (ponos_tasks/view.py):
+    `neq` on the stored actual_status, `in` on ids, compared with the full listing read just
+    before (an instance changing status in between can make a false alarm: run it again)."""
+    if seen.filter_error is not None:
+        return CONTRADICTED, f"the v1 listing refused select_filters ({seen.filter_error})"
+    if seen.not_running is None or seen.instances is None:
+        return CANNOT_TELL, "the filtered listings were not read"
+    listed = {i.id: i for i in seen.instances}
+    problems = []
+    running = sorted(i.id for i in seen.not_running if i.actual_status == "running")
+    if running:
+        problems.append(f"actual_status neq running listed running instances {running[:5]}")
+    a_ids = {i.id for i in seen.not_running}
+    missed = sorted(
+        i for i, inst in listed.items()
+        if inst.actual_status in NOT_RUNNING_STATUSES and i not in a_ids
+    )  # fmt: skip
+    if missed:
+        problems.append(f"actual_status neq running left out instances {missed[:5]}")
+    if seen.by_id is not None:
+        expected = {i for i in seen.ids_asked if i in listed}
+        got = {i.id for i in seen.by_id}
+        if got != expected:
+            problems.append(f"id in {sorted(seen.ids_asked)} answered {sorted(got)}")
+    if problems:
+        return CONTRADICTED, "; ".join(problems)
+    if not listed:
+        return CONFIRMED, "select_filters accepted (no instance to compare the answers with)"
+    return CONFIRMED, (
+        f"actual_status neq running and id in answer as the full listing of "
+        f"{len(listed)} instances says"
+    )
 
 
 def check_log_default_tail(seen: Observations) -> Verdict:
@@ -214,10 +276,23 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
         check_listing,
     ),
     Assumption(
+        "vast.instance_filters",
+        "the v1 list applies select_filters (neq on the stored actual_status, in on ids)",
+        ("vast:select_filters",),
+        check_instance_filters,
+    ),
+    Assumption(
         "vast.log_default_tail",
         f"request_logs without tail answers the last {LOG_DEFAULT_TAIL} lines",
         ("vast:log_default_tail",),
         check_log_default_tail,
+    ),
+    Assumption(
+        "vast.host_speed_and_failures",
+        "a host pulls at its offer's inet_down and fails starts as its reliability says "
+        "(offers carry inet_down, reliability and dph_base)",
+        ("vast:slow_cheap_hosts", "vast:reliability_failures"),
+        check_ranking_fields,
     ),
     Assumption(
         "vast.log_delay",

@@ -27,6 +27,7 @@ from ponos_tasks.assumptions import (
     CONTRADICTED,
     INSTANCE_FIELDS_READ,
     Observations,
+    check_instance_filters,
     judge,
     log_url_lifetime,
     unread_fields,
@@ -293,6 +294,7 @@ def probe_vast(context, client, seen: Observations, *, redis_ok: bool) -> list[C
 
         own_prefix = f"ponos-{agent_short_id(agent_id)}-"
     checks += vast_instances(seen.instances, own_prefix)
+    checks.append(probe_instance_filters(client, seen, config.vast_api.instance_reads))
     running = [
         i
         for i in seen.instances
@@ -303,6 +305,31 @@ def probe_vast(context, client, seen: Observations, *, redis_ok: bool) -> list[C
     if running:
         seen.default_log_lines = default_log_lines(client, running[0].id)
     return checks
+
+
+def probe_instance_filters(client, seen: Observations, instance_reads: str) -> Check:
+    """The flat sync's two filtered calls, read next to the full listing (the assumption
+    `vast.instance_filters` judges the answers)."""
+    from ponos_tasks.vast import VastError
+    from ponos_tasks.view import NOT_RUNNING
+
+    seen.ids_asked = [i.id for i in seen.instances[:5]] or [0]
+    try:
+        seen.not_running = client.list_instances(select_filters=NOT_RUNNING)
+        seen.by_id = client.list_instances(select_filters={"id": {"in": seen.ids_asked}})
+    except VastError as error:
+        seen.filter_error = str(error)
+    verdict, why = check_instance_filters(seen)
+    if verdict != CONTRADICTED:
+        return Check("vast.instance_filters", OK, why)
+    if instance_reads == "flat":
+        return Check(
+            "vast.instance_filters",
+            FAIL,
+            why,
+            "set vast_api.instance_reads: full_list (every sync lists every instance)",
+        )
+    return Check("vast.instance_filters", WARNING, why, "instance_reads is full_list: no need")
 
 
 def default_log_lines(client, instance_id: int) -> int | None:

@@ -6,6 +6,7 @@ import inspect
 import json
 import re
 import time
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +17,7 @@ from ponos_tasks.assumptions import (
     CONFIRMED,
     CONTRADICTED,
     Observations,
+    check_instance_filters,
     check_instance_statuses,
     check_log_default_tail,
 )
@@ -88,6 +90,31 @@ def test_unknown_instance_status_contradicts_the_simulator():
     assert check_instance_statuses(Observations(instances=[_instance(1, "exited")]))[0] == (
         CONFIRMED
     )
+
+
+def test_instance_filters_verdicts():
+    full = [_instance(1, "running"), _instance(2, "exited"), _instance(3, None)]
+    right = Observations(
+        instances=full, not_running=[full[1]], by_id=full[:2], ids_asked=[1, 2, 99]
+    )
+    assert check_instance_filters(right)[0] == CONFIRMED
+    # A listing a running instance, or leaving out an exited one: the flat view would be wrong.
+    assert check_instance_filters(replace(right, not_running=full[:2]))[0] == CONTRADICTED
+    assert check_instance_filters(replace(right, not_running=[]))[0] == CONTRADICTED
+    # `id in` answering other ids than those asked (that exist).
+    assert check_instance_filters(replace(right, by_id=full))[0] == CONTRADICTED
+    refused = Observations(instances=full, filter_error="400 invalid_request")
+    assert check_instance_filters(refused)[0] == CONTRADICTED
+    assert check_instance_filters(Observations())[0] == CANNOT_TELL
+
+
+def test_refused_instance_filters_fail_with_what_to_do(make_local_stack, private_redis, tmp_path):
+    stack = make_local_stack(vast_options={"select_filters": False})
+    code, document, _ = _doctor(stack, private_redis(), tmp_path)
+    assert code == 1 and not document["ok"]
+    assert _verdict(document, "vast.instance_filters") == CONTRADICTED
+    check = _check(document, "vast.instance_filters")
+    assert check["status"] == FAIL and "instance_reads: full_list" in check["action"], check
 
 
 def test_log_default_tail_verdicts():
@@ -285,4 +312,6 @@ def test_log_default_tail_is_checked_on_an_own_instance(
     code, document, _ = _doctor(stack, redis_url, tmp_path, agent_name="doctor-logs")
     assert _verdict(document, "vast.log_default_tail") == verdict, document["assumptions"]
     assert "1 labelled" in _check(document, "vast.own_instances")["detail"]
+    # The flat sync's filters, compared on an exited instance (call A must list it).
+    assert _verdict(document, "vast.instance_filters") == CONFIRMED, document["assumptions"]
     assert code == (0 if verdict == CONFIRMED else 1)

@@ -7,6 +7,8 @@ value, they do not switch the behaviour off:
 - `log_delay` (3 s): median delay before a request_logs result_url can be read; with
   probability `log_tail_p` (0.05) the delay is minutes instead (30–300 s).
 - `log_default_tail` (1000): lines a request_logs without `tail` answers (None: all).
+- `select_filters` (True): the v1 instance list applies `select_filters` (False: refuses any,
+  400, as an API that dropped them would; the flat sync then cannot work).
 - `read_lag` (5 s): a new instance is missing from show/list for up to this long.
 - `stop_delay` ((2, 8) s): a stop takes effect that long after the call.
 - `restart_delay` (20 s): an exited container (intended running) restarts after it, doubling
@@ -54,6 +56,7 @@ class VastSimulator:
         log_delay: float = 3.0,
         log_tail_p: float = 0.05,
         log_default_tail: int | None = 1000,
+        select_filters: bool = True,
         read_lag: float = 5.0,
         stop_delay: tuple = (2.0, 8.0),
         restart_delay: float = 20.0,
@@ -80,6 +83,7 @@ class VastSimulator:
             log_delay=log_delay,
             log_tail_p=log_tail_p,
             log_default_tail=log_default_tail,
+            select_filters=select_filters,
             read_lag=read_lag,
             stop_delay=stop_delay,
             restart_delay=restart_delay,

@@ -61,6 +61,7 @@ class VastState:
         log_delay=LOG_DELAY_MEDIAN,
         log_tail_p=LOG_TAIL_P,
         log_default_tail=DEFAULT_LOG_TAIL,
+        select_filters=True,
         read_lag=lifecycle.READ_LAG,
         stop_delay=lifecycle.STOP_DELAY,
         restart_delay=lifecycle.RESTART_DELAY,
@@ -108,6 +109,8 @@ class VastState:
         self.log_tail_p = float(log_tail_p)
         # None: the whole log (what `ponos-vast doctor` must then report as contradicted).
         self.log_default_tail = None if log_default_tail is None else int(log_default_tail)
+        # False: the v1 list refuses select_filters (what the doctor must report).
+        self.select_filters = bool(select_filters)
         self.churn = churn
         self._last_churn = 0.0
         self.logs: dict[str, dict] = {}  # uuid -> {"asked_at", "ready_at", "text", "inst"}
@@ -446,6 +449,10 @@ class VastState:
         except ValueError as exc:
             return error(400, "invalid_request", f"Error in query parameters: {exc}")
         limit = 5 if limit <= 0 else min(limit, V1_PAGE_MAX)
+        if select_filters and not self.select_filters:
+            return error(
+                400, "invalid_request", "Error in query parameters: select_filters is not supported"
+            )
         if not isinstance(select_filters, dict) or not isinstance(order_by, list):
             return error(
                 400,
