@@ -22,11 +22,12 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    few seconds (seen at the refresh after), or on a host that stopped reporting (seen by the
    full resync, as an offline host is); one call fewer keeps a steady sync at 3 calls for
    1000 instances.
-3. B: `id in [...]` for the ids that A cannot vouch for: entries of the view not running and
-   not listed by A (a loading instance that became running, a null status that became
-   loading, an offline one), and the instances of the agent's records that the view does not
-   hold yet (created since the last refresh, or still hidden by Vast.ai's read lag). Empty in
-   a steady state: no call.
+3. B: `id in [...]` (IDS_PER_CALL ids a call: a query string has a length limit) for the
+   ids that A cannot vouch for: entries of the view not running and not listed by A (a
+   loading instance that became running, a null status that became loading, an offline
+   one), and the instances of the agent's records that the view does not hold yet (created
+   since the last refresh, or still hidden by Vast.ai's read lag). Empty in a steady state:
+   no call.
 
 At steady state a refresh costs A + K calls whatever the fleet's size N; B appears only
 while instances start. The sync then reads the whole view for plan(), the meter and the
@@ -62,6 +63,10 @@ from .models import Instance
 
 PAGE_SIZE = 25
 NOT_RUNNING = {"actual_status": {"neq": "running"}}
+# B's ids go in the query string: a burst of starts could make it longer than a front proxy
+# takes (8 KB for nginx). 100 ids is about 1.3 KB encoded, and costs no call more than the
+# 25-row pages they are read in anyway.
+IDS_PER_CALL = 100
 
 
 @dataclass(frozen=True)
@@ -185,9 +190,10 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
     not_running = vast.list_instances(select_filters=NOT_RUNNING)
     keep(not_running, at)
     ids = to_check(entries, {i.id for i in not_running}, record_ids)
-    if ids:
+    for start in range(0, len(ids), IDS_PER_CALL):
         at = ctx.now()
-        keep(vast.list_instances(select_filters={"id": {"in": ids}}), at)
+        chunk = ids[start : start + IDS_PER_CALL]
+        keep(vast.list_instances(select_filters={"id": {"in": chunk}}), at)
     state = replace(state, refreshed_at=started)
     store.save_view_meta(state)
     return state

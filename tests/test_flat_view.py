@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import requests
 
-from ponos_tasks import steps
+from ponos_tasks import steps, view
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Instance, Next, StepName
 from ponos_tasks.simulators.stack import LocalStack
@@ -186,6 +186,20 @@ def test_a_refused_filter_raises_it_is_never_an_empty_listing(contexts):
     with pytest.raises(VastError) as refused:
         ctx.vast.list_instances(select_filters={"dph_total": {"lt": 1}})
     assert refused.value.status == 400
+
+
+def test_b_is_read_in_chunks_a_front_proxy_takes(contexts):
+    """A burst: a thousand records whose instances the view has not seen yet. One `id in`
+    with all of them is a request line over 8 KB, which the simulator refuses as a front proxy
+    does (414); the refresh asks in chunks and reads them all."""
+    ctx = contexts(vast_api={"instance_reads": "flat"})
+    ids = list(range(10_000_000, 10_001_000))
+    with pytest.raises(VastError) as too_long:
+        ctx.vast.list_instances(select_filters={"id": {"in": ids}})
+    assert too_long.value.status == 414
+    state = view.refresh(ctx, ctx.settings.sync_interval, set(ids))
+    assert state.refreshed_at > 0
+    assert ctx.store.view_entries() == {}
 
 
 # --------------------------------------------------------------------------- the agent

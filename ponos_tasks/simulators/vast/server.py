@@ -97,9 +97,21 @@ def _drop_connection() -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+MAX_QUERY_BYTES = 8000  # a request line longer than nginx's 8 KB buffer is refused
+
+
 def create_app(state) -> Flask:
     app = Flask("vast-simulator")
     app.url_map.strict_slashes = False
+
+    @app.before_request
+    def uri_too_long():
+        # Front proxies refuse long request lines (nginx's default buffer is 8 KB): a client
+        # that puts unbounded lists in a query string (select_filters `in`) must not rely on
+        # the API taking them.
+        if len(request.query_string) > MAX_QUERY_BYTES:
+            return Response("414 Request-URI Too Large", status=414, mimetype="text/html")
+        return None
 
     def http_fault(endpoint: str):
         slow = state.faults.take({"slow"}, endpoint=endpoint)
