@@ -237,13 +237,14 @@ def sort_offers(config, offers: list, failed: set, *, limit: int) -> OfferSearch
 
 def _search_offers(ctx: AgentContext, record: TaskRecord) -> OfferSearch:
     query = offer_query(ctx.config, record)
-    offers = _shared_search(ctx, query)
+    offers, fresh = _shared_search(ctx, query)
     # This task's own failed machines, and those every task avoids for a while.
     failed = set(record.failed_machines) | ctx.store.avoided_machines()
     search = sort_offers(ctx.config, offers, failed, limit=query["limit"])
     # What the cheapest instance costs: how the sync loop tells a room too small for any.
     ctx.budget.note_cheapest(search.matching[0].dph_total if search.matching else None)
-    ctx.metric_store.observe(OFFERS_MATCHED, len(search.matching))
+    if fresh:  # per search Vast.ai answered: a shared answer was observed when it came
+        ctx.metric_store.observe(OFFERS_MATCHED, len(search.matching))
     return search
 
 
@@ -252,21 +253,22 @@ def offer_search_digest(query: dict) -> str:
     return hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _shared_search(ctx: AgentContext, query: dict) -> list[Offer]:
+def _shared_search(ctx: AgentContext, query: dict) -> tuple[list[Offer], bool]:
     """Vast.ai's answer to this query, shared by every task for `offer_search_reuse` s.
 
     A burst launches a task per create slot (4.5 s). One search per task and step (choose_offer,
     then the create) made about four a launch against a search bucket of one per 2 s and ten a
     minute: the search, not the create, bounded launches (BENCHMARKS.md, bench:launch). Offers
     of a shared answer that were rented since are passed over by their claims (the create loop);
-    one gone anyway costs a no_such_ask and the next offer, as with a fresh answer."""
+    one gone anyway costs a no_such_ask and the next offer, as with a fresh answer.
+    Returns the offers and whether Vast.ai was asked now (False: a shared answer)."""
     digest = offer_search_digest(query)
     rows = ctx.store.load_offer_search(digest)
     if rows is not None:
-        return [Offer.from_dict(row) for row in rows]
+        return [Offer.from_dict(row) for row in rows], False
     offers = ctx.vast.search_offers(query)
     ctx.store.save_offer_search(digest, [o.raw for o in offers], ctx.settings.offer_search_reuse)
-    return offers
+    return offers, True
 
 
 def _ranked_offers(ctx: AgentContext, record: TaskRecord) -> list:

@@ -21,6 +21,7 @@ from ponos_tasks.assumptions import (
     check_instance_statuses,
     check_log_default_tail,
 )
+from ponos_tasks.config import ENV_VARS
 from ponos_tasks.doctor import (
     FAIL,
     OK,
@@ -161,6 +162,16 @@ def private_redis(tmp_path):
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(autouse=True)
+def config_file_only(monkeypatch):
+    """The doctor reads its configuration as the agent does, environment first (REDIS_URL,
+    which `make test` exports, would point it at the shared Redis instead of the private one
+    each test sets up): these tests give everything in the file."""
+    for names in ENV_VARS.values():
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
 
 
 def _doctor(stack, redis_url, tmp_path, *args, **overrides):
