@@ -318,6 +318,10 @@ def probe_instance_filters(client, seen: Observations, instance_reads: str) -> C
         seen.not_running = client.list_instances(select_filters=NOT_RUNNING)
         seen.by_id = client.list_instances(select_filters={"id": {"in": seen.ids_asked}})
     except VastError as error:
+        if error.status is None or not 400 <= error.status < 500 or error.status == 429:
+            # Not read (an outage, a timeout, a rate limit) is no refusal: cannot tell.
+            seen.not_running = seen.by_id = None
+            return Check("vast.instance_filters", WARNING, f"not read: {error}", "run it again")
         seen.filter_error = str(error)
     verdict, why = check_instance_filters(seen)
     if verdict != CONTRADICTED:

@@ -118,6 +118,22 @@ def test_refused_instance_filters_fail_with_what_to_do(make_local_stack, private
     assert check["status"] == FAIL and "instance_reads: full_list" in check["action"], check
 
 
+def test_unread_instance_filters_are_no_refusal(make_local_stack):
+    """A 503 on the filtered listing is an outage, not Vast.ai refusing select_filters: the
+    doctor says it could not read (warning, cannot tell), never `contradicted`."""
+    from ponos_tasks.doctor import probe_instance_filters
+    from ponos_tasks.vast import VastClient
+
+    stack = make_local_stack()
+    SimAdmin(stack).faults({"fault": "http_5xx", "endpoint": "list", "status": 503})
+    client = VastClient(stack.vast_url, stack.vast_api_key, max_attempts=2)
+    seen = Observations(instances=[])
+    check = probe_instance_filters(client, seen, "flat")
+    client.close()
+    assert check.status == WARNING and "not read" in check.detail, check
+    assert check_instance_filters(seen)[0] == CANNOT_TELL
+
+
 def test_log_default_tail_verdicts():
     assert check_log_default_tail(Observations(default_log_lines=1000))[0] == CONFIRMED
     assert check_log_default_tail(Observations(default_log_lines=5000))[0] == CONTRADICTED
