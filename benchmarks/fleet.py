@@ -49,6 +49,7 @@ from benchmarks.common import (
     write_section,
 )
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.simulators.harness import ONE_GPU_MACHINE
 from ponos_tasks.state import Keyspace
 
 STRATEGIES = ("per_instance", "full_list", "flat")
@@ -60,18 +61,7 @@ LIST_INTERVAL = 1.0 * 1.1  # s: Vast.ai's list threshold, with the agent limiter
 PAGE = 25  # instances per list page
 LONG_ENV = {"SIM_DURATION": "100000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
 IMAGE = "registry.example.com/bench/worker:1"
-MACHINE = {
-    "num_gpus": 1,
-    "machine_gpus": 1,
-    "gpu_name": "RTX 3090",
-    "dph_base": 0.25,
-    "verified": True,
-    "verification": "verified",
-    "external": False,
-    "disk_space": 1000.0,
-    "reliability": 0.99,
-    "reliability2": 0.99,
-}
+MACHINE = ONE_GPU_MACHINE
 
 
 def flat_available() -> bool:

@@ -28,23 +28,13 @@ import click
 from benchmarks.common import fmt, machine, spread, table, write_section
 from ponos_tasks import reconcile, steps
 from ponos_tasks.lifecycle import Phase
+from ponos_tasks.simulators.harness import ONE_GPU_MACHINE
 from ponos_tasks.simulators.stack import LocalStack, RedisProcess
 from tests.agent_harness import Harness, make_context
 
 TIME_SCALE = 50.0
 READS = ("full_list", "flat")
-MACHINE = {
-    "num_gpus": 1,
-    "machine_gpus": 1,
-    "gpu_name": "RTX 3090",
-    "dph_base": 0.25,
-    "verified": True,
-    "verification": "verified",
-    "external": False,
-    "disk_space": 1000.0,
-    "reliability": 0.99,
-    "reliability2": 0.99,
-}
+MACHINE = ONE_GPU_MACHINE
 LONG = {"SIM_DURATION": "10000000", "SIM_PULL_SECONDS": "30", "SIM_LOG_LINES": "3"}
 
 

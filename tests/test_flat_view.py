@@ -15,6 +15,7 @@ import requests
 from ponos_tasks import steps, view
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Instance, Next, StepName
+from ponos_tasks.simulators.harness import ONE_GPU_MACHINE
 from ponos_tasks.simulators.stack import LocalStack
 from ponos_tasks.vast import VastError
 from ponos_tasks.view import PassState, page_removals, to_check
@@ -25,18 +26,7 @@ from tests.test_steps import admin, contexts, scripted
 
 TIME_SCALE = 100.0
 LONG = {"SIM_DURATION": "10000000", "SIM_PULL_SECONDS": "2", "SIM_LOG_LINES": "1"}
-MACHINE = {
-    "num_gpus": 1,
-    "machine_gpus": 1,
-    "gpu_name": "RTX 3090",
-    "dph_base": 0.25,
-    "verified": True,
-    "verification": "verified",
-    "external": False,
-    "disk_space": 1000.0,
-    "reliability": 0.99,
-    "reliability2": 0.99,
-}
+MACHINE = ONE_GPU_MACHINE
 
 
 @pytest.fixture(scope="module")

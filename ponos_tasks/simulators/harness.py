@@ -61,6 +61,22 @@ OVERRIDING_ENV = (
 # ---------------------------------------------------------------------- admin client
 
 
+# One single-GPU, verified RTX 3090 machine at $0.25/h: what a benchmark or test rents many
+# instances of (add it to the market with its own machine_id).
+ONE_GPU_MACHINE = {
+    "num_gpus": 1,
+    "machine_gpus": 1,
+    "gpu_name": "RTX 3090",
+    "dph_base": 0.25,
+    "verified": True,
+    "verification": "verified",
+    "external": False,
+    "disk_space": 1000.0,
+    "reliability": 0.99,
+    "reliability2": 0.99,
+}
+
+
 class SimAdmin:
     """The admin APIs (`/_sim/...`, no auth) of the Vast.ai and Arkindex simulators.
 
