@@ -137,6 +137,9 @@ class Keyspace:
     def task_log(self, task_id: str) -> str:
         return f"{self.prefix}tasklog:{task_id}"
 
+    def log_read(self, task_id: str, attempt: int, purpose: str) -> str:
+        return f"{self.prefix}logread:{task_id}:{attempt}:{purpose}"
+
     def instance_keys(self, task_id: str) -> str:
         return f"{self.prefix}instkeys:{task_id}"
 
@@ -600,6 +603,21 @@ class TaskStore:
 
     def drop_ended_log(self, task_id: str, attempt: int) -> None:
         self.redis.delete(self.keys.ended_log(task_id, attempt))
+
+    # A log read in progress (log_reads.py): the result_url asked for and when. Kept here,
+    # not in a step's arguments nor in the record (`status --json`): a pre-signed URL.
+    def log_read(self, task_id: str, attempt: int, purpose: str) -> dict | None:
+        raw = self.redis.get(self.keys.log_read(task_id, attempt, purpose))
+        return None if raw is None else json.loads(raw)
+
+    def save_log_read(
+        self, task_id: str, attempt: int, purpose: str, read: dict, ttl: float
+    ) -> None:
+        key = self.keys.log_read(task_id, attempt, purpose)
+        self.redis.set(key, json.dumps(read), px=max(1, int(ttl * 1000)))
+
+    def drop_log_read(self, task_id: str, attempt: int, purpose: str) -> None:
+        self.redis.delete(self.keys.log_read(task_id, attempt, purpose))
 
     # The instance's own API key (Vast.ai's `instance_api_key`, CONTAINER_API_KEY inside it)
     # can reach the task's log; kept apart from the record, which `status --json` shows, for

@@ -55,6 +55,7 @@ from ponos_tasks.lifecycle import (
     offer_wait_expired,
     start_failure_kind,
 )
+from ponos_tasks.log_reads import Pending, read_instance_log
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
 from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Offer, Snapshot, StepName, TaskRecord
@@ -970,7 +971,9 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         return follow
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=taken_at)
     if decision.action == WatchAction.READ_LOGS:
-        text = _instance_log(ctx, record)
+        text = read_instance_log(ctx, record, "watch")
+        if isinstance(text, Pending):  # asked for; read when Vast.ai has uploaded it
+            return [Next(StepName.WATCH, countdown=text.delay, kwargs=again)]
         if text is None:
             # Unread is not "no exit marker": keep the ended instance and read again, with
             # backoff, up to log_read_deadline; only then decide, saying why.
@@ -1075,8 +1078,14 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     if record.phase == Phase.RUNNING:
         _report_running(ctx, task_id)  # a no-op once reported; sends it if a report was lost
     follow = [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
-    if record.phase == Phase.RUNNING and (
-        record.logs_published_at is None or now - record.logs_published_at >= settings.logs_interval
+    if (
+        record.phase == Phase.RUNNING
+        and (
+            record.logs_published_at is None
+            or now - record.logs_published_at >= settings.logs_interval
+        )
+        # one periodic upload at a time: its read may still await Vast.ai's upload
+        and ctx.store.log_read(task_id, record.attempt, "running") is None
     ):
         follow.append(Next(StepName.PUBLISH_LOGS, kwargs={"final": False}))
     return follow
@@ -1153,7 +1162,9 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
         # (Before it was seen running, there is no run to read: a container that never ran
         # has no log Vast.ai serves, and asking costs the whole log-read deadline.)
         if record.phase == Phase.RUNNING:
-            text = _instance_log(ctx, record)
+            text = read_instance_log(ctx, record, "outbid")
+            if isinstance(text, Pending):
+                return [Next(StepName.WATCH, countdown=text.delay, kwargs=again)]
             nonce = ctx.marker_nonce(record.label)
             if text is not None and parse_exit_marker(text, nonce) is not None:
                 return None
@@ -1261,31 +1272,6 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
     return None
 
 
-def _instance_log(ctx: AgentContext, record: TaskRecord, *, gone_is_empty=False) -> str | None:
-    """The instance's log; "" when there is no instance (`gone_is_empty`: also when Vast.ai
-    answers 404 for it); None when it could not be read."""
-    if record.instance_id is None or record.instance_destroyed:
-        return ""
-    try:
-        settings = ctx.settings
-        return ctx.vast.request_logs(
-            record.instance_id,
-            tail=settings.log_tail_lines,
-            wait=settings.log_read_wait,
-            max_bytes=settings.max_log_bytes,
-        )
-    except VastError as error:
-        if gone_is_empty and error.status == 404:
-            return ""  # a positive fact: the instance is gone, and its log with it
-        logger.warning(
-            "task %s: could not read the logs of instance %s: %s",
-            record.task_id,
-            record.instance_id,
-            error.msg,
-        )
-        return None
-
-
 @step(StepName.PUBLISH_LOGS)
 def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | None:
     """Upload the task's whole log (agent lines + instance log, redacted) to Arkindex's S3.
@@ -1311,8 +1297,12 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
     settings = ctx.settings
     ended_log = ctx.store.ended_log(task_id, record.attempt)
     instance_log = (
-        ended_log if ended_log is not None else _instance_log(ctx, record, gone_is_empty=True)
+        ended_log
+        if ended_log is not None
+        else read_instance_log(ctx, record, "final", gone_is_empty=True)
     )
+    if isinstance(instance_log, Pending):
+        return Next(StepName.PUBLISH_LOGS, countdown=instance_log.delay, kwargs={"final": True})
     if instance_log is None and (record.running_since is not None or record.adopted):
         # Unread is not "no log": the instance of a task that ran is the only place its
         # output lives, and the destroy that follows is irreversible. Keep it and read
@@ -1463,9 +1453,12 @@ def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
     return [*task_secrets(ctx, definition.env), *ctx.store.instance_keys(task_id)]
 
 
-def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
+def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> Next | None:
     """The periodic upload while the task runs, or waits (never over the final one)."""
     task_id = record.task_id
+    instance_log = read_instance_log(ctx, record, "running")
+    if isinstance(instance_log, Pending):
+        return Next(StepName.PUBLISH_LOGS, countdown=instance_log.delay, kwargs={"final": False})
     # A fresh definition each period: a task deleted on Arkindex shows (404) within one
     # logs_interval, and a long task never uploads with a pre-signed URL it held too long.
     ctx.arkindex.forget(task_id)
@@ -1473,7 +1466,6 @@ def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> None:
         definition = ctx.arkindex.task_definition(task_id)
     except TaskGone:
         return _task_deleted(ctx, record)
-    instance_log = _instance_log(ctx, record)
     if instance_log is None:
         return None  # nothing new to show; the next period tries again
     text = build_task_log(

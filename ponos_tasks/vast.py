@@ -518,9 +518,16 @@ class VastClient:
         """Ask Vast to upload the instance's logs, then poll result_url until it can be read
         (403/404 until the upload lands) for up to ``wait`` seconds; return the text.
 
+        Blocking: for one-off reads (the doctor). The agent's steps ask (`ask_logs`) and
+        read (`read_logs_at`) in separate runs, so that no worker waits (log_reads.py).
         Without ``tail`` Vast.ai sends only the last 1000 lines. ``max_bytes`` bounds the
         memory: the log is streamed and only its last ``max_bytes`` kept, after a first line
         saying how much was cut."""
+        return self._fetch_result(self.ask_logs(instance_id, tail=tail), wait, max_bytes)
+
+    def ask_logs(self, instance_id: int, *, tail: int | None = None) -> str:
+        """PUT request_logs: Vast asks the host to upload the log; returns the result_url
+        where it appears (seconds later, sometimes minutes)."""
         payload = {} if tail is None else {"tail": str(int(tail))}
         path = f"/api/v0/instances/request_logs/{int(instance_id)}/"
         body = self._call("PUT", path, "logs", body=payload)
@@ -532,7 +539,24 @@ class VastClient:
         if not result_url:
             error, msg = body.get("error"), body.get("msg") or "no result_url in the answer"
             raise VastError(_squash(str(msg)), status=200, error=_str(error), context=f"PUT {path}")
-        return self._fetch_result(result_url, wait, max_bytes)
+        return result_url
+
+    def read_logs_at(self, url: str, max_bytes: int | None = None) -> str | None:
+        """One GET of a result_url: the log, or None while it is not there yet (403/404
+        until the host's upload lands; a 5xx or a network error is "not yet" too). Another
+        4xx raises VastError."""
+        netloc = urlsplit(url).netloc
+        try:
+            response = self._plain.get(url, timeout=self.timeout, stream=True)
+        except requests.RequestException:
+            return None
+        with response:
+            if response.status_code == 200:
+                return _bounded_text(response, max_bytes)
+            if response.status_code in (403, 404) or response.status_code >= 500:
+                return None
+            _, msg = parse_error_body(response.text, response.headers.get("Content-Type", ""))
+            raise VastError(msg, status=response.status_code, context=f"GET logs {netloc}")
 
     def stop_instance(self, instance_id: int) -> None:
         self._update(instance_id, {"state": "stopped"})
@@ -693,27 +717,15 @@ class VastClient:
         # result_url is an object store: it answers 403 (or 404) until the host's upload lands.
         deadline = time.monotonic() + wait
         delay = 0.3
-        last = "no answer"
-        netloc = urlsplit(url).netloc
         while True:
-            try:
-                response = self._plain.get(url, timeout=self.timeout, stream=True)
-                if response.status_code == 200:
-                    return _bounded_text(response, max_bytes)
-            except requests.RequestException as exc:
-                last = type(exc).__name__
-            else:
-                if response.status_code not in (403, 404) and response.status_code < 500:
-                    _, msg = parse_error_body(
-                        response.text, response.headers.get("Content-Type", "")
-                    )
-                    raise VastError(msg, status=response.status_code, context=f"GET logs {netloc}")
-                last = f"HTTP {response.status_code}"
+            text = self.read_logs_at(url, max_bytes)
+            if text is not None:
+                return text
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LogsNotReady(
-                    f"logs not readable after {wait:.1f}s (last: {last})",
-                    context=f"GET logs {netloc}",
+                    f"logs not readable after {wait:.1f}s",
+                    context=f"GET logs {urlsplit(url).netloc}",
                 )
             time.sleep(min(delay, remaining))
             delay = min(delay * 1.5, 2.0)

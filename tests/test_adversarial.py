@@ -124,7 +124,10 @@ def test_a_marker_found_while_running_survives_a_failed_read_at_the_final_upload
         time.sleep(0.1)
     # The periodic upload runs before any watch saw the end: it publishes the log and
     # records the exit code.
-    steps.publish_logs(ctx, task_id, final=False)
+    follow = steps.publish_logs(ctx, task_id, final=False)
+    while follow is not None:  # the log is asked for, then read once Vast.ai uploaded it
+        time.sleep(follow.countdown)
+        follow = steps.publish_logs(ctx, task_id, **follow.kwargs)
     assert ctx.store.get(task_id).exit_code == 0
     assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
     admin.faults({"fault": "http_5xx", "endpoint": "logs", "status": 503, "times": 12})

@@ -297,7 +297,9 @@ def test_an_exited_instance_is_seen_at_the_next_sync_and_acted_on(contexts, admi
     assert entry.actual_status != "running"  # seen by A, whatever the full pass's cursor
     harness.queue.clear()  # this test's own watch below is the one that looks
     harness.push(task_id, watch_once(ctx, task_id))
-    assert ctx.store.get(task_id).phase not in (Phase.LOADING, Phase.RUNNING)
+    # Acted on: the watch asked Vast.ai for the ended instance's log (it reads it when
+    # the upload lands, in the next runs of the same watch).
+    assert ctx.store.log_read(task_id, record.attempt, "watch") is not None
     harness.run(until=lambda: harness.done(task_id), timeout=30)
     assert ctx.store.get(task_id).final_state == "completed"
     for i in others:
