@@ -179,6 +179,10 @@ class Keyspace:
         return self.prefix + "view:destroyed"
 
     @property
+    def view_refused(self) -> str:
+        return self.prefix + "view:refused"
+
+    @property
     def credentials(self) -> str:
         return self.prefix + "arkindex:agent"
 
@@ -497,6 +501,15 @@ class TaskStore:
 
     def save_view_meta(self, state: PassState) -> None:
         self.redis.set(self.keys.view_meta, state.to_json())
+
+    def refuse_view(self, reason: str, seconds: float) -> None:
+        """Vast.ai refused the flat view's filtered calls: full listings for `seconds`."""
+        self.redis.set(self.keys.view_refused, reason, px=max(1, int(seconds * 1000)))
+
+    def view_refused(self) -> str | None:
+        """Why the flat view is off for now (None: it is on)."""
+        raw = self.redis.get(self.keys.view_refused)
+        return None if raw is None else _text(raw)
 
     def mark_synced(self, at: float) -> None:
         self.redis.set(self.keys.last_sync, repr(at))

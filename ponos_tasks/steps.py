@@ -13,6 +13,7 @@ each entry, and the test harness runs them from the same registry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -459,6 +460,24 @@ def _view_record_ids(ctx: AgentContext) -> set[int]:
     }
 
 
+# After Vast.ai refused the flat view's filtered calls, full listings this long before the
+# view is tried again (an API change rolled back, a proxy fixed); each refusal says so.
+VIEW_REFUSED_SECONDS = 1800.0
+
+
+class ViewRefused(VastError):
+    """Vast.ai refused a filtered list call of the flat view (a 400): full listings for now."""
+
+
+def instance_reads(ctx: AgentContext) -> str:
+    """How instances are read now: `vast_api.instance_reads`, but full listings for a while
+    after Vast.ai refused the flat view's filters (a positive fact: the full listing is the
+    way that needs none, at the cost that grows with the fleet)."""
+    if ctx.settings.instance_reads == "flat" and ctx.store.view_refused() is None:
+        return "flat"
+    return "full_list"
+
+
 def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
     """Refresh the flat instance view (view.py) under the snapshot lock, the one every
     refresh takes so that no listing's result is written over a later one's; None when
@@ -472,6 +491,19 @@ def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
     try:
         with kept_alive(lock, every=timeout / 3):  # a first pass over a big fleet takes minutes
             return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
+    except VastError as error:
+        if error.status != 400:
+            raise  # unread is not refused: the view keeps what it had, the caller retries
+        reason = f"Vast.ai refused a filtered instance listing: {error}"
+        ctx.store.refuse_view(reason, VIEW_REFUSED_SECONDS)
+        logger.error(
+            "%s; reading instances with full listings for %.0f s (their cost grows with the "
+            "fleet), then trying the flat view again; if it keeps happening set "
+            "vast_api.instance_reads: full_list (ponos-vast doctor checks the filters)",
+            reason,
+            VIEW_REFUSED_SECONDS,
+        )
+        raise ViewRefused(error.msg, status=error.status, context="flat view") from error
     finally:
         release(lock)
 
@@ -938,11 +970,14 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         return _end_over_budget(ctx, record, over)
     # The sync loop lists every sync_interval; a watcher lists again only when that snapshot
     # is late (sync stalled), so that the `list` rate limit is not spent many times over.
-    if settings.instance_reads == "flat":
-        instance, taken_at = view_for_watch(ctx, record)
-    else:
+    seen = None
+    if instance_reads(ctx) == "flat":
+        with contextlib.suppress(ViewRefused):  # then full listings, as configured otherwise
+            seen = view_for_watch(ctx, record)
+    if seen is None:
         snapshot = fresh_snapshot(ctx, settings.snapshot_max_age)
-        instance, taken_at = snapshot.find(record.instance_id), snapshot.taken_at
+        seen = snapshot.find(record.instance_id), snapshot.taken_at
+    instance, taken_at = seen
     now = ctx.now()
     if (
         instance is None
@@ -1972,15 +2007,18 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     # Stamped when the listing starts: an instance created while the pages are read may be
     # missing, and must not look gone to a watcher that recorded it after this time.
     listed_at = ctx.now()
-    if ctx.settings.instance_reads == "flat":
+    instances = None
+    if instance_reads(ctx) == "flat":
         # The flat view (view.py): a few filtered calls, whatever the fleet's size. A
         # watcher refreshing it meanwhile is waited for (same lock), then refreshed again.
-        state = refresh_view(ctx, wait=ctx.settings.sync_lock_timeout)
-        if state is None:
-            raise RuntimeError("the instance view's lock stayed held: this sync is skipped")
-        listed_at = state.refreshed_at
-        instances = sorted(ctx.store.view_entries().values(), key=lambda i: i.id)
-    else:
+        with contextlib.suppress(ViewRefused):  # then full listings, as configured otherwise
+            state = refresh_view(ctx, wait=ctx.settings.sync_lock_timeout)
+            if state is None:
+                raise RuntimeError("the instance view's lock stayed held: this sync is skipped")
+            listed_at = state.refreshed_at
+            instances = sorted(ctx.store.view_entries().values(), key=lambda i: i.id)
+    if instances is None:
+        listed_at = ctx.now()
         instances = ctx.vast.list_instances(label_prefix=ctx.label_prefix())
     now = ctx.now()
     # Whole, for status, metrics and adoption (never for a watcher's "gone" in flat mode).

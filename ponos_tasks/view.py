@@ -47,6 +47,10 @@ Why no decision taken on this view is one a full listing would contradict:
   (a filtered call says nothing about what it does not list; a refused or failing one
   raises and the view keeps what it had). The watcher then still asks for the instance by id
   before calling it gone, as with a full listing.
+- A refused filtered call (a 400: the API no longer takes `select_filters`) is a positive
+  fact about the API, not about any instance: the caller (steps.refresh_view) reads full
+  listings for a while, which need no filter, and the view keeps what it had meanwhile; back
+  to flat, A and B re-read everything not running and the full pass removes what vanished.
 - Bound: an instance that vanishes behind the agent's back leaves the view at the latest one
   full pass after it vanished: `full_resync_interval` + one sync interval. Until then the
   budget's meter charges it as alive: an overcount, the safe side of a spending limit.

@@ -351,3 +351,28 @@ def test_a_new_instance_hidden_by_the_read_lag_is_not_gone(contexts, admin):
     admin.stop_task(task_id)
     harness.sync()
     harness.run(until=lambda: harness.done(task_id), timeout=60)
+
+
+def test_filters_refused_mid_run_fall_back_to_full_listings(contexts, admin, stack, caplog):
+    """Vast.ai starts refusing select_filters (400) while tasks run: the sync and the
+    watchers read full listings for a while, say so, and the task still ends; afterwards
+    the flat view is tried again."""
+    ctx = contexts(vast_api={"instance_reads": "flat"})
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="60"))
+    harness = bring_to_running(ctx, task_id)
+    stack.vast.state.select_filters = False
+    try:
+        with caplog.at_level("ERROR", logger="ponos_tasks.steps"):
+            assert steps.sync(ctx).ran  # before: the refused call stalled every sync
+        assert "refused a filtered instance listing" in caplog.text
+        assert steps.instance_reads(ctx) == "full_list"
+        assert ctx.store.load_snapshot().find(ctx.store.get(task_id).instance_id) is not None
+        harness.run(until=lambda: harness.done(task_id), timeout=30, sync_every=0.2)
+        assert admin.task(task_id)["state"] == "completed"
+    finally:
+        stack.vast.state.select_filters = True
+    ctx.redis.delete(ctx.keys.view_refused)  # the fallback's time is up
+    assert steps.instance_reads(ctx) == "flat"
+    refreshed = ctx.store.load_view_meta().refreshed_at
+    assert steps.sync(ctx).ran
+    assert ctx.store.load_view_meta().refreshed_at > refreshed
