@@ -51,9 +51,6 @@ def _run_to_the_end(harness: Harness, task_id: str) -> None:
     harness.run(until=lambda: harness.done(task_id), timeout=60, sync_every=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a late poll takes its own read for abandoned and asks again, forever"
-)
 @pytest.mark.stack
 def test_a_watch_that_comes_back_late_still_reads_the_log_it_asked_for(stack, contexts, admin):
     """Each run of the watch comes back later than log_read_wait after the previous one (a
