@@ -15,7 +15,7 @@ from ponos_tasks.models import Next, StepName
 from tests.agent_harness import Harness
 
 # The fixtures of test_steps (one stack for this module); ruff: F401/F811 ignored here.
-from tests.test_log_reads import log_requests
+from tests.test_log_reads import log_requests, log_uploads_take
 from tests.test_steps import (
     admin,
     contexts,
@@ -76,3 +76,28 @@ def test_a_watch_that_comes_back_late_still_reads_the_log_it_asked_for(stack, co
     finally:
         _run_to_the_end(harness, task_id)
     assert admin.task(task_id)["state"] == "completed"
+
+
+@pytest.mark.xfail(strict=True, reason="a gone instance is decided without its asked-for log")
+@pytest.mark.stack
+def test_an_instance_destroyed_while_its_log_is_awaited_still_ends_by_its_marker(
+    stack, contexts, admin
+):
+    """The task's command printed its exit marker and stopped its instance; the watch asked
+    for the log, whose upload takes a while. Meanwhile a user (a cleanup script of the
+    account) destroys the stopped instance. The log asked for is still uploaded to its
+    result_url: it is the positive fact the task completed. The watch took the instance's
+    absence for an end without exit code (`error`), and the final upload, asking anew for the
+    log of an instance now gone, published none of the task's output."""
+    ctx = contexts(vast_api={"instance_reads": "full_list"})  # absence shows at the next sync
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="100"))
+    harness = _running_then_ended(ctx, admin, task_id)
+    with log_uploads_take(stack, 200.0):  # 2 s at this stack's clock
+        follow = steps.watch(ctx, task_id)
+        assert [n.step for n in follow] == [StepName.WATCH]  # asked; the upload is awaited
+        ctx.vast.destroy_instance(ctx.store.get(task_id).instance_id)  # the user's destroy
+        harness.queue.clear()
+        harness.push(task_id, follow)
+        harness.run(until=lambda: harness.done(task_id), timeout=60, sync_every=0.5)
+    assert admin.task(task_id)["state"] == "completed", ctx.store.get(task_id).reason
+    assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
