@@ -78,7 +78,6 @@ def test_a_watch_that_comes_back_late_still_reads_the_log_it_asked_for(stack, co
     assert admin.task(task_id)["state"] == "completed"
 
 
-@pytest.mark.xfail(strict=True, reason="a gone instance is decided without its asked-for log")
 @pytest.mark.stack
 def test_an_instance_destroyed_while_its_log_is_awaited_still_ends_by_its_marker(
     stack, contexts, admin
