@@ -17,9 +17,12 @@ behind them (the end → action latency and the launch stalls in BENCHMARKS.md).
 The URL is a pre-signed one: it is kept in its own Redis key, never in a step's arguments
 nor in the task's record (which `status --json` shows). Reads are per task, attempt and
 purpose (the watch's, the final upload's, the periodic upload's), so that two steps of a
-task never take each other's text. A read whose steps stopped coming back (a chain taken
-over, a stale resume) is abandoned after `log_read_wait` without a poll, and a new step
-then asks again instead of timing out on it.
+task never take each other's text. A step that comes back late (a queue backed up behind
+slow steps, a chain taken over, a stale resume) still reads the URL once before the
+deadline applies: the file is usually there, and asking anew instead would start the
+deadline over at every late run, a loop that never ends while the queue stays slow. Not
+there either, the read has failed (None, counted against the caller's log_read_deadline),
+and the next step asks anew.
 """
 
 from __future__ import annotations
@@ -59,12 +62,10 @@ def read_instance_log(
     store, settings, now = ctx.store, ctx.settings, ctx.now()
     task_id, attempt = record.task_id, record.attempt
     read = store.log_read(task_id, attempt, purpose)
-    if read is not None and now - read["polled_at"] > settings.log_read_wait:
-        read = None  # abandoned by the steps that polled it: ask again
     try:
         if read is None:
             url = ctx.vast.ask_logs(record.instance_id, tail=settings.log_tail_lines)
-            read = {"url": url, "asked_at": now, "polled_at": now, "polls": 0}
+            read = {"url": url, "asked_at": now, "polls": 0}
             _keep(ctx, record, purpose, read)
             return Pending(poll_delay(0))
         text = ctx.vast.read_logs_at(read["url"], settings.max_log_bytes)
@@ -91,13 +92,13 @@ def read_instance_log(
             now - read["asked_at"],
         )
         return None
-    read = {**read, "polled_at": now, "polls": read["polls"] + 1}
+    read = {**read, "polls": read["polls"] + 1}
     _keep(ctx, record, purpose, read)
     store.heartbeat(task_id, expect_attempt=attempt)  # waiting on Vast.ai is progress
     return Pending(poll_delay(read["polls"]))
 
 
 def _keep(ctx, record, purpose: str, read: dict) -> None:
-    # Outlives the read's deadline and its abandonment by a margin; then it expires.
+    # Outlives the read's deadline by a margin (a late step still finds it); then it expires.
     ttl = 2 * ctx.settings.log_read_wait + 60.0
     ctx.store.save_log_read(record.task_id, record.attempt, purpose, read, ttl)

@@ -49,6 +49,7 @@ from ponos_tasks.definition import create_request_problem
 from ponos_tasks.lifecycle import (
     ARKINDEX_ACTIVE_STATES,
     ARKINDEX_TERMINAL_STATES,
+    Condition,
     Phase,
     StartFailureKind,
     make_label,
@@ -1005,11 +1006,17 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     if follow is not None:
         return follow
     decision = watch_decision(record, instance, now, settings, snapshot_taken_at=taken_at)
-    if decision.action == WatchAction.READ_LOGS:
+    # Gone while the log asked for at its end is awaited: that log is uploaded all the same,
+    # and it is the evidence of how the task ended (without it, gone decides as before).
+    gone_while_read = (
+        decision.condition is Condition.GONE
+        and ctx.store.log_read(task_id, record.attempt, "watch") is not None
+    )
+    if decision.action == WatchAction.READ_LOGS or gone_while_read:
         text = read_instance_log(ctx, record, "watch")
         if isinstance(text, Pending):  # asked for; read when Vast.ai has uploaded it
             return [Next(StepName.WATCH, countdown=text.delay, kwargs=again)]
-        if text is None:
+        if text is None and not gone_while_read:
             # Unread is not "no exit marker": keep the ended instance and read again, with
             # backoff, up to log_read_deadline; only then decide, saying why.
             delay = _read_log_again_in(
@@ -1017,19 +1024,20 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             )
             if delay is not None:
                 return [Next(StepName.WATCH, countdown=delay, kwargs=again)]
-        elif record.log_unread_since is not None:
+        elif text is not None and record.log_unread_since is not None:
             ctx.store.touch(task_id, expect_attempt=record.attempt, log_unread_since=None)
-        decision = watch_decision(
-            record,
-            instance,
-            now,
-            settings,
-            exit_code=parse_exit_marker(text or "", ctx.marker_nonce(record.label)),
-            logs_read=True,
-            log_unreadable=text is None,
-            log_tail=(text or "")[-4000:],
-            snapshot_taken_at=taken_at,
-        )
+        if text is not None or not gone_while_read:
+            decision = watch_decision(
+                record,
+                instance,
+                now,
+                settings,
+                exit_code=parse_exit_marker(text or "", ctx.marker_nonce(record.label)),
+                logs_read=True,
+                log_unreadable=text is None,
+                log_tail=(text or "")[-4000:],
+                snapshot_taken_at=taken_at,
+            )
         if text is not None and decision.action in (WatchAction.FINISH, WatchAction.GIVE_UP):
             # The instance has ended: its log will not change. Keep what decided the outcome
             # for the final upload instead of asking Vast.ai (rate-limited) for it again.
