@@ -621,7 +621,23 @@ def run_n(
     max_rps: float,
     timeout: float,
     say,
+    only: str | None = None,
 ) -> dict:
+    if only == "flat":
+        # One agent strategy alone (--only): the others' columns are left empty.
+        results = {s: {"n": n, "skipped": True} for s in STRATEGIES}
+        return results | run_strategy(
+            n,
+            "flat",
+            time_scale=time_scale,
+            window_sim=window_sim,
+            ends=ends,
+            vanish=vanish,
+            poll=False,
+            max_rps=max_rps,
+            timeout=timeout,
+            say=say,
+        )
     results = run_strategy(
         n,
         "full_list",
@@ -629,11 +645,14 @@ def run_n(
         window_sim=window_sim,
         ends=ends,
         vanish=vanish,
-        poll=True,
+        poll=only is None,
         max_rps=max_rps,
         timeout=timeout,
         say=say,
     )
+    if only == "full_list":
+        results.setdefault("per_instance", {"n": n, "skipped": True})
+        return results | {"flat": {"n": n, "skipped": True}}
     if flat_available():
         results |= run_strategy(
             n,
@@ -855,8 +874,14 @@ SCALES = {10: 10.0, 100: 4.0, 1000: 4.0}
     show_default=True,
     help="Real seconds allowed to bring the fleet up.",
 )
+@click.option(
+    "--only",
+    type=click.Choice(["flat", "full_list"]),
+    default=None,
+    help="One agent strategy alone (no per-instance poller, no launch burst; implies --no-write).",
+)
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
-def main(ns, quick, as_json, time_scale, window, ends, vanish, max_rps, timeout, no_write):
+def main(ns, quick, as_json, time_scale, window, ends, vanish, max_rps, timeout, only, no_write):
     """Instance reads at N live instances: per-instance polling, full listing, flat sync."""
     import logging
 
@@ -882,12 +907,14 @@ def main(ns, quick, as_json, time_scale, window, ends, vanish, max_rps, timeout,
                 max_rps=max_rps,
                 timeout=timeout,
                 say=say,
+                only=only,
             )
         except BenchFailed as error:
             raise click.ClickException(f"N={n}: {error}") from error
         if not as_json:
             click.echo(json.dumps({str(n): results[n]}))
-    rate = launch_rate(quick, say)
+    no_write = no_write or only is not None
+    rate = None if only is not None else launch_rate(quick, say)
     if as_json:
         first = results[ns[0]]
         click.echo(

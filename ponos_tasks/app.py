@@ -37,6 +37,13 @@ if _config is not None:
             "options": {"queue": SYNC_QUEUE, "expires": _config.sync_interval},
         },
     }
+    if _config.vast_api.instance_reads == "flat":
+        # Ended instances seen midway between two syncs (steps.check_ended).
+        app.conf.beat_schedule["ponos-check-ended"] = {
+            "task": "ponos.check_ended",
+            "schedule": _config.sync_interval / 2,
+            "options": {"queue": SYNC_QUEUE, "expires": _config.sync_interval / 2},
+        }
 else:
     # Only for the processes that merely inspect the app; worker and beat exit below.
     app.conf.broker_url = redis_url_from_environment()

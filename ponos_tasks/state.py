@@ -460,6 +460,18 @@ class TaskStore:
         raw = self.redis.hget(self.keys.view, str(int(instance_id)))
         return None if raw is None else Instance.from_dict(json.loads(_text(raw))["instance"])
 
+    def view_entries_of(self, instance_ids) -> dict[int, Instance]:
+        """The view's entries of these ids (those it holds), in one HMGET."""
+        ids = [int(i) for i in instance_ids]
+        if not ids:
+            return {}
+        raw = self.redis.hmget(self.keys.view, [str(i) for i in ids])
+        return {
+            i: Instance.from_dict(json.loads(_text(value))["instance"])
+            for i, value in zip(ids, raw, strict=True)
+            if value is not None
+        }
+
     def put_view_entries(self, instances, seen_at: float) -> None:
         if instances:
             self.redis.hset(

@@ -55,6 +55,7 @@ from ponos_tasks.lifecycle import (
     make_label,
     next_attempt_allowed,
     offer_wait_expired,
+    parse_label,
     start_failure_kind,
 )
 from ponos_tasks.log_reads import Pending, read_instance_log
@@ -2087,6 +2088,47 @@ def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple
         ):
             woken.append((task_id, Next(StepName.WATCH)))
     return woken
+
+
+def check_ended(ctx: AgentContext) -> list[tuple[str, Next]]:
+    """The ended check (flat view only; Celery beat, twice a sync interval): one filtered
+    list call (view.py's A) between two refreshes, and a watch now for each task whose
+    instance it shows ended. A sync sees an end up to one interval after it, and its wake
+    comes after the Arkindex poll, the view's other calls and plan(): with the check midway,
+    an end waits at most about half an interval for a look.
+
+    Decides nothing itself: the woken watch does, on the entry written here (a positive
+    listing, as a refresh's). Skipped when a refresh runs (it holds the lock: its A is this
+    check) or has just run or is about to (view.ended_check_due). A failed call is logged
+    and left to the next check and sync: nothing is inferred from it."""
+    if instance_reads(ctx) != "flat":
+        return []
+    since = ctx.now() - ctx.store.load_view_meta().refreshed_at
+    if not view.ended_check_due(since, ctx.settings.sync_interval):
+        return []
+    lock = ctx.store.snapshot_lock(timeout=ctx.settings.sync_lock_timeout)
+    if not lock.acquire(blocking=False):
+        return []
+    try:
+        listed = view.list_not_running(ctx)
+    except VastError as error:
+        logger.warning(
+            "ended check: could not list instances not running (%s); the next "
+            "check or sync looks again",
+            error,
+        )
+        return []
+    finally:
+        release(lock)
+    records = {}
+    for instance in listed:
+        if instance.actual_status not in ENDED_STATUSES:
+            continue
+        label = parse_label(instance.label)
+        record = ctx.store.get(label.task_id) if label is not None else None
+        if record is not None and record.instance_id == instance.id:
+            records[record.task_id] = record
+    return _wake_watchers_of_ended(ctx, records, listed)
 
 
 def _save_sync_report(ctx: AgentContext, now: float, capacity: int, steps: list) -> None:

@@ -15,6 +15,7 @@ from ponos_tasks.app import app
 from ponos_tasks.models import SYNC_QUEUE, Next, StepName
 from ponos_tasks.settings import SYNC_SOFT_TIME_LIMIT, SYNC_TIME_LIMIT
 from ponos_tasks.steps import STEPS, TRANSIENT, Step, run_step
+from ponos_tasks.steps import check_ended as check_ended_step
 from ponos_tasks.steps import sync as sync_step
 
 logger = logging.getLogger(__name__)
@@ -78,4 +79,21 @@ def sync(self):
         logger.info("sync: another sync is running; skipped")
         return
     for task_id, message in result.enqueue:
+        enqueue(task_id, [message])
+
+
+# Not retried either: the next tick (half a sync interval away) looks again.
+@app.task(
+    name="ponos.check_ended",
+    queue=SYNC_QUEUE,
+    bind=True,
+    acks_late=True,
+    max_retries=0,
+    soft_time_limit=SYNC_SOFT_TIME_LIMIT,
+    time_limit=SYNC_TIME_LIMIT,
+    ignore_result=True,
+)
+def check_ended(self):
+    """Between two syncs (flat view): list the instances not running, wake their watchers."""
+    for task_id, message in check_ended_step(get_context()):
         enqueue(task_id, [message])

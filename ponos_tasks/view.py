@@ -29,6 +29,11 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    since the last refresh, or still hidden by Vast.ai's read lag). Empty in a steady state:
    no call.
 
+Between two refreshes, the ended check (steps.check_ended, twice a sync interval) makes A
+alone under the same lock and writes what it lists as a refresh's A would: an instance that
+ends is seen within half a sync interval, not one (the watcher woken at once acts on it). It
+removes nothing and moves no cursor: presence and absence stay the refreshes' business.
+
 At steady state a refresh costs A + K calls whatever the fleet's size N; B appears only
 while instances start. The sync then reads the whole view for plan(), the meter and the
 status; a watcher reads only its own instance's entry (one hash field), never the fleet.
@@ -127,6 +132,15 @@ class PassState:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+def ended_check_due(since_refresh: float, sync_interval: float) -> bool:
+    """Whether the ended check (steps.check_ended) is worth its call `since_refresh` s after
+    the last refresh began: midway between two refreshes, not right after one (its A is that
+    fresh) nor right before the next (whose A comes at once); every time once refreshes are
+    late (the sync fails or is held up), when it is the only look at ended instances."""
+    quarter = sync_interval / 4
+    return quarter <= since_refresh <= 3 * quarter or since_refresh > 5 * quarter
+
+
 def page_removals(entry_ids: Iterable[int], after: int, highest: int | None, listed) -> set[int]:
     """Entries a full page proves gone: in the range it covers, not listed by it."""
     listed_ids = {i.id for i in listed}
@@ -144,6 +158,35 @@ def to_check(entries: Mapping[int, Instance], listed_by_a: set[int], record_ids:
     return sorted((stale | missing) - listed_by_a)
 
 
+def keep_listed(store, prefix: str, entries: dict[int, Instance], listed, at: float) -> None:
+    """Write what one listing returned into the view (and `entries`, the caller's copy).
+
+    Every call lists the account's instances (our label prefix has no server-side operator):
+    only this agent's are kept. An entry listed under another label (a user renamed it) is no
+    longer ours: it leaves the view, as it left a full listing, so that the watcher asks for
+    it by id instead of trusting its last entry forever."""
+    mine = [i for i in listed if (i.label or "").startswith(prefix)]
+    renamed = {i.id for i in listed if i.id in entries} - {i.id for i in mine}
+    store.drop_view_entries(renamed)
+    for i in renamed:
+        entries.pop(i, None)
+    store.put_view_entries(mine, at)
+    entries.update({i.id: i for i in mine})
+
+
+def list_not_running(ctx) -> list[Instance]:
+    """A alone, between two refreshes (the ended check, steps.check_ended; the caller holds
+    the snapshot lock): what it lists goes into the view as a refresh's A would. Only
+    entries of the listed ids are read back (renamed ones leave): a fleet's worth of entries
+    is not read for the few instances that are not running."""
+    store, prefix = ctx.store, ctx.label_prefix()
+    at = ctx.now()
+    listed = ctx.vast.list_instances(select_filters=NOT_RUNNING)
+    entries = store.view_entries_of([i.id for i in listed])
+    keep_listed(store, prefix, entries, listed, at)
+    return [i for i in listed if (i.label or "").startswith(prefix)]
+
+
 def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
     """One refresh (the caller holds the snapshot lock): full-resync pages, A, then B."""
     store, vast, prefix = ctx.store, ctx.vast, ctx.label_prefix()
@@ -152,17 +195,7 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
     entries = store.view_entries()
 
     def keep(instances: list[Instance], at: float) -> None:
-        # Every call lists the account's instances (our label prefix has no server-side
-        # operator): only this agent's are kept. An entry listed under another label (a user
-        # renamed it) is no longer ours: it leaves the view, as it left a full listing, so
-        # that the watcher asks for it by id instead of trusting its last entry forever.
-        mine = [i for i in instances if (i.label or "").startswith(prefix)]
-        renamed = {i.id for i in instances if i.id in entries} - {i.id for i in mine}
-        store.drop_view_entries(renamed)
-        for i in renamed:
-            entries.pop(i, None)
-        store.put_view_entries(mine, at)
-        entries.update({i.id: i for i in mine})
+        keep_listed(store, prefix, entries, instances, at)
 
     budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval, started)
     for _ in range(min(budget, 10_000)):

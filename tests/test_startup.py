@@ -90,3 +90,21 @@ def test_check_config_connect_names_the_service_that_does_not_answer(
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected.format(port=port)), lines
+
+
+@pytest.mark.parametrize(("reads", "checks"), [("flat", True), ("full_list", False)])
+def test_beat_schedules_the_ended_check_midway_with_the_flat_view(tmp_path, reads, checks):
+    config = config_file(tmp_path, redis_url="redis://127.0.0.1:1/0", arkindex_url="http://x")
+    with open(config, "a") as file:
+        file.write(f"  instance_reads: {reads}\nsync_interval: 8\n")
+    probe = (
+        "from ponos_tasks.app import app\n"
+        "for name, entry in sorted(app.conf.beat_schedule.items()):\n"
+        "    print(name, entry['task'], entry['schedule'], entry['options']['expires'])\n"
+    )
+    result = run(["-c", probe], config, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "ponos-sync ponos.sync 8.0 8.0" in lines
+    assert ("ponos-check-ended ponos.check_ended 4.0 4.0" in lines) is checks
+    assert len(lines) == 1 + checks

@@ -18,7 +18,12 @@ TERMINAL = {"completed", "failed", "error", "stopped", "cancelled"}
 
 
 # Routine lines (a sync tick every half second) that would drown the interesting ones.
-_NOISE = ("ponos.sync[", "Sending due task ponos-sync")
+_NOISE = (
+    "ponos.sync[",
+    "Sending due task ponos-sync",
+    "ponos.check_ended[",
+    "Sending due task ponos-check-ended",
+)
 
 
 def log_tails(log_dir: Path, lines: int = 60) -> str:

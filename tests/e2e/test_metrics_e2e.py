@@ -204,12 +204,12 @@ def test_metrics_during_a_run_match_the_simulators_counts(run):
     assert billed * 0.98 <= metered <= billed * 2.0
 
     # Flower: every Celery task under its step's name, with the Arkindex task id as argument.
-    names = {STEPS[name].task_name for name in STEPS} | {"ponos.sync"}
+    names = {STEPS[name].task_name for name in STEPS} | {"ponos.sync", "ponos.check_ended"}
     seen = set()
     for task in flower_tasks.values():
         assert task["name"] in names, task["name"]
         seen.add(task["name"])
-        if task["name"] != "ponos.sync":
+        if task["name"] not in ("ponos.sync", "ponos.check_ended"):
             assert task["args"] in {f"('{task_id}',)" for task_id in ids.values()}, task
     assert {"ponos.sync", "ponos.create_instance", "ponos.watch", "ponos.destroy_instance"} <= seen
     # ... and its task list shows that argument next to the name (--tasks_columns).
