@@ -100,3 +100,33 @@ def test_an_instance_destroyed_while_its_log_is_awaited_still_ends_by_its_marker
         harness.run(until=lambda: harness.done(task_id), timeout=60, sync_every=0.5)
     assert admin.task(task_id)["state"] == "completed", ctx.store.get(task_id).reason
     assert "PONOS_EXIT_CODE=0" in admin.task_log(task_id)
+
+
+@pytest.mark.stack
+@pytest.mark.xfail(strict=True, reason="a read asked at an earlier end outlives a restart")
+def test_a_log_asked_for_at_an_end_is_dropped_when_the_container_runs_again(
+    stack, contexts, admin
+):
+    """A watch asked for the log at an end (a crash) and Vast.ai restarted the container
+    before the upload was read: the watch then sees the instance running again. That read
+    holds the crashed run's output; kept, it answered the read at the real end, which was
+    decided on it (no exit marker: an error) though the task completed. Here the ask is
+    made while the instance runs (the state a restart leaves), then the task ends normally."""
+    ctx = contexts()
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="300"))
+    harness = Harness(ctx)
+    harness.sync()
+    harness.run(
+        until=lambda: ctx.store.get(task_id).phase == Phase.RUNNING, timeout=30, sync_every=0.5
+    )
+    record = ctx.store.get(task_id)
+    asked = steps.read_instance_log(ctx, record, "watch")  # the read a crash had asked for
+    assert isinstance(asked, steps.Pending)
+    time.sleep(0.5)  # its upload lands: the log of a run without its exit marker
+    harness.queue.clear()
+    harness.push(task_id, steps.watch(ctx, task_id))  # sees the instance running
+    assert ctx.store.get(task_id).phase == Phase.RUNNING
+    assert ctx.store.log_read(task_id, record.attempt, "watch") is None
+    harness.run(until=lambda: harness.done(task_id), timeout=60, sync_every=0.5)
+    assert ctx.store.get(task_id).final_state == "completed", ctx.store.get(task_id).reason
+    assert admin.task(task_id)["state"] == "completed"
