@@ -1013,6 +1013,15 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         decision.condition is Condition.GONE
         and ctx.store.log_read(task_id, record.attempt, "watch") is not None
     )
+    if (
+        decision.action != WatchAction.READ_LOGS
+        and not gone_while_read
+        and instance is not None
+        and instance.actual_status == "running"
+    ):
+        # Running again (Vast.ai restarted the container while its log was awaited): a log
+        # asked for at that end holds that run's output, never the next end's exit marker.
+        ctx.store.drop_log_read(task_id, record.attempt, "watch")
     if decision.action == WatchAction.READ_LOGS or gone_while_read:
         text = read_instance_log(ctx, record, "watch")
         if isinstance(text, Pending):  # asked for; read when Vast.ai has uploaded it

@@ -103,7 +103,6 @@ def test_an_instance_destroyed_while_its_log_is_awaited_still_ends_by_its_marker
 
 
 @pytest.mark.stack
-@pytest.mark.xfail(strict=True, reason="a read asked at an earlier end outlives a restart")
 def test_a_log_asked_for_at_an_end_is_dropped_when_the_container_runs_again(
     stack, contexts, admin
 ):
