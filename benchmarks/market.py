@@ -8,7 +8,9 @@ The same workload and seed run twice, once per `vast_api.offer_ranking`, each wi
 private Redis, local stack and agent (real worker and beat). The Vast.ai simulator's market
 is its seeded one with `slow_cheap_hosts` (the cheapest 30 % of the machines get a 20–100
 Mbit/s line and a reliability of 0.70–0.90) and `reliability_failures=1` (a start fails with
-probability 1 − reliability: an OCI error at once, or a pull that stalls part way). Every
+probability 1 − reliability: an OCI error at once, or a pull that stalls part way; a host
+that started the task goes down mid-run with probability 1 − reliability per hour of
+running, and the run is lost). Every
 task runs the same image (`SIM_IMAGE_SIZE_GB`, pulled at the host's `inet_down`; the
 agent does not know its size: the task has a command, so it assumes 6 GB) for
 `SIM_DURATION` simulated seconds. The agent's deadlines are Vast.ai's defaults divided by
@@ -54,6 +56,7 @@ class MarketRun(AgentRun):
             # Vast.ai-time defaults, on the simulator's clock.
             loading_deadline=7200.0 / self.time_scale,
             pull_stall_timeout=max(3.0, 600.0 / self.time_scale),
+            offline_grace=max(3.0, 600.0 / self.time_scale),
         )
         return config
 

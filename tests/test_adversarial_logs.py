@@ -103,9 +103,7 @@ def test_an_instance_destroyed_while_its_log_is_awaited_still_ends_by_its_marker
 
 
 @pytest.mark.stack
-def test_a_log_asked_for_at_an_end_is_dropped_when_the_container_runs_again(
-    stack, contexts, admin
-):
+def test_a_log_asked_for_at_an_end_is_dropped_when_the_container_runs_again(stack, contexts, admin):
     """A watch asked for the log at an end (a crash) and Vast.ai restarted the container
     before the upload was read: the watch then sees the instance running again. That read
     holds the crashed run's output; kept, it answered the read at the real end, which was

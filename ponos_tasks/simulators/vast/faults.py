@@ -20,7 +20,10 @@ CREATE_FAULTS = {"offer_vanished", "double_rent", "create_lost", "create_stopped
 # stopped.
 # read_lag: the new instance is missing from show/list for exactly `seconds` (default 5)
 # after its create, instead of the usual random 0..read_lag.
+# host_down: the host goes down `after` s into the instance's running (default 10) and stays
+# down: the container dies, the instance shows offline (reliability_failures draws it too).
 LIFECYCLE_FAULTS = {
+    "host_down",
     "read_lag",
     "stuck_loading",
     "pull_stall",

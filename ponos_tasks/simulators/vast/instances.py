@@ -423,6 +423,9 @@ class Fleet:
                 for line in knobs["final_lines"].splitlines():
                     inst.log.append((t + duration, wrapper_line(line, inst.args)))
                 self._schedule(inst, t + duration, "run_end")
+        down = inst.faults.get("host_down")
+        if down is not None:
+            self._schedule(inst, t + float(down.get("after", 10.0)), "host_down")
         crash = inst.faults.get("unexpected_exit")
         if crash is not None:
             self._schedule(inst, t + float(crash.get("after", 10.0)), "crash")
@@ -508,6 +511,16 @@ class Fleet:
                 "actual_status": "offline",
             }
         )
+
+    def _on_host_down(self, inst: Instance, t: float) -> None:
+        """The host went down mid-run (reliability_failures) and stays down: the container
+        dies with it, the instance shows `offline` (not billed) until it is destroyed."""
+        self._kill(inst, t)
+        inst.run_seq += 1
+        inst.running_since = None
+        self._on_offline_on(inst, t)
+        inst.actual_status = "exited"  # hidden by offline; no restart on a host that is down
+        inst.status_msg = "host down"
 
     def _on_offline_off(self, inst: Instance, t: float) -> None:
         self._accrue(inst, t)

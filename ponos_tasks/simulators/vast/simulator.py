@@ -21,8 +21,10 @@ value, they do not switch the behaviour off:
   (inet_down 20–100 Mbit/s) and a reliability of 0.70–0.90: a market where the cheapest
   hosts pull slowly and fail often (benchmarks/market.py).
 - `reliability_failures` (0): a start fails with probability this × (1 − the machine's
-  reliability) (an OCI error at once, or a pull that stalls part way); 1 reads Vast.ai's
-  reliability as the chance a start works. Off by default so that a test's outcome does not
+  reliability) (an OCI error at once, or a pull that stalls part way), and a host that
+  started the task may go down mid-run for good (rate this × −ln(reliability) per hour of
+  running; `host_down`); 1 reads Vast.ai's reliability (its historical uptime) as the
+  chance a start works and the chance the host stays up through an hour of running. Off by default so that a test's outcome does not
   depend on the draw; a test of start failures injects its faults by label instead.
 """
 

@@ -303,19 +303,27 @@ class VastState:
             return 200, answer, lost
 
     def _host_failure(self, machine_id: int) -> dict:
-        """The `reliability_failures` knob: a start fails with probability
-        reliability_failures × (1 − the machine's reliability), half of the time at once (OCI
-        error at create), half of the time as a pull that stalls part way (only a watcher's
-        pull_stall_timeout notices it, and the host bills meanwhile)."""
+        """The `reliability_failures` knob (f). A start fails with probability f × (1 − the
+        machine's reliability r), half of the time at once (OCI error at create), half of the
+        time as a pull that stalls part way (only a watcher's pull_stall_timeout notices it,
+        and the host bills meanwhile). A start that works then runs on a host that may go
+        down: Vast.ai's reliability is the machine's historical uptime, read here as the
+        chance that it stays up through an hour of running, so the host goes down after an
+        exponential time of rate f × −ln(r) per hour of running (`host_down`: drawn now, in
+        seconds of running; a run that ends first is not hit)."""
         if self.reliability_failures <= 0:
             return {}
         reliability = float(self.market.machines[machine_id].specs.get("reliability") or 1.0)
-        chance = min(1.0, self.reliability_failures * max(0.0, 1.0 - reliability))
-        if self.failure_rng.random() >= chance:
+        reliability = min(1.0, max(1e-6, reliability))
+        chance = min(1.0, self.reliability_failures * (1.0 - reliability))
+        if self.failure_rng.random() < chance:
+            if self.failure_rng.random() < 0.5:
+                return {"oci_failure": {"fault": "oci_failure"}}
+            return {"pull_stall": {"fault": "pull_stall", "at": self.failure_rng.uniform(0.1, 0.9)}}
+        rate = self.reliability_failures * -math.log(reliability) / 3600.0
+        if rate <= 0:
             return {}
-        if self.failure_rng.random() < 0.5:
-            return {"oci_failure": {"fault": "oci_failure"}}
-        return {"pull_stall": {"fault": "pull_stall", "at": self.failure_rng.uniform(0.1, 0.9)}}
+        return {"host_down": {"fault": "host_down", "after": self.failure_rng.expovariate(rate)}}
 
     def _rented_row(self, offer_id: int, machine_id: int, body: dict) -> dict:
         for inst in self.fleet.instances.values():
