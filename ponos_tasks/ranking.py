@@ -18,20 +18,28 @@ The model, for one offer at `price` $/h:
 - **Start success.** The chance a start on this machine succeeds: its `reliability` (Vast.ai's
   own figure; `UNKNOWN_RELIABILITY` when missing), halved for each start this agent saw fail
   on that machine recently, never below `MIN_SUCCESS`.
+- **Staying up.** Vast.ai's `reliability` is the machine's historical uptime. A host that
+  goes down mid-run takes the run with it: the GPU time paid so far is lost and the task
+  starts again elsewhere. Read as the chance the host stays up through an hour of running
+  (an assumption: Vast.ai publishes no failure rate), the chance it stays up through the
+  run is `reliability ** (run / 1 h)`; a run the host cuts short has paid, on average, half
+  of its time.
 - **Billing.** Vast.ai bills the GPU only while the instance is `running`; storage bills from
   the create to the destroy. So the pull costs the storage part of the price
   (`storage_total_cost`, else `dph_total − dph_base`, else, not knowing, the whole price) and
   the run costs the whole price.
-- **A failed start** bills the pull (storage, until the agent sees it fail) and then the task
-  starts again. Assuming the next try costs what this one did, the number of pulls is
-  geometric with mean 1/p, and the run is paid once:
+- **A failed attempt** (the start failed, chance 1 − p; or the host went down mid-run, chance
+  1 − u of a start that worked) is paid and the task starts again. Assuming the next try
+  costs what this one did, the number of attempts is geometric with mean 1/(p × u):
 
-      expected bill = storage $/h × pull / p + price × run
-      expected time = pull / p + run
+      one attempt   = storage $/h × pull + p × price × run × (1 + u) / 2
+      expected bill = one attempt / (p × u)
+      expected time = (pull + p × run × (1 + u) / 2) / (p × u)
 
-  A slow host therefore costs little money while it pulls, but much time; an unreliable one
-  costs the storage of its failed pulls, and time. (What a start that fails after `running`
-  bills, the early-exit case, is not modelled: it is rarer than a failed pull.)
+  With u = 1 that is storage × pull / p + price × run: the run paid once. A slow host costs
+  little money while it pulls, but much time; an unreliable one costs its failed pulls and,
+  far more, the GPU time of the runs it cuts short, and time. (What a container that exits
+  early on a healthy host bills is not modelled: it is the task's, not the host's.)
 
 Offers are ranked by expected bill, then $/h, then reliability (higher first), then offer id:
 the order is deterministic. With the `cheapest_hourly` policy the estimates are still computed
@@ -68,14 +76,22 @@ class Estimate:
     cached: bool  # the host ran this image recently
     image_bytes: float
     inet_down_mbit: float
+    survival: float = 1.0  # probability that the host stays up through the run
+
+    @property
+    def _run_paid_s(self) -> float:
+        """Run seconds one attempt pays on average: all of a run the host survives, half
+        of one it cuts short; only when the start worked."""
+        return self.success * self.run_s * (1.0 + self.survival) / 2.0
 
     @property
     def expected_s(self) -> float:
-        return self.pull_s / self.success + self.run_s
+        return (self.pull_s + self._run_paid_s) / (self.success * self.survival)
 
     @property
     def expected_bill(self) -> float:
-        return (self.loading_price * self.pull_s / self.success + self.price * self.run_s) / 3600
+        one_attempt = self.loading_price * self.pull_s + self.price * self._run_paid_s
+        return one_attempt / (self.success * self.survival) / 3600
 
     def explain(self) -> str:
         """One line for the task's log, e.g. "offer 12 $0.400/h: pull ~3 min (8.1 GB at
@@ -89,7 +105,8 @@ class Estimate:
             )
         return (
             f"offer {_get(self.offer, 'id')} ${self.price:.3f}/h: {pull}, "
-            f"run ~{_duration(self.run_s)}, start {self.success * 100:.3g} %: "
+            f"run ~{_duration(self.run_s)}, start {self.success * 100:.3g} %, "
+            f"host up through the run {self.survival * 100:.3g} %: "
             f"expected ${self.expected_bill:.4f}"
         )
 
@@ -112,6 +129,12 @@ def storage_price(offer: Any, price: float) -> float:
     if storage is None or storage < 0:
         return price  # not knowing: as if the whole price billed (pessimistic)
     return min(storage, price)
+
+
+def survival_probability(reliability: float | None, run_s: float) -> float:
+    """The chance the host stays up through `run_s` of running (see the module's model)."""
+    base = UNKNOWN_RELIABILITY if reliability is None else min(1.0, max(0.0, reliability))
+    return max(MIN_SUCCESS, base ** (max(0.0, run_s) / 3600.0))
 
 
 def success_probability(reliability: float | None, failed_starts: int) -> float:
@@ -148,6 +171,7 @@ def estimate(
         cached=cached,
         image_bytes=size,
         inet_down_mbit=inet or UNKNOWN_INET_DOWN_MBIT,
+        survival=survival_probability(_float(_get(offer, "reliability")), run_s),
     )
 
 

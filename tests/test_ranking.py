@@ -68,9 +68,38 @@ def test_the_pull_bills_storage_once_per_try_and_the_run_the_whole_price_once():
         run_s=3600,
         failed_starts={},
     )
-    # pull 30 s / 0.5 = 60 s at the storage's $0.06/h, run 3600 s at $0.36/h.
-    assert e.expected_bill == pytest.approx((0.06 * 60 + 0.36 * 3600) / 3600)
-    assert e.expected_s == pytest.approx(3660)
+    # Start 0.5; up through the hour's run 0.5 (uptime 0.5 an hour). One attempt: pull 30 s
+    # at the storage's $0.06/h, and when the start works (0.5) the run at $0.36/h, all of it
+    # when the host stays up, half of it when it goes down (3/4 on average); attempts until
+    # one both starts and finishes: 1 / (0.5 x 0.5) = 4.
+    one = 0.06 * 30 + 0.36 * 0.5 * 3600 * 0.75
+    assert e.survival == pytest.approx(0.5)
+    assert e.expected_bill == pytest.approx(one / 0.25 / 3600)
+    assert e.expected_s == pytest.approx((30 + 0.5 * 3600 * 0.75) / 0.25)
+
+
+def test_a_host_that_never_goes_down_pays_the_run_once():
+    e = ranking.estimate(
+        offer(1, 0.36, reliability=1.0, storage_total_cost=0.06),
+        image_bytes=0,
+        cached_machines={10},
+        run_s=3600,
+        failed_starts={10: 1},  # one failed start seen there: p = 0.5
+    )
+    assert e.survival == 1.0
+    assert e.expected_bill == pytest.approx((0.06 * 30 / 0.5 + 0.36 * 3600) / 3600)
+    assert e.expected_s == pytest.approx(30 / 0.5 + 3600)
+
+
+def test_a_long_run_on_an_unreliable_host_costs_more_than_its_hourly_saving():
+    """$0.30/h at uptime 0.80 against $0.36/h at 0.99, for a 4 h task: the cheap host's
+    runs cut short cost more than the 17 % it saves an hour."""
+    cheap = offer(1, 0.30, reliability=0.80, storage_total_cost=0.01)
+    steady = offer(2, 0.36, reliability=0.99, storage_total_cost=0.01)
+    ranked = ranking.rank([cheap, steady], run_s=4 * 3600, image_bytes=0, cached_machines={10})
+    assert [e.offer.id for e in ranked] == [2, 1]
+    short = ranking.rank([cheap, steady], run_s=60, image_bytes=0, cached_machines={10})
+    assert [e.offer.id for e in short] == [1, 2]  # a minute's run: the host rarely matters
 
 
 def test_the_storage_price_comes_from_the_row_else_the_whole_price():
@@ -146,4 +175,4 @@ def test_the_log_line_gives_the_reasons():
     )
     line = e.explain()
     assert line.startswith("offer 12 $0.400/h: pull ~")
-    assert "(8.1 GB at 900 Mbit/s), run ~40 min, start 97 %: expected $" in line
+    assert "(8.1 GB at 900 Mbit/s), run ~40 min, start 97 %, host up through the run 98 %: " in line
