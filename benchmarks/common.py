@@ -355,6 +355,14 @@ def history_time(task: dict, to: str) -> float | None:
 SYNC_DONE = re.compile(r"Task ponos\.sync\[[^\]]+\] succeeded in ([0-9.]+)s")
 
 
+ENDED_CHECK_DONE = re.compile(r"ended check: listed \d+ instance")
+
+
+def ended_checks(worker_log: str) -> int:
+    """How many ended checks (ponos.check_ended) made their list call."""
+    return len(ENDED_CHECK_DONE.findall(worker_log))
+
+
 def sync_durations(worker_log: str) -> list[float]:
     """Durations of the ponos.sync runs, from Celery's "succeeded in" lines."""
     return [float(m.group(1)) for m in SYNC_DONE.finditer(worker_log)]

@@ -2129,6 +2129,7 @@ def check_ended(ctx: AgentContext) -> list[tuple[str, Next]]:
         return []
     finally:
         release(lock)
+    logger.info("ended check: listed %d instance(s) not running", len(listed))
     records = {}
     for instance in listed:
         if instance.actual_status not in ENDED_STATUSES:
