@@ -629,49 +629,29 @@ def run_n(
     say,
     only: str | None = None,
 ) -> dict:
+    def agent(strategy: str, poll: bool) -> dict[str, dict]:
+        return run_strategy(
+            n,
+            strategy,
+            time_scale=time_scale,
+            window_sim=window_sim,
+            ends=ends,
+            vanish=vanish,
+            poll=poll,
+            max_rps=max_rps,
+            timeout=timeout,
+            say=say,
+        )
+
+    skipped = {"n": n, "skipped": True}
     if only == "flat":
         # One agent strategy alone (--only): the others' columns are left empty.
-        results = {s: {"n": n, "skipped": True} for s in STRATEGIES}
-        return results | run_strategy(
-            n,
-            "flat",
-            time_scale=time_scale,
-            window_sim=window_sim,
-            ends=ends,
-            vanish=vanish,
-            poll=False,
-            max_rps=max_rps,
-            timeout=timeout,
-            say=say,
-        )
-    results = run_strategy(
-        n,
-        "full_list",
-        time_scale=time_scale,
-        window_sim=window_sim,
-        ends=ends,
-        vanish=vanish,
-        poll=only is None,
-        max_rps=max_rps,
-        timeout=timeout,
-        say=say,
-    )
+        return {s: skipped for s in STRATEGIES} | agent("flat", poll=False)
+    results = agent("full_list", poll=only is None)
     if only == "full_list":
-        results.setdefault("per_instance", {"n": n, "skipped": True})
-        return results | {"flat": {"n": n, "skipped": True}}
+        return {"per_instance": skipped, **results, "flat": skipped}
     if flat_available():
-        results |= run_strategy(
-            n,
-            "flat",
-            time_scale=time_scale,
-            window_sim=window_sim,
-            ends=ends,
-            vanish=vanish,
-            poll=False,
-            max_rps=max_rps,
-            timeout=timeout,
-            say=say,
-        )
+        results |= agent("flat", poll=False)
     else:
         results["flat"] = {
             "n": n,

@@ -60,18 +60,23 @@ def _celery_task(step: Step):
 STEP_TASKS: dict[StepName, object] = {name: _celery_task(step) for name, step in STEPS.items()}
 
 
-# Not retried: the next beat tick does the same work. Its limits stay well under the
-# beat's own cadence of a few intervals.
-@app.task(
-    name="ponos.sync",
-    queue=SYNC_QUEUE,
-    bind=True,
-    acks_late=True,
-    max_retries=0,
-    soft_time_limit=SYNC_SOFT_TIME_LIMIT,
-    time_limit=SYNC_TIME_LIMIT,
-    ignore_result=True,
-)
+def _loop_task(name: str):
+    """A task of Celery beat (the sync, the ended check). Not retried: the next beat tick
+    does the same work. Its limits stay well under the beat's own cadence of a few
+    intervals."""
+    return app.task(
+        name=name,
+        queue=SYNC_QUEUE,
+        bind=True,
+        acks_late=True,
+        max_retries=0,
+        soft_time_limit=SYNC_SOFT_TIME_LIMIT,
+        time_limit=SYNC_TIME_LIMIT,
+        ignore_result=True,
+    )
+
+
+@_loop_task("ponos.sync")
 def sync(self):
     """The loop (Celery beat): poll Arkindex, list instances once, plan, enqueue."""
     result = sync_step(get_context())
@@ -82,17 +87,7 @@ def sync(self):
         enqueue(task_id, [message])
 
 
-# Not retried either: the next tick (half a sync interval away) looks again.
-@app.task(
-    name="ponos.check_ended",
-    queue=SYNC_QUEUE,
-    bind=True,
-    acks_late=True,
-    max_retries=0,
-    soft_time_limit=SYNC_SOFT_TIME_LIMIT,
-    time_limit=SYNC_TIME_LIMIT,
-    ignore_result=True,
-)
+@_loop_task("ponos.check_ended")
 def check_ended(self):
     """Between two syncs (flat view): list the instances not running, wake their watchers."""
     for task_id, message in check_ended_step(get_context()):
