@@ -1,8 +1,8 @@
 """Offer ranking: expected-cost policy against cheapest-hourly on a market where the cheapest
 hosts pull slowly and fail often.
 
-    .venv/bin/python -m benchmarks.market            # full
-    .venv/bin/python -m benchmarks.market --quick    # < 2 min
+    .venv/bin/python -m benchmarks.market            # full (about 8 minutes)
+    .venv/bin/python -m benchmarks.market --quick    # 6 tasks in waves of 2
 
 The same workload and seed run twice, once per `vast_api.offer_ranking`, each with a fresh
 private Redis, local stack and agent (real worker and beat). The Vast.ai simulator's market
@@ -216,7 +216,7 @@ def report(result: dict) -> str:
 
 
 @click.command()
-@click.option("--quick", is_flag=True, help="The short variant (under 2 minutes).")
+@click.option("--quick", is_flag=True, help="The short variant (6 tasks in waves of 2).")
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
 def main(quick, no_write):
     """Total bill and time to all terminal, expected-cost vs cheapest-hourly ranking."""
