@@ -14,6 +14,7 @@ a status message that says so. Any other stop is what it always was (the task's 
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any
 
@@ -52,9 +53,12 @@ def bid_price(offer: Any, margin: float, cap: float | None) -> float | None:
     if not min_bid > 0:
         return None
     bid = min_bid + max(0.0, margin)
-    if cap is not None:
-        bid = min(bid, cap - storage)
-    bid = min(max(round(bid, 6), BID_RANGE[0]), BID_RANGE[1])
+    capped = cap is not None and cap - storage < bid
+    if capped:
+        bid = cap - storage
+    # Six decimals; down when the cap bounds the bid (rounding up would pass the cap).
+    bid = math.floor(bid * 1e6) / 1e6 if capped else round(bid, 6)
+    bid = min(max(bid, BID_RANGE[0]), BID_RANGE[1])
     return bid if bid >= min_bid else None
 
 
