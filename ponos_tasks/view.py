@@ -158,8 +158,9 @@ def to_check(entries: Mapping[int, Instance], listed_by_a: set[int], record_ids:
     return sorted((stale | missing) - listed_by_a)
 
 
-def keep_listed(store, prefix: str, entries: dict[int, Instance], listed, at: float) -> None:
-    """Write what one listing returned into the view (and `entries`, the caller's copy).
+def keep_listed(store, prefix: str, entries: dict[int, Instance], listed, at: float) -> list:
+    """Write what one listing returned into the view (and `entries`, the caller's copy);
+    return the instances of ours it listed.
 
     Every call lists the account's instances (our label prefix has no server-side operator):
     only this agent's are kept. An entry listed under another label (a user renamed it) is no
@@ -172,6 +173,7 @@ def keep_listed(store, prefix: str, entries: dict[int, Instance], listed, at: fl
         entries.pop(i, None)
     store.put_view_entries(mine, at)
     entries.update({i.id: i for i in mine})
+    return mine
 
 
 def list_not_running(ctx) -> list[Instance]:
@@ -183,8 +185,7 @@ def list_not_running(ctx) -> list[Instance]:
     at = ctx.now()
     listed = ctx.vast.list_instances(select_filters=NOT_RUNNING)
     entries = store.view_entries_of([i.id for i in listed])
-    keep_listed(store, prefix, entries, listed, at)
-    return [i for i in listed if (i.label or "").startswith(prefix)]
+    return keep_listed(store, prefix, entries, listed, at)
 
 
 def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
