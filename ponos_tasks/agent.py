@@ -92,19 +92,27 @@ class AgentContext:
         return MetricStore(self.redis, self.keys)
 
     @cached_property
-    def vast(self) -> VastClient:
-        vast = self.config.vast_api
+    def limiter(self) -> RedisRateLimiter:
+        """Vast.ai's call slots, shared by every worker (ratelimit.py)."""
+        scale = self.config.vast_api.rate_limit_scale
         # Scaled down (a simulator's accelerated clock), intervals of tens of ms drown in
         # scheduling jitter: 50 ms more keeps calls from arriving early (BENCHMARKS.md).
         # Unscaled, DEFAULT_INTERVALS already carry their margin (ratelimit.py).
-        limiter = RedisRateLimiter(
+        return RedisRateLimiter(
             self.redis,
             prefix=self.keys.ratelimit_prefix,
-            scale=vast.rate_limit_scale,
-            margin=0.05 if vast.rate_limit_scale < 1 else 0.0,
+            scale=scale,
+            margin=0.05 if scale < 1 else 0.0,
         )
+
+    @cached_property
+    def vast(self) -> VastClient:
+        vast = self.config.vast_api
         return VastClient(
-            vast.url, vast.api_key, rate_limiter=limiter, on_call=self.metric_store.count_api_call
+            vast.url,
+            vast.api_key,
+            rate_limiter=self.limiter,
+            on_call=self.metric_store.count_api_call,
         )
 
     @cached_property

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 
 import redis
 
+from ponos_tasks import log_pacing
+
 log = logging.getLogger(__name__)
 
 # Minimum intervals (seconds) Vast.ai publishes per endpoint (docs/reference.md §1.2), times a
@@ -49,6 +51,9 @@ DEFAULT_INTERVALS: dict[str, float] = {
     name: round(seconds * SAFETY_MARGIN, 3) for name, seconds in PUBLISHED_INTERVALS.items()
 }
 DEFAULT_INTERVALS["create"] = PUBLISHED_INTERVALS["create"] + CREATE_MARGIN_S
+# Not a Vast.ai endpoint: the gate of the periodic log reads (log_pacing.py), which keeps the
+# rest of the log endpoint for the reads at a task's end.
+DEFAULT_INTERVALS[log_pacing.GATE] = round(DEFAULT_INTERVALS["logs"] / log_pacing.PERIODIC_SHARE, 3)
 
 # KEYS[1]: bucket; ARGV: interval µs, longest acceptable wait µs.
 # Returns {wait µs, reserved slot µs}, or {-1, wait µs} without reserving when the wait would

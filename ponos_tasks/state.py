@@ -110,6 +110,10 @@ class Keyspace:
         return self.prefix + "last_sync"
 
     @property
+    def running_count(self) -> str:
+        return self.prefix + "running_count"
+
+    @property
     def sync_report(self) -> str:
         return self.prefix + "sync:report"
 
@@ -529,6 +533,14 @@ class TaskStore:
     def last_sync(self) -> float | None:
         raw = self.redis.get(self.keys.last_sync)
         return None if raw is None else float(_text(raw))
+
+    def save_running_count(self, count: int) -> None:
+        """How many tasks ran at the last sync (log_pacing.py paces their log reads by it)."""
+        self.redis.set(self.keys.running_count, str(count))
+
+    def running_count(self) -> int:
+        raw = self.redis.get(self.keys.running_count)
+        return 0 if raw is None else int(_text(raw))
 
     def save_sync_report(self, report: Mapping[str, Any]) -> None:
         """What the last sync decided that no record shows (see sync_report in steps.py)."""

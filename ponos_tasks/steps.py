@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import redis
 from redis.exceptions import LockNotOwnedError
 
-from ponos_tasks import bidding, ranking, view
+from ponos_tasks import bidding, log_pacing, ranking, view
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.arkindex import (
     ArkindexError,
@@ -63,6 +63,7 @@ from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
 from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Offer, Snapshot, StepName, TaskRecord
 from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
+from ponos_tasks.ratelimit import RateLimitTimeout
 from ponos_tasks.reconcile import (
     AcceptTask,
     AdoptInstance,
@@ -1135,13 +1136,33 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         record.phase == Phase.RUNNING
         and (
             record.logs_published_at is None
-            or now - record.logs_published_at >= settings.logs_interval
+            or now - record.logs_published_at >= _periodic_logs_interval(ctx)
         )
         # one periodic upload at a time: its read may still await Vast.ai's upload
         and ctx.store.log_read(task_id, record.attempt, "running") is None
     ):
         follow.append(Next(StepName.PUBLISH_LOGS, kwargs={"final": False}))
     return follow
+
+
+def _periodic_logs_interval(ctx: AgentContext) -> float:
+    """logs_interval, stretched while more tasks run than the log endpoint's share for
+    periodic reads can serve at that pace (log_pacing.py)."""
+    return log_pacing.periodic_interval(
+        ctx.settings.logs_interval,
+        ctx.store.running_count(),
+        ctx.limiter.interval(log_pacing.GATE),
+    )
+
+
+def _periodic_log_turn(ctx: AgentContext) -> bool:
+    """Whether a periodic log read may ask Vast.ai now: it takes the gate's slot only when it
+    is free, never waiting for it (log_pacing.py)."""
+    try:
+        ctx.limiter.reserve(log_pacing.GATE, timeout=0)
+    except RateLimitTimeout:
+        return False
+    return True
 
 
 def _over_spend_cap(ctx: AgentContext, record: TaskRecord) -> str | None:
@@ -1509,6 +1530,13 @@ def _log_secrets(ctx: AgentContext, task_id: str, definition) -> list[str]:
 def _publish_running_log(ctx: AgentContext, record: TaskRecord) -> Next | None:
     """The periodic upload while the task runs, or waits (never over the final one)."""
     task_id = record.task_id
+    if (
+        record.phase == Phase.RUNNING
+        and not record.instance_destroyed
+        and ctx.store.log_read(task_id, record.attempt, "running") is None
+        and not _periodic_log_turn(ctx)
+    ):
+        return None  # the periodic reads' share of the log endpoint is taken: next watch
     instance_log = read_instance_log(ctx, record, "running")
     if isinstance(instance_log, Pending):
         return Next(StepName.PUBLISH_LOGS, countdown=instance_log.delay, kwargs={"final": False})
@@ -2045,6 +2073,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     _meter(ctx, instances, now)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()
+    ctx.store.save_running_count(sum(1 for r in records.values() if r.phase == Phase.RUNNING))
     steps = plan(
         now=now,
         agent_short_id=short_id,
