@@ -306,7 +306,9 @@ class AgentConfig(_Section):
     vast_api: VastConfig
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     sync_interval: float = Field(default=10, gt=0, description="s between two syncs")
-    logs_interval: float = Field(default=60, gt=0, description="s between log uploads")
+    logs_interval: float = Field(
+        default=60, gt=0, description="s between log uploads (at least: log_pacing.py)"
+    )
     logs_max_mb: float = Field(default=64, gt=0, description="MB of an instance log kept")
     redis_url: str = "redis://127.0.0.1:6379/0"
 
