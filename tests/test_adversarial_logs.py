@@ -41,6 +41,9 @@ def _running_then_ended(ctx, admin, task_id: str) -> Harness:
     while (_instance_of(admin, task_id) or {}).get("actual_status") not in ("stopped", "exited"):
         assert time.monotonic() < deadline, _instance_of(admin, task_id)
         time.sleep(0.1)
+    # The agent's own listing shows the end too: on a loaded machine the last sync's can
+    # still be younger than snapshot_max_age and older than the end (a watch then waits).
+    harness.sync()
     return harness
 
 
