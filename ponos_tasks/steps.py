@@ -1134,10 +1134,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     follow = [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
     if (
         record.phase == Phase.RUNNING
-        and (
-            record.logs_published_at is None
-            or now - record.logs_published_at >= _periodic_logs_interval(ctx)
-        )
+        and _periodic_logs_due(ctx, record.logs_published_at, now)
         # one periodic upload at a time: its read may still await Vast.ai's upload
         and ctx.store.log_read(task_id, record.attempt, "running") is None
     ):
@@ -1145,10 +1142,17 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     return follow
 
 
-def _periodic_logs_interval(ctx: AgentContext) -> float:
-    """logs_interval, stretched while more tasks run than the log endpoint's share for
-    periodic reads can serve at that pace (log_pacing.py)."""
-    return log_pacing.periodic_interval(
+def _periodic_logs_due(ctx: AgentContext, published_at: float | None, now: float) -> bool:
+    """Whether the task's live log is due: logs_interval since the last upload, stretched
+    while more tasks run than the periodic reads' share of the log endpoint serves at that
+    pace (log_pacing.py). The running count is read only once logs_interval has passed (the
+    stretch never shortens it): most watches make no Redis call for it."""
+    if published_at is None:
+        return True
+    waited = now - published_at
+    if waited < ctx.settings.logs_interval:
+        return False
+    return waited >= log_pacing.periodic_interval(
         ctx.settings.logs_interval,
         ctx.store.running_count(),
         ctx.limiter.interval(log_pacing.GATE),
