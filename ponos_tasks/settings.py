@@ -40,7 +40,9 @@ class Settings:
     budget: Limits  # the money limits (budget.py)
     # Derived.
     watch_interval: float  # s between two looks at a task's instance (from the snapshot)
+    running_watch_interval: float  # the same while the instance runs (its end wakes the watch)
     heartbeat_stale: float  # s without progress before the sync loop resumes a chain
+    running_stale: float  # the same for `running` (its watch looks less often)
     creating_stale: float  # the same for `creating` (a create call can take long)
     sync_lock_timeout: float  # the sync loop's single-flight lock
     snapshot_max_age: float  # a watcher lists again itself when the sync's list is older
@@ -70,6 +72,13 @@ class Settings:
         # Half a sync: a change is seen at most one sync late; 0.5 to 30 s whatever the sync.
         watch = min(max(sync / 2, 0.5), 30.0)
         stale = max(6 * watch, 3 * sync, 5.0)
+        # A running instance changes only by ending (or going offline, which has a grace of
+        # minutes), and the sync and the ended check wake its watcher at its end
+        # (steps._wake_watchers_of_ended): three syncs between two looks then only bound how
+        # late an end whose wake was lost is seen, and cut the steps per running task (most
+        # of the agent's CPU at N running: BENCHMARKS.md) by six. At most 90 s, as a
+        # stalled pull's or an offline host's limits are minutes.
+        running_watch = min(max(3 * sync, watch), 90.0)
         return cls(
             sync_interval=sync,
             logs_interval=float(config.logs_interval),
@@ -87,7 +96,10 @@ class Settings:
             image_cache_seconds=float(vast.image_cache_seconds),
             budget=Limits.from_config(config.budget),
             watch_interval=watch,
+            running_watch_interval=running_watch,
             heartbeat_stale=stale,
+            # Two running looks missed, and a sync to see it.
+            running_stale=max(stale, 2 * running_watch + sync),
             creating_stale=stale,
             # Renewed while the sync runs (state.kept_alive): a sync whose worker is killed
             # stalls the loop this long at most, while a slow one keeps it.
@@ -128,16 +140,20 @@ class Settings:
             # A done record stays this long so that a late message cannot restart its task.
             tombstone_ttl=3 * 24 * 3600.0,
             # What ending a task costs after the decision to end it (max_spend_per_task): the
-            # meter lags one sync, the watch one interval, then the stop and the final log
-            # take some seconds; the task is ended this much before its cap is reached.
-            spend_end_margin=2 * sync + watch + 10.0,
+            # meter lags one sync, the watch of a running instance one interval, then the stop
+            # and the final log take some seconds; the task is ended this much before its cap.
+            spend_end_margin=2 * sync + running_watch + 10.0,
             # docker pull's progress changes on every look: one line a minute shows a slow
             # pull moving (or not) without flooding the log (an hour: 60 of its 500 lines).
             start_note_interval=60.0,
         )
 
     def stale_after(self, phase: str) -> float:
-        return self.creating_stale if phase == "creating" else self.heartbeat_stale
+        if phase == "creating":
+            return self.creating_stale
+        if phase == "running":
+            return self.running_stale
+        return self.heartbeat_stale
 
     def but(self, **changes: Any) -> Settings:
         """A copy with some values changed (tests)."""

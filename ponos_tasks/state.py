@@ -656,6 +656,16 @@ class TaskStore:
     def drop_log_read(self, task_id: str, attempt: int, purpose: str) -> None:
         self.redis.delete(self.keys.log_read(task_id, attempt, purpose))
 
+    def running_again(self, task_id: str, attempt: int) -> None:
+        """The attempt's instance runs again after an end (Vast.ai restarted its container):
+        forget the log asked for at that end (it holds that run's output, never the next
+        end's exit marker) and the wake of that end, so that the next end wakes the watch
+        too (ended_wake). One DEL."""
+        self.redis.delete(
+            self.keys.log_read(task_id, attempt, "watch"),
+            self.keys.once(ended_wake(task_id, attempt)),
+        )
+
     # The instance's own API key (Vast.ai's `instance_api_key`, CONTAINER_API_KEY inside it)
     # can reach the task's log; kept apart from the record, which `status --json` shows, for
     # as long as the agent's lines (the log can be published again until then).
@@ -747,6 +757,11 @@ class TaskStore:
 
     def is_stray(self, instance_id: int) -> bool:
         return bool(self.redis.exists(self.keys.once(f"stray:{instance_id}")))
+
+
+def ended_wake(task_id: str, attempt: int) -> str:
+    """The `once` name of the wake of a watch at its instance's end (steps, once per run)."""
+    return f"ended:{task_id}:{attempt}"
 
 
 @contextmanager

@@ -81,7 +81,7 @@ from ponos_tasks.registry_client import (
     ImageNotFound,
     parse_image_reference,
 )
-from ponos_tasks.state import kept_alive, release
+from ponos_tasks.state import ended_wake, kept_alive, release
 from ponos_tasks.vast import (
     CreateOutcomeUnknown,
     InstanceNotFound,
@@ -1020,9 +1020,10 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         and instance is not None
         and instance.actual_status == "running"
     ):
-        # Running again (Vast.ai restarted the container while its log was awaited): a log
-        # asked for at that end holds that run's output, never the next end's exit marker.
-        ctx.store.drop_log_read(task_id, record.attempt, "watch")
+        # Running again (Vast.ai restarted the container after an end): a log asked for at
+        # that end holds that run's output, never the next end's exit marker, and the next
+        # end must wake this watch as the first did.
+        ctx.store.running_again(task_id, record.attempt)
     if decision.action == WatchAction.READ_LOGS or gone_while_read:
         text = read_instance_log(ctx, record, "watch")
         if isinstance(text, Pending):  # asked for; read when Vast.ai has uploaded it
@@ -1131,7 +1132,8 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
     if record.phase == Phase.RUNNING:
         _report_running(ctx, task_id)  # a no-op once reported; sends it if a report was lost
-    follow = [Next(StepName.WATCH, countdown=settings.watch_interval, kwargs=again)]
+    countdown = _next_look_in(settings, record, instance, now)
+    follow = [Next(StepName.WATCH, countdown=countdown, kwargs=again)]
     if (
         record.phase == Phase.RUNNING
         and _periodic_logs_due(ctx, record.logs_published_at, now)
@@ -1140,6 +1142,20 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     ):
         follow.append(Next(StepName.PUBLISH_LOGS, kwargs={"final": False}))
     return follow
+
+
+def _next_look_in(settings, record: TaskRecord, instance, now: float) -> float:
+    """When a waiting watch looks again. An instance that runs is looked at every
+    running_watch_interval (settings.py says why: its end wakes the watch), but no later
+    than its next periodic log upload is due, so that the live log keeps its cadence."""
+    if record.phase != Phase.RUNNING or instance is None or instance.actual_status != "running":
+        return settings.watch_interval
+    look = settings.running_watch_interval
+    if record.logs_published_at is not None:
+        due_in = record.logs_published_at + settings.logs_interval - now
+        if due_in > 0:
+            look = min(look, due_in)
+    return max(settings.watch_interval, look)
 
 
 def _periodic_logs_due(ctx: AgentContext, published_at: float | None, now: float) -> bool:
@@ -2126,7 +2142,7 @@ def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple
             record.phase in (Phase.LOADING, Phase.RUNNING)
             and instance is not None
             and instance.actual_status in ENDED_STATUSES
-            and ctx.store.once(f"ended:{task_id}:{record.attempt}", ctx.settings.tombstone_ttl)
+            and ctx.store.once(ended_wake(task_id, record.attempt), ctx.settings.tombstone_ttl)
         ):
             woken.append((task_id, Next(StepName.WATCH)))
     return woken

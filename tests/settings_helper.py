@@ -1,5 +1,5 @@
 """Settings for the pure tests: the product's defaults (from a minimal configuration), with
-the values a test names. heartbeat_stale alone sets creating_stale too."""
+the values a test names. heartbeat_stale alone sets creating_stale and running_stale too."""
 
 from ponos_tasks.config import AgentConfig
 from ponos_tasks.settings import Settings
@@ -15,4 +15,5 @@ MINIMAL_CONFIG = {
 def settings_with(**values) -> Settings:
     if "heartbeat_stale" in values:
         values.setdefault("creating_stale", values["heartbeat_stale"])
+        values.setdefault("running_stale", values["heartbeat_stale"])
     return Settings.from_config(AgentConfig.model_validate(MINIMAL_CONFIG)).but(**values)

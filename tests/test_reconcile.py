@@ -147,6 +147,18 @@ def test_creating_has_its_own_staleness():
     assert kinds(run([rec(T1, "creating", age=301.0)], settings=settings)) == [("ResumeStep", T1)]
 
 
+def test_running_has_its_own_staleness():
+    """A running task's watch looks every running_watch_interval: a heartbeat older than a
+    loading task's staleness is not yet a stalled chain (no resume, no extra chain)."""
+    settings = settings_with(heartbeat_stale=100.0).but(running_stale=300.0)
+    running = rec(T1, "running", age=5000.0, instance_id=7, heartbeat_at=NOW - 200)
+    assert run([running], [inst(T1, 1, 7)], settings=settings) == []
+    loading = rec(T1, "loading", age=5000.0, instance_id=7, heartbeat_at=NOW - 200)
+    assert kinds(run([loading], [inst(T1, 1, 7)], settings=settings)) == [("ResumeStep", T1)]
+    stalled = rec(T1, "running", age=5000.0, instance_id=7, heartbeat_at=NOW - 301)
+    assert kinds(run([stalled], [inst(T1, 1, 7)], settings=settings)) == [("ResumeStep", T1)]
+
+
 def test_step_for_accepted_and_done_is_none():
     assert step_for(rec(T1, "accepted")) is None
     assert step_for(rec(T1, "done")) is None
