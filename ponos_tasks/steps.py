@@ -1132,27 +1132,34 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
     ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
     if record.phase == Phase.RUNNING:
         _report_running(ctx, task_id)  # a no-op once reported; sends it if a report was lost
-    countdown = _next_look_in(settings, record, instance, now)
-    follow = [Next(StepName.WATCH, countdown=countdown, kwargs=again)]
-    if (
+    publish = (
         record.phase == Phase.RUNNING
         and _periodic_logs_due(ctx, record.logs_published_at, now)
         # one periodic upload at a time: its read may still await Vast.ai's upload
         and ctx.store.log_read(task_id, record.attempt, "running") is None
-    ):
+    )
+    # The upload sent now counts from now, not from the last one (the record predates it).
+    published_at = now if publish else record.logs_published_at
+    countdown = _next_look_in(settings, record, instance, now, published_at)
+    follow = [Next(StepName.WATCH, countdown=countdown, kwargs=again)]
+    if publish:
         follow.append(Next(StepName.PUBLISH_LOGS, kwargs={"final": False}))
     return follow
 
 
-def _next_look_in(settings, record: TaskRecord, instance, now: float) -> float:
+def _next_look_in(
+    settings, record: TaskRecord, instance, now: float, published_at: float | None
+) -> float:
     """When a waiting watch looks again. An instance that runs is looked at every
     running_watch_interval (settings.py says why: its end wakes the watch), but no later
-    than its next periodic log upload is due, so that the live log keeps its cadence."""
+    than its next periodic log upload is due (logs_interval after `published_at`), so that
+    the live log keeps its cadence. A due upload that waits (the log pacing's stretch, or a
+    read in flight) is looked at again a running look later."""
     if record.phase != Phase.RUNNING or instance is None or instance.actual_status != "running":
         return settings.watch_interval
     look = settings.running_watch_interval
-    if record.logs_published_at is not None:
-        due_in = record.logs_published_at + settings.logs_interval - now
+    if published_at is not None:
+        due_in = published_at + settings.logs_interval - now
         if due_in > 0:
             look = min(look, due_in)
     return max(settings.watch_interval, look)
@@ -2128,12 +2135,16 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
 
 
 ENDED_STATUSES = ("exited", "stopped")
+# Also woken: an instance gone offline (its host), so that offline_grace counts from the look
+# that first shows it, not from a running look up to 90 s later.
+WAKE_STATUSES = (*ENDED_STATUSES, "offline")
 
 
 def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple[str, Next]]:
-    """A watch now for each task whose instance this sync saw ended, once per attempt: its
-    watcher may be up to watch_interval away, and an ended instance is acted on within one
-    sync interval of its end (the watch decides; a new chain takes the old one over)."""
+    """A watch now for each task whose instance this sync saw ended (or offline), once per
+    run (a watch that sees it running again re-arms it): its watcher may be up to
+    running_watch_interval away, and an ended instance is acted on within one sync interval
+    of its end (the watch decides; a new chain takes the old one over)."""
     by_id = {i.id: i for i in instances}
     woken = []
     for task_id, record in records.items():
@@ -2141,7 +2152,7 @@ def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple
         if (
             record.phase in (Phase.LOADING, Phase.RUNNING)
             and instance is not None
-            and instance.actual_status in ENDED_STATUSES
+            and instance.actual_status in WAKE_STATUSES
             and ctx.store.once(ended_wake(task_id, record.attempt), ctx.settings.tombstone_ttl)
         ):
             woken.append((task_id, Next(StepName.WATCH)))
@@ -2181,7 +2192,7 @@ def check_ended(ctx: AgentContext) -> list[tuple[str, Next]]:
     logger.info("ended check: listed %d instance(s) not running", len(listed))
     records = {}
     for instance in listed:
-        if instance.actual_status not in ENDED_STATUSES:
+        if instance.actual_status not in WAKE_STATUSES:
             continue
         label = parse_label(instance.label)
         record = ctx.store.get(label.task_id) if label is not None else None

@@ -63,6 +63,11 @@ def test_a_running_instance_is_looked_at_less_often_but_its_log_keeps_its_cadenc
     )
     ctx.store.touch(task_id, logs_published_at=ctx.now() - settings.logs_interval + due_in)
     assert look_in(watch_once(ctx, task_id)) == pytest.approx(due_in, abs=0.3)
+    # Due now: the upload sent by this watch counts from now, the next look with it.
+    ctx.store.touch(task_id, logs_published_at=ctx.now() - settings.logs_interval - 1.0)
+    follow = watch_once(ctx, task_id)
+    assert any(n.step == StepName.PUBLISH_LOGS for n in follow)
+    assert look_in(follow) == settings.running_watch_interval  # logs_interval is longer
     # ... but never sooner than a look at a starting instance.
     ctx.store.touch(task_id, logs_published_at=ctx.now() - settings.logs_interval + 0.01)
     assert look_in(watch_once(ctx, task_id)) == settings.watch_interval
@@ -105,3 +110,53 @@ def test_an_instance_running_again_after_an_end_is_woken_at_its_next_end(context
     harness.push(task_id, watch_once(ctx, task_id))
     harness.run(until=lambda: harness.done(task_id), timeout=30)
     assert ctx.store.get(task_id).final_state == "completed"
+
+
+def test_a_live_log_due_more_often_than_a_running_look_keeps_its_cadence(contexts, admin):
+    """logs_interval shorter than a running look: the watch that sends an upload comes back
+    logs_interval later (the upload counts from now), not a running look later."""
+    ctx = contexts(**FLAT)
+    settings = ctx.settings
+    logs = (settings.watch_interval + settings.running_watch_interval) / 2
+    ctx = contexts(**FLAT, logs_interval=logs)
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="600"))
+    harness = bring_to_running(ctx, task_id)
+    ctx.store.save_running_count(1)
+    ctx.store.touch(task_id, logs_published_at=ctx.now() - logs - 1.0)
+    follow = watch_once(ctx, task_id)
+    assert any(n.step == StepName.PUBLISH_LOGS for n in follow)
+    assert look_in(follow) == pytest.approx(logs, abs=0.05)
+    harness.push(task_id, steps.run_step(ctx, task_id, StepName.STOP_TASK))
+    harness.run(until=lambda: harness.done(task_id), timeout=60)
+
+
+@pytest.mark.parametrize("reads", ["flat", "full_list"])
+def test_a_host_gone_offline_wakes_the_watch_of_a_running_instance(contexts, admin, stack, reads):
+    """offline_grace counts from the look that first shows the host offline: the sync that
+    lists it offline wakes the watch (not left to a running look), once, and the watch
+    stamps offline_since."""
+    ctx = contexts(vast_api={"instance_reads": reads})
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="600"))
+    harness = bring_to_running(ctx, task_id)
+    record = ctx.store.get(task_id)
+    sim = stack.vast.state
+    with sim.lock:
+        sim.fleet.instances[record.instance_id].offline = True
+    try:
+        woken = False
+        for _ in range(40):  # flat: the full listing's pass reaches it within a few syncs
+            # A fresh heartbeat: no stalled-chain resume stands in for the wake.
+            ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
+            if (task_id, Next(StepName.WATCH)) in steps.sync(ctx).enqueue:
+                woken = True
+                break
+        assert woken, "no sync woke the watch of an instance gone offline"
+        assert (task_id, Next(StepName.WATCH)) not in steps.sync(ctx).enqueue  # once
+        harness.queue.clear()
+        harness.push(task_id, steps.run_step(ctx, task_id, StepName.WATCH))
+        assert ctx.store.get(task_id).offline_since is not None
+    finally:
+        with sim.lock:
+            sim.fleet.instances[record.instance_id].offline = False
+    harness.push(task_id, steps.run_step(ctx, task_id, StepName.STOP_TASK))
+    harness.run(until=lambda: harness.done(task_id), timeout=60)
