@@ -810,8 +810,9 @@ def plot(results: dict[int, dict], path: Path) -> None:
 
 QUICK = {"n": (10,), "time_scale": 10.0, "window": 180.0, "ends": 5, "vanish": 2}
 # The agent's work runs in real time while its intervals are divided by time_scale: its load
-# is N x time_scale-fold what a real deployment sees (a watch per task every half sync), so
-# the scale goes down as N goes up (on 2 cores, N x time_scale of a few hundred keeps up).
+# is N x time_scale-fold what a real deployment sees (a watch per running task every three
+# syncs, more while starting), so the scale goes down as N goes up (on 2 cores, N x
+# time_scale of a few hundred keeps up).
 SCALES = {10: 10.0, 100: 4.0, 1000: 4.0}
 
 
