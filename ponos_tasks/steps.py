@@ -2134,10 +2134,9 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     return result
 
 
-ENDED_STATUSES = ("exited", "stopped")
-# Also woken: an instance gone offline (its host), so that offline_grace counts from the look
+# Ended, or gone offline (its host): offline too, so that offline_grace counts from the look
 # that first shows it, not from a running look up to 90 s later.
-WAKE_STATUSES = (*ENDED_STATUSES, "offline")
+WAKE_STATUSES = ("exited", "stopped", "offline")
 
 
 def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple[str, Next]]:
