@@ -69,8 +69,10 @@ class Observations:
     task_definition: dict | None = None
     default_log_lines: int | None = None  # lines of a log asked without `tail`
     # The flat sync's filtered listings, next to the full one (`instances`): what
-    # `actual_status neq running` and `id in [ids_asked]` answered, or the error they got.
+    # `actual_status neq running` with `id gte a_from`, and `id in [ids_asked]` answered,
+    # or the error they got.
     not_running: list[Instance] | None = None
+    a_from: int = 0
     by_id: list[Instance] | None = None
     ids_asked: list[int] = field(default_factory=list)
     filter_error: str | None = None
@@ -155,14 +157,15 @@ def check_ranking_fields(seen: Observations) -> Verdict:
     )
 
 
-# The stored statuses the flat sync's call A (`actual_status neq running`) must list.
+# The stored statuses the flat sync's call A (`actual_status neq running`, `id gte`) must list.
 NOT_RUNNING_STATUSES = frozenset({"created", "loading", "exited", "stopped"})
 
 
 def check_instance_filters(seen: Observations) -> Verdict:
     """The v1 listing applies `select_filters` as the flat sync relies on (ponos_tasks/view.py):
-    `neq` on the stored actual_status, `in` on ids, compared with the full listing read just
-    before (an instance changing status in between can make a false alarm: run it again)."""
+    `neq` on the stored actual_status together with `gte` on ids, `in` on ids, compared with
+    the full listing read just before (an instance changing status in between can make a
+    false alarm: run it again)."""
     if seen.filter_error is not None:
         return CONTRADICTED, f"the v1 listing refused select_filters ({seen.filter_error})"
     if seen.not_running is None or seen.instances is None:
@@ -173,9 +176,12 @@ def check_instance_filters(seen: Observations) -> Verdict:
     if running:
         problems.append(f"actual_status neq running listed running instances {running[:5]}")
     a_ids = {i.id for i in seen.not_running}
+    below = sorted(i for i in a_ids if i < seen.a_from)
+    if below:
+        problems.append(f"id gte {seen.a_from} listed instances below it {below[:5]}")
     missed = sorted(
         i for i, inst in listed.items()
-        if inst.actual_status in NOT_RUNNING_STATUSES and i not in a_ids
+        if inst.actual_status in NOT_RUNNING_STATUSES and i >= seen.a_from and i not in a_ids
     )  # fmt: skip
     if missed:
         problems.append(f"actual_status neq running left out instances {missed[:5]}")
@@ -189,7 +195,7 @@ def check_instance_filters(seen: Observations) -> Verdict:
     if not listed:
         return CONFIRMED, "select_filters accepted (no instance to compare the answers with)"
     return CONFIRMED, (
-        f"actual_status neq running and id in answer as the full listing of "
+        f"actual_status neq running with id gte, and id in, answer as the full listing of "
         f"{len(listed)} instances says"
     )
 

@@ -311,11 +311,14 @@ def probe_instance_filters(client, seen: Observations, instance_reads: str) -> C
     """The flat sync's two filtered calls, read next to the full listing (the assumption
     `vast.instance_filters` judges the answers)."""
     from ponos_tasks.vast import VastError
-    from ponos_tasks.view import NOT_RUNNING
+    from ponos_tasks.view import not_running_from
 
     seen.ids_asked = [i.id for i in seen.instances[:5]] or [0]
+    # From the middle id: the answer then shows whether `id gte` holds next to the `neq`.
+    ids = sorted(i.id for i in seen.instances)
+    seen.a_from = ids[len(ids) // 2] if ids else 0
     try:
-        seen.not_running = client.list_instances(select_filters=NOT_RUNNING)
+        seen.not_running = client.list_instances(select_filters=not_running_from(seen.a_from))
         seen.by_id = client.list_instances(select_filters={"id": {"in": seen.ids_asked}})
     except VastError as error:
         if error.status is None or not 400 <= error.status < 500 or error.status == 429:

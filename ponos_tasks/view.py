@@ -13,8 +13,13 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    the view on absence; apart from it, only the agent's own destroy (a positive fact:
    Vast.ai said destroyed or not found) and a listing that shows the id under a label not
    ours (renamed by a user: no longer ours, as a full listing would say) remove one.
-2. A: `actual_status neq running`: every instance whose stored status is not running (SQL
-   semantics: a null status is not listed). An instance that exits, is stopped (its own
+2. A: `actual_status neq running` and `id gte <lowest>`: every instance whose stored status
+   is not running (SQL semantics: a null status is not listed), from the lowest id among the
+   view's entries and the records' instances (`a_from`). A only vouches for those (B reads
+   what A did not list), and ids grow with creation time: the bound leaves out another user's
+   stopped instances older than this agent's oldest, which an account keeps for their disk
+   and a plain `neq` would page through every sync. Nothing to vouch for (no entry, no
+   record): no A. An instance that exits, is stopped (its own
    stop, a user's, an outbid: the host daemon carries the stop out and reports the container
    exited/stopped a few seconds after `intended_status` changed) or fails to start leaves
    `running` and shows here at the next refresh. No separate `intended_status` call: an
@@ -35,7 +40,9 @@ ends is seen within half a sync interval, not one (the watcher woken at once act
 removes nothing and moves no cursor: presence and absence stay the refreshes' business.
 
 At steady state a refresh costs A + K calls whatever the fleet's size N; B appears only
-while instances start. The sync then reads the whole view for plan(), the meter and the
+while instances start. Left: another user's instances kept stopped and created after this
+agent's oldest live instance are still listed by A (label prefixes have no server-side
+operator), a page more per 25 of them. The sync then reads the whole view for plan(), the meter and the
 status; a watcher reads only its own instance's entry (one hash field), never the fleet.
 
 Why no decision taken on this view is one a full listing would contradict:
@@ -72,6 +79,18 @@ from .models import Instance
 
 PAGE_SIZE = 25
 NOT_RUNNING = {"actual_status": {"neq": "running"}}
+
+
+def not_running_from(lowest: int) -> dict:
+    """A's filter: the instances not running whose id is `lowest` or above."""
+    return {**NOT_RUNNING, "id": {"gte": int(lowest)}}
+
+
+def a_from(entry_ids: Iterable[int], record_ids: Iterable[int]) -> int | None:
+    """The lowest id A must cover: every id it vouches for is an entry's or a record's."""
+    return min([*entry_ids, *record_ids], default=None)
+
+
 # B's ids go in the query string: a burst of starts could make it longer than a front proxy
 # takes (8 KB for nginx). 100 ids is about 1.3 KB encoded, and costs no call more than the
 # 25-row pages they are read in anyway.
@@ -88,6 +107,7 @@ class PassState:
     pages_done: int = 0  # pages of the pass in progress
     last_pass_pages: int | None = None  # pages of the last complete pass
     refreshed_at: float = 0.0  # when the last refresh began (agent clock)
+    a_from: int | None = None  # the last refresh's lower bound of A (None: no A)
 
     def covered_at(self, instance_id: int) -> float | None:
         """The latest time (a lower bound) at which a full page covered this id; None when
@@ -182,8 +202,11 @@ def list_not_running(ctx) -> list[Instance]:
     entries of the listed ids are read back (renamed ones leave): a fleet's worth of entries
     is not read for the few instances that are not running."""
     store, prefix = ctx.store, ctx.label_prefix()
+    lowest = store.load_view_meta().a_from
+    if lowest is None:
+        return []  # the last refresh had nothing to vouch for; an instance since is B's
     at = ctx.now()
-    listed = ctx.vast.list_instances(select_filters=NOT_RUNNING)
+    listed = ctx.vast.list_instances(select_filters=not_running_from(lowest))
     entries = store.view_entries_of([i.id for i in listed])
     return keep_listed(store, prefix, entries, listed, at)
 
@@ -224,14 +247,17 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
                 state, cursor=highest, started_at=pass_start, pages_done=state.pages_done + 1
             )
         store.save_view_meta(state)  # each page's evidence is kept even if a later call fails
-    at = ctx.now()
-    not_running = vast.list_instances(select_filters=NOT_RUNNING)
-    keep(not_running, at)
+    lowest = a_from(entries, record_ids)
+    not_running = []
+    if lowest is not None:
+        at = ctx.now()
+        not_running = vast.list_instances(select_filters=not_running_from(lowest))
+        keep(not_running, at)
     ids = to_check(entries, {i.id for i in not_running}, record_ids)
     for start in range(0, len(ids), IDS_PER_CALL):
         at = ctx.now()
         chunk = ids[start : start + IDS_PER_CALL]
         keep(vast.list_instances(select_filters={"id": {"in": chunk}}), at)
-    state = replace(state, refreshed_at=started)
+    state = replace(state, refreshed_at=started, a_from=lowest)
     store.save_view_meta(state)
     return state

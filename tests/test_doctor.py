@@ -104,6 +104,10 @@ def test_instance_filters_verdicts():
     assert check_instance_filters(replace(right, not_running=[]))[0] == CONTRADICTED
     # `id in` answering other ids than those asked (that exist).
     assert check_instance_filters(replace(right, by_id=full))[0] == CONTRADICTED
+    # `id gte` next to the `neq`: an exited instance below the bound is rightly left out,
+    # listing it (the bound ignored) is wrong.
+    assert check_instance_filters(replace(right, not_running=[], a_from=3))[0] == CONFIRMED
+    assert check_instance_filters(replace(right, a_from=3))[0] == CONTRADICTED
     refused = Observations(instances=full, filter_error="400 invalid_request")
     assert check_instance_filters(refused)[0] == CONTRADICTED
     assert check_instance_filters(Observations())[0] == CANNOT_TELL

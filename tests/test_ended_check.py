@@ -37,8 +37,9 @@ def midway(ctx) -> None:
 
 def ended_instance(ctx, admin, stack, **extra):
     """A task brought to running whose instance has then exited (the view still says
-    running: no refresh since)."""
-    task_id = admin.one_task(env=scripted(0, SIM_DURATION="60", **extra))
+    running: no refresh since). It runs 3 real s: a watcher refreshes the view every 1.5
+    sync intervals (0.75 s), and a shorter run could end unseen by bring_to_running."""
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="300", **extra))
     harness = bring_to_running(ctx, task_id)
     record = ctx.store.get(task_id)
     if ctx.settings.instance_reads == "flat":

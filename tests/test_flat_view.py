@@ -358,7 +358,9 @@ def test_filters_refused_mid_run_fall_back_to_full_listings(contexts, admin, sta
     watchers read full listings for a while, say so, and the task still ends; afterwards
     the flat view is tried again."""
     ctx = contexts(vast_api={"instance_reads": "flat"})
-    task_id = admin.one_task(env=scripted(0, SIM_DURATION="60"))
+    # Runs 6 real s: a watcher refreshes the view every 1.5 sync intervals, and a shorter
+    # run could end between two refreshes, never seen `running` by bring_to_running.
+    task_id = admin.one_task(env=scripted(0, SIM_DURATION="600"))
     harness = bring_to_running(ctx, task_id)
     stack.vast.state.select_filters = False
     try:
