@@ -51,6 +51,13 @@ DEFAULT_INTERVALS: dict[str, float] = {
     name: round(seconds * SAFETY_MARGIN, 3) for name, seconds in PUBLISHED_INTERVALS.items()
 }
 DEFAULT_INTERVALS["create"] = PUBLISHED_INTERVALS["create"] + CREATE_MARGIN_S
+# Seconds Vast.ai refuses an endpoint to the account after a refused call, each refused call
+# in it restarting it (create's spec publishes `penalty: 12`). A 429 on create is therefore
+# not "try again in a moment": every worker that sends a create within 12 s of it gets
+# another 429 and restarts the penalty, and creates spaced at 4.6 s never get through again
+# (a benchmark at 1000 tasks stalled so, at 561 launched). `penalize` holds the bucket until
+# the penalty is over, for every worker.
+PUBLISHED_PENALTIES: dict[str, float] = {"create": 12.0}
 # Not a Vast.ai endpoint: the gate of the periodic log reads (log_pacing.py), which keeps the
 # rest of the log endpoint for the reads at a task's end.
 DEFAULT_INTERVALS[log_pacing.GATE] = round(DEFAULT_INTERVALS["logs"] / log_pacing.PERIODIC_SHARE, 3)
@@ -77,6 +84,29 @@ end
 local ttl_ms = math.floor((wait + interval) / 1000) + 1000
 redis.call('SET', KEYS[1], string.format('%.0f', slot), 'PX', ttl_ms)
 return {wait, slot}
+"""
+
+
+# KEYS[1]: bucket, KEYS[2]: its penalty's end; ARGV: penalty µs, interval µs.
+# Sets the penalty's end to now + penalty (never earlier than one already set) and moves the
+# bucket so that its next slot is no earlier than that end. Returns the end (µs).
+_PENALIZE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local penalty = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local ends = now + penalty
+local set = tonumber(redis.call('GET', KEYS[2]))
+if set and set > ends then
+  ends = set
+end
+local ttl_ms = math.floor((ends - now + interval) / 1000) + 1000
+redis.call('SET', KEYS[2], string.format('%.0f', ends), 'PX', ttl_ms)
+local last = tonumber(redis.call('GET', KEYS[1]))
+if not last or last + interval < ends then
+  redis.call('SET', KEYS[1], string.format('%.0f', ends - interval), 'PX', ttl_ms)
+end
+return ends
 """
 
 
@@ -107,7 +137,11 @@ class RedisRateLimiter:
         self.redis = redis_client
         self.prefix = prefix
         self.intervals = {name: seconds * scale + margin for name, seconds in intervals.items()}
+        self.penalties = {
+            name: seconds * scale + margin for name, seconds in PUBLISHED_PENALTIES.items()
+        }
         self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
+        self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
 
     def interval(self, endpoint: str) -> float:
         try:
@@ -116,8 +150,7 @@ class RedisRateLimiter:
             known = ", ".join(sorted(self.intervals))
             raise ValueError(f"unknown rate-limit endpoint {endpoint!r} (known: {known})") from None
 
-    def reserve(self, endpoint: str, timeout: float = 60.0) -> float:
-        """Reserve the endpoint's next slot without sleeping; return the seconds until it."""
+    def _reserve_slot(self, endpoint: str, timeout: float) -> tuple[float, int]:
         interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
         max_wait_us = math.floor(timeout * 1_000_000)
         wait_us, other = self._reserve(
@@ -127,12 +160,44 @@ class RedisRateLimiter:
             raise RateLimitTimeout(
                 f"rate limiter: next {endpoint!r} slot is {other / 1e6:.1f}s away (> {timeout}s)"
             )
-        return wait_us / 1_000_000
+        return wait_us / 1_000_000, int(other)
+
+    def reserve(self, endpoint: str, timeout: float = 60.0) -> float:
+        """Reserve the endpoint's next slot without sleeping; return the seconds until it."""
+        return self._reserve_slot(endpoint, timeout)[0]
 
     def acquire(self, endpoint: str, timeout: float = 60.0) -> float:
-        """Wait for the endpoint's next slot; return the seconds waited."""
-        wait = self.reserve(endpoint, timeout)
-        if wait > 0:
-            log.debug("rate limiter: waiting %.3fs for %s", wait, endpoint)
-            time.sleep(wait)
-        return wait
+        """Wait for the endpoint's next slot; return the seconds waited. A slot that a
+        penalty (penalize) covered while the caller slept is not used: the caller takes the
+        first slot after the penalty instead of restarting it."""
+        waited = 0.0
+        while True:
+            wait, slot_us = self._reserve_slot(endpoint, max(0.0, timeout - waited))
+            if wait > 0:
+                log.debug("rate limiter: waiting %.3fs for %s", wait, endpoint)
+                time.sleep(wait)
+            waited += wait
+            if endpoint not in self.penalties:
+                return waited
+            ends = self.redis.get(self.prefix + endpoint + ":penalty")
+            if ends is None or int(float(ends)) <= slot_us:
+                return waited
+
+    def penalize(self, endpoint: str) -> float:
+        """Vast.ai refused a call (429): hold the endpoint for its published penalty, for
+        every worker; return the penalty's seconds (0: the endpoint has none, a refused call
+        does not count there and the next slot stands)."""
+        penalty = self.penalties.get(endpoint)
+        if not penalty:
+            return 0.0
+        self._penalize(
+            keys=[self.prefix + endpoint, self.prefix + endpoint + ":penalty"],
+            args=[math.ceil(penalty * 1_000_000), math.ceil(self.interval(endpoint) * 1_000_000)],
+        )
+        log.warning(
+            "rate limiter: Vast.ai refused a %s call; no %s call for %.1fs (its penalty)",
+            endpoint,
+            endpoint,
+            penalty,
+        )
+        return penalty

@@ -236,6 +236,8 @@ def _bounded_text(response: requests.Response, max_bytes: int | None) -> str:
 class RateLimiter(Protocol):
     def acquire(self, endpoint: str, timeout: float = 60.0) -> float: ...
 
+    def penalize(self, endpoint: str) -> float: ...
+
 
 def _never_sent(exc: requests.RequestException) -> bool:
     """True when the request provably never left this machine (the TCP connection failed)."""
@@ -653,7 +655,10 @@ class VastClient:
         self._told(endpoint, response.status_code)
         log.debug("%s -> %s in %.3fs", context, response.status_code, time.monotonic() - started)
         if response.status_code >= 400:
-            raise self._error(response, context, create)
+            error = self._error(response, context, create)
+            if isinstance(error, VastRateLimited) and self.rate_limiter is not None:
+                self.rate_limiter.penalize(endpoint)  # before any worker's next try
+            raise error
         # Parsed inside the attempt, so that an unreadable answer to a read is retried.
         return self._json(response, method, path, create)
 

@@ -184,3 +184,22 @@ def test_control_four_processes_without_the_limiter_get_429(limited_sim, redis_u
 def test_create_margin_leaves_launches_at_95_percent_of_the_bound():
     # 10 % on create (4.95 s) capped a burst's launches at 0.91 of Vast.ai's bound.
     assert PUBLISHED_INTERVALS["create"] / DEFAULT_INTERVALS["create"] >= 0.95
+
+
+def test_a_penalty_holds_the_bucket_and_slots_reserved_before_it(redis_client, key_prefix):
+    limiter = RedisRateLimiter(
+        redis_client, prefix=key_prefix, intervals={"create": 4.5, "list": 1.0}, scale=1 / 30
+    )
+    assert limiter.acquire("create") == 0
+    early = limiter.reserve("create")  # a worker's slot, 0.15 s away, taken before the 429
+    assert 0.1 < early <= 0.15
+    assert limiter.penalize("create") == pytest.approx(0.4)  # 12 s / 30
+    assert limiter.reserve("create") >= 0.4 - 0.02  # the bucket starts at its end
+    # A slot reserved before the penalty is not used: acquire takes one after it.
+    started = time.monotonic()
+    limiter.acquire("create")
+    assert time.monotonic() - started >= 0.4
+    # No published penalty: a refused list does not count, the next slot stands.
+    limiter.acquire("list")
+    assert limiter.penalize("list") == 0.0
+    assert limiter.reserve("list") <= 1.0 / 30 + 0.01

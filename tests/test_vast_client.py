@@ -553,6 +553,48 @@ def test_every_call_through_the_rate_limiter_gets_no_429(limited_sim, redis_url,
     assert not any(stats(limited_sim)["rate_limited"].values())
 
 
+def test_a_refused_create_holds_every_worker_for_the_penalty(limited_sim, redis_url, key_prefix):
+    """Vast.ai refuses a create (429) and then every create of the account for 12 s, each
+    refused one restarting it. Somebody else's create on the account makes the workers'
+    first one refused: the workers then wait the penalty out together (slots reserved before
+    it included) and get through; before, they kept sending every 4.6 s, each restarting the
+    penalty, and no create got through again."""
+    limiter = RedisRateLimiter(
+        redis.Redis.from_url(redis_url), prefix=key_prefix, scale=1 / TIME_SCALE, margin=0.03
+    )
+    other = make_client(limited_sim.url)  # another user of the account: no shared limiter
+    offers = other.search_offers({"num_gpus": {"eq": 1}, "limit": 10})
+    ids, errors = [], []
+
+    def worker(mine):
+        vast = make_client(limited_sim.url, rate_limiter=limiter, max_attempts=4)
+        for offer in mine:
+            try:
+                created = vast.create_instance(
+                    offer.id, image=IMAGE, label=new_label(), env={}, disk=10
+                )
+                ids.append(created.id)
+            except VastError as error:
+                errors.append(error)
+
+    ids.append(
+        other.create_instance(offers[0].id, image=IMAGE, label=new_label(), env={}, disk=10).id
+    )
+    workers = [
+        threading.Thread(target=worker, args=(offers[1 + 2 * i : 3 + 2 * i],)) for i in range(3)
+    ]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=60)
+    try:
+        assert errors == [] and len(ids) == 7
+        assert stats(limited_sim)["rate_limited"].get("create", 0) == 1
+    finally:
+        for instance_id in ids:
+            other.destroy_instance(instance_id)
+
+
 # ------------------------------------------------------------------ answers that are not answers
 
 
