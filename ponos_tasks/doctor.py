@@ -26,6 +26,7 @@ from ponos_tasks import arkindex as arkindex_module
 from ponos_tasks.assumptions import (
     CONTRADICTED,
     INSTANCE_FIELDS_READ,
+    NOT_RUNNING_STATUSES,
     Observations,
     check_instance_filters,
     judge,
@@ -314,9 +315,15 @@ def probe_instance_filters(client, seen: Observations, instance_reads: str) -> C
     from ponos_tasks.view import not_running_from
 
     seen.ids_asked = [i.id for i in seen.instances[:5]] or [0]
-    # From the middle id: the answer then shows whether `id gte` holds next to the `neq`.
+    # Bounded at the second instance not running: an API that ignored the bound would list
+    # the first, one that read it as `gt` would leave the second out; both show. Fewer than
+    # two: the middle id (the bound's inclusiveness cannot show then).
     ids = sorted(i.id for i in seen.instances)
-    seen.a_from = ids[len(ids) // 2] if ids else 0
+    not_running = sorted(i.id for i in seen.instances if i.actual_status in NOT_RUNNING_STATUSES)
+    if len(not_running) >= 2:
+        seen.a_from = not_running[1]
+    else:
+        seen.a_from = ids[len(ids) // 2] if ids else 0
     try:
         seen.not_running = client.list_instances(select_filters=not_running_from(seen.a_from))
         seen.by_id = client.list_instances(select_filters={"id": {"in": seen.ids_asked}})

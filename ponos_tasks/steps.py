@@ -14,6 +14,7 @@ each entry, and the test harness runs them from the same registry.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -454,6 +455,19 @@ def _destroy(ctx: AgentContext, instance_id: int) -> bool:
     return destroyed
 
 
+def _before_create_sent(ctx: AgentContext, lock, record: TaskRecord, offer_id: int) -> None:
+    """Right before a create try is sent: renew its lock, and note the create's floor (the
+    flat view's call A then covers the instance even if the answer is lost: view.py)."""
+    lock.reacquire()
+    settings = ctx.settings
+    ctx.store.note_create_floor(
+        f"{record.task_id}:{record.attempt}:{offer_id}",
+        ctx.store.load_view_meta().highest_seen,
+        ctx.now(),
+        view.create_floor_seconds(settings.full_resync_interval, settings.visibility_grace),
+    )
+
+
 def _view_record_ids(ctx: AgentContext) -> set[int]:
     """The instances the agent's records name (view.refresh asks for those it lacks)."""
     return {
@@ -747,7 +761,10 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             # rate limiter's wait, however long): a worker whose lock lapsed meanwhile, and
             # was taken over, sends nothing (LockNotOwnedError).
             created = ctx.vast.create_instance(
-                offer.id, before_send=lock.reacquire, price=price, **request
+                offer.id,
+                before_send=functools.partial(_before_create_sent, ctx, lock, record, offer.id),
+                price=price,
+                **request,
             )
             ctx.store.remember_instance_key(task_id, record.attempt, created.instance_api_key)
         except LockNotOwnedError:

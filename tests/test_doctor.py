@@ -113,6 +113,36 @@ def test_instance_filters_verdicts():
     assert check_instance_filters(Observations())[0] == CANNOT_TELL
 
 
+class _ExclusiveBound:
+    """A v1 listing that reads `id gte` as `gt` (the agent's oldest instance's end would be
+    missed by call A)."""
+
+    def __init__(self, instances):
+        self.instances = instances
+
+    def list_instances(self, select_filters=None, **_):
+        rows, flt = list(self.instances), select_filters or {}
+        if "actual_status" in flt:
+            rows = [i for i in rows if i.actual_status not in (None, "running")]
+        if "gte" in flt.get("id", {}):
+            rows = [i for i in rows if i.id > flt["id"]["gte"]]
+        if "in" in flt.get("id", {}):
+            rows = [i for i in rows if i.id in flt["id"]["in"]]
+        return rows
+
+
+def test_the_filter_probe_shows_a_bound_read_as_exclusive():
+    """Bounded at the middle id (a running instance, usually), `gt` and `gte` answer alike:
+    the probe bounds at the second instance not running, where they differ."""
+    from ponos_tasks.doctor import probe_instance_filters
+
+    full = [_instance(1, "exited"), _instance(2, "running"), _instance(3, "exited")]
+    seen = Observations(instances=full)
+    check = probe_instance_filters(_ExclusiveBound(full), seen, "flat")
+    assert seen.a_from == 3
+    assert check.status == FAIL and "left out instances [3]" in check.detail, check
+
+
 def test_refused_instance_filters_fail_with_what_to_do(make_local_stack, private_redis, tmp_path):
     stack = make_local_stack(vast_options={"select_filters": False})
     code, document, _ = _doctor(stack, private_redis(), tmp_path)
