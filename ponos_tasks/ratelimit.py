@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Mapping
 
@@ -190,6 +191,9 @@ class RedisRateLimiter:
         penalty = self.penalties.get(endpoint)
         if not penalty:
             return 0.0
+        # Up to half as long again, at random: another user of the key backing off exactly
+        # the penalty from its own refusal would restart it in step with ours, forever.
+        penalty *= 1 + random.uniform(0.0, 0.5)
         self._penalize(
             keys=[self.prefix + endpoint, self.prefix + endpoint + ":penalty"],
             args=[math.ceil(penalty * 1_000_000), math.ceil(self.interval(endpoint) * 1_000_000)],

@@ -118,6 +118,7 @@ Follow = Next | list[Next] | None
 # inside): Celery's autoretry in tasks.py, and the tests' in-process harness.
 TRANSIENT = (
     redis.exceptions.LockError,
+    RateLimitTimeout,  # raised before anything is sent: a later try is safe
     VastRateLimited,
     VastServerError,
     VastTransportError,

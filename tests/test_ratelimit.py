@@ -193,8 +193,9 @@ def test_a_penalty_holds_the_bucket_and_slots_reserved_before_it(redis_client, k
     assert limiter.acquire("create") == 0
     early = limiter.reserve("create")  # a worker's slot, 0.15 s away, taken before the 429
     assert 0.1 < early <= 0.15
-    assert limiter.penalize("create") == pytest.approx(0.4)  # 12 s / 30
-    assert limiter.reserve("create") >= 0.4 - 0.02  # the bucket starts at its end
+    penalty = limiter.penalize("create")
+    assert 0.4 <= penalty <= 0.6  # 12 s / 30, up to half as long again
+    assert limiter.reserve("create") >= penalty - 0.02  # the bucket starts at its end
     # A slot reserved before the penalty is not used: acquire takes one after it.
     started = time.monotonic()
     limiter.acquire("create")

@@ -595,6 +595,49 @@ def test_a_refused_create_holds_every_worker_for_the_penalty(limited_sim, redis_
             other.destroy_instance(instance_id)
 
 
+def test_two_agents_on_one_key_are_not_locked_out_by_each_others_penalty(limited_sim, redis_url):
+    """Two agents with their own Redis (a staging and a production farm) on one Vast.ai
+    key: each one's limiter knows nothing of the other's creates, and their first creates
+    collide. Each backing off exactly 12 s from its own refusal, each create landed in the
+    penalty the other's last refusal had restarted, and the offset never closed: 2 of 6
+    creates in 12 tries each. A penalty up to half as long again, at random, breaks the
+    step. (12 tries stand for the client's own and the step's Celery retries.)"""
+    ids, errors = [], []
+    other = make_client(limited_sim.url)
+    offers = other.search_offers({"num_gpus": {"eq": 1}, "limit": 8})
+    client = redis.Redis.from_url(redis_url)
+    prefixes = [f"test-agent{i}-{uuid.uuid4().hex[:8]}:" for i in range(2)]
+
+    def agent(prefix, mine):
+        limiter = RedisRateLimiter(client, prefix=prefix, scale=1 / TIME_SCALE, margin=0.03)
+        vast = make_client(limited_sim.url, rate_limiter=limiter, max_attempts=12)
+        for offer in mine:
+            try:
+                created = vast.create_instance(
+                    offer.id, image=IMAGE, label=new_label(), env={}, disk=10
+                )
+                ids.append(created.id)
+            except VastError as error:
+                errors.append(error)
+
+    agents = [
+        threading.Thread(target=agent, args=(prefixes[i], offers[3 * i : 3 * i + 3]))
+        for i in range(2)
+    ]
+    for thread in agents:
+        thread.start()
+    for thread in agents:
+        thread.join(timeout=120)
+    try:
+        assert errors == [] and len(ids) == 6, (len(ids), errors[:1])
+    finally:
+        for instance_id in ids:
+            other.destroy_instance(instance_id)
+        for prefix in prefixes:
+            for key in client.scan_iter(match=prefix + "*"):
+                client.delete(key)
+
+
 # ------------------------------------------------------------------ answers that are not answers
 
 
