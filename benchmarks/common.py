@@ -173,6 +173,9 @@ class Sampler(threading.Thread):
         self.every = every
         self.peak_rss_kb: Counter = Counter()
         self.peak_redis = 0
+        # Celery's queues (Redis lists of the default transport): a backlog the worker has
+        # not taken shows here, and in used_memory (about 1 KB a message).
+        self.peak_queue: Counter = Counter()
         self.samples = 0
         self._halt = threading.Event()
 
@@ -183,6 +186,8 @@ class Sampler(threading.Thread):
         try:
             used = int(self.redis.info("memory")["used_memory"])
             self.peak_redis = max(self.peak_redis, used)
+            for queue in ("steps", "sync"):
+                self.peak_queue[queue] = max(self.peak_queue[queue], self.redis.llen(queue))
         except redis.RedisError:
             pass
         self.samples += 1

@@ -583,6 +583,7 @@ def run_strategy(
                 "peak_rss_kib_per_task": round(sum(peaks.values()) / n, 1),
                 "peak_rss_mib": {k: round(v / 1024, 1) for k, v in peaks.items()},
                 "redis_bytes_per_task": round((redis_used - redis_base) / n),
+                "peak_queue_messages": dict(run.sampler.peak_queue),
             }
         )
         out[strategy] = result
@@ -746,10 +747,12 @@ def report(results: dict[int, dict]) -> str:
             )
         if flat.get("available") is False:
             notes.append("flat: the agent does not know `vast_api.instance_reads` yet (not run)")
-        full = by["full_list"]
+        # The run's own figures: full_list's, or flat's when it ran alone (--only flat).
+        full = by["full_list"] if not by["full_list"].get("skipped") else by["flat"]
         notes.append(
             f"time_scale {full.get('time_scale')}: bring-up {full.get('bring_up_real_s')} real s; "
-            f"peak RSS (MiB) {full.get('peak_rss_mib')}"
+            f"peak RSS (MiB) {full.get('peak_rss_mib')}; "
+            f"peak Celery queue lengths {full.get('peak_queue_messages')}"
         )
         out += ["Notes: " + "; ".join(notes) + ".", ""]
     out.append(
