@@ -237,7 +237,6 @@ class TaskRecord:
     start_status: str | None = None  # the instance's last status_msg while it starts
     progress_at: float | None = None  # when that status_msg last changed (pull progress)
     create_unknown_at: float | None = None  # a create of this attempt got no answer then
-    create_sent_at: float | None = None  # a create of this attempt was last sent then
     # The failed attempt's instance, kept *stopped* until the next attempt is created: between
     # two attempts it is the task's only trace outside Redis (see steps.retry_attempt).
     kept_instance_id: int | None = None

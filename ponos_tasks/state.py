@@ -187,6 +187,10 @@ class Keyspace:
         return self.prefix + "view:refused"
 
     @property
+    def view_create_floors(self) -> str:
+        return self.prefix + "view:create_floors"
+
+    @property
     def credentials(self) -> str:
         return self.prefix + "arkindex:agent"
 
@@ -511,6 +515,20 @@ class TaskStore:
     def drop_view_entries(self, instance_ids) -> None:
         if instance_ids:
             self.redis.hdel(self.keys.view, *[str(int(i)) for i in instance_ids])
+
+    def note_create_floor(self, member: str, floor: int, at: float, keep_for: float) -> None:
+        """A create is about to be sent: its instance's id will be above `floor` (view.py,
+        call A). `member` names the create (task, attempt, offer); kept `keep_for` s."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.view_create_floors, {f"{int(floor)}:{member}": at})
+        pipe.zremrangebyscore(self.keys.view_create_floors, "-inf", at - keep_for)
+        pipe.execute()
+
+    def create_floors(self, since: float) -> list[int]:
+        """The floors of the creates sent since `since` (at most the creates of a few
+        minutes: bounded by Vast.ai's create interval, not by the fleet)."""
+        members = self.redis.zrangebyscore(self.keys.view_create_floors, since, "+inf")
+        return [int(m.decode().split(":", 1)[0]) for m in members]
 
     def load_view_meta(self) -> PassState:
         return PassState.from_json(self.redis.get(self.keys.view_meta))

@@ -456,12 +456,17 @@ def _destroy(ctx: AgentContext, instance_id: int) -> bool:
     return destroyed
 
 
-def _before_create_sent(ctx: AgentContext, lock, task_id: str, attempt: int) -> None:
-    """Right before a create try is sent: renew its lock (a worker whose lock lapsed sends
-    nothing), and say on the record that a create of this attempt may exist from now on
-    (a stop that closes the task before its answer is known looks its label up: destroy)."""
+def _before_create_sent(ctx: AgentContext, lock, record: TaskRecord, offer_id: int) -> None:
+    """Right before a create try is sent: renew its lock, and note the create's floor (the
+    flat view's call A then covers the instance even if the answer is lost: view.py)."""
     lock.reacquire()
-    ctx.store.touch(task_id, expect_attempt=attempt, create_sent_at=ctx.now())
+    settings = ctx.settings
+    ctx.store.note_create_floor(
+        f"{record.task_id}:{record.attempt}:{offer_id}",
+        ctx.store.load_view_meta().highest_seen,
+        ctx.now(),
+        view.create_floor_seconds(settings.full_resync_interval, settings.visibility_grace),
+    )
 
 
 def _view_record_ids(ctx: AgentContext) -> set[int]:
@@ -651,7 +656,6 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
             attempt=attempt,
             label=label,
             create_unknown_at=None,
-            create_sent_at=None,
             heartbeat_at=ctx.now(),
         )
     return record if record.phase == Phase.CREATING else None
@@ -759,9 +763,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             # was taken over, sends nothing (LockNotOwnedError).
             created = ctx.vast.create_instance(
                 offer.id,
-                before_send=functools.partial(
-                    _before_create_sent, ctx, lock, task_id, record.attempt
-                ),
+                before_send=functools.partial(_before_create_sent, ctx, lock, record, offer.id),
                 price=price,
                 **request,
             )
@@ -776,7 +778,6 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
             )
             return None
         except OfferUnavailable:
-            ctx.store.touch(task_id, create_sent_at=None)  # a definite answer: none made
             ctx.metric_store.count_start_failure(StartFailureKind.OFFER_GONE)
             _note(
                 ctx,
@@ -807,7 +808,6 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
                 or isinstance(error, VastAuthError | VastRateLimited)
             ):
                 raise
-            ctx.store.touch(task_id, create_sent_at=None)  # a definite answer: none made
             refusals.append(error.msg)
             ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)
             _note(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
@@ -1741,10 +1741,6 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         return None
     if record.kept_instance_id is not None:  # a failed attempt's trace, if still kept
         _destroy(ctx, record.kept_instance_id)
-    if record.instance_id is None and record.create_sent_at is not None:
-        wait = _destroy_unanswered_create(ctx, record)
-        if wait is not None:
-            return Next(StepName.DESTROY_INSTANCE, countdown=wait)
     if record.instance_id is not None and not record.instance_destroyed:
         gone_before = not _destroy(ctx, record.instance_id)
         _note(
@@ -1773,27 +1769,6 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
     else:
         _publish_last_lines(ctx, record)
     ctx.arkindex.forget(task_id)
-    return None
-
-
-def _destroy_unanswered_create(ctx: AgentContext, record: TaskRecord) -> float | None:
-    """A create of this attempt was sent and its answer never recorded (lost, or its worker
-    died), and the task ends (a stop) before the create step's label lookup: look the label
-    up and destroy what it finds. Not listed is no proof within visibility_grace of the send
-    (Vast.ai's reads lag a create): look again until then (the seconds to wait), then close.
-    A failed lookup raises: the step is retried, never closed on it."""
-    found = ctx.vast.list_instances(label=record.label)
-    for instance in found:
-        _destroy(ctx, instance.id)
-        _note(
-            ctx,
-            record.task_id,
-            f"instance {instance.id}, of a create whose answer never came, destroyed",
-        )
-    settings = ctx.settings
-    if not found and ctx.now() - record.create_sent_at < settings.visibility_grace:
-        ctx.store.touch(record.task_id, heartbeat_at=ctx.now())
-        return settings.create_unknown_delay
     return None
 
 

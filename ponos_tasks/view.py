@@ -15,11 +15,15 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    ours (renamed by a user: no longer ours, as a full listing would say) remove one.
 2. A: `actual_status neq running` and `id gte <lowest>`: every instance whose stored status
    is not running (SQL semantics: a null status is not listed), from the lowest id among the
-   view's entries and the records' instances (`a_from`). A only vouches for those (B reads
-   what A did not list), and ids grow with creation time: the bound leaves out another user's
-   stopped instances older than this agent's oldest, which an account keeps for their disk
-   and a plain `neq` would page through every sync. Nothing to vouch for (no entry, no
-   record): no A. An instance that exits, is stopped (its own
+   view's entries, the records' instances and the *create floors* (`a_from`). A vouches for
+   the entries and the records' instances (B reads what A did not list); a create floor is
+   the highest id any listing had shown when a create was sent, kept for
+   `create_floor_seconds`: the instance of a create whose answer was lost (or whose worker
+   died) is above it, so A brings it into the view while it is not running, even once its
+   task was stopped and no record names it (plan() then destroys it), instead of leaving
+   it to the full resync. Ids grow with creation time: the bound leaves out another user's
+   stopped instances older than all of these, which an account keeps for their disk and a
+   plain `neq` would page through every sync. Nothing to vouch for: no A. An instance that exits, is stopped (its own
    stop, a user's, an outbid: the host daemon carries the stop out and reports the container
    exited/stopped a few seconds after `intended_status` changed) or fails to start leaves
    `running` and shows here at the next refresh. No separate `intended_status` call: an
@@ -86,9 +90,18 @@ def not_running_from(lowest: int) -> dict:
     return {**NOT_RUNNING, "id": {"gte": int(lowest)}}
 
 
-def a_from(entry_ids: Iterable[int], record_ids: Iterable[int]) -> int | None:
-    """The lowest id A must cover: every id it vouches for is an entry's or a record's."""
-    return min([*entry_ids, *record_ids], default=None)
+def a_from(
+    entry_ids: Iterable[int], record_ids: Iterable[int], floors: Iterable[int] = ()
+) -> int | None:
+    """The lowest id A must cover: the entries', the records' and, above each recent create
+    floor, the instance that create may have made."""
+    return min([*entry_ids, *record_ids, *(f + 1 for f in floors)], default=None)
+
+
+def create_floor_seconds(full_resync_interval: float, visibility_grace: float) -> float:
+    """How long a create floor bounds A: until a full pass that started after the create's
+    instance became visible has listed it (it is then an entry, or gone)."""
+    return 2 * full_resync_interval + visibility_grace
 
 
 # B's ids go in the query string: a burst of starts could make it longer than a front proxy
@@ -108,6 +121,7 @@ class PassState:
     last_pass_pages: int | None = None  # pages of the last complete pass
     refreshed_at: float = 0.0  # when the last refresh began (agent clock)
     a_from: int | None = None  # the last refresh's lower bound of A (None: no A)
+    highest_seen: int = 0  # the highest id a refresh's listings showed (a create floor)
 
     def covered_at(self, instance_id: int) -> float | None:
         """The latest time (a lower bound) at which a full page covered this id; None when
@@ -218,7 +232,11 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
     started = ctx.now()
     entries = store.view_entries()
 
+    top_seen = state.highest_seen
+
     def keep(instances: list[Instance], at: float) -> None:
+        nonlocal top_seen
+        top_seen = max([top_seen, *(i.id for i in instances)])
         keep_listed(store, prefix, entries, instances, at)
 
     budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval, started)
@@ -247,7 +265,9 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
                 state, cursor=highest, started_at=pass_start, pages_done=state.pages_done + 1
             )
         store.save_view_meta(state)  # each page's evidence is kept even if a later call fails
-    lowest = a_from(entries, record_ids)
+    settings = ctx.settings
+    keep_for = create_floor_seconds(settings.full_resync_interval, settings.visibility_grace)
+    lowest = a_from(entries, record_ids, store.create_floors(since=started - keep_for))
     not_running = []
     if lowest is not None:
         at = ctx.now()
@@ -258,6 +278,6 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
         at = ctx.now()
         chunk = ids[start : start + IDS_PER_CALL]
         keep(vast.list_instances(select_filters={"id": {"in": chunk}}), at)
-    state = replace(state, refreshed_at=started, a_from=lowest)
+    state = replace(state, refreshed_at=started, a_from=lowest, highest_seen=top_seen)
     store.save_view_meta(state)
     return state
