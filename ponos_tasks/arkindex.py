@@ -686,13 +686,23 @@ class ArkindexAgentClient:
         with self._lock:
             if new_identity:
                 self.store.clear()
-            if not force:
-                stored = self.store.load()
-                if self._matches(stored):
-                    self._set_token(stored)
-                    return dict(stored.get("agent") or {"id": stored["agent_id"]})
+            if not force and (known := self._stored_agent()) is not None:
+                return known
             with self.store.lock():
+                # Another worker may have registered while this one waited for the lock: one
+                # CreateAgent per burst, not one per waiting worker.
+                if not force and (known := self._stored_agent()) is not None:
+                    return known
                 return self._register_locked()
+
+    def _stored_agent(self) -> dict | None:
+        """The stored agent's public info (its token now in use), if the store holds
+        credentials for this URL and farm."""
+        stored = self.store.load()
+        if not self._matches(stored):
+            return None
+        self._set_token(stored)
+        return dict(stored.get("agent") or {"id": stored["agent_id"]})
 
     def _register_locked(self) -> dict:
         # The identity is kept with the credentials and used again on a re-registration

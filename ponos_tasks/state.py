@@ -1056,12 +1056,29 @@ class RedisCredentialStore:
     def clear(self) -> None:
         self.redis.delete(self.keys.credentials)
 
+    # The lock's life without renewal: how long a holder killed with SIGKILL (or one whose
+    # release could not reach Redis) keeps the others from registering.
+    LOCK_TTL = 15.0
+    # How long a worker waits for another's registration or refresh: a few Arkindex calls,
+    # each with its retries and timeouts.
+    LOCK_WAIT = 90.0
+
     @contextmanager
     def lock(self):
         # One renewal (refresh or re-registration) at a time across all workers, so that a
-        # burst of 401s does not register a dozen agents. The timeout bounds a crashed holder.
-        with self.redis.lock(self.keys.credentials_lock, timeout=60, blocking_timeout=90):
-            yield
+        # burst of 401s does not register a dozen agents. Renewed while its holder lives and
+        # released through a Redis blip: a lock left behind (brought back by the AOF after a
+        # restart) would hold every worker's Arkindex calls for its whole life.
+        lock = self.redis.lock(
+            self.keys.credentials_lock, timeout=self.LOCK_TTL, thread_local=False
+        )
+        if not lock.acquire(blocking=True, blocking_timeout=self.LOCK_WAIT):
+            raise LockError(f"the Arkindex credentials lock is held over {self.LOCK_WAIT:g} s")
+        try:
+            with kept_alive(lock, every=self.LOCK_TTL / 3):
+                yield
+        finally:
+            release(lock)
 
 
 class TaskLogBook:

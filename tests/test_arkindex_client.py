@@ -137,6 +137,34 @@ def test_register_stores_credentials_in_redis_and_never_logs_tokens(
     assert other.register(new_identity=True)["id"] != agent["id"]
 
 
+def test_workers_registering_at_once_make_one_agent_with_one_create_agent_call(sim, store):
+    """Workers that find no credentials at once (first start, Redis lost its data) take the
+    lock in turn: the ones that waited use the agent the first one registered."""
+    calls = []
+    clients = [
+        ArkindexAgentClient(
+            sim.url, FARM, SEED, store, on_call=lambda api, op, status: calls.append(op)
+        )
+        for _ in range(4)
+    ]
+    # The schema is read before the race, so that the four meet at the lock.
+    assert all(each.api is not None for each in clients)
+    start = threading.Barrier(len(clients))
+    ids = []
+
+    def register(each):
+        start.wait()
+        ids.append(each.register()["id"])
+
+    threads = [threading.Thread(target=register, args=(each,)) for each in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(ids) == 4 and len(set(ids)) == 1
+    assert calls.count("CreateAgent") == 1
+
+
 def test_registration_key_pair_is_p384_and_derived_from_the_identity(sim):
     """An agent that lost all memory (a fresh store) registers again as the same agent: its
     EC P-384 key pair comes from its identity; another identity is another agent."""

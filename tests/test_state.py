@@ -1,6 +1,8 @@
 """TaskStore against the real Redis of tests/conftest.py: CAS, touch, tombstones, locks."""
 
 import multiprocessing
+import os
+import signal
 import threading
 import time
 
@@ -9,7 +11,7 @@ import redis
 
 from ponos_tasks.lifecycle import TransitionError
 from ponos_tasks.models import Instance, Snapshot, TaskRecord
-from ponos_tasks.state import Keyspace, StoreError, TaskStore
+from ponos_tasks.state import Keyspace, RedisCredentialStore, StoreError, TaskStore
 
 TASK = "8c1d2f7e-0a4b-4c3d-9e8f-123456789abc"
 
@@ -305,6 +307,56 @@ def test_a_lock_is_released_through_a_redis_restart(tmp_path):
         assert store.sync_lock(timeout=300).acquire()  # the next sync runs at once
     finally:
         server.stop()
+
+
+@pytest.mark.stack
+def test_the_credentials_lock_is_released_through_a_redis_restart(tmp_path):
+    """A registration whose Redis restarts under it must not leave the credentials lock
+    behind: the AOF would bring it back and every worker's Arkindex calls would wait for it
+    (the quick chaos run once stalled 55 s so)."""
+    from ponos_tasks.simulators.stack import RedisProcess
+
+    server = RedisProcess(tmp_path, appendonly=True).start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        store = RedisCredentialStore(client, Keyspace("t:"))
+        with store.lock():
+            restarting = threading.Thread(target=server.restart, kwargs={"down_for": 1.5})
+            restarting.start()
+            time.sleep(0.5)  # Redis is down when the block ends
+        restarting.join(timeout=30)
+        assert client.exists(Keyspace("t:").credentials_lock) == 0
+    finally:
+        server.stop()
+
+
+def _hold_credentials_lock(redis_url: str, prefix: str, held) -> None:
+    store = RedisCredentialStore(redis.Redis.from_url(redis_url), Keyspace(prefix))
+    with store.lock():
+        held.set()
+        time.sleep(600)  # killed before
+
+
+def test_a_killed_holder_of_the_credentials_lock_frees_it_within_its_ttl(redis_url, key_prefix):
+    """A worker SIGKILLed while it registers blocks the others for the lock's TTL, not for
+    the longest registration allowed: the lock is short and renewed while its holder lives."""
+    ctx = multiprocessing.get_context("spawn")
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold_credentials_lock, args=(redis_url, key_prefix, held))
+    holder.start()
+    try:
+        assert held.wait(30)
+        store = RedisCredentialStore(redis.Redis.from_url(redis_url), Keyspace(key_prefix))
+        time.sleep(store.LOCK_TTL)  # renewed meanwhile: the holder still has it
+        assert store.redis.exists(store.keys.credentials_lock) == 1
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with store.lock():
+            waited = time.monotonic() - killed
+    finally:
+        holder.kill()
+        holder.join(timeout=10)
+    assert waited <= store.LOCK_TTL + 2
 
 
 def test_offer_ranking_records_expire_and_stay_bounded(store, clock):
