@@ -163,6 +163,22 @@ def tree_rss_kb(root: int, children: dict[int, list[int]] | None = None) -> int:
     return total
 
 
+# A key's family: its name with ids (UUIDs, hex digests, numbers) replaced by "*".
+_KEY_ID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{16,}|\d+"
+)
+
+
+def redis_memory_by_family(client: redis.Redis, top: int = 8) -> dict[str, int]:
+    """Bytes (MEMORY USAGE) per key family, the `top` largest: where Redis's memory goes,
+    e.g. Celery's queues and unacked hash against the agent's records and view."""
+    sizes: Counter = Counter()
+    for key in client.scan_iter(count=1000):
+        name = key.decode(errors="replace")
+        sizes[_KEY_ID.sub("*", name)] += client.memory_usage(key, samples=0) or 0
+    return dict(sizes.most_common(top))
+
+
 class Sampler(threading.Thread):
     """Samples RSS of named process trees and Redis used_memory until stopped; keeps peaks."""
 

@@ -45,6 +45,7 @@ from benchmarks.common import (
     fmt,
     machine,
     percentile,
+    redis_memory_by_family,
     sync_durations,
     table,
     write_section,
@@ -555,6 +556,7 @@ def run_strategy(
         up = bring_up(run, n, timeout, say)
         wait_sim(run, 2 * SYNC_INTERVAL)  # settle: every watcher reads a steady state
         redis_used = int(run.sampler.redis.info("memory")["used_memory"])
+        redis_families = redis_memory_by_family(run.sampler.redis)
         window = Window(run)
         plan = disturb(run, ends, vanish, "a", window_sim, say)
         figures = window.close()
@@ -584,6 +586,7 @@ def run_strategy(
                 "peak_rss_mib": {k: round(v / 1024, 1) for k, v in peaks.items()},
                 "redis_bytes_per_task": round((redis_used - redis_base) / n),
                 "peak_queue_messages": dict(run.sampler.peak_queue),
+                "redis_bytes_by_family": redis_families,
             }
         )
         out[strategy] = result
@@ -752,7 +755,8 @@ def report(results: dict[int, dict]) -> str:
         notes.append(
             f"time_scale {full.get('time_scale')}: bring-up {full.get('bring_up_real_s')} real s; "
             f"peak RSS (MiB) {full.get('peak_rss_mib')}; "
-            f"peak Celery queue lengths {full.get('peak_queue_messages')}"
+            f"peak Celery queue lengths {full.get('peak_queue_messages')}; "
+            f"Redis bytes by key family after settling {full.get('redis_bytes_by_family')}"
         )
         out += ["Notes: " + "; ".join(notes) + ".", ""]
     out.append(
