@@ -317,16 +317,18 @@ def test_the_credentials_lock_is_released_through_a_redis_restart(tmp_path):
     from ponos_tasks.simulators.stack import RedisProcess
 
     server = RedisProcess(tmp_path, appendonly=True).start()
+    restarting = threading.Thread(target=server.restart, kwargs={"down_for": 1.5})
     try:
         client = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
         store = RedisCredentialStore(client, Keyspace("t:"))
         with store.lock():
-            restarting = threading.Thread(target=server.restart, kwargs={"down_for": 1.5})
             restarting.start()
             time.sleep(0.5)  # Redis is down when the block ends
         restarting.join(timeout=30)
         assert client.exists(Keyspace("t:").credentials_lock) == 0
     finally:
+        if restarting.is_alive():  # the block failed: stop the Redis it is about to start
+            restarting.join(timeout=30)
         server.stop()
 
 
