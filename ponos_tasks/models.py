@@ -276,6 +276,8 @@ class TaskRecord:
 SYNC_QUEUE = "sync"
 STEPS_QUEUE = "steps"
 QUEUES = (SYNC_QUEUE, STEPS_QUEUE)
+#: A header of every chain message: the wall-clock time it was sent (steps.message_headers).
+SENT_AT_HEADER = "ponos_sent_at"
 
 
 class StepName(StrEnum):

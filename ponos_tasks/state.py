@@ -74,7 +74,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ponos_tasks.budget import Metered, MeterPass
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
-from ponos_tasks.models import Instance, Snapshot, TaskRecord
+from ponos_tasks.models import SENT_AT_HEADER, Instance, Snapshot, TaskRecord
 from ponos_tasks.view import PassState
 
 if TYPE_CHECKING:  # the client is passed in
@@ -152,6 +152,9 @@ class Keyspace:
 
     def once(self, name: str) -> str:
         return f"{self.prefix}once:{name}"
+
+    def queued(self, task_id: str) -> str:
+        return f"{self.prefix}queued:{task_id}"
 
     def offer_search(self, digest: str) -> str:
         return f"{self.prefix}offers:search:{digest}"
@@ -752,6 +755,32 @@ class TaskStore:
     def once(self, name: str, ttl: float) -> bool:
         """True the first time `name` is claimed within `ttl` seconds (SET NX PX)."""
         return bool(self.redis.set(self.keys.once(name), "1", nx=True, px=max(1, int(ttl * 1000))))
+
+    # Far above any wait in a queue; only bounds a mark nobody reads again.
+    QUEUED_TTL = 24 * 3600
+
+    def note_queued(self, task_id: str, sent_at: float) -> None:
+        """A message for this task was sent to run at once (no countdown) at `sent_at`."""
+        self.redis.set(self.keys.queued(task_id), repr(sent_at), ex=self.QUEUED_TTL)
+
+    def queued_at(self, task_id: str) -> float | None:
+        """When the task's last message without a countdown was sent, if known."""
+        raw = self.redis.get(self.keys.queued(task_id))
+        return None if raw is None else float(raw)
+
+    def oldest_waiting_sent_at(self, queue: str) -> float | None:
+        """When the oldest message still waiting in the Celery queue `queue` was sent; None
+        when the queue is empty or that message carries no send time (an older agent's).
+        kombu's Redis transport keeps a queue as a list under the queue's name, pushed on
+        the left and popped on the right: the oldest message is the last element."""
+        raw = self.redis.lindex(queue, -1)
+        if raw is None:
+            return None
+        try:
+            sent_at = json.loads(raw)["headers"].get(SENT_AT_HEADER)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return float(sent_at) if isinstance(sent_at, int | float) else None
 
     def claimed(self, name: str) -> bool:
         """Whether `name` is claimed (by `once`) right now."""

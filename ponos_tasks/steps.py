@@ -62,7 +62,16 @@ from ponos_tasks.lifecycle import (
 from ponos_tasks.log_reads import Pending, read_instance_log
 from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
-from ponos_tasks.models import STEPS_QUEUE, Instance, Next, Offer, Snapshot, StepName, TaskRecord
+from ponos_tasks.models import (
+    SENT_AT_HEADER,
+    STEPS_QUEUE,
+    Instance,
+    Next,
+    Offer,
+    Snapshot,
+    StepName,
+    TaskRecord,
+)
 from ponos_tasks.offers import build_query, explain_offers, offer_matches, rank_offers
 from ponos_tasks.ratelimit import RateLimitTimeout
 from ponos_tasks.reconcile import (
@@ -70,6 +79,7 @@ from ponos_tasks.reconcile import (
     AdoptInstance,
     DestroyInstance,
     GrantAllowance,
+    ResumeStep,
     StartChain,
     WaitForCapacity,
     WatchAction,
@@ -1997,6 +2007,36 @@ class SyncResult:
     ran: bool
     steps: list = field(default_factory=list)  # what plan() said
     enqueue: list[tuple[str, Next]] = field(default_factory=list)  # (task id, message)
+    held: list[str] = field(default_factory=list)  # tasks whose chain message still waits
+
+
+# Chain messages the sync sends again when a chain makes no progress. A chain that only waits
+# its turn in a backlogged queue makes none either: sending it again then adds a copy behind
+# the first, each copy adds to the backlog, and the backlog feeds itself (a 1000-task burst
+# once piled up 16 000 messages in 4 minutes, nine in ten of them copies of choose_offer).
+# So the sync holds them while the task's last message may still wait in the queue.
+HELD_WHILE_QUEUED = (ResumeStep, StartChain)
+
+
+def message_headers(ctx: AgentContext, task_id: str, countdown: float) -> dict:
+    """The headers of a chain message about to be sent, after noting its send time for the
+    sync (`_still_queued`). A message with a countdown is not noted: Celery's worker takes it
+    from the queue at once and holds it until it is due, so it never waits in the queue."""
+    sent_at = ctx.now()
+    if not countdown:
+        ctx.store.note_queued(task_id, sent_at)
+    return {SENT_AT_HEADER: sent_at}
+
+
+def _still_queued(ctx: AgentContext, task_id: str, oldest_waiting: float | None) -> bool:
+    """Whether the task's last message may still wait in the steps queue: the queue is FIFO,
+    so it does while the oldest waiting message was sent no later than it. Unknown (no mark,
+    empty queue, an older agent's message): not waiting, the message is sent as before.
+    A message taken by a worker that then died is not waiting: the stall is resumed."""
+    if oldest_waiting is None:
+        return False
+    sent_at = ctx.store.queued_at(task_id)
+    return sent_at is not None and oldest_waiting <= sent_at
 
 
 def sync(ctx: AgentContext) -> SyncResult:
@@ -2130,6 +2170,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     )
     result = SyncResult(ran=True, steps=steps)
     result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
+    oldest_waiting = ctx.store.oldest_waiting_sent_at(STEPS_QUEUE)
     _save_sync_report(ctx, now, capacity, steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):
@@ -2147,8 +2188,20 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
                 result.enqueue += [(planned.task_id, message) for message in publish]
             continue
         message = planned.message()
+        if isinstance(planned, HELD_WHILE_QUEUED) and _still_queued(
+            ctx, planned.task_id, oldest_waiting
+        ):
+            result.held.append(planned.task_id)
+            continue
         if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):
             result.enqueue.append((planned.task_id, message))
+    if result.held:
+        logger.info(
+            "sync: %d stalled chain(s) not sent again: their last message still waits in the "
+            "steps queue (its oldest was sent %.0f s ago)",
+            len(result.held),
+            ctx.now() - oldest_waiting,
+        )
     return result
 
 

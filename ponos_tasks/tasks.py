@@ -14,7 +14,7 @@ from ponos_tasks.agent import get_context
 from ponos_tasks.app import app
 from ponos_tasks.models import SYNC_QUEUE, Next, StepName
 from ponos_tasks.settings import SYNC_SOFT_TIME_LIMIT, SYNC_TIME_LIMIT
-from ponos_tasks.steps import STEPS, TRANSIENT, Step, run_step
+from ponos_tasks.steps import STEPS, TRANSIENT, Step, message_headers, run_step
 from ponos_tasks.steps import check_ended as check_ended_step
 from ponos_tasks.steps import sync as sync_step
 
@@ -29,6 +29,7 @@ def enqueue(task_id: str, follow: list[Next]) -> None:
             kwargs=item.kwargs,
             countdown=item.countdown or None,
             queue=STEPS[item.step].queue,
+            headers=message_headers(get_context(), task_id, item.countdown),
         )
 
 
