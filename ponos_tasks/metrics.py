@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from ponos_tasks.lifecycle import Condition, Phase, classify_instance
 from ponos_tasks.metric_store import HISTOGRAMS, Measurements, MetricStore, cumulative
-from ponos_tasks.models import Instance, TaskRecord
+from ponos_tasks.models import QUEUES, STEPS_QUEUE, Instance, TaskRecord
 from ponos_tasks.state import DEFAULT_PREFIX, Keyspace, TaskStore
 
 #: Upper bounds of the attempts histogram (attempt 0 = no instance created yet).
@@ -77,6 +77,8 @@ class AgentState:
     destroyed: dict[str, int] = field(default_factory=dict)
     measurements: Measurements = field(default_factory=Measurements)
     spend: Spend | None = None  # the budget's meter (None: not read, as in describe())
+    queue_messages: dict[str, int] = field(default_factory=dict)  # Celery queue -> waiting
+    steps_oldest_sent_at: float | None = None  # send time of the oldest waiting chain step
 
     @property
     def live_instances(self) -> list[Instance]:
@@ -133,6 +135,8 @@ def read_agent_state(
         last_sync_at=store.last_sync(),
         destroyed=store.destroyed_counts(),
         measurements=MetricStore(client, keys).read(),
+        queue_messages={queue: int(client.llen(queue)) for queue in QUEUES},
+        steps_oldest_sent_at=store.oldest_waiting_sent_at(STEPS_QUEUE),
     )
 
 
@@ -253,6 +257,20 @@ class PonosCollector:
         )
         histogram.add_metric([], buckets, sum_value=sum(attempts))
         yield histogram
+
+        waiting = GaugeMetricFamily(
+            "ponos_queue_messages",
+            "Messages waiting in a Celery queue of the agent (sync, steps) for a worker",
+            labels=["queue"],
+        )
+        for queue, count in sorted(state.queue_messages.items()):
+            waiting.add_metric([queue], count)
+        yield waiting
+        yield GaugeMetricFamily(
+            "ponos_steps_queue_oldest_age_seconds",
+            "Seconds the oldest chain step waiting in the steps queue has waited (0: none)",
+            value=state.age(state.steps_oldest_sent_at) or 0.0,
+        )
 
         yield GaugeMetricFamily(
             "ponos_instances_orphaned",

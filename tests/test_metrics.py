@@ -229,3 +229,38 @@ def test_spend_metrics_follow_the_budget_meter(redis_client, key_prefix):
     left = samples[("ponos_budget_headroom_dollars", (("limit", "max_spend_per_day"),))]
     assert left == pytest.approx(headroom(settings, store, NOW + 10).day_left)
     assert left <= 2.0 - 0.75 + 1e-9
+
+
+@pytest.mark.stack
+def test_a_steps_backlog_shows_its_length_and_the_age_of_its_oldest_message(tmp_path):
+    """Celery's queues are plain lists in the agent's Redis (a private one here: a shared
+    Redis may hold a real agent's): the gauges read their length and the send time that
+    every chain message carries."""
+    from celery import Celery
+
+    from ponos_tasks.models import SENT_AT_HEADER
+    from ponos_tasks.simulators.stack import RedisProcess
+
+    server = RedisProcess(tmp_path).start()
+    client = redis.Redis.from_url(server.url)
+    metrics, thread = serve_metrics(client, "m:", host="127.0.0.1", port=0, now=lambda: NOW)
+    url = f"http://127.0.0.1:{metrics.server_port}/metrics"
+    try:
+        samples = scrape(url)
+        assert samples[("ponos_queue_messages", (("queue", "steps"),))] == 0
+        assert samples[("ponos_steps_queue_oldest_age_seconds", ())] == 0
+        producer = Celery("metrics-test", broker=server.url, set_as_current=False)
+        producer.conf.broker_transport = "ponos_tasks.broker:Transport"
+        for sent_at in (NOW - 40, NOW - 5):
+            producer.send_task(
+                "ponos.watch", args=("t",), queue="steps", headers={SENT_AT_HEADER: sent_at}
+            )
+        samples = scrape(url)
+        assert samples[("ponos_queue_messages", (("queue", "steps"),))] == 2
+        assert samples[("ponos_queue_messages", (("queue", "sync"),))] == 0
+        assert samples[("ponos_steps_queue_oldest_age_seconds", ())] == 40.0
+    finally:
+        metrics.shutdown()
+        metrics.server_close()
+        thread.join(timeout=5)
+        server.stop()
