@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
+from redis.exceptions import LockError
 
 from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError
 from ponos_tasks.config import AgentConfig, current_config
@@ -186,6 +187,10 @@ def service_problem(
             context.agent_short_id()  # registers (or reuses the stored credentials)
     except ArkindexError as error:
         return f"url: {error}"
+    except LockError as error:  # another worker registers and does not finish
+        return f"url: registration on Arkindex did not complete: {error}"
+    except redis.RedisError as error:  # Redis lost during the registration
+        return f"redis_url: Redis at {config.redis_location()} failed during the registration on Arkindex ({error})"
     try:
         if vast:
             context.vast.check_auth()

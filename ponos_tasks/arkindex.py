@@ -174,7 +174,7 @@ class TransitionRefused(ArkindexError):
 
 class CredentialStore(Protocol):
     def load(self) -> dict | None: ...
-    def save(self, data: dict) -> None: ...
+    def save(self, data: dict) -> dict: ...  # the credentials in force afterwards
     def clear(self) -> None: ...
     def lock(self): ...
 
@@ -189,8 +189,9 @@ class MemoryCredentialStore:
     def load(self) -> dict | None:
         return dict(self._data) if self._data else None
 
-    def save(self, data: dict) -> None:
+    def save(self, data: dict) -> dict:
         self._data = dict(data)
+        return data
 
     def clear(self) -> None:
         self._data = None
@@ -668,7 +669,7 @@ class ArkindexAgentClient:
             creds["refresh_token"] = (
                 resp.get("refresh_token") or resp.get("refresh") or creds["refresh_token"]
             )
-            self.store.save(creds)
+            creds = self.store.save(creds)
             self._set_token(creds)
             logger.info("Arkindex agent token refreshed")
 
@@ -749,10 +750,10 @@ class ArkindexAgentClient:
             "agent": agent,
             "registered_at": time.time(),
         }
-        self.store.save(creds)
-        self._set_token(creds)
         logger.info("Registered on Arkindex as agent %s (farm %s)", creds["agent_id"], self.farm_id)
-        return dict(agent)
+        creds = self.store.save(creds)  # another worker's, if our lock lapsed meanwhile
+        self._set_token(creds)
+        return dict(creds.get("agent") or {"id": creds["agent_id"]})
 
     def _server_public_key(self) -> str:
         """Arkindex's public key (GetPublicKey, anonymous, a PEM file): fetched with our own

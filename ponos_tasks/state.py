@@ -34,7 +34,8 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
     lock:create:<id>, lock:upload:<id>, lock:sync, lock:snapshot
                                      redis-py Locks, expiring after their timeout
     arkindex:agent                   string   none       agent id and tokens (JSON, secret)
-    arkindex:agent:lock              Lock     60 s       one token renewal at a time
+    arkindex:agent:lock              Lock     15 s       one token renewal at a time (renewed
+                                                         by its holder while it lives)
     arkindex:agent:reported:<id>:<state>, ...:<id>:terminal
                                      string   30 days    states already reported (idempotence)
     imgcfg:<digest>                  string   30 days    an image's Entrypoint/Cmd
@@ -811,23 +812,45 @@ def ended_wake(task_id: str, attempt: int) -> str:
     return f"ended:{task_id}:{attempt}"
 
 
+# After a renewal that failed, how soon the renewer tries again (until the lock's timeout,
+# counted from its last renewal, has passed).
+RENEW_RETRY_SECONDS = 0.5
+
+
 @contextmanager
 def kept_alive(lock: Lock, every: float):
     """Renew a held `lock` to its full timeout every `every` s while the block runs (redis-py
     renews nothing by itself): the lock lives exactly as long as its holder's process, so a
     long run keeps it, and a holder killed with SIGKILL frees it within one timeout instead of
-    within the longest run allowed. The lock must not be thread-local."""
+    within the longest run allowed. The lock must not be thread-local.
+
+    A renewal that fails for any reason but a lost token (Redis unreachable, restarting,
+    demoted to a replica, busy) is tried again every RENEW_RETRY_SECONDS, not at the next
+    tick: waiting a whole `every` would let an outage over two ticks expire a lock that the
+    rest of its timeout could have kept. The lock is lost only when its token is gone or its
+    timeout has passed since the last renewal; that is logged (another may hold it now)."""
     stop = threading.Event()
+    log = logging.getLogger(__name__)
 
     def renew() -> None:
-        while not stop.wait(every):
+        expires = time.monotonic() + lock.timeout  # acquired (or renewed) just before
+        wait = every
+        while not stop.wait(wait):
             try:
                 lock.reacquire()
-            except LockError:  # lost meanwhile (Redis emptied): another may hold it now
-                logging.getLogger(__name__).warning("lock %s was lost while held", lock.name)
+            except LockError:  # the token is gone (expired, Redis emptied): another may hold it
+                log.warning("lock %s was lost while held", lock.name)
                 return
-            except (RedisConnectionError, RedisTimeoutError):
-                continue  # a Redis blip: renew at the next tick (the timeout leaves room)
+            except Exception as error:  # any other failure: the lock may still be ours
+                if time.monotonic() >= expires:
+                    log.warning(
+                        "lock %s expired while it could not be renewed (%s)", lock.name, error
+                    )
+                    return
+                wait = RENEW_RETRY_SECONDS
+                continue
+            expires = time.monotonic() + lock.timeout
+            wait = every
 
     renewer = threading.Thread(target=renew, name=f"renew {lock.name}", daemon=True)
     renewer.start()
@@ -1071,16 +1094,42 @@ return 1
 class RedisCredentialStore:
     """Agent id and tokens as one JSON value, shared by every worker of the agent."""
 
+    # Writes the credentials only while the lock holds the writer's token, or when no
+    # credentials are stored at all: a holder whose lock lapsed (stalled past its TTL, Redis
+    # out for longer) must not write over what the next holder registered meanwhile.
+    _SAVE_IF_HOLDING = """
+        if redis.call('get', KEYS[1]) == ARGV[1] or redis.call('exists', KEYS[2]) == 0 then
+            redis.call('set', KEYS[2], ARGV[2])
+            return 1
+        end
+        return 0
+    """
+
     def __init__(self, redis_client: redis.Redis, keys: Keyspace):
         self.redis = redis_client
         self.keys = keys
+        self._held = threading.local()  # the lock this thread holds, if any
+        self._save_if_holding = redis_client.register_script(self._SAVE_IF_HOLDING)
 
     def load(self) -> dict | None:
         raw = self.redis.get(self.keys.credentials)
         return json.loads(raw) if raw else None
 
-    def save(self, data: dict) -> None:
-        self.redis.set(self.keys.credentials, json.dumps(data))
+    def save(self, data: dict) -> dict:
+        """Store `data` and return it; inside lock(), when the lock was lost and another
+        worker stored credentials since, keep theirs and return them instead."""
+        token = getattr(self._held, "token", None)
+        if token is None:
+            self.redis.set(self.keys.credentials, json.dumps(data))
+            return data
+        keys = [self.keys.credentials_lock, self.keys.credentials]
+        if self._save_if_holding(keys=keys, args=[token, json.dumps(data)]):
+            return data
+        logging.getLogger(__name__).warning(
+            "the Arkindex credentials lock lapsed during a renewal; using the credentials "
+            "another worker stored meanwhile"
+        )
+        return self.load() or data
 
     def clear(self) -> None:
         self.redis.delete(self.keys.credentials)
@@ -1103,10 +1152,12 @@ class RedisCredentialStore:
         )
         if not lock.acquire(blocking=True, blocking_timeout=self.LOCK_WAIT):
             raise LockError(f"the Arkindex credentials lock is held over {self.LOCK_WAIT:g} s")
+        self._held.token = lock.local.token
         try:
             with kept_alive(lock, every=self.LOCK_TTL / 3):
                 yield
         finally:
+            self._held.token = None
             release(lock)
 
 

@@ -165,6 +165,31 @@ def test_workers_registering_at_once_make_one_agent_with_one_create_agent_call(s
     assert calls.count("CreateAgent") == 1
 
 
+def test_a_registration_whose_lock_lapsed_adopts_the_agent_registered_meanwhile(
+    sim, redis_client, key_prefix
+):
+    """A worker stalled past the credentials lock's TTL during its CreateAgent (another then
+    registers too) keeps the other's credentials instead of writing its own over them: all
+    workers end up with one agent and one token."""
+    keys = Keyspace(key_prefix)
+    other = ArkindexAgentClient(sim.url, FARM, SEED, RedisCredentialStore(redis_client, keys))
+    registered_meanwhile = []
+
+    def stall(api, operation, status):
+        if operation == "CreateAgent" and not registered_meanwhile:
+            redis_client.delete(keys.credentials_lock)  # lapsed while this worker stalled
+            registered_meanwhile.append(other.register()["id"])
+
+    slow = ArkindexAgentClient(
+        sim.url, FARM, SEED, RedisCredentialStore(redis_client, keys), on_call=stall
+    )
+    agent = slow.register()
+    assert registered_meanwhile and agent["id"] == registered_meanwhile[0]
+    stored = RedisCredentialStore(redis_client, keys).load()
+    assert stored["agent_id"] == agent["id"] == other.agent_id == slow.agent_id
+    assert slow.api.session.auth.token == other.api.session.auth.token == stored["access_token"]
+
+
 def test_registration_key_pair_is_p384_and_derived_from_the_identity(sim):
     """An agent that lost all memory (a fresh store) registers again as the same agent: its
     EC P-384 key pair comes from its identity; another identity is another agent."""

@@ -332,6 +332,83 @@ def test_the_credentials_lock_is_released_through_a_redis_restart(tmp_path):
         server.stop()
 
 
+def _just_renewed(client: redis.Redis, name: str, timeout_ms: int) -> None:
+    """Return right after the renewer has renewed lock `name` (its PTTL jumps back up)."""
+    deadline = time.monotonic() + 30
+    last = client.pttl(name)
+    while time.monotonic() < deadline:
+        now = client.pttl(name)
+        if now > last and now > timeout_ms - 200:
+            return
+        last = now
+        time.sleep(0.02)
+    raise AssertionError(f"lock {name} was not renewed")
+
+
+def _holds_through(tmp_path, outage) -> None:
+    """Hold a 6 s lock renewed every 2 s through `outage(server, client)`, which starts right
+    after a renewal and spans two renewal ticks (4.5 s); 4 s later the lock must still be ours
+    (its first timeout has passed by then), and no one else can take it."""
+    from ponos_tasks.simulators.stack import RedisProcess
+    from ponos_tasks.state import kept_alive
+
+    server = RedisProcess(tmp_path, appendonly=True).start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        probe = redis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        lock = client.lock("t:lock:sync", timeout=6, thread_local=False)
+        assert lock.acquire(blocking=False)
+        with kept_alive(lock, every=2):
+            _just_renewed(probe, "t:lock:sync", 6000)
+            outage(server, probe)
+            time.sleep(4)
+            assert probe.get("t:lock:sync") == lock.local.token
+            assert not probe.lock("t:lock:sync", timeout=6).acquire(blocking=False)
+    finally:
+        server.stop()
+
+
+@pytest.mark.stack
+def test_a_held_lock_outlives_a_redis_restart_over_two_renewal_ticks(tmp_path):
+    """A Redis restarted for 4.5 s (down at two renewal ticks in a row) does not cost the
+    holder its lock: the renewer tries again every half second, not at the next tick only."""
+    _holds_through(tmp_path, lambda server, probe: server.restart(down_for=4.5))
+
+
+@pytest.mark.stack
+def test_a_held_lock_outlives_a_redis_demoted_to_a_replica_for_a_while(tmp_path):
+    """Any Redis error keeps the renewer trying (here READONLY: the node became a replica
+    during a failover), where a dead renewer thread would let the lock expire under its
+    holder and a second holder in."""
+    from ponos_tasks.simulators.stack import free_port
+
+    def demoted(server, probe):
+        probe.replicaof("127.0.0.1", free_port())  # a primary that does not answer
+        time.sleep(4.5)
+        probe.replicaof("NO", "ONE")
+
+    _holds_through(tmp_path, demoted)
+
+
+def test_a_holder_whose_credentials_lock_lapsed_keeps_the_next_holders_credentials(
+    redis_client, key_prefix
+):
+    """A worker stalled past the credentials lock's TTL while it registered must not write
+    over the credentials the next holder registered meanwhile: it adopts them, so that all
+    workers use one agent's tokens."""
+    first = RedisCredentialStore(redis_client, Keyspace(key_prefix))
+    second = RedisCredentialStore(redis_client, Keyspace(key_prefix))
+    with first.lock():
+        redis_client.delete(first.keys.credentials_lock)  # lapsed: the first holder stalled
+        with second.lock():
+            assert second.save({"agent_id": "second"}) == {"agent_id": "second"}
+        assert first.save({"agent_id": "first"}) == {"agent_id": "second"}
+    assert first.load() == {"agent_id": "second"}
+    with first.lock():  # a holder whose lock holds writes as before
+        assert first.save({"agent_id": "first"}) == {"agent_id": "first"}
+    assert second.load() == {"agent_id": "first"}
+
+
 def _hold_credentials_lock(redis_url: str, prefix: str, held) -> None:
     store = RedisCredentialStore(redis.Redis.from_url(redis_url), Keyspace(prefix))
     with store.lock():

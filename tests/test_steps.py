@@ -718,3 +718,19 @@ def test_one_search_answer_serves_the_tasks_that_launch_meanwhile(contexts, admi
     for task_id in (first, second):
         assert "was taken before we could rent it" not in admin.task_log(task_id)
     assert ctx.metric_store.read().start_failures == {}
+
+
+def test_start_up_names_a_registration_held_up_by_another_worker(contexts, monkeypatch):
+    """A worker whose registration waits past LOCK_WAIT for another's says so on one line
+    (the start-up check's verdict), instead of dying on a traceback."""
+    from ponos_tasks.agent import service_problem
+    from ponos_tasks.state import RedisCredentialStore
+
+    ctx = contexts()
+    monkeypatch.setattr(RedisCredentialStore, "LOCK_WAIT", 0.5)
+    with RedisCredentialStore(ctx.redis, ctx.keys).lock():  # another worker, stuck
+        problem = service_problem(ctx, vast=False)
+    assert problem == (
+        "url: registration on Arkindex did not complete: "
+        "the Arkindex credentials lock is held over 0.5 s"
+    )
