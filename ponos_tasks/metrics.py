@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import redis
@@ -191,12 +191,13 @@ class PonosCollector:
 
     @staticmethod
     def families(state: AgentState):
-        tasks = GaugeMetricFamily(
-            "ponos_tasks", "Task records per phase (done: tombstones still kept)", labels=["phase"]
+        yield labelled(
+            GaugeMetricFamily,
+            "ponos_tasks",
+            "Task records per phase (done: tombstones still kept)",
+            ["phase"],
+            state.tasks_per_phase.items(),
         )
-        for phase, count in state.tasks_per_phase.items():
-            tasks.add_metric([phase], count)
-        yield tasks
 
         oldest = GaugeMetricFamily(
             "ponos_task_phase_age_max_seconds",
@@ -223,14 +224,13 @@ class PonosCollector:
             value=state.spend_per_hour,
         )
 
-        destroyed = CounterMetricFamily(
+        yield labelled(
+            CounterMetricFamily,
             "ponos_instances_destroyed",
             "Instances destroyed by the sync loop (orphans, stale attempts, duplicates, ...)",
-            labels=["cause"],
+            ["cause"],
+            sorted(state.destroyed.items()),
         )
-        for cause, count in sorted(state.destroyed.items()):
-            destroyed.add_metric([cause], count)
-        yield destroyed
 
         # +Inf when no sync ever ran: an alert on `> N` fires instead of seeing no series.
         last_sync = state.last_sync_age
@@ -258,14 +258,13 @@ class PonosCollector:
         histogram.add_metric([], buckets, sum_value=sum(attempts))
         yield histogram
 
-        waiting = GaugeMetricFamily(
+        yield labelled(
+            GaugeMetricFamily,
             "ponos_queue_messages",
             "Messages waiting in a Celery queue of the agent (sync, steps) for a worker",
-            labels=["queue"],
+            ["queue"],
+            sorted(state.queue_messages.items()),
         )
-        for queue, count in sorted(state.queue_messages.items()):
-            waiting.add_metric([queue], count)
-        yield waiting
         yield GaugeMetricFamily(
             "ponos_steps_queue_oldest_age_seconds",
             "Seconds the oldest chain step waiting in the steps queue has waited (0: none)",
@@ -281,32 +280,38 @@ class PonosCollector:
         yield from spend_families(state)
 
 
+def labelled(family: type, name: str, doc: str, labels: list[str], counts: Iterable) -> object:
+    """A metric family with one sample per (label value(s), count) of `counts`; a label value
+    is a string, or a tuple of strings when there are several labels."""
+    metric = family(name, doc, labels=labels)
+    for key, count in counts:
+        metric.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+    return metric
+
+
 def measured_families(measurements: Measurements):
     """What the workers measured (metric_store): API calls and 429s, start failures, waits."""
-    calls = CounterMetricFamily(
+    yield labelled(
+        CounterMetricFamily,
         "ponos_api_calls",
         "Requests sent, per API (vast, arkindex, s3) and endpoint (Arkindex: operation id)",
-        labels=["api", "endpoint"],
+        ["api", "endpoint"],
+        sorted(measurements.api_calls.items()),
     )
-    for (api, endpoint), count in sorted(measurements.api_calls.items()):
-        calls.add_metric([api, endpoint], count)
-    yield calls
-    limited = CounterMetricFamily(
+    yield labelled(
+        CounterMetricFamily,
         "ponos_api_rate_limited",
         "429 (rate limited) answers, per API and endpoint",
-        labels=["api", "endpoint"],
+        ["api", "endpoint"],
+        sorted(measurements.api_rate_limited.items()),
     )
-    for (api, endpoint), count in sorted(measurements.api_rate_limited.items()):
-        limited.add_metric([api, endpoint], count)
-    yield limited
-    failures = CounterMetricFamily(
+    yield labelled(
+        CounterMetricFamily,
         "ponos_start_failures",
         "Instances that did not start a task (a create refused or an attempt given up), per reason",
-        labels=["reason"],
+        ["reason"],
+        sorted(measurements.start_failures.items()),
     )
-    for kind, count in sorted(measurements.start_failures.items()):
-        failures.add_metric([kind], count)
-    yield failures
     for spec in HISTOGRAMS:
         # Never observed yet (or no Redis read: describe()): zeros, so the series exists.
         value = measurements.histograms.get(spec.name) or cumulative(spec, {})
