@@ -31,6 +31,9 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
                                                          (secret: redacted from its log)
     once:<name>                      string   given      SET NX claims: enqueue de-duplication,
                                                          offer claims (once:offer:<offer id>)
+    messages:seq                     string   none       number of the last chain message sent
+    queued:<id>                      hash     24 h       step -> number of the last message of
+                                                         that step sent for the task (sync hold)
     lock:create:<id>, lock:upload:<id>, lock:sync, lock:snapshot
                                      redis-py Locks, expiring after their timeout
     arkindex:agent                   string   none       agent id and tokens (JSON, secret)
@@ -75,7 +78,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ponos_tasks.budget import Metered, MeterPass
 from ponos_tasks.lifecycle import ARKINDEX_TERMINAL_STATES, Phase, check_transition
 from ponos_tasks.logs import format_agent_line, level_number
-from ponos_tasks.models import SENT_AT_HEADER, Instance, Snapshot, TaskRecord
+from ponos_tasks.models import SENT_AT_HEADER, SEQ_HEADER, Instance, Snapshot, TaskRecord
 from ponos_tasks.view import PassState
 
 if TYPE_CHECKING:  # the client is passed in
@@ -156,6 +159,10 @@ class Keyspace:
 
     def queued(self, task_id: str) -> str:
         return f"{self.prefix}queued:{task_id}"
+
+    @property
+    def message_seq(self) -> str:
+        return f"{self.prefix}messages:seq"
 
     def offer_search(self, digest: str) -> str:
         return f"{self.prefix}offers:search:{digest}"
@@ -759,29 +766,57 @@ class TaskStore:
 
     # Far above any wait in a queue; only bounds a mark nobody reads again.
     QUEUED_TTL = 24 * 3600
+    # One round trip: the message's number, and the mark of its (task, step).
+    _NOTE_QUEUED = (
+        "local seq = redis.call('INCR', KEYS[1]) "
+        "redis.call('HSET', KEYS[2], ARGV[1], seq) "
+        "redis.call('EXPIRE', KEYS[2], ARGV[2]) "
+        "return seq"
+    )
 
-    def note_queued(self, task_id: str, sent_at: float) -> None:
-        """A message for this task was sent to run at once (no countdown) at `sent_at`."""
-        self.redis.set(self.keys.queued(task_id), repr(sent_at), ex=self.QUEUED_TTL)
+    def note_queued(self, task_id: str, step: str) -> int:
+        """A message of `step` for this task is about to be sent: its number in the order
+        of all chain messages (one counter for every host), noted as the mark of
+        (task, step)."""
+        return int(
+            self.redis.eval(
+                self._NOTE_QUEUED,
+                2,
+                self.keys.message_seq,
+                self.keys.queued(task_id),
+                step,
+                self.QUEUED_TTL,
+            )
+        )
 
-    def queued_at(self, task_id: str) -> float | None:
-        """When the task's last message without a countdown was sent, if known."""
-        raw = self.redis.get(self.keys.queued(task_id))
-        return None if raw is None else float(raw)
+    def queued_seq(self, task_id: str, step: str) -> int | None:
+        """The number of the last message of `step` sent for this task, if known."""
+        raw = self.redis.hget(self.keys.queued(task_id), step)
+        return None if raw is None else int(raw)
+
+    def oldest_waiting_seq(self, queue: str) -> int | None:
+        """The number of the oldest message still waiting in the Celery queue `queue`; None
+        when the queue is empty or that message carries none (an older agent's)."""
+        seq = self._oldest_waiting_header(queue, SEQ_HEADER)
+        return seq if isinstance(seq, int) else None
 
     def oldest_waiting_sent_at(self, queue: str) -> float | None:
-        """When the oldest message still waiting in the Celery queue `queue` was sent; None
-        when the queue is empty or that message carries no send time (an older agent's).
-        kombu's Redis transport keeps a queue as a list under the queue's name, pushed on
-        the left and popped on the right: the oldest message is the last element."""
+        """When (by its sender's clock) the oldest message still waiting in the Celery queue
+        `queue` was sent; None when the queue is empty or the message does not say."""
+        sent_at = self._oldest_waiting_header(queue, SENT_AT_HEADER)
+        return float(sent_at) if isinstance(sent_at, int | float) else None
+
+    def _oldest_waiting_header(self, queue: str, name: str):
+        """A header of the oldest message waiting in `queue`. kombu's Redis transport keeps a
+        queue as a list under the queue's name, pushed on the left and popped on the right:
+        the oldest message is the last element."""
         raw = self.redis.lindex(queue, -1)
         if raw is None:
             return None
         try:
-            sent_at = json.loads(raw)["headers"].get(SENT_AT_HEADER)
+            return json.loads(raw)["headers"].get(name)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
-        return float(sent_at) if isinstance(sent_at, int | float) else None
 
     def claimed(self, name: str) -> bool:
         """Whether `name` is claimed (by `once`) right now."""

@@ -64,6 +64,7 @@ from ponos_tasks.logs import build_task_log, remember_secrets
 from ponos_tasks.metric_store import END_TO_DESTROY, OFFERS_MATCHED, PENDING_TO_RUNNING
 from ponos_tasks.models import (
     SENT_AT_HEADER,
+    SEQ_HEADER,
     STEPS_QUEUE,
     Instance,
     Next,
@@ -2014,29 +2015,37 @@ class SyncResult:
 # its turn in a backlogged queue makes none either: sending it again then adds a copy behind
 # the first, each copy adds to the backlog, and the backlog feeds itself (a 1000-task burst
 # once piled up 16 000 messages in 4 minutes, nine in ten of them copies of choose_offer).
-# So the sync holds them while the task's last message may still wait in the queue.
+# So the sync holds one while the message of the same step it sent last may still wait there.
 HELD_WHILE_QUEUED = (ResumeStep, StartChain)
 
 
-def message_headers(ctx: AgentContext, task_id: str, countdown: float) -> dict:
-    """The headers of a chain message about to be sent, after noting its send time for the
-    sync (`_still_queued`). A message with a countdown is not noted: Celery's worker takes it
-    from the queue at once and holds it until it is due, so it never waits in the queue."""
-    sent_at = ctx.now()
-    if not countdown:
-        ctx.store.note_queued(task_id, sent_at)
-    return {SENT_AT_HEADER: sent_at}
+def message_headers(ctx: AgentContext, task_id: str, step: str) -> dict:
+    """The headers of a message of `step` about to be sent for the task: its send time (the
+    queue's age, for metrics and logs) and its number, noted as the mark of (task, step) for
+    the sync's hold (`_still_queued`). Every message is noted, a countdown's too: a worker
+    takes one at once and holds it until it is due, but a worker whose processes are all
+    busy takes nothing, and then it waits in the queue like any other."""
+    seq = ctx.store.note_queued(task_id, step)
+    return {SENT_AT_HEADER: ctx.now(), SEQ_HEADER: seq}
 
 
-def _still_queued(ctx: AgentContext, task_id: str, oldest_waiting: float | None) -> bool:
-    """Whether the task's last message may still wait in the steps queue: the queue is FIFO,
-    so it does while the oldest waiting message was sent no later than it. Unknown (no mark,
-    empty queue, an older agent's message): not waiting, the message is sent as before.
-    A message taken by a worker that then died is not waiting: the stall is resumed."""
-    if oldest_waiting is None:
+def _still_queued(ctx: AgentContext, task_id: str, step: str, oldest_seq: int | None) -> bool:
+    """Whether the last message of `step` sent for the task may still wait in the steps
+    queue: the queue is FIFO, so it does while the oldest waiting message is numbered no
+    later than it. Numbers come from one Redis counter, so no host's clock plays a part, and
+    the mark is per step, so the task's other messages (a destroy the sync sends again, a
+    log upload) do not move it. Unknown (no mark, empty queue, an older agent's message):
+    not waiting, the message is sent as before. A message taken by a worker that then died
+    is not waiting: the stall is resumed once the queue has moved past it.
+
+    Two senders may number their messages in one order and push them in the other: the
+    oldest waiting message is then numbered after one still waiting behind it, and that one's
+    chain is sent again once (a copy, as before the hold), or it is numbered before one
+    already taken, and that one's chain is held until it is taken (one more wait)."""
+    if oldest_seq is None:
         return False
-    sent_at = ctx.store.queued_at(task_id)
-    return sent_at is not None and oldest_waiting <= sent_at
+    marked = ctx.store.queued_seq(task_id, step)
+    return marked is not None and oldest_seq <= marked
 
 
 def sync(ctx: AgentContext) -> SyncResult:
@@ -2170,7 +2179,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     )
     result = SyncResult(ran=True, steps=steps)
     result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
-    oldest_waiting = ctx.store.oldest_waiting_sent_at(STEPS_QUEUE)
+    oldest_seq = ctx.store.oldest_waiting_seq(STEPS_QUEUE)
     _save_sync_report(ctx, now, capacity, steps)
     for planned in steps:
         if isinstance(planned, AcceptTask):
@@ -2188,19 +2197,22 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
                 result.enqueue += [(planned.task_id, message) for message in publish]
             continue
         message = planned.message()
-        if isinstance(planned, HELD_WHILE_QUEUED) and _still_queued(
-            ctx, planned.task_id, oldest_waiting
+        if (
+            isinstance(planned, HELD_WHILE_QUEUED)
+            and message is not None
+            and _still_queued(ctx, planned.task_id, message.step, oldest_seq)
         ):
             result.held.append(planned.task_id)
             continue
         if message is not None and ctx.store.once(planned.key, ctx.settings.heartbeat_stale):
             result.enqueue.append((planned.task_id, message))
     if result.held:
+        oldest_sent_at = ctx.store.oldest_waiting_sent_at(STEPS_QUEUE)
         logger.info(
             "sync: %d stalled chain(s) not sent again: their last message still waits in the "
-            "steps queue (its oldest was sent %.0f s ago)",
+            "steps queue (its oldest was sent %s ago)",
             len(result.held),
-            ctx.now() - oldest_waiting,
+            "?" if oldest_sent_at is None else f"{ctx.now() - oldest_sent_at:.0f} s",
         )
     return result
 

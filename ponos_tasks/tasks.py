@@ -29,7 +29,7 @@ def enqueue(task_id: str, follow: list[Next]) -> None:
             kwargs=item.kwargs,
             countdown=item.countdown or None,
             queue=STEPS[item.step].queue,
-            headers=message_headers(get_context(), task_id, item.countdown),
+            headers=message_headers(get_context(), task_id, item.step),
         )
 
 

@@ -14,7 +14,7 @@ from celery import Celery
 
 from ponos_tasks import steps
 from ponos_tasks.lifecycle import Phase
-from ponos_tasks.models import SENT_AT_HEADER, STEPS_QUEUE, Next, StepName
+from ponos_tasks.models import SENT_AT_HEADER, SEQ_HEADER, STEPS_QUEUE, Next, StepName
 from ponos_tasks.simulators.stack import RedisProcess
 from tests.agent_harness import Admin, Harness, make_context, wipe
 from tests.test_steps import admin, scripted, stack  # noqa: F401 (fixtures)
@@ -43,8 +43,37 @@ def send(app: Celery, ctx, task_id: str, item: Next) -> None:
         kwargs=item.kwargs,
         countdown=item.countdown or None,
         queue=STEPS_QUEUE,
-        headers=steps.message_headers(ctx, task_id, item.countdown),
+        headers=steps.message_headers(ctx, task_id, item.step),
     )
+
+
+def send_other(app: Celery, ctx, task_id: str, sent_at: float) -> None:
+    """Another task's chain message, stamped `sent_at` by the clock of the host sending it."""
+    headers = steps.message_headers(ctx, task_id, StepName.WATCH)
+    app.send_task(
+        steps.STEPS[StepName.WATCH].task_name,
+        args=(task_id,),
+        queue=STEPS_QUEUE,
+        headers={**headers, SENT_AT_HEADER: sent_at},
+    )
+
+
+def resumed(result, task_id: str, step: StepName) -> bool:
+    return any(t == task_id and m.step == step for t, m in result.enqueue)
+
+
+def waiting_offer_with_lost_message(ctx, app, queue, admin: Admin) -> str:  # noqa: F811
+    """A task in waiting_offer whose CHOOSE_OFFER was sent, then taken by a worker that died
+    with it (acks_late: it sits in kombu's unacked hash for an hour, not in the list)."""
+    task_id = admin.one_task(env=scripted(0))
+    Harness(ctx).sync()  # accepted, its start planned
+    follow = steps.run_step(ctx, task_id, StepName.START)
+    assert ctx.store.get(task_id).phase == Phase.WAITING_OFFER
+    assert [item.step for item in follow] == [StepName.CHOOSE_OFFER]
+    send(app, ctx, task_id, follow[0])
+    assert queue.rpop(STEPS_QUEUE) is not None  # taken; the worker dies: lost
+    assert queue.llen(STEPS_QUEUE) == 0
+    return task_id
 
 
 def test_a_chain_waiting_its_turn_in_the_queue_is_not_sent_again(
@@ -63,8 +92,9 @@ def test_a_chain_waiting_its_turn_in_the_queue_is_not_sent_again(
         assert [item.step for item in follow] == [StepName.CHOOSE_OFFER]
         # The step's follow-up goes to Celery's queue behind a backlog: nobody takes it.
         send(app, ctx, task_id, follow[0])
-        oldest = ctx.store.oldest_waiting_sent_at(STEPS_QUEUE)
-        assert oldest is not None and oldest == ctx.store.queued_at(task_id)
+        oldest = ctx.store.oldest_waiting_seq(STEPS_QUEUE)
+        assert oldest is not None
+        assert oldest == ctx.store.queued_seq(task_id, StepName.CHOOSE_OFFER)
 
         time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
         held = steps.sync(ctx)
@@ -83,16 +113,71 @@ def test_a_chain_waiting_its_turn_in_the_queue_is_not_sent_again(
         ctx.redis.close()
 
 
-def test_a_message_with_a_countdown_leaves_no_mark(stack, private):  # noqa: F811
-    """A countdown message is taken by a worker at once and held until due: it never waits
-    in the queue, so it holds nothing back; every message carries its send time."""
+def test_every_message_is_numbered_and_marks_its_task_and_step(stack, private):  # noqa: F811
+    """Every message, a countdown's too (a busy worker leaves it in the queue), carries its
+    send time and a number from one counter; the number is the mark of (task, step)."""
     ctx = make_context(stack, private.url)
     try:
-        headers = steps.message_headers(ctx, "t-countdown", 5.0)
-        assert ctx.store.queued_at("t-countdown") is None
-        assert isinstance(headers[SENT_AT_HEADER], float)
-        headers = steps.message_headers(ctx, "t-now", 0)
-        assert ctx.store.queued_at("t-now") == headers[SENT_AT_HEADER]
+        first = steps.message_headers(ctx, "t", StepName.WATCH)
+        second = steps.message_headers(ctx, "t", StepName.PUBLISH_LOGS)
+        assert isinstance(first[SENT_AT_HEADER], float)
+        assert second[SEQ_HEADER] == first[SEQ_HEADER] + 1
+        assert ctx.store.queued_seq("t", StepName.WATCH) == first[SEQ_HEADER]
+        assert ctx.store.queued_seq("t", StepName.PUBLISH_LOGS) == second[SEQ_HEADER]
+        assert ctx.store.queued_seq("t", StepName.CHOOSE_OFFER) is None
+    finally:
+        wipe(ctx)
+        ctx.redis.close()
+
+
+def test_a_lost_chain_is_resumed_although_a_lagging_host_keeps_the_queue_busy(
+    stack,  # noqa: F811
+    admin: Admin,  # noqa: F811
+    private,
+):
+    """Found by an adversarial review of the hold: it compared the task's mark (the clock of
+    the host that sent its message) with the send time of the queue's oldest message (the
+    clock of whichever host sent that one). A host whose clock runs 10 minutes behind sends
+    messages that look 10 minutes old; every one was sent after the task's message left the
+    queue, yet the lost chain was held for as long as that host kept the queue busy."""
+    ctx = make_context(stack, private.url)
+    app = producer(private.url)
+    queue = redis.Redis.from_url(private.url)
+    try:
+        task_id = waiting_offer_with_lost_message(ctx, app, queue, admin)
+        time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
+        send_other(app, ctx, "other", time.time() - 600.0)  # sent now, by a lagging clock
+        result = steps.sync(ctx)
+        assert result.held == []
+        assert resumed(result, task_id, StepName.CHOOSE_OFFER)
+    finally:
+        wipe(ctx)
+        ctx.redis.close()
+
+
+def test_a_lost_chain_is_not_held_by_the_tasks_other_messages(
+    stack,  # noqa: F811
+    admin: Admin,  # noqa: F811
+    private,
+):
+    """Found by an adversarial review of the hold: its mark was per task, and every message
+    for the task moved it, such as a destroy of a duplicate that the sync sends again every
+    heartbeat_stale while Vast.ai refuses it. In a backlog slower than heartbeat_stale, the
+    lost chain was held as long as the destroy kept failing, with nothing of it left to run.
+    The mark is now per (task, step): the destroy's copies wait, the chain is resumed."""
+    ctx = make_context(stack, private.url)
+    app = producer(private.url)
+    queue = redis.Redis.from_url(private.url)
+    try:
+        task_id = waiting_offer_with_lost_message(ctx, app, queue, admin)
+        time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
+        # The sync's destroy of a duplicate, sent after the chain's message was lost, still
+        # waits in the backlog.
+        send(app, ctx, task_id, Next(StepName.DESTROY_UNWANTED, kwargs={"instance_id": 1}))
+        result = steps.sync(ctx)
+        assert result.held == []
+        assert resumed(result, task_id, StepName.CHOOSE_OFFER)
+        assert queue.llen(STEPS_QUEUE) == 1  # the destroy still waits: it was not taken
     finally:
         wipe(ctx)
         ctx.redis.close()
