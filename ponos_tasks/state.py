@@ -32,7 +32,7 @@ keys from the keyspace) are the only code that touches Redis. Layout, under the 
     once:<name>                      string   given      SET NX claims: enqueue de-duplication,
                                                          offer claims (once:offer:<offer id>)
     messages:seq                     string   none       number of the last chain message sent
-    queued:<id>                      hash     24 h       step -> number of the last message of
+    sent:<id>                        hash     24 h       step -> number of the last message of
                                                          that step sent for the task (sync hold)
     lock:create:<id>, lock:upload:<id>, lock:sync, lock:snapshot
                                      redis-py Locks, expiring after their timeout
@@ -158,7 +158,8 @@ class Keyspace:
         return f"{self.prefix}once:{name}"
 
     def queued(self, task_id: str) -> str:
-        return f"{self.prefix}queued:{task_id}"
+        # Not `queued:<id>`: an agent of 281e277 kept a string there (HSET on it: WRONGTYPE).
+        return f"{self.prefix}sent:{task_id}"
 
     @property
     def message_seq(self) -> str:
