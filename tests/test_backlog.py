@@ -181,3 +181,16 @@ def test_a_lost_chain_is_not_held_by_the_tasks_other_messages(
     finally:
         wipe(ctx)
         ctx.redis.close()
+
+
+def test_marks_do_not_collide_with_an_older_agents_string_mark(stack, private):  # noqa: F811
+    """An agent of 281e277 kept its per-task mark as a string under queued:<id>; a newer
+    agent sharing its Redis during an upgrade still numbers and marks its messages."""
+    ctx = make_context(stack, private.url)
+    try:
+        ctx.redis.set(f"{ctx.keys.prefix}queued:t", "1796578334.2")
+        headers = steps.message_headers(ctx, "t", StepName.WATCH)
+        assert ctx.store.queued_seq("t", StepName.WATCH) == headers[SEQ_HEADER]
+    finally:
+        wipe(ctx)
+        ctx.redis.close()
