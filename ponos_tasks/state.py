@@ -157,7 +157,7 @@ class Keyspace:
     def once(self, name: str) -> str:
         return f"{self.prefix}once:{name}"
 
-    def queued(self, task_id: str) -> str:
+    def sent_marks(self, task_id: str) -> str:
         # Not `queued:<id>`: an agent of 281e277 kept a string there (HSET on it: WRONGTYPE).
         return f"{self.prefix}sent:{task_id}"
 
@@ -784,7 +784,7 @@ class TaskStore:
                 self._NOTE_QUEUED,
                 2,
                 self.keys.message_seq,
-                self.keys.queued(task_id),
+                self.keys.sent_marks(task_id),
                 step,
                 self.QUEUED_TTL,
             )
@@ -792,7 +792,7 @@ class TaskStore:
 
     def queued_seq(self, task_id: str, step: str) -> int | None:
         """The number of the last message of `step` sent for this task, if known."""
-        raw = self.redis.hget(self.keys.queued(task_id), step)
+        raw = self.redis.hget(self.keys.sent_marks(task_id), step)
         return None if raw is None else int(raw)
 
     def oldest_waiting_seq(self, queue: str) -> int | None:

@@ -130,57 +130,48 @@ def test_every_message_is_numbered_and_marks_its_task_and_step(stack, private): 
         ctx.redis.close()
 
 
-def test_a_lost_chain_is_resumed_although_a_lagging_host_keeps_the_queue_busy(
-    stack,  # noqa: F811
-    admin: Admin,  # noqa: F811
-    private,
-):
+@pytest.fixture
+def lost_chain(stack, admin, private):  # noqa: F811
+    """(context, producer, queue, task id): a task whose CHOOSE_OFFER was lost, now stalled."""
+    ctx = make_context(stack, private.url)
+    app = producer(private.url)
+    queue = redis.Redis.from_url(private.url)
+    try:
+        task_id = waiting_offer_with_lost_message(ctx, app, queue, admin)
+        time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
+        yield ctx, app, queue, task_id
+    finally:
+        wipe(ctx)
+        ctx.redis.close()
+
+
+def test_a_lost_chain_is_resumed_although_a_lagging_host_keeps_the_queue_busy(lost_chain):
     """Found by an adversarial review of the hold: it compared the task's mark (the clock of
     the host that sent its message) with the send time of the queue's oldest message (the
     clock of whichever host sent that one). A host whose clock runs 10 minutes behind sends
     messages that look 10 minutes old; every one was sent after the task's message left the
     queue, yet the lost chain was held for as long as that host kept the queue busy."""
-    ctx = make_context(stack, private.url)
-    app = producer(private.url)
-    queue = redis.Redis.from_url(private.url)
-    try:
-        task_id = waiting_offer_with_lost_message(ctx, app, queue, admin)
-        time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
-        send_other(app, ctx, "other", time.time() - 600.0)  # sent now, by a lagging clock
-        result = steps.sync(ctx)
-        assert result.held == []
-        assert resumed(result, task_id, StepName.CHOOSE_OFFER)
-    finally:
-        wipe(ctx)
-        ctx.redis.close()
+    ctx, app, _, task_id = lost_chain
+    send_other(app, ctx, "other", time.time() - 600.0)  # sent now, by a lagging clock
+    result = steps.sync(ctx)
+    assert result.held == []
+    assert resumed(result, task_id, StepName.CHOOSE_OFFER)
 
 
-def test_a_lost_chain_is_not_held_by_the_tasks_other_messages(
-    stack,  # noqa: F811
-    admin: Admin,  # noqa: F811
-    private,
-):
+def test_a_lost_chain_is_not_held_by_the_tasks_other_messages(lost_chain):
     """Found by an adversarial review of the hold: its mark was per task, and every message
     for the task moved it, such as a destroy of a duplicate that the sync sends again every
     heartbeat_stale while Vast.ai refuses it. In a backlog slower than heartbeat_stale, the
     lost chain was held as long as the destroy kept failing, with nothing of it left to run.
     The mark is now per (task, step): the destroy's copies wait, the chain is resumed."""
-    ctx = make_context(stack, private.url)
-    app = producer(private.url)
-    queue = redis.Redis.from_url(private.url)
-    try:
-        task_id = waiting_offer_with_lost_message(ctx, app, queue, admin)
-        time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
-        # The sync's destroy of a duplicate, sent after the chain's message was lost, still
-        # waits in the backlog.
-        send(app, ctx, task_id, Next(StepName.DESTROY_UNWANTED, kwargs={"instance_id": 1}))
-        result = steps.sync(ctx)
-        assert result.held == []
-        assert resumed(result, task_id, StepName.CHOOSE_OFFER)
-        assert queue.llen(STEPS_QUEUE) == 1  # the destroy still waits: it was not taken
-    finally:
-        wipe(ctx)
-        ctx.redis.close()
+    ctx, app, queue, task_id = lost_chain
+    # The sync's destroy of a duplicate, sent after the chain's message was lost, still
+    # waits in the backlog.
+    send(app, ctx, task_id, Next(StepName.DESTROY_UNWANTED, kwargs={"instance_id": 1}))
+    result = steps.sync(ctx)
+    assert result.held == []
+    assert resumed(result, task_id, StepName.CHOOSE_OFFER)
+    assert queue.llen(STEPS_QUEUE) == 1  # the destroy still waits: it was not taken
 
 
 def test_marks_do_not_collide_with_an_older_agents_string_mark(stack, private):  # noqa: F811
