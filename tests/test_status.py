@@ -6,6 +6,7 @@ figures are worked out by hand from the times written here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -444,6 +445,22 @@ def test_status_task_id_unknown_and_expired_record(redis_client, redis_url, key_
 # ---------------------------------------------------------------------------------- --watch
 
 
+def wait_draining(pid: int, fd: int, timeout: float = 30.0) -> int:
+    """waitpid, reading the pty meanwhile: a child whose redraws filled the pty's buffer
+    blocks in its write until someone reads, and never gets to exit (a real terminal
+    always reads)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            with contextlib.suppress(OSError):  # the child closed its end: nothing to read
+                os.read(fd, 65536)
+    raise AssertionError(f"the status view did not exit within {timeout:g} s of Ctrl-C")
+
+
 def test_status_watch_in_a_terminal(redis_client, redis_url, key_prefix):
     """The live view in a real pseudo-terminal: drawn, redrawn with what changed, Ctrl-C
     ends it with status 0."""
@@ -492,7 +509,7 @@ def test_status_watch_in_a_terminal(redis_client, redis_url, key_prefix):
         read_until(b"Tasks (6)")
         read_until(b"t-new-one")
         os.kill(pid, signal.SIGINT)
-        _, status = os.waitpid(pid, 0)
+        status = wait_draining(pid, fd)
         pid = 0
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
