@@ -469,6 +469,10 @@ def test_status_watch_in_a_terminal(redis_client, redis_url, key_prefix):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the command, its terminal the pty
         os.environ.update(COLUMNS="160", LINES="50", TERM="xterm-256color")
+        # Ctrl-C as a shell would deliver it: an ignored or blocked SIGINT is kept across
+        # exec, and a test earlier in the run may have left the pytest process so.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.execv(
             sys.executable,
             [
