@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import click
+import redis
 
 from benchmarks.common import (
     AgentRun,
@@ -42,6 +43,7 @@ from benchmarks.common import (
     write_section,
 )
 from ponos_tasks.lifecycle import parse_label
+from ponos_tasks.models import SENT_AT_HEADER, STEPS_QUEUE
 
 CREATE_INTERVAL = 4.5  # Vast.ai's minimum interval between two creates of one key (sim s)
 BOUND_PER_MIN = 60.0 / CREATE_INTERVAL
@@ -101,7 +103,13 @@ def run_burst(
         ids = set(run.submit("launch", task_specs(tasks)))
         start = time.monotonic()
         created: dict[str, float] = {}  # task id -> sim t of its first accepted create
+        broker = redis.Redis.from_url(run.redis_url)
+        queued: list[int] = []  # the steps queue's length, sampled each second
+        waited: list[float] = []  # how long its oldest message had waited then (real s)
         while len(created) < tasks:
+            length, age = steps_queue(broker)
+            queued.append(length)
+            waited.append(age)
             dead = run.agent.check_alive()
             if dead:
                 raise BenchFailed("agent process exited: " + ", ".join(dead))
@@ -146,11 +154,32 @@ def run_burst(
         "creates_per_instance": round(creates / max(1, len(ledger["instances"])), 3),
         "no_such_ask": offer_gone,
         "rate_limited": stats["rate_limited"],
+        # What waits behind the creates: the watches, log reads and reports of the tasks
+        # already launched (the chain steps of every task share the `steps` queue).
+        "steps_queue_p50": percentile(queued, 50),
+        "steps_queue_max": max(queued, default=None),
+        "steps_oldest_wait_p95_s": _round(percentile(waited, 95)),
+        "steps_oldest_wait_max_s": _round(max(waited, default=None)),
         "calls_per_launch": {
             k: round(v / max(1, len(times)), 2) for k, v in sorted(stats["calls"].items())
         },
         "launch_times_sim_s": [round(t - times[0], 3) for t in times],
     }
+
+
+def steps_queue(broker: redis.Redis) -> tuple[int, float]:
+    """The steps queue's length and how long its oldest message has waited (real s; kombu
+    pushes on the left, so the oldest is the last element, and its header says when it was
+    sent). A countdown message is not in the list: the worker fetched it and holds it."""
+    length = broker.llen(STEPS_QUEUE)
+    raw = broker.lindex(STEPS_QUEUE, -1)
+    if raw is None:
+        return length, 0.0
+    try:
+        sent_at = float(json.loads(raw)["headers"][SENT_AT_HEADER])
+    except (ValueError, KeyError, TypeError):
+        return length, 0.0
+    return length, max(0.0, time.time() - sent_at)
 
 
 def _round(value, digits: int = 2):
@@ -207,6 +236,8 @@ def report(results: dict[str, dict], commits: dict[str, str], commands: dict[str
                 f"{fmt(r['create_gap_max_sim_s'])}",
                 fmt(r["creates_per_instance"], 3),
                 r["no_such_ask"],
+                f"{fmt(r.get('steps_queue_p50'))} / {fmt(r.get('steps_queue_max'))} / "
+                f"{fmt(r.get('steps_oldest_wait_p95_s'))} / {fmt(r.get('steps_oldest_wait_max_s'))}",
                 ", ".join(f"{k} {v}" for k, v in sorted(r["rate_limited"].items())) or "0",
                 ", ".join(f"{k} {v}" for k, v in r["calls_per_launch"].items()),
             ]
@@ -222,6 +253,7 @@ def report(results: dict[str, dict], commits: dict[str, str], commands: dict[str
                 "gap between creates p50/p95/max (sim s)",
                 "create calls per instance",
                 "no_such_ask",
+                "steps queue p50/max (msgs), its oldest's wait p95/max (real s)",
                 "429s",
                 "Vast.ai calls per launch",
             ],

@@ -7,9 +7,10 @@ Why each setting:
 - Every step is idempotent by design (it acts through a compare-and-set on its task's record),
   so acks_late is safe everywhere; with prefetch 1 a killed worker strands at most the message
   it was running.
-- visibility_timeout (1 h) is far above the longest countdown (<= 60 s) plus the longest hard
-  time limit (180 s): a message is only redelivered when its worker really died. (Redis
-  redelivers an unacknowledged message after this timeout, whatever the worker is doing.)
+- visibility_timeout (1 h) is far above the longest countdown (600 s, a create waiting for its
+  turn: steps.MAX_CREATE_DEFER) plus the longest hard time limit (180 s): a message is only
+  redelivered when its worker really died. (Redis redelivers an unacknowledged message after
+  this timeout, whatever the worker is doing.)
 - Queues are declared and missing queues are an error, so a typo in a route fails loudly;
   the Procfile and docker-compose start workers on exactly these queues (a test checks it).
 """

@@ -237,6 +237,9 @@ class TaskRecord:
     start_status: str | None = None  # the instance's last status_msg while it starts
     progress_at: float | None = None  # when that status_msg last changed (pull progress)
     create_unknown_at: float | None = None  # a create of this attempt got no answer then
+    # When this attempt's place in the line of creates comes (steps.create_instance); until
+    # then its chain waits in Celery, and the sync counts that as progress, not a stall.
+    create_turn_at: float | None = None
     # The failed attempt's instance, kept *stopped* until the next attempt is created: between
     # two attempts it is the task's only trace outside Redis (see steps.retry_attempt).
     kept_instance_id: int | None = None

@@ -92,7 +92,7 @@ def waiting_reason(record: TaskRecord, now: float, capacity_wait: str | None = N
     )
 
 
-def activity(record: TaskRecord) -> str | None:
+def activity(record: TaskRecord, now: float) -> str | None:
     """What the agent is doing with a task that does not wait (None: nothing to add)."""
     phase = record.phase
     if record.log_unread_since is not None and phase in (Phase.RUNNING, Phase.FINISHING):
@@ -100,6 +100,9 @@ def activity(record: TaskRecord) -> str | None:
     if phase == Phase.CREATING:
         if record.create_unknown_at is not None:
             return "a create got no answer: looking its label up before anything else"
+        if record.create_turn_at is not None and record.create_turn_at > now:
+            turn_in = format_age(record.create_turn_at - now)
+            return f"in the line of creates: its turn comes in {turn_in}"
         return "renting an instance"
     if phase == Phase.LOADING:
         if record.start_status:
@@ -153,7 +156,7 @@ def task_row(
         "age_in_phase_s": state.age(record.phase_changed_at),
         "spend_usd": _round(attempt_spend(record, state.now)),
         "waiting_reason": waiting,
-        "detail": waiting or activity(record),
+        "detail": waiting or activity(record, state.now),
         "final_state": record.final_state,
         "reason": record.reason,
     }

@@ -111,6 +111,30 @@ return ends
 """
 
 
+# KEYS[1]: the endpoint's line of turns, KEYS[2]: its bucket; ARGV: interval µs.
+# Hands out the next turn: one interval after the last turn handed out and after the bucket's
+# last reserved slot (never before now). Returns the turn's distance from now (µs). A turn
+# reserves no slot: its holder still takes one from the bucket (acquire) when it comes, so a
+# turn never used (a task stopped meanwhile) leaves no hole in the calls, only in the line.
+_TURN_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local turn = now
+local last_turn = tonumber(redis.call('GET', KEYS[1]))
+if last_turn and last_turn + interval > turn then
+  turn = last_turn + interval
+end
+local last_slot = tonumber(redis.call('GET', KEYS[2]))
+if last_slot and last_slot + interval > turn then
+  turn = last_slot + interval
+end
+local ttl_ms = math.floor((turn - now + interval) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', turn), 'PX', ttl_ms)
+return turn - now
+"""
+
+
 class RateLimitTimeout(TimeoutError):
     """The endpoint's next free slot is further away than the caller accepts to wait."""
 
@@ -143,6 +167,7 @@ class RedisRateLimiter:
         }
         self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
         self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
+        self._turn = redis_client.register_script(_TURN_SCRIPT)
 
     def interval(self, endpoint: str) -> float:
         try:
@@ -183,6 +208,19 @@ class RedisRateLimiter:
             ends = self.redis.get(self.prefix + endpoint + ":penalty")
             if ends is None or int(float(ends)) <= slot_us:
                 return waited
+
+    def take_turn(self, endpoint: str) -> float:
+        """Take a place in the endpoint's line; return the seconds until its turn.
+
+        For calls that wait long (a burst of creates, one every 4.6 s): the caller goes away
+        until about its turn (steps.create_instance hands its step back to Celery) instead of
+        sleeping in `acquire` and keeping a worker process from every other step meanwhile.
+        """
+        interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
+        wait_us = self._turn(
+            keys=[self.prefix + endpoint + ":line", self.prefix + endpoint], args=[interval_us]
+        )
+        return int(wait_us) / 1_000_000
 
     def penalize(self, endpoint: str) -> float:
         """Vast.ai refused a call (429): hold the endpoint for its published penalty, for

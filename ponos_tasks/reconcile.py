@@ -261,7 +261,13 @@ def step_for(record: TaskRecord) -> StepName | None:
 
 
 def last_progress(record: TaskRecord) -> float:
-    stamps = [record.heartbeat_at, record.phase_changed_at, record.accepted_at]
+    # create_turn_at may lie ahead: a create waiting for its turn is not stalled before it.
+    stamps = [
+        record.heartbeat_at,
+        record.phase_changed_at,
+        record.accepted_at,
+        record.create_turn_at,
+    ]
     return max((s for s in stamps if s is not None), default=0.0)
 
 

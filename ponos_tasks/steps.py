@@ -651,15 +651,32 @@ def create_instance(ctx: AgentContext, task_id: str) -> Next | None:
         release(lock)
 
 
+# A create step whose turn is further away than this goes back to Celery until then; the
+# longest countdown stays well under the broker's visibility timeout (celery_settings.py).
+MAX_CREATE_DEFER = 600.0
+
+
+def create_lead(ctx: AgentContext) -> float:
+    """How long before its turn a create step comes back: two create intervals, time for its
+    label lookup, definition and offer search, so that its create is ready when the slot
+    comes (a launch gap otherwise), while at most two or so workers wait in the limiter."""
+    return 2 * ctx.limiter.interval("create")
+
+
 def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
-    """The record in `creating`, at a new attempt unless it was already creating (resumed)."""
+    """The record in `creating`, at a new attempt unless it was already creating (resumed).
+    A new attempt takes its place in the line of creates (ratelimit.take_turn)."""
     record = ctx.store.get(task_id)
     if record is None:
         return None
     if record.phase in (Phase.WAITING_OFFER, Phase.RETRYING, Phase.ACCEPTED):
         attempt = record.attempt + 1
         label = make_label(ctx.agent_short_id(), task_id, attempt)
-        return ctx.store.cas(
+        now = ctx.now()
+        # Seconds from Redis's clock, added to ours: a host whose clock is off still waits
+        # the right length of time.
+        turn_in = ctx.limiter.take_turn("create")
+        claimed = ctx.store.cas(
             task_id,
             expect_phase=record.phase,
             expect_attempt=record.attempt,
@@ -667,15 +684,45 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
             attempt=attempt,
             label=label,
             create_unknown_at=None,
-            heartbeat_at=ctx.now(),
+            create_turn_at=now + turn_in,
+            heartbeat_at=now,
         )
+        if claimed is not None and turn_in > create_lead(ctx):
+            ahead = math.floor(turn_in / ctx.limiter.interval("create"))
+            _note(
+                ctx,
+                task_id,
+                f"waiting for a create slot: Vast.ai allows one create every "
+                f"{ctx.limiter.interval('create'):g} s; {ahead} task(s) ahead, "
+                f"its turn in {turn_in:.0f} s",
+            )
+        return claimed
     return record if record.phase == Phase.CREATING else None
+
+
+def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
+    """The step again shortly before the attempt's turn, when that is still far: a worker
+    never sleeps minutes in the create limiter while watches and log reads wait behind it
+    (the N = 1000 burst of BENCHMARKS.md: every worker asleep there, load average 0.36).
+    Nothing was sent for this attempt yet, so handing the step back loses nothing."""
+    if record.create_turn_at is None:
+        return None
+    now = ctx.now()
+    wait = record.create_turn_at - now - create_lead(ctx)
+    if wait <= 0:
+        return None
+    ctx.store.touch(record.task_id, heartbeat_at=now)
+    return Next(StepName.CREATE_INSTANCE, countdown=min(wait, MAX_CREATE_DEFER))
 
 
 def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     record = _claim_attempt(ctx, task_id)
     if record is None:
         return None
+    if record.create_unknown_at is None:
+        later = _wait_for_create_turn(ctx, record)
+        if later is not None:
+            return later
     # Resumed or fresh: the label of this attempt may already name an instance (a create
     # whose answer was lost, a worker killed after Vast accepted): adopt it, never re-create.
     existing = ctx.vast.list_instances(label=record.label)
