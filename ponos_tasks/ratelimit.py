@@ -111,28 +111,28 @@ return ends
 """
 
 
-# KEYS[1]: the endpoint's line of turns, KEYS[2]: its bucket; ARGV: interval µs.
-# Hands out the next turn: one interval after the last turn handed out and after the bucket's
-# last reserved slot (never before now). Returns the turn's distance from now (µs). A turn
-# reserves no slot: its holder still takes one from the bucket (acquire) when it comes, so a
-# turn never used (a task stopped meanwhile) leaves no hole in the calls, only in the line.
-_TURN_SCRIPT = """
+# KEYS[1]: the endpoint's line (a sorted set: claimants by arrival), KEYS[2]: its bucket;
+# ARGV: the claimant, interval µs, the line's lifetime ms. Puts the claimant in the line if
+# it is not there yet (its place is kept) and returns how far its turn is (µs): its rank in
+# intervals after the bucket's next free slot. Computed afresh at each look, from Redis TIME:
+# claimants that left the line move everyone behind them forward, and no host's clock plays
+# a part.
+_LINE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local turn = now
-local last_turn = tonumber(redis.call('GET', KEYS[1]))
-if last_turn and last_turn + interval > turn then
-  turn = last_turn + interval
+local interval = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+local free = now
+local last = tonumber(redis.call('GET', KEYS[2]))
+if last and last + interval > free then
+  free = last + interval
 end
-local last_slot = tonumber(redis.call('GET', KEYS[2]))
-if last_slot and last_slot + interval > turn then
-  turn = last_slot + interval
-end
-local ttl_ms = math.floor((turn - now + interval) / 1000) + 1000
-redis.call('SET', KEYS[1], string.format('%.0f', turn), 'PX', ttl_ms)
-return turn - now
+return free - now + rank * interval
 """
+# A line nobody looked at for a day belongs to an agent that is gone.
+LINE_LIFETIME_MS = 24 * 3600 * 1000
 
 
 class RateLimitTimeout(TimeoutError):
@@ -167,7 +167,7 @@ class RedisRateLimiter:
         }
         self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
         self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
-        self._turn = redis_client.register_script(_TURN_SCRIPT)
+        self._line = redis_client.register_script(_LINE_SCRIPT)
 
     def interval(self, endpoint: str) -> float:
         try:
@@ -209,18 +209,36 @@ class RedisRateLimiter:
             if ends is None or int(float(ends)) <= slot_us:
                 return waited
 
-    def take_turn(self, endpoint: str) -> float:
-        """Take a place in the endpoint's line; return the seconds until its turn.
+    def place_in_line(self, endpoint: str, claimant: str) -> float:
+        """Join the endpoint's line (or keep one's place in it); return the seconds until
+        `claimant`'s turn.
 
         For calls that wait long (a burst of creates, one every 4.6 s): the caller goes away
         until about its turn (steps.create_instance hands its step back to Celery) instead of
         sleeping in `acquire` and keeping a worker process from every other step meanwhile.
+        The line holds places, not slots: a claimant whose turn has come leaves it
+        (`leave_line`) and takes its slot from the bucket with `acquire`.
         """
         interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
-        wait_us = self._turn(
-            keys=[self.prefix + endpoint + ":line", self.prefix + endpoint], args=[interval_us]
+        wait_us = self._line(
+            keys=[self._line_key(endpoint), self.prefix + endpoint],
+            args=[claimant, interval_us, LINE_LIFETIME_MS],
         )
         return int(wait_us) / 1_000_000
+
+    def leave_line(self, endpoint: str, *claimants: str) -> None:
+        if claimants:
+            self.redis.zrem(self._line_key(endpoint), *claimants)
+
+    def line(self, endpoint: str) -> list[str]:
+        """The endpoint's line, first claimant first."""
+        return [
+            m.decode() if isinstance(m, bytes) else m
+            for m in self.redis.zrange(self._line_key(endpoint), 0, -1)
+        ]
+
+    def _line_key(self, endpoint: str) -> str:
+        return self.prefix + endpoint + ":line"
 
     def penalize(self, endpoint: str) -> float:
         """Vast.ai refused a call (429): hold the endpoint for its published penalty, for

@@ -664,19 +664,14 @@ def create_lead(ctx: AgentContext) -> float:
 
 
 def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
-    """The record in `creating`, at a new attempt unless it was already creating (resumed).
-    A new attempt takes its place in the line of creates (ratelimit.take_turn)."""
+    """The record in `creating`, at a new attempt unless it was already creating (resumed)."""
     record = ctx.store.get(task_id)
     if record is None:
         return None
     if record.phase in (Phase.WAITING_OFFER, Phase.RETRYING, Phase.ACCEPTED):
         attempt = record.attempt + 1
         label = make_label(ctx.agent_short_id(), task_id, attempt)
-        now = ctx.now()
-        # Seconds from Redis's clock, added to ours: a host whose clock is off still waits
-        # the right length of time.
-        turn_in = ctx.limiter.take_turn("create")
-        claimed = ctx.store.cas(
+        return ctx.store.cas(
             task_id,
             expect_phase=record.phase,
             expect_attempt=record.attempt,
@@ -684,42 +679,68 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
             attempt=attempt,
             label=label,
             create_unknown_at=None,
-            create_turn_at=now + turn_in,
-            heartbeat_at=now,
+            create_turn_at=None,
+            heartbeat_at=ctx.now(),
         )
-        if claimed is not None and turn_in > create_lead(ctx):
-            ahead = math.floor(turn_in / ctx.limiter.interval("create"))
-            _note(
-                ctx,
-                task_id,
-                f"waiting for a create slot: Vast.ai allows one create every "
-                f"{ctx.limiter.interval('create'):g} s; {ahead} task(s) ahead, "
-                f"its turn in {turn_in:.0f} s",
-            )
-        return claimed
     return record if record.phase == Phase.CREATING else None
 
 
+def line_claimant(task_id: str, attempt: int) -> str:
+    """An attempt's name in the line of creates (task ids are UUIDs: no colon in them)."""
+    return f"{task_id}:{attempt}"
+
+
+def left_the_line(claimants: list[str], records: dict[str, TaskRecord]) -> list[str]:
+    """Claimants of the line of creates whose attempt no longer waits to create: stopped,
+    refused, deleted, adopted, or moved on. They would hold everyone behind them back one
+    create interval each. (`claimants` must be read before `records`: an attempt joins the
+    line only once its record is `creating`, so a claimant read first is never judged on an
+    older record.)"""
+    gone = []
+    for claimant in claimants:
+        task_id, _, attempt = claimant.rpartition(":")
+        record = records.get(task_id)
+        if record is None or record.phase != Phase.CREATING or str(record.attempt) != attempt:
+            gone.append(claimant)
+    return gone
+
+
 def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
-    """The step again shortly before the attempt's turn, when that is still far: a worker
-    never sleeps minutes in the create limiter while watches and log reads wait behind it
-    (the N = 1000 burst of BENCHMARKS.md: every worker asleep there, load average 0.36).
-    Nothing was sent for this attempt yet, so handing the step back loses nothing."""
-    if record.create_turn_at is None:
+    """The step again closer to the attempt's turn, when that is still far: a worker never
+    sleeps minutes in the create limiter while watches and log reads wait behind it (the
+    N = 1000 burst of BENCHMARKS.md: every worker asleep there, load average 0.36). Nothing
+    was sent for this attempt yet, so handing the step back loses nothing.
+
+    The turn is computed afresh at each look (ratelimit.place_in_line): claimants that left
+    the line ahead move this one forward. It looks again after half the wait (at least one
+    lead, at most MAX_CREATE_DEFER), so a line that moved faster than planned costs little."""
+    claimant = line_claimant(record.task_id, record.attempt)
+    turn_in = ctx.limiter.place_in_line("create", claimant)
+    lead = create_lead(ctx)
+    if turn_in <= lead:
+        ctx.limiter.leave_line("create", claimant)  # its slot comes from the bucket now
         return None
     now = ctx.now()
-    wait = record.create_turn_at - now - create_lead(ctx)
-    if wait <= 0:
-        return None
-    ctx.store.touch(record.task_id, heartbeat_at=now)
-    return Next(StepName.CREATE_INSTANCE, countdown=min(wait, MAX_CREATE_DEFER))
+    ctx.store.touch(record.task_id, create_turn_at=now + turn_in, heartbeat_at=now)
+    if record.create_turn_at is None:
+        interval = ctx.limiter.interval("create")
+        _note(
+            ctx,
+            record.task_id,
+            f"waiting for a create slot: Vast.ai allows one create every {interval:g} s; "
+            f"{math.floor(turn_in / interval)} task(s) ahead, its turn in {turn_in:.0f} s",
+        )
+    wait = turn_in - lead
+    return Next(
+        StepName.CREATE_INSTANCE, countdown=min(wait, max(lead, wait / 2), MAX_CREATE_DEFER)
+    )
 
 
 def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     record = _claim_attempt(ctx, task_id)
     if record is None:
         return None
-    if record.create_unknown_at is None:
+    if record.create_unknown_at is None:  # else a create was sent: its turn is behind it
         later = _wait_for_create_turn(ctx, record)
         if later is not None:
             return later
@@ -2212,8 +2233,10 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     ctx.store.save_snapshot(Snapshot(tuple(instances), listed_at))
     ctx.store.mark_synced(now)
     _meter(ctx, instances, now)
+    in_line = ctx.limiter.line("create")  # before the records (left_the_line)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()
+    ctx.limiter.leave_line("create", *left_the_line(in_line, records))
     ctx.store.save_running_count(sum(1 for r in records.values() if r.phase == Phase.RUNNING))
     steps = plan(
         now=now,

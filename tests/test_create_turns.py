@@ -7,13 +7,14 @@ takes a turn (ratelimit.take_turn) and its step comes back shortly before it.
 """
 
 import math
+import threading
 import time
 
 import pytest
 
 from ponos_tasks import reconcile, steps
 from ponos_tasks.lifecycle import Phase
-from ponos_tasks.models import StepName
+from ponos_tasks.models import StepName, TaskRecord
 from ponos_tasks.ratelimit import RedisRateLimiter
 from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
@@ -28,26 +29,38 @@ FAST = {
 }
 
 
-def test_turns_follow_each_other_and_the_last_reserved_slot(redis_client, key_prefix):
+def test_the_line_counts_places_after_the_buckets_next_free_slot(redis_client, key_prefix):
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
-    assert limiter.take_turn("create") == pytest.approx(0.0, abs=0.01)  # an empty line
-    assert limiter.take_turn("create") == pytest.approx(1.0, abs=0.01)
-    assert limiter.take_turn("create") == pytest.approx(2.0, abs=0.01)
-    # A turn reserves no slot: the bucket's next slot is free now...
+    assert limiter.place_in_line("create", "a:1") == pytest.approx(0.0, abs=0.01)
+    assert limiter.place_in_line("create", "b:1") == pytest.approx(1.0, abs=0.01)
+    assert limiter.place_in_line("create", "c:1") == pytest.approx(2.0, abs=0.01)
+    assert limiter.place_in_line("create", "b:1") == pytest.approx(1.0, abs=0.01)  # kept
+    assert limiter.line("create") == ["a:1", "b:1", "c:1"]
+    # The line holds places, not slots: the first one leaves it and takes its slot...
+    limiter.leave_line("create", "a:1")
     assert limiter.reserve("create") == pytest.approx(0.0, abs=0.01)
-    assert limiter.reserve("create") == pytest.approx(1.0, abs=0.01)
-    # ...and a turn taken after slots were reserved comes after them and after the line.
-    limiter.reserve("create")
-    limiter.reserve("create")
-    limiter.reserve("create")  # the bucket's last slot is now 4 s away
-    assert limiter.take_turn("create") == pytest.approx(5.0, abs=0.01)
-    assert limiter.take_turn("create") == pytest.approx(6.0, abs=0.01)
+    # ...and everyone behind it moves forward, after that slot.
+    assert limiter.place_in_line("create", "b:1") == pytest.approx(1.0, abs=0.01)
+    assert limiter.place_in_line("create", "c:1") == pytest.approx(2.0, abs=0.01)
+    # A claimant that leaves from the middle (a stopped task) leaves no hole.
+    limiter.leave_line("create", "b:1")
+    assert limiter.place_in_line("create", "c:1") == pytest.approx(1.0, abs=0.01)
 
 
 def test_a_penalty_pushes_the_line_back(redis_client, key_prefix):
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
     limiter.penalize("create")  # 12 s to 18 s (random, so that two users do not lock step)
-    assert 12.0 - 0.01 <= limiter.take_turn("create") <= 18.0 + 0.01
+    assert 12.0 - 0.01 <= limiter.place_in_line("create", "a:1") <= 18.0 + 0.01
+
+
+def test_claimants_whose_attempt_no_longer_creates_leave_the_line():
+    records = {
+        "t1": TaskRecord.new("t1", 0.0, phase=Phase.CREATING, attempt=2),
+        "t2": TaskRecord.new("t2", 0.0, phase=Phase.FINISHING, attempt=1),  # stopped
+        "t3": TaskRecord.new("t3", 0.0, phase=Phase.WAITING_OFFER, attempt=0),
+    }
+    claimants = ["t1:1", "t1:2", "t2:1", "t3:1", "t4:1"]
+    assert steps.left_the_line(claimants, records) == ["t1:1", "t2:1", "t3:1", "t4:1"]
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +73,53 @@ def stack(redis_url):
 
 @pytest.fixture
 def ctx(stack, redis_url):
-    ctx = make_context(stack, redis_url)
+    ctx = make_context(stack, redis_url, budget={"max_instances": 40})
     yield ctx
     wipe(ctx)
     ctx.redis.close()
 
 
+def fill_line(ctx, seconds: float) -> None:
+    """Claimants ahead in the line for about `seconds` (no record: a sync would drop them)."""
+    for i in range(math.ceil(seconds / ctx.limiter.interval("create"))):
+        ctx.limiter.place_in_line("create", f"ahead-{i}:1")
+
+
+def creates_ahead(ctx) -> threading.Thread:
+    """The claimants that `fill_line` put ahead take their turns: each leaves the line and
+    takes its create slot from the bucket, as a create step does (no call is sent)."""
+
+    def run():
+        while (line := ctx.limiter.line("create")) and line[0].startswith("ahead-"):
+            ctx.limiter.leave_line("create", line[0])
+            ctx.limiter.acquire("create")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def accepted(ctx, admin, n: int) -> list[str]:
+    ids = [admin.one_task(env=FAST, command="worker") for _ in range(n)]
+    Harness(ctx).sync()  # accepts them (the chains it plans are not run)
+    assert all(ctx.store.get(t).phase == Phase.ACCEPTED for t in ids)
+    return ids
+
+
+def stop(ctx, admin, task_id: str) -> list:
+    """Arkindex stops the task; the sync plans the stop and the stop step runs."""
+    admin.stop_task(task_id)
+    result = steps.sync(ctx)
+    [message] = [m for t, m in result.enqueue if t == task_id and m.step == StepName.STOP_TASK]
+    return steps.run_step(ctx, task_id, StepName.STOP_TASK, **message.kwargs)
+
+
 def test_a_create_far_from_its_turn_waits_in_celery_then_creates_once(stack, ctx):
     admin = Admin(stack)
-    task_id = admin.one_task(env=FAST, command="worker")
-    harness = Harness(ctx)
-    harness.sync()  # accepts the task
+    [task_id] = accepted(ctx, admin, 1)
     interval = ctx.limiter.interval("create")
     stale = ctx.settings.stale_after(Phase.CREATING)
-    # Tasks ahead in the line: the turn comes after the record would look stalled.
-    for _ in range(math.ceil((stale + 2.0) / interval)):
-        ctx.limiter.take_turn("create")
+    fill_line(ctx, stale + 2.0)  # the turn comes after the record would look stalled
     calls = dict(admin.stats()["calls"])
 
     follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
@@ -86,7 +130,9 @@ def test_a_create_far_from_its_turn_waits_in_celery_then_creates_once(stack, ctx
     assert stale < turn_in < stale + 2.0 + 2 * interval
     [again] = follow
     assert again.step == StepName.CREATE_INSTANCE
-    assert again.countdown == pytest.approx(turn_in - steps.create_lead(ctx), abs=0.5)
+    # It looks again after half the wait: the line may move faster than planned.
+    wait = turn_in - steps.create_lead(ctx)
+    assert again.countdown == pytest.approx(wait / 2, abs=0.5)
     # Nothing reached Vast.ai: no create, not even the label lookup.
     assert admin.stats()["calls"] == calls
     assert "waiting for a create slot" in "\n".join(ctx.logbook.lines(task_id))
@@ -94,11 +140,74 @@ def test_a_create_far_from_its_turn_waits_in_celery_then_creates_once(stack, ctx
     later = record.heartbeat_at + stale + 1.0
     assert later < record.create_turn_at
     assert not reconcile.is_stalled(record, later, ctx.settings)
+    assert reconcile.is_stalled(record, record.create_turn_at + stale + 0.5, ctx.settings)
 
+    ahead = creates_ahead(ctx)
+    harness = Harness(ctx)
     harness.push(task_id, follow)
     harness.run(until=lambda: harness.done(task_id), timeout=60.0)
+    ahead.join(timeout=5.0)
     assert ctx.store.get(task_id).final_state == "completed"
-    rows = admin.rows_for(task_id)
-    assert len(rows) == 1, rows
+    assert len(admin.rows_for(task_id)) == 1
     # The create left at its turn, not before it.
     assert time.time() >= record.create_turn_at - 0.2
+    assert steps.line_claimant(task_id, 1) not in ctx.limiter.line("create")  # it left
+
+
+def test_tasks_stopped_in_the_line_leave_no_hole_and_end_at_once(stack, ctx):
+    """Ten tasks wait in the line and are stopped before their turn: the task behind them
+    creates without waiting their turns, and the stopped ones end promptly even when the
+    message of their stop's chain is lost (their old turns play no part)."""
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0  # turns far from the harness's pace
+    ids = accepted(ctx, admin, 11)
+    ahead, newcomer = ids[:10], ids[10]
+    fill_line(ctx, 30.0)
+    for task_id in ahead:
+        [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+        assert again.step == StepName.CREATE_INSTANCE  # in the line
+        assert ctx.store.get(task_id).create_turn_at > ctx.now() + 29.0
+    stopped_at = time.monotonic()
+    for task_id in ahead:
+        assert [n.step for n in stop(ctx, admin, task_id)] == [StepName.PUBLISH_LOGS]  # lost
+    # The next sync drops the stopped ones from the line (each sync of `stop` dropped the
+    # tasks stopped before it, and fill_line's claimants, which have no record).
+    assert len(ctx.limiter.line("create")) == 1
+    steps.sync(ctx)
+    assert ctx.limiter.line("create") == []
+
+    follow = steps.run_step(ctx, newcomer, StepName.CREATE_INSTANCE)
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(newcomer)) == 1  # created at once
+
+    harness = Harness(ctx)
+    harness.push(newcomer, follow)
+    harness.run(until=lambda: all(harness.done(t) for t in ids), sync_every=0.3, timeout=60.0)
+    # Resumed once `stale` passed, not at their turns (30 s and more after the stop).
+    assert time.monotonic() - stopped_at < 20.0
+    for task_id in ahead:
+        assert admin.task(task_id)["state"] == "stopped"
+        assert admin.rows_for(task_id) == []
+
+
+def test_a_worker_whose_clock_lags_creates_when_the_turn_has_come(stack, ctx, redis_url):
+    """The turn is decided on Redis's clock: a worker 5 minutes behind does not hand the
+    create back to Celery for 5 more minutes."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    fill_line(ctx, 4 * ctx.limiter.interval("create"))
+    [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert again.step == StepName.CREATE_INSTANCE
+    lagging = make_context(stack, redis_url, prefix=ctx.keys.prefix)
+    lagging.config = ctx.config  # the same agent
+    lagging.now = lambda: time.time() - 300.0
+    try:
+        ctx.limiter.leave_line("create", *[c for c in ctx.limiter.line("create") if "ahead" in c])
+        follow = steps.run_step(lagging, task_id, StepName.CREATE_INSTANCE)
+        assert [n.step for n in follow] == [StepName.WATCH]
+    finally:
+        lagging.redis.close()
+    harness = Harness(ctx)
+    harness.push(task_id, follow)
+    harness.run(until=lambda: harness.done(task_id), timeout=60.0)
+    assert len(admin.rows_for(task_id)) == 1
