@@ -6,7 +6,10 @@ Why each setting:
   job state, and nothing reads Celery results.
 - Every step is idempotent by design (it acts through a compare-and-set on its task's record),
   so acks_late is safe everywhere; with prefetch 1 a killed worker strands at most the message
-  it was running.
+  it was running, plus the countdown messages it held (Celery fetches those early, whatever
+  the prefetch): the sync resumes their chains once they look stalled (reconcile.py), and the
+  broker redelivers them after the visibility timeout (a step that finds its work done does
+  nothing).
 - visibility_timeout (1 h) is far above the longest countdown (600 s, a create waiting for its
   turn: steps.MAX_CREATE_DEFER) plus the longest hard time limit (180 s): a message is only
   redelivered when its worker really died. (Redis redelivers an unacknowledged message after

@@ -237,9 +237,15 @@ class TaskRecord:
     start_status: str | None = None  # the instance's last status_msg while it starts
     progress_at: float | None = None  # when that status_msg last changed (pull progress)
     create_unknown_at: float | None = None  # a create of this attempt got no answer then
-    # When this attempt's place in the line of creates comes (steps.create_instance); until
-    # then its chain waits in Celery, and the sync counts that as progress, not a stall.
+    # A create of this attempt was sent then: until the instance is recorded, a step of the
+    # attempt run again (a worker killed, an error after Vast.ai's answer) treats it as one
+    # that got no answer (Vast.ai's reads lag a create).
+    create_sent_at: float | None = None
+    # When this attempt's turn in the line of creates comes (steps.create_instance), while it
+    # waits in Celery for it (the sync counts that wait as progress, not a stall); and whether
+    # it came: a step of the attempt run again (retried, resumed) then skips the line.
     create_turn_at: float | None = None
+    create_turn_came: bool = False
     # The failed attempt's instance, kept *stopped* until the next attempt is created: between
     # two attempts it is the task's only trace outside Redis (see steps.retry_attempt).
     kept_instance_id: int | None = None

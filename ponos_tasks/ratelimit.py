@@ -113,10 +113,10 @@ return ends
 
 # KEYS[1]: the endpoint's line (a sorted set: claimants by arrival), KEYS[2]: its bucket;
 # ARGV: the claimant, interval µs, the line's lifetime ms. Puts the claimant in the line if
-# it is not there yet (its place is kept) and returns how far its turn is (µs): its rank in
-# intervals after the bucket's next free slot. Computed afresh at each look, from Redis TIME:
-# claimants that left the line move everyone behind them forward, and no host's clock plays
-# a part.
+# it is not there yet (its place is kept) and returns {its rank, how far its turn is (µs)}:
+# its rank in intervals after the bucket's next free slot. Computed afresh at each look, from
+# Redis TIME: claimants that left the line move everyone behind them forward, and no host's
+# clock plays a part.
 _LINE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -129,10 +129,26 @@ local last = tonumber(redis.call('GET', KEYS[2]))
 if last and last + interval > free then
   free = last + interval
 end
-return free - now + rank * interval
+return {rank, free - now + rank * interval}
+"""
+# KEYS[1]: a line; ARGV: claimant, score, claimant, score... Removes each claimant whose
+# place (its arrival) is still the one read: one that left and came back meanwhile (a new
+# claim of the same attempt number) keeps its new place.
+_LEAVE_IF_SAME_SCRIPT = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
 """
 # A line nobody looked at for a day belongs to an agent that is gone.
 LINE_LIFETIME_MS = 24 * 3600 * 1000
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class RateLimitTimeout(TimeoutError):
@@ -168,6 +184,7 @@ class RedisRateLimiter:
         self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
         self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
         self._line = redis_client.register_script(_LINE_SCRIPT)
+        self._leave_if_same = redis_client.register_script(_LEAVE_IF_SAME_SCRIPT)
 
     def interval(self, endpoint: str) -> float:
         try:
@@ -209,33 +226,41 @@ class RedisRateLimiter:
             if ends is None or int(float(ends)) <= slot_us:
                 return waited
 
-    def place_in_line(self, endpoint: str, claimant: str) -> float:
-        """Join the endpoint's line (or keep one's place in it); return the seconds until
-        `claimant`'s turn.
+    def place_in_line(self, endpoint: str, claimant: str) -> tuple[int, float]:
+        """Join the endpoint's line (or keep one's place in it); return `claimant`'s rank
+        (0: first) and the seconds until its turn.
 
         For calls that wait long (a burst of creates, one every 4.6 s): the caller goes away
         until about its turn (steps.create_instance hands its step back to Celery) instead of
         sleeping in `acquire` and keeping a worker process from every other step meanwhile.
-        The line holds places, not slots: a claimant whose turn has come leaves it
-        (`leave_line`) and takes its slot from the bucket with `acquire`.
+        The line holds places, not slots: a claimant keeps its place until it has taken its
+        slot from the bucket (`acquire`), then leaves (`leave_line`).
         """
         interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
-        wait_us = self._line(
+        rank, wait_us = self._line(
             keys=[self._line_key(endpoint), self.prefix + endpoint],
             args=[claimant, interval_us, LINE_LIFETIME_MS],
         )
-        return int(wait_us) / 1_000_000
+        return int(rank), int(wait_us) / 1_000_000
 
     def leave_line(self, endpoint: str, *claimants: str) -> None:
         if claimants:
             self.redis.zrem(self._line_key(endpoint), *claimants)
 
-    def line(self, endpoint: str) -> list[str]:
-        """The endpoint's line, first claimant first."""
-        return [
-            m.decode() if isinstance(m, bytes) else m
-            for m in self.redis.zrange(self._line_key(endpoint), 0, -1)
-        ]
+    def line(self, endpoint: str) -> dict[str, str]:
+        """The endpoint's line: each claimant's place (its arrival, as Redis wrote it), first
+        claimant first; for `leave_line_if_same`."""
+        raw = self.redis.zrange(
+            self._line_key(endpoint), 0, -1, withscores=True, score_cast_func=_text
+        )
+        return {_text(member): place for member, place in raw}
+
+    def leave_line_if_same(self, endpoint: str, places: dict[str, str]) -> int:
+        """Remove the claimants still at the places read (`line`); return how many left."""
+        if not places:
+            return 0
+        args = [value for item in places.items() for value in item]
+        return int(self._leave_if_same(keys=[self._line_key(endpoint)], args=args))
 
     def _line_key(self, endpoint: str) -> str:
         return self.prefix + endpoint + ":line"

@@ -471,6 +471,9 @@ def _before_create_sent(ctx: AgentContext, lock, record: TaskRecord, offer_id: i
     """Right before a create try is sent: renew its lock, and note the create's floor (the
     flat view's call A then covers the instance even if the answer is lost: view.py)."""
     lock.reacquire()
+    # Its slot is taken: the claimants behind it in the line of creates count from it now.
+    ctx.limiter.leave_line("create", line_claimant(record.task_id, record.attempt))
+    ctx.store.touch(record.task_id, expect_attempt=record.attempt, create_sent_at=ctx.now())
     settings = ctx.settings
     ctx.store.note_create_floor(
         f"{record.task_id}:{record.attempt}:{offer_id}",
@@ -679,7 +682,9 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
             attempt=attempt,
             label=label,
             create_unknown_at=None,
+            create_sent_at=None,
             create_turn_at=None,
+            create_turn_came=False,
             heartbeat_at=ctx.now(),
         )
     return record if record.phase == Phase.CREATING else None
@@ -690,18 +695,18 @@ def line_claimant(task_id: str, attempt: int) -> str:
     return f"{task_id}:{attempt}"
 
 
-def left_the_line(claimants: list[str], records: dict[str, TaskRecord]) -> list[str]:
+def left_the_line(places: dict[str, str], records: dict[str, TaskRecord]) -> dict[str, str]:
     """Claimants of the line of creates whose attempt no longer waits to create: stopped,
     refused, deleted, adopted, or moved on. They would hold everyone behind them back one
-    create interval each. (`claimants` must be read before `records`: an attempt joins the
-    line only once its record is `creating`, so a claimant read first is never judged on an
-    older record.)"""
-    gone = []
-    for claimant in claimants:
+    create interval each. (`places` must be read before `records`: an attempt joins the line
+    only once its record is `creating`, so a claimant read first is never judged on an older
+    record; one that left and came back meanwhile has a new place, which is kept.)"""
+    gone = {}
+    for claimant, place in places.items():
         task_id, _, attempt = claimant.rpartition(":")
         record = records.get(task_id)
         if record is None or record.phase != Phase.CREATING or str(record.attempt) != attempt:
-            gone.append(claimant)
+            gone[claimant] = place
     return gone
 
 
@@ -709,26 +714,40 @@ def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
     """The step again closer to the attempt's turn, when that is still far: a worker never
     sleeps minutes in the create limiter while watches and log reads wait behind it (the
     N = 1000 burst of BENCHMARKS.md: every worker asleep there, load average 0.36). Nothing
-    was sent for this attempt yet, so handing the step back loses nothing.
+    was sent for this attempt yet, so handing the step back loses nothing. None: its turn
+    has come (the record says so from then on).
 
     The turn is computed afresh at each look (ratelimit.place_in_line): claimants that left
     the line ahead move this one forward. It looks again after half the wait (at least one
     lead, at most MAX_CREATE_DEFER), so a line that moved faster than planned costs little."""
-    claimant = line_claimant(record.task_id, record.attempt)
-    turn_in = ctx.limiter.place_in_line("create", claimant)
+    rank, turn_in = ctx.limiter.place_in_line(
+        "create", line_claimant(record.task_id, record.attempt)
+    )
     lead = create_lead(ctx)
-    if turn_in <= lead:
-        ctx.limiter.leave_line("create", claimant)  # its slot comes from the bucket now
-        return None
     now = ctx.now()
-    ctx.store.touch(record.task_id, create_turn_at=now + turn_in, heartbeat_at=now)
+    if turn_in <= lead:
+        # It keeps its place until its create takes a slot (_before_create_sent) or the step
+        # ends (_create_locked): the claimants behind it count it meanwhile.
+        ctx.store.touch(
+            record.task_id,
+            expect_attempt=record.attempt,
+            create_turn_at=None,
+            create_turn_came=True,
+        )
+        return None
+    ctx.store.touch(
+        record.task_id,
+        expect_attempt=record.attempt,
+        create_turn_at=now + turn_in,
+        heartbeat_at=now,
+    )
     if record.create_turn_at is None:
-        interval = ctx.limiter.interval("create")
         _note(
             ctx,
             record.task_id,
-            f"waiting for a create slot: Vast.ai allows one create every {interval:g} s; "
-            f"{math.floor(turn_in / interval)} task(s) ahead, its turn in {turn_in:.0f} s",
+            "waiting for a create slot: Vast.ai allows one create every "
+            f"{ctx.limiter.interval('create'):g} s; {rank} task(s) ahead, its turn in "
+            f"{turn_in:.0f} s",
         )
     wait = turn_in - lead
     return Next(
@@ -740,10 +759,20 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     record = _claim_attempt(ctx, task_id)
     if record is None:
         return None
-    if record.create_unknown_at is None:  # else a create was sent: its turn is behind it
+    if not record.create_turn_came and record.create_unknown_at is None:
         later = _wait_for_create_turn(ctx, record)
         if later is not None:
             return later
+    try:
+        return _create_in_turn(ctx, record, lock)
+    finally:
+        # Whatever the outcome (created, no offer, refused, an error retried: a step run
+        # again skips the line), the attempt's place goes, or it would hold the line back.
+        ctx.limiter.leave_line("create", line_claimant(record.task_id, record.attempt))
+
+
+def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
+    task_id = record.task_id
     # Resumed or fresh: the label of this attempt may already name an instance (a create
     # whose answer was lost, a worker killed after Vast accepted): adopt it, never re-create.
     existing = ctx.vast.list_instances(label=record.label)
@@ -755,12 +784,11 @@ def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
     if existing:
         return _record_instance(ctx, record, min(existing, key=lambda i: i.id), adopted=True)
     now = ctx.now()
-    if (
-        record.create_unknown_at is not None
-        and now - record.create_unknown_at < ctx.settings.visibility_grace
-    ):
-        # A create of this attempt got no answer: Vast.ai's reads lag a create, so "not
-        # listed" is no proof it did not happen. Look again until the grace has passed.
+    unsure = [t for t in (record.create_unknown_at, record.create_sent_at) if t is not None]
+    if unsure and now - max(unsure) < ctx.settings.visibility_grace:
+        # A create of this attempt got no answer, or was sent by a step that did not record
+        # its outcome: Vast.ai's reads lag a create, so "not listed" is no proof it did not
+        # happen. Look again until the grace has passed.
         ctx.store.touch(task_id, heartbeat_at=now)
         return Next(StepName.CREATE_INSTANCE, countdown=ctx.settings.create_unknown_delay)
 
@@ -2236,7 +2264,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     in_line = ctx.limiter.line("create")  # before the records (left_the_line)
     # Snapshot first, records second (reconcile's docstring): no record older than it.
     records = ctx.store.all_records()
-    ctx.limiter.leave_line("create", *left_the_line(in_line, records))
+    ctx.limiter.leave_line_if_same("create", left_the_line(in_line, records))
     ctx.store.save_running_count(sum(1 for r in records.values() if r.phase == Phase.RUNNING))
     steps = plan(
         now=now,

@@ -3,7 +3,8 @@
 Vast.ai allows one create every 4.5 s per account. A burst of N tasks used to put every
 worker process to sleep in the create limiter (one slot every 4.6 s each), while the watches,
 log reads and reports of the running tasks waited behind them in the queue. Now a new attempt
-takes a turn (ratelimit.take_turn) and its step comes back shortly before it.
+takes a place in a line of creates (ratelimit.place_in_line) and its step comes back to Celery
+until its turn is near.
 """
 
 import math
@@ -11,10 +12,12 @@ import threading
 import time
 
 import pytest
+import redis
 
-from ponos_tasks import reconcile, steps
+from ponos_tasks import overview, reconcile, steps
+from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.lifecycle import Phase
-from ponos_tasks.models import StepName, TaskRecord
+from ponos_tasks.models import Next, StepName, TaskRecord
 from ponos_tasks.ratelimit import RedisRateLimiter
 from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
@@ -29,28 +32,43 @@ FAST = {
 }
 
 
+def turn(limiter, claimant: str) -> tuple[int, float]:
+    return limiter.place_in_line("create", claimant)
+
+
 def test_the_line_counts_places_after_the_buckets_next_free_slot(redis_client, key_prefix):
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
-    assert limiter.place_in_line("create", "a:1") == pytest.approx(0.0, abs=0.01)
-    assert limiter.place_in_line("create", "b:1") == pytest.approx(1.0, abs=0.01)
-    assert limiter.place_in_line("create", "c:1") == pytest.approx(2.0, abs=0.01)
-    assert limiter.place_in_line("create", "b:1") == pytest.approx(1.0, abs=0.01)  # kept
-    assert limiter.line("create") == ["a:1", "b:1", "c:1"]
+    assert turn(limiter, "a:1") == (0, pytest.approx(0.0, abs=0.01))
+    assert turn(limiter, "b:1") == (1, pytest.approx(1.0, abs=0.01))
+    assert turn(limiter, "c:1") == (2, pytest.approx(2.0, abs=0.01))
+    assert turn(limiter, "b:1") == (1, pytest.approx(1.0, abs=0.01))  # its place is kept
+    assert list(limiter.line("create")) == ["a:1", "b:1", "c:1"]
     # The line holds places, not slots: the first one leaves it and takes its slot...
     limiter.leave_line("create", "a:1")
     assert limiter.reserve("create") == pytest.approx(0.0, abs=0.01)
     # ...and everyone behind it moves forward, after that slot.
-    assert limiter.place_in_line("create", "b:1") == pytest.approx(1.0, abs=0.01)
-    assert limiter.place_in_line("create", "c:1") == pytest.approx(2.0, abs=0.01)
+    assert turn(limiter, "b:1") == (0, pytest.approx(1.0, abs=0.01))
+    assert turn(limiter, "c:1") == (1, pytest.approx(2.0, abs=0.01))
     # A claimant that leaves from the middle (a stopped task) leaves no hole.
     limiter.leave_line("create", "b:1")
-    assert limiter.place_in_line("create", "c:1") == pytest.approx(1.0, abs=0.01)
+    assert turn(limiter, "c:1") == (0, pytest.approx(1.0, abs=0.01))
+
+
+def test_a_claimant_that_came_back_keeps_its_new_place(redis_client, key_prefix):
+    limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
+    for claimant in ("a:1", "b:1", "c:1"):
+        limiter.place_in_line("create", claimant)
+    read = limiter.line("create")
+    limiter.leave_line("create", "a:1")
+    limiter.place_in_line("create", "a:1")  # a new claim of the same attempt number
+    assert limiter.leave_line_if_same("create", {c: read[c] for c in ("a:1", "b:1")}) == 1
+    assert list(limiter.line("create")) == ["c:1", "a:1"]
 
 
 def test_a_penalty_pushes_the_line_back(redis_client, key_prefix):
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
     limiter.penalize("create")  # 12 s to 18 s (random, so that two users do not lock step)
-    assert 12.0 - 0.01 <= limiter.place_in_line("create", "a:1") <= 18.0 + 0.01
+    assert 12.0 - 0.01 <= limiter.place_in_line("create", "a:1")[1] <= 18.0 + 0.01
 
 
 def test_claimants_whose_attempt_no_longer_creates_leave_the_line():
@@ -59,8 +77,8 @@ def test_claimants_whose_attempt_no_longer_creates_leave_the_line():
         "t2": TaskRecord.new("t2", 0.0, phase=Phase.FINISHING, attempt=1),  # stopped
         "t3": TaskRecord.new("t3", 0.0, phase=Phase.WAITING_OFFER, attempt=0),
     }
-    claimants = ["t1:1", "t1:2", "t2:1", "t3:1", "t4:1"]
-    assert steps.left_the_line(claimants, records) == ["t1:1", "t2:1", "t3:1", "t4:1"]
+    places = {c: str(i) for i, c in enumerate(["t1:1", "t1:2", "t2:1", "t3:1", "t4:1"])}
+    assert list(steps.left_the_line(places, records)) == ["t1:1", "t2:1", "t3:1", "t4:1"]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +108,7 @@ def creates_ahead(ctx) -> threading.Thread:
     takes its create slot from the bucket, as a create step does (no call is sent)."""
 
     def run():
-        while (line := ctx.limiter.line("create")) and line[0].startswith("ahead-"):
+        while (line := list(ctx.limiter.line("create"))) and line[0].startswith("ahead-"):
             ctx.limiter.leave_line("create", line[0])
             ctx.limiter.acquire("create")
 
@@ -174,7 +192,7 @@ def test_tasks_stopped_in_the_line_leave_no_hole_and_end_at_once(stack, ctx):
     # tasks stopped before it, and fill_line's claimants, which have no record).
     assert len(ctx.limiter.line("create")) == 1
     steps.sync(ctx)
-    assert ctx.limiter.line("create") == []
+    assert ctx.limiter.line("create") == {}
 
     follow = steps.run_step(ctx, newcomer, StepName.CREATE_INSTANCE)
     assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
@@ -211,3 +229,131 @@ def test_a_worker_whose_clock_lags_creates_when_the_turn_has_come(stack, ctx, re
     harness.push(task_id, follow)
     harness.run(until=lambda: harness.done(task_id), timeout=60.0)
     assert len(admin.rows_for(task_id)) == 1
+
+
+def test_a_step_run_again_after_its_turn_came_skips_the_line(stack, ctx, monkeypatch):
+    """Its turn came, then the step failed before the create was sent (an Arkindex 503):
+    Celery's retry does not wait behind the burst that joined the line meanwhile."""
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0
+    [task_id] = accepted(ctx, admin, 1)
+    definition = ctx.arkindex.task_definition
+
+    def unavailable_once(tid):
+        monkeypatch.setattr(ctx.arkindex, "task_definition", definition)
+        fill_line(ctx, 60.0)  # a burst joins the line meanwhile
+        raise ArkindexUnavailable("503 on every try")
+
+    monkeypatch.setattr(ctx.arkindex, "task_definition", unavailable_once)
+    with pytest.raises(ArkindexUnavailable):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert steps.line_claimant(task_id, 1) not in ctx.limiter.line("create")
+    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # the retry
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(task_id)) == 1
+    finish(ctx, task_id, follow)
+
+
+def test_an_instance_created_before_a_failure_is_adopted_without_waiting(stack, ctx, monkeypatch):
+    """Vast.ai created the instance, then the step failed (a Redis blip right after the
+    answer, like a worker killed then): the step run again adopts it at once by its label,
+    not after a wait in the line while the instance runs unwatched."""
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0
+    [task_id] = accepted(ctx, admin, 1)
+    remember = ctx.store.remember_instance_key
+
+    def blip_once(*args, **kwargs):
+        monkeypatch.setattr(ctx.store, "remember_instance_key", remember)
+        fill_line(ctx, 60.0)
+        raise redis.ConnectionError("connection reset")
+
+    monkeypatch.setattr(ctx.store, "remember_instance_key", blip_once)
+    with pytest.raises(redis.ConnectionError):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert len(admin.rows_for(task_id)) == 1
+    # Run again at once (Celery's retry): Vast.ai's reads still lag the create, the label
+    # lookup misses the instance, and the step must not create a second one; it looks again.
+    harness = Harness(ctx)
+    harness.push(task_id, [Next(StepName.CREATE_INSTANCE)])
+    harness.run(until=lambda: harness.done(task_id), timeout=60.0)
+    assert ctx.store.get(task_id).final_state == "completed"
+    assert len(admin.rows_for(task_id)) == 1, admin.rows_for(task_id)
+    assert "adopted existing" in "\n".join(ctx.logbook.lines(task_id))
+    # Not after a wait in the line behind the burst: the turn had come for this attempt.
+    assert "waiting for a create slot" not in "\n".join(ctx.logbook.lines(task_id))
+
+
+def test_claimants_keep_their_place_until_their_create_takes_a_slot(ctx):
+    """Ten claimants look at once (resumed together by a sync) while the bucket is idle:
+    those whose turn is within the lead go, the others wait in Celery; one that went keeps
+    its place until its create has a slot, so the next ones do not all see themselves first."""
+    interval = ctx.limiter.interval("create")
+    records = [
+        TaskRecord.new(f"claimant{i}", ctx.now(), phase=Phase.CREATING, attempt=1)
+        for i in range(10)
+    ]
+    for record in records:  # they join in this order
+        ctx.limiter.place_in_line("create", steps.line_claimant(record.task_id, 1))
+    went = [r.task_id for r in records if steps._wait_for_create_turn(ctx, r) is None]
+    assert went == [f"claimant{i}" for i in range(int(steps.create_lead(ctx) / interval) + 1)]
+    assert len(ctx.limiter.line("create")) == 10
+
+
+def test_the_sync_keeps_a_claimant_that_came_back_while_it_read(stack, ctx, monkeypatch):
+    """The sync reads the line; the task's attempt is given back (no offer) and claimed again
+    at once, before the sync reads the records: the sync must not drop its new place."""
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0
+    [task_id] = accepted(ctx, admin, 1)
+    fill_line(ctx, 10.0)
+    [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert again.step == StepName.CREATE_INSTANCE
+    claimant = steps.line_claimant(task_id, 1)
+    all_records = ctx.store.all_records
+
+    def racing(*args, **kwargs):
+        monkeypatch.setattr(ctx.store, "all_records", all_records)
+        ctx.limiter.leave_line("create", claimant)  # its turn came; no offer: given back
+        assert ctx.store.cas(
+            task_id,
+            expect_phase=Phase.CREATING,
+            expect_attempt=1,
+            phase=Phase.WAITING_OFFER,
+            attempt=0,
+        )
+        records = all_records(*args, **kwargs)
+        fill_line(ctx, 10.0)  # an offer again, and the attempt is claimed anew
+        [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+        assert again.step == StepName.CREATE_INSTANCE
+        return records
+
+    monkeypatch.setattr(ctx.store, "all_records", racing)
+    steps.sync(ctx)
+    assert claimant in ctx.limiter.line("create"), "the sync dropped a live claimant"
+    stop(ctx, admin, task_id)
+    harness = Harness(ctx)
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60.0)
+
+
+def test_status_says_in_the_line_only_while_the_task_is_in_it(stack, ctx):
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0
+    [task_id] = accepted(ctx, admin, 1)
+    fill_line(ctx, 3.0)
+    steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    record = ctx.store.get(task_id)
+    assert "in the line of creates" in overview.activity(record, ctx.now())
+    ctx.limiter.leave_line("create", *[c for c in ctx.limiter.line("create") if "ahead" in c])
+    assert steps._wait_for_create_turn(ctx, record) is None  # its turn came
+    assert overview.activity(ctx.store.get(task_id), ctx.now()) == "renting an instance"
+    stop(ctx, admin, task_id)
+    harness = Harness(ctx)
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60.0)
+
+
+def finish(ctx, task_id: str, follow: list) -> None:
+    harness = Harness(ctx)
+    harness.push(task_id, follow)
+    harness.run(until=lambda: harness.done(task_id), timeout=60.0)
+    assert ctx.store.get(task_id).final_state == "completed"
