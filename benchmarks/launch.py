@@ -196,7 +196,9 @@ def plot(results: dict[str, dict], path: Path = PLOT) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     longest = 0.0
     for label, result in results.items():
-        times = result["launch_times_sim_s"]
+        times = result.get("launch_times_sim_s")
+        if not times:  # a run recorded from its printed JSON, which leaves them out
+            continue
         longest = max(longest, times[-1])
         ax.step(
             times,

@@ -100,6 +100,8 @@ def activity(record: TaskRecord, now: float) -> str | None:
     if phase == Phase.CREATING:
         if record.create_unknown_at is not None:
             return "a create got no answer: looking its label up before anything else"
+        if record.create_sent_at is not None:
+            return "a create was sent: waiting for its instance to show"
         if record.create_turn_at is not None and record.create_turn_at > now:
             turn_in = format_age(record.create_turn_at - now)
             return f"in the line of creates: its turn comes in {turn_in}"

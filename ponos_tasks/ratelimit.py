@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import redis
 
@@ -111,25 +111,36 @@ return ends
 """
 
 
-# KEYS[1]: the endpoint's line (a sorted set: claimants by arrival), KEYS[2]: its bucket;
-# ARGV: the claimant, interval µs, the line's lifetime ms. Puts the claimant in the line if
-# it is not there yet (its place is kept) and returns {its rank, how far its turn is (µs)}:
-# its rank in intervals after the bucket's next free slot. Computed afresh at each look, from
-# Redis TIME: claimants that left the line move everyone behind them forward, and no host's
-# clock plays a part.
+# KEYS[1]: the endpoint's line (a sorted set: claimants by arrival), KEYS[2]: its bucket,
+# KEYS[3]: the claimants whose turn came and who have no slot yet (by when their turn came);
+# ARGV: the claimant, interval µs, the line's lifetime ms, how long a claimant whose turn came
+# is counted without taking its slot (µs: after that its worker is presumed dead).
+# Puts the claimant in the line if it is not there yet (its place is kept) and returns {how
+# many are ahead, how far its turn is (µs)}: that many intervals after the bucket's next free
+# slot. Computed afresh at each look, from Redis TIME: claimants that left the line move
+# everyone behind them forward, and no host's clock plays a part.
 _LINE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%.0f', now - tonumber(ARGV[4])))
+local ahead = redis.call('ZRANK', KEYS[1], ARGV[1]) + redis.call('ZCARD', KEYS[3])
 local free = now
 local last = tonumber(redis.call('GET', KEYS[2]))
 if last and last + interval > free then
   free = last + interval
 end
-return {rank, free - now + rank * interval}
+return {ahead, free - now + ahead * interval}
+"""
+# KEYS[1]: the line, KEYS[2]: the claimants whose turn came; ARGV: the claimant, lifetime ms.
+_TURN_CAME_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
 """
 # KEYS[1]: a line; ARGV: claimant, score, claimant, score... Removes each claimant whose
 # place (its arrival) is still the one read: one that left and came back meanwhile (a new
@@ -185,6 +196,7 @@ class RedisRateLimiter:
         self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
         self._line = redis_client.register_script(_LINE_SCRIPT)
         self._leave_if_same = redis_client.register_script(_LEAVE_IF_SAME_SCRIPT)
+        self._turn_came = redis_client.register_script(_TURN_CAME_SCRIPT)
 
     def interval(self, endpoint: str) -> float:
         try:
@@ -209,13 +221,21 @@ class RedisRateLimiter:
         """Reserve the endpoint's next slot without sleeping; return the seconds until it."""
         return self._reserve_slot(endpoint, timeout)[0]
 
-    def acquire(self, endpoint: str, timeout: float = 60.0) -> float:
+    def acquire(
+        self,
+        endpoint: str,
+        timeout: float = 60.0,
+        on_reserved: Callable[[], None] | None = None,
+    ) -> float:
         """Wait for the endpoint's next slot; return the seconds waited. A slot that a
         penalty (penalize) covered while the caller slept is not used: the caller takes the
-        first slot after the penalty instead of restarting it."""
+        first slot after the penalty instead of restarting it. `on_reserved` runs once a
+        slot is reserved, before the wait (the slot counts for others from then on)."""
         waited = 0.0
         while True:
             wait, slot_us = self._reserve_slot(endpoint, max(0.0, timeout - waited))
+            if on_reserved is not None:
+                on_reserved()
             if wait > 0:
                 log.debug("rate limiter: waiting %.3fs for %s", wait, endpoint)
                 time.sleep(wait)
@@ -226,26 +246,36 @@ class RedisRateLimiter:
             if ends is None or int(float(ends)) <= slot_us:
                 return waited
 
-    def place_in_line(self, endpoint: str, claimant: str) -> tuple[int, float]:
-        """Join the endpoint's line (or keep one's place in it); return `claimant`'s rank
-        (0: first) and the seconds until its turn.
+    def place_in_line(self, endpoint: str, claimant: str, *, going_for: float) -> tuple[int, float]:
+        """Join the endpoint's line (or keep one's place in it); return how many claimants
+        are ahead of `claimant` and the seconds until its turn.
 
         For calls that wait long (a burst of creates, one every 4.6 s): the caller goes away
         until about its turn (steps.create_instance hands its step back to Celery) instead of
         sleeping in `acquire` and keeping a worker process from every other step meanwhile.
-        The line holds places, not slots: a claimant keeps its place until it has taken its
-        slot from the bucket (`acquire`), then leaves (`leave_line`).
+        The line holds places, not slots. A claimant whose turn came (`turn_came`) still
+        counts for those behind it until it has reserved its slot (`acquire`'s `on_reserved`:
+        `leave_line`), or for `going_for` seconds at most: its worker may have died.
         """
         interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
-        rank, wait_us = self._line(
-            keys=[self._line_key(endpoint), self.prefix + endpoint],
-            args=[claimant, interval_us, LINE_LIFETIME_MS],
+        ahead, wait_us = self._line(
+            keys=[self._line_key(endpoint), self.prefix + endpoint, self._going_key(endpoint)],
+            args=[claimant, interval_us, LINE_LIFETIME_MS, math.ceil(going_for * 1_000_000)],
         )
-        return int(rank), int(wait_us) / 1_000_000
+        return int(ahead), int(wait_us) / 1_000_000
+
+    def turn_came(self, endpoint: str, claimant: str) -> None:
+        self._turn_came(
+            keys=[self._line_key(endpoint), self._going_key(endpoint)],
+            args=[claimant, LINE_LIFETIME_MS],
+        )
 
     def leave_line(self, endpoint: str, *claimants: str) -> None:
         if claimants:
-            self.redis.zrem(self._line_key(endpoint), *claimants)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(self._line_key(endpoint), *claimants)
+            pipe.zrem(self._going_key(endpoint), *claimants)
+            pipe.execute()
 
     def line(self, endpoint: str) -> dict[str, str]:
         """The endpoint's line: each claimant's place (its arrival, as Redis wrote it), first
@@ -264,6 +294,9 @@ class RedisRateLimiter:
 
     def _line_key(self, endpoint: str) -> str:
         return self.prefix + endpoint + ":line"
+
+    def _going_key(self, endpoint: str) -> str:
+        return self.prefix + endpoint + ":going"
 
     def penalize(self, endpoint: str) -> float:
         """Vast.ai refused a call (429): hold the endpoint for its published penalty, for

@@ -471,8 +471,6 @@ def _before_create_sent(ctx: AgentContext, lock, record: TaskRecord, offer_id: i
     """Right before a create try is sent: renew its lock, and note the create's floor (the
     flat view's call A then covers the instance even if the answer is lost: view.py)."""
     lock.reacquire()
-    # Its slot is taken: the claimants behind it in the line of creates count from it now.
-    ctx.limiter.leave_line("create", line_claimant(record.task_id, record.attempt))
     ctx.store.touch(record.task_id, expect_attempt=record.attempt, create_sent_at=ctx.now())
     settings = ctx.settings
     ctx.store.note_create_floor(
@@ -659,6 +657,13 @@ def create_instance(ctx: AgentContext, task_id: str) -> Next | None:
 MAX_CREATE_DEFER = 600.0
 
 
+def going_for(ctx: AgentContext) -> float:
+    """How long an attempt whose turn came counts in the line without taking its slot: its
+    label lookup, definition and search take seconds; after this its worker is presumed dead
+    (the claimants behind it would otherwise wait for the sync to resume it, over a minute)."""
+    return 3 * create_lead(ctx)
+
+
 def create_lead(ctx: AgentContext) -> float:
     """How long before its turn a create step comes back: two create intervals, time for its
     label lookup, definition and offer search, so that its create is ready when the slot
@@ -720,19 +725,20 @@ def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
     The turn is computed afresh at each look (ratelimit.place_in_line): claimants that left
     the line ahead move this one forward. It looks again after half the wait (at least one
     lead, at most MAX_CREATE_DEFER), so a line that moved faster than planned costs little."""
-    rank, turn_in = ctx.limiter.place_in_line(
-        "create", line_claimant(record.task_id, record.attempt)
-    )
+    claimant = line_claimant(record.task_id, record.attempt)
+    ahead, turn_in = ctx.limiter.place_in_line("create", claimant, going_for=going_for(ctx))
     lead = create_lead(ctx)
     now = ctx.now()
     if turn_in <= lead:
-        # It keeps its place until its create takes a slot (_before_create_sent) or the step
-        # ends (_create_locked): the claimants behind it count it meanwhile.
+        # It counts for the claimants behind it until its create has reserved a slot
+        # (on_slot in _create_in_turn), the step ends (_create_locked), or going_for passed.
+        ctx.limiter.turn_came("create", claimant)
         ctx.store.touch(
             record.task_id,
             expect_attempt=record.attempt,
             create_turn_at=None,
             create_turn_came=True,
+            heartbeat_at=now,
         )
         return None
     ctx.store.touch(
@@ -746,7 +752,7 @@ def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
             ctx,
             record.task_id,
             "waiting for a create slot: Vast.ai allows one create every "
-            f"{ctx.limiter.interval('create'):g} s; {rank} task(s) ahead, its turn in "
+            f"{ctx.limiter.interval('create'):g} s; {ahead} task(s) ahead, its turn in "
             f"{turn_in:.0f} s",
         )
     wait = turn_in - lead
@@ -871,6 +877,10 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             created = ctx.vast.create_instance(
                 offer.id,
                 before_send=functools.partial(_before_create_sent, ctx, lock, record, offer.id),
+                # Its slot is reserved: those behind it in the line count from that slot now.
+                on_slot=functools.partial(
+                    ctx.limiter.leave_line, "create", line_claimant(task_id, record.attempt)
+                ),
                 price=price,
                 **request,
             )

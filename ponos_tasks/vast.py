@@ -234,7 +234,12 @@ def _bounded_text(response: requests.Response, max_bytes: int | None) -> str:
 
 
 class RateLimiter(Protocol):
-    def acquire(self, endpoint: str, timeout: float = 60.0) -> float: ...
+    def acquire(
+        self,
+        endpoint: str,
+        timeout: float = 60.0,
+        on_reserved: Callable[[], None] | None = None,
+    ) -> float: ...
 
     def penalize(self, endpoint: str) -> float: ...
 
@@ -340,13 +345,15 @@ class VastClient:
         image_login: str | None = None,
         price: float | None = None,
         before_send: Callable[[], None] | None = None,
+        on_slot: Callable[[], None] | None = None,
     ) -> CreatedInstance:
         """PUT /asks/{offer_id}/. Raises OfferUnavailable when the offer is gone and
         CreateOutcomeUnknown when the instance may exist although no answer said so.
 
         `before_send` runs right before each try is sent (after the rate limiter's wait, which
         can be long): the caller checks there that it may still create (e.g. renews its create
-        lock, raising if another worker took it), so that nothing is sent on a stale right."""
+        lock, raising if another worker took it), so that nothing is sent on a stale right.
+        `on_slot` runs once the rate limiter has reserved a try's slot, before its wait."""
         payload: dict[str, Any] = {
             "client_id": "me",
             "image": image,
@@ -366,7 +373,13 @@ class VastClient:
         path = f"/api/v0/asks/{int(offer_id)}/"
         try:
             body = self._call(
-                "PUT", path, "create", body=payload, create=True, before_send=before_send
+                "PUT",
+                path,
+                "create",
+                body=payload,
+                create=True,
+                before_send=before_send,
+                on_slot=on_slot,
             )
         except VastError as exc:
             if exc.error == "no_such_ask" or (
@@ -600,6 +613,7 @@ class VastClient:
         params: Mapping[str, str] | None = None,
         create: bool = False,
         before_send: Callable[[], None] | None = None,
+        on_slot: Callable[[], None] | None = None,
     ) -> dict:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts),
@@ -608,7 +622,9 @@ class VastClient:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        return retrying(self._attempt, method, path, endpoint, body, params, create, before_send)
+        return retrying(
+            self._attempt, method, path, endpoint, body, params, create, before_send, on_slot
+        )
 
     def _attempt(
         self,
@@ -619,9 +635,10 @@ class VastClient:
         params: Mapping[str, str] | None,
         create: bool,
         before_send: Callable[[], None] | None = None,
+        on_slot: Callable[[], None] | None = None,
     ) -> dict:
         if self.rate_limiter is not None:
-            self.rate_limiter.acquire(endpoint, timeout=self.limiter_timeout)
+            self.rate_limiter.acquire(endpoint, timeout=self.limiter_timeout, on_reserved=on_slot)
         if before_send is not None:
             before_send()
         context = f"{method} {path}"

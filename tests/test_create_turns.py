@@ -23,6 +23,7 @@ from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
 
 TIME_SCALE = 100.0
+GOING_FOR = 30.0  # how long a claimant whose turn came counts without its slot
 FAST = {
     "SIM_DURATION": "20",
     "SIM_PULL_SECONDS": "5",
@@ -33,7 +34,7 @@ FAST = {
 
 
 def turn(limiter, claimant: str) -> tuple[int, float]:
-    return limiter.place_in_line("create", claimant)
+    return limiter.place_in_line("create", claimant, going_for=GOING_FOR)
 
 
 def test_the_line_counts_places_after_the_buckets_next_free_slot(redis_client, key_prefix):
@@ -57,18 +58,55 @@ def test_the_line_counts_places_after_the_buckets_next_free_slot(redis_client, k
 def test_a_claimant_that_came_back_keeps_its_new_place(redis_client, key_prefix):
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
     for claimant in ("a:1", "b:1", "c:1"):
-        limiter.place_in_line("create", claimant)
+        turn(limiter, claimant)
     read = limiter.line("create")
     limiter.leave_line("create", "a:1")
-    limiter.place_in_line("create", "a:1")  # a new claim of the same attempt number
+    turn(limiter, "a:1")  # a new claim of the same attempt number
     assert limiter.leave_line_if_same("create", {c: read[c] for c in ("a:1", "b:1")}) == 1
     assert list(limiter.line("create")) == ["c:1", "a:1"]
+
+
+def test_a_claimant_whose_turn_came_counts_until_its_slot_is_reserved(redis_client, key_prefix):
+    limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
+    turn(limiter, "head:1")
+    turn(limiter, "second:1")
+    limiter.reserve("create")  # a create just went: the next free slot is 1 s away
+    limiter.turn_came("create", "head:1")  # the head prepares its create
+    assert limiter.line("create").keys() == {"second:1"}
+    assert turn(limiter, "second:1") == (1, pytest.approx(2.0, abs=0.05))
+    # The head's create reserves its slot and sleeps on it: counted once, in the bucket.
+    reserved = []
+
+    def on_reserved():  # what steps passes (on_slot), and a look of the second one
+        limiter.leave_line("create", "head:1")
+        reserved.append(turn(limiter, "second:1"))
+
+    assert limiter.acquire("create", on_reserved=on_reserved) == pytest.approx(1.0, abs=0.05)
+    assert reserved == [(0, pytest.approx(2.0, abs=0.05))]  # before the sleep, not after
+
+
+def test_a_claimant_whose_turn_came_and_never_took_its_slot_stops_counting(
+    redis_client, key_prefix
+):
+    """Its worker died after its turn came: those behind it wait `going_for`, not until the
+    sync resumes it (the create lock's timeout and a stale period: over a minute)."""
+    limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
+    for claimant in ("dead1:1", "dead2:1", "dead3:1", "live:1"):
+        limiter.place_in_line("create", claimant, going_for=0.3)
+    for claimant in ("dead1:1", "dead2:1", "dead3:1"):
+        limiter.turn_came("create", claimant)
+    assert limiter.place_in_line("create", "live:1", going_for=0.3)[0] == 3
+    time.sleep(0.35)
+    assert limiter.place_in_line("create", "live:1", going_for=0.3) == (
+        0,
+        pytest.approx(0.0, abs=0.01),
+    )
 
 
 def test_a_penalty_pushes_the_line_back(redis_client, key_prefix):
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
     limiter.penalize("create")  # 12 s to 18 s (random, so that two users do not lock step)
-    assert 12.0 - 0.01 <= limiter.place_in_line("create", "a:1")[1] <= 18.0 + 0.01
+    assert 12.0 - 0.01 <= turn(limiter, "a:1")[1] <= 18.0 + 0.01
 
 
 def test_claimants_whose_attempt_no_longer_creates_leave_the_line():
@@ -100,7 +138,7 @@ def ctx(stack, redis_url):
 def fill_line(ctx, seconds: float) -> None:
     """Claimants ahead in the line for about `seconds` (no record: a sync would drop them)."""
     for i in range(math.ceil(seconds / ctx.limiter.interval("create"))):
-        ctx.limiter.place_in_line("create", f"ahead-{i}:1")
+        ctx.limiter.place_in_line("create", f"ahead-{i}:1", going_for=GOING_FOR)
 
 
 def creates_ahead(ctx) -> threading.Thread:
@@ -294,10 +332,13 @@ def test_claimants_keep_their_place_until_their_create_takes_a_slot(ctx):
         for i in range(10)
     ]
     for record in records:  # they join in this order
-        ctx.limiter.place_in_line("create", steps.line_claimant(record.task_id, 1))
+        ctx.limiter.place_in_line(
+            "create", steps.line_claimant(record.task_id, 1), going_for=GOING_FOR
+        )
     went = [r.task_id for r in records if steps._wait_for_create_turn(ctx, r) is None]
     assert went == [f"claimant{i}" for i in range(int(steps.create_lead(ctx) / interval) + 1)]
-    assert len(ctx.limiter.line("create")) == 10
+    late = ctx.limiter.place_in_line("create", "late:1", going_for=steps.going_for(ctx))
+    assert late[0] == 10
 
 
 def test_the_sync_keeps_a_claimant_that_came_back_while_it_read(stack, ctx, monkeypatch):
@@ -345,8 +386,13 @@ def test_status_says_in_the_line_only_while_the_task_is_in_it(stack, ctx):
     record = ctx.store.get(task_id)
     assert "in the line of creates" in overview.activity(record, ctx.now())
     ctx.limiter.leave_line("create", *[c for c in ctx.limiter.line("create") if "ahead" in c])
+    looked_at = ctx.now()
     assert steps._wait_for_create_turn(ctx, record) is None  # its turn came
-    assert overview.activity(ctx.store.get(task_id), ctx.now()) == "renting an instance"
+    record = ctx.store.get(task_id)
+    assert overview.activity(record, ctx.now()) == "renting an instance"
+    # The step goes on to create: that is progress (the sync must not resume it meanwhile).
+    assert record.heartbeat_at >= looked_at
+    assert not reconcile.is_stalled(record, looked_at + 1.0, ctx.settings)
     stop(ctx, admin, task_id)
     harness = Harness(ctx)
     harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60.0)
@@ -357,3 +403,40 @@ def finish(ctx, task_id: str, follow: list) -> None:
     harness.push(task_id, follow)
     harness.run(until=lambda: harness.done(task_id), timeout=60.0)
     assert ctx.store.get(task_id).final_state == "completed"
+
+
+def test_a_burst_whose_creates_prepare_within_the_lead_leaves_no_create_slot_idle(ctx):
+    """Ten create steps of a burst, each a thread standing in for Celery and a worker: it
+    looks at its turn, comes back after the countdown, prepares its create for 1.6 intervals
+    (label lookup, definition, offer search: under the lead), then takes its slot as
+    vast.create_instance does (acquire, leaving the line once the slot is reserved)."""
+    interval = 0.5
+    ctx.limiter.intervals["create"] = interval
+    records = [
+        TaskRecord.new(f"burst{i}", ctx.now(), phase=Phase.CREATING, attempt=1) for i in range(10)
+    ]
+    for record in records:  # they join in this order
+        ctx.limiter.place_in_line(
+            "create", steps.line_claimant(record.task_id, 1), going_for=steps.going_for(ctx)
+        )
+    sent: list[float] = []
+
+    def create_step(record):
+        claimant = steps.line_claimant(record.task_id, 1)
+        while (later := steps._wait_for_create_turn(ctx, record)) is not None:
+            time.sleep(later.countdown)
+        time.sleep(1.6 * interval)
+        ctx.limiter.acquire(
+            "create", on_reserved=lambda: ctx.limiter.leave_line("create", claimant)
+        )
+        sent.append(time.monotonic())
+
+    threads = [threading.Thread(target=create_step, args=(r,), daemon=True) for r in records]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60.0)
+    sent.sort()
+    gaps = [round(b - a, 2) for a, b in zip(sent, sent[1:], strict=False)]
+    assert len(sent) == 10
+    assert max(gaps) < 1.3 * interval, f"gaps between creates (interval {interval} s): {gaps}"

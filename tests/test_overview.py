@@ -76,10 +76,14 @@ def test_a_reason_the_record_carries_wins():
 def test_a_create_waiting_for_its_turn_says_when_it_comes():
     waiting = TaskRecord.new("a", NOW - 5, phase="creating", create_turn_at=NOW + 150)
     renting = TaskRecord.new("b", NOW - 5, phase="creating", create_turn_at=NOW - 1)
-    details = {t["id"]: t["detail"] for t in status_document(state(waiting, renting))["tasks"]}
+    sent = TaskRecord.new("c", NOW - 5, phase="creating", create_sent_at=NOW - 1)
+    details = {
+        t["id"]: t["detail"] for t in status_document(state(waiting, renting, sent))["tasks"]
+    }
     assert details == {
         "a": "in the line of creates: its turn comes in 2m30s",
         "b": "renting an instance",
+        "c": "a create was sent: waiting for its instance to show",
     }
 
 
