@@ -242,10 +242,12 @@ class TaskRecord:
     # that got no answer (Vast.ai's reads lag a create).
     create_sent_at: float | None = None
     # When this attempt's turn in the line of creates comes (steps.create_instance), while it
-    # waits in Celery for it (the sync counts that wait as progress, not a stall); and whether
-    # it came: a step of the attempt run again (retried, resumed) then skips the line.
+    # waits in Celery for it, and whether it came: a step of the attempt run again (retried,
+    # resumed) then skips the line. Until the step's next look, the sync counts the wait as
+    # progress, not a stall.
     create_turn_at: float | None = None
     create_turn_came: bool = False
+    create_look_at: float | None = None  # when its step, waiting in Celery, looks again
     # The failed attempt's instance, kept *stopped* until the next attempt is created: between
     # two attempts it is the task's only trace outside Redis (see steps.retry_attempt).
     kept_instance_id: int | None = None

@@ -112,21 +112,41 @@ return ends
 
 
 # KEYS[1]: the endpoint's line (a sorted set: claimants by arrival), KEYS[2]: its bucket,
-# KEYS[3]: the claimants whose turn came and who have no slot yet (by when their turn came);
-# ARGV: the claimant, interval µs, the line's lifetime ms, how long a claimant whose turn came
-# is counted without taking its slot (µs: after that its worker is presumed dead).
+# KEYS[3]: the claimants whose turn came and who have no slot yet (by when their turn came),
+# KEYS[4]: when each claimant in the line promised to look again (promise_look);
+# ARGV: the claimant, interval µs, the keys' lifetime ms, grace µs.
 # Puts the claimant in the line if it is not there yet (its place is kept) and returns {how
 # many are ahead, how far its turn is (µs)}: that many intervals after the bucket's next free
-# slot. Computed afresh at each look, from Redis TIME: claimants that left the line move
-# everyone behind them forward, and no host's clock plays a part.
+# slot. Counted ahead: the claimants before it in the line that keep their promise to look
+# again (within the grace; one whose step was lost would hold everyone back until the sync
+# resumes it), and those whose turn came within the grace and who have no slot yet (past
+# the grace, their worker is presumed dead). Computed afresh at each look, from Redis TIME:
+# claimants that left move everyone behind them forward, and no host's clock plays a part.
+# A claimant whose turn came already (a step run again) is told so: {0, 0}.
 _LINE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[2])
+local lifetime = tonumber(ARGV[3])
+local grace = tonumber(ARGV[4])
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return {0, 0}
+end
 redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%.0f', now - tonumber(ARGV[4])))
-local ahead = redis.call('ZRANK', KEYS[1], ARGV[1]) + redis.call('ZCARD', KEYS[3])
+redis.call('ZADD', KEYS[4], 'NX', now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], lifetime)
+redis.call('PEXPIRE', KEYS[4], lifetime)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%.0f', now - grace))
+local ahead = redis.call('ZCARD', KEYS[3])
+local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+if rank > 0 then
+  for _, other in ipairs(redis.call('ZRANGE', KEYS[1], 0, rank - 1)) do
+    local due = tonumber(redis.call('ZSCORE', KEYS[4], other))
+    if not due or due + grace >= now then
+      ahead = ahead + 1
+    end
+  end
+end
 local free = now
 local last = tonumber(redis.call('GET', KEYS[2]))
 if last and last + interval > free then
@@ -134,22 +154,32 @@ if last and last + interval > free then
 end
 return {ahead, free - now + ahead * interval}
 """
-# KEYS[1]: the line, KEYS[2]: the claimants whose turn came; ARGV: the claimant, lifetime ms.
+# KEYS[1]: promises to look again; ARGV: the claimant, in how long (µs). Only for a claimant
+# still in the line (XX): one dropped meanwhile is not put back.
+_PROMISE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+"""
+# KEYS[1]: the line, KEYS[2]: the claimants whose turn came, KEYS[3]: promises to look again;
+# ARGV: the claimant, lifetime ms.
 _TURN_CAME_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
 """
-# KEYS[1]: a line; ARGV: claimant, score, claimant, score... Removes each claimant whose
-# place (its arrival) is still the one read: one that left and came back meanwhile (a new
-# claim of the same attempt number) keeps its new place.
+# KEYS[1]: a line, KEYS[2]: its promises; ARGV: claimant, score, claimant, score... Removes
+# each claimant whose place (its arrival) is still the one read: one that left and came back
+# meanwhile (a new claim of the same attempt number) keeps its new place.
 _LEAVE_IF_SAME_SCRIPT = """
 local removed = 0
 for i = 1, #ARGV, 2 do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
     removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
   end
 end
 return removed
@@ -197,6 +227,7 @@ class RedisRateLimiter:
         self._line = redis_client.register_script(_LINE_SCRIPT)
         self._leave_if_same = redis_client.register_script(_LEAVE_IF_SAME_SCRIPT)
         self._turn_came = redis_client.register_script(_TURN_CAME_SCRIPT)
+        self._promise = redis_client.register_script(_PROMISE_SCRIPT)
 
     def interval(self, endpoint: str) -> float:
         try:
@@ -246,35 +277,48 @@ class RedisRateLimiter:
             if ends is None or int(float(ends)) <= slot_us:
                 return waited
 
-    def place_in_line(self, endpoint: str, claimant: str, *, going_for: float) -> tuple[int, float]:
+    def place_in_line(self, endpoint: str, claimant: str, *, grace: float) -> tuple[int, float]:
         """Join the endpoint's line (or keep one's place in it); return how many claimants
         are ahead of `claimant` and the seconds until its turn.
 
         For calls that wait long (a burst of creates, one every 4.6 s): the caller goes away
         until about its turn (steps.create_instance hands its step back to Celery) instead of
-        sleeping in `acquire` and keeping a worker process from every other step meanwhile.
-        The line holds places, not slots. A claimant whose turn came (`turn_came`) still
-        counts for those behind it until it has reserved its slot (`acquire`'s `on_reserved`:
-        `leave_line`), or for `going_for` seconds at most: its worker may have died.
+        sleeping in `acquire` and keeping a worker process from every other step meanwhile,
+        and says when it looks again (`promise_look`). The line holds places, not slots. A
+        claimant whose turn came (`turn_came`) counts for those behind it until it has
+        reserved its slot (`acquire`'s `on_reserved`: `leave_line`); one that broke its
+        promise to look again stops counting: for both, `grace` seconds late at most (its
+        worker may have died; the sync resumes its step later).
         """
         interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
         ahead, wait_us = self._line(
-            keys=[self._line_key(endpoint), self.prefix + endpoint, self._going_key(endpoint)],
-            args=[claimant, interval_us, LINE_LIFETIME_MS, math.ceil(going_for * 1_000_000)],
+            keys=[
+                self._line_key(endpoint),
+                self.prefix + endpoint,
+                self._going_key(endpoint),
+                self._due_key(endpoint),
+            ],
+            args=[claimant, interval_us, LINE_LIFETIME_MS, math.ceil(grace * 1_000_000)],
         )
         return int(ahead), int(wait_us) / 1_000_000
 
+    def promise_look(self, endpoint: str, claimant: str, within: float) -> None:
+        """`claimant` looks at its turn again within `within` seconds."""
+        self._promise(
+            keys=[self._due_key(endpoint)], args=[claimant, math.ceil(within * 1_000_000)]
+        )
+
     def turn_came(self, endpoint: str, claimant: str) -> None:
         self._turn_came(
-            keys=[self._line_key(endpoint), self._going_key(endpoint)],
+            keys=[self._line_key(endpoint), self._going_key(endpoint), self._due_key(endpoint)],
             args=[claimant, LINE_LIFETIME_MS],
         )
 
     def leave_line(self, endpoint: str, *claimants: str) -> None:
         if claimants:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zrem(self._line_key(endpoint), *claimants)
-            pipe.zrem(self._going_key(endpoint), *claimants)
+            for key in (self._line_key, self._going_key, self._due_key):
+                pipe.zrem(key(endpoint), *claimants)
             pipe.execute()
 
     def line(self, endpoint: str) -> dict[str, str]:
@@ -290,13 +334,18 @@ class RedisRateLimiter:
         if not places:
             return 0
         args = [value for item in places.items() for value in item]
-        return int(self._leave_if_same(keys=[self._line_key(endpoint)], args=args))
+        return int(
+            self._leave_if_same(keys=[self._line_key(endpoint), self._due_key(endpoint)], args=args)
+        )
 
     def _line_key(self, endpoint: str) -> str:
         return self.prefix + endpoint + ":line"
 
     def _going_key(self, endpoint: str) -> str:
         return self.prefix + endpoint + ":going"
+
+    def _due_key(self, endpoint: str) -> str:
+        return self.prefix + endpoint + ":due"
 
     def penalize(self, endpoint: str) -> float:
         """Vast.ai refused a call (429): hold the endpoint for its published penalty, for

@@ -263,9 +263,9 @@ def step_for(record: TaskRecord) -> StepName | None:
 def last_progress(record: TaskRecord) -> float:
     stamps = [record.heartbeat_at, record.phase_changed_at, record.accepted_at]
     if record.phase == Phase.CREATING:
-        # It may lie ahead: a create waiting for its turn is not stalled before it. (Only
-        # while creating: a task stopped in the line must not wait for its old turn.)
-        stamps.append(record.create_turn_at)
+        # It may lie ahead: a create waiting in Celery for its turn is not stalled before its
+        # next look. (Only while creating: a task stopped in the line must not wait for it.)
+        stamps.append(record.create_look_at)
     return max((s for s in stamps if s is not None), default=0.0)
 
 

@@ -657,10 +657,12 @@ def create_instance(ctx: AgentContext, task_id: str) -> Next | None:
 MAX_CREATE_DEFER = 600.0
 
 
-def going_for(ctx: AgentContext) -> float:
-    """How long an attempt whose turn came counts in the line without taking its slot: its
-    label lookup, definition and search take seconds; after this its worker is presumed dead
-    (the claimants behind it would otherwise wait for the sync to resume it, over a minute)."""
+def line_grace(ctx: AgentContext) -> float:
+    """How late a claimant of the line of creates may be and still count for those behind
+    it: an attempt whose turn came and has no slot yet (its label lookup, definition and
+    search take seconds), or one that has not looked again when it said it would (Celery
+    runs a countdown a little late). Later, its worker is presumed dead: the claimants behind
+    it would otherwise wait for the sync to resume it, a stale period and more."""
     return 3 * create_lead(ctx)
 
 
@@ -689,6 +691,7 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
             create_unknown_at=None,
             create_sent_at=None,
             create_turn_at=None,
+            create_look_at=None,
             create_turn_came=False,
             heartbeat_at=ctx.now(),
         )
@@ -726,25 +729,31 @@ def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
     the line ahead move this one forward. It looks again after half the wait (at least one
     lead, at most MAX_CREATE_DEFER), so a line that moved faster than planned costs little."""
     claimant = line_claimant(record.task_id, record.attempt)
-    ahead, turn_in = ctx.limiter.place_in_line("create", claimant, going_for=going_for(ctx))
+    ahead, turn_in = ctx.limiter.place_in_line("create", claimant, grace=line_grace(ctx))
     lead = create_lead(ctx)
     now = ctx.now()
     if turn_in <= lead:
-        # It counts for the claimants behind it until its create has reserved a slot
-        # (on_slot in _create_in_turn), the step ends (_create_locked), or going_for passed.
-        ctx.limiter.turn_came("create", claimant)
+        # The record first: a step run again then skips the line, even if what follows
+        # fails. The claimant counts for those behind it until its create has reserved a
+        # slot (on_slot in _create_in_turn), the step ends (_create_locked), or line_grace.
         ctx.store.touch(
             record.task_id,
             expect_attempt=record.attempt,
             create_turn_at=None,
+            create_look_at=None,
             create_turn_came=True,
             heartbeat_at=now,
         )
+        ctx.limiter.turn_came("create", claimant)
         return None
+    wait = turn_in - lead
+    countdown = min(wait, max(lead, wait / 2), MAX_CREATE_DEFER)
+    ctx.limiter.promise_look("create", claimant, countdown)
     ctx.store.touch(
         record.task_id,
         expect_attempt=record.attempt,
         create_turn_at=now + turn_in,
+        create_look_at=now + countdown,
         heartbeat_at=now,
     )
     if record.create_turn_at is None:
@@ -755,10 +764,7 @@ def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
             f"{ctx.limiter.interval('create'):g} s; {ahead} task(s) ahead, its turn in "
             f"{turn_in:.0f} s",
         )
-    wait = turn_in - lead
-    return Next(
-        StepName.CREATE_INSTANCE, countdown=min(wait, max(lead, wait / 2), MAX_CREATE_DEFER)
-    )
+    return Next(StepName.CREATE_INSTANCE, countdown=countdown)
 
 
 def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
@@ -924,6 +930,9 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
                 or not 400 <= error.status < 500
                 or isinstance(error, VastAuthError | VastRateLimited)
             ):
+                # Still a definite answer (an unsure one is CreateOutcomeUnknown, above):
+                # nothing was created, so the step run again need not wait for Vast.ai's reads.
+                ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
                 raise
             refusals.append(error.msg)
             ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)

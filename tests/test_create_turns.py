@@ -23,7 +23,7 @@ from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
 
 TIME_SCALE = 100.0
-GOING_FOR = 30.0  # how long a claimant whose turn came counts without its slot
+GRACE = 30.0  # how late a claimant may be and still count (steps.line_grace)
 FAST = {
     "SIM_DURATION": "20",
     "SIM_PULL_SECONDS": "5",
@@ -34,7 +34,7 @@ FAST = {
 
 
 def turn(limiter, claimant: str) -> tuple[int, float]:
-    return limiter.place_in_line("create", claimant, going_for=GOING_FOR)
+    return limiter.place_in_line("create", claimant, grace=GRACE)
 
 
 def test_the_line_counts_places_after_the_buckets_next_free_slot(redis_client, key_prefix):
@@ -88,19 +88,37 @@ def test_a_claimant_whose_turn_came_counts_until_its_slot_is_reserved(redis_clie
 def test_a_claimant_whose_turn_came_and_never_took_its_slot_stops_counting(
     redis_client, key_prefix
 ):
-    """Its worker died after its turn came: those behind it wait `going_for`, not until the
+    """Its worker died after its turn came: those behind it wait `grace`, not until the
     sync resumes it (the create lock's timeout and a stale period: over a minute)."""
     limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
     for claimant in ("dead1:1", "dead2:1", "dead3:1", "live:1"):
-        limiter.place_in_line("create", claimant, going_for=0.3)
+        limiter.place_in_line("create", claimant, grace=0.3)
     for claimant in ("dead1:1", "dead2:1", "dead3:1"):
         limiter.turn_came("create", claimant)
-    assert limiter.place_in_line("create", "live:1", going_for=0.3)[0] == 3
+    assert limiter.place_in_line("create", "live:1", grace=0.3)[0] == 3
     time.sleep(0.35)
-    assert limiter.place_in_line("create", "live:1", going_for=0.3) == (
+    assert limiter.place_in_line("create", "live:1", grace=0.3) == (
         0,
         pytest.approx(0.0, abs=0.01),
     )
+
+
+def test_claimants_that_broke_their_promise_to_look_again_stop_counting(redis_client, key_prefix):
+    """Their step's message was lost (a worker killed while it held the countdown messages):
+    those behind them go on after `grace`, not when the sync resumes the lost ones."""
+    limiter = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"create": 1.0})
+    for claimant in ("lost1:1", "lost2:1", "lost3:1", "live:1"):
+        limiter.place_in_line("create", claimant, grace=0.3)
+        limiter.promise_look("create", claimant, 0.1)
+    assert limiter.place_in_line("create", "live:1", grace=0.3)[0] == 3
+    time.sleep(0.45)  # the promise (0.1 s) and the grace (0.3 s) are past
+    assert limiter.place_in_line("create", "live:1", grace=0.3) == (
+        0,
+        pytest.approx(0.0, abs=0.01),
+    )
+    assert list(limiter.line("create"))[:3] == ["lost1:1", "lost2:1", "lost3:1"]  # kept
+    # A lost one resumed by the sync looks again and is at the head at once.
+    assert limiter.place_in_line("create", "lost1:1", grace=0.3)[0] == 0
 
 
 def test_a_penalty_pushes_the_line_back(redis_client, key_prefix):
@@ -136,9 +154,11 @@ def ctx(stack, redis_url):
 
 
 def fill_line(ctx, seconds: float) -> None:
-    """Claimants ahead in the line for about `seconds` (no record: a sync would drop them)."""
+    """Claimants ahead in the line for about `seconds` (no record: a sync would drop them),
+    each promising to look again in an hour (so that they count)."""
     for i in range(math.ceil(seconds / ctx.limiter.interval("create"))):
-        ctx.limiter.place_in_line("create", f"ahead-{i}:1", going_for=GOING_FOR)
+        ctx.limiter.place_in_line("create", f"ahead-{i}:1", grace=GRACE)
+        ctx.limiter.promise_look("create", f"ahead-{i}:1", 3600.0)
 
 
 def creates_ahead(ctx) -> threading.Thread:
@@ -196,7 +216,10 @@ def test_a_create_far_from_its_turn_waits_in_celery_then_creates_once(stack, ctx
     later = record.heartbeat_at + stale + 1.0
     assert later < record.create_turn_at
     assert not reconcile.is_stalled(record, later, ctx.settings)
-    assert reconcile.is_stalled(record, record.create_turn_at + stale + 0.5, ctx.settings)
+    # Stalled only once its next look is a stale period late (its message lost).
+    assert record.create_look_at == pytest.approx(record.heartbeat_at + again.countdown)
+    assert not reconcile.is_stalled(record, record.create_look_at + stale - 0.5, ctx.settings)
+    assert reconcile.is_stalled(record, record.create_look_at + stale + 0.5, ctx.settings)
 
     ahead = creates_ahead(ctx)
     harness = Harness(ctx)
@@ -332,12 +355,10 @@ def test_claimants_keep_their_place_until_their_create_takes_a_slot(ctx):
         for i in range(10)
     ]
     for record in records:  # they join in this order
-        ctx.limiter.place_in_line(
-            "create", steps.line_claimant(record.task_id, 1), going_for=GOING_FOR
-        )
+        ctx.limiter.place_in_line("create", steps.line_claimant(record.task_id, 1), grace=GRACE)
     went = [r.task_id for r in records if steps._wait_for_create_turn(ctx, r) is None]
     assert went == [f"claimant{i}" for i in range(int(steps.create_lead(ctx) / interval) + 1)]
-    late = ctx.limiter.place_in_line("create", "late:1", going_for=steps.going_for(ctx))
+    late = ctx.limiter.place_in_line("create", "late:1", grace=steps.line_grace(ctx))
     assert late[0] == 10
 
 
@@ -417,7 +438,7 @@ def test_a_burst_whose_creates_prepare_within_the_lead_leaves_no_create_slot_idl
     ]
     for record in records:  # they join in this order
         ctx.limiter.place_in_line(
-            "create", steps.line_claimant(record.task_id, 1), going_for=steps.going_for(ctx)
+            "create", steps.line_claimant(record.task_id, 1), grace=steps.line_grace(ctx)
         )
     sent: list[float] = []
 
@@ -440,3 +461,48 @@ def test_a_burst_whose_creates_prepare_within_the_lead_leaves_no_create_slot_idl
     gaps = [round(b - a, 2) for a, b in zip(sent, sent[1:], strict=False)]
     assert len(sent) == 10
     assert max(gaps) < 1.3 * interval, f"gaps between creates (interval {interval} s): {gaps}"
+
+
+def test_a_failure_right_after_the_turn_came_does_not_send_the_attempt_to_the_back(
+    stack, ctx, monkeypatch
+):
+    """A Redis blip (or a killed worker) between the record saying the turn came and the line
+    knowing it: the step run again creates at once, it does not join the line anew."""
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0
+    [task_id] = accepted(ctx, admin, 1)
+    turn_came = ctx.limiter.turn_came
+
+    def blip_once(*args):
+        monkeypatch.setattr(ctx.limiter, "turn_came", turn_came)
+        fill_line(ctx, 60.0)  # a burst joins the line meanwhile
+        raise redis.ConnectionError("connection reset")
+
+    monkeypatch.setattr(ctx.limiter, "turn_came", blip_once)
+    with pytest.raises(redis.ConnectionError):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(task_id)) == 1
+    assert steps.line_claimant(task_id, 1) not in ctx.limiter.line("create")
+    finish(ctx, task_id, follow)
+
+
+def test_a_create_refused_with_429_is_not_taken_for_one_that_may_exist(stack, ctx):
+    """Every try of the create got a 429: Vast.ai said nothing was created. The step run
+    again creates without waiting for Vast.ai's reads (visibility_grace), and the status
+    does not say a create was sent."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    tries = ctx.vast.max_attempts
+    admin.faults({"fault": "rate_limit", "endpoint": "create", "times": tries, "retry_after": 0})
+    with pytest.raises(steps.VastRateLimited):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert admin.rows_for(task_id) == []
+    record = ctx.store.get(task_id)
+    assert record.create_sent_at is None
+    assert overview.activity(record, ctx.now()) == "renting an instance"
+    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(task_id)) == 1
+    finish(ctx, task_id, follow)
