@@ -930,9 +930,12 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
                 or not 400 <= error.status < 500
                 or isinstance(error, VastAuthError | VastRateLimited)
             ):
-                # Still a definite answer (an unsure one is CreateOutcomeUnknown, above):
-                # nothing was created, so the step run again need not wait for Vast.ai's reads.
-                ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
+                if isinstance(error, VastRateLimited | VastAuthError | VastTransportError):
+                    # Proof that nothing was created (a refusal, or a request that never left:
+                    # one that may have is CreateOutcomeUnknown): the step run again need not
+                    # wait for Vast.ai's reads. Any other answer (a 200 without a contract id)
+                    # may follow a rental: the wait stands.
+                    ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
                 raise
             refusals.append(error.msg)
             ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)

@@ -20,6 +20,7 @@ from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Next, StepName, TaskRecord
 from ponos_tasks.ratelimit import RedisRateLimiter
 from ponos_tasks.simulators.stack import LocalStack
+from ponos_tasks.vast import VastError
 from tests.agent_harness import Admin, Harness, make_context, wipe
 
 TIME_SCALE = 100.0
@@ -506,3 +507,33 @@ def test_a_create_refused_with_429_is_not_taken_for_one_that_may_exist(stack, ct
     assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
     assert len(admin.rows_for(task_id)) == 1
     finish(ctx, task_id, follow)
+
+
+def test_a_create_answer_that_proves_nothing_keeps_the_wait_for_reads(stack, ctx, monkeypatch):
+    """Vast.ai rented the instance, but its 200 answer has no contract id: that is no proof
+    nothing was created, so the step run again (within visibility_grace, while Vast.ai's
+    reads still miss the instance) must not rent a second one."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    # Unseen for 15 real s, within visibility_grace (30 s here: loading_deadline).
+    admin.faults({"fault": "read_lag", "seconds": 15 * TIME_SCALE})
+    assert ctx.settings.visibility_grace > 20.0
+    create = ctx.vast.create_instance
+
+    def rented_without_contract_id(*args, **kwargs):
+        monkeypatch.setattr(ctx.vast, "create_instance", create)
+        create(*args, **kwargs)  # the simulator rents it...
+        raise VastError("{'success': True}", status=200, context="PUT /api/v0/asks/1/")
+
+    monkeypatch.setattr(ctx.vast, "create_instance", rented_without_contract_id)
+    try:
+        with pytest.raises(VastError):
+            steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+        assert ctx.store.get(task_id).create_sent_at is not None
+        [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # resumed
+        assert again.step == StepName.CREATE_INSTANCE  # it looks again later
+        assert len(admin.rows_for(task_id)) == 1
+    finally:
+        admin.clear_faults()
+    finish(ctx, task_id, [again])  # adopted once the reads show it
+    assert len(admin.rows_for(task_id)) == 1
