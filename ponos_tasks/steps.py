@@ -718,6 +718,58 @@ def left_the_line(places: dict[str, str], records: dict[str, TaskRecord]) -> dic
     return gone
 
 
+def asleep_at_the_head(
+    places: dict[str, str],
+    records: dict[str, TaskRecord],
+    now: float,
+    *,
+    interval: float,
+    lead: float,
+    count: int,
+) -> list[str]:
+    """The first `count` claimants of the line of creates whose step sleeps in Celery past
+    about their turn: the line moved faster than they were told (tasks ahead stopped), and
+    each would otherwise wake on its old countdown (up to MAX_CREATE_DEFER) while create
+    slots go unused. Their turn is taken as rank × interval (the bucket's next slot left
+    out: a step woken early only looks again and goes back to sleep)."""
+    asleep, rank = [], 0
+    for claimant in places:
+        if rank == count:
+            break
+        task_id, _, attempt = claimant.rpartition(":")
+        record = records.get(task_id)
+        if record is None or record.phase != Phase.CREATING or str(record.attempt) != attempt:
+            continue  # left the line (left_the_line)
+        if (
+            record.create_look_at is not None
+            and record.create_look_at - now > rank * interval + lead
+        ):
+            asleep.append(task_id)
+        rank += 1
+    return asleep
+
+
+def _wake_the_head_of_the_line(
+    ctx: AgentContext, places: dict[str, str], records: dict[str, TaskRecord], now: float
+) -> list[tuple[str, Next]]:
+    """A look now for the claimants at the head of the line that sleep past their turn,
+    enough of them to cover a sync interval of creates; once per promised look."""
+    interval = ctx.limiter.interval("create")
+    woken = []
+    for task_id in asleep_at_the_head(
+        places,
+        records,
+        now,
+        interval=interval,
+        lead=create_lead(ctx),
+        count=math.ceil(ctx.settings.sync_interval / interval) + 2,
+    ):
+        look_at = records[task_id].create_look_at
+        if ctx.store.once(f"line-wake:{task_id}:{look_at}", ctx.settings.heartbeat_stale):
+            woken.append((task_id, Next(StepName.CREATE_INSTANCE)))
+    return woken
+
+
 def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
     """The step again closer to the attempt's turn, when that is still far: a worker never
     sleeps minutes in the create limiter while watches and log reads wait behind it (the
@@ -2299,6 +2351,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
     )
     result = SyncResult(ran=True, steps=steps)
     result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
+    result.enqueue += _wake_the_head_of_the_line(ctx, in_line, records, now)
     oldest_seq = ctx.store.oldest_waiting_seq(STEPS_QUEUE)
     _save_sync_report(ctx, now, capacity, steps)
     for planned in steps:

@@ -537,3 +537,46 @@ def test_a_create_answer_that_proves_nothing_keeps_the_wait_for_reads(stack, ctx
         admin.clear_faults()
     finish(ctx, task_id, [again])  # adopted once the reads show it
     assert len(admin.rows_for(task_id)) == 1
+
+
+def test_the_sync_wakes_the_claimants_left_asleep_past_their_turn(stack, ctx):
+    """Twenty claimants ahead leave the line at once (their tasks stopped): the three tasks
+    behind them sleep in Celery on countdowns of about ten create intervals, though their
+    turn has come. The sync wakes them (once), and they create without waiting that long."""
+    admin = Admin(stack)
+    ctx.limiter.intervals["create"] = 1.0
+    ids = accepted(ctx, admin, 3)
+    fill_line(ctx, 20.0)  # no records: the next sync drops them, as it does stopped tasks
+    for task_id in ids:
+        [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+        assert again.step == StepName.CREATE_INSTANCE and again.countdown > 8.0
+    result = steps.sync(ctx)
+    woken = [(t, m.step) for t, m in result.enqueue if m.step == StepName.CREATE_INSTANCE]
+    assert woken == [(t, StepName.CREATE_INSTANCE) for t in ids]
+    assert list(ctx.limiter.line("create")) == [steps.line_claimant(t, 1) for t in ids]
+    again = steps.sync(ctx)  # once per promised look
+    assert not [m for _, m in again.enqueue if m.step == StepName.CREATE_INSTANCE]
+    started = time.monotonic()
+    harness = Harness(ctx)
+    for task_id, message in result.enqueue:
+        if message.step == StepName.CREATE_INSTANCE:
+            harness.push(task_id, [message])
+    harness.run(until=lambda: all(ctx.store.get(t).phase != Phase.CREATING for t in ids))
+    assert time.monotonic() - started < 6.0  # three creates a second apart, not ten seconds
+    harness.run(until=lambda: all(harness.done(t) for t in ids), timeout=60.0)
+    assert all(len(admin.rows_for(t)) == 1 for t in ids)
+
+
+def test_only_claimants_asleep_well_past_their_turn_are_woken():
+    now = 1000.0
+    records = {
+        f"t{i}": TaskRecord.new(
+            f"t{i}", 0.0, phase=Phase.CREATING, attempt=1, create_look_at=now + look
+        )
+        for i, look in enumerate([5.0, 1.0, 9.0, 9.0, 9.0])
+    }
+    records["gone"] = TaskRecord.new("gone", 0.0, phase=Phase.FINISHING, attempt=1)
+    places = {c: "0" for c in ["gone:1", "t0:1", "t1:1", "t2:1", "t3:1", "t4:1"]}
+    # Turns: t0 now, t1 in 1 s, t2 in 2 s... (interval 1 s, lead 2 s); t4 is past the count.
+    asleep = steps.asleep_at_the_head(places, records, now, interval=1.0, lead=2.0, count=4)
+    assert asleep == ["t0", "t2", "t3"]
