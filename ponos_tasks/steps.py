@@ -640,13 +640,19 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Follow:
 
 
 @step(StepName.CREATE_INSTANCE)
-def create_instance(ctx: AgentContext, task_id: str) -> Next | None:
+def create_instance(ctx: AgentContext, task_id: str, attempt: int | None = None) -> Next | None:
     """At most one instance per attempt (README, "How it works"): lock, CAS, label lookup,
-    create."""
+    create. `attempt`: the message comes from the line of creates (a look at the turn of
+    that attempt), and never claims another: a late one (the attempt ended, the task went
+    back to waiting or to a retry meanwhile) does nothing."""
     lock = ctx.store.create_lock(task_id, timeout=ctx.settings.create_lock_timeout)
     if not lock.acquire():
         return None  # another worker is creating this task's instance right now
     try:
+        if attempt is not None:
+            record = ctx.store.get(task_id)
+            if record is None or record.phase != Phase.CREATING or record.attempt != attempt:
+                return None
         return _create_locked(ctx, task_id, lock)
     finally:
         release(lock)
@@ -731,7 +737,9 @@ def asleep_at_the_head(
     about their turn: the line moved faster than they were told (tasks ahead stopped), and
     each would otherwise wake on its old countdown (up to MAX_CREATE_DEFER) while create
     slots go unused. Their turn is taken as rank × interval (the bucket's next slot left
-    out: a step woken early only looks again and goes back to sleep)."""
+    out, and the claimants the line no longer counts: a step woken early looks again and
+    goes back to sleep, its old message still due too, a second look for that attempt
+    only)."""
     asleep, rank = [], 0
     for claimant in places:
         if rank == count:
@@ -766,7 +774,8 @@ def _wake_the_head_of_the_line(
     ):
         look_at = records[task_id].create_look_at
         if ctx.store.once(f"line-wake:{task_id}:{look_at}", ctx.settings.heartbeat_stale):
-            woken.append((task_id, Next(StepName.CREATE_INSTANCE)))
+            attempt = records[task_id].attempt
+            woken.append((task_id, Next(StepName.CREATE_INSTANCE, kwargs={"attempt": attempt})))
     return woken
 
 
@@ -816,7 +825,7 @@ def _wait_for_create_turn(ctx: AgentContext, record: TaskRecord) -> Next | None:
             f"{ctx.limiter.interval('create'):g} s; {ahead} task(s) ahead, its turn in "
             f"{turn_in:.0f} s",
         )
-    return Next(StepName.CREATE_INSTANCE, countdown=countdown)
+    return Next(StepName.CREATE_INSTANCE, countdown=countdown, kwargs={"attempt": record.attempt})
 
 
 def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:

@@ -562,9 +562,30 @@ def test_the_sync_wakes_the_claimants_left_asleep_past_their_turn(stack, ctx):
         if message.step == StepName.CREATE_INSTANCE:
             harness.push(task_id, [message])
     harness.run(until=lambda: all(ctx.store.get(t).phase != Phase.CREATING for t in ids))
-    assert time.monotonic() - started < 6.0  # three creates a second apart, not ten seconds
+    assert time.monotonic() - started < 8.0  # three creates a second apart, not ten seconds
     harness.run(until=lambda: all(harness.done(t) for t in ids), timeout=60.0)
     assert all(len(admin.rows_for(t)) == 1 for t in ids)
+
+
+def test_a_late_look_of_the_line_never_claims_another_attempt(stack, ctx):
+    """The old countdown message of a woken step (or any look of the line) runs after its
+    attempt failed and the task waits for its retry: it does nothing, where a plain create
+    step would claim the next attempt before retry_attempt kept the failed instance, and
+    two instances of the task would live at once."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    fill_line(ctx, 5.0)
+    [late] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert late.step == StepName.CREATE_INSTANCE and late.kwargs == {"attempt": 1}
+    # The attempt moves on (its turn came, it was created and its start failed) and the
+    # task waits for its retry.
+    assert ctx.store.cas(task_id, expect_phase=Phase.CREATING, expect_attempt=1, phase="retrying")
+    assert steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE, **late.kwargs) == []
+    record = ctx.store.get(task_id)
+    assert (record.phase, record.attempt) == ("retrying", 1)
+    stop(ctx, admin, task_id)
+    harness = Harness(ctx)
+    harness.run(until=lambda: harness.done(task_id), sync_every=0.3, timeout=60.0)
 
 
 def test_only_claimants_asleep_well_past_their_turn_are_woken():
