@@ -970,6 +970,12 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             )
             passed.append(f"offer {offer.id} was taken")
             continue
+        except RateLimitTimeout:
+            # No slot came for the next try: every try sent so far was refused (a 429 or a
+            # request that never left are the only ones a create retries), so nothing was
+            # created and the step run again need not wait for Vast.ai's reads.
+            ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
+            raise
         except CreateOutcomeUnknown as error:
             # Never re-send: the instance may exist. The next run of this step looks the
             # label up first (above) and adopts it, or creates if it really does not exist.

@@ -601,3 +601,43 @@ def test_only_claimants_asleep_well_past_their_turn_are_woken():
     # Turns: t0 now, t1 in 1 s, t2 in 2 s... (interval 1 s, lead 2 s); t4 is past the count.
     asleep = steps.asleep_at_the_head(places, records, now, interval=1.0, lead=2.0, count=4)
     assert asleep == ["t0", "t2", "t3"]
+
+
+def test_a_create_whose_retry_found_no_slot_after_a_429_is_not_taken_for_one_that_may_exist(
+    stack, ctx, monkeypatch
+):
+    """The create's first try got a 429 (nothing was created) and its next try found no slot
+    before the limiter's timeout (Vast.ai's penalty holds the bucket): nothing was sent that
+    may have rented, so the step run again creates without waiting for Vast.ai's reads."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    monkeypatch.setitem(ctx.limiter.penalties, "create", 3.0)  # real s, longer than the timeout
+    monkeypatch.setattr(ctx.vast, "limiter_timeout", 1.0)
+    admin.faults({"fault": "rate_limit", "endpoint": "create", "times": 1, "retry_after": 0})
+    with pytest.raises(steps.RateLimitTimeout):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert admin.rows_for(task_id) == []
+    record = ctx.store.get(task_id)
+    assert record.create_sent_at is None
+    assert overview.activity(record, ctx.now()) == "renting an instance"
+    monkeypatch.setattr(ctx.vast, "limiter_timeout", 60.0)
+    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(task_id)) == 1
+    finish(ctx, task_id, follow)
+
+
+def test_a_create_refused_for_the_api_key_is_not_taken_for_one_that_may_exist(stack, ctx):
+    """Vast.ai refused the create's API key (401): nothing was created, and the step run
+    again (the key fixed) creates without waiting for Vast.ai's reads."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    admin.faults({"fault": "http_5xx", "status": 401, "endpoint": "create", "times": 1})
+    with pytest.raises(steps.VastAuthError):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert admin.rows_for(task_id) == []
+    assert ctx.store.get(task_id).create_sent_at is None
+    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(task_id)) == 1
+    finish(ctx, task_id, follow)
