@@ -11,7 +11,7 @@ Why each setting:
   broker redelivers them after the visibility timeout (a step that finds its work done does
   nothing).
 - visibility_timeout (1 h) is far above the longest countdown (600 s, a create waiting for its
-  turn: steps.MAX_CREATE_DEFER) plus the longest hard time limit (180 s): a message is only
+  turn: create_line.MAX_CREATE_DEFER) plus the longest hard time limit (180 s): a message is only
   redelivered when its worker really died. (Redis redelivers an unacknowledged message after
   this timeout, whatever the worker is doing.)
 - Queues are declared and missing queues are an error, so a typo in a route fails loudly;

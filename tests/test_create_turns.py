@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from ponos_tasks import overview, reconcile, steps
+from ponos_tasks import create_line, overview, reconcile, steps
 from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Next, StepName, TaskRecord
@@ -24,7 +24,7 @@ from ponos_tasks.vast import VastError
 from tests.agent_harness import Admin, Harness, make_context, wipe
 
 TIME_SCALE = 100.0
-GRACE = 30.0  # how late a claimant may be and still count (steps.line_grace)
+GRACE = 30.0  # how late a claimant may be and still count (create_line.line_grace)
 FAST = {
     "SIM_DURATION": "20",
     "SIM_PULL_SECONDS": "5",
@@ -135,7 +135,7 @@ def test_claimants_whose_attempt_no_longer_creates_leave_the_line():
         "t3": TaskRecord.new("t3", 0.0, phase=Phase.WAITING_OFFER, attempt=0),
     }
     places = {c: str(i) for i, c in enumerate(["t1:1", "t1:2", "t2:1", "t3:1", "t4:1"])}
-    assert list(steps.left_the_line(places, records)) == ["t1:1", "t2:1", "t3:1", "t4:1"]
+    assert list(create_line.left_the_line(places, records)) == ["t1:1", "t2:1", "t3:1", "t4:1"]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_a_create_far_from_its_turn_waits_in_celery_then_creates_once(stack, ctx
     [again] = follow
     assert again.step == StepName.CREATE_INSTANCE
     # It looks again after half the wait: the line may move faster than planned.
-    wait = turn_in - steps.create_lead(ctx)
+    wait = turn_in - create_line.create_lead(ctx)
     assert again.countdown == pytest.approx(wait / 2, abs=0.5)
     # Nothing reached Vast.ai: no create, not even the label lookup.
     assert admin.stats()["calls"] == calls
@@ -231,7 +231,7 @@ def test_a_create_far_from_its_turn_waits_in_celery_then_creates_once(stack, ctx
     assert len(admin.rows_for(task_id)) == 1
     # The create left at its turn, not before it.
     assert time.time() >= record.create_turn_at - 0.2
-    assert steps.line_claimant(task_id, 1) not in ctx.limiter.line("create")  # it left
+    assert create_line.line_claimant(task_id, 1) not in ctx.limiter.line("create")  # it left
 
 
 def test_tasks_stopped_in_the_line_leave_no_hole_and_end_at_once(stack, ctx):
@@ -309,7 +309,7 @@ def test_a_step_run_again_after_its_turn_came_skips_the_line(stack, ctx, monkeyp
     monkeypatch.setattr(ctx.arkindex, "task_definition", unavailable_once)
     with pytest.raises(ArkindexUnavailable):
         steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
-    assert steps.line_claimant(task_id, 1) not in ctx.limiter.line("create")
+    assert create_line.line_claimant(task_id, 1) not in ctx.limiter.line("create")
     follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # the retry
     assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
     assert len(admin.rows_for(task_id)) == 1
@@ -356,10 +356,12 @@ def test_claimants_keep_their_place_until_their_create_takes_a_slot(ctx):
         for i in range(10)
     ]
     for record in records:  # they join in this order
-        ctx.limiter.place_in_line("create", steps.line_claimant(record.task_id, 1), grace=GRACE)
-    went = [r.task_id for r in records if steps._wait_for_create_turn(ctx, r) is None]
-    assert went == [f"claimant{i}" for i in range(int(steps.create_lead(ctx) / interval) + 1)]
-    late = ctx.limiter.place_in_line("create", "late:1", grace=steps.line_grace(ctx))
+        ctx.limiter.place_in_line(
+            "create", create_line.line_claimant(record.task_id, 1), grace=GRACE
+        )
+    went = [r.task_id for r in records if create_line.wait_for_turn(ctx, r, print) is None]
+    assert went == [f"claimant{i}" for i in range(int(create_line.create_lead(ctx) / interval) + 1)]
+    late = ctx.limiter.place_in_line("create", "late:1", grace=create_line.line_grace(ctx))
     assert late[0] == 10
 
 
@@ -372,7 +374,7 @@ def test_the_sync_keeps_a_claimant_that_came_back_while_it_read(stack, ctx, monk
     fill_line(ctx, 10.0)
     [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
     assert again.step == StepName.CREATE_INSTANCE
-    claimant = steps.line_claimant(task_id, 1)
+    claimant = create_line.line_claimant(task_id, 1)
     all_records = ctx.store.all_records
 
     def racing(*args, **kwargs):
@@ -409,7 +411,7 @@ def test_status_says_in_the_line_only_while_the_task_is_in_it(stack, ctx):
     assert "in the line of creates" in overview.activity(record, ctx.now())
     ctx.limiter.leave_line("create", *[c for c in ctx.limiter.line("create") if "ahead" in c])
     looked_at = ctx.now()
-    assert steps._wait_for_create_turn(ctx, record) is None  # its turn came
+    assert create_line.wait_for_turn(ctx, record, print) is None  # its turn came
     record = ctx.store.get(task_id)
     assert overview.activity(record, ctx.now()) == "renting an instance"
     # The step goes on to create: that is progress (the sync must not resume it meanwhile).
@@ -439,13 +441,15 @@ def test_a_burst_whose_creates_prepare_within_the_lead_leaves_no_create_slot_idl
     ]
     for record in records:  # they join in this order
         ctx.limiter.place_in_line(
-            "create", steps.line_claimant(record.task_id, 1), grace=steps.line_grace(ctx)
+            "create",
+            create_line.line_claimant(record.task_id, 1),
+            grace=create_line.line_grace(ctx),
         )
     sent: list[float] = []
 
     def create_step(record):
-        claimant = steps.line_claimant(record.task_id, 1)
-        while (later := steps._wait_for_create_turn(ctx, record)) is not None:
+        claimant = create_line.line_claimant(record.task_id, 1)
+        while (later := create_line.wait_for_turn(ctx, record, print)) is not None:
             time.sleep(later.countdown)
         time.sleep(1.6 * interval)
         ctx.limiter.acquire(
@@ -485,7 +489,7 @@ def test_a_failure_right_after_the_turn_came_does_not_send_the_attempt_to_the_ba
     follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
     assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
     assert len(admin.rows_for(task_id)) == 1
-    assert steps.line_claimant(task_id, 1) not in ctx.limiter.line("create")
+    assert create_line.line_claimant(task_id, 1) not in ctx.limiter.line("create")
     finish(ctx, task_id, follow)
 
 
@@ -553,7 +557,7 @@ def test_the_sync_wakes_the_claimants_left_asleep_past_their_turn(stack, ctx):
     result = steps.sync(ctx)
     woken = [(t, m.step) for t, m in result.enqueue if m.step == StepName.CREATE_INSTANCE]
     assert woken == [(t, StepName.CREATE_INSTANCE) for t in ids]
-    assert list(ctx.limiter.line("create")) == [steps.line_claimant(t, 1) for t in ids]
+    assert list(ctx.limiter.line("create")) == [create_line.line_claimant(t, 1) for t in ids]
     again = steps.sync(ctx)  # once per promised look
     assert not [m for _, m in again.enqueue if m.step == StepName.CREATE_INSTANCE]
     started = time.monotonic()
@@ -599,7 +603,7 @@ def test_only_claimants_asleep_well_past_their_turn_are_woken():
     records["gone"] = TaskRecord.new("gone", 0.0, phase=Phase.FINISHING, attempt=1)
     places = {c: "0" for c in ["gone:1", "t0:1", "t1:1", "t2:1", "t3:1", "t4:1"]}
     # Turns: t0 now, t1 in 1 s, t2 in 2 s... (interval 1 s, lead 2 s); t4 is past the count.
-    asleep = steps.asleep_at_the_head(places, records, now, interval=1.0, lead=2.0, count=4)
+    asleep = create_line.asleep_at_the_head(places, records, now, interval=1.0, lead=2.0, count=4)
     assert asleep == ["t0", "t2", "t3"]
 
 
