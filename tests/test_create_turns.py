@@ -493,6 +493,20 @@ def test_a_failure_right_after_the_turn_came_does_not_send_the_attempt_to_the_ba
     finish(ctx, task_id, follow)
 
 
+def created_at_once_when_run_again(ctx, admin, task_id: str) -> None:
+    """The create step failed on an answer that proves nothing was rented: the record does
+    not say a create was sent, and the step run again (Celery's retry) creates at once,
+    without waiting for Vast.ai's reads (visibility_grace)."""
+    assert admin.rows_for(task_id) == []
+    record = ctx.store.get(task_id)
+    assert record.create_sent_at is None
+    assert overview.activity(record, ctx.now()) == "renting an instance"
+    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
+    assert len(admin.rows_for(task_id)) == 1
+    finish(ctx, task_id, follow)
+
+
 def test_a_create_refused_with_429_is_not_taken_for_one_that_may_exist(stack, ctx):
     """Every try of the create got a 429: Vast.ai said nothing was created. The step run
     again creates without waiting for Vast.ai's reads (visibility_grace), and the status
@@ -503,14 +517,7 @@ def test_a_create_refused_with_429_is_not_taken_for_one_that_may_exist(stack, ct
     admin.faults({"fault": "rate_limit", "endpoint": "create", "times": tries, "retry_after": 0})
     with pytest.raises(steps.VastRateLimited):
         steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
-    assert admin.rows_for(task_id) == []
-    record = ctx.store.get(task_id)
-    assert record.create_sent_at is None
-    assert overview.activity(record, ctx.now()) == "renting an instance"
-    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
-    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
-    assert len(admin.rows_for(task_id)) == 1
-    finish(ctx, task_id, follow)
+    created_at_once_when_run_again(ctx, admin, task_id)
 
 
 def test_a_create_answer_that_proves_nothing_keeps_the_wait_for_reads(stack, ctx, monkeypatch):
@@ -620,15 +627,8 @@ def test_a_create_whose_retry_found_no_slot_after_a_429_is_not_taken_for_one_tha
     admin.faults({"fault": "rate_limit", "endpoint": "create", "times": 1, "retry_after": 0})
     with pytest.raises(steps.RateLimitTimeout):
         steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
-    assert admin.rows_for(task_id) == []
-    record = ctx.store.get(task_id)
-    assert record.create_sent_at is None
-    assert overview.activity(record, ctx.now()) == "renting an instance"
     monkeypatch.setattr(ctx.vast, "limiter_timeout", 60.0)
-    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
-    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
-    assert len(admin.rows_for(task_id)) == 1
-    finish(ctx, task_id, follow)
+    created_at_once_when_run_again(ctx, admin, task_id)
 
 
 def test_a_create_refused_for_the_api_key_is_not_taken_for_one_that_may_exist(stack, ctx):
@@ -639,9 +639,4 @@ def test_a_create_refused_for_the_api_key_is_not_taken_for_one_that_may_exist(st
     admin.faults({"fault": "http_5xx", "status": 401, "endpoint": "create", "times": 1})
     with pytest.raises(steps.VastAuthError):
         steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
-    assert admin.rows_for(task_id) == []
-    assert ctx.store.get(task_id).create_sent_at is None
-    follow = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
-    assert StepName.CREATE_INSTANCE not in [n.step for n in follow]
-    assert len(admin.rows_for(task_id)) == 1
-    finish(ctx, task_id, follow)
+    created_at_once_when_run_again(ctx, admin, task_id)
