@@ -651,7 +651,8 @@ def run_n(
     if only == "flat":
         # One agent strategy alone (--only): the others' columns are left empty.
         return {s: skipped for s in STRATEGIES} | agent("flat", poll=False)
-    results = agent("full_list", poll=only is None)
+    # The poller keeps to the full_list run's fleet (it needs one alive, not a strategy).
+    results = agent("full_list", poll=True)
     if only == "full_list":
         return {"per_instance": skipped, **results, "flat": skipped}
     if flat_available():
@@ -876,7 +877,8 @@ SCALES = {10: 10.0, 100: 4.0, 1000: 4.0}
     "--only",
     type=click.Choice(["flat", "full_list"]),
     default=None,
-    help="One agent strategy alone (no per-instance poller, no launch burst; implies --no-write).",
+    help="One agent strategy alone (full_list keeps its per-instance poller window; no launch "
+    "burst; implies --no-write).",
 )
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
 def main(ns, quick, as_json, time_scale, window, ends, vanish, max_rps, timeout, only, no_write):
