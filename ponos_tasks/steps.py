@@ -830,10 +830,15 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             passed.append(f"offer {offer.id} was taken")
             continue
         except RateLimitTimeout:
-            # No slot came for the next try: every try sent so far was refused (a 429 or a
-            # request that never left are the only ones a create retries), so nothing was
-            # created and the step run again need not wait for Vast.ai's reads.
-            ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
+            # No slot came for the next try: every try this step sent was refused (a 429 or
+            # a request that never left are the only ones a create retries), so the step
+            # run again need not wait for Vast.ai's reads. Only while the create lock is
+            # still this step's, held since its last renewal: the rate limiter's wait does
+            # not renew it, and a worker that took it over after it lapsed may have sent a
+            # create whose stamp must stand (renewed here: no one takes it before the touch).
+            with contextlib.suppress(LockNotOwnedError):
+                lock.reacquire()
+                ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
             raise
         except CreateOutcomeUnknown as error:
             # Never re-send: the instance may exist. The next run of this step looks the

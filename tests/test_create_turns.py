@@ -640,3 +640,40 @@ def test_a_create_refused_for_the_api_key_is_not_taken_for_one_that_may_exist(st
     with pytest.raises(steps.VastAuthError):
         steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
     created_at_once_when_run_again(ctx, admin, task_id)
+
+
+def test_a_step_whose_create_lock_lapsed_leaves_the_stamp_of_the_worker_that_took_it(
+    stack, ctx, monkeypatch
+):
+    """The create's first try got a 429, and while its next try waits for a slot the step's
+    create lock lapses (its worker stuck past create_lock_timeout): another worker takes the
+    lock and sends a create for the attempt. The first step's RateLimitTimeout must not
+    clear that worker's create_sent_at: the step run again would not wait for Vast.ai's
+    reads and would rent a second instance for the attempt."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    monkeypatch.setitem(ctx.limiter.penalties, "create", 3.0)  # real s, longer than the timeout
+    monkeypatch.setattr(ctx.vast, "limiter_timeout", 1.0)
+    admin.faults({"fault": "rate_limit", "endpoint": "create", "times": 1, "retry_after": 0})
+    penalize = ctx.limiter.penalize
+    other = ctx.store.create_lock(task_id, timeout=ctx.settings.create_lock_timeout)
+    stamps = []
+
+    def penalized_then_the_lock_lapses(endpoint):
+        seconds = penalize(endpoint)
+        ctx.redis.delete(other.name)  # lapsed
+        assert other.acquire(blocking=False)  # the other worker's step
+        stamps.append(ctx.now())  # its before_send, right before its create is sent
+        ctx.store.touch(task_id, expect_attempt=1, create_sent_at=stamps[0])
+        return seconds
+
+    monkeypatch.setattr(ctx.limiter, "penalize", penalized_then_the_lock_lapses)
+    with pytest.raises(steps.RateLimitTimeout):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert ctx.store.get(task_id).create_sent_at == stamps[0]
+    other.release()
+    monkeypatch.setattr(ctx.vast, "limiter_timeout", 60.0)
+    [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)  # Celery's retry
+    assert again.step == StepName.CREATE_INSTANCE  # waits for Vast.ai's reads
+    assert again.countdown == ctx.settings.create_unknown_delay
+    assert admin.rows_for(task_id) == []
