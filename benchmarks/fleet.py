@@ -19,10 +19,10 @@ destroyed behind the agent's back:
 Clock: the Vast.ai simulator runs `time_scale` simulated seconds per real second, and so
 do Vast.ai's rate limits and the agent's limiter (rate_limit_scale = 1/time_scale). The
 agent's own intervals are real seconds: they are set to the config defaults divided by
-time_scale (sync_interval 10 sim s, logs_interval 60 sim s), so that every figure here is in
-simulated seconds, i.e. what a real deployment would see, except where the agent's own CPU
-time (multiplied by time_scale on that clock) dominates: the table gives the measured real
-sync durations beside. Calls per minute are per simulated minute.
+time_scale (sync_interval 10 sim s, logs_interval 60 sim s, full_resync_interval 300 sim
+s), so that every figure here is in simulated seconds, i.e. what a real deployment would
+see, except where the agent's own CPU time (multiplied by time_scale on that clock)
+dominates: the table gives the measured real sync durations beside. Calls per minute are per simulated minute.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from ponos_tasks.state import Keyspace
 STRATEGIES = ("per_instance", "full_list", "flat")
 SYNC_INTERVAL = 10.0  # sim s: the config default of sync_interval
 LOGS_INTERVAL = 60.0  # sim s: the config default of logs_interval
+FULL_RESYNC_INTERVAL = 300.0  # sim s: the config default of vast_api.full_resync_interval
 DSTACK_POLL = 7.0  # sim s between two polls of one instance by dstack
 LOADING_DEADLINE = 300.0  # sim s: the agent's loading deadline here (see FleetRun)
 LIST_INTERVAL = 1.0 * 1.1  # s: Vast.ai's list threshold, with the agent limiter's margin
@@ -225,6 +226,11 @@ class FleetRun(AgentRun):
         # The loading deadline is real seconds: LOADING_DEADLINE sim s at least (a start takes
         # 30 sim s of pull), else the agent gives up on instances still loading.
         config["vast_api"]["loading_deadline"] = self.loading_deadline
+        # The flat view's full pass is the config default on the simulated clock, as the
+        # sync and log intervals are: unscaled (before 2026-12-07), a pass took time_scale x
+        # 300 sim s, so the flat sync listed 1/time_scale of the pages per sync that a real
+        # deployment lists, and a vanished instance could be seen time_scale times later.
+        config["vast_api"]["full_resync_interval"] = FULL_RESYNC_INTERVAL / self.time_scale
         for key, value in self.overrides.items():
             if isinstance(value, dict):
                 config.setdefault(key, {}).update(value)
