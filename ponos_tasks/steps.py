@@ -467,6 +467,19 @@ def _destroy(ctx: AgentContext, instance_id: int) -> bool:
     return destroyed
 
 
+def _nothing_rented(ctx: AgentContext, lock, record: TaskRecord) -> None:
+    """Every create try this step sent was refused, or never left: nothing was rented, and
+    the step run again need not wait for Vast.ai's reads (create_sent_at cleared). Only
+    while the create lock is still this step's, held since its last renewal (renewed here,
+    so that no one takes it before the touch): nothing renews it while the call waits (the
+    rate limiter, a slow or hanging answer), and a worker that took it over once it lapsed
+    may have sent a create whose stamp must stand. (A process paused for longer than the
+    lock's timeout between the two calls is the residual risk of any lease.)"""
+    with contextlib.suppress(LockNotOwnedError):
+        lock.reacquire()
+        ctx.store.touch(record.task_id, expect_attempt=record.attempt, create_sent_at=None)
+
+
 def _before_create_sent(ctx: AgentContext, lock, record: TaskRecord, offer_id: int) -> None:
     """Right before a create try is sent: renew its lock, and note the create's floor (the
     flat view's call A then covers the instance even if the answer is lost: view.py)."""
@@ -831,14 +844,8 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             continue
         except RateLimitTimeout:
             # No slot came for the next try: every try this step sent was refused (a 429 or
-            # a request that never left are the only ones a create retries), so the step
-            # run again need not wait for Vast.ai's reads. Only while the create lock is
-            # still this step's, held since its last renewal: the rate limiter's wait does
-            # not renew it, and a worker that took it over after it lapsed may have sent a
-            # create whose stamp must stand (renewed here: no one takes it before the touch).
-            with contextlib.suppress(LockNotOwnedError):
-                lock.reacquire()
-                ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
+            # a request that never left are the only ones a create retries).
+            _nothing_rented(ctx, lock, record)
             raise
         except CreateOutcomeUnknown as error:
             # Never re-send: the instance may exist. The next run of this step looks the
@@ -866,7 +873,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
                     # one that may have is CreateOutcomeUnknown): the step run again need not
                     # wait for Vast.ai's reads. Any other answer (a 200 without a contract id)
                     # may follow a rental: the wait stands.
-                    ctx.store.touch(task_id, expect_attempt=record.attempt, create_sent_at=None)
+                    _nothing_rented(ctx, lock, record)
                 raise
             refusals.append(error.msg)
             ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)

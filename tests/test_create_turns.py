@@ -677,3 +677,32 @@ def test_a_step_whose_create_lock_lapsed_leaves_the_stamp_of_the_worker_that_too
     assert again.step == StepName.CREATE_INSTANCE  # waits for Vast.ai's reads
     assert again.countdown == ctx.settings.create_unknown_delay
     assert admin.rows_for(task_id) == []
+
+
+def test_a_refused_create_answered_after_the_lock_lapsed_leaves_the_other_workers_stamp(
+    stack, ctx, monkeypatch
+):
+    """The create's answer, a 401 (nothing rented), comes after the step's create lock
+    lapsed (a DNS hang, a slow answer: more than create_lock_timeout after its renewal), and
+    another worker took the lock and sent a create meanwhile: the refusal must not clear that
+    worker's create_sent_at, or its step run again would rent a second instance."""
+    admin = Admin(stack)
+    [task_id] = accepted(ctx, admin, 1)
+    admin.faults({"fault": "http_5xx", "status": 401, "endpoint": "create", "times": 1})
+    other = ctx.store.create_lock(task_id, timeout=ctx.settings.create_lock_timeout)
+    stamps = []
+    told = ctx.vast.on_call
+
+    def answered_after_the_lock_lapsed(api, endpoint, status):
+        if endpoint == "create" and not stamps:
+            ctx.redis.delete(other.name)  # lapsed while the answer was awaited
+            assert other.acquire(blocking=False)  # the other worker's step
+            stamps.append(ctx.now())  # its before_send, right before its create is sent
+            ctx.store.touch(task_id, expect_attempt=1, create_sent_at=stamps[0])
+        told(api, endpoint, status)
+
+    monkeypatch.setattr(ctx.vast, "on_call", answered_after_the_lock_lapsed)
+    with pytest.raises(steps.VastAuthError):
+        steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
+    assert ctx.store.get(task_id).create_sent_at == stamps[0]
+    other.release()
