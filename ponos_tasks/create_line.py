@@ -46,6 +46,16 @@ def line_claimant(task_id: str, attempt: int) -> str:
     return f"{task_id}:{attempt}"
 
 
+def still_creating(record: TaskRecord | None, attempt: int | str) -> bool:
+    """Whether the claimant of `attempt` (an int, or the text of a claimant's name) still
+    waits to create: its task's record is `creating` at that attempt."""
+    return (
+        record is not None
+        and record.phase == Phase.CREATING
+        and str(record.attempt) == str(attempt)
+    )
+
+
 def left_the_line(places: dict[str, str], records: dict[str, TaskRecord]) -> dict[str, str]:
     """Claimants of the line of creates whose attempt no longer waits to create: stopped,
     refused, deleted, adopted, or moved on. They would hold everyone behind them back one
@@ -55,8 +65,7 @@ def left_the_line(places: dict[str, str], records: dict[str, TaskRecord]) -> dic
     gone = {}
     for claimant, place in places.items():
         task_id, _, attempt = claimant.rpartition(":")
-        record = records.get(task_id)
-        if record is None or record.phase != Phase.CREATING or str(record.attempt) != attempt:
+        if not still_creating(records.get(task_id), attempt):
             gone[claimant] = place
     return gone
 
@@ -83,7 +92,7 @@ def asleep_at_the_head(
             break
         task_id, _, attempt = claimant.rpartition(":")
         record = records.get(task_id)
-        if record is None or record.phase != Phase.CREATING or str(record.attempt) != attempt:
+        if not still_creating(record, attempt):
             continue  # left the line (left_the_line)
         if (
             record.create_look_at is not None

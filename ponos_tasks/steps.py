@@ -662,18 +662,17 @@ def create_instance(ctx: AgentContext, task_id: str, attempt: int | None = None)
     if not lock.acquire():
         return None  # another worker is creating this task's instance right now
     try:
-        if attempt is not None:
-            record = ctx.store.get(task_id)
-            if record is None or record.phase != Phase.CREATING or record.attempt != attempt:
-                return None
-        return _create_locked(ctx, task_id, lock)
+        return _create_locked(ctx, task_id, lock, attempt)
     finally:
         release(lock)
 
 
-def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
-    """The record in `creating`, at a new attempt unless it was already creating (resumed)."""
+def _claim_attempt(ctx: AgentContext, task_id: str, attempt: int | None) -> TaskRecord | None:
+    """The record in `creating`, at a new attempt unless it was already creating (resumed);
+    with `attempt` (a look of the line of creates), only at that attempt, never a new one."""
     record = ctx.store.get(task_id)
+    if attempt is not None:
+        return record if create_line.still_creating(record, attempt) else None
     if record is None:
         return None
     if record.phase in (Phase.WAITING_OFFER, Phase.RETRYING, Phase.ACCEPTED):
@@ -696,8 +695,8 @@ def _claim_attempt(ctx: AgentContext, task_id: str) -> TaskRecord | None:
     return record if record.phase == Phase.CREATING else None
 
 
-def _create_locked(ctx: AgentContext, task_id: str, lock) -> Next | None:
-    record = _claim_attempt(ctx, task_id)
+def _create_locked(ctx: AgentContext, task_id: str, lock, attempt: int | None) -> Next | None:
+    record = _claim_attempt(ctx, task_id, attempt)
     if record is None:
         return None
     if not record.create_turn_came and record.create_unknown_at is None:
