@@ -102,12 +102,24 @@ def test_timeline_of_a_failed_start_a_retry_and_a_stop(
 
     # The published log: the agent's lines first, then the instance's output. The last
     # lines (state reported, instance destroyed) are published once the instance is gone.
+    # The failed attempt's instance is "destroyed" early in the log too: wait for the last
+    # kind of entry after all the others, not for the word.
+    def agent_lines_of(text):
+        return [m for m in map(AGENT_LINE.match, text.splitlines()) if m]
+
     def published():
         text = sim.task_log(task_id) or ""
-        return "destroyed" in text and text
+        messages = [m.group(3) for m in agent_lines_of(text)]
+        return len(in_order(messages)) == len(KINDS) and text
 
-    text = wait_until(published, timeout=30, what="the log's last lines", agent=agent)
-    agent_lines = [m for m in map(AGENT_LINE.match, text.splitlines()) if m]
+    text = wait_until(
+        published,
+        timeout=30,
+        what="the log's last lines",
+        agent=agent,
+        describe=lambda: sim.task_log(task_id) or "(no log published)",
+    )
+    agent_lines = agent_lines_of(text)
     messages = [m.group(3) for m in agent_lines]
     assert in_order(messages) == [name for name, _ in KINDS], "\n".join(messages)
     assert "retried: long job" in text  # the instance's own output follows
