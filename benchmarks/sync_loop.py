@@ -16,8 +16,11 @@ simulator's clock (what the code itself costs), and with Vast.ai's published int
 
 from __future__ import annotations
 
+import cProfile
+import io
 import json
 import logging
+import pstats
 import shutil
 import tempfile
 import time
@@ -177,7 +180,23 @@ def measure(ctx, stack, reps: int, gap: float) -> dict:
     }
 
 
-def run_level(n: int, redis_url: str, reps: int, timeout: float, say, foreign: int = 0) -> dict:
+def profile_syncs(ctx, reps: int, gap: float, say) -> None:
+    """Where a sync's own CPU goes (cProfile over `reps` syncs, top functions by cumulative
+    time, printed to stderr): what to cut when the sync is the bottleneck."""
+    profiler = cProfile.Profile()
+    for _ in range(reps):
+        profiler.enable()
+        steps.sync(ctx)
+        profiler.disable()
+        time.sleep(gap)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(35)
+    say(out.getvalue())
+
+
+def run_level(
+    n: int, redis_url: str, reps: int, timeout: float, say, foreign: int = 0, profile: bool = False
+) -> dict:
     with LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False) as stack:
         base = make_context(
             stack, redis_url, sync_interval=10, vast_api={"max_instances": max(1, n + 5)}
@@ -208,6 +227,9 @@ def run_level(n: int, redis_url: str, reps: int, timeout: float, say, foreign: i
                     f"  {key}: sync p50 {out[key]['sync']['p50']:.3f} s, "
                     f"list calls max {out[key]['list_calls_max']}"
                 )
+                if profile and mode == "scaled":
+                    say(f"  {key}: profile of {reps} syncs")
+                    profile_syncs(ctx, reps, gap, say)
         return out  # stopping the stack ends its instances
 
 
@@ -284,7 +306,8 @@ def report(results: list[dict]) -> str:
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--timeout", type=float, default=240.0, show_default=True)
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
-def main(levels, foreign, reps, timeout, no_write):
+@click.option("--profile", is_flag=True, help="Also print a cProfile of the scaled syncs (stderr).")
+def main(levels, foreign, reps, timeout, no_write, profile):
     """Duration of one sync (and its parts) at several numbers of active tasks."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     machine_info = machine()
@@ -295,7 +318,13 @@ def main(levels, foreign, reps, timeout, no_write):
         for n in levels:
             results.append(
                 run_level(
-                    n, redis_process.url, reps, timeout, lambda s: click.echo(s, err=True), foreign
+                    n,
+                    redis_process.url,
+                    reps,
+                    timeout,
+                    lambda s: click.echo(s, err=True),
+                    foreign,
+                    profile,
                 )
             )
             click.echo(json.dumps(results[-1]))

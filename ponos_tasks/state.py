@@ -282,7 +282,11 @@ def _decode_hash(task_id: str, raw: Mapping | list) -> TaskRecord | None:
         raw = dict(zip(raw[::2], raw[1::2], strict=True))
     if not raw:
         return None
-    data = {_text(k): json.loads(_text(v)) for k, v in raw.items()}
+    # One JSON document of every field, parsed once: each value is JSON (_encode), and one
+    # parse of ~50 fields cost a third of what 50 parses did (a sync reads every record).
+    data = json.loads(
+        "{" + ",".join(f"{json.dumps(_text(k))}:{_text(v)}" for k, v in raw.items()) + "}"
+    )
     data["task_id"] = task_id
     return TaskRecord.from_dict(data)
 
@@ -457,6 +461,16 @@ class TaskStore:
                 records[task_id] = record
         return records
 
+    def active_instance_ids(self) -> set[int]:
+        """The instances the active records name: one field of each record, not the whole
+        record (the flat view's refresh needs only these, each sync)."""
+        ids = self.active_ids()
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(self._key(task_id), "instance_id")
+        values = (json.loads(_text(raw)) for raw in pipe.execute() if raw is not None)
+        return {int(value) for value in values if value is not None}
+
     # ------------------------------------------------------------------ snapshot, marks
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -472,13 +486,13 @@ class TaskStore:
     def view_entries(self) -> dict[int, Instance]:
         raw = self.redis.hgetall(self.keys.view)
         return {
-            int(_text(key)): Instance.from_dict(json.loads(_text(value))["instance"])
+            int(_text(key)): Instance.from_stored(json.loads(_text(value))["instance"])
             for key, value in raw.items()
         }
 
     def view_entry(self, instance_id: int) -> Instance | None:
         raw = self.redis.hget(self.keys.view, str(int(instance_id)))
-        return None if raw is None else Instance.from_dict(json.loads(_text(raw))["instance"])
+        return None if raw is None else Instance.from_stored(json.loads(_text(raw))["instance"])
 
     def view_entries_of(self, instance_ids) -> dict[int, Instance]:
         """The view's entries of these ids (those it holds), in one HMGET."""
@@ -487,7 +501,7 @@ class TaskStore:
             return {}
         raw = self.redis.hmget(self.keys.view, [str(i) for i in ids])
         return {
-            i: Instance.from_dict(json.loads(_text(value))["instance"])
+            i: Instance.from_stored(json.loads(_text(value))["instance"])
             for i, value in zip(ids, raw, strict=True)
             if value is not None
         }

@@ -494,15 +494,6 @@ def _before_create_sent(ctx: AgentContext, lock, record: TaskRecord, offer_id: i
     )
 
 
-def _view_record_ids(ctx: AgentContext) -> set[int]:
-    """The instances the agent's records name (view.refresh asks for those it lacks)."""
-    return {
-        r.instance_id
-        for r in ctx.store.all_records(include_done=False).values()
-        if r.instance_id is not None
-    }
-
-
 # After Vast.ai refused the flat view's filtered calls, full listings this long before the
 # view is tried again (an API change rolled back, a proxy fixed); each refusal says so.
 VIEW_REFUSED_SECONDS = 1800.0
@@ -533,7 +524,9 @@ def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
         return None
     try:
         with kept_alive(lock, every=timeout / 3):  # a first pass over a big fleet takes minutes
-            return view.refresh(ctx, ctx.settings.sync_interval, _view_record_ids(ctx))
+            # The instances the records name: view.refresh asks for those it lacks.
+            record_ids = ctx.store.active_instance_ids()
+            return view.refresh(ctx, ctx.settings.sync_interval, record_ids)
     except VastError as error:
         if error.status != 400:
             raise  # unread is not refused: the view keeps what it had, the caller retries

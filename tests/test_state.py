@@ -163,6 +163,14 @@ def test_all_records_lists_active_and_done(store, clock):
     assert store.active_ids() == ["task-0", "task-1", "task-2", "task-4"]
 
 
+def test_active_instance_ids_are_those_the_active_records_name(store, clock):
+    store.create_if_absent(TaskRecord.new("no-instance", clock()))
+    for index, instance_id in enumerate((11, 12, 13)):
+        store.create_if_absent(TaskRecord.new(f"task-{index}", clock(), instance_id=instance_id))
+    store.forget("task-2")  # done: its instance is no longer one the records name
+    assert store.active_instance_ids() == {11, 12}
+
+
 def test_snapshot_marks_and_counters(store):
     assert store.load_snapshot() is None
     rows = [

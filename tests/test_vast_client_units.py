@@ -4,6 +4,7 @@ Everything that talks HTTP is in test_vast_client.py, against the simulator.
 """
 
 import email.utils
+import json
 import socket
 import time
 
@@ -193,6 +194,10 @@ def test_instance_strips_strings_converts_env_and_keeps_unknown_status():
     bare = Instance.from_dict({"id": "10"})
     assert bare.id == 10 and bare.label is None and bare.actual_status is None
     assert bare.env == {} and not bare.status_msg_is_fatal
+    # What the agent stores (to_dict, as JSON) reads back whole without cleaning it again.
+    stored = Instance.from_stored(json.loads(json.dumps(inst.to_dict())))
+    assert stored == inst and stored.raw == inst.raw and stored.env == inst.env
+    assert stored.public_ipaddr == "1.2.3.4" and stored.status_msg_is_fatal
 
 
 def test_created_instance_hides_the_instance_key_from_repr():
