@@ -332,6 +332,7 @@ class Window:
         self.run = run
         stats = run.vast("stats")
         self.calls0, self.limited0 = Counter(stats["calls"]), Counter(stats["rate_limited"])
+        self.shapes0 = Counter(stats.get("list_shapes", {}))
         self.sim0 = run.stack.vast.state.clock.now()
         self.syncs0 = len(sync_durations(run.worker_log()))
         self.checks0 = ended_checks(run.worker_log())
@@ -350,6 +351,7 @@ class Window:
             "sim_minutes": round(minutes, 2),
             "calls": dict(calls),
             "limited": dict(limited),
+            "list_shapes": dict(Counter(stats.get("list_shapes", {})) - self.shapes0),
             "syncs": syncs,
             "ended_checks": ended_checks(self.run.worker_log()) - self.checks0,
             "cpu_s": self.cpu() - self.cpu0,
@@ -513,6 +515,15 @@ def summarize(
         "syncs": syncs,
         "list_calls_per_sync": round(per_sync, 2) if per_sync is not None else None,
         "ended_checks_per_min": round(checks / minutes, 1),
+        # Every list call of the window by its filters' shape, per sync: a full pass's pages
+        # (`id.gt`), call A and the ended checks (`actual_status.neq+id.gte`), lookups by id
+        # (`id.in`) and by label (a create's), so the sync's own calls can be told apart.
+        "list_calls_per_sync_by_filter": {
+            shape: round(count / syncs, 2)
+            for shape, count in sorted(window.get("list_shapes", {}).items())
+        }
+        if syncs
+        else {},
         "sync_real_s_p50": percentile(window["syncs"], 50),
         "sync_real_s_p95": percentile(window["syncs"], 95),
         "sync_at_real_limits_s": round(per_sync * LIST_INTERVAL, 1) if per_sync else None,

@@ -75,6 +75,10 @@ def test_flat_makes_at_most_three_list_calls_per_sync(document):
     if not flat.get("available", True):
         pytest.skip("the agent does not know vast_api.instance_reads (flat) yet")
     assert flat["list_calls_per_sync"] <= 3, flat
+    # The same calls by kind (the ended checks' included): pages of the pass, A, lookups.
+    by_filter = flat["list_calls_per_sync_by_filter"]
+    assert by_filter.get("id.gt", 0) > 0, by_filter  # the full pass pages through
+    assert sum(by_filter.values()) >= flat["list_calls_per_sync"] - 0.05, flat
 
 
 @pytest.mark.timeout(420)

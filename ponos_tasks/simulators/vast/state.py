@@ -116,6 +116,7 @@ class VastState:
         self.logs: dict[str, dict] = {}  # uuid -> {"asked_at", "ready_at", "text", "inst"}
         self._pending_logs: set[str] = set()  # uploads not done yet, not known to be lost
         self.calls: Counter = Counter()
+        self.list_shapes: Counter = Counter()  # v1 list calls by their filters' shape
         self.rate_limited: Counter = Counter()
         self.max_live_per_label: dict[str, int] = {}
 
@@ -468,6 +469,9 @@ class VastState:
                 "Error in query parameters: select_filters must be an object and order_by a list",
             )
         with self.lock:
+            # By the filters' shape (no values): which kind of read a list call was (a page of
+            # a full pass, the not-running call, a lookup by ids or by label).
+            self.list_shapes[list_shape(select_filters)] += 1
             now = self.tick()
             # Filters see the stored contract: `offline` is computed when a row is shown
             # (the stored actual_status stays what the host last reported), so a filter on
@@ -673,6 +677,7 @@ class VastState:
             self.tick()
             return {
                 "calls": dict(self.calls),
+                "list_shapes": dict(self.list_shapes),
                 "rate_limited": dict(self.rate_limited),
                 "max_live_per_label": dict(self.max_live_per_label),
                 "live_instances": sum(1 for i in self.fleet.instances.values() if i.live),
@@ -740,6 +745,18 @@ def instance_columns() -> list[str]:
         "status_msg",
         "image_uuid",
     ]
+
+
+def list_shape(select_filters) -> str:
+    """A v1 list call's filters without their values, e.g. `id.gt` or
+    `actual_status.neq+id.gte`; `all` for none (stats: what kind of read each call was)."""
+    if not isinstance(select_filters, dict) or not select_filters:
+        return "all"
+    parts = []
+    for col, cond in sorted(select_filters.items()):
+        ops = sorted(cond) if isinstance(cond, dict) else ["?"]
+        parts += [f"{col}.{op}" for op in ops]
+    return "+".join(parts)
 
 
 def _json_arg(args, name: str, default):

@@ -257,6 +257,11 @@ def test_v1_pagination_filters_order_and_columns(api):
     filters = api("GET", "/api/v0/instances/filters/").json()["filters"]
     assert filters and {"actual_status", "verification", "gpu_name"} <= set(filters[0])
     assert base64.urlsafe_b64decode(desc["next_token"])
+    # Each v1 list call is counted by its filters' shape, without their values (the fleet
+    # benchmark tells the sync's own reads from lookups by it).
+    shapes = api("GET", "/_sim/stats").json()["list_shapes"]
+    assert shapes["label.in"] == 1 and shapes["label.eq"] == 1 and shapes["dph_total.lt"] == 1
+    assert shapes["all"] >= 2 and not any("job" in shape for shape in shapes)
 
 
 def _fetch_log(url: str, timeout: float = 5.0) -> requests.Response:
