@@ -290,10 +290,14 @@ class AgentProcesses:
         process.wait(timeout=30)
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM everything (warm shutdown), SIGKILL what is still there after timeout."""
+        """SIGTERM each main process (warm shutdown), SIGKILL what is still there after
+        timeout. The main process only, not its group: Celery's pool children take SIGTERM's
+        default action (celery.concurrency.prefork resets it), so a group-wide SIGTERM killed
+        the steps they ran mid-call; the main process's warm shutdown lets them finish."""
         for process in self.processes.values():
             if process.poll() is None:
-                _signal_group(process, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for process in self.processes.values():
             remaining = max(0.1, deadline - time.monotonic())

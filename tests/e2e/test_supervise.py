@@ -134,3 +134,30 @@ def test_supervise_backoff_doubles_and_resets(tmp_path):
     (event,) = agent.supervise(now=now + supervisor.RESTART_RESET)
     assert "restarting it in 1 s" in event
     agent.stop(timeout=5)
+
+
+def test_stop_lets_the_steps_that_run_finish(tmp_path, redis_url, key_prefix):
+    """stop() is a warm shutdown: Celery's main process is asked to stop, and the step a pool
+    child runs finishes. (Celery resets SIGTERM to its default in pool children: a SIGTERM
+    sent to the worker's whole process group killed a running step mid-call.)"""
+    queue = f"{key_prefix}warm-stop"
+    env = {
+        "WARM_STOP_BROKER": redis_url,
+        "WARM_STOP_QUEUE": queue,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    agent = AgentProcesses(tmp_path / "agent.yml", tmp_path / "logs", redis_url, extra_env=env)
+    worker = [sys.executable, "-m", "celery", "-A", "tests.e2e.warm_stop_app", "worker"]
+    agent._spawn("worker1", [*worker, "--pool", "prefork", "-c", "1", "-Q", queue, "-l", "INFO"])
+    started, done = tmp_path / "started", tmp_path / "done"
+    os.environ.update(env)
+    try:
+        from tests.e2e.warm_stop_app import app
+
+        app.send_task("warm_stop.slow", args=[str(started), str(done), 3.0], queue=queue)
+        wait_until(started.exists, timeout=60, what="the slow step to start")
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        agent.stop(timeout=30)
+    assert done.exists(), (agent.log_dir / "worker1.log").read_text()[-3000:]
