@@ -289,22 +289,32 @@ class AgentProcesses:
         _signal_group(process, sig)
         process.wait(timeout=30)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM each main process (warm shutdown), SIGKILL what is still there after
-        timeout. The main process only, not its group: Celery's pool children take SIGTERM's
-        default action (celery.concurrency.prefork resets it), so a group-wide SIGTERM killed
-        the steps they ran mid-call; the main process's warm shutdown lets them finish."""
+    # After stop()'s timeout, how long a process whose pool was stopped gets to exit.
+    POOL_STOP_GRACE = 10.0
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every process: warm first, then the pool, then SIGKILL.
+
+        1. SIGTERM to each main process only. Celery's pool children take SIGTERM's default
+           action (celery.concurrency.prefork resets it), so a group-wide SIGTERM killed the
+           steps they ran mid-call; the main process's warm shutdown lets them finish.
+           `timeout` (30 s) is above worker_soft_shutdown_timeout (25 s), so that with
+           REMAP_SIGTERM=SIGQUIT Celery's own soft shutdown ends first.
+        2. Past `timeout`, SIGTERM to the process groups: the pool children die, and the main
+           process marks their steps lost (back to their queue) and gives its unacknowledged
+           messages back to the broker as it exits, instead of leaving them stranded until
+           the visibility timeout (an hour) as a SIGKILL would.
+        3. POOL_STOP_GRACE later, SIGKILL to every group (what is left of any session)."""
         for process in self.processes.values():
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in self.processes.values():
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                process.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+        late = self._wait_all(timeout)
+        for process in late:
+            _signal_group(process, signal.SIGTERM)
+        for process in self._wait_all(self.POOL_STOP_GRACE if late else 0.0):
+            _signal_group(process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
         # Children of a killed main process (pool workers) share its session: sweep it.
         for process in self.processes.values():
@@ -313,6 +323,17 @@ class AgentProcesses:
         if self.flower is not None and self.flower.credentials_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.flower.credentials_file.unlink()
+
+    def _wait_all(self, timeout: float) -> list[subprocess.Popen]:
+        """Wait up to `timeout` s in all for every process to exit; those still running."""
+        deadline = time.monotonic() + timeout
+        late = []
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                late.append(process)
+        return late
 
     def __enter__(self) -> AgentProcesses:
         return self.start()

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
+from celery import Celery
 
 from ponos_tasks import supervisor
 from ponos_tasks.simulators.harness import OVERRIDING_ENV
@@ -136,11 +138,7 @@ def test_supervise_backoff_doubles_and_resets(tmp_path):
     agent.stop(timeout=5)
 
 
-def test_stop_lets_the_steps_that_run_finish(tmp_path, redis_url, key_prefix):
-    """stop() is a warm shutdown: Celery's main process is asked to stop, and the step a pool
-    child runs finishes. (Celery resets SIGTERM to its default in pool children: a SIGTERM
-    sent to the worker's whole process group killed a running step mid-call.)"""
-    queue = f"{key_prefix}warm-stop"
+def _warm_stop_worker(tmp_path, redis_url, queue):
     env = {
         "WARM_STOP_BROKER": redis_url,
         "WARM_STOP_QUEUE": queue,
@@ -149,15 +147,53 @@ def test_stop_lets_the_steps_that_run_finish(tmp_path, redis_url, key_prefix):
     agent = AgentProcesses(tmp_path / "agent.yml", tmp_path / "logs", redis_url, extra_env=env)
     worker = [sys.executable, "-m", "celery", "-A", "tests.e2e.warm_stop_app", "worker"]
     agent._spawn("worker1", [*worker, "--pool", "prefork", "-c", "1", "-Q", queue, "-l", "INFO"])
-    started, done = tmp_path / "started", tmp_path / "done"
-    os.environ.update(env)
-    try:
-        from tests.e2e.warm_stop_app import app
+    return agent, env
 
-        app.send_task("warm_stop.slow", args=[str(started), str(done), 3.0], queue=queue)
+
+def _send_slow(env, tmp_path, seconds):
+    """Send the slow task on the worker's broker and queue (a sender app of its own, by the
+    task's name); return the files it writes when it starts and when it is done."""
+    started, done = tmp_path / "started", tmp_path / "done"
+    sender = Celery("warm_stop_sender", broker=env["WARM_STOP_BROKER"])
+    try:
+        sender.send_task(
+            "warm_stop.slow", args=[str(started), str(done), seconds], queue=env["WARM_STOP_QUEUE"]
+        )
+    finally:
+        sender.close()
+    return started, done
+
+
+def test_a_step_that_outlasts_the_stop_goes_back_to_its_queue(tmp_path, redis_url):
+    """Past stop()'s timeout the pool is stopped (the whole group gets SIGTERM) before the
+    SIGKILL sweep: Celery's main process sees the step lost and puts its message back, rather
+    than dying with it unacknowledged until the broker's visibility timeout (an hour)."""
+    broker = redis_url.rsplit("/", 1)[0] + "/11"  # Celery's own keys (unacked...) apart
+    queue = f"warm-stop-{os.getpid()}-{time.monotonic_ns()}"
+    client = redis.Redis.from_url(broker)
+    agent, env = _warm_stop_worker(tmp_path, broker, queue)
+    try:
+        started, done = _send_slow(env, tmp_path, 60.0)
         wait_until(started.exists, timeout=60, what="the slow step to start")
     finally:
-        for name in env:
-            os.environ.pop(name, None)
+        agent.stop(timeout=2)
+    try:
+        assert not done.exists()
+        assert client.llen(queue) == 1, (agent.log_dir / "worker1.log").read_text()[-3000:]
+    finally:
+        client.delete(queue)
+        client.close()
+
+
+def test_stop_lets_the_steps_that_run_finish(tmp_path, redis_url, key_prefix):
+    """stop() is a warm shutdown: Celery's main process is asked to stop, and the step a pool
+    child runs finishes. (Celery resets SIGTERM to its default in pool children: a SIGTERM
+    sent to the worker's whole process group killed a running step mid-call.)"""
+    queue = f"{key_prefix}warm-stop"
+    agent, env = _warm_stop_worker(tmp_path, redis_url, queue)
+    try:
+        started, done = _send_slow(env, tmp_path, 3.0)
+        wait_until(started.exists, timeout=60, what="the slow step to start")
+    finally:
         agent.stop(timeout=30)
     assert done.exists(), (agent.log_dir / "worker1.log").read_text()[-3000:]

@@ -10,6 +10,11 @@ from celery import Celery
 app = Celery("warm_stop", broker=os.environ["WARM_STOP_BROKER"])
 app.conf.task_default_queue = os.environ["WARM_STOP_QUEUE"]
 app.conf.worker_hijack_root_logger = False
+# As the agent's steps (celery_settings): acknowledged once done, so that a step cut short
+# goes back to its queue instead of being lost.
+app.conf.task_acks_late = True
+app.conf.task_reject_on_worker_lost = True
+app.conf.worker_prefetch_multiplier = 1
 
 
 @app.task(name="warm_stop.slow")
