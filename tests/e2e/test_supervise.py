@@ -138,30 +138,27 @@ def test_supervise_backoff_doubles_and_resets(tmp_path):
     agent.stop(timeout=5)
 
 
-def _warm_stop_worker(tmp_path, redis_url, queue):
+def _slow_step_then_stop(tmp_path, broker: str, queue: str, seconds: float, stop_timeout: float):
+    """A Celery worker (tests/e2e/warm_stop_app.py: prefork, one child) runs a step of
+    `seconds`; once it has started, stop(stop_timeout). Returns the stopped processes and
+    whether the step finished."""
     env = {
-        "WARM_STOP_BROKER": redis_url,
+        "WARM_STOP_BROKER": broker,
         "WARM_STOP_QUEUE": queue,
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
-    agent = AgentProcesses(tmp_path / "agent.yml", tmp_path / "logs", redis_url, extra_env=env)
+    agent = AgentProcesses(tmp_path / "agent.yml", tmp_path / "logs", broker, extra_env=env)
     worker = [sys.executable, "-m", "celery", "-A", "tests.e2e.warm_stop_app", "worker"]
     agent._spawn("worker1", [*worker, "--pool", "prefork", "-c", "1", "-Q", queue, "-l", "INFO"])
-    return agent, env
-
-
-def _send_slow(env, tmp_path, seconds):
-    """Send the slow task on the worker's broker and queue (a sender app of its own, by the
-    task's name); return the files it writes when it starts and when it is done."""
     started, done = tmp_path / "started", tmp_path / "done"
-    sender = Celery("warm_stop_sender", broker=env["WARM_STOP_BROKER"])
+    sender = Celery("warm_stop_sender", broker=broker)  # sends by the task's name
     try:
-        sender.send_task(
-            "warm_stop.slow", args=[str(started), str(done), seconds], queue=env["WARM_STOP_QUEUE"]
-        )
+        sender.send_task("warm_stop.slow", args=[str(started), str(done), seconds], queue=queue)
+        wait_until(started.exists, timeout=60, what="the slow step to start")
     finally:
         sender.close()
-    return started, done
+        agent.stop(timeout=stop_timeout)
+    return agent, done.exists()
 
 
 def test_a_step_that_outlasts_the_stop_goes_back_to_its_queue(tmp_path, redis_url):
@@ -171,14 +168,9 @@ def test_a_step_that_outlasts_the_stop_goes_back_to_its_queue(tmp_path, redis_ur
     broker = redis_url.rsplit("/", 1)[0] + "/11"  # Celery's own keys (unacked...) apart
     queue = f"warm-stop-{os.getpid()}-{time.monotonic_ns()}"
     client = redis.Redis.from_url(broker)
-    agent, env = _warm_stop_worker(tmp_path, broker, queue)
     try:
-        started, done = _send_slow(env, tmp_path, 60.0)
-        wait_until(started.exists, timeout=60, what="the slow step to start")
-    finally:
-        agent.stop(timeout=2)
-    try:
-        assert not done.exists()
+        agent, finished = _slow_step_then_stop(tmp_path, broker, queue, 60.0, stop_timeout=2)
+        assert not finished
         assert client.llen(queue) == 1, (agent.log_dir / "worker1.log").read_text()[-3000:]
     finally:
         client.delete(queue)
@@ -190,10 +182,5 @@ def test_stop_lets_the_steps_that_run_finish(tmp_path, redis_url, key_prefix):
     child runs finishes. (Celery resets SIGTERM to its default in pool children: a SIGTERM
     sent to the worker's whole process group killed a running step mid-call.)"""
     queue = f"{key_prefix}warm-stop"
-    agent, env = _warm_stop_worker(tmp_path, redis_url, queue)
-    try:
-        started, done = _send_slow(env, tmp_path, 3.0)
-        wait_until(started.exists, timeout=60, what="the slow step to start")
-    finally:
-        agent.stop(timeout=30)
-    assert done.exists(), (agent.log_dir / "worker1.log").read_text()[-3000:]
+    agent, finished = _slow_step_then_stop(tmp_path, redis_url, queue, 3.0, stop_timeout=30)
+    assert finished, (agent.log_dir / "worker1.log").read_text()[-3000:]
