@@ -310,12 +310,13 @@ class AgentProcesses:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
         late = self._wait_all(timeout)
-        for process in late:
-            _signal_group(process, signal.SIGTERM)
-        for process in self._wait_all(self.POOL_STOP_GRACE if late else 0.0):
-            _signal_group(process, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
+        if late:
+            for process in late:
+                _signal_group(process, signal.SIGTERM)
+            for process in self._wait_all(self.POOL_STOP_GRACE):
+                _signal_group(process, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=10)
         # Children of a killed main process (pool workers) share its session: sweep it.
         for process in self.processes.values():
             _signal_group(process, signal.SIGKILL)
