@@ -512,10 +512,16 @@ def instance_reads(ctx: AgentContext) -> str:
     return "full_list"
 
 
-def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
+def refresh_view(
+    ctx: AgentContext,
+    *,
+    wait: float = 0.0,
+    seen_not_running: Callable[[list[Instance]], None] | None = None,
+) -> PassState | None:
     """Refresh the flat instance view (view.py) under the snapshot lock, the one every
     refresh takes so that no listing's result is written over a later one's; None when
     another process holds it past `wait` seconds (it is refreshing the same view).
+    `seen_not_running` is given what the refresh's A listed as soon as it is written.
     The lock times out as the sync's own does (sync_lock_timeout, renewed while the refresh
     runs): a worker killed mid-refresh frees the view, and so the loop, as a killed sync would."""
     timeout = ctx.settings.sync_lock_timeout
@@ -526,7 +532,7 @@ def refresh_view(ctx: AgentContext, *, wait: float = 0.0) -> PassState | None:
         with kept_alive(lock, every=timeout / 3):  # a first pass over a big fleet takes minutes
             # The instances the records name: view.refresh asks for those it lacks.
             record_ids = ctx.store.active_instance_ids()
-            return view.refresh(ctx, ctx.settings.sync_interval, record_ids)
+            return view.refresh(ctx, ctx.settings.sync_interval, record_ids, seen_not_running)
     except VastError as error:
         if error.status != 400:
             raise  # unread is not refused: the view keeps what it had, the caller retries
@@ -2096,15 +2102,23 @@ def _still_queued(ctx: AgentContext, task_id: str, step: str, oldest_seq: int | 
     return marked is not None and oldest_seq <= marked
 
 
-def sync(ctx: AgentContext) -> SyncResult:
-    """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue."""
+# Sends (task id, next step) messages at once (the Celery sync task's enqueue).
+SendNow = Callable[[list[tuple[str, Next]]], None]
+
+
+def sync(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResult:
+    """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue.
+
+    `send_now(items)`, when given, sends the watches of ended instances the flat view's A
+    shows as soon as it has listed them (the Celery task passes it); without it they join
+    the result's `enqueue` like every other message."""
     timeout = ctx.settings.sync_lock_timeout
     lock = ctx.store.sync_lock(timeout=timeout)
     if not lock.acquire():
         return SyncResult(ran=False)
     try:
         with kept_alive(lock, every=timeout / 3):
-            return _sync_locked(ctx)
+            return _sync_locked(ctx, send_now)
     finally:
         release(lock)
 
@@ -2188,8 +2202,17 @@ def _grant(ctx: AgentContext, planned: GrantAllowance) -> None:
     )
 
 
-def _sync_locked(ctx: AgentContext) -> SyncResult:
+def _sync_locked(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResult:
     short_id = ctx.agent_short_id()
+    woken_early: list[tuple[str, Next]] = []
+
+    def wake_early(listed: list[Instance]) -> None:
+        woken = _wake_watchers_of_listed(ctx, listed)
+        if send_now is not None:
+            send_now(woken)
+        else:
+            woken_early.extend(woken)
+
     capacity = _capacity(ctx)
     actions = ctx.arkindex.actions(capacity=capacity)
     # Stamped when the listing starts: an instance created while the pages are read may be
@@ -2200,7 +2223,9 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         # The flat view (view.py): a few filtered calls, whatever the fleet's size. A
         # watcher refreshing it meanwhile is waited for (same lock), then refreshed again.
         with contextlib.suppress(ViewRefused):  # then full listings, as configured otherwise
-            state = refresh_view(ctx, wait=ctx.settings.sync_lock_timeout)
+            state = refresh_view(
+                ctx, wait=ctx.settings.sync_lock_timeout, seen_not_running=wake_early
+            )
             if state is None:
                 raise RuntimeError("the instance view's lock stayed held: this sync is skipped")
             listed_at = state.refreshed_at
@@ -2228,6 +2253,7 @@ def _sync_locked(ctx: AgentContext) -> SyncResult:
         spending=_spending(ctx, records) if ctx.settings.budget.rations else None,
     )
     result = SyncResult(ran=True, steps=steps)
+    result.enqueue += woken_early
     result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
     result.enqueue += create_line.wake_the_head(ctx, in_line, records, now)
     oldest_seq = ctx.store.oldest_waiting_seq(STEPS_QUEUE)
@@ -2323,6 +2349,12 @@ def check_ended(ctx: AgentContext) -> list[tuple[str, Next]]:
     finally:
         release(lock)
     logger.info("ended check: listed %d instance(s) not running", len(listed))
+    return _wake_watchers_of_listed(ctx, listed)
+
+
+def _wake_watchers_of_listed(ctx: AgentContext, listed: list[Instance]):
+    """_wake_watchers_of_ended for the instances a call A listed (the ended check's, or a
+    refresh's before its pages): only their tasks' records are read, not the fleet's."""
     records = {}
     for instance in listed:
         if instance.actual_status not in WAKE_STATUSES:

@@ -77,10 +77,15 @@ def _loop_task(name: str):
     )
 
 
+def _send_all(items: list[tuple[str, Next]]) -> None:
+    for task_id, message in items:
+        enqueue(task_id, [message])
+
+
 @_loop_task("ponos.sync")
 def sync(self):
     """The loop (Celery beat): poll Arkindex, list instances once, plan, enqueue."""
-    result = sync_step(get_context())
+    result = sync_step(get_context(), send_now=_send_all)
     if not result.ran:
         logger.info("sync: another sync is running; skipped")
         return

@@ -3,17 +3,7 @@ list calls per sync instead of a full listing (`vast_api.instance_reads: flat`).
 
 Each refresh (single-flight, under the snapshot lock) makes, in this order:
 
-1. K pages of the *full resync*: a cursor walks the account's instances in id order, one v1
-   page (25 ids) per call, `id gt <cursor>`; K is chosen so that a whole pass takes at most
-   `full_resync_interval` (all of it while no pass has ever completed: a fresh view decides
-   nothing on absence until then; the rest of a pass at once when the next refresh would
-   come after its deadline, as when the listing grew since the last pass sized K). A page that covers the ids (cursor, highest] (or every id
-   above the cursor, for the last page) lists every instance there: the view's entries in
-   that range that it does not list are removed, and that is the ONLY way an entry leaves
-   the view on absence; apart from it, only the agent's own destroy (a positive fact:
-   Vast.ai said destroyed or not found) and a listing that shows the id under a label not
-   ours (renamed by a user: no longer ours, as a full listing would say) remove one.
-2. A: `actual_status neq running` and `id gte <lowest>`: every instance whose stored status
+1. A: `actual_status neq running` and `id gte <lowest>`: every instance whose stored status
    is not running (SQL semantics: a null status is not listed), from the lowest id among the
    view's entries, the records' instances and the *create floors* (`a_from`). A vouches for
    the entries and the records' instances (B reads what A did not list); a create floor is
@@ -31,10 +21,23 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    few seconds (seen at the refresh after), or on a host that stopped reporting (seen by the
    full resync, as an offline host is); one call fewer keeps a steady sync at 3 calls for
    1000 instances.
+   A comes first: the sync wakes the watchers of the ended instances it lists at once
+   (steps.refresh_view), before the pass's rate-limited pages and the rest of the sync.
+2. K pages of the *full resync*: a cursor walks the account's instances in id order, one v1
+   page (25 ids) per call, `id gt <cursor>`; K is chosen so that a whole pass takes at most
+   `full_resync_interval` (all of it while no pass has ever completed: a fresh view decides
+   nothing on absence until then; the rest of a pass at once when the next refresh would
+   come after its deadline, as when the listing grew since the last pass sized K). A page that covers the ids (cursor, highest] (or every id
+   above the cursor, for the last page) lists every instance there: the view's entries in
+   that range that it does not list are removed, and that is the ONLY way an entry leaves
+   the view on absence; apart from it, only the agent's own destroy (a positive fact:
+   Vast.ai said destroyed or not found) and a listing that shows the id under a label not
+   ours (renamed by a user: no longer ours, as a full listing would say) remove one.
 3. B: `id in [...]` (IDS_PER_CALL ids a call: a query string has a length limit) for the
    ids that A cannot vouch for: entries of the view not running and not listed by A (a
    loading instance that became running, a null status that became loading, an offline
-   one), and the instances of the agent's records that the view does not hold yet (created
+   one, one that left running or entered the view between A and a page), and the
+   instances of the agent's records that the view does not hold yet (created
    since the last refresh, or still hidden by Vast.ai's read lag). Empty in a steady state:
    no call.
 
@@ -225,8 +228,13 @@ def list_not_running(ctx) -> list[Instance]:
     return keep_listed(store, prefix, entries, listed, at)
 
 
-def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
-    """One refresh (the caller holds the snapshot lock): full-resync pages, A, then B."""
+def refresh(ctx, every: float, record_ids: set[int], seen_not_running=None) -> PassState:
+    """One refresh (the caller holds the snapshot lock): A, full-resync pages, then B.
+
+    A comes first, and `seen_not_running` (if given) is called with what it listed before
+    the pages are read: an instance that ended is acted on without waiting for the pass's
+    rate-limited pages (2 calls, 2.2 s at Vast.ai's list interval, at 1000 instances) nor
+    the rest of the sync, as the ended check acts on its own A."""
     store, vast, prefix = ctx.store, ctx.vast, ctx.label_prefix()
     state = store.load_view_meta()
     started = ctx.now()
@@ -234,12 +242,25 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
 
     top_seen = state.highest_seen
 
-    def keep(instances: list[Instance], at: float) -> None:
+    def keep(instances: list[Instance], at: float) -> list[Instance]:
         nonlocal top_seen
         top_seen = max([top_seen, *(i.id for i in instances)])
-        keep_listed(store, prefix, entries, instances, at)
+        return keep_listed(store, prefix, entries, instances, at)
 
-    budget = state.pages_this_refresh(every, ctx.settings.full_resync_interval, started)
+    settings = ctx.settings
+    keep_for = create_floor_seconds(settings.full_resync_interval, settings.visibility_grace)
+    # A's bound from the entries before the pages: an entry a page brings in below it (an
+    # instance of ours the view lacked) is not vouched for by A, so B reads it (to_check).
+    lowest = a_from(entries, record_ids, store.create_floors(since=started - keep_for))
+    not_running = []
+    if lowest is not None:
+        at = ctx.now()
+        not_running = vast.list_instances(select_filters=not_running_from(lowest))
+        mine = keep(not_running, at)
+        if seen_not_running is not None:
+            seen_not_running(mine)
+
+    budget = state.pages_this_refresh(every, settings.full_resync_interval, started)
     for _ in range(min(budget, 10_000)):
         at = ctx.now()
         listed, highest = vast.list_page_after(state.cursor)
@@ -265,14 +286,6 @@ def refresh(ctx, every: float, record_ids: set[int]) -> PassState:
                 state, cursor=highest, started_at=pass_start, pages_done=state.pages_done + 1
             )
         store.save_view_meta(state)  # each page's evidence is kept even if a later call fails
-    settings = ctx.settings
-    keep_for = create_floor_seconds(settings.full_resync_interval, settings.visibility_grace)
-    lowest = a_from(entries, record_ids, store.create_floors(since=started - keep_for))
-    not_running = []
-    if lowest is not None:
-        at = ctx.now()
-        not_running = vast.list_instances(select_filters=not_running_from(lowest))
-        keep(not_running, at)
     ids = to_check(entries, {i.id for i in not_running}, record_ids)
     for start in range(0, len(ids), IDS_PER_CALL):
         at = ctx.now()

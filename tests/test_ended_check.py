@@ -140,3 +140,28 @@ def test_a_failing_check_decides_nothing_and_says_so(contexts, admin, stack, cap
     midway(ctx)
     assert steps.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
     harness.run(until=lambda: harness.done(task_id), timeout=30)
+
+
+def test_a_sync_wakes_an_ended_instance_before_it_reads_the_pass_pages(contexts, admin, stack):
+    """The refresh's A comes first and its ended instances' watches leave at once: not after
+    the pass's rate-limited pages (2 at 1000 instances, 2.2 s at Vast.ai's list interval)
+    and the rest of the sync, which made the ends a sync saw wait longest."""
+    ctx = contexts(**FLAT)
+    task_id, record, harness = ended_instance(ctx, admin, stack)
+    assert ctx.store.load_view_meta().done_started_at is not None  # pages every refresh now
+
+    def pages() -> int:
+        return admin.stats()["list_shapes"].get("id.gt", 0)
+
+    sent: list[tuple[list, int]] = []
+    before = pages()
+    result = steps.sync(ctx, send_now=lambda items: sent.append((list(items), pages())))
+    assert result.ran
+    assert sent == [([(task_id, Next(StepName.WATCH))], before)]  # sent before any page
+    assert pages() > before  # and the refresh did read its page after
+    # Sent once: not again with the sync's own messages, nor by the next sync.
+    assert (task_id, Next(StepName.WATCH)) not in result.enqueue
+    assert (task_id, Next(StepName.WATCH)) not in steps.sync(ctx).enqueue
+    harness.push(task_id, [Next(StepName.WATCH)])
+    harness.run(until=lambda: harness.done(task_id), timeout=30)
+    assert ctx.store.get(task_id).final_state == "completed"
