@@ -1,4 +1,4 @@
-"""Cost of one `ponos.sync` (steps.sync) at 0, 50, 200 active tasks, for both ways of
+"""Cost of one `ponos.sync` (loop.sync) at 0, 50, 200 active tasks, for both ways of
 reading the instances (`vast_api.instance_reads`: `full_list`, every instance each sync, and
 `flat`, filtered calls plus a spread full resync, measured at its steady state: after one
 sync that made the first whole pass).
@@ -7,7 +7,7 @@ sync that made the first whole pass).
 
 For each level: a fresh private Redis and local stack (scripted instances that run for a
 very long time), N tasks brought to `running` by the agent's own steps run in-process
-(tests/agent_harness.Harness, no Celery), then steps.sync timed directly against the
+(tests/agent_harness.Harness, no Celery), then loop.sync timed directly against the
 context, and its parts separately: Arkindex actions, the instance listing (all pages of 25),
 reading the records, plan(). Twice: with the agent's rate limiter scaled like the
 simulator's clock (what the code itself costs), and with Vast.ai's published intervals
@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 
 from benchmarks.common import fmt, machine, spread, table, write_section
-from ponos_tasks import reconcile, steps
+from ponos_tasks import loop, reconcile, steps
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.simulators.harness import ONE_GPU_MACHINE
 from ponos_tasks.simulators.stack import LocalStack, RedisProcess
@@ -138,11 +138,11 @@ def read_instances(ctx):
 def measure(ctx, stack, reps: int, gap: float) -> dict:
     totals, actions_s, list_s, records_s, plan_s, enqueued, calls = [], [], [], [], [], [], []
     short_id = ctx.agent_short_id()
-    steps.sync(ctx)  # steady state: the flat view's first whole pass is made here
+    loop.sync(ctx)  # steady state: the flat view's first whole pass is made here
     time.sleep(gap)
     for _ in range(reps):
         before = list_calls(stack)
-        elapsed, result = timed(steps.sync, ctx)
+        elapsed, result = timed(loop.sync, ctx)
         if not result.ran:
             continue
         calls.append(list_calls(stack) - before)
@@ -186,7 +186,7 @@ def profile_syncs(ctx, reps: int, gap: float, say) -> None:
     profiler = cProfile.Profile()
     for _ in range(reps):
         profiler.enable()
-        steps.sync(ctx)
+        loop.sync(ctx)
         profiler.disable()
         time.sleep(gap)
     out = io.StringIO()
@@ -280,7 +280,7 @@ def report(results: list[dict]) -> str:
             "are timed separately (actions with capacity 0; list = the reads: a full listing, or "
             "the flat view's refresh). `flat` is timed at its steady state (after one sync that "
             "made the first whole pass; full_resync_interval 300 s, sync_interval 10 s). "
-            "steps.sync called in-process "
+            "loop.sync called in-process "
             f"against a real Redis and the simulators (time_scale {TIME_SCALE:g}).",
         ]
     )

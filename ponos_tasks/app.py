@@ -38,7 +38,7 @@ if _config is not None:
         },
     }
     if _config.vast_api.instance_reads == "flat":
-        # Ended instances seen midway between two syncs (steps.check_ended).
+        # Ended instances seen midway between two syncs (loop.check_ended).
         app.conf.beat_schedule["ponos-check-ended"] = {
             "task": "ponos.check_ended",
             "schedule": _config.sync_interval / 2,

@@ -26,7 +26,7 @@ import click
 import redis
 from arkindex.exceptions import ErrorResponse
 
-from ponos_tasks import bidding, ranking, steps
+from ponos_tasks import bidding, loop, ranking, steps
 from ponos_tasks.agent import AgentContext, stable_public_key
 from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError, TaskGone
 from ponos_tasks.budget import MAX_DPH_TOTAL, NO_OFFER, utc_day
@@ -136,7 +136,7 @@ def _limits(ctx: AgentContext, task_id: str, record: TaskRecord | None, short_id
     snapshot = ctx.store.load_snapshot()
     instances = snapshot.instances if snapshot is not None else ()
     rations = ctx.settings.budget.rations
-    spending = steps._spending(ctx, records) if rations else None
+    spending = loop.current_spending(ctx, records) if rations else None
     planned = plan(
         now=ctx.now(),
         agent_short_id=short_id,

@@ -298,7 +298,7 @@ class TaskRecord:
 SYNC_QUEUE = "sync"
 STEPS_QUEUE = "steps"
 QUEUES = (SYNC_QUEUE, STEPS_QUEUE)
-#: Headers of every chain message (steps.message_headers): the wall-clock time it was sent
+#: Headers of every chain message (loop.message_headers): the wall-clock time it was sent
 #: (for the queue's age), and its place in the order of all chain messages, from one Redis
 #: counter shared by every host (for the sync's hold: no host's clock decides it).
 SENT_AT_HEADER = "ponos_sent_at"

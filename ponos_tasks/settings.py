@@ -74,7 +74,7 @@ class Settings:
         stale = max(6 * watch, 3 * sync, 5.0)
         # A running instance changes only by ending (or going offline, which has a grace of
         # minutes), and the sync and the ended check wake its watcher at its end
-        # (steps._wake_watchers_of_ended): three syncs between two looks then only bound how
+        # (loop._wake_watchers_of_ended): three syncs between two looks then only bound how
         # late an end whose wake was lost is seen, and cut the steps per running task (most
         # of the agent's CPU at N running: BENCHMARKS.md) by six. At most 90 s, as a
         # stalled pull's or an offline host's limits are minutes.

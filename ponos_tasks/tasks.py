@@ -12,11 +12,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from ponos_tasks.agent import get_context
 from ponos_tasks.app import app
+from ponos_tasks.loop import check_ended as check_ended_step
+from ponos_tasks.loop import message_headers
+from ponos_tasks.loop import sync as sync_step
 from ponos_tasks.models import SYNC_QUEUE, Next, StepName
 from ponos_tasks.settings import SYNC_SOFT_TIME_LIMIT, SYNC_TIME_LIMIT
-from ponos_tasks.steps import STEPS, TRANSIENT, Step, message_headers, run_step
-from ponos_tasks.steps import check_ended as check_ended_step
-from ponos_tasks.steps import sync as sync_step
+from ponos_tasks.steps import STEPS, TRANSIENT, Step, run_step
 
 logger = logging.getLogger(__name__)
 

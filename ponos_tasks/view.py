@@ -41,7 +41,7 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    since the last refresh, or still hidden by Vast.ai's read lag). Empty in a steady state:
    no call.
 
-Between two refreshes, the ended check (steps.check_ended, twice a sync interval) makes A
+Between two refreshes, the ended check (loop.check_ended, twice a sync interval) makes A
 alone under the same lock and writes what it lists as a refresh's A would: an instance that
 ends is seen within half a sync interval, not one (the watcher woken at once acts on it). It
 removes nothing and moves no cursor: presence and absence stay the refreshes' business.
@@ -170,7 +170,7 @@ class PassState:
 
 
 def ended_check_due(since_refresh: float, sync_interval: float) -> bool:
-    """Whether the ended check (steps.check_ended) is worth its call `since_refresh` s after
+    """Whether the ended check (loop.check_ended) is worth its call `since_refresh` s after
     the last refresh began: midway between two refreshes, not right after one (its A is that
     fresh) nor right before the next (whose A comes at once); every time once refreshes are
     late (the sync fails or is held up), when it is the only look at ended instances."""
@@ -214,7 +214,7 @@ def keep_listed(store, prefix: str, entries: dict[int, Instance], listed, at: fl
 
 
 def list_not_running(ctx) -> list[Instance]:
-    """A alone, between two refreshes (the ended check, steps.check_ended; the caller holds
+    """A alone, between two refreshes (the ended check, loop.check_ended; the caller holds
     the snapshot lock): what it lists goes into the view as a refresh's A would. Only
     entries of the listed ids are read back (renamed ones leave): a fleet's worth of entries
     is not read for the few instances that are not running."""

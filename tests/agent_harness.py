@@ -2,7 +2,7 @@
 
     ctx = make_context(stack, redis_url)           # unique Redis prefix and agent name
     harness = Harness(ctx)
-    harness.sync()                                  # steps.sync + queue what it enqueues
+    harness.sync()                                  # loop.sync + queue what it enqueues
     harness.run(until=lambda: harness.done(task_id))
 
 `Harness.run` executes queued `Next` steps in due order, like Celery would with countdowns,
@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ponos_tasks import steps
+from ponos_tasks import loop, steps
 from ponos_tasks.agent import AgentContext
 from ponos_tasks.config import AgentConfig
 from ponos_tasks.lifecycle import Phase
@@ -100,7 +100,7 @@ class Harness:
         self.queue: list[_Queued] = []
         self.trace: list[tuple[str, str]] = []  # (step, task id) in the order they ran
         self.retries: dict[tuple[str, str], int] = {}  # (task id, step) -> transient failures
-        self.syncs: list[steps.SyncResult] = []
+        self.syncs: list[loop.SyncResult] = []
         self._seq = itertools.count()
 
     # ------------------------------------------------------------------ queueing
@@ -111,8 +111,8 @@ class Harness:
             due = time.monotonic() + min(item.countdown, self.max_sleep)
             heapq.heappush(self.queue, _Queued(due, next(self._seq), task_id, item))
 
-    def sync(self) -> steps.SyncResult:
-        result = steps.sync(self.ctx)
+    def sync(self) -> loop.SyncResult:
+        result = loop.sync(self.ctx)
         self.syncs.append(result)
         for task_id, message in result.enqueue:
             self.push(task_id, [message])
@@ -220,7 +220,7 @@ def run_sync(
     sync_every: float | None = None,
     max_sleep: float = 0.05,
 ) -> Harness:
-    """steps.sync once, then run what it enqueued (and what those steps enqueue)."""
+    """loop.sync once, then run what it enqueued (and what those steps enqueue)."""
     harness = Harness(ctx, max_sleep=max_sleep)
     harness.sync()
     harness.run(until=until, timeout=timeout, sync_every=sync_every)

@@ -1,5 +1,5 @@
 """A backlogged steps queue does not feed itself: the sync does not send a stalled chain's
-step again while the task's last message still waits in the queue (steps.HELD_WHILE_QUEUED).
+step again while the task's last message still waits in the queue (loop.HELD_WHILE_QUEUED).
 
 Against the simulators, a private redis-server (the Celery queue is a plain list named
 `steps`: a shared Redis may have a real agent's) and real Celery messages sent by a producer
@@ -12,7 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
-from ponos_tasks import steps
+from ponos_tasks import loop, steps
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import SENT_AT_HEADER, SEQ_HEADER, STEPS_QUEUE, Next, StepName
 from ponos_tasks.simulators.stack import RedisProcess
@@ -43,13 +43,13 @@ def send(app: Celery, ctx, task_id: str, item: Next) -> None:
         kwargs=item.kwargs,
         countdown=item.countdown or None,
         queue=STEPS_QUEUE,
-        headers=steps.message_headers(ctx, task_id, item.step),
+        headers=loop.message_headers(ctx, task_id, item.step),
     )
 
 
 def send_other(app: Celery, ctx, task_id: str, sent_at: float) -> None:
     """Another task's chain message, stamped `sent_at` by the clock of the host sending it."""
-    headers = steps.message_headers(ctx, task_id, StepName.WATCH)
+    headers = loop.message_headers(ctx, task_id, StepName.WATCH)
     app.send_task(
         steps.STEPS[StepName.WATCH].task_name,
         args=(task_id,),
@@ -97,7 +97,7 @@ def test_a_chain_waiting_its_turn_in_the_queue_is_not_sent_again(
         assert oldest == ctx.store.queued_seq(task_id, StepName.CHOOSE_OFFER)
 
         time.sleep(ctx.settings.heartbeat_stale + 0.5)  # the chain now looks stalled
-        held = steps.sync(ctx)
+        held = loop.sync(ctx)
         assert held.held == [task_id]
         assert [m for t, m in held.enqueue if t == task_id] == []
         assert queue.llen(STEPS_QUEUE) == 1
@@ -105,7 +105,7 @@ def test_a_chain_waiting_its_turn_in_the_queue_is_not_sent_again(
         # A worker takes the message (and dies with it): the queue has moved past it, the
         # stall is real, and the next sync resumes the chain.
         assert queue.rpop(STEPS_QUEUE) is not None
-        resumed = steps.sync(ctx)
+        resumed = loop.sync(ctx)
         assert resumed.held == []
         assert [m.step for t, m in resumed.enqueue if t == task_id] == [StepName.CHOOSE_OFFER]
     finally:
@@ -118,8 +118,8 @@ def test_every_message_is_numbered_and_marks_its_task_and_step(stack, private): 
     send time and a number from one counter; the number is the mark of (task, step)."""
     ctx = make_context(stack, private.url)
     try:
-        first = steps.message_headers(ctx, "t", StepName.WATCH)
-        second = steps.message_headers(ctx, "t", StepName.PUBLISH_LOGS)
+        first = loop.message_headers(ctx, "t", StepName.WATCH)
+        second = loop.message_headers(ctx, "t", StepName.PUBLISH_LOGS)
         assert isinstance(first[SENT_AT_HEADER], float)
         assert second[SEQ_HEADER] == first[SEQ_HEADER] + 1
         assert ctx.store.queued_seq("t", StepName.WATCH) == first[SEQ_HEADER]
@@ -153,7 +153,7 @@ def test_a_lost_chain_is_resumed_although_a_lagging_host_keeps_the_queue_busy(lo
     queue, yet the lost chain was held for as long as that host kept the queue busy."""
     ctx, app, _, task_id = lost_chain
     send_other(app, ctx, "other", time.time() - 600.0)  # sent now, by a lagging clock
-    result = steps.sync(ctx)
+    result = loop.sync(ctx)
     assert result.held == []
     assert resumed(result, task_id, StepName.CHOOSE_OFFER)
 
@@ -168,7 +168,7 @@ def test_a_lost_chain_is_not_held_by_the_tasks_other_messages(lost_chain):
     # The sync's destroy of a duplicate, sent after the chain's message was lost, still
     # waits in the backlog.
     send(app, ctx, task_id, Next(StepName.DESTROY_UNWANTED, kwargs={"instance_id": 1}))
-    result = steps.sync(ctx)
+    result = loop.sync(ctx)
     assert result.held == []
     assert resumed(result, task_id, StepName.CHOOSE_OFFER)
     assert queue.llen(STEPS_QUEUE) == 1  # the destroy still waits: it was not taken
@@ -180,7 +180,7 @@ def test_marks_do_not_collide_with_an_older_agents_string_mark(stack, private): 
     ctx = make_context(stack, private.url)
     try:
         ctx.redis.set(f"{ctx.keys.prefix}queued:t", "1796578334.2")
-        headers = steps.message_headers(ctx, "t", StepName.WATCH)
+        headers = loop.message_headers(ctx, "t", StepName.WATCH)
         assert ctx.store.queued_seq("t", StepName.WATCH) == headers[SEQ_HEADER]
     finally:
         wipe(ctx)

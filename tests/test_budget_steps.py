@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ponos_tasks import steps
+from ponos_tasks import loop
 from ponos_tasks.budget import MAX_SPEND_PER_DAY, headroom, spend_today, utc_day
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.simulators.stack import LocalStack
@@ -71,7 +71,7 @@ def test_a_loss_of_redis_rebuilds_the_day_and_holds_new_work(ctx, admin):
     # A second task is taken from Arkindex (the day can afford it), but the message that
     # would start its chain is lost with Redis, which loses everything now.
     second = admin.one_task(slug="second", env=FOREVER)
-    steps.sync(ctx)
+    loop.sync(ctx)
     assert admin.task(second)["agent_id"] is not None and ctx.store.get(second) is not None
     wipe(ctx)
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from ponos_tasks import create_line, overview, reconcile, steps
+from ponos_tasks import create_line, loop, overview, reconcile, steps
 from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Next, StepName, TaskRecord
@@ -186,7 +186,7 @@ def accepted(ctx, admin, n: int) -> list[str]:
 def stop(ctx, admin, task_id: str) -> list:
     """Arkindex stops the task; the sync plans the stop and the stop step runs."""
     admin.stop_task(task_id)
-    result = steps.sync(ctx)
+    result = loop.sync(ctx)
     [message] = [m for t, m in result.enqueue if t == task_id and m.step == StepName.STOP_TASK]
     return steps.run_step(ctx, task_id, StepName.STOP_TASK, **message.kwargs)
 
@@ -253,7 +253,7 @@ def test_tasks_stopped_in_the_line_leave_no_hole_and_end_at_once(stack, ctx):
     # The next sync drops the stopped ones from the line (each sync of `stop` dropped the
     # tasks stopped before it, and fill_line's claimants, which have no record).
     assert len(ctx.limiter.line("create")) == 1
-    steps.sync(ctx)
+    loop.sync(ctx)
     assert ctx.limiter.line("create") == {}
 
     follow = steps.run_step(ctx, newcomer, StepName.CREATE_INSTANCE)
@@ -394,7 +394,7 @@ def test_the_sync_keeps_a_claimant_that_came_back_while_it_read(stack, ctx, monk
         return records
 
     monkeypatch.setattr(ctx.store, "all_records", racing)
-    steps.sync(ctx)
+    loop.sync(ctx)
     assert claimant in ctx.limiter.line("create"), "the sync dropped a live claimant"
     stop(ctx, admin, task_id)
     harness = Harness(ctx)
@@ -561,11 +561,11 @@ def test_the_sync_wakes_the_claimants_left_asleep_past_their_turn(stack, ctx):
     for task_id in ids:
         [again] = steps.run_step(ctx, task_id, StepName.CREATE_INSTANCE)
         assert again.step == StepName.CREATE_INSTANCE and again.countdown > 8.0
-    result = steps.sync(ctx)
+    result = loop.sync(ctx)
     woken = [(t, m.step) for t, m in result.enqueue if m.step == StepName.CREATE_INSTANCE]
     assert woken == [(t, StepName.CREATE_INSTANCE) for t in ids]
     assert list(ctx.limiter.line("create")) == [create_line.line_claimant(t, 1) for t in ids]
-    again = steps.sync(ctx)  # once per promised look
+    again = loop.sync(ctx)  # once per promised look
     assert not [m for _, m in again.enqueue if m.step == StepName.CREATE_INSTANCE]
     started = time.monotonic()
     harness = Harness(ctx)

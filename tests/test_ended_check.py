@@ -1,4 +1,4 @@
-"""The ended check (steps.check_ended, flat view): between two syncs, one filtered list call
+"""The ended check (loop.check_ended, flat view): between two syncs, one filtered list call
 (view.py's A) shows the instances that are not running, and the watcher of each ended one is
 woken at once, so that an end waits about half a sync interval for a look, not a whole one.
 It decides nothing, moves no cursor and removes no entry; it keeps out of a refresh's way.
@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from ponos_tasks import steps, view
+from ponos_tasks import loop, steps, view
 from ponos_tasks.models import Next, StepName
 
 # The fixtures of test_flat_view (its own stack, with a market); ruff: F401/F811 ignored.
@@ -75,7 +75,7 @@ def test_an_end_between_two_syncs_wakes_its_watcher_with_one_call(contexts, admi
     meta = ctx.store.load_view_meta()
     midway(ctx)
     before = list_calls(admin)
-    woken = steps.check_ended(ctx)
+    woken = loop.check_ended(ctx)
     assert list_calls(admin) - before == 1
     assert woken == [(task_id, Next(StepName.WATCH))]
     assert ctx.store.view_entry(record.instance_id).actual_status in ("exited", "stopped")
@@ -84,8 +84,8 @@ def test_an_end_between_two_syncs_wakes_its_watcher_with_one_call(contexts, admi
     assert (after.cursor, after.done_started_at) == (meta.cursor, meta.done_started_at)
     # Once per attempt: neither the next check nor the next sync wakes it again.
     midway(ctx)
-    assert steps.check_ended(ctx) == []
-    assert (task_id, Next(StepName.WATCH)) not in steps.sync(ctx).enqueue
+    assert loop.check_ended(ctx) == []
+    assert (task_id, Next(StepName.WATCH)) not in loop.sync(ctx).enqueue
     # The woken watch acts on the entry the check wrote: it asks for the log at the end.
     harness.queue.clear()
     harness.push(task_id, watch_once(ctx, task_id))
@@ -100,18 +100,18 @@ def test_the_check_keeps_out_of_a_refresh_and_of_the_syncs_own_look(contexts, ad
     before = list_calls(admin)
     # Right after a refresh: its A is that fresh.
     ctx.store.save_view_meta(replace(ctx.store.load_view_meta(), refreshed_at=ctx.now()))
-    assert steps.check_ended(ctx) == []
+    assert loop.check_ended(ctx) == []
     # A refresh in progress holds the snapshot lock: its A is this check.
     midway(ctx)
     lock = ctx.store.snapshot_lock(timeout=30)
     assert lock.acquire()
     try:
-        assert steps.check_ended(ctx) == []
+        assert loop.check_ended(ctx) == []
     finally:
         lock.release()
     assert list_calls(admin) == before
     # The watch stays to be woken by whoever looks next.
-    assert (task_id, Next(StepName.WATCH)) in steps.sync(ctx).enqueue
+    assert (task_id, Next(StepName.WATCH)) in loop.sync(ctx).enqueue
     harness.run(until=lambda: harness.done(task_id), timeout=30)
 
 
@@ -120,7 +120,7 @@ def test_full_listings_make_no_check(contexts, admin, stack):
     task_id, _record, harness = ended_instance(ctx, admin, stack)
     midway(ctx)
     before = list_calls(admin)
-    assert steps.check_ended(ctx) == []
+    assert loop.check_ended(ctx) == []
     assert list_calls(admin) == before
     harness.sync()
     harness.run(until=lambda: harness.done(task_id), timeout=30)
@@ -132,13 +132,13 @@ def test_a_failing_check_decides_nothing_and_says_so(contexts, admin, stack, cap
     midway(ctx)
     admin.faults({"fault": "http_5xx", "endpoint": "list", "status": 503, "times": 40})
     with caplog.at_level("WARNING", logger="ponos_tasks.steps"):
-        assert steps.check_ended(ctx) == []
+        assert loop.check_ended(ctx) == []
     admin.clear_faults()
     assert "could not list instances not running" in caplog.text
     assert ctx.store.view_entry(record.instance_id).actual_status == "running"  # kept
     assert not ctx.store.claimed(f"ended:{task_id}:{record.attempt}")  # nobody woken
     midway(ctx)
-    assert steps.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
+    assert loop.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
     harness.run(until=lambda: harness.done(task_id), timeout=30)
 
 
@@ -155,13 +155,13 @@ def test_a_sync_wakes_an_ended_instance_before_it_reads_the_pass_pages(contexts,
 
     sent: list[tuple[list, int]] = []
     before = pages()
-    result = steps.sync(ctx, send_now=lambda items: sent.append((list(items), pages())))
+    result = loop.sync(ctx, send_now=lambda items: sent.append((list(items), pages())))
     assert result.ran
     assert sent == [([(task_id, Next(StepName.WATCH))], before)]  # sent before any page
     assert pages() > before  # and the refresh did read its page after
     # Sent once: not again with the sync's own messages, nor by the next sync.
     assert (task_id, Next(StepName.WATCH)) not in result.enqueue
-    assert (task_id, Next(StepName.WATCH)) not in steps.sync(ctx).enqueue
+    assert (task_id, Next(StepName.WATCH)) not in loop.sync(ctx).enqueue
     harness.push(task_id, [Next(StepName.WATCH)])
     harness.run(until=lambda: harness.done(task_id), timeout=30)
     assert ctx.store.get(task_id).final_state == "completed"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ponos_tasks import steps
+from ponos_tasks import loop, steps
 from ponos_tasks.lifecycle import Phase, parse_label
 from ponos_tasks.models import Next, StepName
 from ponos_tasks.state import kept_alive
@@ -250,7 +250,7 @@ def test_a_snapshot_is_stamped_when_its_listing_starts(contexts, admin):
     ctx.agent_short_id()
     admin.faults({"fault": "slow", "endpoint": "list", "delay": 1.5, "times": 1})
     before = ctx.now()
-    assert steps.sync(ctx).ran
+    assert loop.sync(ctx).ran
     snapshot = ctx.store.load_snapshot()
     assert snapshot.taken_at - before < 1.0  # before the slow listing, not after it
 

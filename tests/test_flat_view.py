@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import requests
 
-from ponos_tasks import steps, view
+from ponos_tasks import loop, steps, view
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Instance, Next, StepName
 from ponos_tasks.simulators.harness import ONE_GPU_MACHINE
@@ -77,11 +77,11 @@ def list_calls(admin) -> int:
 
 def steady_list_calls(ctx, admin, syncs: int = 4) -> list[int]:
     """List calls of each of `syncs` syncs, after one that completes the first full pass."""
-    assert steps.sync(ctx).ran
+    assert loop.sync(ctx).ran
     counts = []
     for _ in range(syncs):
         before = list_calls(admin)
-        assert steps.sync(ctx).ran
+        assert loop.sync(ctx).ran
         counts.append(list_calls(admin) - before)
     return counts
 
@@ -289,7 +289,7 @@ def test_an_exited_instance_is_seen_at_the_next_sync_and_acted_on(contexts, admi
         assert time.monotonic() < deadline
         time.sleep(0.05)
     before = list_calls(admin)
-    result = steps.sync(ctx)
+    result = loop.sync(ctx)
     assert list_calls(admin) - before <= 3
     # The sync wakes the watcher at once (it may be half a sync away).
     assert (task_id, Next(StepName.WATCH)) in result.enqueue
@@ -342,7 +342,7 @@ def test_a_new_instance_hidden_by_the_read_lag_is_not_gone(contexts, admin):
     admin.clear_faults()
     record = ctx.store.get(task_id)
     for _ in range(3):
-        steps.sync(ctx)  # full passes that cover its id while it is hidden
+        loop.sync(ctx)  # full passes that cover its id while it is hidden
         instance, taken_at = steps.view_for_watch(ctx, record)
         assert instance is None and taken_at < record.instance_created_at
         watch_once(ctx, task_id)
@@ -365,7 +365,7 @@ def test_filters_refused_mid_run_fall_back_to_full_listings(contexts, admin, sta
     stack.vast.state.select_filters = False
     try:
         with caplog.at_level("ERROR", logger="ponos_tasks.steps"):
-            assert steps.sync(ctx).ran  # before: the refused call stalled every sync
+            assert loop.sync(ctx).ran  # before: the refused call stalled every sync
         assert "refused a filtered instance listing" in caplog.text
         assert steps.instance_reads(ctx) == "full_list"
         assert ctx.store.load_snapshot().find(ctx.store.get(task_id).instance_id) is not None
@@ -376,5 +376,5 @@ def test_filters_refused_mid_run_fall_back_to_full_listings(contexts, admin, sta
     ctx.redis.delete(ctx.keys.view_refused)  # the fallback's time is up
     assert steps.instance_reads(ctx) == "flat"
     refreshed = ctx.store.load_view_meta().refreshed_at
-    assert steps.sync(ctx).ran
+    assert loop.sync(ctx).ran
     assert ctx.store.load_view_meta().refreshed_at > refreshed

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from ponos_tasks import steps
+from ponos_tasks import loop, steps
 from ponos_tasks.config import AgentConfig
 from ponos_tasks.models import Instance, Next, StepName
 from ponos_tasks.settings import Settings
@@ -92,7 +92,7 @@ def test_an_instance_running_again_after_an_end_is_woken_at_its_next_end(context
     ctx = contexts(**FLAT)
     task_id, record, harness = ended_instance(ctx, admin, stack)
     midway(ctx)
-    assert steps.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
+    assert loop.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
     assert ctx.store.claimed(ended_wake(task_id, record.attempt))
     # Running again before the woken watch looked: its entry says so.
     entry = ctx.store.view_entry(record.instance_id)
@@ -106,7 +106,7 @@ def test_an_instance_running_again_after_an_end_is_woken_at_its_next_end(context
     assert not ctx.store.claimed(ended_wake(task_id, record.attempt))
     # Its next end (the instance has really ended) wakes the watch again.
     midway(ctx)
-    assert steps.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
+    assert loop.check_ended(ctx) == [(task_id, Next(StepName.WATCH))]
     harness.push(task_id, watch_once(ctx, task_id))
     harness.run(until=lambda: harness.done(task_id), timeout=30)
     assert ctx.store.get(task_id).final_state == "completed"
@@ -147,11 +147,11 @@ def test_a_host_gone_offline_wakes_the_watch_of_a_running_instance(contexts, adm
         for _ in range(40):  # flat: the full listing's pass reaches it within a few syncs
             # A fresh heartbeat: no stalled-chain resume stands in for the wake.
             ctx.store.heartbeat(task_id, expect_attempt=record.attempt)
-            if (task_id, Next(StepName.WATCH)) in steps.sync(ctx).enqueue:
+            if (task_id, Next(StepName.WATCH)) in loop.sync(ctx).enqueue:
                 woken = True
                 break
         assert woken, "no sync woke the watch of an instance gone offline"
-        assert (task_id, Next(StepName.WATCH)) not in steps.sync(ctx).enqueue  # once
+        assert (task_id, Next(StepName.WATCH)) not in loop.sync(ctx).enqueue  # once
         harness.queue.clear()
         harness.push(task_id, steps.run_step(ctx, task_id, StepName.WATCH))
         assert ctx.store.get(task_id).offline_since is not None
