@@ -101,8 +101,8 @@ def sync(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResult:
     """One tick of the loop (single-flight): actions, snapshot, plan(), what to enqueue.
 
     `send_now(items)`, when given, sends the watches of ended instances the flat view's A
-    shows as soon as it has listed them (the Celery task passes it); without it they join
-    the result's `enqueue` like every other message."""
+    shows as soon as it has listed them (the Celery task passes it); without it they are
+    woken with the result's `enqueue`, after every listing call succeeded, as before."""
     timeout = ctx.settings.sync_lock_timeout
     lock = ctx.store.sync_lock(timeout=timeout)
     if not lock.acquire():
@@ -195,14 +195,9 @@ def _grant(ctx: AgentContext, planned: GrantAllowance) -> None:
 
 def _sync_locked(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResult:
     short_id = ctx.agent_short_id()
-    woken_early: list[tuple[str, Next]] = []
 
     def wake_early(listed: list[Instance]) -> None:
-        woken = _wake_watchers_of_listed(ctx, listed)
-        if send_now is not None:
-            send_now(woken)
-        else:
-            woken_early.extend(woken)
+        send_now(_wake_watchers_of_listed(ctx, listed))
 
     capacity = _capacity(ctx)
     actions = ctx.arkindex.actions(capacity=capacity)
@@ -214,8 +209,12 @@ def _sync_locked(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResu
         # The flat view (view.py): a few filtered calls, whatever the fleet's size. A
         # watcher refreshing it meanwhile is waited for (same lock), then refreshed again.
         with contextlib.suppress(ViewRefused):  # then full listings, as configured otherwise
+            # The early wake only with a sender: its `once` keys are claimed when it runs,
+            # and a wake kept for the result would be lost if a later call raised.
             state = refresh_view(
-                ctx, wait=ctx.settings.sync_lock_timeout, seen_not_running=wake_early
+                ctx,
+                wait=ctx.settings.sync_lock_timeout,
+                seen_not_running=wake_early if send_now is not None else None,
             )
             if state is None:
                 raise RuntimeError("the instance view's lock stayed held: this sync is skipped")
@@ -244,7 +243,6 @@ def _sync_locked(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResu
         spending=current_spending(ctx, records) if ctx.settings.budget.rations else None,
     )
     result = SyncResult(ran=True, steps=steps)
-    result.enqueue += woken_early
     result.enqueue += _wake_watchers_of_ended(ctx, records, instances)
     result.enqueue += create_line.wake_the_head(ctx, in_line, records, now)
     oldest_seq = ctx.store.oldest_waiting_seq(STEPS_QUEUE)

@@ -36,8 +36,8 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
 3. B: `id in [...]` (IDS_PER_CALL ids a call: a query string has a length limit) for the
    ids that A cannot vouch for: entries of the view not running and not listed by A (a
    loading instance that became running, a null status that became loading, an offline
-   one, one that left running or entered the view between A and a page), and the
-   instances of the agent's records that the view does not hold yet (created
+   one, one a page listed after A as not running: it left running in between, or
+   entered the view then), and the instances of the agent's records that the view does not hold yet (created
    since the last refresh, or still hidden by Vast.ai's read lag). Empty in a steady state:
    no call.
 
@@ -123,7 +123,7 @@ class PassState:
     pages_done: int = 0  # pages of the pass in progress
     last_pass_pages: int | None = None  # pages of the last complete pass
     refreshed_at: float = 0.0  # when the last refresh began (agent clock)
-    a_from: int | None = None  # the last refresh's lower bound of A (None: no A)
+    a_from: int | None = None  # the ended check's lower bound of A (None: no A)
     highest_seen: int = 0  # the highest id a refresh's listings showed (a create floor)
 
     def covered_at(self, instance_id: int) -> float | None:
@@ -291,6 +291,8 @@ def refresh(ctx, every: float, record_ids: set[int], seen_not_running=None) -> P
         at = ctx.now()
         chunk = ids[start : start + IDS_PER_CALL]
         keep(vast.list_instances(select_filters={"id": {"in": chunk}}), at)
-    state = replace(state, refreshed_at=started, a_from=lowest, highest_seen=top_seen)
+    # The ended check's bound: this refresh's entries now, those the pages brought in too.
+    check_from = a_from(entries, record_ids, store.create_floors(since=started - keep_for))
+    state = replace(state, refreshed_at=started, a_from=check_from, highest_seen=top_seen)
     store.save_view_meta(state)
     return state

@@ -12,6 +12,7 @@ import pytest
 
 from ponos_tasks import loop, steps, view
 from ponos_tasks.models import Next, StepName
+from ponos_tasks.vast import VastError
 
 # The fixtures of test_flat_view (its own stack, with a market); ruff: F401/F811 ignored.
 from tests.test_flat_view import (
@@ -162,6 +163,29 @@ def test_a_sync_wakes_an_ended_instance_before_it_reads_the_pass_pages(contexts,
     # Sent once: not again with the sync's own messages, nor by the next sync.
     assert (task_id, Next(StepName.WATCH)) not in result.enqueue
     assert (task_id, Next(StepName.WATCH)) not in loop.sync(ctx).enqueue
+    harness.push(task_id, [Next(StepName.WATCH)])
+    harness.run(until=lambda: harness.done(task_id), timeout=30)
+    assert ctx.store.get(task_id).final_state == "completed"
+
+
+def test_a_page_failing_after_the_early_wake_loses_no_wake(contexts, admin, stack):
+    """The wake sent right after A stays sent when a page then fails (Vast.ai answers 503):
+    the sync raises, as any unread listing makes it, and the woken watch acts on A's entry."""
+    ctx = contexts(**FLAT)
+    task_id, record, harness = ended_instance(ctx, admin, stack)
+    sent = []
+
+    def send_then_fail(items):
+        sent.extend(items)
+        admin.faults({"fault": "http_5xx", "endpoint": "list", "status": 503, "times": 40})
+
+    try:
+        with pytest.raises(VastError):
+            loop.sync(ctx, send_now=send_then_fail)
+    finally:
+        admin.clear_faults()
+    assert sent == [(task_id, Next(StepName.WATCH))]
+    assert ctx.store.view_entry(record.instance_id).actual_status in ("exited", "stopped")
     harness.push(task_id, [Next(StepName.WATCH)])
     harness.run(until=lambda: harness.done(task_id), timeout=30)
     assert ctx.store.get(task_id).final_state == "completed"
