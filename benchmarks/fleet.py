@@ -3,9 +3,10 @@
     .venv/bin/python -m benchmarks.fleet --n 10 --n 100 --n 1000
     .venv/bin/python -m benchmarks.fleet --quick --json     # N = 10, one JSON document
 
-Three strategies side by side, each measured over a steady-state window with N live
-instances (scripted, running for ever) while a few short tasks end and a few instances are
-destroyed behind the agent's back:
+Three strategies side by side on one fleet: N live instances (scripted, running for ever)
+brought up once by the flat agent, then each strategy measured in turn over a steady-state
+window while a few short tasks end and a few instances are destroyed behind the agent's
+back (the agent restarted with the next strategy's config between two turns):
 
 - `full_list`: the agent as configured by default (every sync lists every instance of the
   agent, all pages of `GET /api/v1/instances/`);
@@ -13,8 +14,14 @@ destroyed behind the agent's back:
   agent's config does not know that key);
 - `per_instance`: not an agent mode. dstack's way, emulated here faithfully: one
   `GET /api/v0/instances/ID/` per live instance every 7 s, no shared limiter (dstack has
-  none), a 429 is a skipped observation. It runs in a second window of the `full_list`
-  run (the agent keeps the fleet alive; its own calls are not counted for the poller).
+  none), a 429 is a skipped observation. It runs in a window after the `full_list`
+  agent's (the agent keeps the fleet alive; its own calls are not counted for the poller).
+
+One bring-up, not one per strategy: at N = 1000 it is most of the run (the create bound
+alone is 4500 sim s), and the full-listing agent is slower at it: each of its syncs lists
+every page, the list endpoint saturates as N grows, and the creates' label lookups wait
+behind the pages (621 of 1000 up after 1176 real s at time_scale 3, 0.45 a second and
+slowing, when the flat agent brings 1000 up in about 1650 s).
 
 Clock: the Vast.ai simulator runs `time_scale` simulated seconds per real second, and so
 do Vast.ai's rate limits and the agent's limiter (rate_limit_scale = 1/time_scale). The
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,6 +50,7 @@ from benchmarks.common import (
     TERMINAL,
     AgentRun,
     BenchFailed,
+    Sampler,
     ended_checks,
     fmt,
     machine,
@@ -55,6 +65,7 @@ from ponos_tasks.simulators.harness import ONE_GPU_MACHINE
 from ponos_tasks.state import Keyspace
 
 STRATEGIES = ("per_instance", "full_list", "flat")
+TAGS = {"flat": "a", "full_list": "b", "per_instance": "c"}  # the window's short tasks' slugs
 SYNC_INTERVAL = 10.0  # sim s: the config default of sync_interval
 LOGS_INTERVAL = 60.0  # sim s: the config default of logs_interval
 FULL_RESYNC_INTERVAL = 300.0  # sim s: the config default of vast_api.full_resync_interval
@@ -220,6 +231,7 @@ class FleetRun(AgentRun):
         # unlisted new instance for gone (Vast.ai's reads lag a create): the instances
         # destroyed behind its back are older than that (vanish_oldest).
         self.visibility_grace = min(60.0, self.loading_deadline)
+        self.redis_base = 0  # Redis used_memory before the fleet (set by run_fleet)
 
     def config(self) -> dict:
         config = super().config()
@@ -237,6 +249,17 @@ class FleetRun(AgentRun):
             else:
                 config[key] = value
         return config
+
+    def switch_agent(self, overrides: dict) -> None:
+        """Stop the agent (warm) and start it with other config overrides on the same Redis,
+        stack and fleet; the sampler follows the new processes (peaks start afresh)."""
+        old = self.agents.pop()
+        old.stop()
+        self.sampler.stop()
+        self.overrides = overrides
+        agent = self.start_agent(config=self.config(), concurrency=self.concurrency)
+        self.sampler = Sampler({name: p.pid for name, p in agent.processes.items()}, self.redis_url)
+        self.sampler.start()
 
 
 def sim_instances(run: AgentRun) -> list[dict]:
@@ -544,96 +567,127 @@ def _round(value):
     return None if value is None else round(value, 1)
 
 
-def run_strategy(
+def measure(run: FleetRun, n: int, strategy: str, *, window_sim, ends, vanish, say) -> dict:
+    """One agent strategy's window on the fleet that runs: settle, disturb, figures."""
+    wait_sim(run, 2 * SYNC_INTERVAL)  # settle: every watcher reads a steady state
+    redis_used = int(run.sampler.redis.info("memory")["used_memory"])
+    redis_families = redis_memory_by_family(run.sampler.redis)
+    window = Window(run)
+    plan = disturb(run, ends, vanish, TAGS[strategy], window_sim, say)
+    figures = window.close()
+    settle(run, plan, 3 * window_sim)
+    lat = latencies(run, window.sim0, plan, None)
+    result = summarize(
+        n,
+        figures,
+        lat,
+        calls=figures["calls"],
+        limited=figures["limited"],
+        sync_interval=SYNC_INTERVAL,
+        # The agent's watch interval: half a sync, at least 0.5 real s (ponos_tasks
+        # settings), so at least 0.5 x time_scale sim s here.
+        watch_interval=max(SYNC_INTERVAL / 2, 0.5 * run.time_scale),
+    )
+    peaks = run.sampler.peak_rss_kb
+    result.update(
+        {
+            "time_scale": run.time_scale,
+            "cpu_s_per_task_per_sim_hour": round(
+                figures["cpu_s"] / n / (figures["sim_minutes"] / 60.0), 3
+            ),
+            "cpu_s_window": round(figures["cpu_s"], 1),
+            "peak_rss_kib_per_task": round(sum(peaks.values()) / n, 1),
+            "peak_rss_mib": {k: round(v / 1024, 1) for k, v in peaks.items()},
+            "redis_bytes_per_task": round((redis_used - run.redis_base) / n),
+            "peak_queue_messages": dict(run.sampler.peak_queue),
+            "redis_bytes_by_family": redis_families,
+        }
+    )
+    return result
+
+
+def measure_poller(run: FleetRun, n: int, *, window_sim, ends, vanish, max_rps, say) -> dict:
+    """The dstack poller's window on the same fleet (the agent keeps it alive)."""
+    window = Window(run)
+    poller = DstackPoller(run, run.stack.vast.state.api_key, max_rps)
+    poller.start()
+    plan = disturb(run, ends, vanish, TAGS["per_instance"], window_sim, say)
+    figures = window.close()
+    settle(run, plan, 3 * window_sim, poller)
+    poller.stop()
+    lat = latencies(run, window.sim0, plan, poller)
+    minutes = figures["sim_minutes"]
+    result = summarize(
+        n,
+        {**figures, "syncs": []},
+        lat,
+        calls={"show": poller.calls},
+        limited={"show": poller.limited},
+        sync_interval=DSTACK_POLL,
+    )
+    result.update(
+        {
+            "time_scale": run.time_scale,
+            "target_calls_per_min": round(poller.target / minutes, 1),
+            "kept_up": poller.calls >= 0.9 * poller.target,
+            "sync_at_real_limits_s": None,
+        }
+    )
+    return result
+
+
+def run_fleet(
     n: int,
-    strategy: str,
+    agent_strategies: list[str],
     *,
+    poll: bool,
     time_scale: float,
     window_sim: float,
     ends: int,
     vanish: int,
-    poll: bool,
     max_rps: float,
     timeout: float,
     say,
 ) -> dict[str, dict]:
-    """One agent run (full_list or flat) at N live; with `poll`, a second window measures
-    the dstack poller on the same fleet. Returns {strategy: figures}."""
+    """One fleet of N, brought up once by the first strategy's agent, then measured by each
+    agent strategy in turn (the agent restarted with the next one's config, as a deploy
+    restarts it) and, with `poll`, by the dstack poller during the full_list agent's turn.
+    One bring-up instead of one per strategy: at N = 1000 it is most of the run (the
+    create bound, 4500 sim s), and the full listing alone cannot finish it (its list calls
+    grow with N until the list endpoint is saturated)."""
     out: dict[str, dict] = {}
+    first = agent_strategies[0]
     with FleetRun(
-        agent_overrides(strategy),
+        agent_overrides(first),
         time_scale=time_scale,
-        max_instances=n + 2 * ends + 5,
+        max_instances=n + 2 * ends * (len(agent_strategies) + poll) + 5,
         sync_interval=SYNC_INTERVAL / time_scale,
         logs_interval=LOGS_INTERVAL / time_scale,
     ) as run:
         time.sleep(3)  # the worker registers and beat ticks once
-        redis_base = int(run.sampler.redis.info("memory")["used_memory"])
-        say(f"N={n} {strategy}: bringing up (time_scale {time_scale:g})")
+        run.redis_base = int(run.sampler.redis.info("memory")["used_memory"])
+        say(f"N={n}: bringing up with the {first} agent (time_scale {time_scale:g})")
         up = bring_up(run, n, timeout, say)
-        wait_sim(run, 2 * SYNC_INTERVAL)  # settle: every watcher reads a steady state
-        redis_used = int(run.sampler.redis.info("memory")["used_memory"])
-        redis_families = redis_memory_by_family(run.sampler.redis)
-        window = Window(run)
-        plan = disturb(run, ends, vanish, "a", window_sim, say)
-        figures = window.close()
-        settle(run, plan, 3 * window_sim)
-        lat = latencies(run, window.sim0, plan, None)
-        result = summarize(
-            n,
-            figures,
-            lat,
-            calls=figures["calls"],
-            limited=figures["limited"],
-            sync_interval=SYNC_INTERVAL,
-            # The agent's watch interval: half a sync, at least 0.5 real s (ponos_tasks
-            # settings), so at least 0.5 x time_scale sim s here.
-            watch_interval=max(SYNC_INTERVAL / 2, 0.5 * time_scale),
-        )
-        peaks = run.sampler.peak_rss_kb
-        result.update(
-            {
-                "time_scale": time_scale,
-                "bring_up_real_s": round(up, 1),
-                "cpu_s_per_task_per_sim_hour": round(
-                    figures["cpu_s"] / n / (figures["sim_minutes"] / 60.0), 3
-                ),
-                "cpu_s_window": round(figures["cpu_s"], 1),
-                "peak_rss_kib_per_task": round(sum(peaks.values()) / n, 1),
-                "peak_rss_mib": {k: round(v / 1024, 1) for k, v in peaks.items()},
-                "redis_bytes_per_task": round((redis_used - redis_base) / n),
-                "peak_queue_messages": dict(run.sampler.peak_queue),
-                "redis_bytes_by_family": redis_families,
-            }
-        )
-        out[strategy] = result
-        if poll:
-            window = Window(run)
-            poller = DstackPoller(run, run.stack.vast.state.api_key, max_rps)
-            poller.start()
-            plan = disturb(run, ends, vanish, "b", window_sim, say)
-            figures = window.close()
-            settle(run, plan, 3 * window_sim, poller)
-            poller.stop()
-            lat = latencies(run, window.sim0, plan, poller)
-            minutes = figures["sim_minutes"]
-            poll_result = summarize(
-                n,
-                {**figures, "syncs": []},
-                lat,
-                calls={"show": poller.calls},
-                limited={"show": poller.limited},
-                sync_interval=DSTACK_POLL,
+        for strategy in agent_strategies:
+            if strategy != first:
+                say(f"N={n}: the agent restarts as {strategy}")
+                run.switch_agent(agent_overrides(strategy))
+            result = measure(
+                run, n, strategy, window_sim=window_sim, ends=ends, vanish=vanish, say=say
             )
-            poll_result.update(
-                {
-                    "time_scale": time_scale,
-                    "target_calls_per_min": round(poller.target / minutes, 1),
-                    "kept_up": poller.calls >= 0.9 * poller.target,
-                    "sync_at_real_limits_s": None,
-                }
-            )
-            out["per_instance"] = poll_result
+            result["bring_up_real_s"] = round(up, 1) if strategy == first else None
+            result["brought_up_by"] = first
+            out[strategy] = result
+            if poll and strategy == "full_list":
+                out["per_instance"] = measure_poller(
+                    run,
+                    n,
+                    window_sim=window_sim,
+                    ends=ends,
+                    vanish=vanish,
+                    max_rps=max_rps,
+                    say=say,
+                )
     return out
 
 
@@ -650,31 +704,26 @@ def run_n(
     say,
     only: str | None = None,
 ) -> dict:
-    def agent(strategy: str, poll: bool) -> dict[str, dict]:
-        return run_strategy(
-            n,
-            strategy,
-            time_scale=time_scale,
-            window_sim=window_sim,
-            ends=ends,
-            vanish=vanish,
-            poll=poll,
-            max_rps=max_rps,
-            timeout=timeout,
-            say=say,
-        )
-
     skipped = {"n": n, "skipped": True}
-    if only == "flat":
-        # One agent strategy alone (--only): the others' columns are left empty.
-        return {s: skipped for s in STRATEGIES} | agent("flat", poll=False)
-    # The poller keeps to the full_list run's fleet (it needs one alive, not a strategy).
-    results = agent("full_list", poll=True)
-    if only == "full_list":
-        return {"per_instance": skipped, **results, "flat": skipped}
-    if flat_available():
-        results |= agent("flat", poll=False)
+    if only is not None:
+        agents = [only]  # one agent strategy alone (--only): the others' columns are empty
+    elif flat_available():
+        agents = ["flat", "full_list"]  # flat first: it brings the fleet up fastest
     else:
+        agents = ["full_list"]
+    results = run_fleet(
+        n,
+        agents,
+        poll=only != "flat",  # the poller keeps to a full_list turn (it needs a live fleet)
+        time_scale=time_scale,
+        window_sim=window_sim,
+        ends=ends,
+        vanish=vanish,
+        max_rps=max_rps,
+        timeout=timeout,
+        say=say,
+    )
+    if only is None and not flat_available():
         results["flat"] = {
             "n": n,
             "available": False,
@@ -682,7 +731,7 @@ def run_n(
             "rate_limited": None,
             "end_to_action_p95_s": None,
         }
-    return {s: results[s] for s in STRATEGIES}
+    return {s: results.get(s, skipped) for s in STRATEGIES}
 
 
 # ------------------------------------------------------------------------------ output
@@ -768,19 +817,26 @@ def report(results: dict[int, dict]) -> str:
             )
         if flat.get("available") is False:
             notes.append("flat: the agent does not know `vast_api.instance_reads` yet (not run)")
-        # The run's own figures: full_list's, or flat's when it ran alone (--only flat).
-        full = by["full_list"] if not by["full_list"].get("skipped") else by["flat"]
+        # The run's own figures: the strategy that brought the fleet up (flat, unless it ran
+        # alone as full_list), then each agent strategy's peaks over its own turn.
+        ran = [s for s in ("flat", "full_list") if not by[s].get("skipped") and s in by]
+        first = next((by[s] for s in ran if by[s].get("bring_up_real_s") is not None), {})
         notes.append(
-            f"time_scale {full.get('time_scale')}: bring-up {full.get('bring_up_real_s')} real s; "
-            f"peak RSS (MiB) {full.get('peak_rss_mib')}; "
-            f"peak Celery queue lengths {full.get('peak_queue_messages')}; "
-            f"Redis bytes by key family after settling {full.get('redis_bytes_by_family')}"
+            f"time_scale {first.get('time_scale')}: bring-up by {first.get('brought_up_by')} "
+            f"{first.get('bring_up_real_s')} real s"
         )
+        for s in ran:
+            notes.append(
+                f"{s}: peak RSS (MiB) {by[s].get('peak_rss_mib')}; peak Celery queue lengths "
+                f"{by[s].get('peak_queue_messages')}; Redis bytes by key family after settling "
+                f"{by[s].get('redis_bytes_by_family')}"
+            )
         out += ["Notes: " + "; ".join(notes) + ".", ""]
     out.append(
-        "Setup: per N and agent strategy, a fresh private Redis, local stack and agent (one "
-        "worker, concurrency 4, one beat); N long tasks brought to `running`, two sync "
-        "intervals of settling, then a window during which short tasks (30 sim s pull, 60 "
+        "Setup: per N, a fresh private Redis, local stack and agent (one worker, "
+        "concurrency 4, one beat); N long tasks brought to `running` by the flat agent, "
+        "then each agent strategy in turn on that fleet (flat, then the agent restarted as "
+        "full_list): two sync intervals of settling, then a window during which short tasks (30 sim s pull, 60 "
         "sim s run, then `PONOS_EXIT_CODE=0` and self-stop) end and a few long tasks' "
         "instances are destroyed with their own instance key (behind the agent's back). "
         "The agent's intervals are the config defaults on the simulated clock (sync 10 sim s, "
@@ -794,11 +850,13 @@ def report(results: dict[int, dict]) -> str:
         "each, midway between two syncs, counted apart from the worker log), over the syncs. "
         "sync at real limits = list calls per sync × 1.1 s (Vast.ai's "
         "1 s list threshold and the agent limiter's margin). CPU: utime+stime of the worker "
-        "and beat process trees over the window; RSS: peak of those trees over the run; "
-        "Redis: used_memory after settling minus before submitting. per_instance is not an "
+        "and beat process trees over the window; RSS: peak of those trees over the agent "
+        "strategy's turn (bring-up included for the first); Redis: used_memory after the "
+        "turn's settling minus before submitting (the second turn's includes what the first "
+        "left, e.g. the flat view's entries). per_instance is not an "
         "agent mode: dstack's polling emulated in the benchmark (one `GET /api/v0/instances/ID/` "
         "per live instance every 7 sim s, spread over the cycle, no limiter, a 429 skips the "
-        "observation), run in a second window of the full_list run on the same fleet and "
+        "observation), run in a window after the full_list agent's, on the same fleet and "
         "API key, counted from its own requests."
     )
     return "\n".join(out)
@@ -903,6 +961,9 @@ def main(ns, quick, as_json, time_scale, window, ends, vanish, max_rps, timeout,
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # A SIGTERM (kill, a timeout) unwinds the runs' `with` blocks: the agent, the stack and
+    # the private Redis stop instead of outliving the benchmark.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if quick:
         ns, window, ends, vanish = QUICK["n"], QUICK["window"], QUICK["ends"], QUICK["vanish"]
     machine_info = machine()
