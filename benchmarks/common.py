@@ -373,7 +373,8 @@ def history_time(task: dict, to: str) -> float | None:
     )
 
 
-SYNC_DONE = re.compile(r"Task ponos\.sync\[[^\]]+\] succeeded in ([0-9.]+)s")
+# A sync that found another one running returns 'skipped' (tasks.py): not a sync that ran.
+SYNC_DONE = re.compile(r"Task ponos\.sync\[[^\]]+\] succeeded in ([0-9.]+)s: (?!'skipped')")
 
 
 ENDED_CHECK_DONE = re.compile(r"ended check: listed \d+ instance")

@@ -89,7 +89,7 @@ def sync(self):
     result = sync_step(get_context(), send_now=_send_all)
     if not result.ran:
         logger.info("sync: another sync is running; skipped")
-        return
+        return "skipped"  # in the worker log's "succeeded" line: not a sync that ran
     for task_id, message in result.enqueue:
         enqueue(task_id, [message])
 
