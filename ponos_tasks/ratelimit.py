@@ -88,6 +88,28 @@ return {wait, slot}
 """
 
 
+# KEYS[1]: the endpoint's last send (µs, Redis TIME); ARGV: interval µs, tolerance µs.
+# The send gate: a slot says when a call may leave, but a process that wakes late from its
+# sleep (a loaded machine) sends late, and the call whose slot came next, on time, then
+# reaches Vast.ai less than an interval after it (a 429 seen at time_scale 3: one log call of
+# thousands). Returns 0 and stamps now when the last send is an interval ago (less the
+# tolerance), else the µs still to wait (nothing stamped).
+_SEND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local last = tonumber(redis.call('GET', KEYS[1]))
+if last and last + interval - tonumber(ARGV[2]) > now then
+  return last + interval - now
+end
+redis.call('SET', KEYS[1], string.format('%.0f', now), 'PX', math.floor(interval / 1000) + 1000)
+return 0
+"""
+# Shortfalls below this are let through: a few ms is inside the intervals' own margins, and
+# waiting for them would add a sleep and a round trip to most calls.
+SEND_TOLERANCE_S = 0.005
+
+
 # KEYS[1]: bucket, KEYS[2]: its penalty's end; ARGV: penalty µs, interval µs.
 # Sets the penalty's end to now + penalty (never earlier than one already set) and moves the
 # bucket so that its next slot is no earlier than that end. Returns the end (µs).
@@ -224,6 +246,7 @@ class RedisRateLimiter:
         }
         self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
         self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
+        self._send = redis_client.register_script(_SEND_SCRIPT)
         self._line = redis_client.register_script(_LINE_SCRIPT)
         self._leave_if_same = redis_client.register_script(_LEAVE_IF_SAME_SCRIPT)
         self._turn_came = redis_client.register_script(_TURN_CAME_SCRIPT)
@@ -272,10 +295,31 @@ class RedisRateLimiter:
                 time.sleep(wait)
             waited += wait
             if endpoint not in self.penalties:
-                return waited
+                return waited + self.wait_send_gap(endpoint)
             ends = self.redis.get(self.prefix + endpoint + ":penalty")
             if ends is None or int(float(ends)) <= slot_us:
+                return waited + self.wait_send_gap(endpoint)
+
+    def wait_send_gap(self, endpoint: str) -> float:
+        """Right before a call leaves: wait until the endpoint's last send (by any process)
+        is an interval ago, and stamp this one; return the seconds waited (0 unless the
+        previous call left late). Each wait is under one interval."""
+        interval_us = math.ceil(self.interval(endpoint) * 1_000_000)
+        tolerance_us = math.ceil(SEND_TOLERANCE_S * 1_000_000)
+        waited = 0.0
+        while True:
+            wait_us = int(
+                self._send(
+                    keys=[self.prefix + endpoint + ":sent"], args=[interval_us, tolerance_us]
+                )
+            )
+            if wait_us <= 0:
                 return waited
+            log.debug(
+                "rate limiter: the last %s call left late; %.3fs more", endpoint, wait_us / 1e6
+            )
+            time.sleep(wait_us / 1_000_000)
+            waited += wait_us / 1_000_000
 
     def place_in_line(self, endpoint: str, claimant: str, *, grace: float) -> tuple[int, float]:
         """Join the endpoint's line (or keep one's place in it); return how many claimants

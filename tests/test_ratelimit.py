@@ -204,3 +204,33 @@ def test_a_penalty_holds_the_bucket_and_slots_reserved_before_it(redis_client, k
     limiter.acquire("list")
     assert limiter.penalize("list") == 0.0
     assert limiter.reserve("list") <= 1.0 / 30 + 0.01
+
+
+def _late_then_on_time(redis_client, key_prefix, late: float) -> float:
+    """Two workers' calls in consecutive slots; the first wakes `late` s after its slot (a
+    loaded machine), the second on time. Returns the gap between their sends."""
+    interval = 0.3
+    first = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"logs": interval})
+    second = RedisRateLimiter(redis_client, prefix=key_prefix, intervals={"logs": interval})
+    start = time.monotonic()
+    assert first.reserve("logs") == 0  # its slot: now
+    assert second.reserve("logs") == pytest.approx(interval, abs=0.02)  # the next one
+    time.sleep(late)  # the first worker's sleep overshot its slot
+    first.wait_send_gap("logs")
+    sent_first = time.monotonic()
+    time.sleep(max(0.0, start + interval - time.monotonic()))  # the second wakes on time
+    second.wait_send_gap("logs")
+    return time.monotonic() - sent_first
+
+
+def test_a_call_after_one_that_left_late_still_leaves_an_interval_after_it(
+    redis_client, key_prefix
+):
+    # Without the send gate the second call left 0.2 s after the first, under the interval
+    # Vast.ai measures: a 429.
+    assert _late_then_on_time(redis_client, key_prefix, late=0.1) >= 0.3 - 0.01
+
+
+def test_calls_on_time_are_not_held_by_the_send_gate(redis_client, key_prefix):
+    gap = _late_then_on_time(redis_client, key_prefix, late=0.0)
+    assert 0.29 <= gap < 0.33
