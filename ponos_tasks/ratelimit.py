@@ -91,8 +91,8 @@ return {wait, slot}
 # KEYS[1]: the endpoint's last send (µs, Redis TIME); ARGV: interval µs, tolerance µs.
 # The send gate: a slot says when a call may leave, but a process that wakes late from its
 # sleep (a loaded machine) sends late, and the call whose slot came next, on time, then
-# reaches Vast.ai less than an interval after it (a 429 seen at time_scale 3: one log call of
-# thousands). Returns 0 and stamps now when the last send is an interval ago (less the
+# reaches Vast.ai less than an interval after it (the likely cause of a 429 on logs seen at
+# time_scale 3 on a loaded machine). Returns 0 and stamps now when the last send is an interval ago (less the
 # tolerance), else the µs still to wait (nothing stamped).
 _SEND_SCRIPT = """
 local t = redis.call('TIME')

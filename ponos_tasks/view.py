@@ -13,22 +13,24 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    task was stopped and no record names it (plan() then destroys it), instead of leaving
    it to the full resync. Ids grow with creation time: the bound leaves out another user's
    stopped instances older than all of these, which an account keeps for their disk and a
-   plain `neq` would page through every sync. Nothing to vouch for: no A. An instance that exits, is stopped (its own
-   stop, a user's, an outbid: the host daemon carries the stop out and reports the container
-   exited/stopped a few seconds after `intended_status` changed) or fails to start leaves
-   `running` and shows here at the next refresh. No separate `intended_status` call: an
+   plain `neq` would page through every sync. Nothing to vouch for: no A. An instance
+   that exits, is stopped (its own stop, a user's, an outbid: the host daemon carries the
+   stop out and reports the container exited/stopped a few seconds after `intended_status`
+   changed) or fails to start leaves `running` and shows here at the next refresh. No separate `intended_status` call: an
    instance whose intended status is stopped but whose container still runs is in the stop's
    few seconds (seen at the refresh after), or on a host that stopped reporting (seen by the
    full resync, as an offline host is); one call fewer keeps a steady sync at 3 calls for
    1000 instances.
-   A comes first: the sync wakes the watchers of the ended instances it lists at once
-   (steps.refresh_view), before the pass's rate-limited pages and the rest of the sync.
+   A comes first: the sync (loop.sync, through steps.refresh_view) wakes the watchers of
+   the ended instances it lists at once, before the pass's rate-limited pages and the rest
+   of the sync.
 2. K pages of the *full resync*: a cursor walks the account's instances in id order, one v1
    page (25 ids) per call, `id gt <cursor>`; K is chosen so that a whole pass takes at most
    `full_resync_interval` (all of it while no pass has ever completed: a fresh view decides
    nothing on absence until then; the rest of a pass at once when the next refresh would
-   come after its deadline, as when the listing grew since the last pass sized K). A page that covers the ids (cursor, highest] (or every id
-   above the cursor, for the last page) lists every instance there: the view's entries in
+   come after its deadline, as when the listing grew since the last pass sized K). A page
+   that covers the ids (cursor, highest] (or every id above the cursor, for the last page)
+   lists every instance there: the view's entries in
    that range that it does not list are removed, and that is the ONLY way an entry leaves
    the view on absence; apart from it, only the agent's own destroy (a positive fact:
    Vast.ai said destroyed or not found) and a listing that shows the id under a label not
@@ -37,9 +39,9 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    ids that A cannot vouch for: entries of the view not running and not listed by A (a
    loading instance that became running, a null status that became loading, an offline
    one, one a page listed after A as not running: it left running in between, or
-   entered the view then), and the instances of the agent's records that the view does not hold yet (created
-   since the last refresh, or still hidden by Vast.ai's read lag). Empty in a steady state:
-   no call.
+   entered the view then), and the instances of the agent's records that the view does not
+   hold yet (created since the last refresh, or still hidden by Vast.ai's read lag). Empty
+   in a steady state: no call.
 
 Between two refreshes, the ended check (loop.check_ended, twice a sync interval) makes A
 alone under the same lock and writes what it lists as a refresh's A would: an instance that
@@ -49,8 +51,9 @@ removes nothing and moves no cursor: presence and absence stay the refreshes' bu
 At steady state a refresh costs A + K calls whatever the fleet's size N; B appears only
 while instances start. Left: another user's instances kept stopped and created after this
 agent's oldest live instance are still listed by A (label prefixes have no server-side
-operator), a page more per 25 of them. The sync then reads the whole view for plan(), the meter and the
-status; a watcher reads only its own instance's entry (one hash field), never the fleet.
+operator), a page more per 25 of them. The sync then reads the whole view for plan(), the
+meter and the status; a watcher reads only its own instance's entry (one hash field),
+never the fleet.
 
 Why no decision taken on this view is one a full listing would contradict:
 - Presence and status: every entry is what one listing (filtered or full) returned, at a
