@@ -16,11 +16,11 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    plain `neq` would page through every sync. Nothing to vouch for: no A. An instance
    that exits, is stopped (its own stop, a user's, an outbid: the host daemon carries the
    stop out and reports the container exited/stopped a few seconds after `intended_status`
-   changed) or fails to start leaves `running` and shows here at the next refresh. No separate `intended_status` call: an
-   instance whose intended status is stopped but whose container still runs is in the stop's
-   few seconds (seen at the refresh after), or on a host that stopped reporting (seen by the
-   full resync, as an offline host is); one call fewer keeps a steady sync at 3 calls for
-   1000 instances.
+   changed) or fails to start leaves `running` and shows here at the next refresh. No
+   separate `intended_status` call: an instance whose intended status is stopped but whose
+   container still runs is in the stop's few seconds (seen at the refresh after), or on a
+   host that stopped reporting (seen by the full resync, as an offline host is); one call
+   fewer keeps a steady sync at 3 calls for 1000 instances.
    A comes first: the sync (loop.sync, through steps.refresh_view) wakes the watchers of
    the ended instances it lists at once, before the pass's rate-limited pages and the rest
    of the sync.
@@ -30,11 +30,11 @@ Each refresh (single-flight, under the snapshot lock) makes, in this order:
    nothing on absence until then; the rest of a pass at once when the next refresh would
    come after its deadline, as when the listing grew since the last pass sized K). A page
    that covers the ids (cursor, highest] (or every id above the cursor, for the last page)
-   lists every instance there: the view's entries in
-   that range that it does not list are removed, and that is the ONLY way an entry leaves
-   the view on absence; apart from it, only the agent's own destroy (a positive fact:
-   Vast.ai said destroyed or not found) and a listing that shows the id under a label not
-   ours (renamed by a user: no longer ours, as a full listing would say) remove one.
+   lists every instance there: the view's entries in that range that it does not list are
+   removed, and that is the ONLY way an entry leaves the view on absence; apart from it,
+   only the agent's own destroy (a positive fact: Vast.ai said destroyed or not found) and
+   a listing that shows the id under a label not ours (renamed by a user: no longer ours,
+   as a full listing would say) remove one.
 3. B: `id in [...]` (IDS_PER_CALL ids a call: a query string has a length limit) for the
    ids that A cannot vouch for: entries of the view not running and not listed by A (a
    loading instance that became running, a null status that became loading, an offline
