@@ -310,9 +310,10 @@ def _wake_watchers_of_ended(ctx: AgentContext, records, instances) -> list[tuple
 def check_ended(ctx: AgentContext) -> list[tuple[str, Next]]:
     """The ended check (flat view only; Celery beat, twice a sync interval): one filtered
     list call (view.py's A) between two refreshes, and a watch now for each task whose
-    instance it shows ended. A sync sees an end up to one interval after it, and its wake
-    comes after the Arkindex poll, the view's other calls and plan(): with the check midway,
-    an end waits at most about half an interval for a look.
+    instance it shows ended. A sync's own A comes right after its Arkindex poll, and it
+    wakes the watchers of what that shows at once (refresh_view's `seen_not_running`), but
+    only once an interval: with the check midway, an end waits at most about half an
+    interval for a look.
 
     Decides nothing itself: the woken watch does, on the entry written here (a positive
     listing, as a refresh's). Skipped when a refresh runs (it holds the lock: its A is this
