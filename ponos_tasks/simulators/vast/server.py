@@ -150,6 +150,9 @@ def create_app(state) -> Flask:
         def decorate(view):
             @wraps(view)
             def wrapper(**kwargs):
+                # Vast.ai times a call by its arrival; here calls then queue for the state
+                # lock (a long listing, the harness's reads), which does not keep arrival order.
+                arrived = state.clock.now()
                 state.count_call(name)
                 faulty = http_fault(name)
                 if faulty is not None:
@@ -172,7 +175,7 @@ def create_app(state) -> Flask:
                         },
                     )
                 identity = key or request.remote_addr or "anonymous"
-                threshold = state.rate_check(identity, name)
+                threshold = state.rate_check(identity, name, arrived)
                 if threshold is not None:
                     text, mimetype = body_for(SHAPES.get(name, "text"), threshold)
                     return Response(text, status=429, mimetype=mimetype)

@@ -167,9 +167,10 @@ class VastState:
         with self.lock:
             self.rate_limited[endpoint] += 1
 
-    def rate_check(self, identity: str, endpoint: str) -> float | None:
+    def rate_check(self, identity: str, endpoint: str, arrived: float) -> float | None:
+        """`arrived`: the call's arrival (sim s), read before it waited for the lock."""
         with self.lock:
-            threshold = self.limiter.check(identity, endpoint, self.clock.now())
+            threshold = self.limiter.check(identity, endpoint, arrived)
             if threshold is not None:
                 self.rate_limited[endpoint] += 1
             return threshold

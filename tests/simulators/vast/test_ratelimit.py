@@ -1,6 +1,7 @@
 """Per-endpoint minimum intervals (MIN_INTERVALS in ponos_tasks/simulators/vast/ratelimit.py),
 on simulated time, on by default."""
 
+import threading
 import time
 
 from tests.simulators.vast.conftest import Api
@@ -105,3 +106,54 @@ def test_paced_api_back_to_back_gets_no_429(make_sim):
     assert api("DELETE", f"/api/v0/instances/{iid}/").status_code == 200
     assert api("DELETE", f"/api/v0/instances/{iid}/").status_code != 429
     assert not any(api.admin("GET", "stats")["rate_limited"].values())
+
+
+def test_calls_are_timed_at_arrival_not_when_the_state_lock_frees(make_sim):
+    """Vast.ai measures the interval between two calls' arrivals. The simulator serves every
+    call under one state lock (held meanwhile by a long listing, or by a harness reading the
+    fleet): two calls that arrived 2.5 sim s apart and both waited for it must not be timed
+    as they left the wait, 0 s apart, in either order."""
+    sim = make_sim(time_scale=10.0, rate_limits=True)  # list: 1 s = 0.1 real s
+    answers: dict[str, int] = {}
+
+    def call(name: str) -> None:
+        answers[name] = Api(sim.url, paced=False)("GET", "/api/v1/instances/").status_code
+
+    first, second = (threading.Thread(target=call, args=(n,)) for n in ("first", "second"))
+    with sim.state.lock:
+        first.start()
+        time.sleep(0.25)
+        second.start()
+        time.sleep(0.25)
+    first.join(10)
+    second.join(10)
+    assert answers == {"first": 200, "second": 200}
+    # Arrivals closer than the interval are still refused, whichever is served first.
+    api = Api(sim.url, paced=False)
+    time.sleep(0.15)
+    with sim.state.lock:
+        first, second = (threading.Thread(target=call, args=(n,)) for n in ("a", "b"))
+        first.start()
+        second.start()
+        time.sleep(0.2)
+    first.join(10)
+    second.join(10)
+    assert sorted((answers["a"], answers["b"])) == [200, 429]
+    assert api.admin("GET", "stats")["rate_limited"] == {"list": 1}
+
+
+def test_out_of_order_arrivals_are_checked_against_both_neighbours():
+    from ponos_tasks.simulators.vast.ratelimit import MinIntervalLimiter
+
+    limiter = MinIntervalLimiter()
+    assert limiter.check("k", "list", 10.0) is None
+    assert limiter.check("k", "list", 9.5) == 1.0  # arrived 0.5 s before one let through
+    assert limiter.check("k", "list", 8.9) is None  # 1.1 s before it: fine, though late
+    assert limiter.check("k", "list", 9.95) == 1.0  # between the two
+    # Create's penalty covers what arrived after the refused call, not before it.
+    assert limiter.check("k", "create", 100.0) is None
+    assert limiter.check("k", "create", 102.0) == 4.5  # refused: penalty until 114
+    assert limiter.check("k", "create", 95.4) is None  # arrived before it all, 4.6 s apart
+    assert limiter.check("k", "create", 110.0) == 4.5  # in the penalty (restarts it: 122)
+    assert limiter.check("k", "create", 121.0) == 4.5
+    assert limiter.check("k", "create", 133.1) is None
