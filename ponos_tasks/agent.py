@@ -95,15 +95,10 @@ class AgentContext:
     @cached_property
     def limiter(self) -> RedisRateLimiter:
         """Vast.ai's call slots, shared by every worker (ratelimit.py)."""
-        scale = self.config.vast_api.rate_limit_scale
-        # Scaled down (a simulator's accelerated clock), intervals of tens of ms drown in
-        # scheduling jitter: 50 ms more keeps calls from arriving early (BENCHMARKS.md).
-        # Unscaled, DEFAULT_INTERVALS already carry their margin (ratelimit.py).
-        return RedisRateLimiter(
+        return RedisRateLimiter.for_agent(
             self.redis,
             prefix=self.keys.ratelimit_prefix,
-            scale=scale,
-            margin=0.05 if scale < 1 else 0.0,
+            scale=self.config.vast_api.rate_limit_scale,
         )
 
     @cached_property

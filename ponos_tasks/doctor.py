@@ -418,24 +418,15 @@ def probe_arkindex(context, seen: Observations, *, register: bool, task: str | N
 def run_doctor(config: AgentConfig, *, register: bool = False, task: str | None = None):
     """(checks, assumption verdicts) for `config`."""
     from ponos_tasks.agent import AgentContext
-    from ponos_tasks.ratelimit import RedisRateLimiter
     from ponos_tasks.vast import VastClient
 
     checks = [redacted_secrets(config)]
     checks += probe_redis(config)
     context = AgentContext(config)
-    scale = config.vast_api.rate_limit_scale
     # The agent's own rate limiter (shared through Redis), and no call counter: the doctor
     # leaves the agent's metrics alone. Two tries: someone is waiting at the terminal.
     redis_ok = not any(c.name == "redis" and c.status == FAIL for c in checks)
-    limiter = None
-    if redis_ok:
-        limiter = RedisRateLimiter(
-            context.redis,
-            prefix=context.keys.ratelimit_prefix,
-            scale=scale,
-            margin=0.05 if scale < 1 else 0.0,
-        )
+    limiter = context.limiter if redis_ok else None
     vast = VastClient(
         config.vast_api.url, config.vast_api.api_key, rate_limiter=limiter, max_attempts=2
     )

@@ -10,6 +10,7 @@ import requests
 from ponos_tasks.ratelimit import (
     DEFAULT_INTERVALS,
     PUBLISHED_INTERVALS,
+    SCALED_MIN_SLACK_S,
     RateLimitTimeout,
     RedisRateLimiter,
 )
@@ -48,6 +49,27 @@ def test_scale_and_margin(redis_client, key_prefix):
     assert limiter.interval("create") == pytest.approx(0.235)
     limiter.acquire("create")
     assert 0.2 < limiter.reserve("create") <= 0.236
+
+
+def test_the_agents_scaled_intervals_keep_a_floor_of_slack_not_an_addition(
+    redis_client, key_prefix
+):
+    # Unscaled: the defaults as they are (their own margins).
+    real = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=1.0)
+    assert real.intervals == pytest.approx(DEFAULT_INTERVALS)
+    # time_scale 3: create's 0.1 s margin shrinks to 0.033 s, below the floor, so 50 ms
+    # over 4.5 / 3 (launches at 4.5 / 4.65 = 0.968 of the bound; added, 0.947).
+    third = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=1 / 3)
+    assert third.interval("create") == pytest.approx(4.5 / 3 + SCALED_MIN_SLACK_S)
+    assert 4.5 / 3 / third.interval("create") > 0.96
+    # list's 10 % is 0.033 s too; search's 10 % (0.067 s) is over the floor and stays.
+    assert third.interval("list") == pytest.approx(1 / 3 + SCALED_MIN_SLACK_S)
+    assert third.interval("search") == pytest.approx(DEFAULT_INTERVALS["search"] / 3)
+    # time_scale 10: every published endpoint at least the floor over its scaled threshold.
+    tenth = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=0.1)
+    for name, seconds in PUBLISHED_INTERVALS.items():
+        assert tenth.interval(name) >= seconds / 10 + SCALED_MIN_SLACK_S - 1e-9, name
+    assert tenth.penalties["create"] == pytest.approx(1.2 + SCALED_MIN_SLACK_S)
 
 
 def test_timeout_raises_without_reserving(redis_client, key_prefix):
