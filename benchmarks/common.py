@@ -278,10 +278,14 @@ class AgentRun(LocalRun):
             super().start()
         except RuntimeError as error:
             raise BenchFailed(str(error)) from None
+        self.start_sampled_agent()
+        return self
+
+    def start_sampled_agent(self) -> None:
+        """The agent's worker and beat with this run's config, and a sampler on them."""
         agent = self.start_agent(config=self.config(), concurrency=self.concurrency)
         self.sampler = Sampler({name: p.pid for name, p in agent.processes.items()}, self.redis_url)
         self.sampler.start()
-        return self
 
     def stop(self, agent_timeout: float = 20.0) -> None:
         # Each part stops even when an earlier one failed: nothing may be left running.

@@ -50,7 +50,6 @@ from benchmarks.common import (
     TERMINAL,
     AgentRun,
     BenchFailed,
-    Sampler,
     ended_checks,
     fmt,
     machine,
@@ -257,9 +256,7 @@ class FleetRun(AgentRun):
         old.stop()
         self.sampler.stop()
         self.overrides = overrides
-        agent = self.start_agent(config=self.config(), concurrency=self.concurrency)
-        self.sampler = Sampler({name: p.pid for name, p in agent.processes.items()}, self.redis_url)
-        self.sampler.start()
+        self.start_sampled_agent()
 
 
 def sim_instances(run: AgentRun) -> list[dict]:

@@ -42,7 +42,14 @@ from ponos_tasks.reconcile import (
     plan,
 )
 from ponos_tasks.state import ended_wake, kept_alive, release
-from ponos_tasks.steps import ViewRefused, _note, _set_waiting, accept, instance_reads, refresh_view
+from ponos_tasks.steps import (
+    ViewRefused,
+    accept,
+    instance_reads,
+    note_task,
+    refresh_view,
+    set_waiting,
+)
 from ponos_tasks.vast import VastError
 
 logger = logging.getLogger(__name__)
@@ -259,7 +266,7 @@ def _sync_locked(ctx: AgentContext, send_now: SendNow | None = None) -> SyncResu
         if isinstance(planned, WaitForCapacity):
             record = ctx.store.get(planned.task_id)
             if record is not None and record.phase == Phase.ACCEPTED:
-                publish = _set_waiting(ctx, record, planned.limit, planned.reason)
+                publish = set_waiting(ctx, record, planned.limit, planned.reason)
                 result.enqueue += [(planned.task_id, message) for message in publish]
             continue
         message = planned.message()
@@ -371,4 +378,4 @@ def _save_sync_report(ctx: AgentContext, now: float, capacity: int, steps: list)
     )
     for task_id, reason in waiting.items():
         if ctx.store.once(f"waitnote:{task_id}", ctx.settings.tombstone_ttl):
-            _note(ctx, task_id, f"waiting for a capacity slot: {reason}")
+            note_task(ctx, task_id, f"waiting for a capacity slot: {reason}")

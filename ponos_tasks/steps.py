@@ -175,7 +175,7 @@ def run_step(ctx: AgentContext, task_id: str, name: StepName, **kwargs) -> list[
 # --------------------------------------------------------------------------- helpers
 
 
-def _note(ctx: AgentContext, task_id: str, message: str, level: str = "INFO") -> None:
+def note_task(ctx: AgentContext, task_id: str, message: str, level: str = "INFO") -> None:
     """An agent line about the task: in the published task log and in the agent's own log."""
     ctx.logbook.add(task_id, level, message)
     logger.log(logging.getLevelName(level), "task %s: %s", task_id, message)
@@ -294,7 +294,7 @@ def _affordable(ctx: AgentContext, record: TaskRecord, offers: list) -> list:
 WAITING_PHASES = (Phase.ACCEPTED, Phase.WAITING_OFFER)
 
 
-def _set_waiting(
+def set_waiting(
     ctx: AgentContext, record: TaskRecord, held_by: str | None, why: str | None
 ) -> list[Next]:
     """Record why the task waits (`status` shows it). A new reason goes to its log too, and
@@ -304,7 +304,7 @@ def _set_waiting(
     ctx.store.touch(record.task_id, held_by=held_by, waiting_for=why)
     if held_by is None or held_by == record.held_by:
         return []
-    _note(ctx, record.task_id, f"waiting: {why}", "WARNING")
+    note_task(ctx, record.task_id, f"waiting: {why}", "WARNING")
     if ctx.store.once(f"waitlog:{record.task_id}:{held_by}", ctx.settings.logs_interval):
         return [Next(StepName.PUBLISH_LOGS, kwargs={"final": False})]
     return []
@@ -563,7 +563,7 @@ def accept(ctx: AgentContext, task_id: str) -> bool:
     """Create the task's record (the sync loop does it, before the chain starts)."""
     created = ctx.store.create_if_absent(TaskRecord.new(task_id, ctx.now()))
     if created:
-        _note(
+        note_task(
             ctx,
             task_id,
             f"task accepted by agent {ctx.config.agent_name}; looking for a Vast.ai offer",
@@ -599,7 +599,7 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Follow:
     now = ctx.now()
     offers = _ranked_offers(ctx, record)
     if offers and _affordable(ctx, record, offers):
-        _set_waiting(ctx, record, None, None)
+        set_waiting(ctx, record, None, None)
         ctx.store.touch(task_id, heartbeat_at=now)
         return Next(StepName.CREATE_INSTANCE)
     again = Next(StepName.CHOOSE_OFFER, countdown=ctx.settings.watch_interval)
@@ -611,17 +611,17 @@ def choose_offer(ctx: AgentContext, task_id: str) -> Follow:
             f"{record.allowance_limit or 'the budget'} leaves ${allowance or 0:.4f}/h for its "
             f"instance; the cheapest matching offer costs ${offers[0].dph_total:.4f}/h"
         )
-        publish = _set_waiting(ctx, record, record.allowance_limit or MAX_DPH_TOTAL, why)
+        publish = set_waiting(ctx, record, record.allowance_limit or MAX_DPH_TOTAL, why)
         ctx.store.touch(task_id, waiting_since=None, heartbeat_at=now)
         return [again, *publish]
     # Its agent line ("waiting: no Vast.ai offer matches the filters") comes from here.
-    publish = _set_waiting(ctx, record, NO_OFFER, "no Vast.ai offer matches the filters")
+    publish = set_waiting(ctx, record, NO_OFFER, "no Vast.ai offer matches the filters")
     if record.waiting_since is None:
         ctx.store.touch(task_id, waiting_since=now, heartbeat_at=now)
         return [again, *publish]
     if offer_wait_expired(record, now, ctx.settings.offer_wait):
         reason = f"no Vast.ai offer matched the filters within {ctx.settings.offer_wait:g} s"
-        _note(ctx, task_id, reason, "ERROR")
+        note_task(ctx, task_id, reason, "ERROR")
         if ctx.store.cas(
             task_id,
             expect_phase=record.phase,
@@ -685,7 +685,7 @@ def _create_locked(ctx: AgentContext, task_id: str, lock, attempt: int | None) -
         return None
     if not record.create_turn_came and record.create_unknown_at is None:
         later = create_line.wait_for_turn(
-            ctx, record, functools.partial(_note, ctx, record.task_id)
+            ctx, record, functools.partial(note_task, ctx, record.task_id)
         )
         if later is not None:
             return later
@@ -736,7 +736,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
     except UnsplittableCommand as error:
         return _refuse_task(ctx, record, f"its command is not valid: {error}")
     for level, line in command.notes:
-        _note(ctx, task_id, line, level)
+        note_task(ctx, task_id, line, level)
     inferred = command.inferred
     env = instance_environment(ctx, definition)
     problem = create_request_problem(definition.image, env, command.onstart, command.args)
@@ -751,7 +751,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
     if by_cost:
         offers = [estimate.offer for estimate in estimates]
     chosen_because = {id(e.offer): e.explain() for e in estimates}
-    _note(
+    note_task(
         ctx,
         task_id,
         f"attempt {record.attempt}: "
@@ -767,7 +767,9 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
         # two instances of one task at once, and a trace outside Redis until the last moment.
         _destroy(ctx, record.kept_instance_id)
         ctx.store.touch(task_id, kept_instance_id=None)
-        _note(ctx, task_id, f"destroyed instance {record.kept_instance_id} of the failed attempt")
+        note_task(
+            ctx, task_id, f"destroyed instance {record.kept_instance_id} of the failed attempt"
+        )
     tried = 0
     refusals: list[str] = []  # Vast.ai's answers to creates it refused (4xx)
     passed: list[str] = []  # offers ranked above the one rented, and why they were not
@@ -808,7 +810,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             )
             ctx.store.remember_instance_key(task_id, record.attempt, created.instance_api_key)
         except LockNotOwnedError:
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 "the create lock lapsed before the create was sent; another "
@@ -818,7 +820,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             return None
         except OfferUnavailable:
             ctx.metric_store.count_start_failure(StartFailureKind.OFFER_GONE)
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"offer {offer.id} was taken before we could rent it; trying the next one",
@@ -833,7 +835,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
         except CreateOutcomeUnknown as error:
             # Never re-send: the instance may exist. The next run of this step looks the
             # label up first (above) and adopts it, or creates if it really does not exist.
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"no answer to the create call ({error.msg}); looking the "
@@ -860,13 +862,13 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
                 raise
             refusals.append(error.msg)
             ctx.metric_store.count_start_failure(StartFailureKind.CREATE_REFUSED)
-            _note(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
+            note_task(ctx, task_id, f"Vast.ai refused the create on offer {offer.id}: {error.msg}")
             passed.append(f"offer {offer.id} refused the create")
             continue
         if not created.started and price is not None:
             # Created stopped: a higher bid arrived since the search (docs/reference.md §3.1).
             # The machine is not at fault; the stray instance goes at once.
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"Vast.ai created instance {created.id} stopped on machine {offer.machine_id}: "
@@ -879,7 +881,7 @@ def _create_in_turn(ctx: AgentContext, record: TaskRecord, lock) -> Next | None:
             continue
         if not created.started:
             ctx.metric_store.count_start_failure(StartFailureKind.CREATED_STOPPED)
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"Vast.ai created instance {created.id} stopped on machine "
@@ -936,7 +938,7 @@ def _refuse_task(ctx: AgentContext, record: TaskRecord, problem: str) -> Next | 
     nothing is rented (publish_logs, report_state and destroy_instance find no instance)."""
     reason = f"the task cannot run: {problem}; no instance was rented for it"
     if _end_in_error(ctx, record, reason, expect_phase=Phase.CREATING):
-        _note(ctx, record.task_id, reason, "ERROR")
+        note_task(ctx, record.task_id, reason, "ERROR")
         return Next(StepName.PUBLISH_LOGS)
     return None
 
@@ -1009,7 +1011,7 @@ def _record_instance(
     verb = "adopted existing" if adopted else "created"
     source = f" from offer {offer.id}" if offer is not None else ""
     kind = "" if bid is None else f", interruptible: bid ${bid:.4f}/h"
-    _note(
+    note_task(
         ctx,
         record.task_id,
         f"attempt {record.attempt}: {verb} Vast.ai instance {values['instance_id']}{source} on "
@@ -1069,7 +1071,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         ctx.store.touch(task_id, start_status=instance.status_msg, progress_at=now)
         record = replace(record, start_status=instance.status_msg, progress_at=now)
         if ctx.store.once(f"startnote:{task_id}:{record.attempt}", settings.start_note_interval):
-            _note(
+            note_task(
                 ctx, task_id, f"instance {record.instance_id} starting: {instance.status_msg[:200]}"
             )
     follow = _watch_outbid(ctx, record, instance, now, again)
@@ -1134,7 +1136,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             running_since=now,
             heartbeat_at=now,
         ):
-            _note(ctx, task_id, f"instance {record.instance_id} is running")
+            note_task(ctx, task_id, f"instance {record.instance_id} is running")
             # Its host now has the image cached: the offer ranking counts a near-zero pull.
             ctx.store.remember_image_host(
                 _instance_image(instance), record.machine_id, settings.image_cache_seconds
@@ -1152,7 +1154,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
             reason=outcome.reason,
             heartbeat_at=now,
         ):
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"task ended: {outcome.state} ({outcome.reason})",
@@ -1187,7 +1189,7 @@ def watch(ctx: AgentContext, task_id: str, chain: int | None = None) -> list[Nex
         ):
             ctx.store.avoid_machine(record.machine_id, settings.machine_cooldown)
             _count_start_failure(ctx, decision)
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"attempt {record.attempt} failed on machine "
@@ -1288,7 +1290,9 @@ def _end_over_budget(ctx: AgentContext, record: TaskRecord, reason: str) -> list
         heartbeat_at=ctx.now(),
     ):
         return []
-    _note(ctx, record.task_id, f"{reason}: stopping its instance; the task ends in error", "ERROR")
+    note_task(
+        ctx, record.task_id, f"{reason}: stopping its instance; the task ends in error", "ERROR"
+    )
     _stop_instance(ctx, record, "at its spending limit")
     return [Next(StepName.PUBLISH_LOGS)]
 
@@ -1318,7 +1322,7 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
         ctx.store.touch(
             record.task_id, expect_attempt=record.attempt, outbid_since=None, progress_at=now
         )
-        _note(
+        note_task(
             ctx,
             record.task_id,
             f"instance {record.instance_id} resumed by Vast.ai after {paused:.0f} s outbid; "
@@ -1346,7 +1350,7 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
             else "the agent had not seen the task's command start (if it had, it was cut, and "
             "will run again from its start if the instance resumes)"
         )
-        _note(
+        note_task(
             ctx,
             record.task_id,
             f"instance {record.instance_id} was outbid (Vast.ai stopped it for a "
@@ -1364,7 +1368,7 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
     if not next_attempt_allowed(record.attempt, settings.max_attempts):
         reason = f"no instance could run the task in {record.attempt} attempt(s); last: {reason}"
         if _end_in_error(ctx, record, reason, expect_phase=record.phase):
-            _note(ctx, record.task_id, reason, "ERROR")
+            note_task(ctx, record.task_id, reason, "ERROR")
             return [Next(StepName.PUBLISH_LOGS)]
         return []
     _destroy(ctx, record.instance_id)
@@ -1379,7 +1383,7 @@ def _watch_outbid(ctx: AgentContext, record: TaskRecord, instance, now: float, a
         on_demand_only=True,
         outbid_since=None,
     ):
-        _note(
+        note_task(
             ctx,
             record.task_id,
             f"{reason}: destroyed it; the task runs again from its start on an on-demand "
@@ -1414,7 +1418,7 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
             try:
                 ctx.vast.stop_instance(record.instance_id)
                 kept = record.instance_id
-                _note(
+                note_task(
                     ctx,
                     task_id,
                     f"instance {record.instance_id} stopped; kept (only its storage bills) "
@@ -1424,7 +1428,9 @@ def retry_attempt(ctx: AgentContext, task_id: str) -> Next | None:
                 pass  # already gone: nothing to keep
         else:
             _destroy(ctx, record.instance_id)
-            _note(ctx, task_id, f"instance {record.instance_id} of the failed attempt destroyed")
+            note_task(
+                ctx, task_id, f"instance {record.instance_id} of the failed attempt destroyed"
+            )
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.RETRYING,
@@ -1486,9 +1492,11 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
             if first and record.stop_requested:
                 _stop_while_waiting(ctx, record)
             return Next(StepName.PUBLISH_LOGS, countdown=delay, kwargs={"final": True})
-        _note(ctx, task_id, "the instance's log could not be read: it is missing below", "WARNING")
+        note_task(
+            ctx, task_id, "the instance's log could not be read: it is missing below", "WARNING"
+        )
     if record.inferred:
-        _note(
+        note_task(
             ctx,
             task_id,
             "the image ran unwrapped: this final state was inferred from how its instance ended",
@@ -1512,7 +1520,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
         now = ctx.now()
         if failures < settings.publish_tries:
             ctx.store.touch(task_id, publish_failures=failures, heartbeat_at=now)
-            _note(
+            note_task(
                 ctx,
                 task_id,
                 f"could not publish the log ({error}); try {failures} of {settings.publish_tries}",
@@ -1521,7 +1529,7 @@ def publish_logs(ctx: AgentContext, task_id: str, final: bool = True) -> Next | 
             return Next(
                 StepName.PUBLISH_LOGS, countdown=min(60.0, 5.0 * failures), kwargs={"final": True}
             )
-        _note(
+        note_task(
             ctx,
             task_id,
             f"the log could not be published in {failures} tries ({error}); "
@@ -1602,7 +1610,7 @@ def _task_deleted(ctx: AgentContext, record: TaskRecord) -> Next | None:
             heartbeat_at=ctx.now(),
         ):
             return None
-        _note(ctx, task_id, f"{reason}: destroying its instance", "WARNING")
+        note_task(ctx, task_id, f"{reason}: destroying its instance", "WARNING")
     if ctx.store.cas(
         task_id,
         expect_phase=Phase.FINISHING,
@@ -1681,7 +1689,7 @@ def _report_running(ctx: AgentContext, task_id: str) -> None:
 def _running_reported(ctx: AgentContext, record: TaskRecord) -> None:
     """`running` reached Arkindex (once per task): the task waited this long to run. Not
     measured for an adopted task: its record was made anew, after the wait."""
-    _note(ctx, record.task_id, "reported `running` to Arkindex")
+    note_task(ctx, record.task_id, "reported `running` to Arkindex")
     if not record.adopted and record.accepted_at is not None:
         ctx.metric_store.observe(PENDING_TO_RUNNING, ctx.now() - record.accepted_at)
 
@@ -1700,7 +1708,9 @@ def report_state(ctx: AgentContext, task_id: str) -> Next | None:
     if record.task_gone:
         # Arkindex answered 404 for the task (a positive fact): there is no state to send,
         # and no report in flight (a lease a killed worker left) may keep its instance.
-        _note(ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING")
+        note_task(
+            ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING"
+        )
     else:
         _send_final_state(ctx, record)
     if ctx.store.cas(
@@ -1727,7 +1737,7 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
             record = replace(record, stop_requested=True)
     if record.stop_requested and state != "stopped":
         # The stop arrived after the outcome was decided: Arkindex now waits for `stopped`.
-        _note(
+        note_task(
             ctx,
             task_id,
             f"the task had ended ({state}) when the stop arrived; "
@@ -1747,19 +1757,21 @@ def _send_final_state(ctx: AgentContext, record: TaskRecord) -> None:
             except TransitionRefused as error:
                 logger.warning("task %s: Arkindex refused `running`: %s", task_id, error.detail)
         if ctx.arkindex.update_state(task_id, state):
-            _note(ctx, task_id, f"reported `{state}` to Arkindex")
+            note_task(ctx, task_id, f"reported `{state}` to Arkindex")
     except TransitionRefused as error:
         _report_refused(ctx, task_id, state, error)
     except TaskGone:
         ctx.store.touch(task_id, task_gone=True)
-        _note(ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING")
+        note_task(
+            ctx, task_id, "the task no longer exists on Arkindex: nothing to report", "WARNING"
+        )
 
 
 def _report_refused(ctx: AgentContext, task_id: str, state: str, error) -> None:
     """Arkindex refused the final state: find the one it accepts, so that the task ends."""
     current = ctx.arkindex.task_state(task_id)  # raises when unknown: retried
     if current is None or current in ARKINDEX_TERMINAL_STATES:
-        _note(
+        note_task(
             ctx,
             task_id,
             f"Arkindex refused `{state}` ({error.detail}); the task is "
@@ -1768,7 +1780,7 @@ def _report_refused(ctx: AgentContext, task_id: str, state: str, error) -> None:
         )
         return
     fallback = "stopped" if current == "stopping" else "error"
-    _note(
+    note_task(
         ctx,
         task_id,
         f"Arkindex refused `{state}` ({error.detail}) while the task is "
@@ -1777,7 +1789,7 @@ def _report_refused(ctx: AgentContext, task_id: str, state: str, error) -> None:
     )
     try:
         if ctx.arkindex.update_state(task_id, fallback):
-            _note(ctx, task_id, f"reported `{fallback}` to Arkindex")
+            note_task(ctx, task_id, f"reported `{fallback}` to Arkindex")
     except TransitionRefused as second:
         logger.error("task %s: Arkindex refused `%s` too: %s", task_id, fallback, second.detail)
 
@@ -1793,7 +1805,7 @@ def destroy_instance(ctx: AgentContext, task_id: str) -> Next | None:
         _destroy(ctx, record.kept_instance_id)
     if record.instance_id is not None and not record.instance_destroyed:
         gone_before = not _destroy(ctx, record.instance_id)
-        _note(
+        note_task(
             ctx,
             task_id,
             f"instance {record.instance_id} "
@@ -1834,7 +1846,7 @@ def _read_log_again_in(
     if waited >= settings.log_read_deadline:
         return None
     if record.log_unread_since is None:
-        _note(
+        note_task(
             ctx,
             record.task_id,
             f"{what} could not be read; keeping the instance and reading it again "
@@ -1923,7 +1935,7 @@ def stop_task(ctx: AgentContext, task_id: str, has_record: bool = True) -> Next 
                 reason="stopped by a user before it started",
             )
         )
-        _note(ctx, task_id, "stop requested by Arkindex")
+        note_task(ctx, task_id, "stop requested by Arkindex")
         return Next(StepName.PUBLISH_LOGS)
     record = ctx.store.get(task_id)
     if record is None or record.phase in (Phase.DONE,):
@@ -1949,7 +1961,7 @@ def stop_task(ctx: AgentContext, task_id: str, has_record: bool = True) -> Next 
             reason="stopped by a user",
             heartbeat_at=now,
         ):
-            _note(ctx, task_id, "stop requested by Arkindex: stopping the task")
+            note_task(ctx, task_id, "stop requested by Arkindex: stopping the task")
             return Next(StepName.PUBLISH_LOGS)
     finally:
         release(lock)
@@ -2018,7 +2030,7 @@ def adopt_instance(ctx: AgentContext, task_id: str, **fields) -> Next | None:
         return None
     if state == "running":
         ctx.reported.mark(step.task_id, "running")  # Arkindex has it: never send it again
-    _note(ctx, step.task_id, f"re-adopted instance {step.instance_id} ({step.label})")
+    note_task(ctx, step.task_id, f"re-adopted instance {step.instance_id} ({step.label})")
     if state == "stopping":
         return Next(StepName.STOP_TASK, kwargs={"has_record": True})
     return Next(StepName.WATCH)
