@@ -36,7 +36,6 @@ MIN_INTERVALS = {
 PENALTIES = {"create": 12.0}
 BURSTS = {"search": (10, 60.0)}
 SEARCH_QUOTA_PER_DAY = 10_000
-KEPT_ARRIVALS = 64
 
 # Which of the three 429 body shapes each endpoint answers with (as the specs show them).
 SHAPES = {"create": "detail", "show": "detail", "update": "detail", "destroy": "json"}
@@ -54,25 +53,20 @@ class MinIntervalLimiter:
         self.penalties = dict(PENALTIES if penalties is None else penalties)
         self.bursts = dict(BURSTS if bursts is None else bursts)
         self.enabled = enabled
-        # Per (identity, endpoint): the arrivals let through lately, the penalty's span.
-        self._passed: dict[tuple[str, str], list[float]] = {}
-        self._blocked: dict[tuple[str, str], tuple[float, float]] = {}
+        self._last: dict[tuple[str, str], float] = {}
+        self._blocked_until: dict[tuple[str, str], float] = {}
         self._window: dict[tuple[str, str], deque] = {}
 
     def check(self, identity: str, endpoint: str, now: float) -> float | None:
-        """None if the call may go through (and records it), else the threshold violated.
-
-        `now` is the call's arrival. Calls that waited for the server (its state lock) are
-        checked in the order they got it, not always their arrivals' order, so a call is
-        refused when any call let through arrived less than an interval before *or after*
-        it, and a penalty covers the calls that arrived after the refused one."""
+        """None if the call may go through (and records it), else the threshold violated."""
         interval = self.intervals.get(endpoint, 0.0)
         if not self.enabled or interval <= 0:
             return None
         key = (identity, endpoint)
-        passed = self._passed.setdefault(key, [])
-        start, end = self._blocked.get(key, (math.inf, -math.inf))
-        refused = any(abs(now - at) < interval for at in passed) or start <= now < end
+        last = self._last.get(key)
+        refused = (last is not None and now - last < interval) or now < self._blocked_until.get(
+            key, -math.inf
+        )
         burst = self.bursts.get(endpoint)
         window = self._window.setdefault(key, deque()) if burst else None
         if burst and not refused:
@@ -83,14 +77,9 @@ class MinIntervalLimiter:
         if refused:
             penalty = self.penalties.get(endpoint)
             if penalty:
-                span = (min(start, now), max(end, now + penalty)) if now < end else None
-                self._blocked[key] = span or (now, now + penalty)
+                self._blocked_until[key] = now + penalty
             return interval
-        # The arrivals let through are an interval apart at least, so the last KEPT_ARRIVALS
-        # span that many intervals: far more than a call can be served late.
-        passed.append(now)
-        passed.sort()
-        del passed[:-KEPT_ARRIVALS]
+        self._last[key] = now
         if window is not None:
             window.append(now)
         return None

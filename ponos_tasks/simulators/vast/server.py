@@ -150,9 +150,7 @@ def create_app(state) -> Flask:
         def decorate(view):
             @wraps(view)
             def wrapper(**kwargs):
-                # Vast.ai times a call by its arrival; here calls then queue for the state
-                # lock (a long listing, the harness's reads), which does not keep arrival order.
-                arrived = state.clock.now()
+                # Up to the rate check, nothing waits for the state lock (see rate_lock).
                 state.count_call(name)
                 faulty = http_fault(name)
                 if faulty is not None:
@@ -175,7 +173,7 @@ def create_app(state) -> Flask:
                         },
                     )
                 identity = key or request.remote_addr or "anonymous"
-                threshold = state.rate_check(identity, name, arrived)
+                threshold = state.rate_check(identity, name)
                 if threshold is not None:
                     text, mimetype = body_for(SHAPES.get(name, "text"), threshold)
                     return Response(text, status=429, mimetype=mimetype)

@@ -115,6 +115,10 @@ class VastState:
         self._last_churn = 0.0
         self.logs: dict[str, dict] = {}  # uuid -> {"asked_at", "ready_at", "text", "inst"}
         self._pending_logs: set[str] = set()  # uploads not done yet, not known to be lost
+        # The call counters and the rate limits have a lock of their own: a call is timed when
+        # it reaches the API, not after waiting for `lock` (held by a long listing, the
+        # harness's reads), a wait of this one process that does not keep arrival order.
+        self.rate_lock = threading.Lock()
         self.calls: Counter = Counter()
         self.list_shapes: Counter = Counter()  # v1 list calls by their filters' shape
         self.rate_limited: Counter = Counter()
@@ -160,17 +164,16 @@ class VastState:
         return None
 
     def count_call(self, endpoint: str) -> None:
-        with self.lock:
+        with self.rate_lock:
             self.calls[endpoint] += 1
 
     def count_limited(self, endpoint: str) -> None:
-        with self.lock:
+        with self.rate_lock:
             self.rate_limited[endpoint] += 1
 
-    def rate_check(self, identity: str, endpoint: str, arrived: float) -> float | None:
-        """`arrived`: the call's arrival (sim s), read before it waited for the lock."""
-        with self.lock:
-            threshold = self.limiter.check(identity, endpoint, arrived)
+    def rate_check(self, identity: str, endpoint: str) -> float | None:
+        with self.rate_lock:
+            threshold = self.limiter.check(identity, endpoint, self.clock.now())
             if threshold is not None:
                 self.rate_limited[endpoint] += 1
             return threshold
@@ -184,7 +187,8 @@ class VastState:
             reset = self.quota.check(identity, wall0 + now)
             if reset is None:
                 return None
-            self.rate_limited["search_quota"] += 1
+            with self.rate_lock:
+                self.rate_limited["search_quota"] += 1
             return self.clock.epoch(reset - wall0)
 
     # -- search --------------------------------------------------------------------------
@@ -676,10 +680,12 @@ class VastState:
     def stats(self) -> dict:
         with self.lock:
             self.tick()
+            with self.rate_lock:
+                calls, limited = dict(self.calls), dict(self.rate_limited)
             return {
-                "calls": dict(self.calls),
+                "calls": calls,
                 "list_shapes": dict(self.list_shapes),
-                "rate_limited": dict(self.rate_limited),
+                "rate_limited": limited,
                 "max_live_per_label": dict(self.max_live_per_label),
                 "live_instances": sum(1 for i in self.fleet.instances.values() if i.live),
             }
