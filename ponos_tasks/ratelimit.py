@@ -219,10 +219,11 @@ class RateLimitTimeout(TimeoutError):
 
 
 # Scaled down (a simulator's accelerated clock), the published intervals' own margins shrink
-# with them, to a few ms at time_scale 10, below the send jitter of a loaded machine (tens
-# of real ms, the same as unscaled). The agent's limiter then keeps each scaled interval at
-# least this many real seconds over the scaled published one (BENCHMARKS.md). A floor, not an
-# addition: added to create's own margin, it cost launches 3 % of the bound at time_scale 3.
+# with them (10 to 30 ms at time_scale 10), toward the send jitter of a loaded machine (tens
+# of real ms, as unscaled). The agent's limiter then keeps each scaled interval at least this
+# many real seconds over the scaled published one. A floor, not an addition: added to
+# create's own margin, it cost launches 3 % of the bound at time_scale 3 (BENCHMARKS.md,
+# launches). Penalties get it added (a longer hold after a 429 only costs time).
 SCALED_MIN_SLACK_S = 0.05
 
 
@@ -268,10 +269,13 @@ class RedisRateLimiter:
 
     @staticmethod
     def _floored(name: str, scaled: float, scale: float, min_slack: float) -> float:
-        published = PUBLISHED_INTERVALS.get(name)
-        if not min_slack or published is None:
+        if not min_slack:
             return scaled
-        return max(scaled, published * scale + min_slack)
+        if name == log_pacing.GATE:  # a share of the log endpoint: that share of its floor
+            logs = PUBLISHED_INTERVALS["logs"] * scale + min_slack
+            return max(scaled, logs / log_pacing.PERIODIC_SHARE)
+        published = PUBLISHED_INTERVALS.get(name)
+        return scaled if published is None else max(scaled, published * scale + min_slack)
 
     @classmethod
     def for_agent(cls, redis_client: redis.Redis, *, prefix: str, scale: float):

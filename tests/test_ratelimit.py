@@ -7,6 +7,7 @@ import pytest
 import redis
 import requests
 
+from ponos_tasks import log_pacing
 from ponos_tasks.ratelimit import (
     DEFAULT_INTERVALS,
     PUBLISHED_INTERVALS,
@@ -70,6 +71,10 @@ def test_the_agents_scaled_intervals_keep_a_floor_of_slack_not_an_addition(
     for name, seconds in PUBLISHED_INTERVALS.items():
         assert tenth.interval(name) >= seconds / 10 + SCALED_MIN_SLACK_S - 1e-9, name
     assert tenth.penalties["create"] == pytest.approx(1.2 + SCALED_MIN_SLACK_S)
+    # The periodic log reads' gate stays that share of the (floored) log endpoint.
+    for limiter in (third, tenth, RedisRateLimiter.for_agent(redis_client, prefix="p", scale=0.02)):
+        share = limiter.interval("logs") / limiter.interval(log_pacing.GATE)
+        assert share == pytest.approx(log_pacing.PERIODIC_SHARE)
 
 
 def test_timeout_raises_without_reserving(redis_client, key_prefix):
