@@ -20,6 +20,7 @@ from ponos_tasks.models import StepName
 from ponos_tasks.simulators.stack import LocalStack
 from ponos_tasks.vast import VastError
 from tests.agent_harness import Admin, Harness
+from tests.fixtures_stack import running_stack
 
 # The fixtures of test_steps, over this module's own stack; ruff: F401/F811 ignored here.
 from tests.test_flat_view import (
@@ -36,13 +37,8 @@ from tests.test_steps import admin, contexts, scripted
 
 @pytest.fixture(scope="module")
 def stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
-    stack.start()
-    requests.post(
-        stack.vast_url + "/_sim/offers", json={"offers": [MACHINE] * 400}, timeout=30
-    ).raise_for_status()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, TIME_SCALE, offers=[MACHINE] * 400) as stack:
+        yield stack
 
 
 class Beat:

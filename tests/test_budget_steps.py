@@ -12,8 +12,8 @@ import pytest
 from ponos_tasks import loop
 from ponos_tasks.budget import MAX_SPEND_PER_DAY, headroom, spend_today, utc_day
 from ponos_tasks.lifecycle import Phase
-from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
+from tests.fixtures_stack import running_stack
 
 TIME_SCALE = 100.0
 # A scripted instance that runs until it is stopped (no SIM_DURATION), after a short pull.
@@ -23,10 +23,8 @@ DAY, CAP = 5.0, 1.0
 
 @pytest.fixture(scope="module")
 def stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
-    stack.start()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, TIME_SCALE) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from ponos_tasks.arkindex import ArkindexUnavailable
 from ponos_tasks.lifecycle import Phase
 from ponos_tasks.models import Next, StepName, TaskRecord
 from ponos_tasks.ratelimit import RedisRateLimiter
-from ponos_tasks.simulators.stack import LocalStack
 from ponos_tasks.vast import VastError
 from tests.agent_harness import Admin, Harness, make_context, wipe
+from tests.fixtures_stack import running_stack
 
 TIME_SCALE = 100.0
 GRACE = 30.0  # how late a claimant may be and still count (create_line.line_grace)
@@ -140,10 +140,8 @@ def test_claimants_whose_attempt_no_longer_creates_leave_the_line():
 
 @pytest.fixture(scope="module")
 def stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
-    stack.start()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, TIME_SCALE) as stack:
+        yield stack
 
 
 @pytest.fixture

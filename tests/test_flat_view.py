@@ -20,6 +20,7 @@ from ponos_tasks.simulators.stack import LocalStack
 from ponos_tasks.vast import VastError
 from ponos_tasks.view import PassState, page_removals, to_check
 from tests.agent_harness import Admin, Harness
+from tests.fixtures_stack import running_stack
 
 # The fixtures of test_steps, over this module's own stack; ruff: F401/F811 ignored here.
 from tests.test_steps import admin, contexts, scripted
@@ -31,13 +32,8 @@ MACHINE = ONE_GPU_MACHINE
 
 @pytest.fixture(scope="module")
 def stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
-    stack.start()
-    requests.post(
-        stack.vast_url + "/_sim/offers", json={"offers": [MACHINE] * 90}, timeout=30
-    ).raise_for_status()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, TIME_SCALE, offers=[MACHINE] * 90) as stack:
+        yield stack
 
 
 def sim_create(stack, label: str, env: dict | None = None) -> int:

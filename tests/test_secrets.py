@@ -18,10 +18,10 @@ from sentry_sdk.transport import Transport
 from ponos_tasks.app import init_sentry
 from ponos_tasks.arkindex import ArkindexAgentClient, ArkindexError, MemoryCredentialStore
 from ponos_tasks.logs import install_log_scrubbing, redact, scrub_event, strip_url_queries
-from ponos_tasks.simulators.stack import LocalStack
 from ponos_tasks.vast import VastClient, VastError
 from tests.agent_harness import Admin, Harness, make_context, wipe
 from tests.conftest import free_port
+from tests.fixtures_stack import running_stack
 
 SIGNATURE = "d3adb33fd3adb33fd3adb33fd3adb33fd3adb33fd3adb33f"
 REGISTRY_PASSWORD = "registry-pass-7x9"
@@ -48,10 +48,8 @@ class CaptureTransport(Transport):
 
 @pytest.fixture(scope="module")
 def stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=100.0, start_redis=False)
-    stack.start()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, 100.0) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from ponos_tasks import steps
 from ponos_tasks.lifecycle import Phase, parse_label
 from ponos_tasks.models import Next, StepName
 from ponos_tasks.offers import build_query, offer_matches, rank_offers
-from ponos_tasks.simulators.stack import LocalStack
 from tests.agent_harness import Admin, Harness, make_context, wipe
+from tests.fixtures_stack import running_stack
 
 TIME_SCALE = 100.0
 FAST = {"SIM_DURATION": "20", "SIM_PULL_SECONDS": "5", "SIM_LOG_LINES": "3"}
@@ -36,10 +36,8 @@ def scripted(code: int = 0, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=TIME_SCALE, start_redis=False)
-    stack.start()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, TIME_SCALE) as stack:
+        yield stack
 
 
 @pytest.fixture
