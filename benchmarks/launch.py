@@ -13,11 +13,11 @@ it answered; pending → create from the Arkindex task history (real seconds, co
 simulated ones too). Launch rate = (launches - 1) / (last - first create) on the simulated
 clock, against the bound 60 / 4.5 per simulated minute.
 
-Why a low time_scale (3 by default): scaled down, the agent's rate limiter keeps each
-interval at least 0.05 real s over the scaled published one (SCALED_MIN_SLACK_S in
-ratelimit.py, for the machine's send jitter): create's interval is then 4.5 + 0.05 ×
-time_scale simulated seconds, against 4.6 unscaled; at time_scale 3 that is 4.65 (1 % more),
-at 50 it would be 7.0 (52 % more) and the figure would measure the floor, not the agent.
+Why a low time_scale (3 by default): scaled down, the agent's rate limiter adds 0.05 real s
+to every scaled interval (SCALED_MARGIN_S in ratelimit.py, for the machine's send jitter),
+i.e. 0.05 × time_scale simulated seconds per create; at time_scale 3 that is 0.15 s of 4.5
+(3 %), at 50 it would be 2.5 s (55 %) and the figure would measure the margin, not the agent.
+Unscaled (--time-scale 1) there is no such margin: the figure a real deployment gets.
 
 The run stops once every task has its instance (it does not wait for the tasks to end): the
 instances run for an hour of simulated time, so the watchers' load is there during the burst.

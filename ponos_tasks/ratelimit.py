@@ -45,8 +45,8 @@ PUBLISHED_INTERVALS: dict[str, float] = {
 # (0.45 s) would cap launches at 0.91 of it. What can make two creates reach Vast.ai closer
 # than their slots is the difference between their send delays (the sleep's overshoot, the
 # network path): tens of milliseconds. 100 ms absolute covers that several times (0.98 of the
-# bound; scaled down, SCALED_MIN_SLACK_S stands in), and an early create costs a 12 s penalty
-# that the simulator enforces (the launch tests would show it).
+# bound; scaled down, the agent's limiter adds SCALED_MARGIN_S), and an early create costs a
+# 12 s penalty that the simulator enforces (the launch tests would show it).
 CREATE_MARGIN_S = 0.10
 DEFAULT_INTERVALS: dict[str, float] = {
     name: round(seconds * SAFETY_MARGIN, 3) for name, seconds in PUBLISHED_INTERVALS.items()
@@ -218,13 +218,13 @@ class RateLimitTimeout(TimeoutError):
     """The endpoint's next free slot is further away than the caller accepts to wait."""
 
 
-# Scaled down (a simulator's accelerated clock), the published intervals' own margins shrink
-# with them (10 to 30 ms at time_scale 10), toward the send jitter of a loaded machine (tens
-# of real ms, as unscaled). The agent's limiter then keeps each scaled interval at least this
-# many real seconds over the scaled published one. A floor, not an addition: added to
-# create's own margin, it cost launches 3 % of the bound at time_scale 3 (BENCHMARKS.md,
-# launches). Penalties get it added (a longer hold after a 429 only costs time).
-SCALED_MIN_SLACK_S = 0.05
+# Scaled down (a simulator's accelerated clock), the intervals' own margins shrink with them
+# (10 to 30 ms at time_scale 10) while the machine's send jitter stays tens of real ms: the
+# agent's limiter then adds this many real seconds to every scaled interval. Not a floor
+# over the scaled published interval: that floor (068dcee) launched at 0.968 of the create
+# bound at time_scale 3 instead of 0.947, but left list 50 ms of slack instead of 83 and drew
+# a 429 on it (BENCHMARKS.md, launches). Unscaled, as against Vast.ai, this plays no part.
+SCALED_MARGIN_S = 0.05
 
 
 class RedisRateLimiter:
@@ -232,9 +232,8 @@ class RedisRateLimiter:
 
     ``scale`` multiplies every interval: a simulator running ``time_scale`` times faster than
     real time divides its own intervals by ``time_scale``, so the agent pointed at it uses
-    ``scale=1/time_scale``. ``min_slack`` (seconds) keeps each endpoint's scaled interval
-    that much over its scaled published one (``for_agent``); ``margin`` (seconds) is added
-    after scaling, to every interval (tests that set their own intervals).
+    ``scale=1/time_scale``. ``margin`` (seconds) is added after scaling; it absorbs network
+    and scheduling jitter when scaled intervals become a few tens of milliseconds.
     """
 
     def __init__(
@@ -245,19 +244,14 @@ class RedisRateLimiter:
         intervals: Mapping[str, float] = DEFAULT_INTERVALS,
         scale: float = 1.0,
         margin: float = 0.0,
-        min_slack: float = 0.0,
     ) -> None:
         if scale <= 0:
             raise ValueError("scale must be positive")
         self.redis = redis_client
         self.prefix = prefix
-        self.intervals = {
-            name: self._floored(name, seconds * scale, scale, min_slack) + margin
-            for name, seconds in intervals.items()
-        }
+        self.intervals = {name: seconds * scale + margin for name, seconds in intervals.items()}
         self.penalties = {
-            name: seconds * scale + margin + min_slack
-            for name, seconds in PUBLISHED_PENALTIES.items()
+            name: seconds * scale + margin for name, seconds in PUBLISHED_PENALTIES.items()
         }
         self._reserve = redis_client.register_script(_RESERVE_SCRIPT)
         self._penalize = redis_client.register_script(_PENALIZE_SCRIPT)
@@ -267,23 +261,13 @@ class RedisRateLimiter:
         self._turn_came = redis_client.register_script(_TURN_CAME_SCRIPT)
         self._promise = redis_client.register_script(_PROMISE_SCRIPT)
 
-    @staticmethod
-    def _floored(name: str, scaled: float, scale: float, min_slack: float) -> float:
-        if not min_slack:
-            return scaled
-        if name == log_pacing.GATE:  # a share of the log endpoint: that share of its floor
-            logs = PUBLISHED_INTERVALS["logs"] * scale + min_slack
-            return max(scaled, logs / log_pacing.PERIODIC_SHARE)
-        published = PUBLISHED_INTERVALS.get(name)
-        return scaled if published is None else max(scaled, published * scale + min_slack)
-
     @classmethod
     def for_agent(cls, redis_client: redis.Redis, *, prefix: str, scale: float):
         """The agent's limiter: DEFAULT_INTERVALS times `scale` (vast_api.rate_limit_scale),
-        with SCALED_MIN_SLACK_S when scaled down. Unscaled, DEFAULT_INTERVALS already carry
+        plus SCALED_MARGIN_S when scaled down. Unscaled, DEFAULT_INTERVALS already carry
         their margins."""
-        slack = SCALED_MIN_SLACK_S if scale < 1 else 0.0
-        return cls(redis_client, prefix=prefix, scale=scale, min_slack=slack)
+        margin = SCALED_MARGIN_S if scale < 1 else 0.0
+        return cls(redis_client, prefix=prefix, scale=scale, margin=margin)
 
     def interval(self, endpoint: str) -> float:
         try:

@@ -11,7 +11,7 @@ from ponos_tasks import log_pacing
 from ponos_tasks.ratelimit import (
     DEFAULT_INTERVALS,
     PUBLISHED_INTERVALS,
-    SCALED_MIN_SLACK_S,
+    SCALED_MARGIN_S,
     RateLimitTimeout,
     RedisRateLimiter,
 )
@@ -52,29 +52,18 @@ def test_scale_and_margin(redis_client, key_prefix):
     assert 0.2 < limiter.reserve("create") <= 0.236
 
 
-def test_the_agents_scaled_intervals_keep_a_floor_of_slack_not_an_addition(
-    redis_client, key_prefix
-):
+def test_the_agents_scaled_intervals_keep_a_margin_over_every_scaled_one(redis_client, key_prefix):
     # Unscaled: the defaults as they are (their own margins).
     real = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=1.0)
     assert real.intervals == pytest.approx(DEFAULT_INTERVALS)
-    # time_scale 3: create's 0.1 s margin shrinks to 0.033 s, below the floor, so 50 ms
-    # over 4.5 / 3 (launches at 4.5 / 4.65 = 0.968 of the bound; added, 0.947).
-    third = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=1 / 3)
-    assert third.interval("create") == pytest.approx(4.5 / 3 + SCALED_MIN_SLACK_S)
-    assert 4.5 / 3 / third.interval("create") > 0.96
-    # list's 10 % is 0.033 s too; search's 10 % (0.067 s) is over the floor and stays.
-    assert third.interval("list") == pytest.approx(1 / 3 + SCALED_MIN_SLACK_S)
-    assert third.interval("search") == pytest.approx(DEFAULT_INTERVALS["search"] / 3)
-    # time_scale 10: every published endpoint at least the floor over its scaled threshold.
-    tenth = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=0.1)
-    for name, seconds in PUBLISHED_INTERVALS.items():
-        assert tenth.interval(name) >= seconds / 10 + SCALED_MIN_SLACK_S - 1e-9, name
-    assert tenth.penalties["create"] == pytest.approx(1.2 + SCALED_MIN_SLACK_S)
-    # The periodic log reads' gate stays that share of the (floored) log endpoint.
-    for limiter in (third, tenth, RedisRateLimiter.for_agent(redis_client, prefix="p", scale=0.02)):
-        share = limiter.interval("logs") / limiter.interval(log_pacing.GATE)
-        assert share == pytest.approx(log_pacing.PERIODIC_SHARE)
+    for scale in (1 / 3, 1 / 10, 1 / 50):
+        scaled = RedisRateLimiter.for_agent(redis_client, prefix=key_prefix, scale=scale)
+        for name, seconds in DEFAULT_INTERVALS.items():
+            assert scaled.interval(name) == pytest.approx(seconds * scale + SCALED_MARGIN_S)
+        assert scaled.penalties["create"] == pytest.approx(12.0 * scale + SCALED_MARGIN_S)
+        # The periodic log reads' gate leaves the log endpoint its reads at a task's end.
+        share = scaled.interval("logs") / scaled.interval(log_pacing.GATE)
+        assert share < 1.0
 
 
 def test_timeout_raises_without_reserving(redis_client, key_prefix):
