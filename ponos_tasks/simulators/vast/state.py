@@ -1,4 +1,5 @@
-"""The simulator's state and the operations behind each endpoint, under one lock.
+"""The simulator's state and the operations behind each endpoint, under one lock (the call
+counters and rate limits under a second one, `rate_lock`).
 
 Every operation returns (HTTP status, JSON-able body); server.py only maps HTTP onto them.
 """
@@ -118,6 +119,7 @@ class VastState:
         # The call counters and the rate limits have a lock of their own: a call is timed when
         # it reaches the API, not after waiting for `lock` (held by a long listing, the
         # harness's reads), a wait of this one process that does not keep arrival order.
+        # Taken last (inside `lock` at most) and never re-entered: a plain Lock.
         self.rate_lock = threading.Lock()
         self.calls: Counter = Counter()
         self.list_shapes: Counter = Counter()  # v1 list calls by their filters' shape
