@@ -36,10 +36,8 @@ def running_stack(
 
 @pytest.fixture(scope="session")
 def local_stack(redis_url):
-    stack = LocalStack(redis_url, time_scale=20.0, start_redis=False)
-    stack.start()
-    yield stack
-    stack.stop()
+    with running_stack(redis_url, 20.0) as stack:
+        yield stack
 
 
 @pytest.fixture

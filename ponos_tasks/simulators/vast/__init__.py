@@ -8,8 +8,8 @@ describes it.
 Modules: clock (simulated time), market (seeded offers), query (search evaluation),
 instances (status fields on simulated time, billing), localrun (local subprocesses),
 render (instance JSON), faults (knobs), ratelimit (minimum intervals), state (the operations
-under one lock, the rate limits under their own), server (Flask routes and /_sim/ admin API), simulator (VastSimulator),
-cli (`ponos-vast sim vast`).
+under one lock, the rate limits under their own), server (Flask routes and /_sim/ admin
+API), simulator (VastSimulator), cli (`ponos-vast sim vast`).
 
 Scripted instances read SIM_DURATION, SIM_LOG_LINES, SIM_EXIT_CODE, SIM_FINAL_LINES,
 SIM_SELF_STOP, SIM_PULL_SECONDS, SIM_IMAGE_SIZE_GB and SIM_RUN_MODE from their env (see

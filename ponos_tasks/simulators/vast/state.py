@@ -189,8 +189,7 @@ class VastState:
             reset = self.quota.check(identity, wall0 + now)
             if reset is None:
                 return None
-            with self.rate_lock:
-                self.rate_limited["search_quota"] += 1
+            self.count_limited("search_quota")
             return self.clock.epoch(reset - wall0)
 
     # -- search --------------------------------------------------------------------------
